@@ -1,0 +1,23 @@
+# Conveniences for developers; the README's two commands work without make.
+.PHONY: demo test fast lint fmt protos bench
+
+demo:
+	bash scripts/demo.sh
+
+test:
+	bash scripts/test.sh
+
+fast:
+	bash scripts/test.sh -m "not slow"
+
+lint:
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+
+fmt:
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
+
+bench:
+	.venv/bin/python bench/import.py

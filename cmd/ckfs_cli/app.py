@@ -1,0 +1,78 @@
+"""The object every command receives: the state root and output helpers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ckfs.state import State
+
+
+class App:
+    """Per-invocation context: where the state is, how to print."""
+
+    def __init__(self, root: Path | None, debug: bool) -> None:
+        self._root = root
+        self.debug = debug
+        self._state: State | None = None
+
+    @property
+    def state(self) -> State:
+        if self._state is None:
+            from ckfs.state import State, default_root
+
+            self._state = State(self._root or default_root())
+        return self._state
+
+    def close(self) -> None:
+        if self._state is not None:
+            self._state.close()
+
+
+def print_json(obj: Any) -> None:
+    """Stable JSON for machines: two-space indent, keys in the order given."""
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Aligned columns for humans, like ``ctr``'s tab writer.
+
+    On a terminal rich draws the table; in a pipe the same columns are plain
+    text with no width limit, so long digests are never cut.
+    """
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for c in columns:
+            table.add_column(c, overflow="fold")
+        for r in rows:
+            table.add_row(*r)
+        Console().print(table)
+        return
+    widths = [len(c) for c in columns]
+    for r in rows:
+        widths = [max(w, len(v)) for w, v in zip(widths, r, strict=True)]
+    for r in [list(columns), *rows]:
+        line = "   ".join(v.ljust(w) for v, w in zip(r, widths, strict=True))
+        sys.stdout.write(line.rstrip() + "\n")
+
+
+def human_size(n: int) -> str:
+    """Sizes as ``ctr`` prints them: 1000-based, one decimal."""
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def labels_text(labels: dict[str, str] | Any) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"

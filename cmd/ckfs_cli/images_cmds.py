@@ -1,0 +1,165 @@
+"""``ckfs images``: list, inspect, tag and remove image names."""
+
+from __future__ import annotations
+
+import click
+
+from ckfs_cli.app import App, human_size, labels_text, print_json, print_table
+
+pass_app = click.make_pass_decorator(App)
+
+
+def normalize(name: str) -> str:
+    """The stored form of a user-typed name (``alpine`` → ``docker.io/library/alpine:latest``)."""
+    from ckfs import reference
+
+    return str(reference.parse(name))
+
+
+@click.group()
+def images() -> None:
+    """Manage image names (name → target descriptor)."""
+
+
+@images.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only names.")
+@click.argument("filters", nargs=-1)
+@pass_app
+def ls(app: App, as_json: bool, quiet: bool, filters: tuple[str, ...]) -> None:
+    """List images, optionally matching containerd-style FILTERS.
+
+    \b
+    Examples:
+      ckfs images ls
+      ckfs images ls 'name~=alpine' 'labels."env"==prod'
+    """
+    from ckfs.errors import NotFound
+    from ckfs.images import image as img
+
+    found = app.state.images.list(list(filters))
+    if quiet:
+        for i in found:
+            click.echo(i.name)
+        return
+    if as_json:
+        print_json([image_json(i) for i in found])
+        return
+    rows = []
+    for i in found:
+        try:
+            size = human_size(img.size(app.state.content, i.target))
+            plats = ",".join(str(p) for p in img.platforms_of(app.state.content, i.target)) or "-"
+        except NotFound:
+            size, plats = "(incomplete)", "-"
+        rows.append([i.name, _short_type(i.target.media_type), str(i.target.digest), size, plats,
+                     labels_text(i.labels)])
+    print_table(["REF", "TYPE", "DIGEST", "SIZE", "PLATFORMS", "LABELS"], rows)
+
+
+def _short_type(media_type: str) -> str:
+    from ckfs import mediatypes as mt
+
+    return {
+        mt.OCI_INDEX: "oci index",
+        mt.OCI_MANIFEST: "oci manifest",
+        mt.DOCKER_MANIFEST_LIST: "docker list",
+        mt.DOCKER_MANIFEST: "docker manifest",
+    }.get(media_type, media_type)
+
+
+def image_json(i: object) -> dict[str, object]:
+    from ckfs.images.store import Image
+
+    assert isinstance(i, Image)
+    return {
+        "name": i.name,
+        "target": i.target.to_json(),
+        "labels": dict(i.labels),
+        "created_at": i.created_at.isoformat(),
+        "updated_at": i.updated_at.isoformat(),
+    }
+
+
+@images.command("inspect")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--platform", default=None, help="Platform to show (default: this host).")
+@click.argument("name")
+@pass_app
+def inspect(app: App, as_json: bool, platform: str | None, name: str) -> None:
+    """Show an image: target, manifest and config for a platform, chain IDs."""
+    from ckfs.errors import NotFound
+    from ckfs.identity import chain_ids
+    from ckfs.images import image as img
+    from ckfs.images import platforms
+
+    image = app.state.images.get(normalize(name))
+    out = image_json(image)
+    plat = platforms.parse(platform) if platform else None
+    try:
+        mdesc, manifest = img.manifest(app.state.content, image.target, plat)
+        cfg = img.config(app.state.content, image.target, plat)
+    except NotFound as e:
+        out["error"] = str(e)
+    else:
+        out["manifest"] = mdesc.to_json()
+        out["config"] = manifest.config.to_json()
+        out["layers"] = [d.to_json() for d in manifest.layers]
+        out["platform"] = str(cfg.platform())
+        out["diff_ids"] = list(cfg.diff_ids)
+        out["chain_ids"] = [str(c) for c in chain_ids(cfg.diff_ids)] if cfg.diff_ids else []
+        out["entrypoint"] = list(cfg.entrypoint or [])
+        out["cmd"] = list(cfg.cmd or [])
+        out["env"] = list(cfg.env)
+        out["working_dir"] = cfg.working_dir
+        out["user"] = cfg.user
+    if as_json:
+        print_json(out)
+        return
+    width = max(len(k) for k in out)
+    for key, value in out.items():
+        if isinstance(value, list):
+            click.echo(f"{key + ':':<{width + 1}}")
+            for v in value:
+                click.echo(f"  {_one_line(v)}")
+        else:
+            click.echo(f"{key + ':':<{width + 1}} {_one_line(value)}")
+
+
+def _one_line(v: object) -> str:
+    if isinstance(v, dict):
+        if "digest" in v:
+            return f"{v['digest']} {v.get('mediaType', '')} {v.get('size', '')}".rstrip()
+        return labels_text(v)
+    return str(v)
+
+
+@images.command("tag")
+@click.option("-f", "--force", is_flag=True, help="Replace DST if it exists.")
+@click.argument("src")
+@click.argument("dst")
+@pass_app
+def tag(app: App, force: bool, src: str, dst: str) -> None:
+    """Give the image SRC another name DST."""
+    created = app.state.images.tag(normalize(src), normalize(dst), force=force)
+    click.echo(created.name)
+
+
+@images.command("rm")
+@click.argument("names", nargs=-1, required=True)
+@pass_app
+def rm(app: App, names: tuple[str, ...]) -> None:
+    """Remove image names (their content stays until gc)."""
+    from ckfs.errors import CkfsError
+
+    failed = 0
+    for n in names:
+        try:
+            app.state.images.delete(normalize(n))
+        except CkfsError as e:
+            click.echo(f"ckfs: {e}", err=True)
+            failed += 1
+        else:
+            click.echo(normalize(n))
+    if failed:
+        raise SystemExit(1)

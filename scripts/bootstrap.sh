@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up everything ckfs needs on a Debian machine: system packages (only
+# those missing, with one `apt-get update`), a virtualenv in .venv with ckfs
+# installed in editable mode plus the extras named in $CKFS_EXTRAS.
+# Idempotent: a second run installs nothing and takes a second or two.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# System packages: pyfuse3 builds from source (gcc, pkg-config, libfuse3-dev);
+# fuse3 gives fusermount3; umoci/skopeo build and move test images;
+# docker-registry, runc and containerd are the real peers tests and
+# benchmarks talk to; busybox-static is the example image's userland.
+PKGS=(gcc pkg-config fuse3 libfuse3-dev python3-dev python3-venv
+      umoci skopeo docker-registry runc containerd busybox-static
+      git ca-certificates)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "bootstrap: installing ${missing[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "bootstrap: ckfs needs Python >= 3.11 ($PY is $("$PY" -V 2>&1))" >&2; exit 1; }
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.ckfs-installed
+want="$(sha256sum pyproject.toml | cut -c1-16) ${CKFS_EXTRAS:-fuse}"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+  .venv/bin/python -m pip install -q -e ".[${CKFS_EXTRAS:-fuse}]"
+  echo "$want" > "$stamp"
+fi
