@@ -77,7 +77,7 @@ class Digest(str):
         return self.partition(":")[0]
 
     @property
-    def hex(self) -> str:  # type: ignore[override]
+    def hex(self) -> str:
         return self.partition(":")[2]
 
     def short(self, n: int = 12) -> str:

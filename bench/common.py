@@ -1,0 +1,94 @@
+"""Shared pieces of the benchmarks: building a big image with umoci, timing.
+
+Each benchmark runs ckfs and a named peer on the same input in one run and
+prints the ratio; nothing here asserts a time (machines are noisy).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / ".bench"
+
+
+def ckfs_cmd(root: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "ckfs_cli.main", "--root", str(root), *args]
+
+
+def run(cmd: list[str]) -> None:
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def timed(setup: Callable[[], None], body: Callable[[], None], repeat: int = 3) -> float:
+    """Median wall time of *body* over *repeat* runs, *setup* before each."""
+    times = []
+    for _ in range(repeat):
+        setup()
+        t0 = time.perf_counter()
+        body()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def big_layout(mib: int = 220, layers: int = 4, files_per_layer: int = 2500) -> Path:
+    """A multi-layer OCI layout of about *mib* MiB, built once with umoci and cached.
+
+    Half of each layer is random bytes (incompressible, like binaries), half
+    is text (compressible, like sources and configs), spread over many files.
+    """
+    name = f"layout-{mib}m-{layers}l-{files_per_layer}f"
+    out = CACHE / name
+    if (out / "index.json").exists():
+        return out
+    CACHE.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=CACHE))
+    rng = random.Random(1234)
+    words = [f"word{i}" for i in range(5000)]
+    per_layer = mib * (1 << 20) // layers
+    try:
+        layout = tmp / "layout"
+        run(["umoci", "init", "--layout", str(layout)])
+        run(["umoci", "new", "--image", f"{layout}:latest"])
+        for n in range(layers):
+            src = tmp / f"l{n}"
+            per_file = per_layer // files_per_layer
+            for i in range(files_per_layer):
+                d = src / f"data{n}" / f"d{i % 50}"
+                d.mkdir(parents=True, exist_ok=True)
+                if i % 2:
+                    data = rng.randbytes(per_file)
+                else:
+                    text = " ".join(rng.choices(words, k=per_file // 6))
+                    data = text.encode()[:per_file]
+                (d / f"f{i}").write_bytes(data)
+            run(["umoci", "insert", "--image", f"{layout}:latest", str(src), "/"])
+            shutil.rmtree(src)
+        os.rename(layout, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def layout_size(layout: Path) -> int:
+    return sum(p.stat().st_size for p in (layout / "blobs").rglob("*") if p.is_file())
+
+
+def report(title: str, rows: list[tuple[str, float]], target: str) -> None:
+    """Print times and the ratio of the first row to each other row."""
+    print(title)
+    base = rows[0][1]
+    for label, t in rows:
+        print(f"  {label:<40} {t:8.3f} s")
+    for label, t in rows[1:]:
+        print(f"  ratio ckfs / {label:<27} {base / t:8.2f}x")
+    print(f"  target: {target}")
