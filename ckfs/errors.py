@@ -21,7 +21,9 @@ Each class has its errno and gRPC status name in one table
 
 from __future__ import annotations
 
+import contextlib
 import errno
+from collections.abc import Iterator
 from typing import TypeVar
 
 __all__ = [
@@ -35,8 +37,10 @@ __all__ = [
     "NotFound",
     "Unavailable",
     "exit_code",
+    "first_error",
     "grpc_code_name",
     "to_errno",
+    "unwrap_groups",
 ]
 
 
@@ -121,3 +125,30 @@ def to_errno(exc: BaseException) -> int:
 def grpc_code_name(exc: BaseException) -> str:
     """The google.rpc.Code name for *exc* (UNKNOWN if not a CkfsError)."""
     return _lookup(GRPC_CODES, exc, "UNKNOWN")
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The one error worth reporting from a (nested) exception group.
+
+    trio nurseries wrap every failure in an ExceptionGroup; callers of the
+    library and the CLI want the error that explains the failure: the first
+    `CkfsError` leaf if any, else the first leaf.
+    """
+    while isinstance(exc, BaseExceptionGroup):
+        leaves = [first_error(e) for e in exc.exceptions]
+        ours = [e for e in leaves if isinstance(e, CkfsError)]
+        exc = (ours or leaves)[0]
+    return exc
+
+
+@contextlib.contextmanager
+def unwrap_groups() -> Iterator[None]:
+    """Re-raise an exception group escaping the body as its `first_error`.
+
+    Library entry points that run nurseries use this so their callers get
+    `NotFound`, `DataLoss`, ... directly, as their docstrings promise.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        raise first_error(group) from group

@@ -36,7 +36,14 @@ from ckfs import reference
 from ckfs.content import ContentStore, Writer
 from ckfs.descriptor import Descriptor
 from ckfs.digest import CHUNK, Digest
-from ckfs.errors import AlreadyExists, DataLoss, InvalidArgument, NotFound, Unavailable
+from ckfs.errors import (
+    AlreadyExists,
+    DataLoss,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    unwrap_groups,
+)
 from ckfs.images import ImageStore
 from ckfs.images import manifest as manifests
 from ckfs.images.image import MAX_CONFIG_SIZE
@@ -86,18 +93,19 @@ def resolve_names(entries: Sequence[ImageEntry], name: str | None, what: str) ->
     repo = reference.parse_repository(name) if name is not None else None
     out: list[list[str]] = []
     for i, entry in enumerate(entries):
-        names = []
-        for n in entry.names:
-            if _TAG.fullmatch(n) and "/" not in n:
-                if repo is None:
-                    raise InvalidArgument(
-                        f"{what}: image {i} is named only by the tag {n!r}; "
-                        "give the repository with --name"
-                    )
-                names.append(str(repo.with_tag(n)))
-            else:
-                names.append(str(reference.parse(n)))
-        if not names:
+        tags = [n for n in entry.names if _TAG.fullmatch(n)]
+        full = [str(reference.parse(n)) for n in entry.names if n not in tags]
+        if repo is not None and tags:
+            names = [str(repo.with_tag(t)) for t in tags]
+        elif full:
+            # containerd's exports carry the full name beside the bare tag.
+            names = full
+        elif tags:
+            raise InvalidArgument(
+                f"{what}: image {i} is named only by the tag {tags[0]!r}; "
+                "give the repository with --name"
+            )
+        else:
             raise InvalidArgument(f"{what}: image {i} has no name; give one with --name")
         out.append(list(dict.fromkeys(names)))
     return out
@@ -270,10 +278,11 @@ async def import_source(
             staged.append((w, desc))
 
     try:
-        async with trio.open_nursery() as nursery:
-            # Largest first, so the long copies overlap the short ones.
-            for desc in sorted(missing, key=lambda d: -d.size):
-                nursery.start_soon(stage, desc)
+        with unwrap_groups():
+            async with trio.open_nursery() as nursery:
+                # Largest first, so the long copies overlap the short ones.
+                for desc in sorted(missing, key=lambda d: -d.size):
+                    nursery.start_soon(stage, desc)
         for w, d in staged:
             labels = gc_labels(d, walk.json[d.digest]) if _is_parent(d) else None
             with contextlib.suppress(AlreadyExists):

@@ -48,16 +48,6 @@ cli.add_command(transfer_cmds.import_cmd)
 cli.add_command(transfer_cmds.export_cmd)
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    """The error to report from a (possibly nested) trio exception group."""
-    while isinstance(exc, BaseExceptionGroup):
-        from ckfs.errors import CkfsError
-
-        ours = [e for e in exc.exceptions if isinstance(_leaf(e), CkfsError)]
-        exc = _leaf(ours[0] if ours else exc.exceptions[0])
-    return exc
-
-
 def describe(exc: BaseException) -> str:
     """One line saying what went wrong and where."""
     from ckfs.errors import CkfsError
@@ -88,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.close()
         sys.exit(0)
     except BaseException as e:  # noqa: BLE001 - the one place errors become exit codes
-        leaf = _leaf(e)
+        from ckfs.errors import first_error
+
+        leaf = first_error(e)
         if isinstance(leaf, SystemExit):
             raise leaf from None
         if isinstance(leaf, KeyboardInterrupt):
