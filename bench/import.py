@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import big_layout, ckfs_cmd, layout_size, report, run, timed  # noqa: E402
+from common import big_layout, ckfs_cmd, layout_size, report, run, timed
 
 
 def main() -> None:
@@ -49,7 +49,14 @@ def main() -> None:
         t_skopeo = timed(
             clean,
             lambda: run(
-                ["skopeo", "--insecure-policy", "copy", "-q", f"oci:{layout}:latest", f"oci:{dest}:latest"]
+                [
+                    "skopeo",
+                    "--insecure-policy",
+                    "copy",
+                    "-q",
+                    f"oci:{layout}:latest",
+                    f"oci:{dest}:latest",
+                ]
             ),
             args.repeat,
         )

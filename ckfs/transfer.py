@@ -203,7 +203,9 @@ def _open_writer(store: ContentStore, desc: Descriptor, ref: str) -> Writer | No
             time.sleep(0.05)
 
 
-def _stage(store: ContentStore, source: Source, desc: Descriptor, data: bytes | None) -> Writer | None:
+def _stage(
+    store: ContentStore, source: Source, desc: Descriptor, data: bytes | None
+) -> Writer | None:
     """Copy *desc* into an ingest and verify it, leaving it uncommitted.
 
     Runs in a worker thread.
@@ -216,7 +218,11 @@ def _stage(store: ContentStore, source: Source, desc: Descriptor, data: bytes | 
             writer.truncate(0)
         src: BinaryIO
         with contextlib.ExitStack() as stack:
-            src = io.BytesIO(data) if data is not None else stack.enter_context(source.open_blob(desc))
+            src = (
+                io.BytesIO(data)
+                if data is not None
+                else stack.enter_context(source.open_blob(desc))
+            )
             while True:
                 chunk = src.read(CHUNK)
                 if not chunk:
@@ -304,7 +310,9 @@ async def import_source(
             info = content.info(digest)
             want = gc_labels(d, data)
             if any(info.labels.get(k) != v for k, v in want.items()):
-                content.update(dataclasses.replace(info, labels={**info.labels, **want}), ["labels"])
+                content.update(
+                    dataclasses.replace(info, labels={**info.labels, **want}), ["labels"]
+                )
 
     report = ImportReport(
         blobs=len(walk.blobs), new_blobs=len(staged), new_bytes=sum(d.size for _, d in staged)
@@ -353,7 +361,10 @@ def export_images(
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with (
+            open(tmp, "wb") as f,
+            tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
             _add_bytes(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
             for alg in sorted({d.algorithm for d in blobs}):
                 _add_dir(tar, "blobs")
@@ -364,7 +375,7 @@ def export_images(
                     info.size = r.size
                     info.mode = 0o444
                     info.mtime = 0
-                    tar.addfile(info, r)  # type: ignore[arg-type]
+                    tar.addfile(info, r)
             body = json.dumps(
                 {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": index},
                 separators=(",", ":"),

@@ -37,7 +37,9 @@ class Ckfs:
 
     root: Path
 
-    def run(self, *args: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, check: bool = True, input: bytes | None = None
+    ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [sys.executable, "-m", "ckfs_cli.main", "--root", str(self.root), *args],
             capture_output=True,

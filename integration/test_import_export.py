@@ -30,18 +30,22 @@ def test_import_umoci_layout_then_list_and_inspect(ckfs: Ckfs, example_layout: P
     manifest = json.loads(
         (example_layout / "blobs/sha256" / info["target"]["digest"][7:]).read_text()
     )
-    config = json.loads((example_layout / "blobs/sha256" / manifest["config"]["digest"][7:]).read_text())
+    config = json.loads(
+        (example_layout / "blobs/sha256" / manifest["config"]["digest"][7:]).read_text()
+    )
     assert info["diff_ids"] == config["rootfs"]["diff_ids"]
     assert info["chain_ids"][0] == config["rootfs"]["diff_ids"][0]
     assert info["cmd"] == ["/bin/sh", "-c", "cat /etc/os-release"]
-    assert {i["digest"] for i in json.loads(ckfs.run("content", "ls", "--json").stdout)} == blobs_of(
-        example_layout
-    )
+    assert {
+        i["digest"] for i in json.loads(ckfs.run("content", "ls", "--json").stdout)
+    } == blobs_of(example_layout)
 
 
 def test_reimport_copies_nothing(ckfs: Ckfs, example_layout: Path) -> None:
     ckfs.run("import", "--name", EXAMPLE_NAME, str(example_layout))
-    again = json.loads(ckfs.run("import", "--json", "--name", EXAMPLE_NAME, str(example_layout)).stdout)
+    again = json.loads(
+        ckfs.run("import", "--json", "--name", EXAMPLE_NAME, str(example_layout)).stdout
+    )
     assert again["new_blobs"] == 0
 
 
@@ -50,7 +54,9 @@ def test_import_skopeo_oci_archive_and_docker_archive(
 ) -> None:
     skopeo("copy", f"oci:{example_layout}:latest", f"oci-archive:{tmp_path}/a.tar:latest")
     ckfs.run("import", "--name", "localhost/a:1", str(tmp_path / "a.tar"))
-    skopeo("copy", f"oci:{example_layout}:latest", f"docker-archive:{tmp_path}/d.tar:saved/busybox:2")
+    skopeo(
+        "copy", f"oci:{example_layout}:latest", f"docker-archive:{tmp_path}/d.tar:saved/busybox:2"
+    )
     ckfs.run("import", str(tmp_path / "d.tar"))
     names = ckfs.run("images", "ls", "-q").stdout.split()
     assert names == ["docker.io/saved/busybox:2", "localhost/a:1"]
@@ -109,7 +115,9 @@ def test_images_tag_and_rm(ckfs: Ckfs, example_layout: Path) -> None:
 
 def _spoil_layer(layout: Path) -> str:
     index = json.loads((layout / "index.json").read_text())
-    manifest = json.loads((layout / "blobs/sha256" / index["manifests"][0]["digest"][7:]).read_text())
+    manifest = json.loads(
+        (layout / "blobs/sha256" / index["manifests"][0]["digest"][7:]).read_text()
+    )
     return str(manifest["layers"][0]["digest"])
 
 

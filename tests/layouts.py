@@ -69,7 +69,9 @@ class Layout:
             tar = layer_tar(files)
             diff_ids.append(sha256(tar))
             data = gzip.compress(tar, mtime=0) if layer_media_type.endswith("gzip") else tar
-            descs.append({"mediaType": layer_media_type, "digest": self.blob(data), "size": len(data)})
+            descs.append(
+                {"mediaType": layer_media_type, "digest": self.blob(data), "size": len(data)}
+            )
         config = json.dumps(
             {
                 "architecture": "amd64",
@@ -86,7 +88,11 @@ class Layout:
         }
         manifest.update(manifest_override or {})
         body = json.dumps(manifest).encode()
-        entry: dict[str, Any] = {"mediaType": OCI_MANIFEST, "digest": self.blob(body), "size": len(body)}
+        entry: dict[str, Any] = {
+            "mediaType": OCI_MANIFEST,
+            "digest": self.blob(body),
+            "size": len(body),
+        }
         if ref is not None:
             entry["annotations"] = {"org.opencontainers.image.ref.name": ref}
         self.manifests.append(entry)

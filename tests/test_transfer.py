@@ -95,7 +95,10 @@ async def test_several_images_take_their_tags(state: State, layout: Layout) -> N
     layout.image([{"a": b"1"}], ref="v1")
     layout.image([{"a": b"2"}], ref="v2")
     await do_import(state, layout.root, "localhost:5000/app")
-    assert [i.name for i in state.images.list()] == ["localhost:5000/app:v1", "localhost:5000/app:v2"]
+    assert [i.name for i in state.images.list()] == [
+        "localhost:5000/app:v1",
+        "localhost:5000/app:v2",
+    ]
 
 
 async def test_full_reference_in_layout_is_used(state: State, layout: Layout) -> None:
@@ -228,8 +231,11 @@ async def test_bad_input_keeps_earlier_images(state: State, layout: Layout, tmp_
 async def test_docker_save_archive(state: State, tmp_path: Path) -> None:
     layers = [layer_tar({"a": b"1"}), layer_tar({"b": b"2"})]
     config = json.dumps(
-        {"os": "linux", "architecture": "amd64",
-         "rootfs": {"type": "layers", "diff_ids": [sha256(t) for t in layers]}}
+        {
+            "os": "linux",
+            "architecture": "amd64",
+            "rootfs": {"type": "layers", "diff_ids": [sha256(t) for t in layers]},
+        }
     ).encode()
     root = tmp_path / "save"
     root.mkdir()
@@ -238,8 +244,15 @@ async def test_docker_save_archive(state: State, tmp_path: Path) -> None:
         (root / f"l{i}").mkdir()
         (root / f"l{i}/layer.tar").write_bytes(t)
     (root / "manifest.json").write_text(
-        json.dumps([{"Config": f"{sha256(config)[7:]}.json", "RepoTags": ["busybox:1"],
-                     "Layers": ["l0/layer.tar", "l1/layer.tar"]}])
+        json.dumps(
+            [
+                {
+                    "Config": f"{sha256(config)[7:]}.json",
+                    "RepoTags": ["busybox:1"],
+                    "Layers": ["l0/layer.tar", "l1/layer.tar"],
+                }
+            ]
+        )
     )
     await do_import(state, root, None)
     image = state.images.get("docker.io/library/busybox:1")

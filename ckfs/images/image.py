@@ -84,7 +84,9 @@ def manifest(
         parsed = _read(content, desc)
         if isinstance(parsed, manifests.Manifest):
             return desc, parsed
-        candidates = [d for d in platforms.select(parsed.manifests, want) if content.exists(d.digest)]
+        candidates = [
+            d for d in platforms.select(parsed.manifests, want) if content.exists(d.digest)
+        ]
         if not candidates:
             raise NotFound(f"image {target.digest}: no manifest for platform {want}")
         todo = candidates

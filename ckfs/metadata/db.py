@@ -115,6 +115,8 @@ class Tx:
             if stmt.strip():
                 self._conn.execute(stmt)
 
-    def get_row(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> sqlite3.Row | None:
+    def get_row(
+        self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()
+    ) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self._conn.execute(sql, params).fetchone()
         return row

@@ -132,7 +132,7 @@ class _DirFiles:
 
     def open(self, name: str) -> BinaryIO:
         try:
-            return open(self._path(name), "rb")  # noqa: SIM115 - handed to the caller
+            return open(self._path(name), "rb")
         except (FileNotFoundError, IsADirectoryError):
             raise NotFound(f"{self.what}: {name} is missing") from None
 
@@ -346,7 +346,9 @@ class DockerArchiveSource:
             tags = item.get("RepoTags") or []
             if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
                 raise InvalidArgument(f"{where}: RepoTags must be a list of strings")
-            entries.append(ImageEntry(tuple(tags), Descriptor(mt.DOCKER_MANIFEST, digest, len(body))))
+            entries.append(
+                ImageEntry(tuple(tags), Descriptor(mt.DOCKER_MANIFEST, digest, len(body)))
+            )
         return entries
 
     def _config(self, name: str, where: str) -> Descriptor:

@@ -5,8 +5,13 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from ckfs.content import Info
+    from ckfs.digest import Digest
 
 from ckfs_cli.app import App, human_size, labels_text, print_json, print_table
 
@@ -18,7 +23,7 @@ def content() -> None:
     """Manage the content-addressed blob store."""
 
 
-def _parse(digest: str) -> str:
+def _parse(digest: str) -> Digest:
     from ckfs.digest import Digest
 
     return Digest.parse(digest)
@@ -52,8 +57,12 @@ def ls(app: App, as_json: bool, quiet: bool, filters: tuple[str, ...]) -> None:
         return
     now = time.time()
     rows = [
-        [str(i.digest), human_size(i.size), _age(now - i.created_at.timestamp()),
-         labels_text(i.labels)]
+        [
+            str(i.digest),
+            human_size(i.size),
+            _age(now - i.created_at.timestamp()),
+            labels_text(i.labels),
+        ]
         for i in infos
     ]
     print_table(["DIGEST", "SIZE", "AGE", "LABELS"], rows)
@@ -71,8 +80,8 @@ def _age(seconds: float) -> str:
 @pass_app
 def get(app: App, digest: str) -> None:
     """Write the blob DIGEST to standard output."""
-    with app.state.content.reader(_parse(digest)) as r:  # type: ignore[arg-type]
-        shutil.copyfileobj(r, sys.stdout.buffer, 1 << 20)  # type: ignore[misc]
+    with app.state.content.reader(_parse(digest)) as r:
+        shutil.copyfileobj(r, sys.stdout.buffer, 1 << 20)
     sys.stdout.buffer.flush()
 
 
@@ -86,7 +95,7 @@ def rm(app: App, digests: tuple[str, ...]) -> None:
     failed = 0
     for d in digests:
         try:
-            app.state.content.delete(_parse(d))  # type: ignore[arg-type]
+            app.state.content.delete(_parse(d))
         except CkfsError as e:
             click.echo(f"ckfs: {e}", err=True)
             failed += 1
@@ -112,9 +121,9 @@ def verify(app: App, as_json: bool) -> None:
     store = app.state.content
     infos = list(store.walk())
 
-    def check(info: object) -> str | None:
+    def check(info: Info) -> str | None:
         try:
-            store.verify(info.digest)  # type: ignore[attr-defined]
+            store.verify(info.digest)
         except DataLoss as e:
             return str(e)
         return None
@@ -125,8 +134,12 @@ def verify(app: App, as_json: bool) -> None:
         results = list(pool.map(check, infos))
     bad = [(i, r) for i, r in zip(infos, results, strict=True) if r is not None]
     if as_json:
-        print_json({"checked": len(infos), "corrupt": [{"digest": str(i.digest), "error": r}
-                                                      for i, r in bad]})
+        print_json(
+            {
+                "checked": len(infos),
+                "corrupt": [{"digest": str(i.digest), "error": r} for i, r in bad],
+            }
+        )
     else:
         for _, r in bad:
             click.echo(f"corrupt: {r}", err=True)

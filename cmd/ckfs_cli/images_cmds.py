@@ -52,8 +52,16 @@ def ls(app: App, as_json: bool, quiet: bool, filters: tuple[str, ...]) -> None:
             plats = ",".join(str(p) for p in img.platforms_of(app.state.content, i.target)) or "-"
         except NotFound:
             size, plats = "(incomplete)", "-"
-        rows.append([i.name, _short_type(i.target.media_type), str(i.target.digest), size, plats,
-                     labels_text(i.labels)])
+        rows.append(
+            [
+                i.name,
+                _short_type(i.target.media_type),
+                str(i.target.digest),
+                size,
+                plats,
+                labels_text(i.labels),
+            ]
+        )
     print_table(["REF", "TYPE", "DIGEST", "SIZE", "PLATFORMS", "LABELS"], rows)
 
 

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         # `ckfs content get X | head`: the reader left; that is not an error.
         sys.stderr.close()
         sys.exit(0)
-    except BaseException as e:  # noqa: BLE001 - the one place errors become exit codes
+    except BaseException as e:
         from ckfs.errors import first_error
 
         leaf = first_error(e)
