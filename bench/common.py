@@ -40,11 +40,12 @@ def timed(setup: Callable[[], None], body: Callable[[], None], repeat: int = 3) 
     return statistics.median(times)
 
 
-def big_layout(mib: int = 220, layers: int = 4, files_per_layer: int = 2500) -> Path:
+def big_layout(mib: int = 260, layers: int = 4, files_per_layer: int = 2500) -> Path:
     """A multi-layer OCI layout of about *mib* MiB, built once with umoci and cached.
 
-    Half of each layer is random bytes (incompressible, like binaries), half
-    is text (compressible, like sources and configs), spread over many files.
+    Three quarters of each layer is random bytes (incompressible, like
+    binaries), a quarter text (compressible, like sources and configs), spread
+    over many files, so the compressed layout stays above 200 MB.
     """
     name = f"layout-{mib}m-{layers}l-{files_per_layer}f"
     out = CACHE / name
@@ -65,7 +66,7 @@ def big_layout(mib: int = 220, layers: int = 4, files_per_layer: int = 2500) -> 
             for i in range(files_per_layer):
                 d = src / f"data{n}" / f"d{i % 50}"
                 d.mkdir(parents=True, exist_ok=True)
-                if i % 2:
+                if i % 4:
                     data = rng.randbytes(per_file)
                 else:
                     text = " ".join(rng.choices(words, k=per_file // 6))

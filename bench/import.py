@@ -1,6 +1,6 @@
 """Import a >= 200 MB multi-layer OCI layout: ckfs vs skopeo, same layout, same run.
 
-    .venv/bin/python bench/import.py [--mib 220] [--repeat 3]
+    .venv/bin/python bench/import.py [--mib 260] [--repeat 3]
 
 ckfs: ``ckfs import`` into an empty root (every blob verified and committed).
 skopeo: ``skopeo copy oci:A oci:B`` into an empty layout (it too verifies).
@@ -23,7 +23,7 @@ from common import big_layout, ckfs_cmd, layout_size, report, run, timed
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--mib", type=int, default=220)
+    ap.add_argument("--mib", type=int, default=260)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
 

@@ -38,3 +38,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -e ".[${CKFS_EXTRAS:-fuse}]"
   echo "$want" > "$stamp"
 fi
+# Byte-compile ahead of time: with PYTHONDONTWRITEBYTECODE set (as on some
+# CI machines) every `ckfs` start would otherwise recompile the package.
+.venv/bin/python -m compileall -q -j 0 ckfs snapshotters cmd >/dev/null
