@@ -23,6 +23,25 @@ content
     labels      JSON object of labels (GC references live here:
                 ``containerd.io/gc.ref.content.*``)
     updated_at  last label change
+
+snapshots
+    id          snapshot identifier, never reused (AUTOINCREMENT): it names the
+                snapshot's directory ``snapshots/<snapshotter>/<id>``, so an old
+                directory whose removal failed can never be mistaken for a new
+                snapshot's
+    snapshotter which snapshotter owns the row (``overlayfs``, ``native``, ...);
+                each has its own key space
+    key         the active or view snapshot's key, or the committed snapshot's
+                name: keys and names share one space, (snapshotter, key) is unique
+    parent_id   id of the committed parent, NULL for none; a parent with
+                children cannot be deleted (the foreign key backs the check)
+    kind        ``view``, ``active`` or ``committed``
+    labels      JSON object of string labels (``{}`` when none)
+    size        bytes used by the snapshot's own directory, measured at commit;
+                NULL while active or view (those are measured on demand)
+    inodes      inodes used likewise; NULL while active or view
+    created_at  creation, or the commit for a committed snapshot (as containerd)
+    updated_at  last label change
 """
 
 from __future__ import annotations
@@ -44,5 +63,22 @@ MIGRATIONS: tuple[str, ...] = (
         labels     TEXT NOT NULL DEFAULT '{}',
         updated_at INTEGER NOT NULL
     );
+    """,
+    # 2: snapshots of every snapshotter
+    """
+    CREATE TABLE snapshots (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        snapshotter TEXT NOT NULL,
+        key         TEXT NOT NULL,
+        parent_id   INTEGER REFERENCES snapshots (id),
+        kind        TEXT NOT NULL CHECK (kind IN ('view', 'active', 'committed')),
+        labels      TEXT NOT NULL DEFAULT '{}',
+        size        INTEGER,
+        inodes      INTEGER,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL,
+        UNIQUE (snapshotter, key)
+    );
+    CREATE INDEX snapshots_parent ON snapshots (parent_id);
     """,
 )
