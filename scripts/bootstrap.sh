@@ -34,8 +34,10 @@ fi
 stamp=.venv/.ckfs-installed
 want="$(sha256sum pyproject.toml | cut -c1-16) ${CKFS_EXTRAS:-fuse}"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-  .venv/bin/python -m pip install -q -e ".[${CKFS_EXTRAS:-fuse}]"
+  # pip's own chatter goes to a log, shown only when the install fails.
+  { .venv/bin/python -m pip install -q --upgrade pip setuptools wheel &&
+    .venv/bin/python -m pip install -q -e ".[${CKFS_EXTRAS:-fuse}]"; } >.venv/pip.log 2>&1 \
+    || { cat .venv/pip.log >&2; echo "bootstrap: pip install failed" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
 # Byte-compile ahead of time: with PYTHONDONTWRITEBYTECODE set (as on some
