@@ -146,3 +146,36 @@ def verify(app: App, as_json: bool) -> None:
         click.echo(f"{len(infos)} blobs checked, {len(bad)} corrupt")
     if bad:
         raise SystemExit(1)
+
+
+@content.command("active")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def active(app: App, as_json: bool) -> None:
+    """List ingests in progress or left by interrupted transfers (resumable)."""
+    statuses = app.state.content.list_statuses()
+    if as_json:
+        print_json(
+            [
+                {
+                    "ref": s.ref,
+                    "offset": s.offset,
+                    "total": s.total,
+                    "expected": s.expected,
+                    "started_at": s.started_at.isoformat(),
+                    "updated_at": s.updated_at.isoformat(),
+                }
+                for s in statuses
+            ]
+        )
+        return
+    rows = [
+        [
+            s.ref,
+            human_size(s.offset),
+            human_size(s.total) if s.total else "?",
+            str(s.expected or "-"),
+        ]
+        for s in statuses
+    ]
+    print_table(["REF", "OFFSET", "TOTAL", "EXPECTED"], rows)
