@@ -14,13 +14,13 @@ share this layout (the OCI spec adopted Docker's), so one parser serves both.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from ckfs.descriptor import Platform
 from ckfs.digest import Digest
 from ckfs.errors import InvalidArgument
+from ckfs.jsondoc import parse_object
 
 __all__ = ["History", "ImageConfig", "parse_config"]
 
@@ -87,12 +87,7 @@ def parse_config(data: bytes, *, where: str) -> ImageConfig:
             ``"layers"``, a diff ID is not a valid digest, or a field ckfs
             reads has the wrong type. The message starts with *where*.
     """
-    try:
-        raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidArgument(f"{where}: invalid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise InvalidArgument(f"{where}: invalid JSON: expected an object")
+    raw = parse_object(data, where)
 
     rootfs = raw.get("rootfs")
     if not isinstance(rootfs, dict):

@@ -25,6 +25,7 @@ from typing import Any
 from ckfs import mediatypes as mt
 from ckfs.descriptor import Descriptor
 from ckfs.errors import InvalidArgument
+from ckfs.jsondoc import parse_object
 
 __all__ = [
     "MAX_MANIFEST_SIZE",
@@ -218,12 +219,7 @@ def _parse(desc: Descriptor, data: bytes, *, check_layers: bool) -> Index | Mani
         raise InvalidArgument(
             f"{where}: {len(data)} bytes exceeds the {MAX_MANIFEST_SIZE} byte limit"
         )
-    try:
-        body = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidArgument(f"{where}: invalid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise InvalidArgument(f"{where}: invalid JSON: expected an object")
+    body = parse_object(data, where)
 
     version = body.get("schemaVersion")
     if "fsLayers" in body or (type(version) is int and version == 1):

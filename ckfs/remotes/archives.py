@@ -17,7 +17,6 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -26,6 +25,7 @@ from ckfs import mediatypes as mt
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest, from_bytes
 from ckfs.errors import InvalidArgument, NotFound
+from ckfs.jsondoc import parse_json
 
 __all__ = ["ImageEntry", "Source", "open_source"]
 
@@ -231,10 +231,7 @@ def _read_json(files: _Files, name: str) -> Any:
         raise InvalidArgument(f"{files.what}: {name} is larger than {MAX_INDEX_SIZE} bytes")
     with files.open(name) as f:
         data = f.read()
-    try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"{files.what}: {name}: invalid JSON: {e}") from None
+    return parse_json(data, f"{files.what}: {name}")
 
 
 def _blob_name(digest: Digest) -> str:
@@ -390,8 +387,3 @@ class DockerArchiveSource:
 
     def close(self) -> None:
         self._files.close()
-
-
-def iter_blob_names(layout_root: Path) -> Iterator[Path]:
-    """Every blob file under an OCI layout directory (for tests and tools)."""
-    yield from sorted((layout_root / "blobs").glob("*/*"))
