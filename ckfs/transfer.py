@@ -48,6 +48,7 @@ from ckfs.images import ImageStore
 from ckfs.images import manifest as manifests
 from ckfs.images.image import MAX_CONFIG_SIZE
 from ckfs.images.image import tree as image_tree
+from ckfs.images.manifest import gc_labels
 from ckfs.images.store import Image
 from ckfs.remotes.archives import CONTAINERD_IMAGE_NAME, REF_NAME, ImageEntry, Source
 
@@ -61,8 +62,6 @@ IMPORT_WORKERS = 2
 LOCK_WAIT = 600.0
 
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
-
-GC_CONTENT = "containerd.io/gc.ref.content"
 
 
 @dataclass
@@ -109,21 +108,6 @@ def resolve_names(entries: Sequence[ImageEntry], name: str | None, what: str) ->
             raise InvalidArgument(f"{what}: image {i} has no name; give one with --name")
         out.append(list(dict.fromkeys(names)))
     return out
-
-
-def gc_labels(desc: Descriptor, data: bytes) -> dict[str, str]:
-    """containerd's GC reference labels from a manifest or index to its children.
-
-    They let ``ckfs gc`` (and containerd) walk from image roots to every blob
-    without parsing JSON. Index children are ``.m.<i>``; a manifest's config
-    is ``.config`` and its layers ``.l.<i>``.
-    """
-    parsed = manifests.parse(desc, data)
-    if isinstance(parsed, manifests.Index):
-        return {f"{GC_CONTENT}.m.{i}": str(d.digest) for i, d in enumerate(parsed.manifests)}
-    labels = {f"{GC_CONTENT}.config": str(parsed.config.digest)}
-    labels.update({f"{GC_CONTENT}.l.{i}": str(d.digest) for i, d in enumerate(parsed.layers)})
-    return labels
 
 
 @dataclass

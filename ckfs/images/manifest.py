@@ -28,11 +28,13 @@ from ckfs.errors import InvalidArgument
 from ckfs.jsondoc import parse_object
 
 __all__ = [
+    "GC_CONTENT",
     "MAX_MANIFEST_SIZE",
     "Index",
     "Manifest",
     "canonical_json",
     "children",
+    "gc_labels",
     "index_json",
     "manifest_json",
     "parse",
@@ -42,6 +44,10 @@ __all__ = [
 #: registry cannot exhaust memory by serving an endless "manifest". Real ones
 #: are a few KiB; even a large multi-platform index stays far below.
 MAX_MANIFEST_SIZE = 4 << 20
+
+#: Prefix of containerd's GC reference labels from a blob to the blobs it
+#: needs (``containerd.io/gc.ref.content.l.0`` = a layer's digest).
+GC_CONTENT = "containerd.io/gc.ref.content"
 
 _SCHEMA1_HINT = (
     "Docker schema 1 manifests are not supported; re-push the image with a current client"
@@ -127,6 +133,29 @@ def children(desc: Descriptor, data: bytes) -> list[Descriptor]:
     if isinstance(parsed, Index):
         return list(parsed.manifests)
     return [parsed.config, *parsed.layers]
+
+
+def gc_labels(desc: Descriptor, data: bytes) -> dict[str, str]:
+    """containerd's GC reference labels from a manifest or index to its children.
+
+    They let ``ckfs gc`` (and containerd) walk from image roots to every blob
+    without parsing JSON. Index children are ``.m.<i>``; a manifest's config
+    is ``.config`` and its layers ``.l.<i>``; any other blob has none. Import
+    and pull both label what they commit, so the labels live beside
+    `children`, whose leniency they share: an attestation manifest with
+    non-layer blobs is labelled too.
+
+    Raises:
+        InvalidArgument: as `children`.
+    """
+    kids = children(desc, data)
+    if mt.is_index(desc.media_type):
+        return {f"{GC_CONTENT}.m.{i}": str(d.digest) for i, d in enumerate(kids)}
+    if not kids:
+        return {}
+    labels = {f"{GC_CONTENT}.config": str(kids[0].digest)}
+    labels.update({f"{GC_CONTENT}.l.{i}": str(d.digest) for i, d in enumerate(kids[1:])})
+    return labels
 
 
 def canonical_json(obj: Any) -> bytes:
