@@ -1,0 +1,905 @@
+"""The OCI distribution client: resolve names, fetch manifests, stream blobs.
+
+`RegistryClient` speaks the read half of the distribution API (``/v2``) to
+the hosts `ckfs.remotes.hosts.load_hosts` chose for one registry, mirrors
+first. It knows nothing of the content store: it hands out verified
+manifest bytes and *unverified* blob streams; the caller hashes blobs while
+writing them (the content store refuses a commit whose digest differs).
+
+The three operations and what each trusts::
+
+    resolve(ref)               tag/digest → Descriptor      hosts with "resolve"
+                                                              (with "pull" for digests)
+    fetch_manifest(ref, desc)  → bytes, digest verified     hosts with "pull"
+    open_blob(ref, desc, ...)  → BlobStream, not verified   hosts with "pull"
+
+Resolving a tag is the one moment a registry is trusted: the digest it
+reports becomes the image's identity. That is why only hosts with the
+``resolve`` capability are asked (a pull-through mirror without it serves
+content by digest only and cannot repoint a tag), and why a ``HEAD`` that
+lacks ``Docker-Content-Digest`` or ``Content-Length`` is followed by a
+``GET`` whose bytes ckfs hashes itself.
+
+Failure handling, per request, before any byte of a body is handed out:
+
+- 401 → the `Authorizer` learns the challenge and the request is repeated
+  with new credentials, until it has nothing new to offer (`Unauthorized`).
+- connection errors, 408, 5xx → retried with exponential backoff and
+  jitter, but only on the last host: a failing mirror is skipped at once
+  (containerd's policy), the upstream is worth waiting for.
+- 429 → retried on any host after ``Retry-After`` (capped) or backoff.
+- any other failure on a mirror → the next host; the last host's error is
+  the one raised, since the upstream's answer is authoritative.
+
+Once a blob stream has started nothing is retried here: a broken
+connection raises `Unavailable` from `BlobStream.aiter_chunks` and the
+caller resumes with a new `open_blob` at the offset it reached.
+
+Errors (`ckfs.errors`, plus `ckfs.remotes.errors.Unauthorized`), each one
+line naming what and which registry host: `NotFound` (404), `Unauthorized`
+(401/403 after authentication), `Unavailable` (unreachable, 5xx, 429, a
+stream cut short), `InvalidArgument` (Docker schema 1, malformed or
+oversized answers), `DataLoss` (bytes that do not match their digest).
+
+Redirects are followed (registries send blob GETs to object storage);
+httpx drops ``Authorization`` when a redirect leaves the origin, so the
+registry's token never reaches the storage host. Every request asks for
+``Accept-Encoding: identity``: digests cover the stored bytes, and a server
+or CDN that compressed them in transit would break both verification and
+byte ranges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import json
+import logging
+import random
+import re
+import ssl
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+
+from ckfs import __version__
+from ckfs import mediatypes as mt
+from ckfs.descriptor import Descriptor
+from ckfs.digest import Digest, Digester
+from ckfs.errors import CkfsError, DataLoss, InvalidArgument, NotFound, Unavailable
+from ckfs.images.manifest import MAX_MANIFEST_SIZE
+from ckfs.reference import Reference
+from ckfs.remotes.auth import Authorizer, Credentials, pull_scope
+from ckfs.remotes.errors import Unauthorized
+from ckfs.remotes.hosts import RegistryHost
+
+__all__ = ["BlobStream", "RegistryClient"]
+
+_log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: Sent with every request so registry operators can tell ckfs apart.
+USER_AGENT = f"ckfs/{__version__}"
+
+#: Redirect hops followed before giving up (Go's net/http, and so containerd,
+#: stop after 10 too); a loop costs ten requests, not a hang.
+MAX_REDIRECTS = 10
+
+#: First retry delay in seconds; doubled each attempt up to `MAX_BACKOFF`.
+#: Short because most transient failures are a dropped keep-alive connection.
+BACKOFF_BASE = 0.1
+
+#: Longest wait between two attempts of one request, in seconds.
+MAX_BACKOFF = 10.0
+
+#: Longest ``Retry-After`` honoured, in seconds: a registry asking for an
+#: hour should fail the pull with a clear error rather than hang it.
+MAX_RETRY_AFTER = 30.0
+
+#: A request is repeated at most this many times for authentication (no
+#: credentials → token → refreshed token); beyond that something loops.
+MAX_AUTH_ROUNDS = 3
+
+#: Error bodies are read only this far for their message.
+MAX_ERROR_BODY = 64 << 10
+
+#: Statuses worth retrying on the upstream host: the server is overloaded,
+#: restarting or behind a failing proxy.
+_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+_HEADER_DIGEST = "docker-content-digest"
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+#: Characters kept out of messages taken from registry error bodies.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+class BlobStream:
+    """An open blob download: where it starts, how long the blob is, its bytes.
+
+    The bytes are *not* verified here; the caller hashes them from offset 0.
+
+    Attributes:
+        offset: Where this stream really starts in the blob: the offset
+            asked for, or 0 when the server ignored the range (HTTP 200);
+            the caller then discards or rehashes from the start.
+        total: The blob's full size (the descriptor's).
+        end: The offset one past the last byte this stream will deliver.
+        host: The host serving it (``host:port``), for messages.
+        position: The offset of the next byte `aiter_chunks` will yield.
+    """
+
+    def __init__(
+        self,
+        response: httpx.Response | None,
+        *,
+        desc: Descriptor,
+        offset: int,
+        end: int,
+        host: str,
+        on_bytes: Callable[[int], None],
+    ) -> None:
+        self._response = response
+        self._desc = desc
+        self.offset = offset
+        self.total = desc.size
+        self.end = end
+        self.host = host
+        self.position = offset
+        self._on_bytes = on_bytes
+
+    def __repr__(self) -> str:
+        return (
+            f"BlobStream({self._desc.digest} from {self.host}, "
+            f"{self.offset}-{self.end} of {self.total}, at {self.position})"
+        )
+
+    async def aiter_chunks(self) -> AsyncIterator[bytes]:
+        """Yield the stream's bytes as they arrive, in network-sized chunks.
+
+        Raises:
+            Unavailable: the connection broke, stalled beyond the read
+                timeout, or ended before `end`; `position` says where to
+                resume.
+            DataLoss: the server sent more bytes than the blob has.
+        """
+        what = f"blob {self._desc.digest} from {self.host}"
+        if self._response is None:
+            return
+        try:
+            async for chunk in self._response.aiter_raw():
+                if not chunk:
+                    continue
+                self.position += len(chunk)
+                if self.position > self.end:
+                    raise DataLoss(f"{what}: more than the expected {self.total} bytes")
+                self._on_bytes(len(chunk))
+                yield chunk
+        except httpx.TransportError as e:
+            raise Unavailable(
+                f"{what}: connection lost at byte {self.position} of {self.total}: {_describe(e)}"
+            ) from None
+        if self.position < self.end:
+            raise Unavailable(f"{what}: stream ended at byte {self.position} of {self.total}")
+
+
+class RegistryClient:
+    """Read images from one registry through its configured hosts.
+
+    Use as an async context manager (or call `aclose`); one client serves
+    any number of concurrent requests and shares connections and tokens
+    among them.
+
+    Args:
+        ref_domain: The registry as references name it (``docker.io``,
+            ``127.0.0.1:5000``); references passed in must have this domain.
+        hosts: Where to send requests, in order (`load_hosts`).
+        credentials: Where secrets come from.
+        transport: An httpx transport for every request (tests inject
+            `httpx.MockTransport`); default: real connections, with each
+            host's TLS settings (CA, client certificate, skip_verify).
+        connect_timeout: Seconds to wait for a connection (a host's
+            ``dial_timeout`` overrides it).
+        read_timeout: Seconds a read may stall before the request fails
+            (httpx's 5 s default is too short for a busy registry's blobs).
+        retries: Extra attempts for a failing request (see the module
+            docstring for which failures).
+
+    Raises:
+        InvalidArgument: a host's CA or client certificate cannot be loaded.
+    """
+
+    def __init__(
+        self,
+        ref_domain: str,
+        *,
+        hosts: Sequence[RegistryHost],
+        credentials: Credentials,
+        transport: httpx.AsyncBaseTransport | None = None,
+        connect_timeout: float = 10,
+        read_timeout: float = 60,
+        retries: int = 5,
+    ) -> None:
+        self.ref_domain = ref_domain
+        self.hosts = tuple(hosts)
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._retries = max(0, retries)
+        self._stats: Counter[str] = Counter()
+        self._random = random.Random()
+        mounts: dict[str, httpx.AsyncBaseTransport | None] | None = None
+        if transport is None:
+            mounts = {}
+            for host in self.hosts:
+                if host.has_tls_config:
+                    mounts[f"https://{host.host}"] = httpx.AsyncHTTPTransport(
+                        verify=_ssl_context(host)
+                    )
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            mounts=mounts,
+            timeout=self._timeout(None),
+            follow_redirects=True,
+            max_redirects=MAX_REDIRECTS,
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+        )
+        self._authorizer = Authorizer(credentials, self._client, on_request=self._count)
+
+    def __repr__(self) -> str:
+        return f"RegistryClient({self.ref_domain!r}, hosts={[h.host for h in self.hosts]})"
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close all connections. The client cannot be used afterwards."""
+        await self._client.aclose()
+
+    def statistics(self) -> dict[str, int]:
+        """Requests made so far, by kind.
+
+        Kinds: ``resolve`` (HEAD/GET of a tag or digest), ``manifest``,
+        ``blob``, ``token`` (token server), ``url`` (a layer's external
+        URL); plus ``retry`` (repeats after failures), ``auth`` (repeats
+        after a 401), ``redirect`` (hops followed) and ``blob_bytes``.
+        """
+        return dict(self._stats)
+
+    # -- the three operations ---------------------------------------------------
+
+    async def resolve(self, ref: Reference) -> Descriptor:
+        """The descriptor of the manifest or index *ref* names.
+
+        A tag is resolved by hosts with the ``resolve`` capability; a digest
+        by any host with ``pull``. ``HEAD`` is tried first; when it lacks the
+        digest or size (or the registry refuses HEAD), the manifest is
+        fetched and hashed.
+
+        Args:
+            ref: A reference of this client's registry with a tag or digest.
+
+        Raises:
+            NotFound: the registry has no such tag, digest or repository.
+            Unauthorized: access was refused after authenticating.
+            Unavailable: no host could be reached or all failed.
+            InvalidArgument: *ref* has neither tag nor digest or another
+                domain; the manifest is Docker schema 1, of an unknown media
+                type, or larger than 4 MiB.
+            DataLoss: a pinned digest disagrees with what the registry sent.
+        """
+        self._check_ref(ref)
+        obj = str(ref.digest) if ref.digest is not None else ref.tag
+        if not obj:
+            raise InvalidArgument(f"cannot resolve {ref}: it has neither tag nor digest")
+        capability = "pull" if ref.digest is not None else "resolve"
+
+        async def on(host: RegistryHost, last: bool) -> Descriptor:
+            return await self._resolve_on(host, ref, obj, last)
+
+        return await self._on_hosts(capability, f"resolve {ref}", on)
+
+    async def fetch_manifest(self, ref: Reference, desc: Descriptor) -> bytes:
+        """The bytes of the manifest or index *desc* describes, verified.
+
+        Args:
+            ref: The reference it belongs to (for the repository).
+            desc: Its descriptor (from `resolve` or a parent index).
+
+        Raises:
+            InvalidArgument: *desc* is Docker schema 1 or larger than
+                `MAX_MANIFEST_SIZE`, or the registry sent more than that.
+            DataLoss: the bytes do not match *desc*'s digest or size, or the
+                registry's ``Docker-Content-Digest`` contradicts it.
+            NotFound, Unauthorized, Unavailable: as for `resolve`.
+        """
+        self._check_ref(ref)
+        where = f"manifest {desc.digest}"
+        if desc.media_type in mt.SCHEMA1:
+            raise InvalidArgument(f"{where} of {ref.name}: {_SCHEMA1_HINT}")
+        if desc.size > MAX_MANIFEST_SIZE:
+            raise InvalidArgument(
+                f"{where} of {ref.name}: {desc.size} bytes exceeds the "
+                f"{MAX_MANIFEST_SIZE} byte limit"
+            )
+
+        async def on(host: RegistryHost, last: bool) -> bytes:
+            accept = ", ".join(dict.fromkeys([desc.media_type, *mt.MANIFEST_ACCEPT]))
+            response = await self._request(
+                host,
+                "GET",
+                f"{ref.path}/manifests/{desc.digest}",
+                kind="manifest",
+                scope=pull_scope(ref.path),
+                headers={"Accept": accept},
+                last=last,
+                what=f"{where} of {ref.path}",
+            )
+            async with contextlib.aclosing(response):
+                _check_header_digest(response, desc.digest, f"{where} from {host.host}")
+                data = await _read_limited(
+                    response, desc.size, f"{where} from {host.host}", host.host
+                )
+            _verify(data, desc, f"{where} from registry {host.host}")
+            return data
+
+        return await self._on_hosts("pull", f"fetch {where}", on)
+
+    def open_blob(
+        self,
+        ref: Reference,
+        desc: Descriptor,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        allow_urls: bool = False,
+    ) -> contextlib.AbstractAsyncContextManager[BlobStream]:
+        """Open a download of the blob *desc* describes, from *offset* on.
+
+        Usage::
+
+            async with client.open_blob(ref, layer, offset=n) as stream:
+                async for chunk in stream.aiter_chunks():
+                    ...
+
+        Args:
+            ref: The reference the blob belongs to (for the repository).
+            desc: The blob's descriptor.
+            offset: First byte wanted; sends ``Range: bytes=<offset>-``.
+            length: Bytes wanted from *offset* (None: to the end); sends a
+                closed range, for reading a part of a layer.
+            allow_urls: For a layer with ``urls`` (non-distributable), try
+                those first, without the registry's credentials. Off by
+                default: such URLs point outside the registry, and whether to
+                fetch from them is the caller's decision.
+
+        Raises:
+            InvalidArgument: *offset* or *length* outside the blob; the
+                server answered a different range than asked.
+            NotFound, Unauthorized, Unavailable: as for `resolve`, on open.
+        """
+        return self._open_blob(ref, desc, offset, length, allow_urls)
+
+    @contextlib.asynccontextmanager
+    async def _open_blob(
+        self,
+        ref: Reference,
+        desc: Descriptor,
+        offset: int,
+        length: int | None,
+        allow_urls: bool,
+    ) -> AsyncIterator[BlobStream]:
+        self._check_ref(ref)
+        where = f"blob {desc.digest}"
+        if not 0 <= offset <= desc.size:
+            raise InvalidArgument(f"{where}: offset {offset} outside its {desc.size} bytes")
+        end = desc.size if length is None else offset + length
+        if length is not None and (length < 0 or end > desc.size):
+            raise InvalidArgument(f"{where}: range {offset}+{length} outside its {desc.size} bytes")
+        if offset == end:
+            yield BlobStream(
+                None, desc=desc, offset=offset, end=end, host="-", on_bytes=self._count_bytes
+            )
+            return
+        headers = {}
+        if offset > 0 or end < desc.size:
+            headers["Range"] = (
+                f"bytes={offset}-{end - 1}" if end < desc.size else f"bytes={offset}-"
+            )
+
+        async def on(host: RegistryHost, last: bool) -> BlobStream:
+            response = await self._request(
+                host,
+                "GET",
+                f"{ref.path}/blobs/{desc.digest}",
+                kind="blob",
+                scope=pull_scope(ref.path),
+                headers=headers,
+                last=last,
+                what=f"{where} of {ref.path}",
+            )
+            try:
+                return self._blob_stream(response, desc, offset, end, host.host)
+            except BaseException:
+                await response.aclose()
+                raise
+
+        stream = None
+        if allow_urls and desc.urls:
+            stream = await self._open_urls(desc, headers, offset, end)
+        if stream is None:
+            stream = await self._on_hosts("pull", f"fetch {where}", on)
+        try:
+            yield stream
+        finally:
+            if stream._response is not None:
+                await stream._response.aclose()
+
+    # -- internals -----------------------------------------------------------------
+
+    def _check_ref(self, ref: Reference) -> None:
+        if ref.domain != self.ref_domain:
+            raise InvalidArgument(
+                f"reference {ref} is not on registry {self.ref_domain} (this client's)"
+            )
+
+    def _count(self, kind: str) -> None:
+        self._stats[kind] += 1
+
+    def _count_bytes(self, n: int) -> None:
+        self._stats["blob_bytes"] += n
+
+    def _timeout(self, host: RegistryHost | None) -> httpx.Timeout:
+        connect = self._connect_timeout
+        if host is not None and host.dial_timeout is not None:
+            connect = host.dial_timeout
+        # No pool timeout: waiting for a free connection is what a parallel
+        # pull does by design, and trio cancellation bounds it if needed.
+        return httpx.Timeout(
+            connect=connect, read=self._read_timeout, write=self._read_timeout, pool=None
+        )
+
+    async def _on_hosts(
+        self,
+        capability: str,
+        what: str,
+        attempt: Callable[[RegistryHost, bool], Awaitable[_T]],
+    ) -> _T:
+        """Run *attempt* on each host able to *capability* until one succeeds."""
+        hosts = [h for h in self.hosts if h.can(capability)]
+        if not hosts:
+            raise NotFound(
+                f"cannot {what}: no host configured for registry {self.ref_domain} "
+                f"has the {capability!r} capability"
+            )
+        for i, host in enumerate(hosts):
+            last = i == len(hosts) - 1
+            try:
+                return await attempt(host, last)
+            except CkfsError as e:
+                if last:
+                    raise
+                _log.info("%s: %s; trying the next host", what, e)
+        raise AssertionError("unreachable")  # the last host's error was raised
+
+    async def _request(
+        self,
+        host: RegistryHost,
+        method: str,
+        path: str,
+        *,
+        kind: str,
+        scope: str,
+        headers: dict[str, str],
+        last: bool,
+        what: str,
+        ok: frozenset[int] = frozenset({200, 206}),
+    ) -> httpx.Response:
+        """Send one API request with authentication and retries.
+
+        Returns:
+            A response whose status is in *ok*, body not yet read; the
+            caller closes it.
+
+        Raises:
+            The mapped error for any other final status (see `_status_error`)
+            or for a transport failure.
+        """
+        url = f"{host.base_url}/{path}"
+        params = {"ns": host.mirror_of} if host.mirror_of else None
+        request_headers = {k: ", ".join(v) for k, v in host.headers.items()}
+        request_headers.update(headers)
+        timeout = self._timeout(host)
+        attempt = 0
+        auth_rounds = 0
+        sent: str | None = None
+        while True:
+            try:
+                sent = await self._authorizer.authorization(host, scope)
+                request = self._client.build_request(
+                    method, url, params=params, headers=request_headers, timeout=timeout
+                )
+                if sent is not None:
+                    request.headers["Authorization"] = sent
+                self._count(kind)
+                try:
+                    response = await self._client.send(request, stream=True)
+                except httpx.TransportError as e:
+                    raise Unavailable(
+                        f"registry {host.host} is unreachable ({what}): {_describe(e)}"
+                    ) from None
+            except Unavailable as e:
+                if not last or attempt >= self._retries:
+                    raise
+                attempt += 1
+                delay = self._backoff(attempt)
+                _log.debug("%s; retry %d in %.2fs", e, attempt, delay)
+                self._count("retry")
+                await trio.sleep(delay)
+                continue
+            if response.history:
+                self._stats["redirect"] += len(response.history)
+            status = response.status_code
+            _log.debug("%s %s -> %d", method, _safe_url(response.url), status)
+            if status in ok:
+                return response
+            same_origin = _origin(response.url) == _origin(request.url)
+            if status == 401 and same_origin and auth_rounds < MAX_AUTH_ROUNDS:
+                await response.aclose()
+                auth_rounds += 1
+                self._count("auth")
+                # reauthorize raises Unauthorized when nothing new is left to try;
+                # its fresh header is taken from the cache on the next round.
+                await self._authorizer.reauthorize(host, scope, response, sent)
+                continue
+            retryable = status in _RETRY_STATUSES and (last or status == 429)
+            if retryable and attempt < self._retries:
+                attempt += 1
+                hinted = _retry_after(response) if status in (429, 503) else None
+                delay = self._backoff(attempt) if hinted is None else hinted
+                await response.aclose()
+                _log.debug(
+                    "%s: HTTP %d from %s; retry %d in %.2fs",
+                    what,
+                    status,
+                    host.host,
+                    attempt,
+                    delay,
+                )
+                self._count("retry")
+                await trio.sleep(delay)
+                continue
+            raise await _status_error(host, response, what, same_origin)
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with jitter: many clients do not retry in step."""
+        ceiling = min(MAX_BACKOFF, BACKOFF_BASE * 2 ** (attempt - 1))
+        return self._random.uniform(ceiling / 2, ceiling)
+
+    async def _resolve_on(
+        self, host: RegistryHost, ref: Reference, obj: str, last: bool
+    ) -> Descriptor:
+        path = f"{ref.path}/manifests/{obj}"
+        accept = {"Accept": ", ".join(mt.MANIFEST_ACCEPT)}
+        what = f"manifest {ref}"
+        scope = pull_scope(ref.path)
+        response = await self._request(
+            host,
+            "HEAD",
+            path,
+            kind="resolve",
+            scope=scope,
+            headers=accept,
+            last=last,
+            what=what,
+            ok=frozenset({200, 405}),
+        )
+        await response.aclose()
+        media_type = _media_type(response)
+        size = _content_length(response)
+        header_digest = _header_digest(response, f"{what} from {host.host}")
+        if response.status_code == 200 and media_type in mt.SCHEMA1:
+            raise InvalidArgument(f"{what} on registry {host.host}: {_SCHEMA1_HINT}")
+        digest = ref.digest
+        if digest is not None and header_digest is not None:
+            if header_digest.algorithm == digest.algorithm and header_digest != digest:
+                raise DataLoss(
+                    f"{what}: registry {host.host} reports digest {header_digest} for it"
+                )
+        elif digest is None:
+            digest = header_digest
+        known = mt.is_index(media_type) or mt.is_manifest(media_type)
+        if response.status_code == 200 and digest is not None and size is not None and known:
+            if size > MAX_MANIFEST_SIZE:
+                raise InvalidArgument(
+                    f"{what} on registry {host.host}: {size} bytes exceeds the "
+                    f"{MAX_MANIFEST_SIZE} byte limit"
+                )
+            return Descriptor(media_type=media_type, digest=digest, size=size)
+
+        # HEAD was refused or incomplete: fetch the body and hash it ourselves.
+        _log.debug("%s: HEAD gave no digest, size or media type; fetching it", what)
+        response = await self._request(
+            host, "GET", path, kind="resolve", scope=scope, headers=accept, last=last, what=what
+        )
+        async with contextlib.aclosing(response):
+            data = await _read_limited(
+                response, MAX_MANIFEST_SIZE, f"{what} from {host.host}", host.host, oversize=True
+            )
+            media_type = _media_type(response)
+            get_digest = _header_digest(response, f"{what} from {host.host}")
+        algorithm = ref.digest.algorithm if ref.digest is not None else "sha256"
+        hasher = Digester(algorithm)
+        hasher.update(data)
+        actual = hasher.digest()
+        if ref.digest is not None and actual != ref.digest:
+            raise DataLoss(f"{what} from registry {host.host}: digest mismatch, got {actual}")
+        if get_digest is not None and get_digest.algorithm == algorithm and get_digest != actual:
+            raise DataLoss(
+                f"{what} from registry {host.host}: Docker-Content-Digest {get_digest} "
+                f"does not match the body's {actual}"
+            )
+        media_type = _sniff_media_type(media_type, data, f"{what} on registry {host.host}")
+        return Descriptor(media_type=media_type, digest=actual, size=len(data))
+
+    def _blob_stream(
+        self, response: httpx.Response, desc: Descriptor, offset: int, end: int, host: str
+    ) -> BlobStream:
+        where = f"blob {desc.digest} from {host}"
+        start = 0
+        if response.status_code == 206:
+            m = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", "").strip())
+            if m is None or int(m.group(1)) != offset:
+                got = response.headers.get("content-range", "none")
+                raise InvalidArgument(f"{where}: asked for bytes from {offset}, got range {got!r}")
+            start = offset
+        else:
+            if offset:
+                _log.debug("%s: server ignored the range; streaming from 0", where)
+            end = desc.size
+        length = _content_length(response)
+        if length is not None and start + length > desc.size:
+            raise DataLoss(
+                f"{where}: server announces {start + length} bytes, blob has {desc.size}"
+            )
+        return BlobStream(
+            response, desc=desc, offset=start, end=end, host=host, on_bytes=self._count_bytes
+        )
+
+    async def _open_urls(
+        self, desc: Descriptor, headers: dict[str, str], offset: int, end: int
+    ) -> BlobStream | None:
+        """Try a non-distributable layer's external URLs; None if none served it."""
+        for url in desc.urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https"):
+                continue
+            self._count("url")
+            try:
+                request = self._client.build_request("GET", url, headers=headers)
+                response = await self._client.send(request, stream=True)
+            except httpx.TransportError as e:
+                _log.info("blob %s: %s unreachable: %s", desc.digest, parts.netloc, _describe(e))
+                continue
+            if response.status_code in (200, 206):
+                try:
+                    return self._blob_stream(response, desc, offset, end, parts.netloc)
+                except CkfsError as e:
+                    await response.aclose()
+                    _log.info("%s", e)
+                    continue
+            _log.info(
+                "blob %s: %s answered HTTP %d", desc.digest, parts.netloc, response.status_code
+            )
+            await response.aclose()
+        return None
+
+
+# -- helpers --------------------------------------------------------------------
+
+_SCHEMA1_HINT = (
+    "Docker schema 1 manifests are not supported; re-push the image with a current client"
+)
+
+
+def _ssl_context(host: RegistryHost) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    try:
+        for ca in host.ca:
+            ctx.load_verify_locations(cafile=str(ca))
+        for cert, key in host.client:
+            ctx.load_cert_chain(str(cert), str(key) if key is not None else None)
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidArgument(f"registry host {host.host}: cannot load TLS files: {e}") from None
+    if host.skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return (url.scheme, url.host, url.port)
+
+
+def _safe_url(url: httpx.URL) -> str:
+    """The URL without its query: object-storage redirects carry signatures there."""
+    return str(url.copy_with(query=None))
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line description of a transport error, with a certificate hint."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"TLS certificate verification failed: {cause.verify_message}"
+        cause = cause.__cause__ or cause.__context__
+    text = _UNPRINTABLE.sub(" ", str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _media_type(response: httpx.Response) -> str:
+    value: str = response.headers.get("content-type", "")
+    return value.split(";", 1)[0].strip().lower()
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length")
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
+def _header_digest(response: httpx.Response, where: str) -> Digest | None:
+    value = response.headers.get(_HEADER_DIGEST)
+    if not value:
+        return None
+    try:
+        return Digest.parse(value.strip())
+    except InvalidArgument as e:
+        raise InvalidArgument(f"{where}: bad Docker-Content-Digest header: {e}") from None
+
+
+def _check_header_digest(response: httpx.Response, expected: Digest, where: str) -> None:
+    got = _header_digest(response, where)
+    if got is not None and got.algorithm == expected.algorithm and got != expected:
+        raise DataLoss(f"{where}: Docker-Content-Digest {got} does not match {expected}")
+
+
+async def _read_limited(
+    response: httpx.Response, limit: int, where: str, host: str, *, oversize: bool = False
+) -> bytes:
+    """Read a body of at most *limit* bytes, refusing more while it streams.
+
+    Args:
+        oversize: More than *limit* is `InvalidArgument` (a manifest over the
+            4 MiB cap) instead of `DataLoss` (more than the descriptor said).
+    """
+    announced = _content_length(response)
+    if announced is not None and announced > limit:
+        raise _too_big(where, announced, limit, oversize)
+    parts = []
+    n = 0
+    try:
+        async for chunk in response.aiter_raw():
+            n += len(chunk)
+            if n > limit:
+                raise _too_big(where, n, limit, oversize)
+            parts.append(chunk)
+    except httpx.TransportError as e:
+        raise Unavailable(f"{where}: connection lost after {n} bytes: {_describe(e)}") from None
+    return b"".join(parts)
+
+
+def _too_big(where: str, n: int, limit: int, oversize: bool) -> CkfsError:
+    if oversize:
+        return InvalidArgument(f"{where}: more than the {limit} byte manifest limit")
+    return DataLoss(f"{where}: {n} bytes, more than the expected {limit}")
+
+
+def _verify(data: bytes, desc: Descriptor, where: str) -> None:
+    if len(data) != desc.size:
+        raise DataLoss(f"{where}: size {len(data)} does not match expected {desc.size}")
+    hasher = desc.digest.digester()
+    hasher.update(data)
+    actual = hasher.digest()
+    if actual != desc.digest:
+        raise DataLoss(f"{where}: digest mismatch, got {actual}")
+
+
+def _sniff_media_type(declared: str, data: bytes, where: str) -> str:
+    """The manifest's media type: the header's, else the body's ``mediaType`` or shape."""
+    if declared in mt.SCHEMA1:
+        raise InvalidArgument(f"{where}: {_SCHEMA1_HINT}")
+    if mt.is_index(declared) or mt.is_manifest(declared):
+        return declared
+    try:
+        body = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidArgument(f"{where}: not JSON (Content-Type {declared or 'none'})") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument(f"{where}: not a JSON object")
+    if body.get("schemaVersion") == 1 or body.get("mediaType") in mt.SCHEMA1:
+        raise InvalidArgument(f"{where}: {_SCHEMA1_HINT}")
+    inner = body.get("mediaType")
+    if isinstance(inner, str) and (mt.is_index(inner) or mt.is_manifest(inner)):
+        return inner
+    if inner is None and "manifests" in body:
+        return mt.OCI_INDEX
+    if inner is None and "config" in body:
+        return mt.OCI_MANIFEST
+    shown = inner or declared or "none"
+    raise InvalidArgument(f"{where}: unknown media type {shown!r}, not an image manifest or index")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """``Retry-After`` in seconds (delta or HTTP date), capped at `MAX_RETRY_AFTER`."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return max(0.0, min(seconds, MAX_RETRY_AFTER))
+
+
+async def _error_detail(response: httpx.Response) -> str:
+    """The registry's own error code and message, one short line, if any."""
+    body = b""
+    try:
+        async for chunk in response.aiter_raw():
+            body += chunk
+            if len(body) >= MAX_ERROR_BODY:
+                break
+    except httpx.TransportError:
+        pass
+    finally:
+        await response.aclose()
+    try:
+        errors = json.loads(body).get("errors")
+        first = errors[0]
+        code, message = str(first.get("code", "")), str(first.get("message", ""))
+    except (ValueError, AttributeError, TypeError, IndexError, KeyError):
+        return ""
+    text = _UNPRINTABLE.sub(" ", f"{code}: {message}" if code else message).strip()
+    return f" ({text[:160]})" if text else ""
+
+
+async def _status_error(
+    host: RegistryHost, response: httpx.Response, what: str, same_origin: bool
+) -> CkfsError:
+    status = response.status_code
+    detail = await _error_detail(response)
+    server = f"registry {host.host}" if same_origin else f"storage host {response.url.host}"
+    if not same_origin and status in (401, 403, 404):
+        # A redirect target (object storage) refused: its signed URL expired
+        # or the bucket is misconfigured; a fresh redirect may work.
+        return Unavailable(f"{what}: {server} answered HTTP {status} after a redirect{detail}")
+    if status == 404:
+        return NotFound(f"{what}: not found on {server}{detail}")
+    if status in (401, 403):
+        return Unauthorized(f"{what}: {server} denied access (HTTP {status}){detail}")
+    if status == 429:
+        return Unavailable(f"{what}: {server} is rate limiting requests (HTTP 429){detail}")
+    if status >= 500 or status == 408:
+        return Unavailable(f"{what}: {server} answered HTTP {status}{detail}")
+    return InvalidArgument(f"{what}: {server} answered HTTP {status}{detail}")
