@@ -1,0 +1,482 @@
+"""The recursive fetcher against a scripted registry: only what is missing
+crosses the wire, every byte is verified, interrupted blobs resume.
+
+`FakeRemote` implements the fetcher's `Remote` protocol over a dict of blobs
+and can misbehave on request (drop a connection after N bytes, ignore a
+Range header, send wrong bytes, count what was asked). The pull-level tests
+at the end go through the real `RegistryClient` with an `httpx.MockTransport`
+registry, to check the pieces fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from ckfs import mediatypes as mt
+from ckfs import reference
+from ckfs.descriptor import Descriptor, Platform
+from ckfs.digest import Digest
+from ckfs.errors import DataLoss, InvalidArgument, NotFound, Unavailable
+from ckfs.images import platforms
+from ckfs.remotes import fetch as fetch_mod
+from ckfs.remotes.fetch import BlobProgress, BlobState, fetch, platform_children, ref_key
+from ckfs.state import State
+
+REF = reference.parse("registry.test/team/app:1")
+HOST = platforms.default()
+
+
+def sha256(data: bytes) -> Digest:
+    return Digest("sha256:" + hashlib.sha256(data).hexdigest())
+
+
+def desc_of(media_type: str, data: bytes, **kw: Any) -> Descriptor:
+    return Descriptor(media_type=media_type, digest=sha256(data), size=len(data), **kw)
+
+
+@dataclass
+class Image:
+    """An image's blobs by digest, and its root descriptor."""
+
+    target: Descriptor
+    blobs: dict[Digest, bytes] = field(default_factory=dict)
+    layers: list[Descriptor] = field(default_factory=list)
+    config: Descriptor | None = None
+
+
+def build_image(
+    layers: list[bytes],
+    *,
+    layer_type: str = mt.OCI_LAYER_GZIP,
+    platform: Platform = HOST,
+    extra_layers: list[Descriptor] = (),  # type: ignore[assignment]
+) -> Image:
+    config = json.dumps(
+        {
+            "architecture": platform.architecture,
+            "os": platform.os,
+            "rootfs": {"type": "layers", "diff_ids": [str(sha256(b)) for b in layers]},
+        }
+    ).encode()
+    cdesc = desc_of(mt.OCI_CONFIG, config)
+    ldescs = [desc_of(layer_type, b) for b in layers] + list(extra_layers)
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": mt.OCI_MANIFEST,
+            "config": cdesc.to_json(),
+            "layers": [d.to_json() for d in ldescs],
+        }
+    ).encode()
+    mdesc = desc_of(mt.OCI_MANIFEST, body, platform=platform)
+    blobs = {cdesc.digest: config, mdesc.digest: body}
+    blobs.update({sha256(b): b for b in layers})
+    return Image(target=mdesc, blobs=blobs, layers=ldescs, config=cdesc)
+
+
+def build_index(*images: Image) -> Image:
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": mt.OCI_INDEX,
+            "manifests": [i.target.to_json() for i in images],
+        }
+    ).encode()
+    idesc = desc_of(mt.OCI_INDEX, body)
+    blobs: dict[Digest, bytes] = {idesc.digest: body}
+    for i in images:
+        blobs.update(i.blobs)
+    return Image(target=idesc, blobs=blobs)
+
+
+def layer(n: int, size: int = 300_000) -> bytes:
+    """Incompressible-looking bytes, distinct per *n*."""
+    out = bytearray()
+    seed = str(n).encode()
+    while len(out) < size:
+        seed = hashlib.sha256(seed).digest()
+        out += seed
+    return gzip.compress(bytes(out[:size]), mtime=0)
+
+
+class FakeStream:
+    def __init__(self, data: bytes, offset: int, *, chunk: int, cut_at: int | None) -> None:
+        self.offset = offset
+        self.total = len(data)
+        self.host = "registry.test"
+        self._data = data
+        self._chunk = chunk
+        self._cut_at = cut_at
+
+    async def aiter_chunks(self) -> AsyncIterator[bytes]:
+        pos = self.offset
+        while pos < len(self._data):
+            end = min(pos + self._chunk, len(self._data))
+            if self._cut_at is not None and end > self._cut_at:
+                if self._cut_at > pos:
+                    yield self._data[pos : self._cut_at]
+                raise Unavailable(f"blob from {self.host}: connection lost at {self._cut_at}")
+            await trio.sleep(0)
+            yield self._data[pos:end]
+            pos = end
+
+
+@dataclass
+class FakeRemote:
+    """A registry in a dict, with faults to order.
+
+    Attributes:
+        cuts: digest → byte positions; each blob request pops one and drops
+            the connection when it reaches that position.
+        ignore_range: digests whose requests answer from byte 0 (HTTP 200).
+        corrupt: digests served with one byte flipped.
+        requests: (kind, digest, offset) of every request, in order.
+    """
+
+    blobs: dict[Digest, bytes]
+    chunk: int = 64 << 10
+    cuts: dict[Digest, list[int]] = field(default_factory=dict)
+    ignore_range: set[Digest] = field(default_factory=set)
+    corrupt: set[Digest] = field(default_factory=set)
+    requests: list[tuple[str, Digest, int]] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    delay: float = 0.0
+
+    async def fetch_manifest(self, ref: reference.Reference, desc: Descriptor) -> bytes:
+        self.requests.append(("manifest", desc.digest, 0))
+        return self.blobs[desc.digest]
+
+    @contextlib.asynccontextmanager
+    async def open_blob(
+        self, ref: reference.Reference, desc: Descriptor, *, offset: int = 0
+    ) -> AsyncIterator[FakeStream]:
+        self.requests.append(("blob", desc.digest, offset))
+        if desc.digest not in self.blobs:
+            raise NotFound(f"blob {desc.digest}: not found on registry.test")
+        data = self.blobs[desc.digest]
+        if desc.digest in self.corrupt:
+            flipped = bytearray(data)
+            flipped[len(flipped) // 2] ^= 0xFF
+            data = bytes(flipped)
+        if desc.digest in self.ignore_range:
+            offset = 0
+        cuts = self.cuts.get(desc.digest)
+        cut_at = cuts.pop(0) if cuts else None
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                await trio.sleep(self.delay)
+            yield FakeStream(data, offset, chunk=self.chunk, cut_at=cut_at)
+        finally:
+            self.in_flight -= 1
+
+    def blob_requests(self, digest: Digest | None = None) -> list[tuple[str, Digest, int]]:
+        return [r for r in self.requests if r[0] == "blob" and digest in (None, r[1])]
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[State]:
+    s = State(tmp_path / "root")
+    yield s
+    s.close()
+
+
+def digests(state: State) -> set[Digest]:
+    return {i.digest for i in state.content.walk()}
+
+
+async def test_fetches_index_manifest_config_and_layers(state: State) -> None:
+    image = build_image([layer(1), layer(2)])
+    index = build_index(image)
+    remote = FakeRemote(index.blobs)
+    events: list[tuple[str, str]] = []
+
+    report = await fetch(
+        remote,
+        state.content,
+        REF,
+        index.target,
+        children=platform_children(),
+        on_event=lambda p: events.append((p.kind, str(p.state))),
+    )
+
+    assert digests(state) == set(index.blobs)
+    assert report.fetched_blobs == 5 and report.present_blobs == 0
+    assert report.fetched_bytes == sum(len(b) for b in index.blobs.values())
+    assert {b.state for b in report.blobs} == {BlobState.VERIFIED}
+    assert ("layer", "downloading") in events and ("layer", "verified") in events
+    assert state.content.list_statuses() == []
+
+    # GC labels lead from the index to the manifest, and from it to config and layers.
+    gc = "containerd.io/gc.ref.content"
+    assert state.content.info(index.target.digest).labels[f"{gc}.m.0"] == image.target.digest
+    labels = state.content.info(image.target.digest).labels
+    assert labels[f"{gc}.config"] == image.config.digest  # type: ignore[union-attr]
+    assert labels[f"{gc}.l.1"] == image.layers[1].digest
+    source = state.content.info(image.layers[0].digest).labels
+    assert source["containerd.io/distribution.source.registry.test"] == "team/app"
+
+
+async def test_second_fetch_requests_nothing(state: State) -> None:
+    index = build_index(build_image([layer(1), layer(2)]))
+    await fetch(FakeRemote(index.blobs), state.content, REF, index.target)
+    again = FakeRemote(index.blobs)
+    report = await fetch(again, state.content, REF, index.target)
+    assert again.requests == []
+    assert report.present_blobs == 5 and report.fetched_bytes == 0
+
+
+async def test_only_missing_blobs_are_requested(state: State) -> None:
+    image = build_image([layer(1), layer(2)])
+    await fetch(FakeRemote(image.blobs), state.content, REF, image.target)
+    state.content.delete(image.layers[1].digest)
+    remote = FakeRemote(image.blobs)
+    await fetch(remote, state.content, REF, image.target)
+    assert remote.requests == [("blob", image.layers[1].digest, 0)]
+
+
+async def test_without_remote_present_content_suffices(state: State) -> None:
+    image = build_image([layer(1)])
+    with pytest.raises(NotFound, match="not in the content store"):
+        await fetch(None, state.content, REF, image.target)
+    assert digests(state) == set()
+    await fetch(FakeRemote(image.blobs), state.content, REF, image.target)
+    report = await fetch(None, state.content, REF, image.target)
+    assert report.present_blobs == 3
+
+    state.content.delete(image.layers[0].digest)
+    with pytest.raises(NotFound, match=image.layers[0].digest):
+        await fetch(None, state.content, REF, image.target)
+
+
+async def test_dropped_connection_resumes_in_process_with_a_range(state: State) -> None:
+    big = layer(1, 2_000_000)
+    image = build_image([big])
+    d = image.layers[0].digest
+    remote = FakeRemote(image.blobs, cuts={d: [700_000, 1_500_000]})
+    states: list[str] = []
+
+    report = await fetch(
+        remote,
+        state.content,
+        REF,
+        image.target,
+        on_event=lambda p: states.append(str(p.state)) if p.kind == "layer" else None,
+    )
+
+    assert [offset for _, _, offset in remote.blob_requests(d)] == [0, 700_000, 1_500_000]
+    assert states == ["downloading", "resuming", "resuming", "verified"]
+    blob = next(b for b in report.blobs if b.desc.digest == d)
+    assert blob.fetched == len(big)  # nothing was received twice
+    assert state.content.exists(d)
+
+
+async def test_gives_up_after_bounded_resumes_and_next_fetch_continues(state: State) -> None:
+    big = layer(1, 2_000_000)
+    image = build_image([big])
+    d = image.layers[0].digest
+    cuts = [100_000 * (i + 1) for i in range(fetch_mod.MAX_RESUMES + 1)]
+    remote = FakeRemote(image.blobs, cuts={d: list(cuts)})
+
+    with pytest.raises(Unavailable, match="gave up after"):
+        await fetch(remote, state.content, REF, image.target)
+    assert len(remote.blob_requests(d)) == fetch_mod.MAX_RESUMES + 1
+    (status,) = state.content.list_statuses()
+    assert status.ref == ref_key(image.layers[0]) and status.offset == cuts[-1]
+
+    again = FakeRemote(image.blobs)
+    report = await fetch(again, state.content, REF, image.target)
+    assert again.blob_requests(d) == [("blob", d, cuts[-1])]
+    blob = next(b for b in report.blobs if b.desc.digest == d)
+    assert blob.fetched == len(big) - cuts[-1]
+    assert state.content.exists(d) and state.content.list_statuses() == []
+
+
+async def test_server_ignoring_range_restarts_the_ingest(state: State) -> None:
+    big = layer(1, 1_000_000)
+    image = build_image([big])
+    d = image.layers[0].digest
+    remote = FakeRemote(image.blobs, cuts={d: [400_000]}, ignore_range={d})
+    notes: list[str] = []
+    await fetch(remote, state.content, REF, image.target, on_event=lambda p: notes.append(p.note))
+    assert [o for _, _, o in remote.blob_requests(d)] == [0, 400_000]
+    assert any("ignored the range" in n for n in notes)
+    state.content.verify(d)
+
+
+async def test_wrong_bytes_are_rejected_and_nothing_is_kept(state: State) -> None:
+    image = build_image([layer(1)])
+    d = image.layers[0].digest
+    remote = FakeRemote(image.blobs, corrupt={d})
+    failed: list[BlobProgress] = []
+    with pytest.raises(DataLoss) as e:
+        await fetch(
+            remote,
+            state.content,
+            REF,
+            image.target,
+            on_event=lambda p: failed.append(p) if p.state is BlobState.FAILED else None,
+        )
+    assert d in str(e.value) and "registry.test" in str(e.value)
+    assert not state.content.exists(d)
+    assert all(s.ref != ref_key(image.layers[0]) for s in state.content.list_statuses())
+    assert [p.desc.digest for p in failed] == [d]
+
+
+async def test_bad_resumed_bytes_restart_from_zero_once(state: State) -> None:
+    big = layer(1, 1_000_000)
+    image = build_image([big])
+    d = image.layers[0].digest
+    # An earlier run left an ingest whose first bytes are wrong.
+    w = state.content.writer(ref_key(image.layers[0]), total=len(big), expected=d)
+    w.write(b"\0" * 1000 + big[1000:300_000])
+    w.close()
+
+    remote = FakeRemote(image.blobs)
+    await fetch(remote, state.content, REF, image.target)
+    assert [o for _, _, o in remote.blob_requests(d)] == [300_000, 0]
+    state.content.verify(d)
+
+
+async def test_a_complete_leftover_ingest_is_committed_without_a_request(state: State) -> None:
+    image = build_image([layer(1)])
+    data = image.blobs[image.layers[0].digest]
+    w = state.content.writer(ref_key(image.layers[0]), total=len(data))
+    w.write(data)
+    w.close()
+    remote = FakeRemote(image.blobs)
+    await fetch(remote, state.content, REF, image.target)
+    assert remote.blob_requests(image.layers[0].digest) == []
+    assert state.content.exists(image.layers[0].digest)
+
+
+async def test_platform_selection() -> None:
+    amd = build_image([layer(1)], platform=Platform("linux", "amd64"))
+    arm = build_image([layer(2)], platform=Platform("linux", "arm64", "v8"))
+    index = build_index(amd, arm)
+    body = index.blobs[index.target.digest]
+
+    pick = platform_children(Platform("linux", "arm64"))
+    assert [d.digest for d in pick(index.target, body)] == [arm.target.digest]
+    both = platform_children(all_platforms=True)
+    assert len(both(index.target, body)) == 2
+    with pytest.raises(NotFound, match=r"linux/s390x.*linux/amd64, linux/arm64"):
+        platform_children(Platform("linux", "s390x"))(index.target, body)
+
+
+async def test_all_platforms_fetches_every_manifest(state: State) -> None:
+    amd = build_image([layer(1)], platform=Platform("linux", "amd64"))
+    arm = build_image([layer(2)], platform=Platform("linux", "arm64"))
+    index = build_index(amd, arm)
+
+    one = FakeRemote(index.blobs)
+    await fetch(
+        one,
+        state.content,
+        REF,
+        index.target,
+        children=platform_children(Platform("linux", "arm64")),
+    )
+    assert digests(state) == {index.target.digest, *arm.blobs}
+
+    every = FakeRemote(index.blobs)
+    await fetch(
+        every, state.content, REF, index.target, children=platform_children(all_platforms=True)
+    )
+    assert digests(state) == set(index.blobs)
+    assert {r[1] for r in every.requests} == set(amd.blobs)
+
+
+async def test_media_types_and_nondistributable_layers(state: State) -> None:
+    zstd = build_image([b"\x28\xb5\x2f\xfdzstd"], layer_type=mt.OCI_LAYER_ZSTD)
+    docker = build_image([layer(3)], layer_type=mt.DOCKER_LAYER_GZIP)
+    for image in (zstd, docker):
+        await fetch(FakeRemote(image.blobs), state.content, REF, image.target)
+        assert all(state.content.exists(d) for d in image.blobs)
+
+    foreign = desc_of(mt.OCI_LAYER_ND_GZIP, b"elsewhere", urls=("https://cdn.test/l",))
+    plain = build_image([b"plain tar bytes"], layer_type=mt.OCI_LAYER, extra_layers=[foreign])
+    remote = FakeRemote(plain.blobs)
+    report = await fetch(remote, state.content, REF, plain.target)
+    assert all(state.content.exists(d) for d in plain.blobs)
+    assert foreign.digest not in {r[1] for r in remote.requests}
+    assert [b.desc.digest for b in report.skipped] == [foreign.digest]
+    assert "non-distributable" in report.skipped[0].note
+    assert "cdn.test" in report.skipped[0].note
+    # A skipped layer does not make the image look incomplete offline.
+    offline = await fetch(None, state.content, REF, plain.target)
+    assert [b.desc.digest for b in offline.skipped] == [foreign.digest]
+
+
+async def test_schema1_is_refused_before_any_request(state: State) -> None:
+    target = desc_of(mt.DOCKER_SCHEMA1_SIGNED, b"{}")
+    remote = FakeRemote({})
+    with pytest.raises(InvalidArgument, match="schema 1"):
+        await fetch(remote, state.content, REF, target)
+    assert remote.requests == []
+
+
+async def test_concurrency_is_bounded(state: State) -> None:
+    image = build_image([layer(i, 50_000) for i in range(6)])
+    remote = FakeRemote(image.blobs, delay=0.02)
+    await fetch(remote, state.content, REF, image.target, max_concurrent=2)
+    assert remote.max_in_flight == 2
+    with pytest.raises(InvalidArgument):
+        await fetch(remote, state.content, REF, image.target, max_concurrent=0)
+
+
+async def test_waits_for_another_writer_then_finds_the_blob(state: State) -> None:
+    """Another process downloading the same layer holds its ref: we wait, then skip it."""
+    image = build_image([layer(1)])
+    ldesc = image.layers[0]
+    data = image.blobs[ldesc.digest]
+    other = state.content.writer(ref_key(ldesc), total=ldesc.size, expected=ldesc.digest)
+    other.write(data[:1000])
+    waiting = threading.Event()
+
+    def on_event(p: BlobProgress) -> None:
+        if p.state is BlobState.WAITING:
+            waiting.set()
+
+    async def other_process_finishes() -> None:
+        await trio.to_thread.run_sync(waiting.wait)
+        other.write(data[1000:])
+        other.commit(ldesc.size, ldesc.digest)
+
+    remote = FakeRemote(image.blobs)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_process_finishes)
+        report = await fetch(remote, state.content, REF, image.target, on_event=on_event)
+    assert remote.blob_requests(ldesc.digest) == []
+    states = {b.desc.digest: b.state for b in report.blobs}
+    assert states[ldesc.digest] is BlobState.EXISTS
+
+
+async def test_missing_blob_on_the_registry_is_not_found(state: State) -> None:
+    image = build_image([layer(1)])
+    blobs = dict(image.blobs)
+    del blobs[image.layers[0].digest]
+    with pytest.raises(NotFound, match="not found"):
+        await fetch(FakeRemote(blobs), state.content, REF, image.target)
+    assert not state.content.exists(image.layers[0].digest)
+
+
+def test_ref_keys_are_containerds() -> None:
+    image = build_image([layer(1)])
+    assert ref_key(image.target) == f"manifest-{image.target.digest}"
+    assert ref_key(image.layers[0]).startswith("layer-sha256:")
+    assert ref_key(image.config).startswith("config-sha256:")  # type: ignore[arg-type]
+    assert ref_key(desc_of("application/x-other", b"x")).startswith("unknown-sha256:")
