@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["integration.mounts"]
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_NAME = "example.local/ckfs/busybox:latest"
 
