@@ -546,7 +546,13 @@ class Authorizer:
             return token.header
 
     async def reauthorize(
-        self, host: RegistryHost, scope: str, response: httpx.Response, sent: str | None
+        self,
+        host: RegistryHost,
+        scope: str,
+        response: httpx.Response,
+        sent: str | None,
+        *,
+        fresh: bool = False,
     ) -> str:
         """Learn from *response* (a 401) and return the next ``Authorization`` to try.
 
@@ -555,11 +561,15 @@ class Authorizer:
             scope: The scope the request needed.
             response: The 401 response, for its ``WWW-Authenticate`` headers.
             sent: The ``Authorization`` value the refused request carried.
+            fresh: *sent* was obtained for this very request after an earlier
+                401: it is refused as it stands, so nothing is left to try
+                (containerd stops at the same point), and asking the token
+                server again would only repeat the refusal.
 
         Raises:
-            Unauthorized: no challenge we can answer, or the value we would
-                send next is the one just refused (wrong password, no access
-                to the repository, token without the needed scope).
+            Unauthorized: no challenge we can answer; *fresh*; or the value
+                we would send next is the one just refused (wrong password,
+                no access to the repository, token without the needed scope).
             Unavailable, InvalidArgument: as for `authorization`.
         """
         challenges = parse_challenges(response.headers.get_list("www-authenticate"))
@@ -586,11 +596,11 @@ class Authorizer:
             # Only the refused token is dropped: a concurrent request may
             # already have replaced it with a fresh one worth trying.
             del self._tokens[(host.host, scope)]
-        new = await self.authorization(host, scope)
+        new = None if fresh else await self.authorization(host, scope)
         if new is None or new == sent:
             creds = await self._credentials.get(host.host)
             hint = (
-                "check the credentials"
+                "check the credentials and access to the repository"
                 if creds
                 else "the repository may not exist or may require a login"
             )

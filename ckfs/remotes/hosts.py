@@ -301,7 +301,7 @@ def _parse_host(where: str, server: str, base: Path, table: dict[str, Any]) -> R
         raise InvalidArgument(f"{where}: override_path must be true or false")
     scheme, host, path = "", "", API_PATH
     if server:
-        if not server.startswith("http"):
+        if "://" not in server:
             server = "https://" + server
         parts = urlsplit(server)
         if parts.scheme not in ("http", "https") or not parts.netloc:

@@ -565,7 +565,9 @@ class RegistryClient:
                 self._count("auth")
                 # reauthorize raises Unauthorized when nothing new is left to try;
                 # its fresh header is taken from the cache on the next round.
-                await self._authorizer.reauthorize(host, scope, response, sent)
+                await self._authorizer.reauthorize(
+                    host, scope, response, sent, fresh=auth_rounds > 1
+                )
                 continue
             retryable = status in _RETRY_STATUSES and (last or status == 429)
             if retryable and attempt < self._retries:
@@ -624,7 +626,8 @@ class RegistryClient:
         elif digest is None:
             digest = header_digest
         known = mt.is_index(media_type) or mt.is_manifest(media_type)
-        if response.status_code == 200 and digest is not None and size is not None and known:
+        # A zero length is what some proxies put on every HEAD; no manifest is empty.
+        if response.status_code == 200 and digest is not None and size and known:
             if size > MAX_MANIFEST_SIZE:
                 raise InvalidArgument(
                     f"{what} on registry {host.host}: {size} bytes exceeds the "
@@ -870,8 +873,8 @@ async def _error_detail(response: httpx.Response) -> str:
             body += chunk
             if len(body) >= MAX_ERROR_BODY:
                 break
-    except httpx.TransportError:
-        pass
+    except (httpx.TransportError, httpx.StreamError):
+        pass  # the status alone still says what went wrong
     finally:
         await response.aclose()
     try:
