@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["integration.mounts"]
+pytest_plugins = ["integration.mounts", "integration.registry"]
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_NAME = "example.local/ckfs/busybox:latest"

@@ -560,8 +560,10 @@ class _Fetch:
             )
         except AlreadyExists:
             return False
-        except DataLoss as e:
-            raise DataLoss(f"{self._what(p)} failed verification and was discarded: {e}") from None
+        except DataLoss:
+            raise DataLoss(
+                f"{self._what(p)}: wrong content (it hashes to {writer.digest()}); nothing was kept"
+            ) from None
         return True
 
     async def _transfer(self, p: BlobProgress, writer: Writer) -> None:

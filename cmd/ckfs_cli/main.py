@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from ckfs import __version__
-from ckfs_cli import content_cmds, images_cmds, transfer_cmds
+from ckfs_cli import content_cmds, images_cmds, pull_cmds, transfer_cmds
 from ckfs_cli.app import App
 
 _debug = False
@@ -46,6 +46,8 @@ cli.add_command(images_cmds.images)
 cli.add_command(content_cmds.content)
 cli.add_command(transfer_cmds.import_cmd)
 cli.add_command(transfer_cmds.export_cmd)
+cli.add_command(pull_cmds.pull_cmd)
+cli.add_command(pull_cmds.fetch_cmd)
 
 
 def describe(exc: BaseException) -> str:

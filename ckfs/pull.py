@@ -1,0 +1,266 @@
+"""Pull: a reference in, an image name out, fetching only what is missing.
+
+The steps, as containerd's ``client.Pull`` takes them:
+
+1. **Resolve** the reference to a target descriptor: a manifest ``HEAD``
+   for a tag. A reference pinned by digest, or any pull with ``offline``,
+   is first tried from local state alone: if the target and everything the
+   platform needs is present, the registry is not contacted at all (no HTTP
+   client is even built, and httpx is not imported).
+2. **Fetch** the target and, recursively, what the platform needs
+   (`ckfs.remotes.fetch`): only blobs the content store lacks cross the
+   network, resumed where an earlier pull stopped.
+3. **Register** the normalized name → target in the image store (skipped by
+   ``ckfs fetch``, which is containerd's ``content fetch``). An unchanged
+   name is left untouched, so a pull of a present image writes nothing.
+4. **Report** what happened, blob by blob, through ``on_event`` and the
+   returned `PullReport`.
+
+A second pull of the same tag therefore costs one ``HEAD`` request and a
+read of the local manifests; a pull by digest, none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ckfs import mediatypes as mt
+from ckfs.content import ContentStore
+from ckfs.descriptor import Descriptor, Platform
+from ckfs.errors import InvalidArgument, NotFound
+from ckfs.images import ImageStore
+from ckfs.images import manifest as manifests
+from ckfs.images.store import Image
+from ckfs.reference import Reference
+from ckfs.remotes.fetch import (
+    DEFAULT_CONCURRENCY,
+    BlobProgress,
+    FetchReport,
+    fetch,
+    platform_children,
+)
+
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = ["PullReport", "local_target", "pull"]
+
+
+@dataclasses.dataclass
+class PullReport:
+    """What a pull did.
+
+    Attributes:
+        reference: the normalized reference pulled.
+        target: the descriptor it resolved to.
+        fetch: the blob-by-blob record (`FetchReport`).
+        image: the registered image, or None when nothing was registered
+            (``ckfs fetch``).
+        network: whether the registry was contacted.
+        seconds: wall time of the whole pull.
+    """
+
+    reference: Reference
+    target: Descriptor
+    fetch: FetchReport
+    image: Image | None
+    network: bool
+    seconds: float = 0.0
+
+
+async def pull(
+    ref: Reference,
+    content: ContentStore,
+    images: ImageStore,
+    *,
+    register: bool = True,
+    platform: Platform | None = None,
+    all_platforms: bool = False,
+    offline: bool = False,
+    max_concurrent: int = DEFAULT_CONCURRENCY,
+    hosts_dirs: Sequence[Path] = (),
+    plain_http: bool = False,
+    user: str | None = None,
+    on_event: Callable[[BlobProgress], None] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> PullReport:
+    """Bring *ref* into the content store and, with *register*, name it.
+
+    Args:
+        ref: a normalized reference (`ckfs.reference.parse`).
+        content: where blobs go.
+        images: where the name goes.
+        register: record ``str(ref)`` → target in *images*; false for
+            ``ckfs fetch``.
+        platform: the platform to fetch from an index; None for this host.
+        all_platforms: fetch every manifest of an index.
+        offline: never contact the registry; everything must be present
+            (the target found by digest or by the name in *images*).
+        max_concurrent: blobs transferred at once.
+        hosts_dirs: ``certs.d`` directories for mirrors and TLS
+            (`ckfs.remotes.hosts.load_hosts`).
+        plain_http: use plain HTTP for the registry when no hosts.toml says.
+        user: ``user:password`` for the registry, overriding Docker's
+            ``config.json``.
+        on_event: called with a blob's progress at each state change.
+        transport: an httpx transport for the registry client (tests).
+
+    Returns:
+        A `PullReport`.
+
+    Raises:
+        NotFound: the registry has no such image or blob; an index has no
+            manifest for the platform; with *offline*, the image or one of
+            its blobs is not present (the message names what is missing).
+        Unavailable: the registry cannot be reached (the message names the
+            host), or kept dropping connections; partial downloads are kept
+            for the next pull.
+        DataLoss: a blob did not match its digest; nothing of it was kept.
+        InvalidArgument: a malformed or Docker schema 1 manifest, or a bad
+            ``hosts.toml``.
+        FailedPrecondition: the registry refused the credentials.
+
+    Cancellation:
+        Downloads stop and keep what they received, for the next pull to
+        resume; no name is registered.
+    """
+    started = time.monotonic()
+    children = platform_children(platform, all_platforms=all_platforms)
+    if offline or ref.digest is not None:
+        target = local_target(ref, content, images, by_name=offline)
+        if target is None and offline:
+            raise NotFound(f"{ref}: not present locally, and the pull is offline")
+        if target is not None:
+            try:
+                # Quietly: if something is missing we go to the registry,
+                # and each blob should be reported once, by that fetch.
+                report = await fetch(None, content, ref, target, children=children)
+            except NotFound:
+                if offline:
+                    raise
+            else:
+                if on_event is not None:
+                    for blob in report.blobs:
+                        on_event(blob)
+                return _finish(ref, images, report, register, network=False, started=started)
+
+    # Imported here so that pulls served from local state never load httpx.
+    from ckfs.remotes.auth import Credentials
+    from ckfs.remotes.hosts import load_hosts
+    from ckfs.remotes.registry import RegistryClient
+
+    hosts = load_hosts(ref.domain, hosts_dirs=hosts_dirs, plain_http=plain_http)
+    async with RegistryClient(
+        ref.domain, hosts=hosts, credentials=Credentials(user), transport=transport
+    ) as client:
+        target = await client.resolve(ref)
+        report = await fetch(
+            client,
+            content,
+            ref,
+            target,
+            children=children,
+            max_concurrent=max_concurrent,
+            on_event=on_event,
+        )
+    return _finish(ref, images, report, register, network=True, started=started)
+
+
+def _finish(
+    ref: Reference,
+    images: ImageStore,
+    report: FetchReport,
+    register: bool,
+    *,
+    network: bool,
+    started: float,
+) -> PullReport:
+    image = _register(images, str(ref), report.target) if register else None
+    return PullReport(
+        reference=ref,
+        target=report.target,
+        fetch=report,
+        image=image,
+        network=network,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _register(images: ImageStore, name: str, target: Descriptor) -> Image:
+    """Point *name* at *target*; leave it alone when it already does."""
+    try:
+        current = images.get(name)
+    except NotFound:
+        pass
+    else:
+        if current.target == target:
+            return current
+    return images.put(Image.new(name, target))
+
+
+def local_target(
+    ref: Reference, content: ContentStore, images: ImageStore, *, by_name: bool
+) -> Descriptor | None:
+    """The target *ref* names, from local state only; None if unknown here.
+
+    A digest names its blob directly, if present (the media type is read
+    from the body, as the registry would have sent it). Without a digest,
+    and only when *by_name* (an offline pull; online, a tag may have moved),
+    the image store's entry for ``str(ref)`` is used.
+
+    Raises:
+        InvalidArgument: the digest names a Docker schema 1 manifest.
+    """
+    if ref.digest is None:
+        if not by_name:
+            return None
+        try:
+            return images.get(str(ref)).target
+        except NotFound:
+            return None
+    if not content.exists(ref.digest):
+        return None
+    try:
+        image = images.get(str(ref))
+    except NotFound:
+        pass
+    else:
+        if image.target.digest == ref.digest:
+            return image.target
+    data = content.read_all(ref.digest, limit=manifests.MAX_MANIFEST_SIZE)
+    media_type = _sniff_media_type(ref, data)
+    if media_type is None:
+        return None
+    return Descriptor(media_type=media_type, digest=ref.digest, size=len(data))
+
+
+def _sniff_media_type(ref: Reference, data: bytes) -> str | None:
+    """A manifest's or index's media type from its body, as a registry derives it.
+
+    OCI bodies may omit ``mediaType``; their shape tells (``manifests`` vs
+    ``config``). None when the blob is not a manifest or index at all.
+    """
+    try:
+        body = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    declared = body.get("mediaType")
+    if declared in mt.SCHEMA1 or "fsLayers" in body:
+        raise InvalidArgument(
+            f"{ref}: Docker schema 1 manifests are not supported; "
+            "re-push the image with a current client"
+        )
+    if isinstance(declared, str) and (mt.is_index(declared) or mt.is_manifest(declared)):
+        return declared
+    if declared is None and "manifests" in body:
+        return mt.OCI_INDEX
+    if declared is None and "config" in body:
+        return mt.OCI_MANIFEST
+    return None

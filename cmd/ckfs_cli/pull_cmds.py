@@ -1,0 +1,316 @@
+"""``ckfs pull`` and ``ckfs fetch``: images from a registry into the stores.
+
+Progress goes to stderr so stdout stays the result (the name and digest, or
+with ``--json`` one JSON object per line): on a terminal a live table with
+one line per blob (bytes, rate, state) and a total; elsewhere one plain line
+per state change, no animation; nothing with ``--quiet``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from ckfs_cli.app import App, human_size
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from ckfs.pull import PullReport
+    from ckfs.remotes.fetch import BlobProgress
+
+pass_app = click.make_pass_decorator(App)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _pull_options(f: _F) -> _F:
+    """The options `pull` and `fetch` share (they differ only in registering a name)."""
+    options = [
+        click.option(
+            "--plain-http", is_flag=True, help="Use plain HTTP when no hosts.toml says otherwise."
+        ),
+        click.option(
+            "--hosts-dir",
+            "hosts_dirs",
+            multiple=True,
+            type=click.Path(file_okay=False, path_type=Path),
+            help="certs.d directory with <registry>/hosts.toml (repeatable) "
+            "[default: <root>/certs.d, /etc/containerd/certs.d].",
+        ),
+        click.option("--platform", default=None, help="os/arch[/variant] [default: this host]."),
+        click.option("--all-platforms", is_flag=True, help="Fetch every platform of an index."),
+        click.option("--user", "-u", default=None, metavar="USER:PASS", help="Credentials."),
+        click.option(
+            "--offline", is_flag=True, help="Never contact the registry; all must be present."
+        ),
+        click.option(
+            "--max-concurrent",
+            type=click.IntRange(min=1),
+            default=3,
+            show_default=True,
+            help="Blobs transferred at once.",
+        ),
+        click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
+        click.option(
+            "--json", "as_json", is_flag=True, help="One JSON event per line, then a summary."
+        ),
+        click.argument("ref"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.command("pull")
+@_pull_options
+@pass_app
+def pull_cmd(app: App, /, **opts: Any) -> None:
+    """Pull REF from its registry: fetch what is missing, then name it.
+
+    \b
+    Examples:
+      ckfs pull --plain-http 127.0.0.1:5000/busybox:latest
+      ckfs pull --platform linux/arm64 docker.io/library/alpine
+      ckfs pull --offline alpine@sha256:…      # no network: all must be here
+    """
+    _run(app, register=True, **opts)
+
+
+@click.command("fetch")
+@_pull_options
+@pass_app
+def fetch_cmd(app: App, /, **opts: Any) -> None:
+    """Fetch REF's content like `pull`, without registering a name.
+
+    What `ctr content fetch` does: the blobs land in the content store.
+    """
+    _run(app, register=False, **opts)
+
+
+def _run(
+    app: App,
+    *,
+    register: bool,
+    ref: str,
+    plain_http: bool,
+    hosts_dirs: tuple[Path, ...],
+    platform: str | None,
+    all_platforms: bool,
+    user: str | None,
+    offline: bool,
+    max_concurrent: int,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    import trio
+
+    from ckfs import reference
+    from ckfs.images import platforms
+    from ckfs.pull import pull
+    from ckfs.remotes.hosts import default_hosts_dirs
+
+    parsed = reference.parse(ref)
+    plat = platforms.parse(platform) if platform else None
+    state = app.state
+    display: _Display
+    if as_json:
+        display = _JsonDisplay()
+    elif quiet:
+        display = _Display()
+    elif sys.stderr.isatty():
+        display = _LiveDisplay()
+    else:
+        display = _PlainDisplay()
+    run = functools.partial(
+        pull,
+        parsed,
+        state.content,
+        state.images,
+        register=register,
+        platform=plat,
+        all_platforms=all_platforms,
+        offline=offline,
+        max_concurrent=max_concurrent,
+        hosts_dirs=list(hosts_dirs) or default_hosts_dirs(state.root),
+        plain_http=plain_http,
+        user=user,
+        on_event=display.event,
+    )
+    with display:
+        report = trio.run(run)
+    if as_json:
+        _emit(_summary(report))
+    elif not quiet:
+        name = report.image.name if report.image is not None else str(parsed)
+        click.echo(f"{name}  {report.target.digest}")
+        click.echo(_summary_line(report), err=True)
+
+
+def _summary(report: PullReport) -> dict[str, Any]:
+    f = report.fetch
+    return {
+        "event": "summary",
+        "reference": str(report.reference),
+        "name": report.image.name if report.image is not None else None,
+        "target": report.target.to_json(),
+        "blobs": len(f.blobs),
+        "fetched_blobs": f.fetched_blobs,
+        "fetched_bytes": f.fetched_bytes,
+        "skipped_blobs": f.present_blobs,
+        "nondistributable": [str(b.desc.digest) for b in f.skipped],
+        "network": report.network,
+        "seconds": round(report.seconds, 3),
+    }
+
+
+def _summary_line(report: PullReport) -> str:
+    f = report.fetch
+    line = (
+        f"fetched {f.fetched_blobs} of {len(f.blobs)} blobs ({human_size(f.fetched_bytes)}) "
+        f"in {report.seconds:.2f}s; {f.present_blobs} already present"
+    )
+    if f.skipped:
+        line += f"; {len(f.skipped)} non-distributable skipped"
+    if not report.network:
+        line += "; registry not contacted"
+    return line
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+class _Display:
+    """Where progress goes; this base shows nothing (``--quiet``)."""
+
+    def event(self, p: BlobProgress) -> None:
+        """A blob changed state."""
+
+    def __enter__(self) -> _Display:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _JsonDisplay(_Display):
+    """One JSON object per state change, on stdout, flushed at once."""
+
+    def event(self, p: BlobProgress) -> None:
+        out: dict[str, Any] = {
+            "event": "blob",
+            "state": str(p.state),
+            "kind": p.kind,
+            "digest": str(p.desc.digest),
+            "media_type": p.desc.media_type,
+            "size": p.desc.size,
+            "offset": p.offset,
+            "fetched": p.fetched,
+        }
+        if p.note:
+            out["note"] = p.note
+        _emit(out)
+
+
+def _line(p: BlobProgress) -> str:
+    note = f"  ({p.note})" if p.note else ""
+    return f"{p.state:<11} {p.kind:<8} {p.desc.digest}  {human_size(p.desc.size)}{note}"
+
+
+class _PlainDisplay(_Display):
+    """One line per state change on stderr: logs and pipes, no redraws."""
+
+    def event(self, p: BlobProgress) -> None:
+        click.echo(_line(p), err=True)
+
+
+class _LiveDisplay(_Display):
+    """A rich live table on the terminal: one row per blob and a total.
+
+    rich redraws from its own thread a few times a second, reading the
+    `BlobProgress` objects the fetcher updates; plain integer reads are
+    safe across threads, and rows are only appended.
+    """
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self._blobs: list[BlobProgress] = []
+        # Per blob: (bytes fetched, time) when its current transfer began,
+        # and the rate it finished at.
+        self._marks: dict[int, tuple[int, float]] = {}
+        self._final: dict[int, float] = {}
+        self._start = time.monotonic()
+        self._live = Live(
+            get_renderable=self._render,
+            console=Console(stderr=True),
+            refresh_per_second=8,
+            transient=False,
+        )
+
+    def event(self, p: BlobProgress) -> None:
+        from ckfs.remotes.fetch import BlobState
+
+        key = id(p)
+        if key not in self._marks:
+            self._blobs.append(p)
+        if p.state in (BlobState.DOWNLOADING, BlobState.RESUMING):
+            self._marks[key] = (p.fetched, time.monotonic())
+        elif key in self._marks and p.state is BlobState.VERIFIED:
+            self._final[key] = self._rate(p)
+        self._marks.setdefault(key, (p.fetched, time.monotonic()))
+
+    def _rate(self, p: BlobProgress) -> float:
+        fetched0, t0 = self._marks.get(id(p), (p.fetched, time.monotonic()))
+        elapsed = time.monotonic() - t0
+        return (p.fetched - fetched0) / elapsed if elapsed > 0 else 0.0
+
+    def _render(self) -> RenderableType:
+        from rich.table import Table
+
+        from ckfs.remotes.fetch import BlobState
+
+        table = Table(box=None, pad_edge=False, show_header=False)
+        for column in ("kind", "digest", "bytes", "rate", "state"):
+            table.add_column(column, no_wrap=True, justify="right" if column == "rate" else "left")
+        total = done = 0
+        for p in list(self._blobs):
+            size = p.desc.size
+            total += size
+            done += min(p.offset, size)
+            active = p.state in (BlobState.DOWNLOADING, BlobState.RESUMING)
+            rate = self._rate(p) if active else self._final.get(id(p), 0.0)
+            table.add_row(
+                p.kind,
+                p.desc.digest.short(16),
+                f"{human_size(min(p.offset, size))} / {human_size(size)}",
+                f"{human_size(int(rate))}/s" if rate else "",
+                str(p.state),
+            )
+        elapsed = time.monotonic() - self._start
+        fetched = sum(p.fetched for p in list(self._blobs))
+        table.add_row(
+            "total",
+            f"{len(self._blobs)} blobs",
+            f"{human_size(done)} / {human_size(total)}",
+            f"{human_size(int(fetched / elapsed))}/s" if elapsed > 0 and fetched else "",
+            f"{elapsed:.1f}s",
+        )
+        return table
+
+    def __enter__(self) -> _Display:
+        self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._live.stop()
