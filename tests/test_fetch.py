@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
@@ -29,6 +30,7 @@ from ckfs.descriptor import Descriptor, Platform
 from ckfs.digest import Digest
 from ckfs.errors import DataLoss, InvalidArgument, NotFound, Unavailable
 from ckfs.images import platforms
+from ckfs.pull import PullReport, pull
 from ckfs.remotes import fetch as fetch_mod
 from ckfs.remotes.fetch import BlobProgress, BlobState, fetch, platform_children, ref_key
 from ckfs.state import State
@@ -480,3 +482,177 @@ def test_ref_keys_are_containerds() -> None:
     assert ref_key(image.layers[0]).startswith("layer-sha256:")
     assert ref_key(image.config).startswith("config-sha256:")  # type: ignore[arg-type]
     assert ref_key(desc_of("application/x-other", b"x")).startswith("unknown-sha256:")
+
+
+# -- through the real registry client and `pull` ------------------------------------
+
+
+class Body(httpx.AsyncByteStream):
+    """A streamed body that may break after *cut* bytes, as a dropped TCP connection."""
+
+    def __init__(self, data: bytes, cut: int | None = None) -> None:
+        self.data = data
+        self.cut = cut
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        end = len(self.data) if self.cut is None else self.cut
+        for i in range(0, end, 32 << 10):
+            yield self.data[i : min(i + (32 << 10), end)]
+        if self.cut is not None:
+            raise httpx.RemoteProtocolError("peer closed connection mid-body")
+
+
+@dataclass
+class MockRegistry:
+    """A registry behind `httpx.MockTransport`, serving one repository.
+
+    Attributes:
+        honour_range: answer Range requests with 206 (else 200, whole blob).
+        cut_once: digest → byte after which its next response breaks.
+        calls: (method, path, Range header) of every request.
+    """
+
+    tags: dict[str, Descriptor]
+    blobs: dict[Digest, bytes]
+    honour_range: bool = True
+    cut_once: dict[Digest, int] = field(default_factory=dict)
+    calls: list[tuple[str, str, str | None]] = field(default_factory=list)
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        self.calls.append((request.method, path, request.headers.get("range")))
+        kind, _, name = path.removeprefix(f"/v2/{REF.path}/").partition("/")
+        if kind == "manifests":
+            digest = self.tags[name].digest if name in self.tags else name
+            if digest not in self.blobs:
+                return httpx.Response(404, json={"errors": [{"code": "MANIFEST_UNKNOWN"}]})
+            data = self.blobs[Digest.parse(digest)]
+            headers = {
+                "Content-Type": json.loads(data)["mediaType"],
+                "Docker-Content-Digest": str(digest),
+                "Content-Length": str(len(data)),
+            }
+            body = Body(b"" if request.method == "HEAD" else data)
+            return httpx.Response(200, headers=headers, stream=body)
+        digest = Digest.parse(name)
+        if kind != "blobs" or digest not in self.blobs:
+            return httpx.Response(404, json={"errors": [{"code": "BLOB_UNKNOWN"}]})
+        data = self.blobs[digest]
+        start, status, headers = 0, 200, {}
+        wanted = request.headers.get("range")
+        if wanted and self.honour_range:
+            start = int(wanted.removeprefix("bytes=").rstrip("-"))
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        headers["Content-Length"] = str(len(data) - start)
+        cut = self.cut_once.pop(digest, None)
+        return httpx.Response(status, headers=headers, stream=Body(data[start:], cut))
+
+    def blob_calls(self) -> list[tuple[str, str, str | None]]:
+        return [c for c in self.calls if "/blobs/" in c[1]]
+
+
+def refuse(request: httpx.Request) -> httpx.Response:
+    raise AssertionError(f"no request expected, got {request.method} {request.url}")
+
+
+async def do_pull(state: State, ref: reference.Reference, transport: Any, **kw: Any) -> PullReport:
+    return await pull(ref, state.content, state.images, transport=transport, **kw)
+
+
+async def test_pull_by_tag_registers_and_repull_is_one_head(state: State) -> None:
+    index = build_index(build_image([layer(1), layer(2)]))
+    reg = MockRegistry({"1": index.target}, index.blobs)
+    report = await do_pull(state, REF, reg.transport())
+    assert report.network and report.image is not None
+    assert state.images.get(str(REF)).target == index.target
+    assert report.fetch.fetched_blobs == 5
+
+    reg.calls.clear()
+    again = await do_pull(state, REF, reg.transport())
+    assert [c[0] for c in reg.calls] == ["HEAD"]
+    assert again.fetch.present_blobs == 5 and again.image == report.image
+
+
+async def test_fetch_only_registers_nothing(state: State) -> None:
+    image = build_image([layer(1)])
+    reg = MockRegistry({"1": image.target}, image.blobs)
+    report = await do_pull(state, REF, reg.transport(), register=False)
+    assert report.image is None and state.images.list() == []
+    assert digests(state) == set(image.blobs)
+
+
+async def test_pull_by_digest_or_offline_when_present_makes_no_request(state: State) -> None:
+    image = build_image([layer(1)])
+    await do_pull(state, REF, MockRegistry({"1": image.target}, image.blobs).transport())
+    pinned = REF.with_tag("").with_digest(image.target.digest)
+    events: list[str] = []
+    report = await do_pull(
+        state, pinned, httpx.MockTransport(refuse), on_event=lambda p: events.append(p.state)
+    )
+    assert not report.network and events == ["exists"] * 3
+    assert state.images.get(str(pinned)).target.digest == image.target.digest
+    offline = await do_pull(state, REF, httpx.MockTransport(refuse), offline=True)
+    assert not offline.network and offline.target.digest == image.target.digest
+
+
+async def test_offline_with_something_missing_fails(state: State) -> None:
+    image = build_image([layer(1)])
+    with pytest.raises(NotFound, match="offline"):
+        await do_pull(state, REF, httpx.MockTransport(refuse), offline=True)
+    await do_pull(state, REF, MockRegistry({"1": image.target}, image.blobs).transport())
+    state.content.delete(image.layers[0].digest)
+    with pytest.raises(NotFound, match=image.layers[0].digest):
+        await do_pull(state, REF, httpx.MockTransport(refuse), offline=True)
+
+
+async def test_pull_by_digest_with_a_blob_missing_goes_to_the_registry(state: State) -> None:
+    image = build_image([layer(1), layer(2)])
+    reg = MockRegistry({"1": image.target}, image.blobs)
+    await do_pull(state, REF, reg.transport())
+    state.content.delete(image.layers[1].digest)
+    reg.calls.clear()
+    events: list[tuple[str, str]] = []
+    pinned = REF.with_digest(image.target.digest)
+    report = await do_pull(
+        state, pinned, reg.transport(), on_event=lambda p: events.append((p.kind, p.state))
+    )
+    assert report.network
+    assert [c[0] for c in reg.blob_calls()] == ["GET"]
+    assert events.count(("manifest", "exists")) == 1  # reported once, not per attempt
+
+
+async def test_client_cut_and_ignored_range_restart_the_blob(state: State) -> None:
+    big = layer(1, 1_500_000)
+    image = build_image([big])
+    d = image.layers[0].digest
+    reg = MockRegistry({"1": image.target}, image.blobs, honour_range=False, cut_once={d: 600_000})
+    report = await do_pull(state, REF, reg.transport())
+    ranges = [c[2] for c in reg.blob_calls() if c[1].endswith(d)]
+    assert ranges[0] is None and ranges[1] is not None and ranges[1].startswith("bytes=")
+    blob = next(b for b in report.fetch.blobs if b.desc.digest == d)
+    assert blob.fetched == 600_000 + len(big)  # the registry sent it all again
+    state.content.verify(d)
+
+
+async def test_client_cut_with_ranges_fetches_only_the_rest(state: State) -> None:
+    big = layer(1, 1_500_000)
+    image = build_image([big])
+    d = image.layers[0].digest
+    reg = MockRegistry({"1": image.target}, image.blobs, cut_once={d: 600_000})
+    report = await do_pull(state, REF, reg.transport())
+    blob = next(b for b in report.fetch.blobs if b.desc.digest == d)
+    assert blob.fetched == len(big)
+    assert [c[2] for c in reg.blob_calls() if c[1].endswith(d)][1] == "bytes=600000-"
+
+
+async def test_registry_lacking_a_blob_is_not_found_and_names_nothing_else(state: State) -> None:
+    image = build_image([layer(1)])
+    blobs = dict(image.blobs)
+    del blobs[image.layers[0].digest]
+    with pytest.raises(NotFound):
+        await do_pull(state, REF, MockRegistry({"1": image.target}, blobs).transport())
+    assert state.images.list() == []
