@@ -65,6 +65,7 @@ from types import TracebackType
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 import trio
 
@@ -109,6 +110,16 @@ MAX_AUTH_ROUNDS = 3
 
 #: Error bodies are read only this far for their message.
 MAX_ERROR_BODY = 64 << 10
+
+#: Bytes httpcore asks the socket for per read. Its default (64 KiB) makes
+#: every read cost a trio wakeup, an h11 event and a Python-level chunk:
+#: measured here against a local docker-registry, httpx on trio moved about
+#: 270 MB/s with 64 KiB reads and 1.1 GB/s with 1 MiB (curl: 1.3 GB/s).
+#: httpcore keeps the value as a class attribute of its HTTP/1.1
+#: connection, so it is raised process-wide (never lowered) when the first
+#: registry client is made; a read returns what the socket has, so small
+#: responses are not delayed by it.
+HTTP_READ_SIZE = 1 << 20
 
 #: Statuses worth retrying on the upstream host: the server is overloaded,
 #: restarting or behind a failing proxy.
@@ -235,6 +246,7 @@ class RegistryClient:
         self._retries = max(0, retries)
         self._stats: Counter[str] = Counter()
         self._random = random.Random()
+        _raise_read_size()
         mounts: dict[str, httpx.AsyncBaseTransport | None] | None = None
         if transport is None:
             mounts = {}
@@ -718,6 +730,14 @@ class RegistryClient:
 _SCHEMA1_HINT = (
     "Docker schema 1 manifests are not supported; re-push the image with a current client"
 )
+
+
+def _raise_read_size() -> None:
+    """Apply `HTTP_READ_SIZE` to httpcore's HTTP/1.1 connections if it has the knob."""
+    connection = getattr(httpcore, "AsyncHTTP11Connection", None)
+    current = getattr(connection, "READ_NUM_BYTES", None)
+    if isinstance(current, int) and current < HTTP_READ_SIZE:
+        connection.READ_NUM_BYTES = HTTP_READ_SIZE  # type: ignore[union-attr]
 
 
 def _ssl_context(host: RegistryHost) -> ssl.SSLContext:

@@ -1,0 +1,436 @@
+"""RegistryClient against Debian's docker-registry (distribution 2.8) on 127.0.0.1.
+
+Three registries, started once for this module and stopped by PID: a plain
+one, one behind htpasswd Basic auth, and one behind token auth issued by
+`integration.tokenserver`. Images get there the way users put them there:
+``skopeo copy`` of the umoci-built example layout. A large random blob is
+uploaded through the API to measure `open_blob` throughput.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from ckfs import mediatypes as mt
+from ckfs.descriptor import Descriptor
+from ckfs.digest import Digest
+from ckfs.errors import NotFound, Unavailable
+from ckfs.images.manifest import children
+from ckfs.reference import Reference, parse
+from ckfs.remotes.auth import Credentials
+from ckfs.remotes.errors import Unauthorized
+from ckfs.remotes.hosts import load_hosts
+from ckfs.remotes.registry import RegistryClient
+from integration.conftest import need, skopeo
+from integration.tokenserver import TokenServer
+
+pytestmark = pytest.mark.slow
+
+REPO = "test/img"
+USER, PASSWORD = "ckfs", "pa55-w0rd"
+#: Big enough that connection setup and token work vanish in the timing.
+THROUGHPUT_BLOB = 256 << 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bcrypt(password: str) -> str:
+    """A bcrypt hash for htpasswd (distribution accepts nothing else).
+
+    The standard library's ``crypt`` reaches libxcrypt's bcrypt on Debian;
+    the ``bcrypt`` package is the fallback where ``crypt`` is gone (3.13+).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import crypt
+
+        return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
+    except ImportError:
+        import bcrypt  # type: ignore[import-not-found, unused-ignore]
+
+        hashed: bytes = bcrypt.hashpw(password.encode(), bcrypt.gensalt())
+        return hashed.decode()
+
+
+@dataclass
+class Registry:
+    """A ``docker-registry serve`` process of ours, on a free loopback port."""
+
+    root: Path
+    auth: list[str] = field(default_factory=list)  # the config's auth: section
+    port: int = field(default_factory=_free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Registry:
+        need("docker-registry")
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.root / "config.yml"
+        lines = [
+            "version: 0.1",
+            "log:",
+            "  level: warn",
+            "storage:",
+            "  filesystem:",
+            f"    rootdirectory: {self.root / 'data'}",
+            "http:",
+            f"  addr: {self.host}",
+            *self.auth,
+        ]
+        config.write_text("\n".join(lines) + "\n")
+        with open(self.root / "registry.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                ["/usr/bin/docker-registry", "serve", str(config)], stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log_text = (self.root / "registry.log").read_text()[-2000:]
+                raise RuntimeError(f"docker-registry exited {self.proc.returncode}: {log_text}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://{self.host}/v2/", timeout=1).status_code in (200, 401):
+                    return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"docker-registry on {self.host} did not answer /v2/")
+
+    def stop(self) -> None:
+        """Stop our own process, by its PID."""
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def push(self, layout: Path, tag: str, creds: str | None = None) -> Digest:
+        """skopeo copy the layout's ``latest`` to ``REPO:tag``; the manifest digest."""
+        digest_file = self.root / f"digest-{tag}"
+        skopeo(
+            "copy",
+            "-q",
+            "--dest-tls-verify=false",
+            *(["--dest-creds", creds] if creds else []),
+            "--digestfile",
+            str(digest_file),
+            f"oci:{layout}:latest",
+            f"docker://{self.host}/{REPO}:{tag}",
+        )
+        return Digest.parse(digest_file.read_text().strip())
+
+    def upload_blob(self, data: bytes) -> Descriptor:
+        """A monolithic blob upload through the API (no manifest needed to read it)."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        with httpx.Client(base_url=f"http://{self.host}/v2/", timeout=120) as client:
+            start = client.post(f"{REPO}/blobs/uploads/")
+            start.raise_for_status()
+            # The upload URL carries its own query (_state); add to it, not replace it.
+            location = httpx.URL(start.headers["location"]).copy_add_param("digest", digest)
+            client.put(
+                location,
+                content=data,
+                headers={"Content-Type": "application/octet-stream"},
+            ).raise_for_status()
+        return Descriptor(mt.OCI_LAYER, Digest.parse(digest), len(data))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("registry-client")
+
+
+@pytest.fixture(scope="module")
+def plain(work: Path, example_layout: Path) -> Iterator[tuple[Registry, Digest]]:
+    need("skopeo")
+    reg = Registry(work / "plain").start()
+    try:
+        yield reg, reg.push(example_layout, "1")
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="module")
+def basic_auth(work: Path, example_layout: Path) -> Iterator[tuple[Registry, Digest]]:
+    htpasswd = work / "htpasswd"
+    htpasswd.write_text(f"{USER}:{_bcrypt(PASSWORD)}\n")
+    auth = ["auth:", "  htpasswd:", "    realm: ckfs-basic", f"    path: {htpasswd}"]
+    reg = Registry(work / "basic", auth=auth).start()
+    try:
+        yield reg, reg.push(example_layout, "1", creds=f"{USER}:{PASSWORD}")
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="module")
+def token_setup(work: Path, example_layout: Path) -> Iterator[tuple[Registry, TokenServer, Digest]]:
+    tokens = TokenServer(users={USER: PASSWORD}, refresh_tokens={"identity-tok"}).start()
+    reg = Registry(work / "token", auth=tokens.registry_config(work / "token-ca.pem"))
+    try:
+        reg.start()
+        digest = reg.push(example_layout, "1", creds=f"{USER}:{PASSWORD}")
+        yield reg, tokens, digest
+    finally:
+        reg.stop()
+        tokens.stop()
+
+
+@pytest.fixture
+def token_auth(
+    token_setup: tuple[Registry, TokenServer, Digest],
+) -> tuple[Registry, TokenServer, Digest]:
+    """The token registry with the token server's knobs and records reset."""
+    _reg, tokens, _digest = token_setup
+    tokens.requests.clear()
+    tokens.anonymous_pull = True
+    tokens.expires_in = 300
+    tokens.stale_tokens = 0
+    return token_setup
+
+
+def client_for(reg: Registry, credentials: Credentials, **kw: float) -> RegistryClient:
+    hosts = load_hosts(reg.host, hosts_dirs=[])
+    return RegistryClient(reg.host, hosts=hosts, credentials=credentials, **kw)  # type: ignore[arg-type]
+
+
+def anonymous(tmp_path: Path) -> Credentials:
+    return Credentials(config_file=tmp_path / "none.json", env={"PATH": ""})
+
+
+async def pull_all(client: RegistryClient, ref: Reference) -> dict[str, bytes]:
+    """Resolve, fetch the manifest and every blob; verify each; return them by digest."""
+    desc = await client.resolve(ref)
+    manifest = await client.fetch_manifest(ref, desc)
+    out = {str(desc.digest): manifest}
+    for child in children(desc, manifest):
+        async with client.open_blob(ref, child) as stream:
+            data = b"".join([c async for c in stream.aiter_chunks()])
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == child.digest
+        out[str(child.digest)] = data
+    return out
+
+
+# -- plain registry ---------------------------------------------------------------------
+
+
+async def test_resolve_fetch_and_blobs(
+    plain: tuple[Registry, Digest], example_layout: Path, tmp_path: Path
+) -> None:
+    reg, pushed = plain
+    ref = parse(f"{reg.host}/{REPO}:1")
+    async with client_for(reg, anonymous(tmp_path)) as client:
+        desc = await client.resolve(ref)
+        assert desc.digest == pushed
+        assert desc.media_type == mt.OCI_MANIFEST
+        by_digest = await client.resolve(ref.with_tag("").with_digest(pushed))
+        assert by_digest == desc
+        blobs = await pull_all(client, ref)
+        stats = client.statistics()
+    # skopeo copied the layout's blobs unchanged: the bytes are the layout's.
+    for digest, data in blobs.items():
+        assert (example_layout / "blobs/sha256" / digest[7:]).read_bytes() == data
+    assert stats["resolve"] == 3 and stats["manifest"] == 1  # HEADs only, no GET fallback
+    assert "retry" not in stats and "auth" not in stats
+
+
+async def test_blob_ranges(plain: tuple[Registry, Digest], tmp_path: Path) -> None:
+    reg, _ = plain
+    ref = parse(f"{reg.host}/{REPO}:1")
+    async with client_for(reg, anonymous(tmp_path)) as client:
+        desc = await client.resolve(ref)
+        layer = children(desc, await client.fetch_manifest(ref, desc))[1]
+        async with client.open_blob(ref, layer) as stream:
+            whole = b"".join([c async for c in stream.aiter_chunks()])
+        for offset, length in [(1, None), (layer.size // 2, None), (100, 1000), (layer.size, None)]:
+            async with client.open_blob(ref, layer, offset=offset, length=length) as stream:
+                assert stream.offset == offset  # distribution honours Range with 206
+                part = b"".join([c async for c in stream.aiter_chunks()])
+            end = layer.size if length is None else offset + length
+            assert part == whole[offset:end]
+
+
+async def test_not_found_names_ref_and_registry(
+    plain: tuple[Registry, Digest], tmp_path: Path
+) -> None:
+    reg, _ = plain
+    async with client_for(reg, anonymous(tmp_path)) as client:
+        for ref in (f"{reg.host}/{REPO}:nope", f"{reg.host}/no/such:1"):
+            with pytest.raises(NotFound) as info:
+                await client.resolve(parse(ref))
+            assert ref in str(info.value) and reg.host in str(info.value)
+        missing = Descriptor(mt.OCI_LAYER, Digest.parse("sha256:" + "0" * 64), 10)
+        with pytest.raises(NotFound, match="BLOB_UNKNOWN"):
+            async with client.open_blob(parse(f"{reg.host}/{REPO}:1"), missing):
+                pass
+
+
+async def test_unreachable_is_unavailable(tmp_path: Path) -> None:
+    host = f"127.0.0.1:{_free_port()}"
+    client = RegistryClient(
+        host, hosts=load_hosts(host, hosts_dirs=[]), credentials=anonymous(tmp_path), retries=2
+    )
+    async with client:
+        with pytest.raises(Unavailable, match=f"registry {host} is unreachable"):
+            await client.resolve(parse(f"{host}/x/y:1"))
+        assert client.statistics() == {"resolve": 3, "retry": 2}
+
+
+async def test_open_blob_throughput(
+    plain: tuple[Registry, Digest], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reg, _ = plain
+    data = os.urandom(THROUGHPUT_BLOB)
+    desc = reg.upload_blob(data)
+    ref = parse(f"{reg.host}/{REPO}:1")
+    rates = []
+    async with client_for(reg, anonymous(tmp_path)) as client:
+        for _ in range(3):
+            start = time.perf_counter()
+            hasher = hashlib.sha256()
+            async with client.open_blob(ref, desc) as stream:
+                async for chunk in stream.aiter_chunks():
+                    hasher.update(chunk)
+            elapsed = time.perf_counter() - start
+            assert "sha256:" + hasher.hexdigest() == desc.digest
+            rates.append(desc.size / elapsed / 1e6)
+        # Reading without hashing: the transport alone.
+        start = time.perf_counter()
+        n = 0
+        async with client.open_blob(ref, desc, offset=desc.size // 2) as stream:
+            async for chunk in stream.aiter_chunks():
+                n += len(chunk)
+        raw_rate = n / (time.perf_counter() - start) / 1e6
+        assert n == desc.size - desc.size // 2
+    with capsys.disabled():
+        print(
+            f"\nopen_blob from docker-registry: {THROUGHPUT_BLOB >> 20} MiB with sha256: "
+            f"{', '.join(f'{r:.0f}' for r in rates)} MB/s; half without hashing {raw_rate:.0f} MB/s"
+        )
+    assert max(rates) > 50, "an order of magnitude below what this machine does"
+
+
+# -- htpasswd (Basic) ---------------------------------------------------------------------
+
+
+async def test_basic_auth(basic_auth: tuple[Registry, Digest], tmp_path: Path) -> None:
+    reg, pushed = basic_auth
+    ref = parse(f"{reg.host}/{REPO}:1")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"auths": {reg.host: {"username": USER, "password": PASSWORD}}}))
+    async with client_for(reg, Credentials(config_file=config, env={"PATH": ""})) as client:
+        assert (await client.resolve(ref)).digest == pushed
+        await pull_all(client, ref)
+        assert client.statistics()["auth"] == 1  # one 401, then Basic up front
+
+
+async def test_basic_auth_refusals_name_registry_not_secret(
+    basic_auth: tuple[Registry, Digest], tmp_path: Path
+) -> None:
+    reg, _ = basic_auth
+    ref = parse(f"{reg.host}/{REPO}:1")
+    async with client_for(reg, Credentials(f"{USER}:wrong-Pa55")) as client:
+        with pytest.raises(Unauthorized) as info:
+            await client.resolve(ref)
+    message = str(info.value)
+    assert reg.host in message and REPO in message
+    assert "wrong-Pa55" not in message and PASSWORD not in message
+    async with client_for(reg, anonymous(tmp_path)) as client:
+        with pytest.raises(Unauthorized, match="none is configured"):
+            await client.resolve(ref)
+
+
+# -- token auth ------------------------------------------------------------------------------
+
+
+async def test_token_auth_anonymous_pull(
+    token_auth: tuple[Registry, TokenServer, Digest], tmp_path: Path
+) -> None:
+    reg, tokens, pushed = token_auth
+    ref = parse(f"{reg.host}/{REPO}:1")
+    async with client_for(reg, anonymous(tmp_path)) as client:
+        assert (await client.resolve(ref)).digest == pushed
+        await pull_all(client, ref)
+        assert client.statistics()["token"] == 1
+    (request,) = tokens.requests
+    assert request.method == "GET" and request.user is None
+    assert request.service == tokens.service
+    assert request.scopes == (f"repository:{REPO}:pull",)
+
+
+async def test_token_auth_with_password_and_identity_token(
+    token_auth: tuple[Registry, TokenServer, Digest], tmp_path: Path
+) -> None:
+    reg, tokens, pushed = token_auth
+    tokens.anonymous_pull = False
+    ref = parse(f"{reg.host}/{REPO}:1")
+    async with client_for(reg, anonymous(tmp_path)) as client:
+        with pytest.raises(Unauthorized, match="refused an anonymous token"):
+            await client.resolve(ref)
+    async with client_for(reg, Credentials(f"{USER}:{PASSWORD}")) as client:
+        assert (await client.resolve(ref)).digest == pushed
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"auths": {reg.host: {"identitytoken": "identity-tok"}}}))
+    async with client_for(reg, Credentials(config_file=config, env={"PATH": ""})) as client:
+        assert (await client.resolve(ref)).digest == pushed
+    assert [(r.method, r.user, r.grant_type, r.status) for r in tokens.requests] == [
+        ("GET", None, "", 401),
+        ("GET", USER, "", 200),
+        ("POST", "refresh-user", "refresh_token", 200),
+    ]
+    assert all(r.scopes == (f"repository:{REPO}:pull",) for r in tokens.requests)
+
+
+async def test_token_refreshed_before_expiry(
+    token_auth: tuple[Registry, TokenServer, Digest], tmp_path: Path
+) -> None:
+    reg, tokens, _ = token_auth
+    tokens.expires_in = 2
+    ref = parse(f"{reg.host}/{REPO}:1")
+    async with client_for(reg, anonymous(tmp_path)) as client:
+        await client.resolve(ref)
+        await client.resolve(ref)
+        assert len(tokens.requests) == 1
+        await trio.sleep(2)
+        await client.resolve(ref)
+        # A new token was fetched on the client's own clock, with no new 401.
+        assert len(tokens.requests) == 2
+        assert client.statistics()["auth"] == 1
+
+
+async def test_expired_token_refreshed_on_401(
+    token_auth: tuple[Registry, TokenServer, Digest], tmp_path: Path
+) -> None:
+    reg, tokens, _ = token_auth
+    tokens.stale_tokens = 1  # the first token dies at the registry long before expires_in
+    ref = parse(f"{reg.host}/{REPO}:1")
+    async with client_for(reg, anonymous(tmp_path)) as client:
+        await client.resolve(ref)
+        await trio.sleep(tokens.grace + 1)
+        await pull_all(client, ref)  # the registry refuses the cached token once
+        stats = client.statistics()
+    assert len(tokens.requests) == 2
+    assert stats["auth"] == 2
