@@ -1,19 +1,26 @@
 """Where ckfs keeps its state, and the stores opened on it.
 
 One root directory holds everything: ``metadata.db`` (SQLite), ``content/``
-(blobs and ingests) and, later, ``snapshots/``. Opening is lazy so a command
-pays only for the stores it touches.
+(blobs and ingests), ``snapshots/<snapshotter>/`` and ``locks/``. Opening is
+lazy so a command pays only for the stores it touches.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckfs.content import ContentStore
 from ckfs.images import ImageStore
 from ckfs.metadata.db import DB
+
+if TYPE_CHECKING:
+    from snapshotters.api import Snapshotter
 
 __all__ = ["State", "default_root"]
 
@@ -33,6 +40,7 @@ class State:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._snapshotters: dict[str, Snapshotter] = {}
 
     @functools.cached_property
     def db(self) -> DB:
@@ -46,6 +54,36 @@ class State:
     def images(self) -> ImageStore:
         return ImageStore(self.db)
 
+    @property
+    def lock_dir(self) -> Path:
+        return self.root / "locks"
+
+    def snapshotter(self, name: str) -> Snapshotter:
+        """The snapshotter *name* on this root (InvalidArgument if unknown)."""
+        if name not in self._snapshotters:
+            import snapshotters
+
+            self._snapshotters[name] = snapshotters.get(name, self.root, self.db)
+        return self._snapshotters[name]
+
+    @contextlib.contextmanager
+    def gc_lock(self, *, exclusive: bool = False) -> Iterator[None]:
+        """Hold the collector's lock: shared for writers, exclusive for gc.
+
+        A writer (import, pull, unpack, mount) commits blobs and snapshots
+        before they become reachable from an image; holding this shared for
+        the whole operation keeps gc from collecting them in between.
+        """
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_dir / "gc", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
+        for sn in self._snapshotters.values():
+            sn.close()
         if "db" in self.__dict__:
             self.db.close()

@@ -17,7 +17,14 @@ from pathlib import Path
 import click
 
 from ckfs import __version__
-from ckfs_cli import content_cmds, images_cmds, pull_cmds, transfer_cmds
+from ckfs_cli import (
+    content_cmds,
+    images_cmds,
+    pull_cmds,
+    rootfs_cmds,
+    snapshot_cmds,
+    transfer_cmds,
+)
 from ckfs_cli.app import App
 
 _debug = False
@@ -48,6 +55,12 @@ cli.add_command(transfer_cmds.import_cmd)
 cli.add_command(transfer_cmds.export_cmd)
 cli.add_command(pull_cmds.pull_cmd)
 cli.add_command(pull_cmds.fetch_cmd)
+cli.add_command(rootfs_cmds.mount_cmd)
+cli.add_command(rootfs_cmds.umount_cmd)
+cli.add_command(rootfs_cmds.rootfs_cmd)
+cli.add_command(rootfs_cmds.bundle_cmd)
+cli.add_command(rootfs_cmds.gc_cmd)
+cli.add_command(snapshot_cmds.snapshots)
 
 
 def describe(exc: BaseException) -> str:

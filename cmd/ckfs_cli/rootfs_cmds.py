@@ -1,0 +1,335 @@
+"""``ckfs rootfs``, ``mount``, ``umount``, ``bundle`` and ``gc``: images become root filesystems.
+
+``mount`` and ``bundle`` name their snapshot after the directory they mount
+(``mount:<absolute path>``), so ``umount`` finds it again from the path alone
+and ``gc`` sees it as in use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from ckfs_cli.app import App, human_size, print_json
+
+if TYPE_CHECKING:
+    from ckfs.images.store import Image
+    from ckfs.mount import Mount
+
+pass_app = click.make_pass_decorator(App)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+#: Until the lazy snapshotter lands, overlayfs is what containerd users expect.
+DEFAULT_SNAPSHOTTER = "overlayfs"
+
+
+def snapshotter_option(f: _F) -> _F:
+    return click.option(
+        "--snapshotter",
+        "-s",
+        default=DEFAULT_SNAPSHOTTER,
+        show_default=True,
+        help="Snapshotter: overlayfs or native.",
+    )(f)
+
+
+def image_options(f: _F) -> _F:
+    """Where the image comes from when it is not present yet (as for `ckfs pull`)."""
+    options = [
+        click.option("--plain-http", is_flag=True, help="Pull over plain HTTP."),
+        click.option(
+            "--hosts-dir",
+            "hosts_dirs",
+            multiple=True,
+            type=click.Path(file_okay=False, path_type=Path),
+            help="certs.d directory with <registry>/hosts.toml (repeatable).",
+        ),
+        click.option("--platform", default=None, help="os/arch[/variant] [default: this host]."),
+        click.option("--user", "-u", default=None, metavar="USER:PASS", help="Credentials."),
+        click.option("--offline", is_flag=True, help="Never contact a registry."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def mount_key(target: Path) -> str:
+    return f"mount:{os.path.abspath(target)}"
+
+
+def _ensure_image(app: App, ref: str, opts: dict[str, Any]) -> Image:
+    """The image named *ref*, pulled first if it is not complete locally.
+
+    A complete local image needs no network at all, whatever its name says:
+    imported images work offline, and a name whose registry is unreachable
+    still mounts.
+    """
+    from ckfs import reference
+    from ckfs.errors import NotFound
+    from ckfs.images import image as img
+    from ckfs.images import platforms
+
+    state = app.state
+    name = str(reference.parse(ref))
+    plat = platforms.parse(opts["platform"]) if opts.get("platform") else None
+    try:
+        found = state.images.get(name)
+        img.config(state.content, found.target, plat)
+        img.tree(state.content, found.target, name=name)
+        return found
+    except NotFound:
+        pass
+    import trio
+
+    from ckfs.pull import pull
+    from ckfs.remotes.hosts import default_hosts_dirs
+
+    report = trio.run(
+        lambda: pull(
+            reference.parse(ref),
+            state.content,
+            state.images,
+            platform=plat,
+            offline=opts.get("offline", False),
+            hosts_dirs=list(opts.get("hosts_dirs") or ()) or default_hosts_dirs(state.root),
+            plain_http=opts.get("plain_http", False),
+            user=opts.get("user"),
+        )
+    )
+    assert report.image is not None
+    return report.image
+
+
+def _prepare(
+    app: App, image: Image, snapshotter: str, key: str, readonly: bool, platform: str | None
+) -> list[Mount]:
+    import trio
+
+    from ckfs.images import platforms
+    from ckfs.rootfs import prepare_rootfs
+
+    state = app.state
+    sn = state.snapshotter(snapshotter)
+    return trio.run(
+        lambda: prepare_rootfs(
+            state.content,
+            sn,
+            image.target,
+            key,
+            snapshotter_name=snapshotter,
+            lock_dir=state.lock_dir,
+            readonly=readonly,
+            labels={"ckfs.io/image": image.name},
+            platform=platforms.parse(platform) if platform else None,
+        )
+    )
+
+
+def _mount(
+    app: App, ref: str, target: Path, snapshotter: str, ro: bool, opts: dict[str, Any]
+) -> str:
+    """Pull, unpack, prepare and mount; returns the snapshot key.
+
+    Raises:
+        FailedPrecondition: *target* is already a mountpoint or has a snapshot.
+    """
+    from ckfs import mount as mountlib
+    from ckfs.errors import AlreadyExists, FailedPrecondition
+
+    state = app.state
+    key = mount_key(target)
+    if mountlib.is_mountpoint(target):
+        raise FailedPrecondition(f"{target} is already a mountpoint; ckfs umount it first")
+    with state.gc_lock():
+        image = _ensure_image(app, ref, opts)
+        try:
+            mounts = _prepare(app, image, snapshotter, key, ro, opts.get("platform"))
+        except AlreadyExists:
+            raise FailedPrecondition(
+                f"{target} already has a ckfs snapshot ({snapshotter}); run `ckfs umount {target}`"
+            ) from None
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            mountlib.mount_all(mounts, target)
+        except BaseException:
+            state.snapshotter(snapshotter).remove(key)
+            raise
+    return key
+
+
+@click.command("mount")
+@snapshotter_option
+@click.option("--ro", is_flag=True, help="Mount a read-only view.")
+@image_options
+@click.argument("ref")
+@click.argument("target", type=click.Path(file_okay=False, path_type=Path))
+@pass_app
+def mount_cmd(app: App, /, snapshotter: str, ro: bool, ref: str, target: Path, **opts: Any) -> None:
+    """Mount the image REF at TARGET: pull and unpack only what is missing.
+
+    \b
+    Examples:
+      ckfs mount docker.io/stevvooe/foo /mnt/rootfs
+      ckfs mount --ro --snapshotter native example.local/ckfs/busybox /mnt/x
+    """
+    key = _mount(app, ref, target, snapshotter, ro, opts)
+    click.echo(f"mounted {ref} at {target} ({snapshotter} snapshot {key!r})", err=True)
+
+
+@click.command("umount")
+@click.option("--keep", is_flag=True, help="Keep the snapshot (and its changes).")
+@click.argument("target", type=click.Path(file_okay=False, path_type=Path))
+@pass_app
+def umount_cmd(app: App, keep: bool, target: Path) -> None:
+    """Unmount TARGET and remove its snapshot unless --keep."""
+    import snapshotters
+    from ckfs import mount as mountlib
+    from ckfs.errors import NotFound
+
+    state = app.state
+    key = mount_key(target)
+    was_mounted = mountlib.is_mountpoint(target)
+    if was_mounted:
+        mountlib.unmount_all(target)
+    owners = []
+    for name in snapshotters.NAMES:
+        try:
+            state.snapshotter(name).stat(key)
+        except NotFound:
+            continue
+        owners.append(name)
+        if not keep:
+            state.snapshotter(name).remove(key)
+    if not was_mounted and not owners:
+        raise NotFound(f"{target}: not mounted by ckfs")
+
+
+@click.command("rootfs")
+@snapshotter_option
+@click.option("--key", default=None, help="Snapshot key [default: a new unique one].")
+@click.option("--ro", is_flag=True, help="A read-only view instead of a writable snapshot.")
+@click.option("--json", "as_json", is_flag=True, help="Print the Mount records as JSON.")
+@image_options
+@click.argument("ref")
+@pass_app
+def rootfs_cmd(
+    app: App, /, snapshotter: str, key: str | None, ro: bool, as_json: bool, ref: str, **opts: Any
+) -> None:
+    """Prepare a snapshot of REF and print its Mount records, without mounting.
+
+    The records are what runc's ``config.json`` root and containerd expect:
+    mount them (in order) on one target to get the root filesystem.
+    """
+    key = key or f"rootfs-{time.time_ns()}-{secrets.token_hex(4)}"
+    with app.state.gc_lock():
+        image = _ensure_image(app, ref, opts)
+        mounts = _prepare(app, image, snapshotter, key, ro, opts.get("platform"))
+    if as_json:
+        print_json(
+            {"key": key, "snapshotter": snapshotter, "mounts": [m.to_json() for m in mounts]}
+        )
+        return
+    click.echo(f"key: {key}")
+    for m in mounts:
+        click.echo(f"{m.type} {m.source} {','.join(m.options)}".rstrip())
+
+
+@click.command("bundle")
+@snapshotter_option
+@click.option("--ro", is_flag=True, help="Read-only root filesystem.")
+@image_options
+@click.argument("ref")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("args", nargs=-1)
+@pass_app
+def bundle_cmd(
+    app: App,
+    /,
+    snapshotter: str,
+    ro: bool,
+    ref: str,
+    directory: Path,
+    args: tuple[str, ...],
+    **opts: Any,
+) -> None:
+    """Make DIRECTORY an OCI runtime bundle of REF that `runc run -b DIRECTORY ID` runs.
+
+    The root filesystem is mounted at DIRECTORY/rootfs; ARGS replace the
+    image's command. Clean up with `ckfs umount DIRECTORY/rootfs`.
+    """
+    from ckfs.images import image as img
+    from ckfs.images import platforms
+    from ckfs.runtime_spec import build_spec
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rootfs = directory / "rootfs"
+    key = _mount(app, ref, rootfs, snapshotter, ro, opts)
+    try:
+        image = app.state.images.get(_name(ref))
+        plat = platforms.parse(opts["platform"]) if opts.get("platform") else None
+        config = img.config(app.state.content, image.target, plat)
+        spec = build_spec(config, rootfs=rootfs, args=args, readonly=ro)
+        tmp = directory / "config.json.tmp"
+        tmp.write_text(json.dumps(spec, indent=2) + "\n")
+        tmp.replace(directory / "config.json")
+    except BaseException:
+        from ckfs import mount as mountlib
+
+        mountlib.unmount_all(rootfs)
+        app.state.snapshotter(snapshotter).remove(key)
+        raise
+    click.echo(str(directory))
+    click.echo(f"run it: runc run -b {directory} <id>; clean up: ckfs umount {rootfs}", err=True)
+
+
+def _name(ref: str) -> str:
+    from ckfs import reference
+
+    return str(reference.parse(ref))
+
+
+@click.command("gc")
+@click.option("--dry-run", is_flag=True, help="Only show what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def gc_cmd(app: App, dry_run: bool, as_json: bool) -> None:
+    """Remove content and snapshots no image, mount or snapshot needs."""
+    import snapshotters
+    from ckfs.gc import collect
+
+    state = app.state
+    with state.gc_lock(exclusive=True):
+        report = collect(
+            state.content,
+            state.images,
+            {n: state.snapshotter(n) for n in snapshotters.NAMES},
+            dry_run=dry_run,
+        )
+    if as_json:
+        print_json(
+            {
+                "dry_run": dry_run,
+                "blobs": [str(d) for d in report.blobs],
+                "bytes": report.bytes,
+                "snapshots": report.snapshots,
+                "directories": report.directories,
+            }
+        )
+        return
+    verb = "would remove" if dry_run else "removed"
+    for d in report.blobs:
+        click.echo(f"{verb} blob {d}")
+    for sn, names in report.snapshots.items():
+        for n in names:
+            click.echo(f"{verb} snapshot {sn}/{n}")
+    n_snapshots = sum(len(v) for v in report.snapshots.values())
+    size = human_size(report.bytes)
+    click.echo(f"{verb} {len(report.blobs)} blobs ({size}) and {n_snapshots} snapshots", err=True)

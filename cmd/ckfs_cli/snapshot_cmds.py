@@ -1,0 +1,177 @@
+"""``ckfs snapshots``: the snapshotter API by hand, shaped like ``ctr snapshots``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ckfs_cli.app import App, human_size, labels_text, print_json, print_table
+from ckfs_cli.rootfs_cmds import DEFAULT_SNAPSHOTTER
+
+if TYPE_CHECKING:
+    from ckfs.mount import Mount
+    from snapshotters.api import Info, Snapshotter
+
+
+class _Ctx:
+    def __init__(self, app: App, name: str) -> None:
+        self.app = app
+        self.name = name
+
+    @property
+    def sn(self) -> Snapshotter:
+        return self.app.state.snapshotter(self.name)
+
+
+pass_ctx = click.make_pass_decorator(_Ctx)
+
+
+@click.group()
+@click.option(
+    "--snapshotter",
+    "-s",
+    default=DEFAULT_SNAPSHOTTER,
+    show_default=True,
+    help="Snapshotter: overlayfs or native.",
+)
+@click.pass_context
+def snapshots(ctx: click.Context, snapshotter: str) -> None:
+    """Manage snapshots: list, inspect, prepare, view, commit, remove."""
+    ctx.obj = _Ctx(ctx.find_object(App), snapshotter)  # type: ignore[arg-type]
+
+
+def info_json(i: Info) -> dict[str, Any]:
+    return {
+        "name": i.name,
+        "parent": i.parent,
+        "kind": i.kind.value,
+        "labels": dict(i.labels),
+        "created_at": i.created_at.isoformat(),
+        "updated_at": i.updated_at.isoformat(),
+    }
+
+
+def _print_mounts(mounts: list[Mount], as_json: bool) -> None:
+    if as_json:
+        print_json([m.to_json() for m in mounts])
+        return
+    for m in mounts:
+        click.echo(f"{m.type} {m.source} {','.join(m.options)}".rstrip())
+
+
+@snapshots.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.argument("filters", nargs=-1)
+@pass_ctx
+def ls(ctx: _Ctx, as_json: bool, filters: tuple[str, ...]) -> None:
+    """List snapshots, optionally matching containerd-style FILTERS."""
+    infos = sorted(ctx.sn.walk(list(filters)), key=lambda i: i.name)
+    if as_json:
+        print_json([info_json(i) for i in infos])
+        return
+    print_table(
+        ["KEY", "PARENT", "KIND", "LABELS"],
+        [[i.name, i.parent or "-", i.kind.value, labels_text(i.labels)] for i in infos],
+    )
+
+
+@snapshots.command("tree")
+@pass_ctx
+def tree(ctx: _Ctx) -> None:
+    """Show snapshots as a tree of parents and children."""
+    infos = {i.name: i for i in ctx.sn.walk()}
+    children: dict[str, list[str]] = {}
+    for i in infos.values():
+        children.setdefault(i.parent, []).append(i.name)
+
+    def show(name: str, depth: int) -> None:
+        click.echo(f"{'  ' * depth}\\_ {name} ({infos[name].kind.value})" if depth else name)
+        for child in sorted(children.get(name, [])):
+            show(child, depth + 1)
+
+    for root in sorted(children.get("", [])):
+        show(root, 0)
+
+
+@snapshots.command("info")
+@click.argument("key")
+@pass_ctx
+def info(ctx: _Ctx, key: str) -> None:
+    """Show one snapshot as JSON."""
+    print_json(info_json(ctx.sn.stat(key)))
+
+
+@snapshots.command("mounts")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.argument("key")
+@pass_ctx
+def mounts(ctx: _Ctx, as_json: bool, key: str) -> None:
+    """Print the Mount records of an active or view snapshot."""
+    _print_mounts(ctx.sn.mounts(key), as_json)
+
+
+@snapshots.command("usage")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.argument("keys", nargs=-1)
+@pass_ctx
+def usage(ctx: _Ctx, as_json: bool, keys: tuple[str, ...]) -> None:
+    """Disk used by snapshots themselves (not their parents)."""
+    names = list(keys) or sorted(i.name for i in ctx.sn.walk())
+    rows = [(n, ctx.sn.usage(n)) for n in names]
+    if as_json:
+        print_json([{"key": n, "size": u.size, "inodes": u.inodes} for n, u in rows])
+        return
+    print_table(
+        ["KEY", "SIZE", "INODES"], [[n, human_size(u.size), str(u.inodes)] for n, u in rows]
+    )
+
+
+@snapshots.command("rm")
+@click.argument("keys", nargs=-1, required=True)
+@pass_ctx
+def rm(ctx: _Ctx, keys: tuple[str, ...]) -> None:
+    """Remove snapshots (a parent with children cannot be removed)."""
+    from ckfs.errors import CkfsError
+
+    failed = 0
+    for k in keys:
+        try:
+            ctx.sn.remove(k)
+        except CkfsError as e:
+            click.echo(f"ckfs: {e}", err=True)
+            failed += 1
+        else:
+            click.echo(k)
+    if failed:
+        raise SystemExit(1)
+
+
+@snapshots.command("prepare")
+@click.option("--json", "as_json", is_flag=True, help="Print the Mount records as JSON.")
+@click.argument("key")
+@click.argument("parent", default="")
+@pass_ctx
+def prepare(ctx: _Ctx, as_json: bool, key: str, parent: str) -> None:
+    """Create a writable snapshot KEY on PARENT; print its Mount records."""
+    _print_mounts(ctx.sn.prepare(key, parent), as_json)
+
+
+@snapshots.command("view")
+@click.option("--json", "as_json", is_flag=True, help="Print the Mount records as JSON.")
+@click.argument("key")
+@click.argument("parent", default="")
+@pass_ctx
+def view(ctx: _Ctx, as_json: bool, key: str, parent: str) -> None:
+    """Create a read-only snapshot KEY of PARENT; print its Mount records."""
+    _print_mounts(ctx.sn.view(key, parent), as_json)
+
+
+@snapshots.command("commit")
+@click.argument("name")
+@click.argument("key")
+@pass_ctx
+def commit(ctx: _Ctx, name: str, key: str) -> None:
+    """Commit the active snapshot KEY as NAME (KEY is gone afterwards)."""
+    ctx.sn.commit(name, key)
+    click.echo(name)
