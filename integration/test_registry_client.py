@@ -10,7 +10,9 @@ uploaded through the API to measure `open_blob` throughput.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
+import ipaddress
 import json
 import os
 import socket
@@ -24,11 +26,15 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from ckfs import mediatypes as mt
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
-from ckfs.errors import NotFound, Unavailable
+from ckfs.errors import FailedPrecondition, NotFound, Unavailable
 from ckfs.images.manifest import children
 from ckfs.reference import Reference, parse
 from ckfs.remotes.auth import Credentials
@@ -77,6 +83,7 @@ class Registry:
 
     root: Path
     auth: list[str] = field(default_factory=list)  # the config's auth: section
+    tls: tuple[Path, Path] | None = None  # certificate and key files
     port: int = field(default_factory=_free_port)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -97,6 +104,11 @@ class Registry:
             f"    rootdirectory: {self.root / 'data'}",
             "http:",
             f"  addr: {self.host}",
+            *(
+                ["  tls:", f"    certificate: {self.tls[0]}", f"    key: {self.tls[1]}"]
+                if self.tls
+                else []
+            ),
             *self.auth,
         ]
         config.write_text("\n".join(lines) + "\n")
@@ -109,8 +121,10 @@ class Registry:
             if self.proc.poll() is not None:
                 log_text = (self.root / "registry.log").read_text()[-2000:]
                 raise RuntimeError(f"docker-registry exited {self.proc.returncode}: {log_text}")
+            scheme = "https" if self.tls else "http"
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"http://{self.host}/v2/", timeout=1).status_code in (200, 401):
+                answer = httpx.get(f"{scheme}://{self.host}/v2/", timeout=1, verify=False)
+                if answer.status_code in (200, 401):
                     return self
             time.sleep(0.05)
         self.stop()
@@ -434,3 +448,111 @@ async def test_expired_token_refreshed_on_401(
         stats = client.statistics()
     assert len(tokens.requests) == 2
     assert stats["auth"] == 2
+
+
+# -- TLS and stalls -----------------------------------------------------------------------------
+
+
+def _tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ckfs test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tls_registry(work: Path, example_layout: Path) -> Iterator[tuple[Registry, Path, Digest]]:
+    ca, cert, key = _tls_files(work / "tls")
+    reg = Registry(work / "tls-registry", tls=(cert, key)).start()
+    try:
+        yield reg, ca, reg.push(example_layout, "1")
+    finally:
+        reg.stop()
+
+
+@pytest.mark.parametrize("trust", ["ca", "skip_verify", "none"])
+async def test_tls_hosts_toml(
+    tls_registry: tuple[Registry, Path, Digest], tmp_path: Path, trust: str
+) -> None:
+    reg, ca, pushed = tls_registry
+    certs_d = tmp_path / "certs.d"
+    # "127.0.0.1_<port>_": the mangled name containerd looks up first.
+    hosts_dir = certs_d / (reg.host.replace(":", "_") + "_")
+    hosts_dir.mkdir(parents=True)
+    lines = [f'server = "https://{reg.host}"']
+    if trust == "ca":
+        (hosts_dir / "ca.pem").write_bytes(ca.read_bytes())
+        lines.append('ca = "ca.pem"')
+    elif trust == "skip_verify":
+        lines.append("skip_verify = true")
+    (hosts_dir / "hosts.toml").write_text("\n".join(lines) + "\n")
+    hosts = load_hosts(reg.host, hosts_dirs=[certs_d])
+    assert hosts[0].scheme == "https"
+    ref = parse(f"{reg.host}/{REPO}:1")
+    client = RegistryClient(reg.host, hosts=hosts, credentials=anonymous(tmp_path))
+    async with client:
+        if trust == "none":
+            with pytest.raises(FailedPrecondition, match="certificate verification failed"):
+                await client.resolve(ref)
+            assert "retry" not in client.statistics()
+        else:
+            assert (await client.resolve(ref)).digest == pushed
+            await pull_all(client, ref)
+
+
+async def test_stalled_read_times_out(tmp_path: Path) -> None:
+    """A server that accepts the connection and then says nothing."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # the kernel completes handshakes; nobody answers
+        host = f"127.0.0.1:{listener.getsockname()[1]}"
+        client = RegistryClient(
+            host,
+            hosts=load_hosts(host, hosts_dirs=[]),
+            credentials=anonymous(tmp_path),
+            read_timeout=0.5,
+            retries=1,
+        )
+        async with client:
+            start = trio.current_time()
+            with pytest.raises(Unavailable, match="ReadTimeout"):
+                await client.resolve(parse(f"{host}/x/y:1"))
+            assert 1.0 <= trio.current_time() - start < 5

@@ -39,7 +39,9 @@ Errors (`ckfs.errors`, plus `ckfs.remotes.errors.Unauthorized`), each one
 line naming what and which registry host: `NotFound` (404), `Unauthorized`
 (401/403 after authentication), `Unavailable` (unreachable, 5xx, 429, a
 stream cut short), `InvalidArgument` (Docker schema 1, malformed or
-oversized answers), `DataLoss` (bytes that do not match their digest).
+oversized answers), `DataLoss` (bytes that do not match their digest),
+`FailedPrecondition` (the server's TLS certificate does not verify: a
+configuration problem, so it is not retried).
 
 Redirects are followed (registries send blob GETs to object storage);
 httpx drops ``Authorization`` when a redirect leaves the origin, so the
@@ -73,7 +75,14 @@ from ckfs import __version__
 from ckfs import mediatypes as mt
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest, Digester
-from ckfs.errors import CkfsError, DataLoss, InvalidArgument, NotFound, Unavailable
+from ckfs.errors import (
+    CkfsError,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from ckfs.images.manifest import MAX_MANIFEST_SIZE
 from ckfs.reference import Reference
 from ckfs.remotes.auth import Authorizer, Credentials, pull_scope
@@ -310,6 +319,7 @@ class RegistryClient:
             NotFound: the registry has no such tag, digest or repository.
             Unauthorized: access was refused after authenticating.
             Unavailable: no host could be reached or all failed.
+            FailedPrecondition: the host's TLS certificate does not verify.
             InvalidArgument: *ref* has neither tag nor digest or another
                 domain; the manifest is Docker schema 1, of an unknown media
                 type, or larger than 4 MiB.
@@ -552,6 +562,12 @@ class RegistryClient:
                 try:
                     response = await self._client.send(request, stream=True)
                 except httpx.TransportError as e:
+                    if _certificate_error(e) is not None:
+                        # Configuration, not weather: retrying cannot help.
+                        raise FailedPrecondition(
+                            f"registry {host.host} ({what}): {_describe(e)}; trust its CA "
+                            "with 'ca' in its hosts.toml"
+                        ) from None
                     raise Unavailable(
                         f"registry {host.host} is unreachable ({what}): {_describe(e)}"
                     ) from None
@@ -764,13 +780,22 @@ def _safe_url(url: httpx.URL) -> str:
     return str(url.copy_with(query=None))
 
 
-def _describe(exc: BaseException) -> str:
-    """A one-line description of a transport error, with a certificate hint."""
+def _certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind a transport error, if that is what it is."""
     cause: BaseException | None = exc
-    while cause is not None:
+    seen = 0
+    while cause is not None and seen < 10:
         if isinstance(cause, ssl.SSLCertVerificationError):
-            return f"TLS certificate verification failed: {cause.verify_message}"
+            return cause
         cause = cause.__cause__ or cause.__context__
+        seen += 1
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line description of a transport error, naming certificate failures."""
+    if (cert := _certificate_error(exc)) is not None:
+        return f"TLS certificate verification failed: {cert.verify_message}"
     text = _UNPRINTABLE.sub(" ", str(exc)).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
