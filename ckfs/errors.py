@@ -11,6 +11,7 @@ The tree::
      ├── NotFound              no such blob, image, snapshot, ingest
      ├── AlreadyExists         a commit or create of something already there
      ├── FailedPrecondition    the state forbids it (parent has children, ...)
+     │    └── Unauthorized     a registry refused our credentials (or lack of them)
      ├── InvalidArgument       malformed input: references, digests, manifests
      ├── Unavailable           locked ref, unreachable registry; try again
      └── DataLoss              bytes do not match their digest or size
@@ -35,6 +36,7 @@ __all__ = [
     "FailedPrecondition",
     "InvalidArgument",
     "NotFound",
+    "Unauthorized",
     "Unavailable",
     "exit_code",
     "first_error",
@@ -63,6 +65,16 @@ class FailedPrecondition(CkfsError):
     """The request is well formed but the current state forbids it."""
 
 
+class Unauthorized(FailedPrecondition):
+    """A registry or its token server refused access after authentication.
+
+    A `FailedPrecondition`: retrying without new credentials fails again. Not
+    `NotFound`, although registries answer 401 for missing repositories too:
+    the message names both possibilities rather than send a user with a
+    mistyped password hunting for the image.
+    """
+
+
 class InvalidArgument(CkfsError):
     """The input is malformed: a reference, digest, manifest or option."""
 
@@ -80,6 +92,7 @@ ERRNOS: dict[type[CkfsError], int] = {
     NotFound: errno.ENOENT,
     AlreadyExists: errno.EEXIST,
     FailedPrecondition: errno.EBUSY,
+    Unauthorized: errno.EACCES,
     InvalidArgument: errno.EINVAL,
     Unavailable: errno.EAGAIN,
     DataLoss: errno.EIO,
@@ -92,6 +105,7 @@ GRPC_CODES: dict[type[CkfsError], str] = {
     NotFound: "NOT_FOUND",
     AlreadyExists: "ALREADY_EXISTS",
     FailedPrecondition: "FAILED_PRECONDITION",
+    Unauthorized: "PERMISSION_DENIED",
     InvalidArgument: "INVALID_ARGUMENT",
     Unavailable: "UNAVAILABLE",
     DataLoss: "DATA_LOSS",

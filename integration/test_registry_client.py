@@ -34,11 +34,10 @@ from cryptography.x509.oid import NameOID
 from ckfs import mediatypes as mt
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
-from ckfs.errors import FailedPrecondition, NotFound, Unavailable
+from ckfs.errors import FailedPrecondition, NotFound, Unauthorized, Unavailable
 from ckfs.images.manifest import children
 from ckfs.reference import Reference, parse
 from ckfs.remotes.auth import Credentials
-from ckfs.remotes.errors import Unauthorized
 from ckfs.remotes.hosts import load_hosts
 from ckfs.remotes.registry import RegistryClient
 from integration.conftest import need, skopeo

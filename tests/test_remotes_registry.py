@@ -22,11 +22,10 @@ import trio
 from ckfs import mediatypes as mt
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest, from_bytes
-from ckfs.errors import DataLoss, InvalidArgument, NotFound, Unavailable
+from ckfs.errors import DataLoss, InvalidArgument, NotFound, Unauthorized, Unavailable
 from ckfs.images.manifest import MAX_MANIFEST_SIZE
 from ckfs.reference import Reference, parse
 from ckfs.remotes.auth import Credentials
-from ckfs.remotes.errors import Unauthorized
 from ckfs.remotes.hosts import RegistryHost
 from ckfs.remotes.registry import MAX_RETRY_AFTER, RegistryClient
 

@@ -47,8 +47,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from ckfs.errors import FailedPrecondition, InvalidArgument, Unavailable
-from ckfs.remotes.errors import Unauthorized
+from ckfs.errors import FailedPrecondition, InvalidArgument, Unauthorized, Unavailable
 from ckfs.remotes.hosts import RegistryHost
 
 __all__ = [

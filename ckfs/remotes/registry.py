@@ -35,7 +35,7 @@ Once a blob stream has started nothing is retried here: a broken
 connection raises `Unavailable` from `BlobStream.aiter_chunks` and the
 caller resumes with a new `open_blob` at the offset it reached.
 
-Errors (`ckfs.errors`, plus `ckfs.remotes.errors.Unauthorized`), each one
+Errors (`ckfs.errors`, plus `ckfs.errors.Unauthorized`), each one
 line naming what and which registry host: `NotFound` (404), `Unauthorized`
 (401/403 after authentication), `Unavailable` (unreachable, 5xx, 429, a
 stream cut short), `InvalidArgument` (Docker schema 1, malformed or
@@ -81,12 +81,12 @@ from ckfs.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Unauthorized,
     Unavailable,
 )
 from ckfs.images.manifest import MAX_MANIFEST_SIZE
 from ckfs.reference import Reference
 from ckfs.remotes.auth import Authorizer, Credentials, pull_scope
-from ckfs.remotes.errors import Unauthorized
 from ckfs.remotes.hosts import RegistryHost
 
 __all__ = ["BlobStream", "RegistryClient"]
