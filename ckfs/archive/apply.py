@@ -1,0 +1,981 @@
+"""Applying an image layer to a directory: safely, and at disk speed.
+
+`apply_layer` decompresses a layer blob, parses it with `tarfile` in
+streaming mode and writes each entry under a root directory, hashing the
+uncompressed stream on the way so the caller learns (or checks) the diff ID
+in the same pass. It runs synchronously; callers run it in
+``trio.to_thread.run_sync`` and decompression runs on one more thread.
+
+What a layer says is never trusted (see `ckfs.archive.secure`):
+
+- every name is cleaned as if chrooted at root and every parent directory is
+  opened component by component, symlinks re-rooted at root, the last
+  component never followed, so nothing outside root is created, changed or
+  deleted whatever the entries are;
+- hardlink targets are resolved the same way and must not be directories;
+- changing the type of root itself is refused, as umoci does;
+- device nodes are made only when the process may (root, no user
+  namespace) or the caller says so; ``trusted.overlay.*`` and
+  ``user.overlay.*`` xattrs are never taken from a tar, since they would
+  let a layer forge overlayfs metadata;
+- entries above a size limit are refused before a byte is written.
+
+Only `tarfile`'s header parsing is used. Its ``extract*`` methods (and their
+filters, which in 3.11 miss the 2024–25 path-escape fixes) are never called.
+
+Whiteouts are applied in one of two forms (`ckfs.archive.whiteouts`):
+``delete`` for a full copy of the parent, ``overlay`` for an overlayfs upper
+directory above *lowers*.
+
+Error policy: what makes the result wrong or the input hostile raises
+`InvalidArgument` naming the entry (the caller discards the directory);
+what is merely odd (a device node not permitted, a hardlink to nothing, an
+entry below a file) is skipped with a warning on this module's logger.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal, Protocol, cast
+
+from ckfs.archive import whiteouts
+from ckfs.archive.compression import open_layer
+from ckfs.archive.secure import (
+    MAX_DEPTH,
+    MakeDir,
+    RootDir,
+    SymlinkLoop,
+    TooDeep,
+    clean_parts,
+    join,
+    remove_all,
+)
+from ckfs.archive.tarstream import TarStream
+from ckfs.digest import Digest
+from ckfs.errors import CkfsError, DataLoss, InvalidArgument
+
+__all__ = ["DEFAULT_MAX_ENTRY_SIZE", "ApplyOptions", "ApplyResult", "apply_layer"]
+
+log = logging.getLogger(__name__)
+
+#: Largest entry accepted by default. Bigger than any file a real image
+#: ships, small enough that one hostile header cannot ask for a disk's worth
+#: (sparse files count their apparent size).
+DEFAULT_MAX_ENTRY_SIZE = 64 << 30
+
+#: Bytes copied per read of file data: large reads keep the per-call Python
+#: cost negligible next to the kernel's copy.
+_CHUNK = 1 << 20
+
+#: Errors from the filesystem under root itself; they are not the layer's
+#: fault and surface unchanged. Any other OSError an entry provokes
+#: (ENAMETOOLONG, EINVAL, ...) becomes InvalidArgument naming the entry.
+_ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+)
+
+#: xattrs a directory entry merged into an existing directory leaves alone:
+#: overlayfs metadata is ckfs's own (an opaque marker of this layer), and
+#: SELinux labels belong to the host.
+_KEEP_XATTRS = ("trusted.overlay.", "user.overlay.", "security.selinux")
+
+_O_NEWFILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_XATTR_PREFIX = "SCHILY.xattr."
+_MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "unchanged" to chown
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """How a layer is applied.
+
+    Attributes:
+        whiteouts: ``"overlay"`` writes deletions in overlayfs form into an
+            upper directory and never touches *lowers*; ``"delete"`` applies
+            them as deletions to a full copy of the parent (native snapshots).
+        lowers: overlay mode only: the parent layers' directories, top
+            first. Implicit parent directories copy mode, owner, times and
+            xattrs from the first lower that has them, and hardlinks to files
+            that live only in a lower copy the file up first.
+        devices: whether to create device nodes; None means "if root and not
+            in a user namespace". When not allowed they are skipped with a
+            warning.
+        max_entry_size: entries larger than this (apparent size) are refused.
+        same_owner: chown entries to the tar's uid/gid; None means "if root".
+    """
+
+    whiteouts: Literal["overlay", "delete"]
+    lowers: Sequence[Path] = ()
+    devices: bool | None = None
+    max_entry_size: int = DEFAULT_MAX_ENTRY_SIZE
+    same_owner: bool | None = None
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What was applied.
+
+    Attributes:
+        diff_id: digest of the uncompressed layer stream.
+        entries: tar members read (including skipped and whiteout entries).
+        bytes: length of the uncompressed layer stream.
+    """
+
+    diff_id: Digest
+    entries: int
+    bytes: int
+
+
+def apply_layer(
+    root: Path,
+    blob: BinaryIO,
+    *,
+    media_type: str | None,
+    diff_id: Digest | None,
+    options: ApplyOptions,
+) -> ApplyResult:
+    """Apply one layer blob to the directory *root*.
+
+    The directory is changed in place as entries arrive. If this raises,
+    the directory holds part of the layer and must be discarded.
+
+    Args:
+        root: existing directory: a copy of the parent (``delete``) or an
+            empty upper directory (``overlay``).
+        blob: the layer as stored (gzip, zstd or plain tar), read to its end.
+        media_type: the descriptor's media type, a hint for the codec.
+        diff_id: expected digest of the uncompressed stream; None to only
+            compute it.
+        options: see `ApplyOptions`.
+
+    Returns:
+        The computed diff ID, the number of tar members and the
+        uncompressed size.
+
+    Raises:
+        DataLoss: the uncompressed stream does not match *diff_id* (also
+            when the damage made the tar unreadable).
+        InvalidArgument: a corrupt stream or tar, an unknown layer media
+            type, or a hostile or malformed entry: root's type changed, an
+            entry over ``max_entry_size``, a whiteout naming something outside
+            its directory, a symlink loop or absurd depth in a parent path,
+            a hardlink to a directory. The message names the entry.
+        OSError: the filesystem under *root* failed (ENOSPC, EIO, ...).
+    """
+    what = f"layer {diff_id}" if diff_id is not None else "layer"
+    algorithm = diff_id.algorithm if diff_id is not None else "sha256"
+    with open_layer(blob, media_type) as stream:
+        tar = TarStream(stream, algorithm, what=what)
+        try:
+            with _Applier(root, options, what) as applier:
+                applier.run(tar)
+            if tar.drain():
+                log.warning("%s: non-zero data after the end of the archive ignored", what)
+        except InvalidArgument as e:
+            # A damaged blob shows up as a corrupt tar first; if the stream
+            # can still be read to its end, say which it is.
+            if diff_id is not None:
+                try:
+                    tar.drain()
+                except (CkfsError, OSError):
+                    raise e from None
+                if tar.digest() != diff_id:
+                    raise DataLoss(f"{what}: uncompressed content has digest {tar.digest()}") from e
+            raise
+    actual = tar.digest()
+    if diff_id is not None and actual != diff_id:
+        raise DataLoss(f"{what}: uncompressed content has digest {actual}")
+    return ApplyResult(diff_id=actual, entries=applier.entries, bytes=tar.size)
+
+
+def in_user_namespace() -> bool:
+    """Whether this process runs in a user namespace (moby/sys/userns' test).
+
+    The initial namespace maps every id to itself: ``0 0 4294967295``.
+    """
+    try:
+        with open("/proc/self/uid_map") as f:
+            lines = f.read().split()
+    except OSError:
+        return False
+    return lines != ["0", "0", "4294967295"]
+
+
+class _Reader(Protocol):
+    def __call__(self, n: int, /) -> bytes: ...
+
+
+class _DirTimes:
+    """What a directory gets once all its children exist: times, maybe mode."""
+
+    __slots__ = ("atime", "ino", "mode", "mtime")
+
+    def __init__(self, ino: int, atime: int, mtime: int, mode: int | None = None) -> None:
+        self.ino = ino
+        self.atime = atime
+        self.mtime = mtime
+        self.mode = mode
+
+
+class _Skip(Exception):
+    """This entry is skipped; the message says why (logged as a warning)."""
+
+
+class _Applier:
+    """One layer being applied to one root; see the module docstring."""
+
+    def __init__(self, root: Path, options: ApplyOptions, what: str) -> None:
+        if options.whiteouts not in ("overlay", "delete"):
+            raise InvalidArgument(f"unknown whiteout mode {options.whiteouts!r}")
+        if options.lowers and options.whiteouts != "overlay":
+            raise InvalidArgument("lowers are for overlay mode only")
+        self.what = what
+        self.max_size = options.max_entry_size
+        self.overlay = options.whiteouts == "overlay"
+        privileged = os.geteuid() == 0
+        self.privileged = privileged
+        self.same_owner = privileged if options.same_owner is None else options.same_owner
+        self.devices = (
+            privileged and not in_user_namespace() if options.devices is None else options.devices
+        )
+        self.root = RootDir(root)
+        self.lowers: list[RootDir] = []
+        try:
+            for p in options.lowers:
+                self.lowers.append(RootDir(p))
+        except BaseException:
+            self.close()
+            raise
+        #: Real paths this layer wrote, with all their ancestors (umoci's
+        #: upperPaths): deletions of this layer spare them.
+        self.upper: set[str] = set()
+        #: Overlay whiteouts this layer made: a directory later created
+        #: there must hide the lowers' one, so it is made opaque.
+        self.whited: set[str] = set()
+        #: Directories already made opaque by this layer.
+        self.opaque: set[str] = set()
+        #: Times (and deferred modes) to set on directories at the end.
+        self.dirs: dict[str, _DirTimes] = {}
+        self.entries = 0
+        self._xattr_warned = False
+
+    def close(self) -> None:
+        self.root.close()
+        for lower in self.lowers:
+            lower.close()
+
+    def __enter__(self) -> _Applier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the loop ---------------------------------------------------------
+
+    def run(self, tar: TarStream) -> None:
+        for member in tar.members():
+            try:
+                self._entry(member, tar.read, tar.next_header)
+            except _Skip as e:
+                log.warning("%s: %r skipped: %s", self.what, member.name, e)
+            except CkfsError:
+                raise
+            except OSError as e:
+                if e.errno in _ENVIRONMENT_ERRNOS:
+                    raise
+                raise InvalidArgument(
+                    f"{self.what}: entry {member.name!r}: {e.strerror or e}"
+                ) from e
+            except (ValueError, OverflowError) as e:
+                raise InvalidArgument(f"{self.what}: entry {member.name!r}: {e}") from e
+        self.entries = tar.count
+        self._finish()
+
+    def _entry(self, m: tarfile.TarInfo, read: _Reader, next_header: int) -> None:
+        name = m.name
+        size = m.size
+        if size > self.max_size or size < 0:
+            raise InvalidArgument(
+                f"{self.what}: entry {name!r} is {size} bytes, over the limit of {self.max_size}"
+            )
+        parts = clean_parts(name)
+        if len(parts) > MAX_DEPTH:
+            raise InvalidArgument(f"{self.what}: entry {name[:100]!r}...: nested too deep")
+        if not parts:
+            if not m.isdir():
+                raise InvalidArgument(
+                    f"{self.what}: entry {name!r} would change the type of the root "
+                    "directory: refusing a malicious layer"
+                )
+            self._dir_meta(self.root.fd, ".", "", m, created=False)
+            return
+        base = parts[-1]
+        if base.startswith(whiteouts.PREFIX):
+            self._whiteout(parts, m)
+            return
+        if m.isreg():
+            kind = "file"
+        elif m.isdir():
+            kind = "dir"
+        elif m.issym():
+            kind = "symlink"
+        elif m.islnk():
+            kind = "hardlink"
+        elif m.ischr() or m.isblk():
+            if not self.devices:
+                raise _Skip("device nodes are not allowed here")
+            kind = "node"
+        elif m.isfifo():
+            kind = "node"
+        else:
+            raise _Skip(f"unsupported entry type {m.type!r}")
+        pfd, preal = self._parent(parts, self._make_dir)
+        real = join(preal, base)
+        self._touch(pfd, preal)
+        if kind == "file":
+            self._file(pfd, base, m, read, next_header)
+        elif kind == "dir":
+            self._dir(pfd, base, real, m)
+        elif kind == "symlink":
+            self._symlink(pfd, base, m)
+        elif kind == "hardlink":
+            if not self._hardlink(pfd, base, real, m):
+                return
+        else:
+            self._node(pfd, base, m)
+        self._mark(real)
+
+    def _parent(self, parts: list[str], make_dir: MakeDir | None) -> tuple[int, str]:
+        try:
+            return self.root.resolve(parts[:-1], make_dir)
+        except (SymlinkLoop, TooDeep) as e:
+            raise InvalidArgument(f"{self.what}: entry {'/'.join(parts)!r}: {e.strerror}") from None
+        except (FileNotFoundError, NotADirectoryError) as e:
+            raise _Skip(f"parent {e.filename!r} is not a directory") from None
+
+    def _mark(self, real: str) -> None:
+        upper = self.upper
+        while real and real not in upper:
+            upper.add(real)
+            real = real.rpartition("/")[0]
+
+    def _touch(self, pfd: int, preal: str) -> None:
+        """Remember a directory's times before this layer changes its entries.
+
+        Adding or removing a child bumps a directory's mtime; like umoci,
+        directories keep the times they had (or the tar gives them).
+        """
+        if preal not in self.dirs:
+            st = os.fstat(pfd)
+            self.dirs[preal] = _DirTimes(st.st_ino, st.st_atime_ns, st.st_mtime_ns)
+
+    def _clear(self, pfd: int, name: str) -> None:
+        """Remove whatever is at ``pfd/name``: a later entry replaces it."""
+        if remove_all(pfd, name):
+            self.root.invalidate()
+
+    # -- entry kinds --------------------------------------------------------
+
+    def _file(
+        self, pfd: int, base: str, m: tarfile.TarInfo, read: _Reader, next_header: int
+    ) -> None:
+        try:
+            fd = os.open(base, _O_NEWFILE, 0o600, dir_fd=pfd)
+        except FileExistsError:
+            # Replace, never write in place: the old inode may be shared by
+            # hardlinks that must keep their content.
+            self._clear(pfd, base)
+            fd = os.open(base, _O_NEWFILE, 0o600, dir_fd=pfd)
+        try:
+            # typeshed says bytes; tarfile stores [(offset, length), ...].
+            sparse = cast("list[tuple[int, int]] | None", m.sparse)
+            if sparse is not None:
+                self._copy_sparse(fd, m, sparse, read, next_header)
+            elif m.size:
+                self._copy(fd, m.size, read, m.name)
+            self._meta_fd(fd, m)
+            os.utime(fd, ns=_times(m))
+        finally:
+            os.close(fd)
+
+    def _copy(self, fd: int, size: int, read: _Reader, name: str) -> None:
+        remaining = size
+        while remaining:
+            data = read(min(remaining, _CHUNK))
+            if not data:
+                raise InvalidArgument(f"{self.what}: entry {name!r}: archive ends inside its data")
+            remaining -= len(data)
+            n = os.write(fd, data)
+            if n != len(data):
+                view = memoryview(data)[n:]
+                while view:
+                    view = view[os.write(fd, view) :]
+
+    def _copy_sparse(
+        self,
+        fd: int,
+        m: tarfile.TarInfo,
+        sparse: list[tuple[int, int]],
+        read: _Reader,
+        next_header: int,
+    ) -> None:
+        # The stored data is the non-hole parts back to back; write each at
+        # its offset and leave the gaps as holes.
+        stored = 0
+        for offset, length in sparse:
+            if offset < 0 or length < 0 or offset + length > m.size:
+                raise InvalidArgument(f"{self.what}: entry {m.name!r}: sparse map out of range")
+            stored += length
+        if stored > next_header - m.offset_data:
+            raise InvalidArgument(f"{self.what}: entry {m.name!r}: sparse map beyond its data")
+        for offset, length in sparse:
+            os.lseek(fd, offset, os.SEEK_SET)
+            self._copy(fd, length, read, m.name)
+        os.ftruncate(fd, m.size)
+
+    def _dir(self, pfd: int, base: str, real: str, m: tarfile.TarInfo) -> None:
+        created = True
+        try:
+            os.mkdir(base, 0o700, dir_fd=pfd)
+        except FileExistsError:
+            st = os.lstat(base, dir_fd=pfd)
+            if stat.S_ISDIR(st.st_mode):
+                created = False  # merge: the entry updates the metadata
+            else:
+                self._clear(pfd, base)
+                os.mkdir(base, 0o700, dir_fd=pfd)
+        self._dir_meta(pfd, base, real, m, created=created)
+
+    def _dir_meta(
+        self, pfd: int, base: str, real: str, m: tarfile.TarInfo, *, created: bool
+    ) -> None:
+        fd = os.open(base, _O_DIR, dir_fd=pfd)
+        try:
+            xattrs = self._xattrs(m)
+            if not created:
+                self._drop_xattrs(fd, {k for k, _ in xattrs})
+            deferred = self._meta_fd(fd, m, xattrs=xattrs, is_dir=True)
+            if self.overlay and real in self.whited:
+                # This layer deleted the lowers' entry, then made a new
+                # directory: nothing below may show through it.
+                os.setxattr(fd, whiteouts.OPAQUE_XATTR, b"y")
+                self.whited.discard(real)
+                self.opaque.add(real)
+            atime, mtime = _times(m)
+            self.dirs[real] = _DirTimes(os.fstat(fd).st_ino, atime, mtime, deferred)
+        finally:
+            os.close(fd)
+
+    def _symlink(self, pfd: int, base: str, m: tarfile.TarInfo) -> None:
+        if not m.linkname:
+            raise _Skip("symlink with an empty target")
+        try:
+            os.symlink(m.linkname, base, dir_fd=pfd)
+        except FileExistsError:
+            self._clear(pfd, base)
+            os.symlink(m.linkname, base, dir_fd=pfd)
+        self._meta_at(pfd, base, m, chmod=False)
+
+    def _node(self, pfd: int, base: str, m: tarfile.TarInfo) -> None:
+        if m.isfifo():
+            kind, dev = stat.S_IFIFO, 0
+        else:
+            kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+            dev = os.makedev(m.devmajor, m.devminor)
+        try:
+            os.mknod(base, kind | 0o600, dev, dir_fd=pfd)
+        except FileExistsError:
+            self._clear(pfd, base)
+            os.mknod(base, kind | 0o600, dev, dir_fd=pfd)
+        self._meta_at(pfd, base, m, chmod=True)
+
+    def _hardlink(self, pfd: int, base: str, real: str, m: tarfile.TarInfo) -> bool:
+        """Link ``pfd/base`` to the entry's target; False if skipped."""
+        tparts = clean_parts(m.linkname)
+        if not tparts:
+            raise InvalidArgument(f"{self.what}: entry {m.name!r}: hardlink to the root directory")
+        tname = tparts[-1]
+        try:
+            tfd, tparent = self.root.open_dir(tparts[:-1])
+        except (SymlinkLoop, TooDeep) as e:
+            raise InvalidArgument(
+                f"{self.what}: entry {m.name!r}: link target: {e.strerror}"
+            ) from None
+        except (FileNotFoundError, NotADirectoryError):
+            tfd, tparent = -1, ""
+        try:
+            st: os.stat_result | None = None
+            if tfd >= 0:
+                try:
+                    st = os.lstat(tname, dir_fd=tfd)
+                except FileNotFoundError:
+                    st = None
+            if st is not None and self.overlay and whiteouts.is_whiteout(st):
+                raise _Skip(f"hardlink target {m.linkname!r} was deleted by this layer")
+            if st is None and self.lowers:
+                if tfd >= 0:
+                    os.close(tfd)
+                    tfd = -1
+                found = self._copy_up(tparts, m)
+                if found is not None:
+                    tfd, tparent = found
+                    st = os.lstat(tname, dir_fd=tfd)
+            if st is None:
+                raise _Skip(f"hardlink target {m.linkname!r} does not exist")
+            if stat.S_ISDIR(st.st_mode):
+                raise InvalidArgument(
+                    f"{self.what}: entry {m.name!r}: hardlink to directory {m.linkname!r}"
+                )
+            if join(tparent, tname) == real:
+                return True  # a link to itself: already there
+            try:
+                os.link(tname, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+            except FileExistsError:
+                self._clear(pfd, base)
+                try:
+                    os.link(tname, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    raise _Skip(
+                        f"hardlink target {m.linkname!r} was inside what it replaced"
+                    ) from None
+            return True
+        finally:
+            if tfd >= 0:
+                os.close(tfd)
+
+    # -- whiteouts -----------------------------------------------------------
+
+    def _whiteout(self, parts: list[str], m: tarfile.TarInfo) -> None:
+        try:
+            parsed = whiteouts.parse(parts[-1])
+        except InvalidArgument as e:
+            raise InvalidArgument(f"{self.what}: entry {m.name!r}: {e}") from None
+        if parsed is None:  # pragma: no cover - callers check the prefix
+            return
+        kind, target = parsed
+        if kind == "meta":
+            raise _Skip("reserved whiteout name")
+        # Overlay mode may create the directory holding the marker, but only
+        # if a lower has it: a whiteout must not make new directories appear.
+        make_dir = self._make_lower_dir if self.overlay else None
+        try:
+            pfd, preal = self.root.resolve(parts[:-1], make_dir)
+        except (SymlinkLoop, TooDeep) as e:
+            raise InvalidArgument(f"{self.what}: entry {m.name!r}: {e.strerror}") from None
+        except (FileNotFoundError, NotADirectoryError):
+            # Nothing to delete in: the directory is gone, or this layer
+            # replaced it with a file (umoci 0.4.7 writes such layers).
+            log.debug("%s: whiteout %r is moot", self.what, m.name)
+            return
+        if kind == "opaque":
+            self._opaque(pfd, preal)
+        elif self.overlay:
+            self._overlay_whiteout(pfd, preal, target)
+        else:
+            self._touch(pfd, preal)
+            if whiteouts.remove_except(self.root, pfd, target, join(preal, target), self.upper):
+                self.root.invalidate()
+
+    def _overlay_whiteout(self, pfd: int, preal: str, name: str) -> None:
+        real = join(preal, name)
+        if real in self.upper:
+            # This layer wrote the path (or below it): keep that, but hide
+            # whatever a lower has under it.
+            try:
+                st = os.lstat(name, dir_fd=pfd)
+            except FileNotFoundError:
+                return
+            if stat.S_ISDIR(st.st_mode) and real not in self.opaque:
+                whiteouts.set_opaque(pfd, name)
+                self.opaque.add(real)
+            return
+        self._touch(pfd, preal)
+        try:
+            whiteouts.make_whiteout(pfd, name)
+        except FileExistsError:
+            self._clear(pfd, name)
+            whiteouts.make_whiteout(pfd, name)
+        self.whited.add(real)
+
+    def _opaque(self, pfd: int, real: str) -> None:
+        if real in self.opaque:
+            return
+        self.opaque.add(real)
+        if self.overlay:
+            fd = os.open(".", _O_DIR, dir_fd=pfd)
+            try:
+                os.setxattr(fd, whiteouts.OPAQUE_XATTR, b"y")
+            finally:
+                os.close(fd)
+            return
+        self._touch(pfd, real)
+        if whiteouts.clear_except(self.root, real, self.upper):
+            self.root.invalidate()
+
+    # -- implicit directories and copy-up -------------------------------------
+
+    def _make_dir(self, pfd: int, name: str, real: str, existing: os.stat_result | None) -> bool:
+        """Create a parent directory the layer did not list (`secure.MakeDir`)."""
+        if existing is not None:
+            if not (self.overlay and real in self.whited and whiteouts.is_whiteout(existing)):
+                return False
+            # Deleted earlier in this layer, now a directory again: a fresh
+            # one, hiding the lowers'.
+            os.unlink(name, dir_fd=pfd)
+        self._touch(pfd, real.rpartition("/")[0])
+        os.mkdir(name, 0o700, dir_fd=pfd)
+        fd = os.open(name, _O_DIR, dir_fd=pfd)
+        try:
+            lower = self._lower_dir(real) if self.lowers else None
+            if lower is None:
+                uid = gid = 0
+                mode = 0o755
+                times = None
+            else:
+                lst, lfd = lower
+                try:
+                    uid, gid, mode = lst.st_uid, lst.st_gid, stat.S_IMODE(lst.st_mode)
+                    times = (lst.st_atime_ns, lst.st_mtime_ns)
+                    self._copy_xattrs(lfd, fd)
+                finally:
+                    os.close(lfd)
+            if self.same_owner:
+                os.fchown(fd, uid, gid)
+            deferred = self._chmod_dir(fd, mode)
+            if existing is not None:
+                os.setxattr(fd, whiteouts.OPAQUE_XATTR, b"y")
+                self.whited.discard(real)
+                self.opaque.add(real)
+            if times is not None or deferred is not None:
+                st = os.fstat(fd)
+                atime, mtime = times if times is not None else (st.st_atime_ns, st.st_mtime_ns)
+                self.dirs[real] = _DirTimes(st.st_ino, atime, mtime, deferred)
+        finally:
+            os.close(fd)
+        return True
+
+    def _make_lower_dir(
+        self, pfd: int, name: str, real: str, existing: os.stat_result | None
+    ) -> bool:
+        """`_make_dir`, but only for directories some lower has."""
+        if existing is None:
+            lower = self._lower_dir(real)
+            if lower is None:
+                return False
+            os.close(lower[1])
+        return self._make_dir(pfd, name, real, existing)
+
+    def _lower_dir(self, real: str) -> tuple[os.stat_result, int] | None:
+        """The first lower's directory at *real*: its stat and an open descriptor.
+
+        A lower holding a whiteout or a non-directory there hides the ones
+        below, as in the overlay mount.
+        """
+        parts = real.split("/")
+        for lower in self.lowers:
+            try:
+                pfd, _ = lower.open_dir(parts[:-1])
+            except FileNotFoundError:
+                continue
+            except (NotADirectoryError, SymlinkLoop, TooDeep):
+                return None
+            try:
+                try:
+                    st = os.lstat(parts[-1], dir_fd=pfd)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    return None
+                return st, os.open(parts[-1], _O_DIR, dir_fd=pfd)
+            finally:
+                os.close(pfd)
+        return None
+
+    def _copy_up(self, tparts: list[str], m: tarfile.TarInfo) -> tuple[int, str] | None:
+        """Copy a hardlink target that only a lower has into the upper dir.
+
+        Returns:
+            The upper parent directory (caller closes) and its real path, or
+            None if no lower has the target.
+        """
+        tname = tparts[-1]
+        for lower in self.lowers:
+            try:
+                lfd, _ = lower.open_dir(tparts[:-1])
+            except FileNotFoundError:
+                continue
+            except (NotADirectoryError, SymlinkLoop, TooDeep):
+                return None
+            try:
+                try:
+                    st = os.lstat(tname, dir_fd=lfd)
+                except FileNotFoundError:
+                    continue
+                if whiteouts.is_whiteout(st):
+                    return None
+                if stat.S_ISDIR(st.st_mode):
+                    raise InvalidArgument(
+                        f"{self.what}: entry {m.name!r}: hardlink to directory {m.linkname!r}"
+                    )
+                try:
+                    ufd, ureal = self.root.open_dir(tparts[:-1], self._make_dir)
+                except (FileNotFoundError, NotADirectoryError) as e:
+                    raise _Skip(
+                        f"cannot copy up {m.linkname!r}: {e.filename!r} in the way"
+                    ) from None
+                try:
+                    self._touch(ufd, ureal)
+                    self._copy_node(lfd, ufd, tname, st)
+                except BaseException:
+                    os.close(ufd)
+                    raise
+                self._mark(join(ureal, tname))
+                return ufd, ureal
+            finally:
+                os.close(lfd)
+        return None
+
+    def _copy_node(self, lfd: int, ufd: int, name: str, st: os.stat_result) -> None:
+        """Copy a non-directory with its metadata from a lower into upper."""
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISREG(st.st_mode):
+            src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=lfd)
+            try:
+                dst = os.open(name, _O_NEWFILE, 0o600, dir_fd=ufd)
+                try:
+                    _copy_fd(src, dst, st.st_size)
+                    if self.same_owner:
+                        os.fchown(dst, st.st_uid, st.st_gid)
+                    os.fchmod(dst, mode)
+                    self._copy_xattrs(src, dst)
+                    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+            return
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(name, dir_fd=lfd), name, dir_fd=ufd)
+        elif stat.S_ISFIFO(st.st_mode):
+            os.mknod(name, stat.S_IFIFO | 0o600, 0, dir_fd=ufd)
+        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            if not self.devices:
+                raise _Skip("hardlink target is a device node; device nodes are not allowed here")
+            os.mknod(name, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=ufd)
+        else:
+            raise _Skip("hardlink target is a socket")
+        if self.same_owner:
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=ufd, follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(name, mode, dir_fd=ufd)
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=ufd, follow_symlinks=False)
+
+    # -- metadata ----------------------------------------------------------------
+
+    def _xattrs(self, m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+        pax = m.pax_headers
+        if not pax:
+            return []
+        out = []
+        for key, value in pax.items():
+            if key.startswith(_XATTR_PREFIX):
+                name = key[len(_XATTR_PREFIX) :]
+                if whiteouts.is_overlay_xattr(name):
+                    log.warning("%s: %r: overlayfs xattr %r ignored", self.what, m.name, name)
+                    continue
+                # tarfile decoded the value as UTF-8 with surrogateescape:
+                # this gives back the exact bytes (capabilities are binary).
+                out.append((name, value.encode("utf-8", "surrogateescape")))
+        return out
+
+    def _ids(self, m: tarfile.TarInfo) -> tuple[int, int]:
+        uid, gid = m.uid, m.gid
+        if not (0 <= uid <= _MAX_ID and 0 <= gid <= _MAX_ID):
+            raise InvalidArgument(f"{self.what}: entry {m.name!r}: invalid owner {uid}:{gid}")
+        return uid, gid
+
+    def _meta_fd(
+        self,
+        fd: int,
+        m: tarfile.TarInfo,
+        *,
+        xattrs: list[tuple[str, bytes]] | None = None,
+        is_dir: bool = False,
+    ) -> int | None:
+        """Owner, mode and xattrs through an open descriptor, in that order.
+
+        chown clears setuid/setgid and file capabilities, so the mode comes
+        after it and ``security.capability`` after both.
+
+        Returns:
+            A directory mode left to `_finish` (see `_chmod_dir`), else None.
+        """
+        if self.same_owner:
+            uid, gid = self._ids(m)
+            os.fchown(fd, uid, gid)
+        mode = m.mode & 0o7777
+        deferred = None
+        if is_dir:
+            deferred = self._chmod_dir(fd, mode)
+        else:
+            os.fchmod(fd, mode)
+        for name, value in self._xattrs(m) if xattrs is None else xattrs:
+            self._setxattr(fd, name, value, m)
+        return deferred
+
+    def _chmod_dir(self, fd: int, mode: int) -> int | None:
+        """Set a directory's mode now, or leave it for the end.
+
+        Without CAP_DAC_OVERRIDE a directory lacking owner rwx would stop
+        its own children from being written, so it stays 0700 until
+        `_finish` has handled everything below it.
+        """
+        if self.privileged or mode & 0o700 == 0o700:
+            os.fchmod(fd, mode)
+            return None
+        os.fchmod(fd, 0o700)
+        return mode
+
+    def _meta_at(self, pfd: int, base: str, m: tarfile.TarInfo, *, chmod: bool) -> None:
+        """Owner, mode, xattrs and times of a symlink or node, by name."""
+        if self.same_owner:
+            uid, gid = self._ids(m)
+            os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False)
+        if chmod:
+            # A node this entry just created: nothing to follow.
+            os.chmod(base, m.mode & 0o7777, dir_fd=pfd)
+        xattrs = self._xattrs(m)
+        if xattrs:
+            # No *at form of setxattr: go through an O_PATH descriptor, whose
+            # /proc magic link reaches the inode itself, symlink or not.
+            fd = os.open(base, _O_PATH, dir_fd=pfd)
+            try:
+                for name, value in xattrs:
+                    self._setxattr(f"/proc/self/fd/{fd}", name, value, m)
+            finally:
+                os.close(fd)
+        self._utime_at(pfd, base, _times(m), m)
+
+    def _utime_at(self, pfd: int, base: str, times: tuple[int, int], m: tarfile.TarInfo) -> None:
+        try:
+            os.utime(base, ns=times, dir_fd=pfd, follow_symlinks=False)
+        except (OverflowError, OSError) as e:
+            if isinstance(e, OSError) and e.errno != errno.EINVAL:
+                raise
+            log.warning("%s: %r: time not set: %s", self.what, m.name, e)
+
+    def _setxattr(self, target: int | str, name: str, value: bytes, m: tarfile.TarInfo) -> None:
+        try:
+            os.setxattr(target, name, value)
+        except OSError as e:
+            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                if not self._xattr_warned:
+                    log.warning("%s: %r: xattrs not supported under root: %s", self.what, m.name, e)
+                    self._xattr_warned = True
+                return
+            if e.errno == errno.EPERM and (not self.privileged or name.startswith("user.")):
+                # Unprivileged (security.*, trusted.*), or user.* on a
+                # symlink or device, which the kernel refuses to everyone.
+                log.warning("%s: %r: xattr %r not set: %s", self.what, m.name, name, e.strerror)
+                return
+            raise
+
+    def _drop_xattrs(self, fd: int, keep: set[str]) -> None:
+        """Remove xattrs a merged directory entry does not list."""
+        try:
+            names = os.listxattr(fd)
+        except OSError as e:
+            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return
+            raise
+        for name in names:
+            if name not in keep and not name.startswith(_KEEP_XATTRS):
+                try:
+                    os.removexattr(fd, name)
+                except OSError as e:
+                    log.warning("%s: xattr %r not removed: %s", self.what, name, e.strerror)
+
+    def _copy_xattrs(self, src: int, dst: int) -> None:
+        try:
+            names = os.listxattr(src)
+        except OSError:
+            return
+        for name in names:
+            if whiteouts.is_overlay_xattr(name):
+                continue
+            try:
+                os.setxattr(dst, name, os.getxattr(src, name))
+            except OSError as e:
+                log.warning("%s: xattr %r not copied up: %s", self.what, name, e.strerror)
+
+    def _finish(self) -> None:
+        """Set directory times (and deferred modes) once their children exist.
+
+        Deepest first, so a deferred restrictive mode never blocks a child.
+        A directory is only touched if it is still the inode recorded.
+        """
+        order = sorted(self.dirs, key=lambda r: (-r.count("/") - (1 if r else 0), r))
+        for real in order:
+            t = self.dirs[real]
+            parent, _, base = real.rpartition("/")
+            try:
+                if real:
+                    pfd, _ = self.root.resolve(parent.split("/") if parent else [])
+                else:
+                    pfd, base = self.root.fd, "."
+                st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode) or st.st_ino != t.ino:
+                    continue
+                if t.mode is not None:
+                    os.chmod(base, t.mode, dir_fd=pfd)
+                os.utime(base, ns=(t.atime, t.mtime), dir_fd=pfd, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError, SymlinkLoop, TooDeep):
+                continue
+            except (OverflowError, OSError) as e:
+                if isinstance(e, OSError) and e.errno != errno.EINVAL:
+                    raise
+                log.warning("%s: %r: directory time not set: %s", self.what, real, e)
+
+
+def _times(m: tarfile.TarInfo) -> tuple[int, int]:
+    """(atime, mtime) in nanoseconds; PAX times keep their full precision."""
+    pax = m.pax_headers
+    mtime = _ns(pax["mtime"]) if pax and "mtime" in pax else None
+    if mtime is None:
+        mtime = (
+            int(m.mtime * 1_000_000_000) if isinstance(m.mtime, float) else m.mtime * 1_000_000_000
+        )
+    atime = _ns(pax["atime"]) if pax and "atime" in pax else None
+    return (mtime if atime is None else atime), mtime
+
+
+def _ns(value: str) -> int | None:
+    sign = -1 if value.startswith("-") else 1
+    sec, _, frac = value.lstrip("-").partition(".")
+    try:
+        return sign * (int(sec) * 1_000_000_000 + int((frac + "000000000")[:9]))
+    except ValueError:
+        return None
+
+
+def _copy_fd(src: int, dst: int, size: int) -> None:
+    """Copy *size* bytes between files in the kernel (reflink or sendfile)."""
+    done = 0
+    while done < size:
+        try:
+            n = os.copy_file_range(src, dst, size - done)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            n = os.sendfile(dst, src, None, size - done)
+        if n == 0:
+            break
+        done += n
