@@ -532,13 +532,19 @@ def mountinfo(path: Path | str = "/proc/self/mountinfo") -> list[MountInfo]:
 
 
 def _resolve(path: Path | str) -> str:
-    # Not strict: a dead FUSE mount point must still resolve (ENOTCONN on
-    # its stat is the very thing callers are looking for).
-    return os.path.realpath(os.fspath(path))
+    """*path* made absolute with its directory's symlinks resolved.
+
+    The last component is left as is and never stat'ed: on a mount point it
+    is the mounted filesystem's root, and a hung FUSE daemon would block the
+    stat (a dead one fails it with ``ENOTCONN``).
+    """
+    absolute = os.path.normpath(os.path.abspath(os.fspath(path)))
+    head, tail = os.path.split(absolute)
+    return os.path.join(os.path.realpath(head), tail) if tail else absolute
 
 
 def is_mountpoint(path: Path | str) -> bool:
-    """Whether something is mounted on *path* (symlinks in it resolved).
+    """Whether something is mounted on *path* (symlinks above it resolved).
 
     Reads ``/proc/self/mountinfo`` rather than comparing ``st_dev`` with the
     parent's: a bind mount of a directory of the same filesystem has the
