@@ -370,6 +370,11 @@ async def fetch(
 #: one per core, since hashing is what they do (hashlib releases the GIL).
 _HASH_THREADS = max(2, os.cpu_count() or 2)
 
+#: Worker threads committing at once. A commit mostly waits for fsync, so
+#: these do not compete with hashing for cores; bounded only so that a
+#: fetch of a hundred small layers does not start a hundred threads.
+_SYNC_THREADS = 8
+
 
 class _Fetch:
     """One fetch's shared state: what was seen, the limits, the callbacks."""
@@ -391,6 +396,9 @@ class _Fetch:
         self.children = children
         self.slots = slots
         self.threads = trio.CapacityLimiter(_HASH_THREADS)
+        # Commits wait on fsync, not the CPU: they get their own threads so
+        # a layer being flushed never holds up the hashing of the others.
+        self.syncing = trio.CapacityLimiter(_SYNC_THREADS)
         self.on_event = on_event
         self.registry = registry
         self.seen: set[Digest] = set()
@@ -530,9 +538,11 @@ class _Fetch:
             with writer:
                 resumed = writer.offset > 0
                 try:
+                    # The slot covers the network part only: while this blob
+                    # is flushed to disk, the next one is already arriving.
                     async with self.slots:
                         await self._transfer(p, writer)
-                        committed = await self._commit(p, writer)
+                    committed = await self._commit(p, writer)
                 except DataLoss:
                     if not writer.closed:
                         await trio.to_thread.run_sync(writer.abort, limiter=self.threads)
@@ -556,7 +566,7 @@ class _Fetch:
                 functools.partial(
                     writer.commit, p.desc.size, p.desc.digest, labels=self.source_labels
                 ),
-                limiter=self.threads,
+                limiter=self.syncing,
             )
         except AlreadyExists:
             return False

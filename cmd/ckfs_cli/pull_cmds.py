@@ -110,6 +110,12 @@ def _run(
     quiet: bool,
     as_json: bool,
 ) -> None:
+    # `import httpx` also imports httpx's own command-line tool (click, rich,
+    # pygments): ~0.15 s of start-up per pull for nothing. A None entry makes
+    # that one import fail, which httpx handles (its `main` becomes a stub).
+    if "httpx" not in sys.modules:
+        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
     import trio
 
     from ckfs import reference
