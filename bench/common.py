@@ -6,6 +6,7 @@ prints the ratio; nothing here asserts a time (machines are noisy).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,3 +94,50 @@ def report(title: str, rows: list[tuple[str, float]], target: str) -> None:
     for label, t in rows[1:]:
         print(f"  ratio ckfs / {label:<27} {base / t:8.2f}x")
     print(f"  target: {target}")
+
+
+@contextlib.contextmanager
+def containerd(work: Path) -> Iterator[Path]:
+    """Debian's containerd on a private root, state and socket; yields the socket.
+
+    A minimal config: no CRI plugin (it would start a network and image
+    service nobody asks for here), logs only errors. The daemon is stopped by
+    its PID when the block ends.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    sock = work / "containerd.sock"
+    config = work / "config.toml"
+    config.write_text(
+        "version = 2\n"
+        f'root = "{work / "root"}"\n'
+        f'state = "{work / "state"}"\n'
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        f'[grpc]\n  address = "{sock}"\n'
+        f'[ttrpc]\n  address = "{sock}.ttrpc"\n'
+        '[debug]\n  level = "error"\n'
+    )
+    log = open(work / "containerd.log", "ab")  # noqa: SIM115 (handed to the child)
+    proc = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=log)
+    log.close()
+    try:
+        deadline = time.monotonic() + 20
+        while subprocess.run(
+            ["ctr", "--address", str(sock), "version"], capture_output=True
+        ).returncode:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"containerd did not start; see {work / 'containerd.log'}")
+            time.sleep(0.1)
+        yield sock
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def import_seconds(module: str, repeat: int = 5) -> float:
+    """Median wall time of ``python -c 'import MODULE'`` (``pass`` for bare start-up)."""
+    code = "pass" if not module else f"import {module}"
+    return timed(lambda: None, lambda: run([sys.executable, "-c", code]), repeat)

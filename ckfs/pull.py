@@ -48,7 +48,7 @@ from ckfs.remotes.fetch import (
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["PullReport", "local_target", "pull"]
+__all__ = ["PullReport", "pull"]
 
 
 @dataclasses.dataclass
@@ -132,7 +132,7 @@ async def pull(
     started = time.monotonic()
     children = platform_children(platform, all_platforms=all_platforms)
     if offline or ref.digest is not None:
-        target = local_target(ref, content, images, by_name=offline)
+        target = _local_target(ref, content, images, by_name=offline)
         if target is None and offline:
             raise NotFound(f"{ref}: not present locally, and the pull is offline")
         if target is not None:
@@ -203,7 +203,7 @@ def _register(images: ImageStore, name: str, target: Descriptor) -> Image:
     return images.put(Image.new(name, target))
 
 
-def local_target(
+def _local_target(
     ref: Reference, content: ContentStore, images: ImageStore, *, by_name: bool
 ) -> Descriptor | None:
     """The target *ref* names, from local state only; None if unknown here.

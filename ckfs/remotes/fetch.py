@@ -101,6 +101,15 @@ MAX_RESUMES = 5
 #: long on a slow link.
 LOCK_WAIT = 600.0
 
+#: Worker threads writing and hashing at once, across all blobs of a fetch:
+#: one per core, since hashing is what they do (hashlib releases the GIL).
+_HASH_THREADS = max(2, os.cpu_count() or 2)
+
+#: Worker threads committing at once. A commit mostly waits for fsync, so
+#: these do not compete with hashing for cores; bounded only so that a
+#: fetch of a hundred small layers does not start a hundred threads.
+_SYNC_THREADS = 8
+
 #: Poll interval bounds while waiting on a ref lock; flock has no async wait.
 _LOCK_POLL_MIN, _LOCK_POLL_MAX = 0.02, 0.5
 
@@ -366,16 +375,6 @@ async def fetch(
     return report
 
 
-#: Worker threads writing and hashing at once, across all blobs of a fetch:
-#: one per core, since hashing is what they do (hashlib releases the GIL).
-_HASH_THREADS = max(2, os.cpu_count() or 2)
-
-#: Worker threads committing at once. A commit mostly waits for fsync, so
-#: these do not compete with hashing for cores; bounded only so that a
-#: fetch of a hundred small layers does not start a hundred threads.
-_SYNC_THREADS = 8
-
-
 class _Fetch:
     """One fetch's shared state: what was seen, the limits, the callbacks."""
 
@@ -395,7 +394,7 @@ class _Fetch:
         self.ref = ref
         self.children = children
         self.slots = slots
-        self.threads = trio.CapacityLimiter(_HASH_THREADS)
+        self.hashing = trio.CapacityLimiter(_HASH_THREADS)
         # Commits wait on fsync, not the CPU: they get their own threads so
         # a layer being flushed never holds up the hashing of the others.
         self.syncing = trio.CapacityLimiter(_SYNC_THREADS)
@@ -465,7 +464,7 @@ class _Fetch:
                 functools.partial(
                     self.content.read_all, desc.digest, limit=manifests.MAX_MANIFEST_SIZE
                 ),
-                limiter=self.threads,
+                limiter=self.hashing,
             )
             p.offset = len(data)
             await self._ensure_labels(desc, data)
@@ -480,7 +479,7 @@ class _Fetch:
             p.fetched += len(data)
             labels = {**manifests.gc_labels(desc, data), **self.source_labels}
             await trio.to_thread.run_sync(
-                _write_all, writer, desc, data, labels, limiter=self.threads
+                _write_all, writer, desc, data, labels, limiter=self.hashing
             )
         p.offset = len(data)
         self._set(p, BlobState.VERIFIED)
@@ -508,7 +507,7 @@ class _Fetch:
         while True:
             try:
                 return await trio.to_thread.run_sync(
-                    _open_writer, self.content, p.desc, limiter=self.threads
+                    _open_writer, self.content, p.desc, limiter=self.hashing
                 )
             except Unavailable:
                 if time.monotonic() > deadline:
@@ -545,7 +544,7 @@ class _Fetch:
                     committed = await self._commit(p, writer)
                 except DataLoss:
                     if not writer.closed:
-                        await trio.to_thread.run_sync(writer.abort, limiter=self.threads)
+                        await trio.to_thread.run_sync(writer.abort, limiter=self.hashing)
                     if resumed and attempt == 0:
                         # The bytes kept from an earlier run may be the bad
                         # ones (another mirror, a disk error): start over once.
@@ -641,7 +640,7 @@ class _Fetch:
             resumes += 1
 
     async def _truncate(self, writer: Writer, size: int) -> None:
-        await trio.to_thread.run_sync(writer.truncate, size, limiter=self.threads)
+        await trio.to_thread.run_sync(writer.truncate, size, limiter=self.hashing)
 
     async def _pump(self, p: BlobProgress, writer: Writer, stream: BlobStream) -> None:
         """Copy *stream* into *writer*: receive here, write and hash in a thread.
@@ -658,7 +657,7 @@ class _Fetch:
         async def drain() -> None:
             async with receive:
                 async for batch in receive:
-                    await trio.to_thread.run_sync(_write_batch, writer, batch, limiter=self.threads)
+                    await trio.to_thread.run_sync(_write_batch, writer, batch, limiter=self.hashing)
                     p.offset = writer.offset
 
         with unwrap_groups():

@@ -1,0 +1,155 @@
+"""Cold pull of a >= 200 MB multi-layer image from a local registry: ckfs vs skopeo vs containerd.
+
+    .venv/bin/python bench/pull.py [--mib 260] [--repeat 3]
+
+Set up once, not timed: the layout of `common.big_layout`, pushed by skopeo
+into Debian's docker-registry on a free 127.0.0.1 port with temporary
+storage (its blobs then sit in the page cache, for every tool alike).
+
+Timed, each into an empty destination, median of ``--repeat`` runs:
+
+- ckfs: ``ckfs fetch REF``: every blob streamed into the content store,
+  hashed, verified and committed; no name registered.
+- skopeo: ``skopeo copy docker://REF oci:DEST`` (it verifies too).
+- containerd: ``ctr content fetch --plain-http REF`` against a containerd
+  with its own root, state and socket, restarted empty before each run.
+
+Then the re-pull, the whole ``ckfs pull`` process with everything present:
+by tag (one manifest HEAD), by digest and ``--offline`` (no network), next to
+the bare cost of starting Python and importing trio and httpx, which bound
+it from below. Targets: ckfs <= 0.8x skopeo; re-pull < 0.15 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    REPO,
+    big_layout,
+    ckfs_cmd,
+    containerd,
+    import_seconds,
+    layout_size,
+    report,
+    run,
+    timed,
+)
+
+sys.path.insert(0, str(REPO))
+
+from integration.registry import Registry
+
+IMAGE = "bench/pull:latest"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--mib", type=int, default=260)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+
+    layout = big_layout(args.mib)
+    size = layout_size(layout)
+    work = Path(tempfile.mkdtemp(prefix="ckfs-bench-pull-"))
+    registry = Registry(work / "registry").start()
+    daemons = contextlib.ExitStack()
+    try:
+        digest = registry.push(layout, IMAGE)
+        ref = f"{registry.host}/{IMAGE}"
+        root, dest, ctd = work / "root", work / "dest", work / "containerd"
+        ctr: list[str] = []  # the ctr command line for the current containerd
+
+        def clean() -> None:
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(dest, ignore_errors=True)
+
+        def fresh_containerd() -> None:
+            daemons.close()
+            shutil.rmtree(ctd, ignore_errors=True)
+            sock = daemons.enter_context(containerd(ctd))
+            ctr[:] = ["ctr", "--address", str(sock)]
+
+        t_ckfs = timed(clean, lambda: run(ckfs_cmd(root, "fetch", "-q", ref)), args.repeat)
+        t_skopeo = timed(
+            clean,
+            lambda: run(
+                [
+                    "skopeo",
+                    "--insecure-policy",
+                    "copy",
+                    "-q",
+                    "--src-tls-verify=false",
+                    f"docker://{ref}",
+                    f"oci:{dest}:latest",
+                ]
+            ),
+            args.repeat,
+        )
+        t_ctr = timed(
+            fresh_containerd,
+            lambda: run([*ctr, "content", "fetch", "--plain-http", ref]),
+            args.repeat,
+        )
+        daemons.close()
+
+        # Re-pull: everything present, the name registered by one real pull.
+        clean()
+        run(ckfs_cmd(root, "pull", "-q", ref))
+        summary = json.loads(
+            subprocess.run(
+                ckfs_cmd(root, "pull", "--json", ref), check=True, capture_output=True, text=True
+            ).stdout.splitlines()[-1]
+        )
+        assert summary["fetched_blobs"] == 0, summary
+        pinned = f"{registry.host}/{IMAGE.split(':')[0]}@{digest}"
+        repeat = max(5, args.repeat)
+        t_tag = timed(lambda: None, lambda: run(ckfs_cmd(root, "pull", "-q", ref)), repeat)
+        t_digest = timed(lambda: None, lambda: run(ckfs_cmd(root, "pull", "-q", pinned)), repeat)
+        t_offline = timed(
+            lambda: None, lambda: run(ckfs_cmd(root, "pull", "-q", "--offline", ref)), repeat
+        )
+        t_python = import_seconds("")
+        t_trio = import_seconds("trio")
+        t_httpx = import_seconds("httpx")
+        t_both = import_seconds("trio, httpx")
+        t_cli = import_seconds("ckfs_cli.main, ckfs.pull")
+    finally:
+        daemons.close()
+        registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    report(
+        f"cold pull (fetch only) of a {size / 1e6:.0f} MB image from a local docker-registry "
+        f"(median of {args.repeat})",
+        [
+            ("ckfs fetch", t_ckfs),
+            ("skopeo copy docker:// oci:", t_skopeo),
+            ("ctr content fetch", t_ctr),
+        ],
+        "<= 0.8x skopeo",
+    )
+    print(f"  ckfs throughput                          {size / t_ckfs / 1e6:8.0f} MB/s")
+    print(f"re-pull with everything present, whole process (median of {repeat})")
+    print(f"  ckfs pull by tag (one HEAD)              {t_tag:8.3f} s")
+    print(f"  ckfs pull by digest (no network)         {t_digest:8.3f} s")
+    print(f"  ckfs pull --offline (no network)         {t_offline:8.3f} s")
+    print("  target: < 0.15 s; the floor, per process:")
+    print(f"    python start-up                        {t_python:8.3f} s")
+    print(f"    + import trio                          {t_trio:8.3f} s")
+    print(f"    + import httpx                         {t_httpx:8.3f} s")
+    print(f"    + import trio, httpx                   {t_both:8.3f} s")
+    print(f"    + import ckfs_cli.main, ckfs.pull      {t_cli:8.3f} s")
+
+
+if __name__ == "__main__":
+    main()
