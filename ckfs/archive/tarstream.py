@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import struct
 import tarfile
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ from typing import Any, BinaryIO, Protocol, cast
 
 from ckfs.digest import Digest
 from ckfs.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Member", "TarStream"]
 
@@ -190,6 +193,8 @@ class TarStream:
         self.next_header = 0
         #: Members returned so far.
         self.count = 0
+        #: Offset just past the current member's data.
+        self._data_end = 0
 
     @property
     def size(self) -> int:
@@ -219,6 +224,14 @@ class TarStream:
                 try:
                     member = tar.next()
                 except (_Corrupt, tarfile.TarError) as e:
+                    if self._unpadded_end():
+                        log.info(
+                            "%s: archive ends without padding or end-of-archive blocks "
+                            "(as umoci 0.4.7 writes them); all %d entries are whole",
+                            self._what,
+                            self.count,
+                        )
+                        return
                     raise InvalidArgument(
                         f"{self._what}: corrupt tar after {self.count} entries: {e}"
                     ) from None
@@ -228,7 +241,21 @@ class TarStream:
                 tar.members = []  # type: ignore[attr-defined]
                 self.count += 1
                 self.next_header = tar.offset
+                self._data_end = member.offset_data + (member.size if member.isreg() else 0)
                 yield member
+
+    def _unpadded_end(self) -> bool:
+        """Whether the stream ended right after the last member's data.
+
+        Some writers (umoci 0.4.7's ``insert``) never close their tar writer:
+        the last member's data is all there, but its padding to 512 bytes and
+        the two zero blocks after it are not. Every byte of every entry has
+        arrived (and the diff ID still covers exactly the stream), so such a
+        layer is whole; anything shorter is a truncated archive.
+        """
+        if self.count == 0 or self._buf.peek(1):
+            return False
+        return self._data_end <= self._raw.n < self.next_header
 
     def drain(self) -> bool:
         """Read the rest of the stream (so the digest covers it).
