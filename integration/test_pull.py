@@ -236,20 +236,27 @@ def test_parallel_pulls_download_each_blob_once(
 ) -> None:
     ref = f"{proxy.host}/{BIG_REPO}"
     layer = biggest_layer(big_layout)
-    # A slow layer keeps the first puller on it while the second arrives.
-    proxy.add(Fault("delay", path=layer["digest"], seconds=2.0, times=-1))
+    # A slow layer keeps the first puller on it (holding its ingest's ref
+    # lock) while the second one starts.
+    proxy.add(Fault("delay", path=layer["digest"], seconds=3.0, times=-1))
     cmd = [sys.executable, "-m", "ckfs_cli.main", "--root", str(ckfs.root), "pull", "--json", ref]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not proxy.requests(layer["digest"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    outs = [p.communicate(timeout=120)[0] for p in (first, second)]
+    assert [p.returncode for p in (first, second)] == [0, 0]
+
     per_digest: dict[str, int] = {}
     for s in proxy.requests("/blobs/"):
         digest = s.path.rsplit("/", 1)[1]
         per_digest[digest] = per_digest.get(digest, 0) + 1
     assert per_digest and set(per_digest.values()) == {1}, per_digest
     assert len(proxy.requests("/manifests/sha256:")) == 1
-    states = [{json.loads(line).get("state") for line in out.splitlines()} for out in outs]
-    assert any("waiting" in s for s in states), "the second pull never waited on the first"
+    second_events = [json.loads(line) for line in outs[1].splitlines()]
+    waited = {e["digest"] for e in second_events if e.get("state") == "waiting"}
+    assert layer["digest"] in waited, "the second pull never waited on the first"
     assert layer["digest"] in content_digests(ckfs)
 
 
