@@ -35,7 +35,7 @@ import pytest
 import snapshotters
 from ckfs import errors
 from ckfs.metadata.db import DB
-from ckfs.mount import PAGE_SIZE, is_mountpoint, mounts_under
+from ckfs.mount import PAGE_SIZE, Mount, is_mountpoint, mounts_under
 from integration.mounts import MountGuard
 from snapshotters import Kind, Snapshotter
 
@@ -617,3 +617,22 @@ def test_many_layers_mount(
     assert mounts_under(work) == []
     with capsys.disabled():
         print(f"\n{name_of(sn)}: {LAYERS}-layer view mounted in {elapsed * 1000:.1f} ms")
+
+
+# -- removal never reaches through a mount ------------------------------------------
+
+
+def test_remove_detaches_mounts_inside_instead_of_deleting_through_them(
+    sn: Snapshotter, mount_guard: MountGuard, work: Path, tmp_path: Path
+) -> None:
+    """A host directory bind-mounted into a snapshot survives the snapshot's removal."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "precious").write_text("keep me")
+    (m,) = sn.prepare("container", labels=GC_ROOT)
+    inside = Path(m.source) / "mnt"  # the writable directory of an unparented snapshot
+    mount_guard.mount([Mount("bind", str(host), options=("rw", "rbind"))], inside)
+    sn.remove("container")
+    assert (host / "precious").read_text() == "keep me"
+    assert mounts_under(tmp_path / "root") == []
+    assert not Path(m.source).exists()

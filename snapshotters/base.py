@@ -58,40 +58,51 @@ class DirectorySnapshotter(abc.ABC):
         return self._store.root
 
     def stat(self, key: str) -> Info:
+        """`Snapshotter.stat`; raises `NotFound`."""
         return self._store.stat(key)
 
     def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
+        """`Snapshotter.update` (labels only); raises `NotFound`, `InvalidArgument`."""
         return self._store.update(info, fieldpaths)
 
     def usage(self, key: str) -> Usage:
+        """`Snapshotter.usage`: ``du`` of the snapshot's own ``fs``; raises `NotFound`."""
         return self._store.usage(key)
 
     def mounts(self, key: str) -> list[Mount]:
+        """`Snapshotter.mounts`; raises `NotFound`, `FailedPrecondition` (committed)."""
         return self._mounts(self._store.active(key))
 
     def prepare(
         self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
     ) -> list[Mount]:
+        """`Snapshotter.prepare`; raises `AlreadyExists`, `NotFound`, `InvalidArgument`."""
         return self._create(Kind.ACTIVE, key, parent, labels)
 
     def view(
         self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
     ) -> list[Mount]:
+        """`Snapshotter.view`; raises `AlreadyExists`, `NotFound`, `InvalidArgument`."""
         return self._create(Kind.VIEW, key, parent, labels)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
+        """`Snapshotter.commit`; raises `AlreadyExists`, `NotFound`, `FailedPrecondition`."""
         self._store.commit(name, key, labels)
 
     def remove(self, key: str) -> None:
+        """`Snapshotter.remove`; raises `NotFound`, `FailedPrecondition` (children)."""
         self._store.remove(key)
 
     def walk(self, filters: Sequence[str] = ()) -> Iterator[Info]:
+        """`Snapshotter.walk`; raises `InvalidArgument` for a malformed filter."""
         return self._store.walk(filters)
 
     def close(self) -> None:
+        """`Snapshotter.close`: idempotent; the database stays open."""
         self._store.close()
 
     def cleanup(self) -> list[str]:
+        """`Cleaner.cleanup`: remove directories no snapshot owns."""
         return self._store.cleanup()
 
     # -- for subclasses --------------------------------------------------------
@@ -99,6 +110,7 @@ class DirectorySnapshotter(abc.ABC):
     def _create(
         self, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None
     ) -> list[Mount]:
+        """Create an active or view snapshot and answer its mounts: Prepare and View."""
         return self._mounts(self._store.create(kind, key, parent, labels, self._populate))
 
     def _fs(self, id: int) -> Path:

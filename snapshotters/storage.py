@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import json
 import logging
@@ -269,8 +268,13 @@ class MetaStore:
         except BaseException:
             # The transaction rolled back (or never began): whichever name
             # the directory has now, no row owns it.
-            with contextlib.suppress(FileNotFoundError):
-                remove_dir(renamed or temp.path)
+            leftover = renamed or temp.path
+            try:
+                remove_dir(leftover)
+            except FileNotFoundError:
+                pass
+            except Exception as e:  # the original error is the one to raise
+                log.warning("cannot remove %s after a failed create: %s", leftover, e)
             raise
         finally:
             temp.release()
@@ -384,7 +388,7 @@ class MetaStore:
             remove_dir(path)
         except FileNotFoundError:
             pass
-        except OSError as e:
+        except (OSError, CkfsError) as e:
             log.warning("snapshot %r removed but its directory stays: %s: %s", key, path, e)
         return Snapshot(row["id"], Kind(row["kind"]))
 
@@ -423,7 +427,7 @@ class MetaStore:
             for path in debris:
                 try:
                     remove_dir(path)
-                except OSError as e:
+                except (OSError, CkfsError) as e:
                     log.warning("cleanup: cannot remove %s: %s", path, e)
                 else:
                     removed.append(str(path))
@@ -557,27 +561,25 @@ class _TempDir:
 
 
 def remove_dir(path: Path) -> None:
-    """Remove the tree at *path*, detaching mounts left inside it if need be.
+    """Remove the tree at *path*, detaching anything mounted inside it first.
 
-    A removal that fails because something is still mounted below (a
-    container that was not unmounted) is retried after lazily unmounting
-    everything under *path*, as containerd's ``removeCleanupDir``.
+    A removal must never descend into a mount: ``rmtree`` would delete the
+    files of whatever is mounted there (a host directory bind-mounted into
+    a container's root, say). So mounts on or below *path* (a container
+    that was never unmounted) are lazily detached before the tree goes, the
+    order containerd's ``removeCleanupDir`` reaches on ``EBUSY``.
 
     Raises:
         FileNotFoundError: *path* does not exist.
         OSError: the tree cannot be removed.
+        CkfsError: a mount inside cannot be detached.
     """
     if not path.is_dir() or path.is_symlink():
         path.unlink()
         return
-    try:
-        shutil.rmtree(path)
-        return
-    except OSError as e:
-        if e.errno != errno.EBUSY and not mounts_under(path):
-            raise
-        log.warning("%s: busy mounts inside, detaching them: %s", path, e)
-    unmount_recursive(path, lazy=True)
+    if mounts_under(path):
+        log.warning("%s: detaching the mounts left inside before removing it", path)
+        unmount_recursive(path, lazy=True)
     shutil.rmtree(path)
 
 
