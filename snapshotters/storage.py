@@ -427,6 +427,8 @@ class MetaStore:
             for path in debris:
                 try:
                     remove_dir(path)
+                except FileNotFoundError:
+                    continue  # someone else's cleanup was quicker
                 except (OSError, CkfsError) as e:
                     log.warning("cleanup: cannot remove %s: %s", path, e)
                 else:
