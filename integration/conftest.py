@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["integration.mounts", "integration.registry"]
-
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_NAME = "example.local/ckfs/busybox:latest"
 

@@ -1,12 +1,67 @@
 #!/usr/bin/env bash
-# Set up ckfs on this Debian machine and run its main job on an example
-# image built here, offline: build the image with umoci, import it, list it.
+# Set up ckfs on this Debian machine and run its main job, offline:
+#   1. build an example image with umoci (from Debian's busybox-static),
+#   2. serve it from a local docker-registry on 127.0.0.1,
+#   3. `ckfs mount` it (pull what is missing, unpack, mount overlayfs),
+#   4. run it with runc from `ckfs bundle`, then unmount and clean up.
+# State goes to ./example/ (CKFS_ROOT overrides); the registry is ours and is
+# stopped by its PID when the script ends, whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export CKFS_ROOT=${CKFS_ROOT:-$PWD/example/state}
-name=example.local/ckfs/busybox:latest
-[ -f example/layout/index.json ] || bash scripts/example-image.sh example/layout latest >/dev/null
-.venv/bin/ckfs import --name "$name" example/layout
-.venv/bin/ckfs images ls
-.venv/bin/ckfs images inspect "$name"
+ckfs=.venv/bin/ckfs
+work=$PWD/example
+mkdir -p "$work"
+
+[ -f "$work/layout/index.json" ] || bash scripts/example-image.sh "$work/layout" latest >/dev/null
+
+# A private registry on a free loopback port.
+port=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+reg=$work/registry
+mkdir -p "$reg"
+cat >"$reg/config.yml" <<EOF
+version: 0.1
+log: {level: error, accesslog: {disabled: true}}
+storage: {filesystem: {rootdirectory: $reg/data}}
+http: {addr: 127.0.0.1:$port}
+EOF
+docker-registry serve "$reg/config.yml" >"$reg/log" 2>&1 &
+registry_pid=$!
+mnt=$work/rootfs
+bundle=$work/bundle
+cleanup() {
+  $ckfs umount "$mnt" 2>/dev/null || true
+  $ckfs umount "$bundle/rootfs" 2>/dev/null || true
+  kill "$registry_pid" 2>/dev/null || true
+  wait "$registry_pid" 2>/dev/null || true
+}
+trap cleanup EXIT
+.venv/bin/python - "$port" <<'EOF'
+import sys, time, urllib.request
+for _ in range(200):
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/v2/", timeout=1)
+        break
+    except OSError:
+        time.sleep(0.05)
+else:
+    sys.exit("demo: docker-registry did not start")
+EOF
+
+name=127.0.0.1:$port/ckfs/busybox:latest
+skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$work/layout:latest" "docker://$name"
+
+echo "== ckfs mount $name $mnt"
+$ckfs mount "$name" "$mnt"
+echo "== the rootfs:"
+ls "$mnt" "$mnt/srv/www"
+echo "== ckfs images ls"
+$ckfs images ls
+echo "== a second mount finds everything present (no download, no unpack):"
+$ckfs umount "$mnt"
+time $ckfs mount "$name" "$mnt"
+
+echo "== runc runs it from a bundle:"
+$ckfs bundle "$name" "$bundle" >/dev/null
+runc run -b "$bundle" "ckfs-demo-$$"
