@@ -616,6 +616,20 @@ def test_corrupt_inputs(root: Path) -> None:
         run(tar(F("a")), "application/vnd.oci.image.config.v1+json")
 
 
+def test_the_host_root_is_refused(tmp_path: Path) -> None:
+    # An empty layer: even if the guard failed, nothing would be written.
+    os.symlink("/", tmp_path / "slash")
+    for target in (Path("/"), tmp_path / "slash"):
+        with pytest.raises(InvalidArgument, match="host's /"):
+            apply_layer(
+                target,
+                io.BytesIO(b""),
+                media_type=None,
+                diff_id=None,
+                options=ApplyOptions(whiteouts="delete"),
+            )
+
+
 def test_empty_layers(root: Path) -> None:
     opts = ApplyOptions(whiteouts="delete")
     for data in (b"", b"\0" * 1024, gzip.compress(b"\0" * 10240)):

@@ -8,6 +8,14 @@ root may share an inode with a file outside it; and no canary path on the
 host may appear. Names that would reach the host if a check failed are
 unique canaries, never real system files.
 
+Every apply runs `confined` (tests/confine.py): in a forked child whose
+mount namespace leaves only the test's scratch directory writable. Escapes
+into the jail are still possible and caught by the snapshot; an escape to
+the host fails with EROFS, failing the test instead of changing the
+machine. This matters: a deliberately broken copy of the applier, run
+unconfined as root while checking that these tests catch escapes, once
+deleted the host's /etc. Never run this file's cases unconfined.
+
 Modelled on umoci's ``tar_extract_test.go`` tables plus its fuzzer
 (`test_random_layers_stay_inside`).
 """
@@ -29,9 +37,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckfs.archive import ApplyOptions, apply_layer
+from ckfs.archive import ApplyOptions, ApplyResult, apply_layer
 from ckfs.errors import InvalidArgument
 from tests import treecmp
+from tests.confine import confined
 from tests.tarbuild import B, C, D, Entry, F, H, L, W, tar
 
 CANARY = f"ckfs-canary-{os.getpid()}"
@@ -59,6 +68,15 @@ def make_jail(base: Path) -> Path:
     (lower / "dir/x").write_bytes(b"x")
     os.symlink("../..", lower / "up")
     return jail
+
+
+def apply_confined(scratch: Path, root: Path, blob: bytes, opts: ApplyOptions) -> ApplyResult:
+    """Apply *blob* to *root* where nothing but *scratch* can be written."""
+    return confined(scratch, _apply, root, blob, opts)
+
+
+def _apply(root: Path, blob: bytes, opts: ApplyOptions) -> ApplyResult:
+    return apply_layer(root, io.BytesIO(blob), media_type=None, diff_id=None, options=opts)
 
 
 def outside_inodes(jail: Path) -> set[tuple[int, int]]:
@@ -462,9 +480,9 @@ def test_hostile_layer_stays_inside(case: Case, tmp_path: Path) -> None:
     blob = tar(*case.entries(jail), **kw)
     if case.raises is not None:
         with pytest.raises(case.raises):
-            apply_layer(root, io.BytesIO(blob), media_type=None, diff_id=None, options=opts)
+            apply_confined(tmp_path, root, blob, opts)
     else:
-        apply_layer(root, io.BytesIO(blob), media_type=None, diff_id=None, options=opts)
+        apply_confined(tmp_path, root, blob, opts)
         if case.check is not None:
             case.check(root, jail)
     check_contained(jail, before)
@@ -572,13 +590,7 @@ def test_random_layers_stay_inside(spec: list[tuple[str, str, str]], whiteouts: 
         lowers = [jail / "lower"] if whiteouts == "overlay" else []
         opts = ApplyOptions(whiteouts=whiteouts, lowers=lowers, devices=False)  # type: ignore[arg-type]
         with contextlib.suppress(InvalidArgument):
-            apply_layer(
-                jail / "root",
-                io.BytesIO(_build(spec, jail)),
-                media_type=None,
-                diff_id=None,
-                options=opts,
-            )
+            apply_confined(Path(tmp), jail / "root", _build(spec, jail), opts)
         after = treecmp.snapshot(outer, exclude=["jail/root"])
         treecmp.assert_same(before, after, ignore=())
         outside = outside_inodes(jail)

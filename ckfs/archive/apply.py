@@ -249,6 +249,10 @@ class _Applier:
         self.root = RootDir(root)
         self.lowers: list[RootDir] = []
         try:
+            if os.path.samestat(os.fstat(self.root.fd), os.stat("/")):
+                # A caller's bug, not a layer's: whiteouts and opaque markers
+                # would delete the host's own files.
+                raise InvalidArgument("refusing to apply a layer to the host's /")
             for p in options.lowers:
                 self.lowers.append(RootDir(p))
         except BaseException:
