@@ -1,9 +1,9 @@
 """Applying an image layer to a directory: safely, and at disk speed.
 
-`apply_layer` decompresses a layer blob, parses it with `tarfile` in
-streaming mode and writes each entry under a root directory, hashing the
-uncompressed stream on the way so the caller learns (or checks) the diff ID
-in the same pass. It runs synchronously; callers run it in
+`apply_layer` decompresses a layer blob, parses it with `tarfile` in one
+forward pass (`ckfs.archive.tarstream`) and writes each entry under a root
+directory, hashing the uncompressed stream on the way so the caller learns
+(or checks) the diff ID in the same pass. It runs synchronously; callers run it in
 ``trio.to_thread.run_sync`` and decompression runs on one more thread.
 
 What a layer says is never trusted (see `ckfs.archive.secure`):
@@ -172,11 +172,10 @@ def apply_layer(
     """
     what = f"layer {diff_id}" if diff_id is not None else "layer"
     algorithm = diff_id.algorithm if diff_id is not None else "sha256"
-    with open_layer(blob, media_type) as stream:
+    with _Applier(root, options, what) as applier, open_layer(blob, media_type) as stream:
         tar = TarStream(stream, algorithm, what=what)
         try:
-            with _Applier(root, options, what) as applier:
-                applier.run(tar)
+            applier.run(tar)
             if tar.drain():
                 log.warning("%s: non-zero data after the end of the archive ignored", what)
         except InvalidArgument as e:
