@@ -11,6 +11,11 @@ layer use two cores (isal, zstandard and hashlib release the GIL). The
 returned stream must be read and closed by the thread that opened it:
 closing it stops the worker. The blob itself is never closed here; it
 belongs to the caller.
+
+zstandard's ``stream_reader`` does not report a stream cut short at or
+inside its last frame; it just ends. A cut inside a tar entry is still
+caught by the tar reader, and any cut by the diff ID check, which is why
+callers should always pass the diff ID they have.
 """
 
 from __future__ import annotations
