@@ -479,7 +479,7 @@ class _Fetch:
             p.fetched += len(data)
             labels = {**manifests.gc_labels(desc, data), **self.source_labels}
             await trio.to_thread.run_sync(
-                _write_all, writer, desc, data, labels, limiter=self.hashing
+                _write_all, writer, desc, data, labels, limiter=self.syncing
             )
         p.offset = len(data)
         self._set(p, BlobState.VERIFIED)
