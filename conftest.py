@@ -1,7 +1,52 @@
-"""Fixture plugins shared by the whole suite.
+"""Suite-wide pytest configuration.
 
-pytest accepts ``pytest_plugins`` only in the top-level conftest (a nested
-one breaks ``pytest .``), so the integration fixture modules register here.
+- Fixture plugins register here: pytest accepts ``pytest_plugins`` only in
+  the top-level conftest (a nested one breaks ``pytest .``).
+- Tests that feed the layer applier hostile archives as root run confined
+  (see `tests.confine`): everything but the temp directory is read-only for
+  them, so a containment bug fails the test instead of damaging the machine.
 """
 
+from __future__ import annotations
+
+import inspect
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
 pytest_plugins = ["integration.mounts", "integration.registry"]
+
+REPO = Path(__file__).resolve().parent
+
+#: Test files whose tests run confined.
+CONFINED = ("test_archive_",)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "confined: runs in a mount namespace where only temp dirs are writable"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name.startswith(CONFINED):
+            item.add_marker(pytest.mark.confined)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
+    if pyfuncitem.get_closest_marker("confined") is None:
+        return None
+    fn = pyfuncitem.obj
+    if inspect.iscoroutinefunction(fn):
+        return None
+    from tests.confine import confined
+
+    args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    writable = [Path(tempfile.gettempdir()), REPO / ".hypothesis"]
+    (REPO / ".hypothesis").mkdir(exist_ok=True)
+    confined(writable, fn, **args)
+    return True

@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,25 +54,29 @@ def _mountpoints() -> list[str]:
     return sorted(set(points), key=len)
 
 
-def _seal(writable: Path) -> None:
+def _seal(writable: Sequence[Path]) -> None:
     """In a fresh mount namespace, make everything but *writable* read-only."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare")
     _mount(None, "/", MS_REC | MS_PRIVATE)
-    keep = str(writable)
-    _mount(keep, keep, MS_BIND | MS_REC)
+    keep = [str(w) for w in writable]
+    for k in keep:
+        _mount(k, k, MS_BIND | MS_REC)
     for point in _mountpoints():
-        if point == keep or point.startswith(keep + "/") or point.startswith("/proc"):
+        if point.startswith("/proc") or any(point == k or point.startswith(k + "/") for k in keep):
             continue
         # Some pseudo filesystems refuse; nothing a layer writes lands there.
         with contextlib.suppress(OSError):
             _mount(None, point, MS_REMOUNT | MS_BIND | MS_RDONLY)
 
 
-def confined(writable: Path, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+def confined(
+    writable: Path | Sequence[Path], fn: Callable[..., _T], *args: Any, **kwargs: Any
+) -> _T:
     """Call ``fn(*args, **kwargs)`` with only *writable* writable; return or raise its outcome.
 
     The result or exception travels back pickled, so both must pickle.
     """
+    dirs = [writable] if isinstance(writable, Path) else list(writable)
     if os.geteuid() != 0:
         return fn(*args, **kwargs)
     r, w = os.pipe()
@@ -81,7 +85,7 @@ def confined(writable: Path, fn: Callable[..., _T], *args: Any, **kwargs: Any) -
         os.close(r)
         try:
             try:
-                _seal(writable.resolve())
+                _seal([d.resolve() for d in dirs])
                 outcome: tuple[bool, Any] = (True, fn(*args, **kwargs))
             except BaseException as e:
                 outcome = (False, e)
