@@ -134,7 +134,9 @@ class RootDir:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.fd = os.open(self.path, _O_DIR)
+        # The caller's path is trusted: a root reached through a symlink is
+        # fine (only what is below it is the layer's to name).
+        self.fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._frames: list[_Frame] = []
         self._stale = False
 
