@@ -111,25 +111,39 @@ def _ensure_image(app: App, ref: str, opts: dict[str, Any]) -> Image:
 def _prepare(
     app: App, image: Image, snapshotter: str, key: str, readonly: bool, platform: str | None
 ) -> list[Mount]:
-    import trio
+    """A snapshot on the image; unpack first only when a layer is missing.
 
+    The common case (already unpacked) never starts an event loop.
+    """
     from ckfs.images import platforms
-    from ckfs.rootfs import prepare_rootfs
+    from ckfs.rootfs import NotUnpacked, snapshot_on
 
     state = app.state
     sn = state.snapshotter(snapshotter)
-    return trio.run(
-        lambda: prepare_rootfs(
+    plat = platforms.parse(platform) if platform else None
+    labels = {"ckfs.io/image": image.name}
+    try:
+        return snapshot_on(
+            state.content, sn, image.target, key, readonly=readonly, labels=labels, platform=plat
+        )
+    except NotUnpacked:
+        pass
+    import trio
+
+    from ckfs.unpack import unpack
+
+    trio.run(
+        lambda: unpack(
             state.content,
             sn,
             image.target,
-            key,
             snapshotter_name=snapshotter,
             lock_dir=state.lock_dir,
-            readonly=readonly,
-            labels={"ckfs.io/image": image.name},
-            platform=platforms.parse(platform) if platform else None,
+            platform=plat,
         )
+    )
+    return snapshot_on(
+        state.content, sn, image.target, key, readonly=readonly, labels=labels, platform=plat
     )
 
 

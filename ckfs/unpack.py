@@ -1,0 +1,203 @@
+"""Unpacking: an image's layers into committed snapshots, only those missing.
+
+It works like containerd's unpacker. The image config's diff IDs give
+chain IDs; a committed snapshot named by a chain ID *is* that layer stack, so
+"is this layer here?" is one `stat`, no network and no hashing. For each
+missing layer, bottom up::
+
+    prepare("extract-<unique> <chainID>", parent=<previous chainID>)
+    apply the layer blob into it (diff ID verified while streaming)
+    commit("<chainID>", "extract-…")
+
+Concurrent unpacks of the same layer (two ``ckfs mount`` of one image) take
+a per-chain-ID file lock, so the work is done once and the second finds the
+snapshot committed. An interrupted unpack leaves only an ``extract-``
+snapshot, which the next unpack of that layer removes (it holds the lock, so
+nobody else can be using it) and which ``ckfs gc`` removes too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from ckfs.archive.apply import ApplyOptions, apply_layer
+from ckfs.content import ContentStore
+from ckfs.descriptor import Descriptor, Platform
+from ckfs.digest import Digest
+from ckfs.errors import AlreadyExists, FailedPrecondition, NotFound
+from ckfs.mount import Mount
+from ckfs.rootfs import EXTRACT_PREFIX, committed, gc_snapshot_label, image_chain
+from snapshotters.api import Snapshotter
+
+__all__ = ["UnpackReport", "unpack"]
+
+log = logging.getLogger(__name__)
+
+#: How often a waiting unpack re-checks another process's layer lock.
+LOCK_POLL = 0.05
+
+
+@dataclass
+class UnpackReport:
+    """What an unpack did: the top chain ID and the layers it had to apply."""
+
+    chain_id: Digest
+    applied: list[Digest] = field(default_factory=list)
+    present: int = 0
+    seconds: float = 0.0
+
+
+@contextlib.asynccontextmanager
+async def _layer_lock(lock_dir: Path, chain_id: Digest) -> AsyncIterator[None]:
+    """Hold the unpack lock of one chain ID, across processes.
+
+    flock is polled rather than blocked on in a thread so that waiting stays
+    cancellable.
+    """
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_dir / chain_id.hex, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await trio.sleep(LOCK_POLL)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_leftovers(sn: Snapshotter, chain_id: Digest) -> None:
+    """Remove extract snapshots of *chain_id* left by interrupted unpacks."""
+    for info in list(sn.walk([f'name~="^{EXTRACT_PREFIX}"'])):
+        if info.name.endswith(f" {chain_id}"):
+            log.info("removing leftover snapshot %r of an interrupted unpack", info.name)
+            with contextlib.suppress(NotFound, FailedPrecondition):
+                sn.remove(info.name)
+
+
+def _apply_into(
+    sn: Snapshotter,
+    key: str,
+    mounts: Sequence[Mount],
+    blob: Path,
+    layer: Descriptor,
+    diff_id: Digest,
+) -> None:
+    """Apply *layer* into the active snapshot *key*; runs in a worker thread.
+
+    Layers are written straight into the snapshot's directory, never through
+    a mount: the overlay upper dir (whiteouts in overlay form, so lower
+    layers are never copied up) or a native snapshot's full copy of its
+    parent, a plain bind source (whiteouts as deletions).
+    """
+    upper = getattr(sn, "upper_dir", None)
+    lowers = getattr(sn, "lower_dirs", None)
+    if callable(upper) and callable(lowers) and (below := lowers(key)):
+        target, options = upper(key), ApplyOptions(whiteouts="overlay", lowers=below)
+    elif len(mounts) == 1 and mounts[0].type == "bind":
+        target, options = Path(mounts[0].source), ApplyOptions(whiteouts="delete")
+    else:
+        raise FailedPrecondition(f"snapshot {key!r}: cannot apply a layer into {mounts}")
+    with open(blob, "rb") as f:
+        apply_layer(target, f, media_type=layer.media_type, diff_id=diff_id, options=options)
+
+
+async def _unpack_layer(
+    sn: Snapshotter,
+    content: ContentStore,
+    layer: Descriptor,
+    diff_id: Digest,
+    chain_id: Digest,
+    parent: str,
+) -> None:
+    key = f"{EXTRACT_PREFIX}{time.time_ns()}-{secrets.token_hex(4)} {chain_id}"
+    mounts = await trio.to_thread.run_sync(sn.prepare, key, parent, None)
+    try:
+        blob = content.path(layer.digest)
+        await trio.to_thread.run_sync(_apply_into, sn, key, mounts, blob, layer, diff_id)
+        await trio.to_thread.run_sync(sn.commit, str(chain_id), key, None)
+    except BaseException:
+        with trio.CancelScope(shield=True), contextlib.suppress(NotFound):
+            await trio.to_thread.run_sync(sn.remove, key)
+        raise
+
+
+async def unpack(
+    content: ContentStore,
+    sn: Snapshotter,
+    target: Descriptor,
+    *,
+    snapshotter_name: str,
+    lock_dir: Path,
+    platform: Platform | None = None,
+) -> UnpackReport:
+    """Make sure the layers of *target* exist as committed snapshots in *sn*.
+
+    Args:
+        content: where the image's manifest, config and layers are (all must
+            be present: pull first).
+        sn: the snapshotter to unpack into.
+        target: the image's target descriptor (index or manifest).
+        snapshotter_name: *sn*'s registered name, for the gc label.
+        lock_dir: directory for the per-chain-ID unpack locks.
+        platform: which manifest of an index (default: this host).
+
+    Returns:
+        The top chain ID (the parent for a rootfs snapshot) and what was done.
+
+    Raises:
+        NotFound: a manifest, config or layer blob is missing.
+        FailedPrecondition: the manifest and config disagree on the number
+            of layers.
+        DataLoss: a layer does not decompress to its diff ID; the snapshot
+            being built is removed.
+        InvalidArgument: a malformed or hostile layer.
+
+    Cancellation: the snapshot being extracted is removed; committed layers stay.
+    """
+    started = time.monotonic()
+    manifest, config, chain = await trio.to_thread.run_sync(image_chain, content, target, platform)
+    layers, diff_ids = manifest.layers, config.diff_ids
+    report = UnpackReport(chain_id=chain[-1])
+
+    # Walk down from the top: usually everything is there and one stat answers.
+    have = len(chain)
+    while have > 0 and not committed(sn, str(chain[have - 1])):
+        have -= 1
+    report.present = have
+    for i in range(have, len(chain)):
+        parent = str(chain[i - 1]) if i else ""
+        async with _layer_lock(lock_dir, chain[i]):
+            if committed(sn, str(chain[i])):
+                continue
+            await trio.to_thread.run_sync(_remove_leftovers, sn, chain[i])
+            if not content.exists(layers[i].digest):
+                raise NotFound(
+                    f"image {target.digest}: layer {layers[i].digest} is not in the content "
+                    "store; pull the image first"
+                )
+            # AlreadyExists: another unpacker without our lock (containerd) won.
+            with contextlib.suppress(AlreadyExists):
+                await _unpack_layer(sn, content, layers[i], diff_ids[i], chain[i], parent)
+            report.applied.append(chain[i])
+
+    info = content.info(manifest.config.digest)
+    label = gc_snapshot_label(snapshotter_name)
+    if info.labels.get(label) != str(report.chain_id):
+        from dataclasses import replace
+
+        content.update(replace(info, labels={label: str(report.chain_id)}), [f"labels.{label}"])
+    report.seconds = time.monotonic() - started
+    return report
