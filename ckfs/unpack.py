@@ -24,9 +24,10 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -34,8 +35,12 @@ from ckfs.archive.apply import ApplyOptions, apply_layer
 from ckfs.content import ContentStore
 from ckfs.descriptor import Descriptor, Platform
 from ckfs.digest import Digest
-from ckfs.errors import AlreadyExists, FailedPrecondition, NotFound
+from ckfs.errors import AlreadyExists, FailedPrecondition, NotFound, unwrap_groups
+from ckfs.images import ImageStore
 from ckfs.mount import Mount
+from ckfs.pull import PullReport, pull
+from ckfs.reference import Reference
+from ckfs.remotes.fetch import BlobProgress, BlobState
 from ckfs.rootfs import EXTRACT_PREFIX, committed, gc_snapshot_label, image_chain
 from snapshotters.api import Snapshotter
 
@@ -142,6 +147,7 @@ async def unpack(
     snapshotter_name: str,
     lock_dir: Path,
     platform: Platform | None = None,
+    arrival: Callable[[Descriptor], Awaitable[None]] | None = None,
 ) -> UnpackReport:
     """Make sure the layers of *target* exist as committed snapshots in *sn*.
 
@@ -153,6 +159,9 @@ async def unpack(
         snapshotter_name: *sn*'s registered name, for the gc label.
         lock_dir: directory for the per-chain-ID unpack locks.
         platform: which manifest of an index (default: this host).
+        arrival: awaited before each missing layer is applied; returns once
+            that layer's blob is in the content store (or will not come).
+            Lets unpacking run while a pull is still downloading later layers.
 
     Returns:
         The top chain ID (the parent for a rootfs snapshot) and what was done.
@@ -179,6 +188,8 @@ async def unpack(
     report.present = have
     for i in range(have, len(chain)):
         parent = str(chain[i - 1]) if i else ""
+        if arrival is not None:
+            await arrival(layers[i])
         async with _layer_lock(lock_dir, chain[i]):
             if committed(sn, str(chain[i])):
                 continue
@@ -201,3 +212,94 @@ async def unpack(
         content.update(replace(info, labels={label: str(report.chain_id)}), [f"labels.{label}"])
     report.seconds = time.monotonic() - started
     return report
+
+
+#: States after which a blob will not change any more in this fetch.
+_SETTLED = frozenset({BlobState.EXISTS, BlobState.VERIFIED, BlobState.SKIPPED, BlobState.FAILED})
+
+
+class _Arrivals:
+    """Which blobs a running fetch has made present, as trio events.
+
+    Fed by the fetch's ``on_event``. The fetch visits its target before any
+    child, so the first blob it reports is the image's target.
+    """
+
+    def __init__(self, content: ContentStore) -> None:
+        self.content = content
+        self.target: Descriptor | None = None
+        self.config_present = trio.Event()
+        self._done: dict[Digest, trio.Event] = {}
+
+    def event(self, p: BlobProgress) -> None:
+        if self.target is None:
+            self.target = p.desc
+        if p.state in _SETTLED:
+            if p.kind == "config":
+                self.config_present.set()
+            self._done.setdefault(p.desc.digest, trio.Event()).set()
+
+    async def wait(self, desc: Descriptor) -> None:
+        if not self.content.exists(desc.digest):
+            await self._done.setdefault(desc.digest, trio.Event()).wait()
+
+
+async def pull_and_unpack(
+    ref: Reference,
+    content: ContentStore,
+    images: ImageStore,
+    sn: Snapshotter,
+    *,
+    snapshotter_name: str,
+    lock_dir: Path,
+    platform: Platform | None = None,
+    on_event: Callable[[BlobProgress], None] | None = None,
+    **pull_options: Any,
+) -> PullReport:
+    """Pull *ref* and unpack it at the same time, like containerd's pull with unpack.
+
+    Each layer is applied as soon as it has arrived and the one below it is
+    applied, so decompression and extraction overlap the download of later
+    layers instead of waiting for the whole image.
+
+    Args:
+        ref, content, images, platform, on_event, pull_options: as
+            `ckfs.pull.pull`.
+        sn, snapshotter_name, lock_dir: as `unpack`.
+
+    Raises:
+        As `ckfs.pull.pull` and `unpack`; the first failure cancels the other.
+    """
+    arrivals = _Arrivals(content)
+
+    def events(p: BlobProgress) -> None:
+        arrivals.event(p)
+        if on_event is not None:
+            on_event(p)
+
+    report: list[PullReport] = []
+
+    async def do_pull() -> None:
+        report.append(
+            await pull(ref, content, images, platform=platform, on_event=events, **pull_options)
+        )
+
+    async def do_unpack() -> None:
+        # The manifest and config come first and are small; layers stream.
+        await arrivals.config_present.wait()
+        assert arrivals.target is not None
+        await unpack(
+            content,
+            sn,
+            arrivals.target,
+            snapshotter_name=snapshotter_name,
+            lock_dir=lock_dir,
+            platform=platform,
+            arrival=arrivals.wait,
+        )
+
+    with unwrap_groups():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(do_pull)
+            nursery.start_soon(do_unpack)
+    return report[0]

@@ -20,7 +20,7 @@ import click
 from ckfs_cli.app import App, human_size, print_json
 
 if TYPE_CHECKING:
-    from ckfs.images.store import Image
+    from ckfs.descriptor import Descriptor
     from ckfs.mount import Mount
 
 pass_app = click.make_pass_decorator(App)
@@ -65,86 +65,80 @@ def mount_key(target: Path) -> str:
     return f"mount:{os.path.abspath(target)}"
 
 
-def _ensure_image(app: App, ref: str, opts: dict[str, Any]) -> Image:
-    """The image named *ref*, pulled first if it is not complete locally.
+def _rootfs(
+    app: App, ref: str, snapshotter: str, key: str, readonly: bool, opts: dict[str, Any]
+) -> tuple[str, list[Mount]]:
+    """A snapshot *key* on the image *ref*: its name and Mount records.
 
-    A complete local image needs no network at all, whatever its name says:
-    imported images work offline, and a name whose registry is unreachable
-    still mounts.
+    The common case, an image already pulled and unpacked, is a few SQLite
+    queries and never starts an event loop. Otherwise the missing layers are
+    unpacked, or, when the image is not complete locally, pulled and
+    unpacked at once, each layer applied as soon as it has arrived. A
+    complete local image needs no network, whatever its name says.
     """
     from ckfs import reference
     from ckfs.errors import NotFound
     from ckfs.images import image as img
     from ckfs.images import platforms
+    from ckfs.rootfs import NotUnpacked, snapshot_on
 
     state = app.state
     name = str(reference.parse(ref))
     plat = platforms.parse(opts["platform"]) if opts.get("platform") else None
-    try:
-        found = state.images.get(name)
-        img.config(state.content, found.target, plat)
-        img.tree(state.content, found.target, name=name)
-        return found
-    except NotFound:
-        pass
-    import trio
-
-    from ckfs.pull import pull
-    from ckfs.remotes.hosts import default_hosts_dirs
-
-    report = trio.run(
-        lambda: pull(
-            reference.parse(ref),
-            state.content,
-            state.images,
-            platform=plat,
-            offline=opts.get("offline", False),
-            hosts_dirs=list(opts.get("hosts_dirs") or ()) or default_hosts_dirs(state.root),
-            plain_http=opts.get("plain_http", False),
-            user=opts.get("user"),
-        )
-    )
-    assert report.image is not None
-    return report.image
-
-
-def _prepare(
-    app: App, image: Image, snapshotter: str, key: str, readonly: bool, platform: str | None
-) -> list[Mount]:
-    """A snapshot on the image; unpack first only when a layer is missing.
-
-    The common case (already unpacked) never starts an event loop.
-    """
-    from ckfs.images import platforms
-    from ckfs.rootfs import NotUnpacked, snapshot_on
-
-    state = app.state
     sn = state.snapshotter(snapshotter)
-    plat = platforms.parse(platform) if platform else None
-    labels = {"ckfs.io/image": image.name}
-    try:
+    labels = {"ckfs.io/image": name}
+
+    def snapshot(target: Descriptor) -> list[Mount]:
         return snapshot_on(
-            state.content, sn, image.target, key, readonly=readonly, labels=labels, platform=plat
+            state.content, sn, target, key, readonly=readonly, labels=labels, platform=plat
         )
-    except NotUnpacked:
-        pass
+
+    try:
+        image = state.images.get(name)
+        img.tree(state.content, image.target, name=name)
+    except NotFound:
+        image = None
+    if image is not None:
+        try:
+            return name, snapshot(image.target)
+        except NotUnpacked:
+            pass
     import trio
 
-    from ckfs.unpack import unpack
+    from ckfs.remotes.hosts import default_hosts_dirs
+    from ckfs.unpack import pull_and_unpack, unpack
 
-    trio.run(
-        lambda: unpack(
-            state.content,
-            sn,
-            image.target,
-            snapshotter_name=snapshotter,
-            lock_dir=state.lock_dir,
-            platform=plat,
+    lock_dir = state.lock_dir
+    if image is not None:
+        target = image.target
+        trio.run(
+            lambda: unpack(
+                state.content,
+                sn,
+                target,
+                snapshotter_name=snapshotter,
+                lock_dir=lock_dir,
+                platform=plat,
+            )
         )
-    )
-    return snapshot_on(
-        state.content, sn, image.target, key, readonly=readonly, labels=labels, platform=plat
-    )
+    else:
+        report = trio.run(
+            lambda: pull_and_unpack(
+                reference.parse(ref),
+                state.content,
+                state.images,
+                sn,
+                offline=opts.get("offline", False),
+                hosts_dirs=list(opts.get("hosts_dirs") or ()) or default_hosts_dirs(state.root),
+                plain_http=opts.get("plain_http", False),
+                user=opts.get("user"),
+                snapshotter_name=snapshotter,
+                lock_dir=lock_dir,
+                platform=plat,
+            )
+        )
+        target = report.target
+    return name, snapshot(target)
 
 
 def _mount(
@@ -163,9 +157,8 @@ def _mount(
     if mountlib.is_mountpoint(target):
         raise FailedPrecondition(f"{target} is already a mountpoint; ckfs umount it first")
     with state.gc_lock():
-        image = _ensure_image(app, ref, opts)
         try:
-            mounts = _prepare(app, image, snapshotter, key, ro, opts.get("platform"))
+            _, mounts = _rootfs(app, ref, snapshotter, key, ro, opts)
         except AlreadyExists:
             raise FailedPrecondition(
                 f"{target} already has a ckfs snapshot ({snapshotter}); run `ckfs umount {target}`"
@@ -244,8 +237,7 @@ def rootfs_cmd(
     """
     key = key or f"rootfs-{time.time_ns()}-{secrets.token_hex(4)}"
     with app.state.gc_lock():
-        image = _ensure_image(app, ref, opts)
-        mounts = _prepare(app, image, snapshotter, key, ro, opts.get("platform"))
+        _, mounts = _rootfs(app, ref, snapshotter, key, ro, opts)
     if as_json:
         print_json(
             {"key": key, "snapshotter": snapshotter, "mounts": [m.to_json() for m in mounts]}
