@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 # System packages: pyfuse3 builds from source (gcc, pkg-config, libfuse3-dev);
 # fuse3 gives fusermount3; umoci/skopeo build and move test images;
 # docker-registry, runc and containerd are the real peers tests and
-# benchmarks talk to; busybox-static is the example image's userland.
+# benchmarks talk to; busybox-static is the example image's userland;
+# debootstrap builds the Debian image runc runs in the tests.
 PKGS=(gcc pkg-config fuse3 libfuse3-dev python3-dev python3-venv
-      umoci skopeo docker-registry runc containerd busybox-static
+      umoci skopeo docker-registry runc containerd busybox-static debootstrap
       git ca-certificates)
 
 missing=()
