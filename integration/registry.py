@@ -7,8 +7,8 @@ media types skopeo would rewrite (uncompressed, zstd while its blob cache
 remembers a gzip twin) go in through the distribution API directly
 (`Registry.push_layout_raw`), byte for byte.
 
-Fixtures (registered for ``integration/`` by ``pytest_plugins`` in its
-conftest):
+Fixtures (registered for the whole suite by ``pytest_plugins`` in the
+top-level conftest):
 
 - ``registry``: a plain registry holding the example image (session-wide;
   tests never change what it serves, only what they pull from it).
