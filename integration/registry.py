@@ -195,10 +195,9 @@ class Registry:
                 start = client.post(f"{repo}/blobs/uploads/")
                 start.raise_for_status()
                 # The upload URL carries state in its query; add to it, keep it.
-                location = start.headers["location"]
-                sep = "&" if "?" in location else "?"
+                location = httpx.URL(start.headers["location"])
                 put = client.put(
-                    f"{location}{sep}digest={d['digest']}",
+                    location.copy_add_param("digest", d["digest"]),
                     content=data,
                     headers={"Content-Type": "application/octet-stream"},
                 )

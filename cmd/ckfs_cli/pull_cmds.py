@@ -251,7 +251,8 @@ class _LiveDisplay(_Display):
         from rich.console import Console
         from rich.live import Live
 
-        self._blobs: list[BlobProgress] = []
+        # Rows in the order blobs first reported, keyed by object identity.
+        self._rows: dict[int, BlobProgress] = {}
         # Per blob: (bytes fetched, time) when its current transfer began,
         # and the rate it finished at.
         self._marks: dict[int, tuple[int, float]] = {}
@@ -268,16 +269,16 @@ class _LiveDisplay(_Display):
         from ckfs.remotes.fetch import BlobState
 
         key = id(p)
-        if key not in self._marks:
-            self._blobs.append(p)
+        self._rows.setdefault(key, p)
         if p.state in (BlobState.DOWNLOADING, BlobState.RESUMING):
             self._marks[key] = (p.fetched, time.monotonic())
-        elif key in self._marks and p.state is BlobState.VERIFIED:
+        elif p.state is BlobState.VERIFIED and key in self._marks:
             self._final[key] = self._rate(p)
-        self._marks.setdefault(key, (p.fetched, time.monotonic()))
 
     def _rate(self, p: BlobProgress) -> float:
-        fetched0, t0 = self._marks.get(id(p), (p.fetched, time.monotonic()))
+        if id(p) not in self._marks:
+            return 0.0
+        fetched0, t0 = self._marks[id(p)]
         elapsed = time.monotonic() - t0
         return (p.fetched - fetched0) / elapsed if elapsed > 0 else 0.0
 
@@ -290,7 +291,8 @@ class _LiveDisplay(_Display):
         for column in ("kind", "digest", "bytes", "rate", "state"):
             table.add_column(column, no_wrap=True, justify="right" if column == "rate" else "left")
         total = done = 0
-        for p in list(self._blobs):
+        rows = list(self._rows.values())
+        for p in rows:
             size = p.desc.size
             total += size
             done += min(p.offset, size)
@@ -304,10 +306,10 @@ class _LiveDisplay(_Display):
                 str(p.state),
             )
         elapsed = time.monotonic() - self._start
-        fetched = sum(p.fetched for p in list(self._blobs))
+        fetched = sum(p.fetched for p in rows)
         table.add_row(
             "total",
-            f"{len(self._blobs)} blobs",
+            f"{len(rows)} blobs",
             f"{human_size(done)} / {human_size(total)}",
             f"{human_size(int(fetched / elapsed))}/s" if elapsed > 0 and fetched else "",
             f"{elapsed:.1f}s",
