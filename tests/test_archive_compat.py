@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -11,21 +10,12 @@ import pytest
 from ckfs.archive.apply import ApplyOptions, apply_layer
 from ckfs.digest import from_bytes
 from ckfs.errors import DataLoss, InvalidArgument
-
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+from tests.layouts import layer_tar
 
 
 def _unterminated(files: dict[str, bytes]) -> bytes:
     """A tar whose writer was never closed: no final padding, no zero blocks."""
-    data = _tar(files).rstrip(b"\0")
+    data = layer_tar(files).rstrip(b"\0")
     last = list(files.values())[-1]
     assert data.endswith(last.rstrip(b"\0"))
     return data
@@ -53,7 +43,7 @@ def test_unterminated_tar_as_umoci_047_writes_it(tmp_path: Path, files: dict[str
 
 
 def test_truncated_inside_file_data_is_still_an_error(tmp_path: Path) -> None:
-    blob = _tar({"a": b"y" * 2000})[: 512 + 1000]
+    blob = layer_tar({"a": b"y" * 2000})[: 512 + 1000]
     with pytest.raises((InvalidArgument, DataLoss)):
         apply_layer(
             tmp_path,

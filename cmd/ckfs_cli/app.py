@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,3 +76,27 @@ def human_size(n: int) -> str:
 
 def labels_text(labels: dict[str, str] | Any) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+
+
+def for_each(items: Sequence[str], action: Callable[[str], object]) -> None:
+    """Apply *action* to every item, like ``ctr ... rm A B C``.
+
+    Each success prints what *action* returned if it is a string (a
+    normalized name, say), else the item; each failure prints its one-line
+    error and the rest still run; any failure makes the exit status 1.
+    """
+    import click
+
+    from ckfs.errors import CkfsError
+
+    failed = 0
+    for item in items:
+        try:
+            done = action(item)
+        except CkfsError as e:
+            click.echo(f"ckfs: {e}", err=True)
+            failed += 1
+        else:
+            click.echo(done if isinstance(done, str) else item)
+    if failed:
+        raise SystemExit(1)

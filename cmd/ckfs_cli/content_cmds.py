@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ckfs.content import Info
     from ckfs.digest import Digest
 
-from ckfs_cli.app import App, human_size, labels_text, print_json, print_table
+from ckfs_cli.app import App, for_each, human_size, labels_text, print_json, print_table
 
 pass_app = click.make_pass_decorator(App)
 
@@ -90,19 +90,7 @@ def get(app: App, digest: str) -> None:
 @pass_app
 def rm(app: App, digests: tuple[str, ...]) -> None:
     """Remove blobs (images that need them become incomplete)."""
-    from ckfs.errors import CkfsError
-
-    failed = 0
-    for d in digests:
-        try:
-            app.state.content.delete(_parse(d))
-        except CkfsError as e:
-            click.echo(f"ckfs: {e}", err=True)
-            failed += 1
-        else:
-            click.echo(d)
-    if failed:
-        raise SystemExit(1)
+    for_each(digests, lambda d: app.state.content.delete(_parse(d)))
 
 
 @content.command("verify")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ckfs_cli.app import App, human_size, labels_text, print_json, print_table
+from ckfs_cli.app import App, for_each, human_size, labels_text, print_json, print_table
 
 pass_app = click.make_pass_decorator(App)
 
@@ -158,16 +158,9 @@ def tag(app: App, force: bool, src: str, dst: str) -> None:
 @pass_app
 def rm(app: App, names: tuple[str, ...]) -> None:
     """Remove image names (their content stays until gc)."""
-    from ckfs.errors import CkfsError
 
-    failed = 0
-    for n in names:
-        try:
-            app.state.images.delete(normalize(n))
-        except CkfsError as e:
-            click.echo(f"ckfs: {e}", err=True)
-            failed += 1
-        else:
-            click.echo(normalize(n))
-    if failed:
-        raise SystemExit(1)
+    def delete(name: str) -> str:
+        app.state.images.delete(normalize(name))
+        return normalize(name)
+
+    for_each(names, delete)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ckfs_cli.app import App, human_size, labels_text, print_json, print_table
+from ckfs_cli.app import App, for_each, human_size, labels_text, print_json, print_table
 from ckfs_cli.rootfs_cmds import DEFAULT_SNAPSHOTTER
 
 if TYPE_CHECKING:
@@ -132,19 +132,7 @@ def usage(ctx: _Ctx, as_json: bool, keys: tuple[str, ...]) -> None:
 @pass_ctx
 def rm(ctx: _Ctx, keys: tuple[str, ...]) -> None:
     """Remove snapshots (a parent with children cannot be removed)."""
-    from ckfs.errors import CkfsError
-
-    failed = 0
-    for k in keys:
-        try:
-            ctx.sn.remove(k)
-        except CkfsError as e:
-            click.echo(f"ckfs: {e}", err=True)
-            failed += 1
-        else:
-            click.echo(k)
-    if failed:
-        raise SystemExit(1)
+    for_each(keys, ctx.sn.remove)
 
 
 @snapshots.command("prepare")
