@@ -1,0 +1,288 @@
+"""`ckfs.unpack.unpack`, `ckfs.rootfs.snapshot_on` and `ckfs.gc.collect` on real
+snapshotters (overlayfs and native) in temporary state roots, without mounting.
+
+Images are written byte by byte by `tests.layouts` and imported with
+`ckfs.transfer.import_source`, as ``ckfs import`` does. What a snapshot
+holds is read from the directories its Mount records name (a bind's source;
+an overlay's lower directories, top first), so nothing here needs mount(2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ckfs import gc
+from ckfs.descriptor import Descriptor
+from ckfs.digest import Digest
+from ckfs.errors import AlreadyExists, DataLoss, NotFound
+from ckfs.identity import chain_ids
+from ckfs.mount import Mount
+from ckfs.remotes.archives import open_source
+from ckfs.rootfs import EXTRACT_PREFIX, GC_SNAPSHOT, NotUnpacked, snapshot_on
+from ckfs.state import State
+from ckfs.transfer import import_source
+from ckfs.unpack import UnpackReport, unpack
+from snapshotters.api import Kind, Snapshotter
+from snapshotters.overlay import OverlaySnapshotter
+from tests.layouts import Layout, layer_tar, sha256
+
+BASE = {"etc/os-release": b"ID=unpack-test\n", "bin/tool": b"#!/bin/sh\n"}
+APP = {"srv/app/data": b"x" * 50_000, "etc/app.conf": b"conf\n"}
+OTHER = {"srv/other": b"other\n"}
+
+
+@dataclass
+class Env:
+    """A state root with one snapshotter to unpack into."""
+
+    state: State
+    sn: Snapshotter
+    name: str  # the snapshotter's registered name
+    tmp: Path
+
+    async def add(self, name: str, layers: list[dict[str, bytes]]) -> Descriptor:
+        """Write an image of *layers*, import it as *name*; its target."""
+        layout = Layout(self.tmp / f"layout-{len(os.listdir(self.tmp))}")
+        layout.image(layers)
+        return await self.import_layout(layout, name)
+
+    async def import_layout(self, layout: Layout, name: str) -> Descriptor:
+        source = open_source(layout.root)
+        try:
+            await import_source(source, self.state.content, self.state.images, name=name)
+        finally:
+            source.close()
+        return self.state.images.get(name).target
+
+    async def unpack(self, target: Descriptor) -> UnpackReport:
+        return await unpack(
+            self.state.content,
+            self.sn,
+            target,
+            snapshotter_name=self.name,
+            lock_dir=self.state.lock_dir,
+        )
+
+    def names(self) -> list[str]:
+        return sorted(i.name for i in self.sn.walk())
+
+    def dirs(self) -> list[str]:
+        """What is on disk under ``<root>/snapshots/<name>/``."""
+        return sorted(os.listdir(self.state.root / "snapshots" / self.name))
+
+    def collect(self) -> gc.GCReport:
+        return gc.collect(self.state.content, self.state.images, {self.name: self.sn})
+
+
+@pytest.fixture(params=["overlayfs", "native"])
+def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
+    state = State(tmp_path / "root")
+    work = tmp_path / "work"
+    work.mkdir()
+    yield Env(state, state.snapshotter(request.param), request.param, work)
+    state.close()
+
+
+def chain_of(layers: list[dict[str, bytes]]) -> list[str]:
+    """Chain IDs of an image of *layers* as `tests.layouts` writes them."""
+    return [str(c) for c in chain_ids([sha256(layer_tar(files)) for files in layers])]
+
+
+def files_in(mounts: list[Mount]) -> dict[str, bytes]:
+    """Regular files a snapshot's mounts would show (these layers have no whiteouts)."""
+    (m,) = mounts
+    if m.type == "bind":
+        dirs = [Path(m.source)]
+    else:
+        (lower,) = [o for o in m.options if o.startswith("lowerdir=")]
+        dirs = [Path(d) for d in lower.removeprefix("lowerdir=").split(":")]
+        dirs = [Path(o.split("=", 1)[1]) for o in m.options if o.startswith("upperdir=")] + dirs
+    seen: dict[str, bytes] = {}
+    for d in dirs:  # top first: the first one to have a path wins
+        for p in d.rglob("*"):
+            rel = str(p.relative_to(d))
+            if p.is_file() and not p.is_symlink() and rel not in seen:
+                seen[rel] = p.read_bytes()
+    return seen
+
+
+def extracts(env: Env) -> list[str]:
+    return [n for n in env.names() if n.startswith(EXTRACT_PREFIX)]
+
+
+async def test_unpack_applies_each_missing_layer_and_nothing_twice(env: Env) -> None:
+    target = await env.add("example.local/unpack/app:1", [BASE, APP])
+    chain = chain_of([BASE, APP])
+
+    first = await env.unpack(target)
+    assert [str(c) for c in first.applied] == chain and first.present == 0
+    assert str(first.chain_id) == chain[-1]
+    assert env.names() == sorted(chain)
+    assert [env.sn.stat(c).parent for c in chain] == ["", chain[0]]
+    assert all(env.sn.stat(c).kind is Kind.COMMITTED for c in chain)
+
+    again = await env.unpack(target)
+    assert again.applied == [] and again.present == 2
+    assert env.names() == sorted(chain)
+    assert extracts(env) == []
+
+
+async def test_a_layer_shared_with_another_image_is_not_applied_again(env: Env) -> None:
+    app = await env.add("example.local/unpack/app:1", [BASE, APP])
+    other = await env.add("example.local/unpack/other:1", [BASE, OTHER])
+    await env.unpack(app)
+    report = await env.unpack(other)
+    chain = chain_of([BASE, OTHER])
+    assert report.present == 1 and [str(c) for c in report.applied] == chain[1:]
+    assert len(env.names()) == 3  # one base, two tops
+    assert files_in(snapshot_on(env.state.content, env.sn, other, "v", readonly=True)) == {
+        **BASE,
+        **OTHER,
+    }
+
+
+def with_wrong_diff_id(layout: Layout, layer: int) -> None:
+    """Make the image's config claim a diff ID layer *layer* does not have."""
+    m = layout.manifest()
+    config = json.loads(layout.blob_path(m["config"]["digest"]).read_bytes())
+    config["rootfs"]["diff_ids"][layer] = sha256(b"not this layer")
+    data = json.dumps(config).encode()
+    m["config"] = {**m["config"], "digest": layout.blob(data), "size": len(data)}
+    body = json.dumps(m).encode()
+    layout.manifests[0] = {**layout.manifests[0], "digest": layout.blob(body), "size": len(body)}
+    layout.write_index()
+
+
+async def test_layer_not_matching_its_diff_id_is_data_loss_and_leaves_nothing(env: Env) -> None:
+    layout = Layout(env.tmp / "bad")
+    layout.image([BASE, APP])
+    with_wrong_diff_id(layout, 1)
+    target = await env.import_layout(layout, "example.local/unpack/bad:1")
+    good_base = chain_of([BASE])[0]
+
+    for _ in range(2):  # and again: no leftover changes the outcome
+        with pytest.raises(DataLoss):
+            await env.unpack(target)
+        # The good layer below stays committed; the bad one left no trace.
+        assert env.names() == [good_base]
+        assert extracts(env) == []
+        assert len(env.dirs()) == 1
+
+    config = env.state.content.info(Digest.parse(layout.manifest()["config"]["digest"]))
+    assert not any(k.startswith(GC_SNAPSHOT) for k in config.labels)
+    with pytest.raises(NotUnpacked):
+        snapshot_on(env.state.content, env.sn, target, "rootfs")
+
+
+async def test_missing_layer_blob_is_not_found_and_leaves_nothing(env: Env) -> None:
+    layout = Layout(env.tmp / "missing")
+    layout.image([BASE, APP])
+    target = await env.import_layout(layout, "example.local/unpack/app:1")
+    env.state.content.delete(Digest.parse(layout.manifest()["layers"][1]["digest"]))
+    with pytest.raises(NotFound):
+        await env.unpack(target)
+    assert env.names() == chain_of([BASE])
+    assert extracts(env) == []
+
+
+async def test_snapshot_on_needs_an_unpacked_image_then_answers_mounts(env: Env) -> None:
+    target = await env.add("example.local/unpack/app:1", [BASE, APP])
+    chain = chain_of([BASE, APP])
+    content = env.state.content
+    with pytest.raises(NotUnpacked):
+        snapshot_on(content, env.sn, target, "rw")
+    with pytest.raises(NotFound):  # NotUnpacked is a NotFound, for callers that only know those
+        snapshot_on(content, env.sn, target, "ro", readonly=True)
+    assert env.names() == []
+
+    await env.unpack(target)
+    labels = {"ckfs.io/image": "example.local/unpack/app:1"}
+    rw = snapshot_on(content, env.sn, target, "rw", labels=labels)
+    ro = snapshot_on(content, env.sn, target, "ro", readonly=True)
+    assert env.sn.stat("rw").kind is Kind.ACTIVE and env.sn.stat("ro").kind is Kind.VIEW
+    assert env.sn.stat("rw").parent == env.sn.stat("ro").parent == chain[-1]
+    assert dict(env.sn.stat("rw").labels) == labels
+    assert files_in(rw) == files_in(ro) == {**BASE, **APP}
+
+    if isinstance(env.sn, OverlaySnapshotter):
+        lowers = "lowerdir=" + ":".join(str(env.sn.upper_dir(c)) for c in reversed(chain))
+        assert [m.type for m in rw] == [m.type for m in ro] == ["overlay"]
+        assert lowers in rw[0].options and lowers in ro[0].options
+        assert f"upperdir={env.sn.upper_dir('rw')}" in rw[0].options
+        assert not any(o.startswith(("upperdir=", "workdir=")) for o in ro[0].options)
+    else:
+        assert [(m.type, m.options) for m in rw] == [("bind", ("rw", "rbind"))]
+        assert [(m.type, m.options) for m in ro] == [("bind", ("ro", "rbind"))]
+        assert rw[0].source != ro[0].source  # a writable copy, and the committed top itself
+
+    with pytest.raises(AlreadyExists):
+        snapshot_on(content, env.sn, target, "rw")
+
+
+async def test_single_layer_view_is_a_read_only_bind(env: Env) -> None:
+    target = await env.add("example.local/unpack/base:1", [BASE])
+    await env.unpack(target)
+    (m,) = snapshot_on(env.state.content, env.sn, target, "ro", readonly=True)
+    assert (m.type, m.options) == ("bind", ("ro", "rbind"))
+    assert files_in([m]) == BASE
+
+
+async def test_unpack_labels_the_config_with_its_top_snapshot(env: Env) -> None:
+    layout = Layout(env.tmp / "labelled")
+    layout.image([BASE, APP])
+    target = await env.import_layout(layout, "example.local/unpack/app:1")
+    config = Digest.parse(layout.manifest()["config"]["digest"])
+    label = f"{GC_SNAPSHOT}.{env.name}"
+    assert label not in env.state.content.info(config).labels
+    await env.unpack(target)
+    assert env.state.content.info(config).labels[label] == chain_of([BASE, APP])[-1]
+
+
+async def test_gc_follows_images_and_mounts(env: Env) -> None:
+    name = "example.local/unpack/app:1"
+    target = await env.add(name, [BASE, APP])
+    chain = chain_of([BASE, APP])
+    await env.unpack(target)
+    blobs = sorted(str(i.digest) for i in env.state.content.walk())
+    assert len(blobs) == 4  # manifest, config, two layers
+
+    # The image keeps its blobs and, through the config's label, its snapshots.
+    report = env.collect()
+    assert (report.blobs, report.snapshots, report.directories) == ([], {}, [])
+    # A leftover of an interrupted unpack is scratch, not a root.
+    env.sn.prepare(f"{EXTRACT_PREFIX}1-dead {chain[1]}", chain[0])
+    assert env.collect().snapshots == {env.name: [f"{EXTRACT_PREFIX}1-dead {chain[1]}"]}
+    assert env.names() == sorted(chain)
+
+    # A mount keeps the snapshots it stands on after its image is gone;
+    # blobs are reachable from images only.
+    snapshot_on(env.state.content, env.sn, target, "mount:/mnt/x")
+    env.state.images.delete(name)
+    report = env.collect()
+    assert sorted(str(d) for d in report.blobs) == blobs and report.snapshots == {}
+    assert env.names() == sorted([*chain, "mount:/mnt/x"])
+    assert len(env.dirs()) == 3
+
+    env.sn.remove("mount:/mnt/x")
+    report = env.collect()
+    assert sorted(report.snapshots[env.name]) == sorted(chain)
+    assert env.names() == [] and env.dirs() == []
+    assert list(env.state.content.walk()) == []
+
+
+async def test_gc_keeps_everything_while_the_image_and_a_mount_exist(env: Env) -> None:
+    target = await env.add("example.local/unpack/app:1", [BASE, APP])
+    await env.unpack(target)
+    snapshot_on(env.state.content, env.sn, target, "mount:/mnt/x")
+    snapshot_on(env.state.content, env.sn, target, "view:/mnt/y", readonly=True)
+    before = (env.names(), env.dirs(), sorted(str(i.digest) for i in env.state.content.walk()))
+    report = env.collect()
+    assert (report.blobs, report.snapshots, report.directories) == ([], {}, [])
+    after = (env.names(), env.dirs(), sorted(str(i.digest) for i in env.state.content.walk()))
+    assert after == before
