@@ -5,7 +5,11 @@ temporary storage and a free loopback port, filled the way users fill
 registries: ``skopeo copy`` of umoci-built OCI layouts. Layouts whose layer
 media types skopeo would rewrite (uncompressed, zstd while its blob cache
 remembers a gzip twin) go in through the distribution API directly
-(`Registry.push_layout_raw`), byte for byte.
+(`Registry.push_layout_raw`), byte for byte; so do lone blobs
+(`Registry.upload_blob`). A registry may demand htpasswd basic auth
+(``auth``), serve HTTPS (``tls``) or take any further config.yml lines
+(``extra_config``, e.g. a token ``auth:`` section from
+`integration.tokenserver.TokenServer.registry_config`).
 
 Fixtures (registered for the whole suite by ``pytest_plugins`` in the
 top-level conftest):
@@ -41,6 +45,8 @@ import httpx
 import pytest
 
 from ckfs import mediatypes as mt
+from ckfs.descriptor import Descriptor
+from ckfs.digest import Digest
 from integration.conftest import need, skopeo
 
 __all__ = [
@@ -79,27 +85,46 @@ def _bcrypt(password: str) -> str:
     """A bcrypt hash for htpasswd; distribution accepts only bcrypt.
 
     The standard library's ``crypt`` (deprecated, still in 3.11) reaches
-    libxcrypt's bcrypt, which avoids needing apache2-utils' ``htpasswd``.
+    libxcrypt's bcrypt, which avoids needing apache2-utils' ``htpasswd``;
+    the ``bcrypt`` package is the fallback where ``crypt`` is gone (3.13+).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import crypt
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import crypt
+    except ImportError:
+        import bcrypt  # type: ignore[import-not-found, unused-ignore]
 
-        return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
+        hashed: bytes = bcrypt.hashpw(password.encode(), bcrypt.gensalt())
+        return hashed.decode()
+    return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
 
 
 @dataclass
 class Registry:
-    """One ``docker-registry`` process on 127.0.0.1 with private storage."""
+    """One ``docker-registry`` process on 127.0.0.1 with private storage.
+
+    Attributes:
+        auth: User and password for htpasswd basic auth (none: open).
+        tls: Certificate and key files: serve HTTPS instead of HTTP.
+        extra_config: Further top-level config.yml lines, such as a token
+            ``auth:`` section (then leave ``auth`` unset).
+    """
 
     root: Path
     port: int = field(default_factory=free_port)
     auth: tuple[str, str] | None = None
+    tls: tuple[Path, Path] | None = None
+    extra_config: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     def start(self) -> Registry:
         need("docker-registry")
@@ -118,10 +143,13 @@ class Registry:
             "http:",
             f"  addr: {self.host}",
         ]
+        if self.tls is not None:
+            lines += ["  tls:", f"    certificate: {self.tls[0]}", f"    key: {self.tls[1]}"]
         if self.auth is not None:
             htpasswd = self.root / "htpasswd"
             htpasswd.write_text(f"{self.auth[0]}:{_bcrypt(self.auth[1])}\n")
             lines += ["auth:", "  htpasswd:", "    realm: ckfs-test", f"    path: {htpasswd}"]
+        lines += self.extra_config
         config = self.root / "config.yml"
         config.write_text("\n".join(lines) + "\n")
         log = open(self.root / "registry.log", "ab")  # noqa: SIM115 (handed to the child)
@@ -137,7 +165,8 @@ class Registry:
                     + (self.root / "registry.log").read_text()[-2000:]
                 )
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"http://{self.host}/v2/", timeout=1).status_code in (200, 401):
+                answer = httpx.get(f"{self.url}/v2/", timeout=1, verify=False)
+                if answer.status_code in (200, 401):
                     return self
             if time.monotonic() > deadline:
                 self.stop()
@@ -156,18 +185,30 @@ class Registry:
             self.proc.wait()
         self.proc = None
 
-    def _creds(self) -> list[str]:
-        return ["--dest-creds", f"{self.auth[0]}:{self.auth[1]}"] if self.auth else []
+    def _client(self) -> httpx.Client:
+        """An API client at ``/v2/`` with our basic auth; certificates unchecked."""
+        return httpx.Client(base_url=f"{self.url}/v2/", auth=self.auth, timeout=120, verify=False)
 
-    def push(self, layout: Path, repo_tag: str, *, all_images: bool = False) -> str:
-        """``skopeo copy oci:LAYOUT docker://HOST/REPO:TAG``; returns the manifest digest."""
+    def push(
+        self,
+        layout: Path,
+        repo_tag: str,
+        *,
+        all_images: bool = False,
+        creds: tuple[str, str] | None = None,
+    ) -> str:
+        """``skopeo copy oci:LAYOUT docker://HOST/REPO:TAG``; returns the manifest digest.
+
+        Logs in as *creds*, else as ``auth`` (token registries need *creds*).
+        """
         src = f"oci:{layout}" if all_images else f"oci:{layout}:latest"
         digest_file = self.root / "pushed-digest"
+        login = creds or self.auth
         skopeo(
             "copy",
             "-q",
             "--dest-tls-verify=false",
-            *self._creds(),
+            *(["--dest-creds", f"{login[0]}:{login[1]}"] if login else []),
             *(["--all"] if all_images else []),
             "--digestfile",
             str(digest_file),
@@ -188,26 +229,30 @@ class Registry:
         blobs = layout / "blobs" / "sha256"
         manifest = (blobs / target["digest"].split(":", 1)[1]).read_bytes()
         body = json.loads(manifest)
-        auth = self.auth
-        with httpx.Client(base_url=f"http://{self.host}/v2/", auth=auth, timeout=30) as client:
-            for d in [body["config"], *body["layers"]]:
-                data = (blobs / d["digest"].split(":", 1)[1]).read_bytes()
-                start = client.post(f"{repo}/blobs/uploads/")
-                start.raise_for_status()
-                # The upload URL carries state in its query; add to it, keep it.
-                location = httpx.URL(start.headers["location"])
-                put = client.put(
-                    location.copy_add_param("digest", d["digest"]),
-                    content=data,
-                    headers={"Content-Type": "application/octet-stream"},
-                )
-                put.raise_for_status()
+        for d in [body["config"], *body["layers"]]:
+            self.upload_blob(repo, (blobs / d["digest"].split(":", 1)[1]).read_bytes())
+        with self._client() as client:
             client.put(
                 f"{repo}/manifests/{tag}",
                 content=manifest,
                 headers={"Content-Type": target["mediaType"]},
             ).raise_for_status()
         return str(target["digest"])
+
+    def upload_blob(self, repo: str, data: bytes, media_type: str = mt.OCI_LAYER) -> Descriptor:
+        """A monolithic blob upload to *repo* through the API (no manifest needed to read it)."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        with self._client() as client:
+            start = client.post(f"{repo}/blobs/uploads/")
+            start.raise_for_status()
+            # The upload URL carries state in its query; add to it, keep it.
+            location = httpx.URL(start.headers["location"]).copy_add_param("digest", digest)
+            client.put(
+                location,
+                content=data,
+                headers={"Content-Type": "application/octet-stream"},
+            ).raise_for_status()
+        return Descriptor(media_type, Digest.parse(digest), len(data))
 
 
 @pytest.fixture(scope="session")

@@ -9,27 +9,20 @@ uploaded through the API to measure `open_blob` throughput.
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import hashlib
 import ipaddress
 import json
 import os
 import socket
-import subprocess
 import time
-import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from ckfs import mediatypes as mt
 from ckfs.descriptor import Descriptor
@@ -40,7 +33,9 @@ from ckfs.reference import Reference, parse
 from ckfs.remotes.auth import Credentials
 from ckfs.remotes.hosts import load_hosts
 from ckfs.remotes.registry import RegistryClient
-from integration.conftest import need, skopeo
+from integration.certs import certificate, name
+from integration.conftest import need
+from integration.registry import Registry, free_port
 from integration.tokenserver import TokenServer
 
 pytestmark = pytest.mark.slow
@@ -49,127 +44,6 @@ REPO = "test/img"
 USER, PASSWORD = "ckfs", "pa55-w0rd"
 #: Big enough that connection setup and token work vanish in the timing.
 THROUGHPUT_BLOB = 256 << 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _bcrypt(password: str) -> str:
-    """A bcrypt hash for htpasswd (distribution accepts nothing else).
-
-    The standard library's ``crypt`` reaches libxcrypt's bcrypt on Debian;
-    the ``bcrypt`` package is the fallback where ``crypt`` is gone (3.13+).
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            import crypt
-
-        return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
-    except ImportError:
-        import bcrypt  # type: ignore[import-not-found, unused-ignore]
-
-        hashed: bytes = bcrypt.hashpw(password.encode(), bcrypt.gensalt())
-        return hashed.decode()
-
-
-@dataclass
-class Registry:
-    """A ``docker-registry serve`` process of ours, on a free loopback port."""
-
-    root: Path
-    auth: list[str] = field(default_factory=list)  # the config's auth: section
-    tls: tuple[Path, Path] | None = None  # certificate and key files
-    port: int = field(default_factory=_free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> Registry:
-        need("docker-registry")
-        self.root.mkdir(parents=True, exist_ok=True)
-        config = self.root / "config.yml"
-        lines = [
-            "version: 0.1",
-            "log:",
-            "  level: warn",
-            "storage:",
-            "  filesystem:",
-            f"    rootdirectory: {self.root / 'data'}",
-            "http:",
-            f"  addr: {self.host}",
-            *(
-                ["  tls:", f"    certificate: {self.tls[0]}", f"    key: {self.tls[1]}"]
-                if self.tls
-                else []
-            ),
-            *self.auth,
-        ]
-        config.write_text("\n".join(lines) + "\n")
-        with open(self.root / "registry.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                ["/usr/bin/docker-registry", "serve", str(config)], stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                log_text = (self.root / "registry.log").read_text()[-2000:]
-                raise RuntimeError(f"docker-registry exited {self.proc.returncode}: {log_text}")
-            scheme = "https" if self.tls else "http"
-            with contextlib.suppress(httpx.TransportError):
-                answer = httpx.get(f"{scheme}://{self.host}/v2/", timeout=1, verify=False)
-                if answer.status_code in (200, 401):
-                    return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"docker-registry on {self.host} did not answer /v2/")
-
-    def stop(self) -> None:
-        """Stop our own process, by its PID."""
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def push(self, layout: Path, tag: str, creds: str | None = None) -> Digest:
-        """skopeo copy the layout's ``latest`` to ``REPO:tag``; the manifest digest."""
-        digest_file = self.root / f"digest-{tag}"
-        skopeo(
-            "copy",
-            "-q",
-            "--dest-tls-verify=false",
-            *(["--dest-creds", creds] if creds else []),
-            "--digestfile",
-            str(digest_file),
-            f"oci:{layout}:latest",
-            f"docker://{self.host}/{REPO}:{tag}",
-        )
-        return Digest.parse(digest_file.read_text().strip())
-
-    def upload_blob(self, data: bytes) -> Descriptor:
-        """A monolithic blob upload through the API (no manifest needed to read it)."""
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        with httpx.Client(base_url=f"http://{self.host}/v2/", timeout=120) as client:
-            start = client.post(f"{REPO}/blobs/uploads/")
-            start.raise_for_status()
-            # The upload URL carries its own query (_state); add to it, not replace it.
-            location = httpx.URL(start.headers["location"]).copy_add_param("digest", digest)
-            client.put(
-                location,
-                content=data,
-                headers={"Content-Type": "application/octet-stream"},
-            ).raise_for_status()
-        return Descriptor(mt.OCI_LAYER, Digest.parse(digest), len(data))
 
 
 @pytest.fixture(scope="module")
@@ -182,19 +56,16 @@ def plain(work: Path, example_layout: Path) -> Iterator[tuple[Registry, Digest]]
     need("skopeo")
     reg = Registry(work / "plain").start()
     try:
-        yield reg, reg.push(example_layout, "1")
+        yield reg, Digest.parse(reg.push(example_layout, f"{REPO}:1"))
     finally:
         reg.stop()
 
 
 @pytest.fixture(scope="module")
 def basic_auth(work: Path, example_layout: Path) -> Iterator[tuple[Registry, Digest]]:
-    htpasswd = work / "htpasswd"
-    htpasswd.write_text(f"{USER}:{_bcrypt(PASSWORD)}\n")
-    auth = ["auth:", "  htpasswd:", "    realm: ckfs-basic", f"    path: {htpasswd}"]
-    reg = Registry(work / "basic", auth=auth).start()
+    reg = Registry(work / "basic", auth=(USER, PASSWORD)).start()
     try:
-        yield reg, reg.push(example_layout, "1", creds=f"{USER}:{PASSWORD}")
+        yield reg, Digest.parse(reg.push(example_layout, f"{REPO}:1"))
     finally:
         reg.stop()
 
@@ -202,10 +73,10 @@ def basic_auth(work: Path, example_layout: Path) -> Iterator[tuple[Registry, Dig
 @pytest.fixture(scope="module")
 def token_setup(work: Path, example_layout: Path) -> Iterator[tuple[Registry, TokenServer, Digest]]:
     tokens = TokenServer(users={USER: PASSWORD}, refresh_tokens={"identity-tok"}).start()
-    reg = Registry(work / "token", auth=tokens.registry_config(work / "token-ca.pem"))
+    reg = Registry(work / "token", extra_config=tokens.registry_config(work / "token-ca.pem"))
     try:
         reg.start()
-        digest = reg.push(example_layout, "1", creds=f"{USER}:{PASSWORD}")
+        digest = Digest.parse(reg.push(example_layout, f"{REPO}:1", creds=(USER, PASSWORD)))
         yield reg, tokens, digest
     finally:
         reg.stop()
@@ -302,7 +173,7 @@ async def test_not_found_names_ref_and_registry(
 
 
 async def test_unreachable_is_unavailable(tmp_path: Path) -> None:
-    host = f"127.0.0.1:{_free_port()}"
+    host = f"127.0.0.1:{free_port()}"
     client = RegistryClient(
         host, hosts=load_hosts(host, hosts_dirs=[]), credentials=anonymous(tmp_path), retries=2
     )
@@ -317,7 +188,7 @@ async def test_open_blob_throughput(
 ) -> None:
     reg, _ = plain
     data = os.urandom(THROUGHPUT_BLOB)
-    desc = reg.upload_blob(data)
+    desc = reg.upload_blob(REPO, data)
     ref = parse(f"{reg.host}/{REPO}:1")
     rates = []
     async with client_for(reg, anonymous(tmp_path)) as client:
@@ -454,34 +325,21 @@ async def test_expired_token_refreshed_on_401(
 
 def _tls_files(directory: Path) -> tuple[Path, Path, Path]:
     """A CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
-    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ckfs test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
+    ca = certificate(
+        name("ckfs test CA"),
+        ca_key.public_key(),
+        ca_key,
+        extensions=[(x509.BasicConstraints(ca=True, path_length=0), True)],
     )
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
+    address = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+    cert = certificate(
+        name("127.0.0.1"),
+        key.public_key(),
+        ca_key,
+        issuer=ca.subject,
+        extensions=[(x509.SubjectAlternativeName([address]), False)],
     )
     directory.mkdir(parents=True, exist_ok=True)
     paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
@@ -502,7 +360,7 @@ def tls_registry(work: Path, example_layout: Path) -> Iterator[tuple[Registry, P
     ca, cert, key = _tls_files(work / "tls")
     reg = Registry(work / "tls-registry", tls=(cert, key)).start()
     try:
-        yield reg, ca, reg.push(example_layout, "1")
+        yield reg, ca, Digest.parse(reg.push(example_layout, f"{REPO}:1"))
     finally:
         reg.stop()
 
