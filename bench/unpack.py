@@ -107,24 +107,22 @@ def main() -> None:
             args.repeat,
         )
         daemons.close()
-        t_umoci = timed(
-            clean_umoci,
-            lambda: (
-                run(
-                    [
-                        "skopeo",
-                        "--insecure-policy",
-                        "copy",
-                        "-q",
-                        "--src-tls-verify=false",
-                        f"docker://{ref}",
-                        f"oci:{oci}:latest",
-                    ]
-                ),
-                run(["umoci", "unpack", "--image", f"{oci}:latest", str(bundle)]),
-            ),
-            args.repeat,
-        )
+
+        def skopeo_umoci() -> None:
+            run(
+                [
+                    "skopeo",
+                    "--insecure-policy",
+                    "copy",
+                    "-q",
+                    "--src-tls-verify=false",
+                    f"docker://{ref}",
+                    f"oci:{oci}:latest",
+                ]
+            )
+            run(["umoci", "unpack", "--image", f"{oci}:latest", str(bundle)])
+
+        t_umoci = timed(clean_umoci, skopeo_umoci, args.repeat)
     finally:
         daemons.close()
         ckfs_umount(mnt2)
