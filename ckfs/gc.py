@@ -31,6 +31,7 @@ from ckfs.digest import Digest
 from ckfs.errors import CkfsError, FailedPrecondition, InvalidArgument, NotFound
 from ckfs.images import ImageStore
 from ckfs.images import manifest as manifests
+from ckfs.images.manifest import GC_CONTENT
 from ckfs.jsondoc import parse_object
 from ckfs.rootfs import EXTRACT_PREFIX, GC_SNAPSHOT
 from snapshotters.api import Kind, Snapshotter
@@ -38,8 +39,6 @@ from snapshotters.api import Kind, Snapshotter
 __all__ = ["GCReport", "collect"]
 
 log = logging.getLogger(__name__)
-
-GC_CONTENT = "containerd.io/gc.ref.content"
 
 
 @dataclass

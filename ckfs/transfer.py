@@ -46,6 +46,7 @@ from ckfs.errors import (
 )
 from ckfs.images import ImageStore
 from ckfs.images import manifest as manifests
+from ckfs.images.config import parse_config
 from ckfs.images.image import MAX_CONFIG_SIZE
 from ckfs.images.image import tree as image_tree
 from ckfs.images.manifest import gc_labels
@@ -158,8 +159,6 @@ def _walk(source: Source, roots: Iterable[Descriptor]) -> _Walk:
             todo.extend(manifests.children(desc, data))
         elif mt.is_config(kind):
             data = _read_verified(source, desc, MAX_CONFIG_SIZE)
-            from ckfs.images.config import parse_config
-
             parse_config(data, where=f"{source.what}: config {desc.digest}")
             walk.json[desc.digest] = data
         elif not mt.is_layer(kind) and kind != mt.OCI_EMPTY:
