@@ -6,6 +6,7 @@ prints the ratio; nothing here asserts a time (machines are noisy).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import random
@@ -83,6 +84,16 @@ def big_layout(mib: int = 260, layers: int = 4, files_per_layer: int = 2500) -> 
 
 def layout_size(layout: Path) -> int:
     return sum(p.stat().st_size for p in (layout / "blobs").rglob("*") if p.is_file())
+
+
+def bench_args(doc: str | None) -> argparse.Namespace:
+    """The options every benchmark takes: image size and repetitions."""
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--mib", type=int, default=260, help="image size before compression")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs; the median is shown")
+    return ap.parse_args()
 
 
 def report(title: str, rows: list[tuple[str, float]], target: str) -> None:

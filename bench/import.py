@@ -10,7 +10,6 @@ comparison is of the work each does, not of the disk. Target: <= 1.0x skopeo.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -18,14 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import big_layout, ckfs_cmd, layout_size, report, run, timed
+from common import bench_args, big_layout, ckfs_cmd, layout_size, report, run, timed
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--mib", type=int, default=260)
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
+    args = bench_args(__doc__)
 
     layout = big_layout(args.mib)
     size = layout_size(layout)

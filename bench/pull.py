@@ -22,7 +22,6 @@ it from below. Targets: ckfs <= 0.8x skopeo; re-pull < 0.15 s.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import shutil
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     REPO,
+    bench_args,
     big_layout,
     ckfs_cmd,
     containerd,
@@ -53,10 +53,7 @@ IMAGE = "bench/pull:latest"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--mib", type=int, default=260)
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
+    args = bench_args(__doc__)
 
     layout = big_layout(args.mib)
     size = layout_size(layout)

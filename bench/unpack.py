@@ -23,7 +23,6 @@ containerd; second mount < 0.3 s.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import shutil
 import subprocess
@@ -33,7 +32,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, big_layout, ckfs_cmd, containerd, layout_size, report, run, timed
+from common import (
+    REPO,
+    bench_args,
+    big_layout,
+    ckfs_cmd,
+    containerd,
+    layout_size,
+    report,
+    run,
+    timed,
+)
 
 sys.path.insert(0, str(REPO))
 
@@ -50,10 +59,7 @@ def drop_caches() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--mib", type=int, default=260)
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
+    args = bench_args(__doc__)
 
     layout = big_layout(args.mib)
     size = layout_size(layout)
