@@ -19,10 +19,12 @@ nobody else can be using it) and which ``ckfs gc`` removes too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import secrets
+import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -134,9 +136,39 @@ async def _unpack_layer(
         await trio.to_thread.run_sync(_apply_into, sn, key, mounts, blob, layer, diff_id)
         await trio.to_thread.run_sync(sn.commit, str(chain_id), key, None)
     except BaseException:
-        with trio.CancelScope(shield=True), contextlib.suppress(NotFound):
-            await trio.to_thread.run_sync(sn.remove, key)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_discard, sn, key, mounts)
         raise
+
+
+def _discard(sn: Snapshotter, key: str, mounts: Sequence[Mount]) -> None:
+    """Remove a failed extract snapshot, even when the disk is full.
+
+    Removing a snapshot writes to the database, which a full disk refuses;
+    the half-applied layer is what filled it, so empty the snapshot's own
+    directory first and try again. What still fails is left to the next
+    unpack of this layer or to gc, and logged.
+    """
+    try:
+        sn.remove(key)
+        return
+    except NotFound:
+        return
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            log.warning("cannot remove snapshot %r: %s", key, e)
+            return
+    upper = getattr(sn, "upper_dir", None)
+    own = upper(key) if callable(upper) else Path(mounts[0].source)
+    for child in own.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    try:
+        sn.remove(key)
+    except (NotFound, OSError) as e:
+        log.warning("cannot remove snapshot %r: %s", key, e)
 
 
 async def unpack(

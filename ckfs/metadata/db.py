@@ -11,6 +11,8 @@ and rolls back on any exception.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import sqlite3
 import threading
 import time
@@ -18,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ckfs.errors import FailedPrecondition
+from ckfs.errors import FailedPrecondition, Unavailable
 from ckfs.metadata.schema import MIGRATIONS
 
 __all__ = ["DB", "now_ns"]
@@ -79,18 +81,42 @@ class DB:
             if self._conn.in_transaction:
                 yield Tx(self._conn)
                 return
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield Tx(self._conn)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            else:
-                self._conn.execute("COMMIT")
+            with self._translated():
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield Tx(self._conn)
+                except BaseException:
+                    self._rollback()
+                    raise
+                else:
+                    self._conn.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        # SQLite may already have rolled back by itself (SQLITE_FULL does).
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Turn SQLite's operational errors into what the rest of ckfs speaks.
+
+        A full disk must read like any other full disk (``OSError`` ENOSPC,
+        naming the database); a lock held past `BUSY_TIMEOUT` is `Unavailable`.
+        """
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            text = str(e)
+            if "disk is full" in text or "disk I/O error" in text:
+                code = errno.ENOSPC if "full" in text else errno.EIO
+                raise OSError(code, os.strerror(code), str(self.path)) from e
+            if "locked" in text or "busy" in text:
+                raise Unavailable(f"{self.path}: database is busy: {text}") from e
+            raise
 
     def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         """Run a read-only statement and return all rows."""
-        with self._lock:
+        with self._lock, self._translated():
             return self._conn.execute(sql, params).fetchall()
 
     def close(self) -> None:
