@@ -186,17 +186,23 @@ class Writer:
         """
         self._check_open()
         n = data.nbytes if isinstance(data, memoryview) else len(data)
-        written = os.write(self._fd, data)
-        if written != n:
-            try:
-                view = memoryview(data).cast("B")
-                while written < n:
-                    written += os.write(self._fd, view[written:])
-            except BaseException:
-                # Keep file and digest in step: drop the partial tail.
-                os.ftruncate(self._fd, self._offset)
-                os.lseek(self._fd, self._offset, os.SEEK_SET)
-                raise
+        try:
+            written = os.write(self._fd, data)
+            if written != n:
+                try:
+                    view = memoryview(data).cast("B")
+                    while written < n:
+                        written += os.write(self._fd, view[written:])
+                except BaseException:
+                    # Keep file and digest in step: drop the partial tail.
+                    os.ftruncate(self._fd, self._offset)
+                    os.lseek(self._fd, self._offset, os.SEEK_SET)
+                    raise
+        except OSError as e:
+            # os.write names no file; say where the disk refused.
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, str(self._path / ingest.DATA)) from e
+            raise
         self._digester.update(data)
         self._offset += n
         self._updated_ns = now_ns()
