@@ -189,6 +189,11 @@ def apply_layer(
                 if tar.digest() != diff_id:
                     raise DataLoss(f"{what}: uncompressed content has digest {tar.digest()}") from e
             raise
+        except OSError as e:
+            # Writes through descriptors name no file; say where it failed.
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, str(root)) from e
+            raise
     actual = tar.digest()
     if diff_id is not None and actual != diff_id:
         raise DataLoss(f"{what}: uncompressed content has digest {actual}")
