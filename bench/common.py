@@ -31,6 +31,12 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def skopeo_copy(src: str, dst: str) -> None:
+    """``skopeo copy`` as every benchmark runs it: quiet, no policy, plain HTTP allowed."""
+    flags = ["--src-tls-verify=false"] if src.startswith("docker://") else []
+    run(["skopeo", "--insecure-policy", "copy", "-q", *flags, src, dst])
+
+
 def timed(setup: Callable[[], None], body: Callable[[], None], repeat: int = 3) -> float:
     """Median wall time of *body* over *repeat* runs, *setup* before each."""
     times = []

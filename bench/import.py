@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_args, big_layout, ckfs_cmd, layout_size, report, run, timed
+from common import bench_args, big_layout, ckfs_cmd, layout_size, report, run, skopeo_copy, timed
 
 
 def main() -> None:
@@ -44,16 +44,7 @@ def main() -> None:
         )
         t_skopeo = timed(
             clean,
-            lambda: run(
-                [
-                    "skopeo",
-                    "--insecure-policy",
-                    "copy",
-                    "-q",
-                    f"oci:{layout}:latest",
-                    f"oci:{dest}:latest",
-                ]
-            ),
+            lambda: skopeo_copy(f"oci:{layout}:latest", f"oci:{dest}:latest"),
             args.repeat,
         )
         t_again = timed(

@@ -42,6 +42,7 @@ from common import (
     layout_size,
     report,
     run,
+    skopeo_copy,
     timed,
 )
 
@@ -79,17 +80,7 @@ def main() -> None:
         t_ckfs = timed(clean, lambda: run(ckfs_cmd(root, "fetch", "-q", ref)), args.repeat)
         t_skopeo = timed(
             clean,
-            lambda: run(
-                [
-                    "skopeo",
-                    "--insecure-policy",
-                    "copy",
-                    "-q",
-                    "--src-tls-verify=false",
-                    f"docker://{ref}",
-                    f"oci:{dest}:latest",
-                ]
-            ),
+            lambda: skopeo_copy(f"docker://{ref}", f"oci:{dest}:latest"),
             args.repeat,
         )
         t_ctr = timed(

@@ -41,6 +41,7 @@ from common import (
     layout_size,
     report,
     run,
+    skopeo_copy,
     timed,
 )
 
@@ -115,17 +116,7 @@ def main() -> None:
         daemons.close()
 
         def skopeo_umoci() -> None:
-            run(
-                [
-                    "skopeo",
-                    "--insecure-policy",
-                    "copy",
-                    "-q",
-                    "--src-tls-verify=false",
-                    f"docker://{ref}",
-                    f"oci:{oci}:latest",
-                ]
-            )
+            skopeo_copy(f"docker://{ref}", f"oci:{oci}:latest")
             run(["umoci", "unpack", "--image", f"{oci}:latest", str(bundle)])
 
         t_umoci = timed(clean_umoci, skopeo_umoci, args.repeat)

@@ -681,13 +681,12 @@ class _Applier:
             os.close(lower[1])
         return self._make_dir(pfd, name, real, existing)
 
-    def _lower_dir(self, real: str) -> tuple[os.stat_result, int] | None:
-        """The first lower's directory at *real*: its stat and an open descriptor.
+    def _in_lowers(self, parts: list[str]) -> tuple[int, os.stat_result] | None:
+        """The first lower holding *parts*: its parent's descriptor and the entry's lstat.
 
-        A lower holding a whiteout or a non-directory there hides the ones
-        below, as in the overlay mount.
+        The caller closes the descriptor. A lower in which a parent component
+        is not a directory hides the ones below, as in the overlay mount.
         """
-        parts = real.split("/")
         for lower in self.lowers:
             try:
                 pfd, _ = lower.open_dir(parts[:-1])
@@ -696,16 +695,31 @@ class _Applier:
             except (NotADirectoryError, SymlinkLoop, TooDeep):
                 return None
             try:
-                try:
-                    st = os.lstat(parts[-1], dir_fd=pfd)
-                except FileNotFoundError:
-                    continue
-                if not stat.S_ISDIR(st.st_mode):
-                    return None
-                return st, os.open(parts[-1], _O_DIR, dir_fd=pfd)
-            finally:
+                return pfd, os.lstat(parts[-1], dir_fd=pfd)
+            except FileNotFoundError:
                 os.close(pfd)
+            except BaseException:
+                os.close(pfd)
+                raise
         return None
+
+    def _lower_dir(self, real: str) -> tuple[os.stat_result, int] | None:
+        """The first lower's directory at *real*: its stat and an open descriptor.
+
+        A lower holding a whiteout or a non-directory there hides the ones
+        below, as in the overlay mount.
+        """
+        parts = real.split("/")
+        found = self._in_lowers(parts)
+        if found is None:
+            return None
+        pfd, st = found
+        try:
+            if not stat.S_ISDIR(st.st_mode):
+                return None
+            return st, os.open(parts[-1], _O_DIR, dir_fd=pfd)
+        finally:
+            os.close(pfd)
 
     def _copy_up(self, tparts: list[str], m: tarfile.TarInfo) -> tuple[int, str] | None:
         """Copy a hardlink target that only a lower has into the upper dir.
@@ -714,42 +728,32 @@ class _Applier:
             The upper parent directory (caller closes) and its real path, or
             None if no lower has the target.
         """
+        found = self._in_lowers(tparts)
+        if found is None:
+            return None
+        lfd, st = found
         tname = tparts[-1]
-        for lower in self.lowers:
-            try:
-                lfd, _ = lower.open_dir(tparts[:-1])
-            except FileNotFoundError:
-                continue
-            except (NotADirectoryError, SymlinkLoop, TooDeep):
+        try:
+            if whiteouts.is_whiteout(st):
                 return None
+            if stat.S_ISDIR(st.st_mode):
+                raise InvalidArgument(
+                    f"{self.what}: entry {m.name!r}: hardlink to directory {m.linkname!r}"
+                )
             try:
-                try:
-                    st = os.lstat(tname, dir_fd=lfd)
-                except FileNotFoundError:
-                    continue
-                if whiteouts.is_whiteout(st):
-                    return None
-                if stat.S_ISDIR(st.st_mode):
-                    raise InvalidArgument(
-                        f"{self.what}: entry {m.name!r}: hardlink to directory {m.linkname!r}"
-                    )
-                try:
-                    ufd, ureal = self.root.open_dir(tparts[:-1], self._make_dir)
-                except (FileNotFoundError, NotADirectoryError) as e:
-                    raise _Skip(
-                        f"cannot copy up {m.linkname!r}: {e.filename!r} in the way"
-                    ) from None
-                try:
-                    self._touch(ufd, ureal)
-                    self._copy_node(lfd, ufd, tname, st)
-                except BaseException:
-                    os.close(ufd)
-                    raise
-                self._mark(join(ureal, tname))
-                return ufd, ureal
-            finally:
-                os.close(lfd)
-        return None
+                ufd, ureal = self.root.open_dir(tparts[:-1], self._make_dir)
+            except (FileNotFoundError, NotADirectoryError) as e:
+                raise _Skip(f"cannot copy up {m.linkname!r}: {e.filename!r} in the way") from None
+            try:
+                self._touch(ufd, ureal)
+                self._copy_node(lfd, ufd, tname, st)
+            except BaseException:
+                os.close(ufd)
+                raise
+            self._mark(join(ureal, tname))
+            return ufd, ureal
+        finally:
+            os.close(lfd)
 
     def _copy_node(self, lfd: int, ufd: int, name: str, st: os.stat_result) -> None:
         """Copy a non-directory with its metadata from a lower into upper."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ckfs.mount import Mount
     from ckfs.state import State
 
 
@@ -76,6 +77,15 @@ def human_size(n: int) -> str:
 
 def labels_text(labels: dict[str, str] | Any) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+
+
+def print_mounts(mounts: Sequence[Mount], as_json: bool = False) -> None:
+    """Mount records: a JSON list, or one ``type source options`` line each."""
+    if as_json:
+        print_json([m.to_json() for m in mounts])
+        return
+    for m in mounts:
+        sys.stdout.write(f"{m.type} {m.source} {','.join(m.options)}".rstrip() + "\n")
 
 
 def for_each(items: Sequence[str], action: Callable[[str], object]) -> None:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ckfs_cli.app import App, human_size, print_json
+from ckfs_cli.app import App, human_size, print_json, print_mounts
+from ckfs_cli.images_cmds import normalize
 
 if TYPE_CHECKING:
     from ckfs.descriptor import Descriptor
@@ -83,7 +84,7 @@ def _rootfs(
     from ckfs.rootfs import NotUnpacked, snapshot_on
 
     state = app.state
-    name = str(reference.parse(ref))
+    name = normalize(ref)
     plat = platforms.parse(opts["platform"]) if opts.get("platform") else None
     sn = state.snapshotter(snapshotter)
     labels = {"ckfs.io/image": name}
@@ -244,8 +245,7 @@ def rootfs_cmd(
         )
         return
     click.echo(f"key: {key}")
-    for m in mounts:
-        click.echo(f"{m.type} {m.source} {','.join(m.options)}".rstrip())
+    print_mounts(mounts)
 
 
 @click.command("bundle")
@@ -279,7 +279,7 @@ def bundle_cmd(
     rootfs = directory / "rootfs"
     key = _mount(app, ref, rootfs, snapshotter, ro, opts)
     try:
-        image = app.state.images.get(_name(ref))
+        image = app.state.images.get(normalize(ref))
         plat = platforms.parse(opts["platform"]) if opts.get("platform") else None
         config = img.config(app.state.content, image.target, plat)
         spec = build_spec(config, rootfs=rootfs, args=args, readonly=ro)
@@ -294,12 +294,6 @@ def bundle_cmd(
         raise
     click.echo(str(directory))
     click.echo(f"run it: runc run -b {directory} <id>; clean up: ckfs umount {rootfs}", err=True)
-
-
-def _name(ref: str) -> str:
-    from ckfs import reference
-
-    return str(reference.parse(ref))
 
 
 @click.command("gc")

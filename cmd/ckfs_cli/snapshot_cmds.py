@@ -6,11 +6,18 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ckfs_cli.app import App, for_each, human_size, labels_text, print_json, print_table
+from ckfs_cli.app import (
+    App,
+    for_each,
+    human_size,
+    labels_text,
+    print_json,
+    print_mounts,
+    print_table,
+)
 from ckfs_cli.rootfs_cmds import DEFAULT_SNAPSHOTTER
 
 if TYPE_CHECKING:
-    from ckfs.mount import Mount
     from snapshotters.api import Info, Snapshotter
 
 
@@ -50,14 +57,6 @@ def info_json(i: Info) -> dict[str, Any]:
         "created_at": i.created_at.isoformat(),
         "updated_at": i.updated_at.isoformat(),
     }
-
-
-def _print_mounts(mounts: list[Mount], as_json: bool) -> None:
-    if as_json:
-        print_json([m.to_json() for m in mounts])
-        return
-    for m in mounts:
-        click.echo(f"{m.type} {m.source} {','.join(m.options)}".rstrip())
 
 
 @snapshots.command("ls")
@@ -108,7 +107,7 @@ def info(ctx: _Ctx, key: str) -> None:
 @pass_ctx
 def mounts(ctx: _Ctx, as_json: bool, key: str) -> None:
     """Print the Mount records of an active or view snapshot."""
-    _print_mounts(ctx.sn.mounts(key), as_json)
+    print_mounts(ctx.sn.mounts(key), as_json)
 
 
 @snapshots.command("usage")
@@ -142,7 +141,7 @@ def rm(ctx: _Ctx, keys: tuple[str, ...]) -> None:
 @pass_ctx
 def prepare(ctx: _Ctx, as_json: bool, key: str, parent: str) -> None:
     """Create a writable snapshot KEY on PARENT; print its Mount records."""
-    _print_mounts(ctx.sn.prepare(key, parent), as_json)
+    print_mounts(ctx.sn.prepare(key, parent), as_json)
 
 
 @snapshots.command("view")
@@ -152,7 +151,7 @@ def prepare(ctx: _Ctx, as_json: bool, key: str, parent: str) -> None:
 @pass_ctx
 def view(ctx: _Ctx, as_json: bool, key: str, parent: str) -> None:
     """Create a read-only snapshot KEY of PARENT; print its Mount records."""
-    _print_mounts(ctx.sn.view(key, parent), as_json)
+    print_mounts(ctx.sn.view(key, parent), as_json)
 
 
 @snapshots.command("commit")
