@@ -173,12 +173,23 @@ def sweep_tombstones(ingest_root: Path) -> None:
             shutil.rmtree(ingest_root / name, ignore_errors=True)
 
 
+def named(e: OSError, path: Path) -> OSError:
+    """*e* again, naming *path* unless it names a file already.
+
+    Writes through descriptors name no file, and a full disk must still say
+    where; raise the result ``from e``.
+    """
+    return OSError(e.errno, e.strerror, e.filename or str(path))
+
+
 def write_meta(path: Path, name: str, value: str) -> None:
     """Replace metadata file *name* atomically (temporary file + rename)."""
     tmp = path / f".{name}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, value.encode())
+    except OSError as e:
+        raise named(e, tmp) from e
     finally:
         os.close(fd)
     os.replace(tmp, path / name)

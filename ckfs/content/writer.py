@@ -199,10 +199,7 @@ class Writer:
                     os.lseek(self._fd, self._offset, os.SEEK_SET)
                     raise
         except OSError as e:
-            # os.write names no file; say where the disk refused.
-            if e.filename is None:
-                raise OSError(e.errno, e.strerror, str(self._path / ingest.DATA)) from e
-            raise
+            raise ingest.named(e, self._path / ingest.DATA) from e
         self._digester.update(data)
         self._offset += n
         self._updated_ns = now_ns()
