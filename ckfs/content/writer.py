@@ -94,16 +94,23 @@ class Writer:
         if fd < 0:
             # New ingest: metadata first, data last (data marks it complete).
             now = now_ns()
-            ingest.write_meta(self._path, ingest.REF, self.ref)
-            for name, value in ((ingest.TOTAL, total), (ingest.EXPECTED, expected)):
-                if value:
-                    ingest.write_meta(self._path, name, str(value))
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self._path / name)
-            ingest.write_meta(self._path, ingest.STARTED_AT, str(now))
-            ingest.write_meta(self._path, ingest.UPDATED_AT, str(now))
-            self._fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                ingest.write_meta(self._path, ingest.REF, self.ref)
+                for name, value in ((ingest.TOTAL, total), (ingest.EXPECTED, expected)):
+                    if value:
+                        ingest.write_meta(self._path, name, str(value))
+                    else:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(self._path / name)
+                ingest.write_meta(self._path, ingest.STARTED_AT, str(now))
+                ingest.write_meta(self._path, ingest.UPDATED_AT, str(now))
+                flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                self._fd = os.open(data, flags, 0o644)
+            except BaseException:
+                # A half-made ingest (a full disk, say) holds no bytes worth
+                # resuming: leave nothing behind.
+                ingest.remove(self._path)
+                raise
             self._total = total or 0
             self._expected = expected
             self._started_ns = self._updated_ns = now
