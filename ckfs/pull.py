@@ -4,9 +4,11 @@ The steps, as containerd's ``client.Pull`` takes them:
 
 1. **Resolve** the reference to a target descriptor: a manifest ``HEAD``
    for a tag. A reference pinned by digest, or any pull with ``offline``,
-   is first tried from local state alone: if the target and everything the
-   platform needs is present, the registry is not contacted at all (no HTTP
-   client is even built, and httpx is not imported).
+   is first tried from local state alone (`pull_local`): if the target and
+   everything the platform needs is present, the registry is not contacted
+   at all (no HTTP client is even built, and neither trio nor httpx is
+   imported). Outside an event loop, `pull_local` also answers a tag whose
+   image is complete with one ``HEAD`` through the standard library.
 2. **Fetch** the target and, recursively, what the platform needs
    (`ckfs.remotes.fetch`): only blobs the content store lacks cross the
    network, resumed where an earlier pull stopped.
@@ -37,18 +39,18 @@ from ckfs.images import ImageStore
 from ckfs.images import manifest as manifests
 from ckfs.images.store import Image
 from ckfs.reference import Reference
-from ckfs.remotes.fetch import (
-    DEFAULT_CONCURRENCY,
-    BlobProgress,
-    FetchReport,
-    fetch,
-    platform_children,
-)
+from ckfs.remotes.walk import BlobProgress, FetchReport, platform_children, present
 
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["PullReport", "pull"]
+    from ckfs.remotes.hosts import RegistryHost
+
+__all__ = ["PullReport", "pull", "pull_local"]
+
+#: Blobs transferred at once by default (`ckfs.remotes.fetch.DEFAULT_CONCURRENCY`,
+#: restated so that this module loads without trio).
+DEFAULT_CONCURRENCY = 3
 
 
 @dataclasses.dataclass
@@ -130,27 +132,23 @@ async def pull(
         resume; no name is registered.
     """
     started = time.monotonic()
-    children = platform_children(platform, all_platforms=all_platforms)
     if offline or ref.digest is not None:
-        target = _local_target(ref, content, images, by_name=offline)
-        if target is None and offline:
-            raise NotFound(f"{ref}: not present locally, and the pull is offline")
-        if target is not None:
-            try:
-                # Quietly: if something is missing we go to the registry,
-                # and each blob should be reported once, by that fetch.
-                report = await fetch(None, content, ref, target, children=children)
-            except NotFound:
-                if offline:
-                    raise
-            else:
-                if on_event is not None:
-                    for blob in report.blobs:
-                        on_event(blob)
-                return _finish(ref, images, report, register, network=False, started=started)
+        local = pull_local(
+            ref,
+            content,
+            images,
+            register=register,
+            platform=platform,
+            all_platforms=all_platforms,
+            offline=offline,
+            on_event=on_event,
+        )
+        if local is not None:
+            return local
 
-    # Imported here so that pulls served from local state never load httpx.
+    # Imported here so that pulls served from local state never load trio or httpx.
     from ckfs.remotes.auth import Credentials
+    from ckfs.remotes.fetch import fetch
     from ckfs.remotes.hosts import load_hosts
     from ckfs.remotes.registry import RegistryClient
 
@@ -164,11 +162,76 @@ async def pull(
             content,
             ref,
             target,
-            children=children,
+            children=platform_children(platform, all_platforms=all_platforms),
             max_concurrent=max_concurrent,
             on_event=on_event,
         )
     return _finish(ref, images, report, register, network=True, started=started)
+
+
+def pull_local(
+    ref: Reference,
+    content: ContentStore,
+    images: ImageStore,
+    *,
+    register: bool = True,
+    platform: Platform | None = None,
+    all_platforms: bool = False,
+    offline: bool = False,
+    hosts: Sequence[RegistryHost] | None = None,
+    on_event: Callable[[BlobProgress], None] | None = None,
+) -> PullReport | None:
+    """The pull, when everything it needs is already present; None otherwise.
+
+    Synchronous and free of trio and httpx, so that asking again for an
+    image one has costs milliseconds: `pull` starts with it, and the CLI
+    calls it before starting an event loop at all.
+
+    - A reference pinned by digest, or any *offline* pull, is answered from
+      local state alone (offline, a tag means the name's current target).
+    - A tag online, only when *hosts* are given: the name's current target,
+      if complete, is confirmed by one blocking manifest ``HEAD``
+      (`ckfs.remotes.peek`); only for callers outside an event loop.
+
+    Returns:
+        The report of a pull that fetched nothing (``network`` says whether
+        the registry was asked), or None when the registry must be asked
+        properly: the image is unknown or incomplete here, or the tag may
+        have moved.
+
+    Raises:
+        NotFound: *offline* and the image or one of its blobs is not present
+            (the message names what is missing); an index has no manifest
+            for the platform.
+        InvalidArgument: a present manifest is malformed or Docker schema 1.
+    """
+    started = time.monotonic()
+    network = False
+    target = _local_target(ref, content, images, by_name=offline or hosts is not None)
+    if target is None:
+        if offline:
+            raise NotFound(f"{ref}: not present locally, and the pull is offline")
+        return None
+    if not offline and ref.digest is None:
+        if hosts is None:
+            return None
+        from ckfs.remotes.peek import tag_digest
+
+        network = True
+        if tag_digest(ref, hosts) != target.digest:
+            return None
+    try:
+        report = present(
+            content, ref, target, children=platform_children(platform, all_platforms=all_platforms)
+        )
+    except NotFound:
+        if offline:
+            raise
+        return None
+    if on_event is not None:
+        for blob in report.blobs:
+            on_event(blob)
+    return _finish(ref, images, report, register, network=network, started=started)
 
 
 def _finish(

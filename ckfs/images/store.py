@@ -20,11 +20,14 @@ import json
 import sqlite3
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from ckfs.descriptor import Descriptor
 from ckfs.errors import AlreadyExists, InvalidArgument, NotFound
-from ckfs.filters import Adaptor, parse_filters
 from ckfs.metadata.db import DB, Tx, now_ns
+
+if TYPE_CHECKING:
+    from ckfs.filters import Adaptor
 
 __all__ = ["MAX_LABEL_SIZE", "Image", "ImageStore"]
 
@@ -80,6 +83,8 @@ class ImageStore:
         Raises:
             InvalidArgument: a filter is malformed.
         """
+        from ckfs.filters import parse_filters  # its grammar is compiled on first use
+
         match = parse_filters(filters)
         images = [_from_row(r) for r in self.db.query("SELECT * FROM images ORDER BY name")]
         return [i for i in images if match.match(_adaptor(i))]

@@ -37,12 +37,10 @@ offline and pull-by-digest fast path) and raises `NotFound` otherwise.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import enum
 import functools
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -50,19 +48,30 @@ import trio
 
 from ckfs import mediatypes as mt
 from ckfs.content import ContentStore, Writer
-from ckfs.descriptor import Descriptor, Platform
+from ckfs.descriptor import Descriptor
 from ckfs.digest import CHUNK, Digest
 from ckfs.errors import (
     AlreadyExists,
     DataLoss,
     InvalidArgument,
-    NotFound,
     Unavailable,
     unwrap_groups,
 )
 from ckfs.images import manifest as manifests
-from ckfs.images import platforms
 from ckfs.reference import Reference
+from ckfs.remotes.walk import (
+    BlobProgress,
+    BlobState,
+    ChildrenFunc,
+    FetchReport,
+    ensure_gc_labels,
+    is_parent,
+    kind_of,
+    missing,
+    platform_children,
+    schema1_error,
+    skip,
+)
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -118,85 +127,6 @@ _LOCK_POLL_MIN, _LOCK_POLL_MAX = 0.02, 0.5
 DISTRIBUTION_SOURCE = "containerd.io/distribution.source"
 
 
-class BlobState(enum.StrEnum):
-    """Where one blob stands; every change is reported to ``on_event``."""
-
-    #: Not looked at yet.
-    QUEUED = "queued"
-    #: Already in the content store; nothing to do.
-    EXISTS = "exists"
-    #: Another writer (usually another ckfs process) holds its ref; waiting.
-    WAITING = "waiting"
-    #: Continuing an ingest from `BlobProgress.offset` with a Range request.
-    RESUMING = "resuming"
-    #: Transferring from the start.
-    DOWNLOADING = "downloading"
-    #: Committed: size and digest checked.
-    VERIFIED = "verified"
-    #: Deliberately not fetched (non-distributable layer); see the note.
-    SKIPPED = "skipped"
-    #: The fetch of this blob failed; the note says why.
-    FAILED = "failed"
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class BlobProgress:
-    """Live progress of one blob, updated by the fetcher as it works.
-
-    Displays read these fields whenever they redraw; ``on_event`` is called
-    with the object right after each change of `state`, on the trio thread.
-    Copy what you need: the same object keeps changing.
-
-    Attributes:
-        desc: the blob.
-        kind: ``index``, ``manifest``, ``config``, ``layer`` or ``blob``.
-        state: see `BlobState`.
-        offset: bytes in the ingest (or the blob, once verified).
-        fetched: bytes received from the registry by this fetch.
-        started: `time.monotonic` when the current transfer began (for rates).
-        note: why it was skipped or failed, or what a resume did.
-        source: the host that served its bytes (a mirror, say), once known.
-    """
-
-    desc: Descriptor
-    kind: str
-    state: BlobState = BlobState.QUEUED
-    offset: int = 0
-    fetched: int = 0
-    started: float = 0.0
-    note: str = ""
-    source: str = ""
-
-
-@dataclasses.dataclass
-class FetchReport:
-    """What one fetch did, blob by blob, for summaries and JSON output."""
-
-    target: Descriptor
-    blobs: list[BlobProgress] = dataclasses.field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def fetched_bytes(self) -> int:
-        """Bytes received from the registry (including any resumed-over retries)."""
-        return sum(b.fetched for b in self.blobs)
-
-    @property
-    def fetched_blobs(self) -> int:
-        """Blobs committed by this fetch."""
-        return sum(1 for b in self.blobs if b.state is BlobState.VERIFIED)
-
-    @property
-    def present_blobs(self) -> int:
-        """Blobs that were already in the content store (not requested)."""
-        return sum(1 for b in self.blobs if b.state is BlobState.EXISTS)
-
-    @property
-    def skipped(self) -> list[BlobProgress]:
-        """Blobs left out on purpose (non-distributable layers)."""
-        return [b for b in self.blobs if b.state is BlobState.SKIPPED]
-
-
 class BlobStream(Protocol):
     """An open blob download: what `Remote.open_blob` yields.
 
@@ -236,11 +166,6 @@ class Remote(Protocol):
         ...
 
 
-#: ``children(desc, data)``: which descriptors under a manifest or index to
-#: fetch (containerd's ``images.HandlerFunc`` returning children).
-ChildrenFunc = Callable[[Descriptor, bytes], Sequence[Descriptor]]
-
-
 def ref_key(desc: Descriptor) -> str:
     """The ingest ref for *desc*, as containerd's ``remotes.MakeRefKey``.
 
@@ -248,60 +173,8 @@ def ref_key(desc: Descriptor) -> str:
     ``ctr content active``, and that a fetch and an import of the same blob
     (``import-<digest>``) never share a half-written ingest.
     """
-    kind = _kind(desc)
+    kind = kind_of(desc)
     return f"{'unknown' if kind == 'blob' else kind}-{desc.digest}"
-
-
-def _kind(desc: Descriptor) -> str:
-    media_type = desc.media_type
-    if mt.is_index(media_type):
-        return "index"
-    if mt.is_manifest(media_type) or media_type in mt.SCHEMA1:
-        return "manifest"
-    if mt.is_config(media_type):
-        return "config"
-    if mt.is_layer(media_type):
-        return "layer"
-    return "blob"
-
-
-def _is_parent(desc: Descriptor) -> bool:
-    return mt.is_index(desc.media_type) or mt.is_manifest(desc.media_type)
-
-
-def platform_children(
-    platform: Platform | None = None, *, all_platforms: bool = False
-) -> ChildrenFunc:
-    """Children that a pull for *platform* needs (containerd's ``LimitManifests(FilterPlatforms)``).
-
-    An index yields only its best match for the platform (see
-    `platforms.select`), or every entry with *all_platforms*; a manifest
-    yields its config and layers.
-
-    Args:
-        platform: the platform wanted; None means this host's.
-        all_platforms: keep every manifest of an index.
-
-    Raises:
-        NotFound: (from the returned function) an index has no manifest for
-            the platform; the message lists the ones it has.
-    """
-    want = platforms.normalize(platform) if platform is not None else platforms.default()
-
-    def children(desc: Descriptor, data: bytes) -> Sequence[Descriptor]:
-        found = manifests.children(desc, data)
-        if all_platforms or not mt.is_index(desc.media_type):
-            return found
-        chosen = platforms.select(found, want)
-        if not chosen:
-            have = sorted({str(d.platform) for d in found if d.platform is not None})
-            raise NotFound(
-                f"index {desc.digest}: no manifest for platform {want} "
-                f"(it has: {', '.join(have) or 'none with a platform'})"
-            )
-        return chosen[:1]
-
-    return children
 
 
 async def fetch(
@@ -412,20 +285,17 @@ class _Fetch:
             return
         self.seen.add(desc.digest)
         if desc.media_type in mt.SCHEMA1:
-            raise InvalidArgument(
-                f"{self.ref}: manifest {desc.digest} is Docker schema 1, which ckfs does not "
-                "support; re-push the image with a current client"
-            )
-        p = BlobProgress(desc=desc, kind=_kind(desc))
+            raise schema1_error(self.ref, desc)
+        p = BlobProgress(desc=desc, kind=kind_of(desc))
         self.blobs.append(p)
         try:
-            if _is_parent(desc):
+            if is_parent(desc):
                 data = await self._parent(p)
                 for child in self.children(desc, data):
                     nursery.start_soon(self.visit, child, nursery)
             elif desc.media_type in mt.NONDISTRIBUTABLE and not self.content.exists(desc.digest):
-                urls = f" (its urls: {', '.join(desc.urls)})" if desc.urls else ""
-                self._set(p, BlobState.SKIPPED, f"non-distributable layer, not fetched{urls}")
+                skip(p)
+                self._set(p, BlobState.SKIPPED, p.note)
             else:
                 await self._blob(p)
         except BaseException as e:
@@ -443,12 +313,6 @@ class _Fetch:
         """``layer sha256:… from registry host``: how errors name a blob."""
         return f"{p.kind} {p.desc.digest} from registry {p.source or self.registry}"
 
-    def _missing(self, desc: Descriptor) -> NotFound:
-        return NotFound(
-            f"{self.ref}: {_kind(desc)} {desc.digest} is not in the content store "
-            "and the registry is not being asked (offline)"
-        )
-
     # -- manifests and indexes ----------------------------------------------------
 
     async def _parent(self, p: BlobProgress) -> bytes:
@@ -457,7 +321,7 @@ class _Fetch:
         writer = None
         if not self.content.exists(desc.digest):
             if self.remote is None:
-                raise self._missing(desc)
+                raise missing(self.ref, desc)
             writer = await self._writer(p)
         if writer is None:
             data = await trio.to_thread.run_sync(
@@ -467,7 +331,7 @@ class _Fetch:
                 limiter=self.hashing,
             )
             p.offset = len(data)
-            await self._ensure_labels(desc, data)
+            ensure_gc_labels(self.content, desc, data)
             self._set(p, BlobState.EXISTS)
             return data
         with writer:
@@ -484,14 +348,6 @@ class _Fetch:
         p.offset = len(data)
         self._set(p, BlobState.VERIFIED)
         return data
-
-    async def _ensure_labels(self, desc: Descriptor, data: bytes) -> None:
-        """Add GC labels a present manifest lacks (it may have come from elsewhere)."""
-        want = manifests.gc_labels(desc, data)
-        info = self.content.info(desc.digest)
-        if all(info.labels.get(k) == v for k, v in want.items()):
-            return
-        self.content.update(dataclasses.replace(info, labels={**info.labels, **want}), ["labels"])
 
     # -- blobs ----------------------------------------------------------------------
 
@@ -528,7 +384,7 @@ class _Fetch:
             self._set(p, BlobState.EXISTS)
             return
         if self.remote is None:
-            raise self._missing(desc)
+            raise missing(self.ref, desc)
         committed = False
         for attempt in range(2):
             writer = await self._writer(p)

@@ -43,23 +43,28 @@ import ipaddress
 import logging
 import posixpath
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from ckfs import __version__
 from ckfs.errors import InvalidArgument
 from ckfs.reference import DEFAULT_DOMAIN, DOCKER_HUB_HOST
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = [
     "CAPABILITIES",
     "DEFAULT_CAPABILITIES",
     "SYSTEM_HOSTS_DIR",
+    "USER_AGENT",
     "RegistryHost",
     "default_hosts_dirs",
     "is_localhost",
     "load_hosts",
+    "ssl_context",
 ]
 
 _log = logging.getLogger(__name__)
@@ -85,6 +90,9 @@ _DEFAULT_DIR = "_default"
 # Go's time.ParseDuration units, for ``dial_timeout``.
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+#: How ckfs introduces itself to registries.
+USER_AGENT = f"ckfs/{__version__}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +148,28 @@ class RegistryHost:
 
     def can(self, capability: str) -> bool:
         return capability in self.capabilities
+
+
+def ssl_context(host: RegistryHost) -> ssl.SSLContext:
+    """The TLS settings *host* asks for: its extra CAs, client certificates, skip_verify.
+
+    Raises:
+        InvalidArgument: a CA or client certificate file cannot be loaded.
+    """
+    import ssl  # only HTTPS hosts pay for it
+
+    ctx = ssl.create_default_context()
+    try:
+        for ca in host.ca:
+            ctx.load_verify_locations(cafile=str(ca))
+        for cert, key in host.client:
+            ctx.load_cert_chain(str(cert), str(key) if key is not None else None)
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidArgument(f"registry host {host.host}: cannot load TLS files: {e}") from None
+    if host.skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def default_hosts_dirs(root: Path) -> list[Path]:
@@ -272,6 +302,8 @@ def _load_cert_files(hosts_dir: Path) -> RegistryHost:
 
 def _parse_hosts_file(hosts_file: Path, data: bytes) -> list[RegistryHost]:
     where = str(hosts_file)
+    import tomllib  # only when a hosts.toml exists
+
     try:
         doc = tomllib.loads(data.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:

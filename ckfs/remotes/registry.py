@@ -71,7 +71,6 @@ import httpcore
 import httpx
 import trio
 
-from ckfs import __version__
 from ckfs import mediatypes as mt
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest, Digester
@@ -87,7 +86,7 @@ from ckfs.errors import (
 from ckfs.images.manifest import MAX_MANIFEST_SIZE
 from ckfs.reference import Reference
 from ckfs.remotes.auth import Authorizer, Credentials, pull_scope
-from ckfs.remotes.hosts import RegistryHost
+from ckfs.remotes.hosts import USER_AGENT, RegistryHost, ssl_context
 
 __all__ = ["BlobStream", "RegistryClient"]
 
@@ -96,8 +95,6 @@ _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 #: Sent with every request so registry operators can tell ckfs apart.
-USER_AGENT = f"ckfs/{__version__}"
-
 #: Redirect hops followed before giving up (Go's net/http, and so containerd,
 #: stop after 10 too); a loop costs ten requests, not a hang.
 MAX_REDIRECTS = 10
@@ -262,7 +259,7 @@ class RegistryClient:
             for host in self.hosts:
                 if host.has_tls_config:
                     mounts[f"https://{host.host}"] = httpx.AsyncHTTPTransport(
-                        verify=_ssl_context(host)
+                        verify=ssl_context(host)
                     )
         self._client = httpx.AsyncClient(
             transport=transport,
@@ -754,21 +751,6 @@ def _raise_read_size() -> None:
     current = getattr(connection, "READ_NUM_BYTES", None)
     if isinstance(current, int) and current < HTTP_READ_SIZE:
         connection.READ_NUM_BYTES = HTTP_READ_SIZE  # type: ignore[union-attr]
-
-
-def _ssl_context(host: RegistryHost) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    try:
-        for ca in host.ca:
-            ctx.load_verify_locations(cafile=str(ca))
-        for cert, key in host.client:
-            ctx.load_cert_chain(str(cert), str(key) if key is not None else None)
-    except (OSError, ssl.SSLError) as e:
-        raise InvalidArgument(f"registry host {host.host}: cannot load TLS files: {e}") from None
-    if host.skip_verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:

@@ -1,8 +1,9 @@
 """The ``ckfs`` command: a thin click face over the ckfs library.
 
-Startup stays fast (``ckfs --help`` and ``ckfs images ls`` import no FUSE,
-gRPC or HTTP module): subcommand modules import only click at top level and
-pull heavy library modules inside the command bodies.
+Startup stays fast: a command's module is imported only when that command
+runs (`_LazyGroup`), and command modules import only click at top level,
+pulling library modules inside the command bodies. ``ckfs images ls`` or a
+re-pull of a present image loads no FUSE, gRPC, trio or httpx module.
 
 Every failure is one line on stderr and exit status 1; ``--debug`` adds the
 traceback. That mapping lives here, in `main`, and nowhere else.
@@ -10,27 +11,55 @@ traceback. That mapping lives here, in `main`, and nowhere else.
 
 from __future__ import annotations
 
+import importlib
 import sys
-import traceback
 from pathlib import Path
 
 import click
 
 from ckfs import __version__
-from ckfs_cli import (
-    content_cmds,
-    images_cmds,
-    pull_cmds,
-    rootfs_cmds,
-    snapshot_cmds,
-    transfer_cmds,
-)
 from ckfs_cli.app import App
 
 _debug = False
 
+#: Each command and where it lives, in the order ``ckfs --help`` lists them.
+_COMMANDS = {
+    "images": "images_cmds:images",
+    "content": "content_cmds:content",
+    "import": "transfer_cmds:import_cmd",
+    "export": "transfer_cmds:export_cmd",
+    "pull": "pull_cmds:pull_cmd",
+    "fetch": "pull_cmds:fetch_cmd",
+    "mount": "rootfs_cmds:mount_cmd",
+    "umount": "rootfs_cmds:umount_cmd",
+    "rootfs": "rootfs_cmds:rootfs_cmd",
+    "bundle": "rootfs_cmds:bundle_cmd",
+    "gc": "rootfs_cmds:gc_cmd",
+    "snapshots": "snapshot_cmds:snapshots",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _LazyGroup(click.Group):
+    """A group that imports a command's module only when the command is used.
+
+    click's documented pattern for large CLIs: ``ckfs pull`` then never pays
+    for the modules of ``mount`` or ``snapshots``.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        where = _COMMANDS.get(cmd_name)
+        if where is None:
+            return None
+        module, attr = where.split(":")
+        command = getattr(importlib.import_module(f"ckfs_cli.{module}"), attr)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--root",
     type=click.Path(file_okay=False, path_type=Path),
@@ -47,20 +76,6 @@ def cli(ctx: click.Context, root: Path | None, debug: bool) -> None:
     _debug = debug
     ctx.obj = App(root, debug)
     ctx.call_on_close(ctx.obj.close)
-
-
-cli.add_command(images_cmds.images)
-cli.add_command(content_cmds.content)
-cli.add_command(transfer_cmds.import_cmd)
-cli.add_command(transfer_cmds.export_cmd)
-cli.add_command(pull_cmds.pull_cmd)
-cli.add_command(pull_cmds.fetch_cmd)
-cli.add_command(rootfs_cmds.mount_cmd)
-cli.add_command(rootfs_cmds.umount_cmd)
-cli.add_command(rootfs_cmds.rootfs_cmd)
-cli.add_command(rootfs_cmds.bundle_cmd)
-cli.add_command(rootfs_cmds.gc_cmd)
-cli.add_command(snapshot_cmds.snapshots)
 
 
 def describe(exc: BaseException) -> str:
@@ -101,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(leaf, KeyboardInterrupt):
             sys.exit(130)
         if _debug:
+            import traceback
+
             traceback.print_exception(e)
         print(f"ckfs: {describe(leaf)}", file=sys.stderr)
         sys.exit(1)

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
 
     from ckfs.pull import PullReport
-    from ckfs.remotes.fetch import BlobProgress
+    from ckfs.reference import Reference
+    from ckfs.remotes.walk import BlobProgress
+    from ckfs.state import State
 
 pass_app = click.make_pass_decorator(App)
 
@@ -110,18 +112,10 @@ def _run(
     quiet: bool,
     as_json: bool,
 ) -> None:
-    # `import httpx` also imports httpx's own command-line tool (click, rich,
-    # pygments): ~0.15 s of start-up per pull for nothing. A None entry makes
-    # that one import fail, which httpx handles (its `main` becomes a stub).
-    if "httpx" not in sys.modules:
-        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
-
-    import trio
-
     from ckfs import reference
     from ckfs.images import platforms
-    from ckfs.pull import pull
-    from ckfs.remotes.hosts import default_hosts_dirs
+    from ckfs.pull import pull_local
+    from ckfs.remotes.hosts import default_hosts_dirs, load_hosts
 
     parsed = reference.parse(ref)
     plat = platforms.parse(platform) if platform else None
@@ -135,29 +129,63 @@ def _run(
         display = _LiveDisplay()
     else:
         display = _PlainDisplay()
-    run = functools.partial(
-        pull,
-        parsed,
-        state.content,
-        state.images,
-        register=register,
-        platform=plat,
-        all_platforms=all_platforms,
-        offline=offline,
-        max_concurrent=max_concurrent,
-        hosts_dirs=list(hosts_dirs) or default_hosts_dirs(state.root),
-        plain_http=plain_http,
-        user=user,
-        on_event=display.event,
-    )
-    with display:
-        report = trio.run(run)
+    dirs = list(hosts_dirs) or default_hosts_dirs(state.root)
+    common: dict[str, Any] = {
+        "register": register,
+        "platform": plat,
+        "all_platforms": all_platforms,
+        "offline": offline,
+        "on_event": display.event,
+    }
+    # An image already complete here needs no event loop: by digest or
+    # offline nothing is asked, by tag one HEAD (given no --user: those
+    # credentials are for the full client to use).
+    hosts = None if user else load_hosts(parsed.domain, hosts_dirs=dirs, plain_http=plain_http)
+    report = pull_local(parsed, state.content, state.images, hosts=hosts, **common)
+    if report is None:
+        report = _pull(parsed, state, display, common, dirs, plain_http, user, max_concurrent)
     if as_json:
         _emit(_summary(report))
     elif not quiet:
         name = report.image.name if report.image is not None else str(parsed)
         click.echo(f"{name}  {report.target.digest}")
         click.echo(_summary_line(report), err=True)
+
+
+def _pull(
+    parsed: Reference,
+    state: State,
+    display: _Display,
+    common: dict[str, Any],
+    hosts_dirs: list[Path],
+    plain_http: bool,
+    user: str | None,
+    max_concurrent: int,
+) -> PullReport:
+    """The full pull, on trio with the registry client."""
+    # `import httpx` also imports httpx's own command-line tool (click, rich,
+    # pygments): ~0.15 s of start-up per pull for nothing. A None entry makes
+    # that one import fail, which httpx handles (its `main` becomes a stub).
+    if "httpx" not in sys.modules:
+        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
+    import trio
+
+    from ckfs.pull import pull
+
+    run = functools.partial(
+        pull,
+        parsed,
+        state.content,
+        state.images,
+        max_concurrent=max_concurrent,
+        hosts_dirs=hosts_dirs,
+        plain_http=plain_http,
+        user=user,
+        **common,
+    )
+    with display:
+        return trio.run(run)
 
 
 def _summary(report: PullReport) -> dict[str, Any]:
@@ -266,7 +294,7 @@ class _LiveDisplay(_Display):
         )
 
     def event(self, p: BlobProgress) -> None:
-        from ckfs.remotes.fetch import BlobState
+        from ckfs.remotes.walk import BlobState
 
         key = id(p)
         self._rows.setdefault(key, p)
@@ -285,7 +313,7 @@ class _LiveDisplay(_Display):
     def _render(self) -> RenderableType:
         from rich.table import Table
 
-        from ckfs.remotes.fetch import BlobState
+        from ckfs.remotes.walk import BlobState
 
         table = Table(box=None, pad_edge=False, show_header=False)
         for column in ("kind", "digest", "bytes", "rate", "state"):
