@@ -365,11 +365,17 @@ def tls_registry(work: Path, example_layout: Path) -> Iterator[tuple[Registry, P
         reg.stop()
 
 
-@pytest.mark.parametrize("trust", ["ca", "skip_verify", "none"])
+@pytest.mark.parametrize("trust", ["ca", "skip_verify", "none", "system"])
 async def test_tls_hosts_toml(
-    tls_registry: tuple[Registry, Path, Digest], tmp_path: Path, trust: str
+    tls_registry: tuple[Registry, Path, Digest],
+    tmp_path: Path,
+    trust: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A host's own CA or skip_verify; else the system store, loaded at the first handshake."""
     reg, ca, pushed = tls_registry
+    if trust == "system":
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca))
     certs_d = tmp_path / "certs.d"
     # "127.0.0.1_<port>_": the mangled name containerd looks up first.
     hosts_dir = certs_d / (reg.host.replace(":", "_") + "_")

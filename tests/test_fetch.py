@@ -32,7 +32,14 @@ from ckfs.errors import DataLoss, InvalidArgument, NotFound, Unavailable
 from ckfs.images import platforms
 from ckfs.pull import PullReport, pull
 from ckfs.remotes import fetch as fetch_mod
-from ckfs.remotes.fetch import BlobProgress, BlobState, fetch, platform_children, ref_key
+from ckfs.remotes.fetch import (
+    SMALL_BLOB,
+    BlobProgress,
+    BlobState,
+    fetch,
+    platform_children,
+    ref_key,
+)
 from ckfs.state import State
 
 REF = reference.parse("registry.test/team/app:1")
@@ -432,12 +439,20 @@ async def test_schema1_is_refused_before_any_request(state: State) -> None:
 
 
 async def test_concurrency_is_bounded(state: State) -> None:
+    image = build_image([layer(i, SMALL_BLOB + 1) for i in range(6)])
+    remote = FakeRemote(image.blobs, delay=0.02)
+    await fetch(remote, state.content, REF, image.target, max_concurrent=2)
+    assert remote.max_in_flight == 3  # two layers, and the config beside them
+    with pytest.raises(InvalidArgument):
+        await fetch(remote, state.content, REF, image.target, max_concurrent=0)
+
+
+async def test_small_blobs_do_not_queue_behind_large_ones(state: State) -> None:
+    """Configs and small layers are round trips: the limit is for transfers."""
     image = build_image([layer(i, 50_000) for i in range(6)])
     remote = FakeRemote(image.blobs, delay=0.02)
     await fetch(remote, state.content, REF, image.target, max_concurrent=2)
-    assert remote.max_in_flight == 2
-    with pytest.raises(InvalidArgument):
-        await fetch(remote, state.content, REF, image.target, max_concurrent=0)
+    assert remote.max_in_flight == 7  # the config and six layers at once
 
 
 async def test_waits_for_another_writer_then_finds_the_blob(state: State) -> None:

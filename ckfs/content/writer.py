@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from ckfs.content import ingest
-from ckfs.content.fsutil import hash_fd
+from ckfs.content.fsutil import hash_fd, start_writeback
 from ckfs.content.types import Status, ns_to_datetime, validate_labels
 from ckfs.digest import Digest, Digester
 from ckfs.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument
@@ -41,6 +41,11 @@ __all__ = ["Writer"]
 
 #: Default algorithm when the caller does not say what digest to expect.
 DEFAULT_ALGORITHM = "sha256"
+
+#: Bytes written between two requests to the kernel to start writing them to
+#: disk (`fsutil.start_writeback`), so that a large blob's commit does not
+#: wait for all of it at once. Small blobs never reach it.
+WRITEBACK_BYTES = 8 << 20
 
 
 class Writer:
@@ -115,7 +120,7 @@ class Writer:
             self._expected = expected
             self._started_ns = self._updated_ns = now
             self._digester = Digester(expected.algorithm if expected else DEFAULT_ALGORITHM)
-            self._offset = 0
+            self._offset = self._written_back = 0
             return
 
         self._fd = fd
@@ -146,6 +151,7 @@ class Writer:
         # Resuming: rebuild the running digest from what is already there.
         algorithm = self._expected.algorithm if self._expected else DEFAULT_ALGORITHM
         self._digester, self._offset = hash_fd(fd, algorithm)
+        self._written_back = self._offset
         os.lseek(fd, self._offset, os.SEEK_SET)
 
     # -- state ------------------------------------------------------------------
@@ -210,6 +216,9 @@ class Writer:
         self._digester.update(data)
         self._offset += n
         self._updated_ns = now_ns()
+        if self._offset - self._written_back >= WRITEBACK_BYTES:
+            start_writeback(self._fd, self._written_back, self._offset - self._written_back)
+            self._written_back = self._offset
         return n
 
     def truncate(self, size: int) -> None:
@@ -234,6 +243,7 @@ class Writer:
             self._digester, _ = hash_fd(self._fd, self._digester.algorithm, size)
         os.lseek(self._fd, size, os.SEEK_SET)
         self._offset = size
+        self._written_back = min(self._written_back, size)
         self._updated_ns = now_ns()
 
     def commit(

@@ -91,6 +91,10 @@ __all__ = [
 #: containerd's default is the same.
 DEFAULT_CONCURRENCY = 3
 
+#: Blobs up to this size (configs, manifests, tiny layers) take no transfer
+#: slot: see `_Fetch._slot`.
+SMALL_BLOB = 1 << 20
+
 #: Bytes handed to a worker thread per hop. A thread hop costs tens of
 #: microseconds; at 1 MiB per hop that is noise even at 1 GB/s, while single
 #: network chunks (16-64 KiB) would make it a fifth of the time.
@@ -303,6 +307,18 @@ class _Fetch:
                 self._set(p, BlobState.FAILED, str(e))
             raise
 
+    def _slot(self, desc: Descriptor) -> AbstractAsyncContextManager[object]:
+        """A transfer slot for *desc*; none for a small blob.
+
+        The limit is there to share bandwidth and connections among large
+        blobs. A config or a manifest is one round trip: queued behind three
+        layers it would only delay the layers that need it (and the walk
+        that needs a manifest's children).
+        """
+        if desc.size <= SMALL_BLOB:
+            return contextlib.nullcontext()
+        return self.slots
+
     def _set(self, p: BlobProgress, state: BlobState, note: str = "") -> None:
         p.state = state
         p.note = note
@@ -338,7 +354,7 @@ class _Fetch:
             assert self.remote is not None
             p.started = time.monotonic()
             self._set(p, BlobState.DOWNLOADING)
-            async with self.slots:
+            async with self._slot(desc):
                 data = await self.remote.fetch_manifest(self.ref, desc)
             p.fetched += len(data)
             labels = {**manifests.gc_labels(desc, data), **self.source_labels}
@@ -395,7 +411,7 @@ class _Fetch:
                 try:
                     # The slot covers the network part only: while this blob
                     # is flushed to disk, the next one is already arriving.
-                    async with self.slots:
+                    async with self._slot(desc):
                         await self._transfer(p, writer)
                     committed = await self._commit(p, writer)
                 except DataLoss:

@@ -261,9 +261,12 @@ class RegistryClient:
                     mounts[f"https://{host.host}"] = httpx.AsyncHTTPTransport(
                         verify=ssl_context(host)
                     )
+        self._trust = _SystemTrust()
         self._client = httpx.AsyncClient(
             transport=transport,
             mounts=mounts,
+            verify=self._trust.context,
+            event_hooks={"request": [self._trust.before]},
             timeout=self._timeout(None),
             follow_redirects=True,
             max_redirects=MAX_REDIRECTS,
@@ -743,6 +746,33 @@ class RegistryClient:
 _SCHEMA1_HINT = (
     "Docker schema 1 manifests are not supported; re-push the image with a current client"
 )
+
+
+class _SystemTrust:
+    """The system's CA certificates for hosts without TLS settings, loaded when first needed.
+
+    Loading the store costs 30-50 ms on a small machine, a tenth of a
+    re-pull, and a plain-HTTP registry (every loopback one) never uses it,
+    unless it redirects a blob to HTTPS storage: httpx runs `before` for
+    every request, redirects included, so the certificates are in place
+    before the first handshake. The store is the system's (Debian's
+    ca-certificates, or ``SSL_CERT_FILE``/``SSL_CERT_DIR``), as for
+    containerd, rather than the certifi bundle httpx would load.
+    """
+
+    def __init__(self) -> None:
+        # Verifies certificates and host names, as create_default_context would.
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self._loaded = False
+        self._lock = trio.Lock()
+
+    async def before(self, request: httpx.Request) -> None:
+        if request.url.scheme != "https" or self._loaded:
+            return
+        async with self._lock:
+            if not self._loaded:
+                await trio.to_thread.run_sync(self.context.load_default_certs)
+                self._loaded = True
 
 
 def _raise_read_size() -> None:
