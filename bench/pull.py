@@ -10,6 +10,9 @@ Timed, each into an empty destination, median of ``--repeat`` runs:
 
 - ckfs: ``ckfs fetch REF``: every blob streamed into the content store,
   hashed, verified and committed; no name registered.
+- ckfs in process: the same fetch through the library in this (warm)
+  process: what a long-running ckfs process pays, with no interpreter
+  start-up or imports. Shown for the analysis; the target is on the command.
 - skopeo: ``skopeo copy docker://REF oci:DEST`` (it verifies too).
 - containerd: ``ctr content fetch --plain-http REF`` against a containerd
   with its own root, state and socket, restarted empty before each run.
@@ -23,6 +26,7 @@ it from below. Targets: ckfs <= 0.8x skopeo; re-pull < 0.15 s.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import subprocess
@@ -53,6 +57,25 @@ from integration.registry import Registry
 IMAGE = "bench/pull:latest"
 
 
+def fetch_in_process(root: Path, ref: str) -> None:
+    """``ckfs fetch REF`` through the library, in this already warm process."""
+    import trio
+
+    from ckfs import reference
+    from ckfs.pull import pull
+    from ckfs.state import State
+
+    state = State(root)
+    try:
+        trio.run(
+            functools.partial(
+                pull, reference.parse(ref), state.content, state.images, register=False
+            )
+        )
+    finally:
+        state.close()
+
+
 def main() -> None:
     args = bench_args(__doc__)
 
@@ -78,6 +101,7 @@ def main() -> None:
             ctr[:] = ["ctr", "--address", str(sock)]
 
         t_ckfs = timed(clean, lambda: run(ckfs_cmd(root, "fetch", "-q", ref)), args.repeat)
+        t_lib = timed(clean, lambda: fetch_in_process(root, ref), args.repeat)
         t_skopeo = timed(
             clean,
             lambda: skopeo_copy(f"docker://{ref}", f"oci:{dest}:latest"),
@@ -126,6 +150,8 @@ def main() -> None:
         ],
         "<= 0.8x skopeo",
     )
+    print(f"  ckfs fetch in process (no start-up)      {t_lib:8.3f} s")
+    print(f"  ratio in process / skopeo                {t_lib / t_skopeo:8.2f}x")
     print(f"  ckfs throughput                          {size / t_ckfs / 1e6:8.0f} MB/s")
     print(f"re-pull with everything present, whole process (median of {repeat})")
     print(f"  ckfs pull by tag (one HEAD)              {t_tag:8.3f} s")
