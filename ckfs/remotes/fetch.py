@@ -115,7 +115,9 @@ MAX_RESUMES = 5
 LOCK_WAIT = 600.0
 
 #: Worker threads writing and hashing at once, across all blobs of a fetch:
-#: one per core, since hashing is what they do (hashlib releases the GIL).
+#: one per core (hashlib releases the GIL), plus one per transfer slot
+#: (`_Fetch`), since much of a batch's time is the kernel taking the write,
+#: and a transfer whose batch waits behind another blob's stalls its socket.
 _HASH_THREADS = max(2, os.cpu_count() or 2)
 
 #: Worker threads committing at once. A commit mostly waits for fsync, so
@@ -271,7 +273,7 @@ class _Fetch:
         self.ref = ref
         self.children = children
         self.slots = slots
-        self.hashing = trio.CapacityLimiter(_HASH_THREADS)
+        self.hashing = trio.CapacityLimiter(_HASH_THREADS + slots.value)
         # Commits wait on fsync, not the CPU: they get their own threads so
         # a layer being flushed never holds up the hashing of the others.
         self.syncing = trio.CapacityLimiter(_SYNC_THREADS)
