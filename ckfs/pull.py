@@ -39,7 +39,13 @@ from ckfs.images import ImageStore
 from ckfs.images import manifest as manifests
 from ckfs.images.store import Image
 from ckfs.reference import Reference
-from ckfs.remotes.walk import BlobProgress, FetchReport, platform_children, present
+from ckfs.remotes.walk import (
+    DEFAULT_CONCURRENCY,
+    BlobProgress,
+    FetchReport,
+    platform_children,
+    present,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -47,10 +53,6 @@ if TYPE_CHECKING:
     from ckfs.remotes.hosts import RegistryHost
 
 __all__ = ["PullReport", "pull", "pull_local"]
-
-#: Blobs transferred at once by default (`ckfs.remotes.fetch.DEFAULT_CONCURRENCY`,
-#: restated so that this module loads without trio).
-DEFAULT_CONCURRENCY = 3
 
 
 @dataclasses.dataclass

@@ -60,6 +60,7 @@ from ckfs.errors import (
 from ckfs.images import manifest as manifests
 from ckfs.reference import Reference
 from ckfs.remotes.walk import (
+    DEFAULT_CONCURRENCY,
     BlobProgress,
     BlobState,
     ChildrenFunc,
@@ -85,11 +86,6 @@ __all__ = [
     "platform_children",
     "ref_key",
 ]
-
-#: Blobs transferred at once. Three keeps a fast local link busy while one
-#: blob is being committed (fsync) and stays polite to a remote registry;
-#: containerd's default is the same.
-DEFAULT_CONCURRENCY = 3
 
 #: Blobs up to this size (configs, manifests, tiny layers) take no transfer
 #: slot: see `_Fetch._slot`.

@@ -22,6 +22,7 @@ from ckfs.images import platforms
 from ckfs.reference import Reference
 
 __all__ = [
+    "DEFAULT_CONCURRENCY",
     "BlobProgress",
     "BlobState",
     "ChildrenFunc",
@@ -35,6 +36,12 @@ __all__ = [
     "schema1_error",
     "skip",
 ]
+
+
+#: Blobs transferred at once. Three keeps a fast local link busy while one
+#: blob is being committed (fsync) and stays polite to a remote registry;
+#: containerd's default is the same.
+DEFAULT_CONCURRENCY = 3
 
 
 class BlobState(enum.StrEnum):

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from ckfs.remotes.walk import DEFAULT_CONCURRENCY
 from ckfs_cli.app import App, human_size
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ def _pull_options(f: _F) -> _F:
         click.option(
             "--max-concurrent",
             type=click.IntRange(min=1),
-            default=3,
+            default=DEFAULT_CONCURRENCY,
             show_default=True,
             help="Blobs transferred at once.",
         ),
