@@ -30,8 +30,9 @@ thread hop costs microseconds per megabyte rather than per chunk.
 
 The fetcher talks to a registry through the small `Remote` protocol, which
 `ckfs.remotes.registry.RegistryClient` implements; tests pass fakes.
-With no remote at all, `fetch` only checks that everything is present (the
-offline and pull-by-digest fast path) and raises `NotFound` otherwise.
+With no remote at all, `fetch` only checks that everything is present and
+raises `NotFound` otherwise; pulls that need nothing use the same check
+without an event loop (`ckfs.remotes.walk.present`).
 """
 
 from __future__ import annotations
