@@ -32,6 +32,7 @@ from ckfs.images.manifest import children
 from ckfs.reference import Reference, parse
 from ckfs.remotes.auth import Credentials
 from ckfs.remotes.hosts import load_hosts
+from ckfs.remotes.peek import tag_digest
 from ckfs.remotes.registry import RegistryClient
 from integration.certs import certificate, name
 from integration.conftest import need
@@ -263,6 +264,27 @@ async def test_token_auth_anonymous_pull(
     assert request.method == "GET" and request.user is None
     assert request.service == tokens.service
     assert request.scopes == (f"repository:{REPO}:pull",)
+
+
+def test_peek_does_the_anonymous_token_round_trip_and_sends_no_secret(
+    token_auth: tuple[Registry, TokenServer, Digest], tmp_path: Path
+) -> None:
+    """The loop-free HEAD of a re-pull (`ckfs.remotes.peek`) behind token auth."""
+    reg, tokens, pushed = token_auth
+    ref = parse(f"{reg.host}/{REPO}:1")
+    hosts = load_hosts(reg.host, hosts_dirs=[])
+    assert tag_digest(ref, hosts, anonymous(tmp_path)) == pushed
+    (request,) = tokens.requests
+    assert request.method == "GET" and request.user is None
+    assert request.scopes == (f"repository:{REPO}:pull",)
+    # No anonymous access: the full client takes over (and says what is wrong).
+    tokens.requests.clear()
+    tokens.anonymous_pull = False
+    assert tag_digest(ref, hosts, anonymous(tmp_path)) is None
+    # Credentials are the full client's to send: the token server hears nothing.
+    tokens.requests.clear()
+    assert tag_digest(ref, hosts, Credentials(f"{USER}:{PASSWORD}")) is None
+    assert tokens.requests == []
 
 
 async def test_token_auth_with_password_and_identity_token(

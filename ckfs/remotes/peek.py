@@ -8,9 +8,11 @@ asks it in milliseconds.
 
 This path can only ever say "unchanged". Any other outcome returns None and
 the caller does the full pull, whose client handles it properly: the
-registry wants credentials (no secret is sent from here), a redirect, an
-error status, an unreachable or slow host, a proxy in the environment, a
-missing or different digest. Nothing is fetched here and nothing is trusted
+registry wants credentials the user has (no secret is sent from here), a
+redirect, an error status, an unreachable or slow host, a proxy in the
+environment, a missing or different digest. The one thing it does beyond a
+bare ``HEAD`` is the anonymous bearer-token round trip that public
+registries demand even of anonymous clients. Nothing is fetched here and nothing is trusted
 beyond what the full client's own ``HEAD`` would trust: the registry's
 ``Docker-Content-Digest`` for the tag, compared with a digest whose content
 is already present and verified.
@@ -22,12 +24,20 @@ import http.client
 import logging
 import os
 from collections.abc import Sequence
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from ckfs import mediatypes as mt
 from ckfs.digest import Digest
 from ckfs.errors import CkfsError
 from ckfs.reference import Reference
+from ckfs.remotes.challenge import (
+    MAX_TOKEN_RESPONSE,
+    parse_challenges,
+    parse_token,
+    pull_scope,
+    token_query,
+)
+from ckfs.remotes.credentials import Credentials
 from ckfs.remotes.hosts import USER_AGENT, RegistryHost, ssl_context
 
 __all__ = ["PEEK_TIMEOUT", "tag_digest"]
@@ -39,8 +49,16 @@ _log = logging.getLogger(__name__)
 PEEK_TIMEOUT = 2.0
 
 
-def tag_digest(ref: Reference, hosts: Sequence[RegistryHost]) -> Digest | None:
+def tag_digest(
+    ref: Reference, hosts: Sequence[RegistryHost], credentials: Credentials | None = None
+) -> Digest | None:
     """The digest *ref*'s tag points at, per the first host that may resolve it.
+
+    A registry that challenges for a bearer token (Docker Hub, GHCR, most
+    public registries, even for anonymous pulls) gets the anonymous token
+    dance, as the full client would do it: only when *credentials* (default:
+    Docker's ``config.json``) hold nothing for the host, so no secret is
+    ever sent from here.
 
     Returns:
         The digest from the registry's ``Docker-Content-Digest`` header on a
@@ -56,24 +74,24 @@ def tag_digest(ref: Reference, hosts: Sequence[RegistryHost]) -> Digest | None:
     if host.mirror_of:
         path += "?" + urlencode({"ns": host.mirror_of})
     headers = {k: ", ".join(v) for k, v in host.headers.items()}
-    headers.update({"Accept": ", ".join(mt.MANIFEST_ACCEPT), "User-Agent": USER_AGENT})
-    conn: http.client.HTTPConnection
+    headers["User-Agent"] = USER_AGENT
+    accept = {**headers, "Accept": ", ".join(mt.MANIFEST_ACCEPT)}
     try:
-        if host.scheme == "https":
-            conn = http.client.HTTPSConnection(
-                host.host, timeout=PEEK_TIMEOUT, context=ssl_context(host)
+        status, answer, _ = _request(host, host.scheme, host.host, "HEAD", path, accept)
+        if status == 401:
+            credentials = credentials or Credentials()
+            if credentials.configured(host.host):
+                return None
+            token = _anonymous_token(host, answer.get_all("WWW-Authenticate") or [], ref, headers)
+            if token is None:
+                return None
+            status, answer, _ = _request(
+                host, host.scheme, host.host, "HEAD", path, {**accept, "Authorization": token}
             )
-        else:
-            conn = http.client.HTTPConnection(host.host, timeout=PEEK_TIMEOUT)
-        try:
-            conn.request("HEAD", path, headers=headers)
-            response = conn.getresponse()
-            media_type = (response.getheader("Content-Type") or "").split(";")[0].strip()
-            value = response.getheader("Docker-Content-Digest")
-        finally:
-            conn.close()
-        if response.status != 200 or not value:
-            _log.debug("HEAD %s on %s: %d; asking the full client", ref, host.host, response.status)
+        value = answer.get("Docker-Content-Digest")
+        media_type = (answer.get("Content-Type") or "").split(";")[0].strip()
+        if status != 200 or not value:
+            _log.debug("HEAD %s on %s: %d; asking the full client", ref, host.host, status)
             return None
         if not (mt.is_index(media_type) or mt.is_manifest(media_type)):
             return None
@@ -81,6 +99,53 @@ def tag_digest(ref: Reference, hosts: Sequence[RegistryHost]) -> Digest | None:
     except (OSError, http.client.HTTPException, CkfsError) as e:
         _log.debug("HEAD %s on %s: %s; asking the full client", ref, host.host, e)
         return None
+
+
+def _anonymous_token(
+    host: RegistryHost, challenges: list[str], ref: Reference, headers: dict[str, str]
+) -> str | None:
+    """An ``Authorization`` value from the realm of a bearer challenge, asked anonymously."""
+    bearer = [c for c in parse_challenges(challenges) if c.scheme == "bearer"]
+    if not bearer:
+        return None  # Basic needs a password, which the full client looks up
+    params = bearer[0].params
+    realm = urlsplit(params.get("realm", ""))
+    if realm.scheme not in ("http", "https") or not realm.netloc:
+        return None
+    scopes = [pull_scope(ref.path), *params.get("scope", "").split()]
+    query = urlencode(token_query(params.get("service", ""), scopes))
+    path = f"{realm.path or '/'}?{realm.query + '&' if realm.query else ''}{query}"
+    status, _, data = _request(host, realm.scheme, realm.netloc, "GET", path, headers, body=True)
+    if status != 200:
+        return None
+    return parse_token(data, realm.netloc)[0]
+
+
+def _request(
+    host: RegistryHost,
+    scheme: str,
+    netloc: str,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    *,
+    body: bool = False,
+) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One request on a fresh connection: status, headers and, if asked, the (capped) body."""
+    conn: http.client.HTTPConnection
+    if scheme == "https":
+        # The host's own TLS settings for the host; the system's for a token server elsewhere.
+        context = ssl_context(host if netloc == host.host else RegistryHost(netloc))
+        conn = http.client.HTTPSConnection(netloc, timeout=PEEK_TIMEOUT, context=context)
+    else:
+        conn = http.client.HTTPConnection(netloc, timeout=PEEK_TIMEOUT)
+    try:
+        conn.request(method, path, headers=headers)
+        response = conn.getresponse()
+        data = response.read(MAX_TOKEN_RESPONSE + 1) if body else b""
+        return response.status, response.msg, data
+    finally:
+        conn.close()
 
 
 def _proxied(scheme: str) -> bool:
