@@ -8,11 +8,11 @@ so neither trio nor httpx is needed to use it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Iterable, Mapping
 
 from ckfs.errors import InvalidArgument
+from ckfs.jsondoc import parse_object
 
 __all__ = [
     "DEFAULT_TOKEN_LIFETIME",
@@ -55,12 +55,7 @@ def parse_token(content: bytes, server: str) -> tuple[str, float]:
     """
     if len(content) > MAX_TOKEN_RESPONSE:
         raise InvalidArgument(f"token server {server}: response larger than 1 MiB")
-    try:
-        body = json.loads(content)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InvalidArgument(f"token server {server}: response is not JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidArgument(f"token server {server}: response is not a JSON object")
+    body = parse_object(content, f"token server {server}: response")
     token = body.get("access_token") or body.get("token")
     if not isinstance(token, str) or not token:
         raise InvalidArgument(f"token server {server}: response has no token")
