@@ -91,7 +91,7 @@ _DEFAULT_DIR = "_default"
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 
-#: How ckfs introduces itself to registries.
+#: Sent with every request so registry operators can tell ckfs apart.
 USER_AGENT = f"ckfs/{__version__}"
 
 

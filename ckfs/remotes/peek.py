@@ -12,10 +12,12 @@ registry wants credentials the user has (no secret is sent from here), a
 redirect, an error status, an unreachable or slow host, a proxy in the
 environment, a missing or different digest. The one thing it does beyond a
 bare ``HEAD`` is the anonymous bearer-token round trip that public
-registries demand even of anonymous clients. Nothing is fetched here and nothing is trusted
-beyond what the full client's own ``HEAD`` would trust: the registry's
-``Docker-Content-Digest`` for the tag, compared with a digest whose content
-is already present and verified.
+registries demand even of anonymous clients.
+
+Nothing is fetched here and nothing is trusted beyond what the full
+client's own ``HEAD`` would trust: the registry's ``Docker-Content-Digest``
+for the tag, compared with a digest whose content is already present and
+verified.
 """
 
 from __future__ import annotations

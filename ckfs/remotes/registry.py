@@ -94,7 +94,6 @@ _log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-#: Sent with every request so registry operators can tell ckfs apart.
 #: Redirect hops followed before giving up (Go's net/http, and so containerd,
 #: stop after 10 too); a loop costs ten requests, not a hang.
 MAX_REDIRECTS = 10
