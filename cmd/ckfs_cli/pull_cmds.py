@@ -116,7 +116,6 @@ def _run(
     from ckfs import reference
     from ckfs.images import platforms
     from ckfs.pull import pull_local
-    from ckfs.remotes.hosts import default_hosts_dirs, load_hosts
 
     parsed = reference.parse(ref)
     plat = platforms.parse(platform) if platform else None
@@ -130,7 +129,6 @@ def _run(
         display = _LiveDisplay()
     else:
         display = _PlainDisplay()
-    dirs = list(hosts_dirs) or default_hosts_dirs(state.root)
     common: dict[str, Any] = {
         "register": register,
         "platform": plat,
@@ -141,10 +139,15 @@ def _run(
     # An image already complete here needs no event loop: by digest or
     # offline nothing is asked, by tag one HEAD (given no --user: those
     # credentials are for the full client to use).
-    hosts = None if user else load_hosts(parsed.domain, hosts_dirs=dirs, plain_http=plain_http)
+    hosts = None
+    if not (user or offline or parsed.digest):
+        from ckfs.remotes.hosts import default_hosts_dirs, load_hosts
+
+        dirs = list(hosts_dirs) or default_hosts_dirs(state.root)
+        hosts = load_hosts(parsed.domain, hosts_dirs=dirs, plain_http=plain_http)
     report = pull_local(parsed, state.content, state.images, hosts=hosts, **common)
     if report is None:
-        report = _pull(parsed, state, display, common, dirs, plain_http, user, max_concurrent)
+        report = _pull(parsed, state, display, common, hosts_dirs, plain_http, user, max_concurrent)
     if as_json:
         _emit(_summary(report))
     elif not quiet:
@@ -158,7 +161,7 @@ def _pull(
     state: State,
     display: _Display,
     common: dict[str, Any],
-    hosts_dirs: list[Path],
+    hosts_dirs: tuple[Path, ...],
     plain_http: bool,
     user: str | None,
     max_concurrent: int,
@@ -173,6 +176,7 @@ def _pull(
     import trio
 
     from ckfs.pull import pull
+    from ckfs.remotes.hosts import default_hosts_dirs
 
     run = functools.partial(
         pull,
@@ -180,7 +184,7 @@ def _pull(
         state.content,
         state.images,
         max_concurrent=max_concurrent,
-        hosts_dirs=hosts_dirs,
+        hosts_dirs=list(hosts_dirs) or default_hosts_dirs(state.root),
         plain_http=plain_http,
         user=user,
         **common,
