@@ -105,7 +105,7 @@ async def pull(
         all_platforms: fetch every manifest of an index.
         offline: never contact the registry; everything must be present
             (the target found by digest or by the name in *images*).
-        max_concurrent: blobs transferred at once.
+        max_concurrent: layers transferred at once (see `ckfs.remotes.fetch.fetch`).
         hosts_dirs: ``certs.d`` directories for mirrors and TLS
             (`ckfs.remotes.hosts.load_hosts`).
         plain_http: use plain HTTP for the registry when no hosts.toml says.

@@ -206,7 +206,8 @@ async def fetch(
         target: the root descriptor (an index, a manifest or any blob).
         children: which descriptors under a manifest or index to follow;
             `platform_children` for a platform-limited pull.
-        max_concurrent: blobs transferred at once (>= 1).
+        max_concurrent: blobs over `SMALL_BLOB` transferred at once (>= 1);
+            smaller ones (configs, manifests) never wait for a slot.
         on_event: called with a blob's `BlobProgress` at each state change.
         registry: the name for the registry in messages; default
             ``ref.domain``.

@@ -59,7 +59,7 @@ def _pull_options(f: _F) -> _F:
             type=click.IntRange(min=1),
             default=DEFAULT_CONCURRENCY,
             show_default=True,
-            help="Blobs transferred at once.",
+            help="Layers transferred at once (blobs over 1 MiB; configs and manifests never wait).",
         ),
         click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
         click.option(
