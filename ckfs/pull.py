@@ -25,19 +25,18 @@ read of the local manifests; a pull by digest, none.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ckfs import mediatypes as mt
 from ckfs.content import ContentStore
 from ckfs.descriptor import Descriptor, Platform
 from ckfs.errors import InvalidArgument, NotFound
 from ckfs.images import ImageStore
 from ckfs.images import manifest as manifests
 from ckfs.images.store import Image
+from ckfs.jsondoc import parse_object
 from ckfs.reference import Reference
 from ckfs.remotes.walk import (
     DEFAULT_CONCURRENCY,
@@ -298,34 +297,11 @@ def _local_target(
         if image.target.digest == ref.digest:
             return image.target
     data = content.read_all(ref.digest, limit=manifests.MAX_MANIFEST_SIZE)
-    media_type = _sniff_media_type(ref, data)
+    try:
+        body = parse_object(data, str(ref))
+    except InvalidArgument:
+        return None  # not a manifest or index at all
+    media_type = manifests.body_media_type(body, str(ref))
     if media_type is None:
         return None
     return Descriptor(media_type=media_type, digest=ref.digest, size=len(data))
-
-
-def _sniff_media_type(ref: Reference, data: bytes) -> str | None:
-    """A manifest's or index's media type from its body, as a registry derives it.
-
-    OCI bodies may omit ``mediaType``; their shape tells (``manifests`` vs
-    ``config``). None when the blob is not a manifest or index at all.
-    """
-    try:
-        body = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(body, dict):
-        return None
-    declared = body.get("mediaType")
-    if declared in mt.SCHEMA1 or "fsLayers" in body:
-        raise InvalidArgument(
-            f"{ref}: Docker schema 1 manifests are not supported; "
-            "re-push the image with a current client"
-        )
-    if isinstance(declared, str) and (mt.is_index(declared) or mt.is_manifest(declared)):
-        return declared
-    if declared is None and "manifests" in body:
-        return mt.OCI_INDEX
-    if declared is None and "config" in body:
-        return mt.OCI_MANIFEST
-    return None

@@ -17,7 +17,6 @@ layout tar that skopeo, umoci and containerd read.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import os
@@ -49,18 +48,16 @@ from ckfs.images import manifest as manifests
 from ckfs.images.config import parse_config
 from ckfs.images.image import MAX_CONFIG_SIZE
 from ckfs.images.image import tree as image_tree
-from ckfs.images.manifest import gc_labels
 from ckfs.images.store import Image
 from ckfs.remotes.archives import CONTAINERD_IMAGE_NAME, REF_NAME, ImageEntry, Source
+from ckfs.remotes.fetch import LOCK_WAIT
+from ckfs.remotes.walk import ensure_gc_labels, is_parent
 
-__all__ = ["ImportReport", "export_images", "gc_labels", "import_source"]
+__all__ = ["ImportReport", "export_images", "import_source"]
 
 #: Blobs copied at once. Two workers keep both cores hashing; more only adds
 #: seeks on the same disk.
 IMPORT_WORKERS = 2
-
-#: How long to wait for another process that holds the same ingest ref.
-LOCK_WAIT = 600.0
 
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
 
@@ -273,7 +270,7 @@ async def import_source(
                 for desc in sorted(missing, key=lambda d: -d.size):
                     nursery.start_soon(stage, desc)
         for w, d in staged:
-            labels = gc_labels(d, walk.json[d.digest]) if _is_parent(d) else None
+            labels = manifests.gc_labels(d, walk.json[d.digest]) if is_parent(d) else None
             with contextlib.suppress(AlreadyExists):
                 w.commit(d.size, d.digest, labels=labels)
     except BaseException:
@@ -289,13 +286,8 @@ async def import_source(
     # Parents already present (from an earlier pull, say) get their labels too.
     for digest, data in walk.json.items():
         d = walk.blobs[digest]
-        if _is_parent(d):
-            info = content.info(digest)
-            want = gc_labels(d, data)
-            if any(info.labels.get(k) != v for k, v in want.items()):
-                content.update(
-                    dataclasses.replace(info, labels={**info.labels, **want}), ["labels"]
-                )
+        if is_parent(d):
+            ensure_gc_labels(content, d, data)
 
     report = ImportReport(
         blobs=len(walk.blobs), new_blobs=len(staged), new_bytes=sum(d.size for _, d in staged)
@@ -310,10 +302,6 @@ async def import_source(
             on_blob(d, d.digest in new)
     report.seconds = time.monotonic() - started
     return report
-
-
-def _is_parent(desc: Descriptor) -> bool:
-    return mt.is_index(desc.media_type) or mt.is_manifest(desc.media_type)
 
 
 # -- export -------------------------------------------------------------------

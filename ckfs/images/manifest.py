@@ -32,6 +32,7 @@ __all__ = [
     "MAX_MANIFEST_SIZE",
     "Index",
     "Manifest",
+    "body_media_type",
     "canonical_json",
     "children",
     "gc_labels",
@@ -49,7 +50,8 @@ MAX_MANIFEST_SIZE = 4 << 20
 #: needs (``containerd.io/gc.ref.content.l.0`` = a layer's digest).
 GC_CONTENT = "containerd.io/gc.ref.content"
 
-_SCHEMA1_HINT = (
+#: What every refusal of a Docker schema 1 manifest says after naming it.
+SCHEMA1_HINT = (
     "Docker schema 1 manifests are not supported; re-push the image with a current client"
 )
 
@@ -126,7 +128,7 @@ def children(desc: Descriptor, data: bytes) -> list[Descriptor]:
             and *data* fails the checks of `parse`.
     """
     if desc.media_type in mt.SCHEMA1:
-        raise InvalidArgument(f"manifest {desc.digest}: {_SCHEMA1_HINT}")
+        raise InvalidArgument(f"manifest {desc.digest}: {SCHEMA1_HINT}")
     if not (mt.is_index(desc.media_type) or mt.is_manifest(desc.media_type)):
         return []
     parsed = _parse(desc, data, check_layers=False)
@@ -237,13 +239,36 @@ def manifest_json(
     return canonical_json(body)
 
 
+def body_media_type(body: Mapping[str, Any], where: str) -> str | None:
+    """An index's or manifest's media type from its decoded body, as a registry derives it.
+
+    The body's own ``mediaType`` if it names an index or a manifest; else, as
+    OCI bodies may omit it, their shape (``manifests`` or ``config``); None
+    when the body is neither.
+
+    Raises:
+        InvalidArgument: a Docker schema 1 manifest (``<where>: ...``).
+    """
+    declared = body.get("mediaType")
+    version = body.get("schemaVersion")
+    if declared in mt.SCHEMA1 or "fsLayers" in body or (type(version) is int and version == 1):
+        raise InvalidArgument(f"{where}: {SCHEMA1_HINT}")
+    if isinstance(declared, str) and (mt.is_index(declared) or mt.is_manifest(declared)):
+        return declared
+    if declared is None and "manifests" in body:
+        return mt.OCI_INDEX
+    if declared is None and "config" in body:
+        return mt.OCI_MANIFEST
+    return None
+
+
 # -- parsing ------------------------------------------------------------------
 
 
 def _parse(desc: Descriptor, data: bytes, *, check_layers: bool) -> Index | Manifest:
     where = f"manifest {desc.digest}"
     if desc.media_type in mt.SCHEMA1:
-        raise InvalidArgument(f"{where}: {_SCHEMA1_HINT}")
+        raise InvalidArgument(f"{where}: {SCHEMA1_HINT}")
     if len(data) > MAX_MANIFEST_SIZE:
         raise InvalidArgument(
             f"{where}: {len(data)} bytes exceeds the {MAX_MANIFEST_SIZE} byte limit"
@@ -252,7 +277,7 @@ def _parse(desc: Descriptor, data: bytes, *, check_layers: bool) -> Index | Mani
 
     version = body.get("schemaVersion")
     if "fsLayers" in body or (type(version) is int and version == 1):
-        raise InvalidArgument(f"{where}: {_SCHEMA1_HINT}")
+        raise InvalidArgument(f"{where}: {SCHEMA1_HINT}")
     if type(version) is not int or version != 2:  # not True (== 1) nor 2.0
         raise InvalidArgument(f"{where}: schemaVersion must be 2, got {version!r}")
 
@@ -316,7 +341,7 @@ def _media_type(desc: Descriptor, body: Mapping[str, Any], where: str) -> str:
     if declared is not None and not isinstance(declared, str):
         raise InvalidArgument(f"{where}: mediaType must be a string")
     if declared in mt.SCHEMA1:
-        raise InvalidArgument(f"{where}: {_SCHEMA1_HINT}")
+        raise InvalidArgument(f"{where}: {SCHEMA1_HINT}")
     if declared and declared != desc.media_type:
         raise InvalidArgument(
             f"{where}: media type mismatch: descriptor says {desc.media_type}, body says {declared}"

@@ -13,6 +13,7 @@ member is ever extracted to disk.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -315,7 +316,7 @@ class DockerArchiveSource:
             config_name, layer_names = item.get("Config"), item.get("Layers")
             if not isinstance(config_name, str) or not isinstance(layer_names, list):
                 raise InvalidArgument(f"{where}: needs Config and Layers")
-            config = self._config(config_name, where)
+            config = self._config(config_name)
             diff_ids = self._diff_ids(config_name, where)
             if len(diff_ids) != len(layer_names):
                 raise InvalidArgument(
@@ -348,7 +349,7 @@ class DockerArchiveSource:
             )
         return entries
 
-    def _config(self, name: str, where: str) -> Descriptor:
+    def _config(self, name: str) -> Descriptor:
         stem = os.path.basename(name).removesuffix(".json")
         if _HEX64.fullmatch(stem):
             digest = Digest.from_hex("sha256", stem)
@@ -376,8 +377,6 @@ class DockerArchiveSource:
         return self._entries
 
     def open_blob(self, desc: Descriptor) -> BinaryIO:
-        import io
-
         if desc.digest in self._synth:
             return io.BytesIO(self._synth[desc.digest])
         try:

@@ -45,7 +45,6 @@ import trio
 
 from ckfs.errors import InvalidArgument, Unauthorized, Unavailable
 from ckfs.remotes.challenge import (
-    DEFAULT_TOKEN_LIFETIME,
     SCHEMES,
     Challenge,
     parse_challenges,
@@ -57,7 +56,6 @@ from ckfs.remotes.credentials import DOCKER_HUB_AUTH_KEY, Credentials, docker_co
 from ckfs.remotes.hosts import RegistryHost
 
 __all__ = [
-    "DEFAULT_TOKEN_LIFETIME",
     "DOCKER_HUB_AUTH_KEY",
     "Authorizer",
     "Challenge",
@@ -265,7 +263,7 @@ class Authorizer:
                 f"{realm.netloc}"
             )
         params = token_query(state.service, scopes)
-        headers = _host_headers(host)
+        headers = host.header_fields()
         what = _repository_of(scope) or "the registry"
         _log.debug(
             "fetching %s token for %s from %s",
@@ -345,12 +343,6 @@ class Authorizer:
             header=header,
             reuse_until=trio.current_time() + lifetime * TOKEN_REUSE_FRACTION,
         )
-
-
-def _host_headers(host: RegistryHost) -> dict[str, str]:
-    # hosts.toml headers go to the token server too, as in containerd
-    # (WithAuthHeader): some proxies need them on every request.
-    return {k: ", ".join(v) for k, v in host.headers.items()}
 
 
 def _repository_of(scope: str) -> str:

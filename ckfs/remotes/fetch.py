@@ -189,7 +189,6 @@ async def fetch(
     children: ChildrenFunc = manifests.children,
     max_concurrent: int = DEFAULT_CONCURRENCY,
     on_event: Callable[[BlobProgress], None] | None = None,
-    registry: str = "",
 ) -> FetchReport:
     """Make *target* and everything *children* leads to present in *content*.
 
@@ -209,8 +208,6 @@ async def fetch(
         max_concurrent: blobs over `SMALL_BLOB` transferred at once (>= 1);
             smaller ones (configs, manifests) never wait for a slot.
         on_event: called with a blob's `BlobProgress` at each state change.
-        registry: the name for the registry in messages; default
-            ``ref.domain``.
 
     Returns:
         Every blob visited, with its final state.
@@ -241,7 +238,6 @@ async def fetch(
         children=children,
         slots=trio.Semaphore(max_concurrent),
         on_event=on_event,
-        registry=registry or ref.domain,
     )
     started = time.monotonic()
     report = FetchReport(target=target, blobs=run.blobs)
@@ -264,7 +260,6 @@ class _Fetch:
         children: ChildrenFunc,
         slots: trio.Semaphore,
         on_event: Callable[[BlobProgress], None] | None,
-        registry: str,
     ) -> None:
         self.remote = remote
         self.content = content
@@ -276,7 +271,6 @@ class _Fetch:
         # a layer being flushed never holds up the hashing of the others.
         self.syncing = trio.CapacityLimiter(_SYNC_THREADS)
         self.on_event = on_event
-        self.registry = registry
         self.seen: set[Digest] = set()
         self.blobs: list[BlobProgress] = []
         self.source_labels = {f"{DISTRIBUTION_SOURCE}.{ref.domain}": ref.path}
@@ -327,7 +321,7 @@ class _Fetch:
 
     def _what(self, p: BlobProgress) -> str:
         """``layer sha256:… from registry host``: how errors name a blob."""
-        return f"{p.kind} {p.desc.digest} from registry {p.source or self.registry}"
+        return f"{p.kind} {p.desc.digest} from registry {p.source or self.ref.domain}"
 
     # -- manifests and indexes ----------------------------------------------------
 

@@ -149,6 +149,14 @@ class RegistryHost:
     def can(self, capability: str) -> bool:
         return capability in self.capabilities
 
+    def header_fields(self) -> dict[str, str]:
+        """The configured headers as request fields, several values joined by commas.
+
+        They go to the host and to its token server alike, as in containerd
+        (``WithAuthHeader``): some proxies need them on every request.
+        """
+        return {k: ", ".join(v) for k, v in self.headers.items()}
+
 
 def ssl_context(host: RegistryHost) -> ssl.SSLContext:
     """The TLS settings *host* asks for: its extra CAs, client certificates, skip_verify.

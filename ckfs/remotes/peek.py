@@ -26,6 +26,7 @@ import http.client
 import logging
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode, urlsplit
 
 from ckfs import mediatypes as mt
@@ -41,6 +42,9 @@ from ckfs.remotes.challenge import (
 )
 from ckfs.remotes.credentials import Credentials
 from ckfs.remotes.hosts import USER_AGENT, RegistryHost, ssl_context
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = ["PEEK_TIMEOUT", "tag_digest"]
 
@@ -75,20 +79,22 @@ def tag_digest(
     path = f"{host.path}/{ref.path}/manifests/{quote(ref.tag)}"
     if host.mirror_of:
         path += "?" + urlencode({"ns": host.mirror_of})
-    headers = {k: ", ".join(v) for k, v in host.headers.items()}
+    headers = host.header_fields()
     headers["User-Agent"] = USER_AGENT
     accept = {**headers, "Accept": ", ".join(mt.MANIFEST_ACCEPT)}
+    tls: dict[str, ssl.SSLContext] = {}
     try:
-        status, answer, _ = _request(host, host.scheme, host.host, "HEAD", path, accept)
+        status, answer, _ = _request(host, tls, host.scheme, host.host, "HEAD", path, accept)
         if status == 401:
             credentials = credentials or Credentials()
             if credentials.configured(host.host):
                 return None
-            token = _anonymous_token(host, answer.get_all("WWW-Authenticate") or [], ref, headers)
+            challenges = answer.get_all("WWW-Authenticate") or []
+            token = _anonymous_token(host, tls, challenges, ref, headers)
             if token is None:
                 return None
             status, answer, _ = _request(
-                host, host.scheme, host.host, "HEAD", path, {**accept, "Authorization": token}
+                host, tls, host.scheme, host.host, "HEAD", path, {**accept, "Authorization": token}
             )
         value = answer.get("Docker-Content-Digest")
         media_type = (answer.get("Content-Type") or "").split(";")[0].strip()
@@ -104,7 +110,11 @@ def tag_digest(
 
 
 def _anonymous_token(
-    host: RegistryHost, challenges: list[str], ref: Reference, headers: dict[str, str]
+    host: RegistryHost,
+    tls: dict[str, ssl.SSLContext],
+    challenges: list[str],
+    ref: Reference,
+    headers: dict[str, str],
 ) -> str | None:
     """An ``Authorization`` value from the realm of a bearer challenge, asked anonymously."""
     bearer = [c for c in parse_challenges(challenges) if c.scheme == "bearer"]
@@ -117,7 +127,9 @@ def _anonymous_token(
     scopes = [pull_scope(ref.path), *params.get("scope", "").split()]
     query = urlencode(token_query(params.get("service", ""), scopes))
     path = f"{realm.path or '/'}?{realm.query + '&' if realm.query else ''}{query}"
-    status, _, data = _request(host, realm.scheme, realm.netloc, "GET", path, headers, body=True)
+    status, _, data = _request(
+        host, tls, realm.scheme, realm.netloc, "GET", path, headers, body=True
+    )
     if status != 200:
         return None
     return parse_token(data, realm.netloc)[0]
@@ -125,6 +137,7 @@ def _anonymous_token(
 
 def _request(
     host: RegistryHost,
+    tls: dict[str, ssl.SSLContext],
     scheme: str,
     netloc: str,
     method: str,
@@ -133,12 +146,19 @@ def _request(
     *,
     body: bool = False,
 ) -> tuple[int, http.client.HTTPMessage, bytes]:
-    """One request on a fresh connection: status, headers and, if asked, the (capped) body."""
+    """One request on a fresh connection: status, headers and, if asked, the (capped) body.
+
+    *tls* keeps the TLS contexts made so far: loading the CA store costs
+    30-50 ms, and a token round trip makes three requests.
+    """
     conn: http.client.HTTPConnection
     if scheme == "https":
         # The host's own TLS settings for the host; the system's for a token server elsewhere.
-        context = ssl_context(host if netloc == host.host else RegistryHost(netloc))
-        conn = http.client.HTTPSConnection(netloc, timeout=PEEK_TIMEOUT, context=context)
+        own = netloc == host.host and host.has_tls_config
+        key = netloc if own else ""
+        if key not in tls:
+            tls[key] = ssl_context(host if own else RegistryHost(netloc))
+        conn = http.client.HTTPSConnection(netloc, timeout=PEEK_TIMEOUT, context=tls[key])
     else:
         conn = http.client.HTTPConnection(netloc, timeout=PEEK_TIMEOUT)
     try:

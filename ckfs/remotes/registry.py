@@ -83,7 +83,7 @@ from ckfs.errors import (
     Unauthorized,
     Unavailable,
 )
-from ckfs.images.manifest import MAX_MANIFEST_SIZE
+from ckfs.images.manifest import MAX_MANIFEST_SIZE, SCHEMA1_HINT, body_media_type
 from ckfs.reference import Reference
 from ckfs.remotes.auth import Authorizer, Credentials, pull_scope
 from ckfs.remotes.hosts import USER_AGENT, RegistryHost, ssl_context
@@ -352,7 +352,7 @@ class RegistryClient:
         self._check_ref(ref)
         where = f"manifest {desc.digest}"
         if desc.media_type in mt.SCHEMA1:
-            raise InvalidArgument(f"{where} of {ref.name}: {_SCHEMA1_HINT}")
+            raise InvalidArgument(f"{where} of {ref.name}: {SCHEMA1_HINT}")
         if desc.size > MAX_MANIFEST_SIZE:
             raise InvalidArgument(
                 f"{where} of {ref.name}: {desc.size} bytes exceeds the "
@@ -543,7 +543,7 @@ class RegistryClient:
         """
         url = f"{host.base_url}/{path}"
         params = {"ns": host.mirror_of} if host.mirror_of else None
-        request_headers = {k: ", ".join(v) for k, v in host.headers.items()}
+        request_headers = host.header_fields()
         request_headers.update(headers)
         timeout = self._timeout(host)
         attempt = 0
@@ -643,7 +643,7 @@ class RegistryClient:
         size = _content_length(response)
         header_digest = _header_digest(response, f"{what} from {host.host}")
         if response.status_code == 200 and media_type in mt.SCHEMA1:
-            raise InvalidArgument(f"{what} on registry {host.host}: {_SCHEMA1_HINT}")
+            raise InvalidArgument(f"{what} on registry {host.host}: {SCHEMA1_HINT}")
         digest = ref.digest
         if digest is not None and header_digest is not None:
             if header_digest.algorithm == digest.algorithm and header_digest != digest:
@@ -741,10 +741,6 @@ class RegistryClient:
 
 
 # -- helpers --------------------------------------------------------------------
-
-_SCHEMA1_HINT = (
-    "Docker schema 1 manifests are not supported; re-push the image with a current client"
-)
 
 
 class _SystemTrust:
@@ -883,7 +879,7 @@ def _verify(data: bytes, desc: Descriptor, where: str) -> None:
 def _sniff_media_type(declared: str, data: bytes, where: str) -> str:
     """The manifest's media type: the header's, else the body's ``mediaType`` or shape."""
     if declared in mt.SCHEMA1:
-        raise InvalidArgument(f"{where}: {_SCHEMA1_HINT}")
+        raise InvalidArgument(f"{where}: {SCHEMA1_HINT}")
     if mt.is_index(declared) or mt.is_manifest(declared):
         return declared
     try:
@@ -892,17 +888,13 @@ def _sniff_media_type(declared: str, data: bytes, where: str) -> str:
         raise InvalidArgument(f"{where}: not JSON (Content-Type {declared or 'none'})") from None
     if not isinstance(body, dict):
         raise InvalidArgument(f"{where}: not a JSON object")
-    if body.get("schemaVersion") == 1 or body.get("mediaType") in mt.SCHEMA1:
-        raise InvalidArgument(f"{where}: {_SCHEMA1_HINT}")
-    inner = body.get("mediaType")
-    if isinstance(inner, str) and (mt.is_index(inner) or mt.is_manifest(inner)):
-        return inner
-    if inner is None and "manifests" in body:
-        return mt.OCI_INDEX
-    if inner is None and "config" in body:
-        return mt.OCI_MANIFEST
-    shown = inner or declared or "none"
-    raise InvalidArgument(f"{where}: unknown media type {shown!r}, not an image manifest or index")
+    media_type = body_media_type(body, where)
+    if media_type is None:
+        shown = body.get("mediaType") or declared or "none"
+        raise InvalidArgument(
+            f"{where}: unknown media type {shown!r}, not an image manifest or index"
+        )
+    return media_type
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -20,6 +20,7 @@ from ckfs.errors import InvalidArgument, NotFound
 from ckfs.images import manifest as manifests
 from ckfs.images import platforms
 from ckfs.reference import Reference
+from ckfs.remotes import DEFAULT_CONCURRENCY
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -36,12 +37,6 @@ __all__ = [
     "schema1_error",
     "skip",
 ]
-
-
-#: Blobs transferred at once. Three keeps a fast local link busy while one
-#: blob is being committed (fsync) and stays polite to a remote registry;
-#: containerd's default is the same.
-DEFAULT_CONCURRENCY = 3
 
 
 class BlobState(enum.StrEnum):
@@ -183,10 +178,7 @@ def platform_children(
 
 
 def schema1_error(ref: Reference, desc: Descriptor) -> InvalidArgument:
-    return InvalidArgument(
-        f"{ref}: manifest {desc.digest} is Docker schema 1, which ckfs does not "
-        "support; re-push the image with a current client"
-    )
+    return InvalidArgument(f"{ref}: manifest {desc.digest}: {manifests.SCHEMA1_HINT}")
 
 
 def ensure_gc_labels(content: ContentStore, desc: Descriptor, data: bytes) -> None:

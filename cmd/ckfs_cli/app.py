@@ -16,9 +16,8 @@ if TYPE_CHECKING:
 class App:
     """Per-invocation context: where the state is, how to print."""
 
-    def __init__(self, root: Path | None, debug: bool) -> None:
+    def __init__(self, root: Path | None) -> None:
         self._root = root
-        self.debug = debug
         self._state: State | None = None
 
     @property

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -81,6 +80,8 @@ def _age(seconds: float) -> str:
 def get(app: App, digest: str) -> None:
     """Write the blob DIGEST to standard output."""
     with app.state.content.reader(_parse(digest)) as r:
+        import shutil
+
         shutil.copyfileobj(r, sys.stdout.buffer, 1 << 20)
     sys.stdout.buffer.flush()
 

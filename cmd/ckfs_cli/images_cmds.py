@@ -160,7 +160,8 @@ def rm(app: App, names: tuple[str, ...]) -> None:
     """Remove image names (their content stays until gc)."""
 
     def delete(name: str) -> str:
-        app.state.images.delete(normalize(name))
-        return normalize(name)
+        ref = normalize(name)
+        app.state.images.delete(ref)
+        return ref
 
     for_each(names, delete)

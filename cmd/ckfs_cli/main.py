@@ -70,15 +70,35 @@ class _LazyGroup(click.Group):
     help="State directory [default: /var/lib/ckfs as root, $XDG_DATA_HOME/ckfs otherwise; "
     "env CKFS_ROOT].",
 )
-@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and ckfs's debug logs.")
 @click.version_option(__version__, prog_name="ckfs")
 @click.pass_context
 def cli(ctx: click.Context, root: Path | None, debug: bool) -> None:
     """ckfs: container image names to root filesystems."""
     global _debug
     _debug = debug
-    ctx.obj = App(root, debug)
+    if debug:
+        _log_debug()
+    # `import httpx` also imports httpx's own command-line tool (click, rich,
+    # pygments): ~0.15 s for every command that reaches a registry (pull,
+    # fetch, a cold mount). A None entry makes that one import fail, which
+    # httpx handles (its `main` becomes a stub).
+    if "httpx" not in sys.modules:
+        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+    ctx.obj = App(root)
     ctx.call_on_close(ctx.obj.close)
+
+
+def _log_debug() -> None:
+    """Send ckfs's own debug records to stderr (not httpx's or httpcore's: too chatty)."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("ckfs: debug: %(name)s: %(message)s"))
+    for name in ("ckfs", "snapshotters"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(handler)
 
 
 def describe(exc: BaseException) -> str:

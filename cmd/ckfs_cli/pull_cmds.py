@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ckfs.remotes.walk import DEFAULT_CONCURRENCY
+from ckfs.remotes import DEFAULT_CONCURRENCY
 from ckfs_cli.app import App, human_size
 
 if TYPE_CHECKING:
@@ -167,12 +167,6 @@ def _pull(
     max_concurrent: int,
 ) -> PullReport:
     """The full pull, on trio with the registry client."""
-    # `import httpx` also imports httpx's own command-line tool (click, rich,
-    # pygments): ~0.15 s of start-up per pull for nothing. A None entry makes
-    # that one import fail, which httpx handles (its `main` becomes a stub).
-    if "httpx" not in sys.modules:
-        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
-
     import trio
 
     from ckfs.pull import pull

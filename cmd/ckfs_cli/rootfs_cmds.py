@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -236,7 +235,10 @@ def rootfs_cmd(
     The records are what runc's ``config.json`` root and containerd expect:
     mount them (in order) on one target to get the root filesystem.
     """
-    key = key or f"rootfs-{time.time_ns()}-{secrets.token_hex(4)}"
+    if not key:
+        import secrets  # ~10 ms of imports every other command need not pay
+
+        key = f"rootfs-{time.time_ns()}-{secrets.token_hex(4)}"
     with app.state.gc_lock():
         _, mounts = _rootfs(app, ref, snapshotter, key, ro, opts)
     if as_json:

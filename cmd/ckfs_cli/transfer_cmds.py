@@ -67,5 +67,6 @@ def export_cmd(app: App, name: str, out: Path) -> None:
     from ckfs.transfer import export_images
     from ckfs_cli.images_cmds import normalize
 
-    size = export_images(app.state.content, app.state.images, [normalize(name)], out)
-    click.echo(f"exported {normalize(name)} to {out} ({human_size(size)})", err=True)
+    ref = normalize(name)
+    size = export_images(app.state.content, app.state.images, [ref], out)
+    click.echo(f"exported {ref} to {out} ({human_size(size)})", err=True)
