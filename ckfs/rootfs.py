@@ -68,7 +68,7 @@ def image_chain(
             layers, or the image has none.
     """
     _, manifest = img.manifest(content, target, platform)
-    config = img.config(content, target, platform)
+    config = img.read_config(content, manifest)
     if len(manifest.layers) != len(config.diff_ids):
         raise FailedPrecondition(
             f"image {target.digest}: manifest has {len(manifest.layers)} layers but the "

@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ckfs.content import ContentStore
-from ckfs.images import ImageStore
 from ckfs.metadata.db import DB
 
 if TYPE_CHECKING:
+    from ckfs.content import ContentStore
+    from ckfs.images import ImageStore
     from snapshotters.api import Snapshotter
 
 __all__ = ["State", "default_root"]
@@ -48,10 +48,14 @@ class State:
 
     @functools.cached_property
     def content(self) -> ContentStore:
+        from ckfs.content import ContentStore  # here: snapshot commands never load it
+
         return ContentStore(self.root / "content", self.db)
 
     @functools.cached_property
     def images(self) -> ImageStore:
+        from ckfs.images import ImageStore
+
         return ImageStore(self.db)
 
     @property

@@ -46,7 +46,7 @@ from ckfs.remotes.fetch import BlobProgress, BlobState
 from ckfs.rootfs import EXTRACT_PREFIX, committed, gc_snapshot_label, image_chain
 from snapshotters.api import Snapshotter
 
-__all__ = ["UnpackReport", "unpack"]
+__all__ = ["UnpackReport", "pull_and_unpack", "unpack"]
 
 log = logging.getLogger(__name__)
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from ckfs.metadata.fields import EPOCH
 from ckfs.mount import Mount
 
 __all__ = ["Cleaner", "Info", "Kind", "Snapshotter", "Usage"]
-
-_EPOCH = datetime.fromtimestamp(0, UTC)
 
 
 class Kind(enum.Enum):
@@ -50,9 +49,9 @@ class Info:
     parent: str = ""
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
     #: UTC. For a committed snapshot, the time of the commit (as containerd).
-    created_at: datetime = _EPOCH
+    created_at: datetime = EPOCH
     #: UTC; the last label change, else ``created_at``.
-    updated_at: datetime = _EPOCH
+    updated_at: datetime = EPOCH
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -101,11 +100,13 @@ class Snapshotter(Protocol):
       trio callers run them with ``trio.to_thread.run_sync``.
 
     **Importing a layer.** Prepare an active snapshot on the empty parent,
-    mount it, unpack, unmount, commit it under the layer's name::
+    apply the layer into it, commit it under the layer's name (containerd
+    mounts the snapshot to apply; `ckfs.unpack` writes into its directory)::
 
         mounts = sn.prepare("extract-1 sha256:aaa", "", labels={"containerd.io/gc.root": now})
         mount_all(mounts, tmpdir)
-        diff_id = apply_layer(tmpdir, blob)        # careful callers verify the DiffID
+        apply_layer(tmpdir, blob, media_type=layer.media_type, diff_id=expected,
+                    options=ApplyOptions())             # refuses a layer of another DiffID
         unmount_all(tmpdir)
         sn.commit("sha256:aaa", "extract-1 sha256:aaa")
 

@@ -49,13 +49,7 @@ class DirectorySnapshotter(abc.ABC):
         path = Path(os.path.abspath(root)) / "snapshots" / self.name
         if "," in str(path) or ":" in str(path):
             raise InvalidArgument(f"{path}: snapshot paths cannot contain ',' or ':'")
-        self.root = root
         self._store = MetaStore(db, self.name, path)
-
-    @property
-    def path(self) -> Path:
-        """This snapshotter's directory, ``<root>/snapshots/<name>``."""
-        return self._store.root
 
     def stat(self, key: str) -> Info:
         """`Snapshotter.stat`; raises `NotFound`."""

@@ -44,7 +44,6 @@ import shutil
 import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +57,7 @@ from ckfs.errors import (
 )
 from ckfs.filters import Adaptor, adaptor_for, parse_filters
 from ckfs.metadata.db import DB, Tx, now_ns
+from ckfs.metadata.fields import MAX_LABEL_SIZE, ns_to_datetime, validate_labels
 from ckfs.mount import mounts_under, unmount_recursive
 from snapshotters.api import Info, Kind, Usage
 
@@ -75,7 +75,6 @@ log = logging.getLogger(__name__)
 
 #: Largest label key plus value, in bytes (containerd's limit): labels are
 #: metadata for gc and tools, not a place to store data.
-MAX_LABEL_SIZE = 4096
 
 #: Prefix of directories still being set up; never a snapshot id (digits).
 TEMP_PREFIX = "new-"
@@ -620,15 +619,7 @@ def disk_usage(path: Path) -> Usage:
 def _clean_labels(name: str, labels: Mapping[str, str] | None) -> dict[str, str]:
     """Labels without empty values (an empty value deletes), size-checked."""
     clean = {k: v for k, v in (labels or {}).items() if v != ""}
-    for k, v in clean.items():
-        if not k:
-            raise InvalidArgument(f"snapshot {name!r}: label key must not be empty")
-        size = len(k.encode()) + len(v.encode())
-        if size > MAX_LABEL_SIZE:
-            raise InvalidArgument(
-                f"snapshot {name!r}: label {k[:64]!r}: key and value are {size} bytes, "
-                f"more than {MAX_LABEL_SIZE}"
-            )
+    validate_labels(clean, f"snapshot {name!r}")
     return clean
 
 
@@ -638,8 +629,8 @@ def _info(row: sqlite3.Row) -> Info:
         name=row["key"],
         parent=row["parent_key"] or "",
         labels=json.loads(row["labels"]),
-        created_at=_from_ns(row["created_at"]),
-        updated_at=_from_ns(row["updated_at"]),
+        created_at=ns_to_datetime(row["created_at"]),
+        updated_at=ns_to_datetime(row["updated_at"]),
     )
 
 
@@ -649,9 +640,3 @@ def _adaptor(info: Info) -> Adaptor:
     if info.parent:
         fields["parent"] = info.parent
     return adaptor_for(fields, info.labels)
-
-
-def _from_ns(ns: int) -> datetime:
-    """UTC datetime from nanoseconds (microsecond precision: what datetime holds)."""
-    seconds, rem = divmod(ns, 1_000_000_000)
-    return datetime.fromtimestamp(seconds, UTC).replace(microsecond=rem // 1000)

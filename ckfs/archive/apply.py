@@ -84,7 +84,7 @@ _ENVIRONMENT_ERRNOS = frozenset(
 #: xattrs a directory entry merged into an existing directory leaves alone:
 #: overlayfs metadata is ckfs's own (an opaque marker of this layer), and
 #: SELinux labels belong to the host.
-_KEEP_XATTRS = ("trusted.overlay.", "user.overlay.", "security.selinux")
+_KEEP_XATTRS = (*whiteouts.OVERLAY_XATTRS, "security.selinux")
 
 _O_NEWFILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -197,7 +197,7 @@ def apply_layer(
     actual = tar.digest()
     if diff_id is not None and actual != diff_id:
         raise DataLoss(f"{what}: uncompressed content has digest {actual}")
-    return ApplyResult(diff_id=actual, entries=applier.entries, bytes=tar.size)
+    return ApplyResult(diff_id=actual, entries=tar.count, bytes=tar.size)
 
 
 def in_user_namespace() -> bool:
@@ -272,7 +272,6 @@ class _Applier:
         self.opaque: set[str] = set()
         #: Times (and deferred modes) to set on directories at the end.
         self.dirs: dict[str, _DirTimes] = {}
-        self.entries = 0
         self._xattr_warned = False
 
     def close(self) -> None:
@@ -304,7 +303,6 @@ class _Applier:
                 ) from e
             except (ValueError, OverflowError) as e:
                 raise InvalidArgument(f"{self.what}: entry {member.name!r}: {e}") from e
-        self.entries = tar.count
         self._finish()
 
     def _entry(self, m: tarfile.TarInfo, read: _Reader, next_header: int) -> None:
@@ -474,9 +472,7 @@ class _Applier:
             if self.overlay and real in self.whited:
                 # This layer deleted the lowers' entry, then made a new
                 # directory: nothing below may show through it.
-                os.setxattr(fd, whiteouts.OPAQUE_XATTR, b"y")
-                self.whited.discard(real)
-                self.opaque.add(real)
+                self._replaces_whiteout(fd, real)
             atime, mtime = _times(m)
             self.dirs[real] = _DirTimes(os.fstat(fd).st_ino, atime, mtime, deferred)
         finally:
@@ -618,31 +614,52 @@ class _Applier:
             return
         self.opaque.add(real)
         if self.overlay:
-            fd = os.open(".", _O_DIR, dir_fd=pfd)
-            try:
-                os.setxattr(fd, whiteouts.OPAQUE_XATTR, b"y")
-            finally:
-                os.close(fd)
+            whiteouts.set_opaque(pfd, ".")
             return
         self._touch(pfd, real)
         if whiteouts.clear_except(self.root, real, self.upper):
             self.root.invalidate()
 
+    def _replaces_whiteout(self, fd: int, real: str) -> None:
+        """The directory *fd* replaces this layer's whiteout of *real*: make it opaque."""
+        os.setxattr(fd, whiteouts.OPAQUE_XATTR, b"y")
+        self.whited.discard(real)
+        self.opaque.add(real)
+
     # -- implicit directories and copy-up -------------------------------------
 
-    def _make_dir(self, pfd: int, name: str, real: str, existing: os.stat_result | None) -> bool:
-        """Create a parent directory the layer did not list (`secure.MakeDir`)."""
+    def _make_dir(
+        self,
+        pfd: int,
+        name: str,
+        real: str,
+        existing: os.stat_result | None,
+        *,
+        lower: tuple[os.stat_result, int] | None = None,
+    ) -> bool:
+        """Create a parent directory the layer did not list (`secure.MakeDir`).
+
+        *lower* is the lower directory it copies when the caller has looked
+        it up already (only with no *existing* entry); its descriptor is
+        closed here. Otherwise it is looked up here.
+        """
         if existing is not None:
             if not (self.overlay and real in self.whited and whiteouts.is_whiteout(existing)):
                 return False
             # Deleted earlier in this layer, now a directory again: a fresh
             # one, hiding the lowers'.
             os.unlink(name, dir_fd=pfd)
-        self._touch(pfd, real.rpartition("/")[0])
-        os.mkdir(name, 0o700, dir_fd=pfd)
-        fd = os.open(name, _O_DIR, dir_fd=pfd)
         try:
-            lower = self._lower_dir(real) if self.lowers else None
+            self._touch(pfd, real.rpartition("/")[0])
+            os.mkdir(name, 0o700, dir_fd=pfd)
+            fd = os.open(name, _O_DIR, dir_fd=pfd)
+        except BaseException:
+            if lower is not None:
+                os.close(lower[1])
+            raise
+        try:
+            if lower is None and self.lowers:
+                lower = self._lower_dir(real)
             if lower is None:
                 uid = gid = 0
                 mode = 0o755
@@ -659,9 +676,7 @@ class _Applier:
                 os.fchown(fd, uid, gid)
             deferred = self._chmod_dir(fd, mode)
             if existing is not None:
-                os.setxattr(fd, whiteouts.OPAQUE_XATTR, b"y")
-                self.whited.discard(real)
-                self.opaque.add(real)
+                self._replaces_whiteout(fd, real)
             if times is not None or deferred is not None:
                 st = os.fstat(fd)
                 atime, mtime = times if times is not None else (st.st_atime_ns, st.st_mtime_ns)
@@ -674,12 +689,12 @@ class _Applier:
         self, pfd: int, name: str, real: str, existing: os.stat_result | None
     ) -> bool:
         """`_make_dir`, but only for directories some lower has."""
-        if existing is None:
-            lower = self._lower_dir(real)
-            if lower is None:
-                return False
-            os.close(lower[1])
-        return self._make_dir(pfd, name, real, existing)
+        if existing is not None:
+            return self._make_dir(pfd, name, real, existing)
+        lower = self._lower_dir(real)
+        if lower is None:
+            return False
+        return self._make_dir(pfd, name, real, None, lower=lower)
 
     def _in_lowers(self, parts: list[str]) -> tuple[int, os.stat_result] | None:
         """The first lower holding *parts*: its parent's descriptor and the entry's lstat.

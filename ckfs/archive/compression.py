@@ -177,9 +177,11 @@ class _Checked(io.RawIOBase):
             raise InvalidArgument(f"corrupt {self._codec} stream: {e}") from e
 
     def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
+        # Straight into the caller's buffer: no block-sized copy per read.
+        try:
+            return int(self._inner.readinto(b))  # type: ignore[attr-defined]
+        except _CODEC_ERRORS as e:
+            raise InvalidArgument(f"corrupt {self._codec} stream: {e}") from e
 
     def close(self) -> None:
         if not self.closed:

@@ -24,7 +24,6 @@ the digest covers every byte (padding and trailing zeros included) however
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import struct
@@ -32,7 +31,7 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO, Protocol, cast
 
-from ckfs.digest import Digest
+from ckfs.digest import Digest, Digester
 from ckfs.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -132,7 +131,7 @@ class _Hashed(io.RawIOBase):
     def __init__(self, source: _Source, algorithm: str) -> None:
         self._source = source
         self._readinto = getattr(source, "readinto", None)
-        self._h = hashlib.new(algorithm)
+        self._digester = Digester(algorithm)
         self.n = 0
 
     def readable(self) -> bool:
@@ -150,7 +149,7 @@ class _Hashed(io.RawIOBase):
             n = len(data)
             b[:n] = data
             view = memoryview(data)
-        self._h.update(view)
+        self._digester.update(view)
         self.n += n
         return n
 
@@ -173,7 +172,7 @@ class _Hashed(io.RawIOBase):
         return self.n
 
     def digest(self) -> Digest:
-        return Digest.from_hex(self._h.name, self._h.hexdigest())
+        return self._digester.digest()
 
 
 class TarStream:

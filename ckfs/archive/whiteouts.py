@@ -35,6 +35,7 @@ from ckfs.errors import InvalidArgument
 __all__ = [
     "OPAQUE",
     "OPAQUE_XATTR",
+    "OVERLAY_XATTRS",
     "PREFIX",
     "clear_except",
     "is_overlay_xattr",
@@ -57,7 +58,7 @@ OPAQUE_XATTR = "trusted.overlay.opaque"
 #: with the ``userxattr`` mount option). A layer carrying them could forge
 #: opaque directories, redirects or metacopy files in an overlay mount, so
 #: they are never taken from a tar and never copied from a lower.
-_OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.")
+OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.")
 
 Kind = Literal["opaque", "whiteout", "meta"]
 
@@ -89,7 +90,7 @@ def parse(base: str) -> tuple[Kind, str] | None:
 
 
 def is_overlay_xattr(name: str) -> bool:
-    return name.startswith(_OVERLAY_XATTRS)
+    return name.startswith(OVERLAY_XATTRS)
 
 
 def is_whiteout(st: os.stat_result) -> bool:

@@ -31,7 +31,6 @@ import fcntl
 import hashlib
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 from ckfs.content.types import Status, ns_to_datetime
@@ -149,7 +148,7 @@ def remove(path: Path) -> None:
     open ``lock`` by path finds either the old inode (and then notices it is
     stale) or a fresh directory, never a half-deleted one.
     """
-    tomb = path.with_name(f"{TOMBSTONE_PREFIX}{path.name}-{uuid.uuid4().hex}")
+    tomb = path.with_name(f"{TOMBSTONE_PREFIX}{path.name}-{os.urandom(16).hex()}")
     try:
         os.rename(path, tomb)
     except FileNotFoundError:

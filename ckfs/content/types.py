@@ -14,45 +14,9 @@ import datetime as _dt
 from collections.abc import Mapping
 
 from ckfs.digest import Digest
-from ckfs.errors import InvalidArgument
+from ckfs.metadata.fields import MAX_LABEL_SIZE, ns_to_datetime, validate_labels
 
 __all__ = ["MAX_LABEL_SIZE", "Info", "Status", "ns_to_datetime", "validate_labels"]
-
-_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
-
-#: Longest key plus value a label may have, in bytes. containerd enforces the
-#: same bound so labels copied between the two stay valid in both.
-MAX_LABEL_SIZE = 4096
-
-
-def ns_to_datetime(ns: int) -> _dt.datetime:
-    """Nanoseconds since the epoch as an aware UTC datetime (µs, truncated).
-
-    Integer arithmetic, not ``fromtimestamp(ns / 1e9)``: a float loses the
-    microseconds of present-day times and could round a time *after* a bound
-    the caller measured.
-    """
-    return _EPOCH + _dt.timedelta(microseconds=ns // 1000)
-
-
-def validate_labels(labels: Mapping[str, str]) -> None:
-    """Refuse labels containerd would refuse, so both agree on what is valid.
-
-    Raises:
-        InvalidArgument: a key is empty, a key or value is not a string, or
-            key plus value exceed `MAX_LABEL_SIZE` bytes.
-    """
-    for k, v in labels.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise InvalidArgument(f"label {k!r}: keys and values must be strings")
-        if not k:
-            raise InvalidArgument("label key must not be empty")
-        size = len(k.encode()) + len(v.encode())
-        if size > MAX_LABEL_SIZE:
-            raise InvalidArgument(
-                f"label {k!r}: key and value length ({size} bytes) greater than "
-                f"maximum size ({MAX_LABEL_SIZE} bytes)"
-            )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from ckfs.images import manifest as manifests
 from ckfs.images import platforms
 from ckfs.images.config import ImageConfig, parse_config
 
-__all__ = ["config", "manifest", "platforms_of", "size", "tree"]
+__all__ = ["config", "manifest", "platforms_of", "read_config", "size", "tree"]
 
 #: Configs are JSON but may carry long histories; still bounded.
 MAX_CONFIG_SIZE = 16 << 20
@@ -97,7 +97,11 @@ def config(
     content: ContentStore, target: Descriptor, platform: Platform | None = None
 ) -> ImageConfig:
     """The parsed image config of *target* for *platform* (default: this host)."""
-    _, m = manifest(content, target, platform)
+    return read_config(content, manifest(content, target, platform)[1])
+
+
+def read_config(content: ContentStore, m: manifests.Manifest) -> ImageConfig:
+    """The parsed config *m* names, for callers that hold the manifest already."""
     data = content.read_all(m.config.digest, limit=MAX_CONFIG_SIZE)
     return parse_config(data, where=f"config {m.config.digest}")
 
@@ -109,11 +113,7 @@ def platforms_of(content: ContentStore, target: Descriptor) -> list[Platform]:
         assert isinstance(parsed, manifests.Index)
         return [d.platform for d in parsed.manifests if d.platform is not None]
     try:
-        _, m = manifest(content, target)
-        cfg = parse_config(
-            content.read_all(m.config.digest, limit=MAX_CONFIG_SIZE),
-            where=f"config {m.config.digest}",
-        )
+        cfg = config(content, target)
     except NotFound:
         return []
     return [cfg.platform()]

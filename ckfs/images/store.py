@@ -19,12 +19,13 @@ import dataclasses
 import json
 import sqlite3
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from ckfs.descriptor import Descriptor
 from ckfs.errors import AlreadyExists, InvalidArgument, NotFound
 from ckfs.metadata.db import DB, Tx, now_ns
+from ckfs.metadata.fields import EPOCH, MAX_LABEL_SIZE, ns_to_datetime, validate_labels
 
 if TYPE_CHECKING:
     from ckfs.filters import Adaptor
@@ -33,9 +34,6 @@ __all__ = ["MAX_LABEL_SIZE", "Image", "ImageStore"]
 
 #: Largest label key plus value, in bytes (containerd's limit): labels are
 #: metadata for gc and tools, not a place to store blobs.
-MAX_LABEL_SIZE = 4096
-
-_EPOCH = datetime.fromtimestamp(0, UTC)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -46,8 +44,8 @@ class Image:
     target: Descriptor
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
     #: UTC; set by the store, whatever the caller passes.
-    created_at: datetime = _EPOCH
-    updated_at: datetime = _EPOCH
+    created_at: datetime = EPOCH
+    updated_at: datetime = EPOCH
 
     @classmethod
     def new(cls, name: str, target: Descriptor, labels: Mapping[str, str] | None = None) -> Image:
@@ -227,8 +225,8 @@ class ImageStore:
             name=image.name,
             target=image.target,
             labels=labels,
-            created_at=_from_ns(created_ns),
-            updated_at=_from_ns(now),
+            created_at=ns_to_datetime(created_ns),
+            updated_at=ns_to_datetime(now),
         )
 
 
@@ -273,13 +271,7 @@ def _validate(name: str, target: Descriptor, labels: Mapping[str, str]) -> None:
         raise InvalidArgument(f"image {name!r}: target size must be greater than zero")
     if not target.media_type:
         raise InvalidArgument(f"image {name!r}: target media type must be set")
-    for k, v in labels.items():
-        size = len(k.encode()) + len(v.encode())
-        if size > MAX_LABEL_SIZE:
-            raise InvalidArgument(
-                f"image {name!r}: label {k[:64]!r}: key and value are {size} bytes, "
-                f"more than {MAX_LABEL_SIZE}"
-            )
+    validate_labels(labels, f"image {name!r}")
 
 
 def _adaptor(image: Image) -> Adaptor:
@@ -308,12 +300,6 @@ def _from_row(row: sqlite3.Row) -> Image:
             json.loads(row["target"]), where=f"image {row['name']!r}: target"
         ),
         labels=json.loads(row["labels"]),
-        created_at=_from_ns(row["created_at"]),
-        updated_at=_from_ns(row["updated_at"]),
+        created_at=ns_to_datetime(row["created_at"]),
+        updated_at=ns_to_datetime(row["updated_at"]),
     )
-
-
-def _from_ns(ns: int) -> datetime:
-    """UTC datetime from nanoseconds (microsecond precision: what datetime holds)."""
-    seconds, rem = divmod(ns, 1_000_000_000)
-    return datetime.fromtimestamp(seconds, UTC).replace(microsecond=rem // 1000)

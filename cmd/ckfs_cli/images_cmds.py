@@ -106,7 +106,7 @@ def inspect(app: App, as_json: bool, platform: str | None, name: str) -> None:
     plat = platforms.parse(platform) if platform else None
     try:
         mdesc, manifest = img.manifest(app.state.content, image.target, plat)
-        cfg = img.config(app.state.content, image.target, plat)
+        cfg = img.read_config(app.state.content, manifest)
     except NotFound as e:
         out["error"] = str(e)
     else:
