@@ -163,16 +163,21 @@ def test_killed_pull_resumes_where_it_stopped(
         assert proxy.stalled.wait(60), "the pull never reached the stall"
         # Wait for the received megabytes to be written to the ingest.
         state = State(ckfs.root)
-        ingest_ref = f"layer-{layer['digest']}"
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            kept = next((s.offset for s in state.content.list_statuses() if s.ref == ingest_ref), 0)
-            if kept >= 3 << 20:
-                break
-            time.sleep(0.05)
-        state.close()
+        try:
+            ingest_ref = f"layer-{layer['digest']}"
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                statuses = state.content.list_statuses()
+                kept = next((s.offset for s in statuses if s.ref == ingest_ref), 0)
+                if kept >= 3 << 20:
+                    break
+                time.sleep(0.05)
+        finally:
+            state.close()
         os.kill(proc.pid, signal.SIGKILL)
     finally:
+        if proc.poll() is None:
+            proc.kill()
         proc.wait()
     assert kept >= 3 << 20
 
@@ -240,12 +245,20 @@ def test_parallel_pulls_download_each_blob_once(
     # lock) while the second one starts.
     proxy.add(Fault("delay", path=layer["digest"], seconds=3.0, times=-1))
     cmd = [sys.executable, "-m", "ckfs_cli.main", "--root", str(ckfs.root), "pull", "--json", ref]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not proxy.requests(layer["digest"]) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    second = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    outs = [p.communicate(timeout=120)[0] for p in (first, second)]
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+        deadline = time.monotonic() + 60
+        while not proxy.requests(layer["digest"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:  # only a failed test finds one still running
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    first, second = procs
     assert [p.returncode for p in (first, second)] == [0, 0]
 
     per_digest: dict[str, int] = {}

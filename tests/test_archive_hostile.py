@@ -44,7 +44,6 @@ from tests.confine import confined
 from tests.tarbuild import B, C, D, Entry, F, H, L, W, tar
 
 CANARY = f"ckfs-canary-{os.getpid()}"
-ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
 def make_jail(base: Path) -> Path:

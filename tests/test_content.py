@@ -919,13 +919,13 @@ def test_interrupted_removal_is_swept(make_store: StoreFactory) -> None:
 
 def test_lock_exclusive_under_churn(cs: ContentStore) -> None:
     """Writers, closes and aborts racing on one ref never yield two owners."""
-    holders = 0
+    holders = acquired = 0
     seen_overlap = False
     guard = threading.Lock()
     unexpected: list[BaseException] = []
 
     def churn(seed: int) -> None:
-        nonlocal holders, seen_overlap
+        nonlocal holders, acquired, seen_overlap
         rng = random.Random(seed)
         for _ in range(150):
             try:
@@ -937,6 +937,7 @@ def test_lock_exclusive_under_churn(cs: ContentStore) -> None:
                 return
             with guard:
                 holders += 1
+                acquired += 1
                 seen_overlap |= holders > 1
             w.write(b"x")
             with guard:
@@ -954,6 +955,7 @@ def test_lock_exclusive_under_churn(cs: ContentStore) -> None:
     for t in threads:
         t.join()
     assert not unexpected
+    assert acquired > 0, "no writer ever got the ref: the churn tested nothing"
     assert not seen_overlap
     assert not [p for p in (cs.root / "ingest").iterdir() if p.name.startswith(".del-")]
 
