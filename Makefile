@@ -21,3 +21,5 @@ fmt:
 
 bench:
 	.venv/bin/python bench/import.py
+	.venv/bin/python bench/pull.py
+	.venv/bin/python bench/unpack.py

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
 from typing import IO, Protocol
 
 from ckfs.errors import DataLoss, InvalidArgument
@@ -116,13 +115,6 @@ class Digester:
 def from_bytes(data: bytes, algorithm: str = "sha256") -> Digest:
     d = Digester(algorithm)
     d.update(data)
-    return d.digest()
-
-
-def from_chunks(chunks: Iterable[bytes], algorithm: str = "sha256") -> Digest:
-    d = Digester(algorithm)
-    for chunk in chunks:
-        d.update(chunk)
     return d.digest()
 
 

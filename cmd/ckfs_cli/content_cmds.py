@@ -13,8 +13,7 @@ if TYPE_CHECKING:
     from ckfs.digest import Digest
 
 from ckfs_cli.app import App, for_each, human_size, labels_text, print_json, print_table
-
-pass_app = click.make_pass_decorator(App)
+from ckfs_cli.options import pass_app
 
 
 @click.group()

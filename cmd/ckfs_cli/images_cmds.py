@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from ckfs_cli.app import App, for_each, human_size, labels_text, print_json, print_table
-
-pass_app = click.make_pass_decorator(App)
+from ckfs_cli.options import pass_app
 
 
 def normalize(name: str) -> str:

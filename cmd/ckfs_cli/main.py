@@ -141,7 +141,7 @@ def _run(argv: list[str] | None) -> int:
         sys.stderr.close()
         return 0
     except BaseException as e:
-        from ckfs.errors import first_error
+        from ckfs.errors import exit_code, first_error
 
         leaf = first_error(e)
         if isinstance(leaf, SystemExit):
@@ -153,7 +153,7 @@ def _run(argv: list[str] | None) -> int:
 
             traceback.print_exception(e)
         print(f"ckfs: {describe(leaf)}", file=sys.stderr)
-        return 1
+        return exit_code(leaf)
     return 0
 
 

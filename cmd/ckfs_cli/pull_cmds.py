@@ -20,6 +20,7 @@ import click
 
 from ckfs.remotes import DEFAULT_CONCURRENCY
 from ckfs_cli.app import App, human_size
+from ckfs_cli.options import apply, pass_app, registry_options
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -29,47 +30,37 @@ if TYPE_CHECKING:
     from ckfs.remotes.walk import BlobProgress
     from ckfs.state import State
 
-pass_app = click.make_pass_decorator(App)
-
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _pull_options(f: _F) -> _F:
     """The options `pull` and `fetch` share (they differ only in registering a name)."""
-    options = [
-        click.option(
-            "--plain-http", is_flag=True, help="Use plain HTTP when no hosts.toml says otherwise."
-        ),
-        click.option(
-            "--hosts-dir",
-            "hosts_dirs",
-            multiple=True,
-            type=click.Path(file_okay=False, path_type=Path),
-            help="certs.d directory with <registry>/hosts.toml (repeatable) "
-            "[default: <root>/certs.d, /etc/containerd/certs.d].",
-        ),
-        click.option("--platform", default=None, help="os/arch[/variant] [default: this host]."),
-        click.option("--all-platforms", is_flag=True, help="Fetch every platform of an index."),
-        click.option("--user", "-u", default=None, metavar="USER:PASS", help="Credentials."),
-        click.option(
-            "--offline", is_flag=True, help="Never contact the registry; all must be present."
-        ),
-        click.option(
-            "--max-concurrent",
-            type=click.IntRange(min=1),
-            default=DEFAULT_CONCURRENCY,
-            show_default=True,
-            help="Layers transferred at once (blobs over 1 MiB; configs and manifests never wait).",
-        ),
-        click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
-        click.option(
-            "--json", "as_json", is_flag=True, help="One JSON event per line, then a summary."
-        ),
-        click.argument("ref"),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return registry_options(
+        apply(
+            f,
+            [
+                click.option(
+                    "--all-platforms", is_flag=True, help="Fetch every platform of an index."
+                ),
+                click.option(
+                    "--max-concurrent",
+                    type=click.IntRange(min=1),
+                    default=DEFAULT_CONCURRENCY,
+                    show_default=True,
+                    help="Layers transferred at once "
+                    "(blobs over 1 MiB; configs and manifests never wait).",
+                ),
+                click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
+                click.option(
+                    "--json",
+                    "as_json",
+                    is_flag=True,
+                    help="One JSON event per line, then a summary.",
+                ),
+                click.argument("ref"),
+            ],
+        )
+    )
 
 
 @click.command("pull")

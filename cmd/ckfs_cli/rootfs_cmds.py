@@ -10,55 +10,18 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ckfs_cli.app import App, human_size, print_json, print_mounts
 from ckfs_cli.images_cmds import normalize
+from ckfs_cli.options import pass_app, registry_options, snapshotter_option
 
 if TYPE_CHECKING:
     from ckfs.descriptor import Descriptor
     from ckfs.mount import Mount
-
-pass_app = click.make_pass_decorator(App)
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-#: Until the lazy snapshotter lands, overlayfs is what containerd users expect.
-DEFAULT_SNAPSHOTTER = "overlayfs"
-
-
-def snapshotter_option(f: _F) -> _F:
-    return click.option(
-        "--snapshotter",
-        "-s",
-        default=DEFAULT_SNAPSHOTTER,
-        show_default=True,
-        help="Snapshotter: overlayfs or native.",
-    )(f)
-
-
-def image_options(f: _F) -> _F:
-    """Where the image comes from when it is not present yet (as for `ckfs pull`)."""
-    options = [
-        click.option("--plain-http", is_flag=True, help="Pull over plain HTTP."),
-        click.option(
-            "--hosts-dir",
-            "hosts_dirs",
-            multiple=True,
-            type=click.Path(file_okay=False, path_type=Path),
-            help="certs.d directory with <registry>/hosts.toml (repeatable).",
-        ),
-        click.option("--platform", default=None, help="os/arch[/variant] [default: this host]."),
-        click.option("--user", "-u", default=None, metavar="USER:PASS", help="Credentials."),
-        click.option("--offline", is_flag=True, help="Never contact a registry."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
 
 
 def mount_key(target: Path) -> str:
@@ -175,7 +138,7 @@ def _mount(
 @click.command("mount")
 @snapshotter_option
 @click.option("--ro", is_flag=True, help="Mount a read-only view.")
-@image_options
+@registry_options
 @click.argument("ref")
 @click.argument("target", type=click.Path(file_okay=False, path_type=Path))
 @pass_app
@@ -224,7 +187,7 @@ def umount_cmd(app: App, keep: bool, target: Path) -> None:
 @click.option("--key", default=None, help="Snapshot key [default: a new unique one].")
 @click.option("--ro", is_flag=True, help="A read-only view instead of a writable snapshot.")
 @click.option("--json", "as_json", is_flag=True, help="Print the Mount records as JSON.")
-@image_options
+@registry_options
 @click.argument("ref")
 @pass_app
 def rootfs_cmd(
@@ -253,7 +216,7 @@ def rootfs_cmd(
 @click.command("bundle")
 @snapshotter_option
 @click.option("--ro", is_flag=True, help="Read-only root filesystem.")
-@image_options
+@registry_options
 @click.argument("ref")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("args", nargs=-1)

@@ -15,7 +15,7 @@ from ckfs_cli.app import (
     print_mounts,
     print_table,
 )
-from ckfs_cli.rootfs_cmds import DEFAULT_SNAPSHOTTER
+from ckfs_cli.options import snapshotter_option
 
 if TYPE_CHECKING:
     from snapshotters.api import Info, Snapshotter
@@ -35,13 +35,7 @@ pass_ctx = click.make_pass_decorator(_Ctx)
 
 
 @click.group()
-@click.option(
-    "--snapshotter",
-    "-s",
-    default=DEFAULT_SNAPSHOTTER,
-    show_default=True,
-    help="Snapshotter: overlayfs or native.",
-)
+@snapshotter_option
 @click.pass_context
 def snapshots(ctx: click.Context, snapshotter: str) -> None:
     """Manage snapshots: list, inspect, prepare, view, commit, remove."""

@@ -7,8 +7,7 @@ from pathlib import Path
 import click
 
 from ckfs_cli.app import App, human_size, print_json
-
-pass_app = click.make_pass_decorator(App)
+from ckfs_cli.options import pass_app
 
 
 @click.command("import")
