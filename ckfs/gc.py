@@ -24,7 +24,6 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from ckfs import mediatypes as mt
 from ckfs.content import ContentStore
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
@@ -86,30 +85,16 @@ def _children(content: ContentStore, digest: Digest) -> list[Digest]:
     with content.reader(digest) as r:
         if r.read_at(0, 1) != b"{":
             return []  # a layer: not worth reading whole
-    data = content.read_all(digest, limit=manifests.MAX_MANIFEST_SIZE)
-    media_type = _media_type(data)
-    if media_type is None:
-        return []
+        data = r.read_at(0, r.size)
     try:
-        desc = Descriptor(media_type, digest, len(data))
-        return [c.digest for c in manifests.children(desc, data)]
+        media_type = manifests.body_media_type(parse_object(data, "blob"), "blob")
+        if media_type is None:
+            return []
+        return [
+            c.digest for c in manifests.children(Descriptor(media_type, digest, len(data)), data)
+        ]
     except CkfsError:
-        return []
-
-
-def _media_type(data: bytes) -> str | None:
-    try:
-        body = parse_object(data, "blob")
-    except InvalidArgument:
-        return None
-    value = body.get("mediaType")
-    if isinstance(value, str) and (mt.is_index(value) or mt.is_manifest(value)):
-        return value
-    if "manifests" in body:
-        return mt.OCI_INDEX
-    if "layers" in body and "config" in body:
-        return mt.OCI_MANIFEST
-    return None
+        return []  # not a manifest gc can read (schema 1, malformed): keep it, follow nothing
 
 
 def _collect_snapshots(sn: Snapshotter, roots: set[str], dry_run: bool) -> list[str]:
