@@ -33,6 +33,19 @@ class App:
             self._state.close()
 
 
+def skip_httpx_cli() -> None:
+    """Keep the coming ``import httpx`` from loading httpx's own command-line tool.
+
+    httpx imports its CLI (click, rich, pygments) whenever those are
+    installed: ~0.15 s for every command that reaches a registry (pull,
+    fetch, a cold mount). A None entry makes that one import fail, which
+    httpx handles (its `main` becomes a stub). Called just before the
+    registry code is imported, so other commands see no trace of it.
+    """
+    if "httpx" not in sys.modules:
+        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
+
 def print_json(obj: Any) -> None:
     """Stable JSON for machines: two-space indent, keys in the order given."""
     json.dump(obj, sys.stdout, indent=2)

@@ -79,12 +79,6 @@ def cli(ctx: click.Context, root: Path | None, debug: bool) -> None:
     _debug = debug
     if debug:
         _log_debug()
-    # `import httpx` also imports httpx's own command-line tool (click, rich,
-    # pygments): ~0.15 s for every command that reaches a registry (pull,
-    # fetch, a cold mount). A None entry makes that one import fail, which
-    # httpx handles (its `main` becomes a stub).
-    if "httpx" not in sys.modules:
-        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     ctx.obj = App(root)
     ctx.call_on_close(ctx.obj.close)
 

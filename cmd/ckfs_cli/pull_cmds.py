@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ckfs.remotes import DEFAULT_CONCURRENCY
-from ckfs_cli.app import App, human_size
+from ckfs_cli.app import App, human_size, skip_httpx_cli
 from ckfs_cli.options import apply, pass_app, registry_options
 
 if TYPE_CHECKING:
@@ -158,6 +158,7 @@ def _pull(
     max_concurrent: int,
 ) -> PullReport:
     """The full pull, on trio with the registry client."""
+    skip_httpx_cli()
     import trio
 
     from ckfs.pull import pull

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ckfs_cli.app import App, human_size, print_json, print_mounts
+from ckfs_cli.app import App, human_size, print_json, print_mounts, skip_httpx_cli
 from ckfs_cli.images_cmds import normalize
 from ckfs_cli.options import pass_app, registry_options, snapshotter_option
 
@@ -66,6 +66,7 @@ def _rootfs(
             return name, snapshot(image.target)
         except NotUnpacked:
             pass
+    skip_httpx_cli()
     import trio
 
     from ckfs.remotes.hosts import default_hosts_dirs
