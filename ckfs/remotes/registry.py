@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
-import json
 import logging
 import random
 import re
@@ -84,6 +83,7 @@ from ckfs.errors import (
     Unavailable,
 )
 from ckfs.images.manifest import MAX_MANIFEST_SIZE, SCHEMA1_HINT, body_media_type
+from ckfs.jsondoc import parse_json
 from ckfs.reference import Reference
 from ckfs.remotes.auth import Authorizer, Credentials, pull_scope
 from ckfs.remotes.hosts import USER_AGENT, RegistryHost, ssl_context
@@ -882,10 +882,7 @@ def _sniff_media_type(declared: str, data: bytes, where: str) -> str:
         raise InvalidArgument(f"{where}: {SCHEMA1_HINT}")
     if mt.is_index(declared) or mt.is_manifest(declared):
         return declared
-    try:
-        body = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InvalidArgument(f"{where}: not JSON (Content-Type {declared or 'none'})") from None
+    body = parse_json(data, f"{where} (Content-Type {declared or 'none'})")
     if not isinstance(body, dict):
         raise InvalidArgument(f"{where}: not a JSON object")
     media_type = body_media_type(body, where)
@@ -926,10 +923,10 @@ async def _error_detail(response: httpx.Response) -> str:
     finally:
         await response.aclose()
     try:
-        errors = json.loads(body).get("errors")
+        errors = parse_json(body, "error body").get("errors")
         first = errors[0]
         code, message = str(first.get("code", "")), str(first.get("message", ""))
-    except (ValueError, AttributeError, TypeError, IndexError, KeyError):
+    except (CkfsError, AttributeError, TypeError, IndexError, KeyError):
         return ""
     text = _UNPRINTABLE.sub(" ", f"{code}: {message}" if code else message).strip()
     return f" ({text[:160]})" if text else ""

@@ -56,8 +56,12 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """Aligned columns for humans, like ``ctr``'s tab writer.
 
     On a terminal rich draws the table; in a pipe the same columns are plain
-    text with no width limit, so long digests are never cut.
+    text with no width limit, so long digests are never cut. Cells are
+    escaped (`ckfs.safetext.escape`): names and labels may come from images.
     """
+    from ckfs.safetext import escape
+
+    rows = [[escape(v) for v in r] for r in rows]
     if sys.stdout.isatty():
         from rich.console import Console
         from rich.table import Table

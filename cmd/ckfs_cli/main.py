@@ -96,15 +96,26 @@ def _log_debug() -> None:
 
 
 def describe(exc: BaseException) -> str:
-    """One line saying what went wrong and where."""
+    """One line saying what went wrong and where, safe to print.
+
+    Messages carry untrusted text (a layer's file names, a registry's error
+    body, a path a container wrote): `ckfs.safetext.message` escapes and
+    bounds it; ``--debug`` logs the message whole.
+    """
     from ckfs.errors import CkfsError
+    from ckfs.safetext import message
 
     if isinstance(exc, CkfsError):
-        return str(exc)
-    if isinstance(exc, OSError):
+        text = str(exc)
+    elif isinstance(exc, OSError):
         where = f": {exc.filename}" if exc.filename else ""
-        return f"{exc.strerror or exc}{where}"
-    return f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)"
+        text = f"{exc.strerror or exc}{where}"
+    else:
+        text = f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)"
+    safe = message(text)
+    if _debug and safe != text:
+        print(f"ckfs: debug: full message: {text!r}", file=sys.stderr)
+    return safe
 
 
 def main(argv: list[str] | None = None) -> None:
