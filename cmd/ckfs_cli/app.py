@@ -114,13 +114,14 @@ def for_each(items: Sequence[str], action: Callable[[str], object]) -> None:
     import click
 
     from ckfs.errors import CkfsError
+    from ckfs.safetext import message
 
     failed = 0
     for item in items:
         try:
             done = action(item)
         except CkfsError as e:
-            click.echo(f"ckfs: {e}", err=True)
+            click.echo(f"ckfs: {message(str(e))}", err=True)
             failed += 1
         else:
             click.echo(done if isinstance(done, str) else item)
