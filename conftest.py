@@ -21,7 +21,7 @@ pytest_plugins = ["integration.mounts", "integration.registry"]
 REPO = Path(__file__).resolve().parent
 
 #: Test files whose tests run confined.
-CONFINED = ("test_archive_",)
+CONFINED = ("test_archive_", "test_hostile")
 
 
 def pytest_configure(config: pytest.Config) -> None:
