@@ -24,6 +24,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,6 +41,7 @@ from ckfs.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
 from ckfs.metadata.db import DB, Tx, now_ns
 
@@ -384,6 +386,56 @@ class ContentStore:
             ingest.remove(path)
         finally:
             ingest.release(fd)
+
+    def expire_ingests(self, before: datetime, *, dry_run: bool = False) -> list[Status]:
+        """Remove the ingests last written before *before*; return what went.
+
+        An interrupted pull keeps its ingests so the next one resumes, but
+        nothing else ever removes one whose pull is never repeated: this is
+        what ``ckfs gc`` calls with its expiry. An ingest a live writer holds
+        is skipped whatever its age (its writer may be waiting on a slow
+        registry), and the age is read again under the ref's lock, so an
+        ingest written to between the listing and the removal stays.
+
+        Args:
+            before: ingests updated at or after this moment are kept.
+            dry_run: only report what would be removed.
+
+        Returns:
+            The `Status` of every ingest removed (or, dry, due for removal),
+            sorted by ref.
+        """
+        gone: list[Status] = []
+        for st in self.list_statuses():
+            if st.updated_at >= before:
+                continue
+            path = ingest.ingest_dir(self._ingest, st.ref)
+            try:
+                fd = ingest.acquire(path, st.ref, create=False)
+            except (NotFound, Unavailable):
+                continue  # gone meanwhile, or a live writer holds it
+            try:
+                current = ingest.read_status(path)
+                if current.updated_at >= before:
+                    continue
+                if not dry_run:
+                    ingest.remove(path)
+                gone.append(current)
+            except NotFound:
+                continue
+            finally:
+                ingest.release(fd)
+        return gone
+
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the store's filesystem.
+
+        ``f_bavail``, not ``f_bfree``: the blocks a filesystem reserves for
+        root are what keeps the rest of the system (logs, the daemon's own
+        database) working when a pull would otherwise fill the disk.
+        """
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
 
     # -- helpers ------------------------------------------------------------------
 

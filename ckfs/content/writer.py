@@ -189,16 +189,27 @@ class Writer:
         Each call is one ``write(2)`` plus one hash update with no copying, so
         callers should pass large chunks (1 MiB is good).
 
+        An ingest with a known total never grows past it: the bytes that
+        would are refused before any of them is written, so a source that
+        sends more than it promised cannot fill the disk under a ref.
+
         Returns:
             ``len(data)``: everything is written or an exception is raised.
 
         Raises:
+            DataLoss: the ingest has a total and *data* would take it past
+                that; nothing of *data* was written.
             FailedPrecondition: the writer is closed.
             OSError: the disk refused (ENOSPC, EIO); the ingest is left as it
                 was before the call, so the write can be retried.
         """
         self._check_open()
         n = data.nbytes if isinstance(data, memoryview) else len(data)
+        if self._total and self._offset + n > self._total:
+            raise DataLoss(
+                f"ref {self.ref}: {self._offset + n} bytes would pass the expected "
+                f"total of {self._total}; the extra {n} bytes were not written"
+            )
         try:
             written = os.write(self._fd, data)
             if written != n:

@@ -8,3 +8,28 @@ help text without loading the stores.
 #: blob is being committed (fsync) and stays polite to a remote registry;
 #: containerd's default is the same.
 DEFAULT_CONCURRENCY = 3
+
+#: Largest blob a fetch accepts from a descriptor (``--max-blob-size``).
+#: Generous: the largest layers seen in the wild (CUDA, ML model images)
+#: are a few GiB; a descriptor claiming more than 64 GiB is far more likely
+#: a hostile or broken one that would fill the disk before its digest fails.
+DEFAULT_MAX_BLOB_SIZE = 64 << 30
+
+#: Every blob's time budget starts at this many seconds: enough for a few
+#: connection attempts, token round trips and capped ``Retry-After`` waits,
+#: which all come out of the same budget as the transfer itself.
+BUDGET_BASE = 120.0
+
+#: ...plus its size at this rate (bytes per second), 100 kB/s (0.8 Mbit/s):
+#: a poor but working link still completes a 1 GB layer inside its budget
+#: (about 2 h 50 min); a slower one needs ``--timeout``. Stalls and trickles
+#: are caught far sooner by the registry client's low-speed limit; the
+#: budget bounds everything else (retries times resumes times waits).
+BUDGET_MIN_RATE = 100_000
+
+
+def time_budget(size: int, timeout: float | None = None) -> float:
+    """Seconds one blob of *size* bytes may take, or *timeout* when given."""
+    if timeout is not None:
+        return timeout
+    return BUDGET_BASE + size / BUDGET_MIN_RATE

@@ -8,8 +8,8 @@ finds everything and only reads local manifests.
 
 Every blob goes through the content store's ingests, named the way
 containerd names them (``index-``, ``manifest-``, ``config-``, ``layer-``,
-``unknown-`` + digest), which gives the three properties a pull needs
-without any bookkeeping of its own:
+``unknown-`` + digest), which gives the properties a pull needs with
+little bookkeeping of its own:
 
 - **Verified**: bytes stream into the ingest while a worker thread hashes
   them; `Writer.commit` checks size and digest, so a wrong byte from a
@@ -22,6 +22,16 @@ without any bookkeeping of its own:
 - **Shared between processes**: the ingest's ref lock admits one writer.
   Another ``ckfs pull`` of the same image waits on the lock, then finds the
   blob committed, so each blob crosses the network once.
+- **Bounded**: in time, every blob and manifest has one budget
+  (`ckfs.remotes.time_budget`, or ``timeout``) that the registry client's
+  retries and waits and this module's resumes all draw from; when it runs
+  out the blob fails with `Unavailable`, its bytes kept for the next pull.
+  On disk, a descriptor larger than ``max_blob_size`` is refused before any
+  request, an ingest never grows past its descriptor's size, the free space
+  is checked against what a manifest's children still need before any of
+  them starts, and a fetch that wrote nothing leaves no ingest. In memory,
+  a manifest or index is checked against `MAX_MANIFEST_SIZE` before it is
+  requested or read, and blobs stream through a pipeline a few MiB deep.
 
 Writing and hashing run in worker threads (`trio.to_thread` under one
 `trio.CapacityLimiter`), fed batches of network chunks through a small
@@ -41,7 +51,7 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -54,12 +64,16 @@ from ckfs.digest import CHUNK, Digest
 from ckfs.errors import (
     AlreadyExists,
     DataLoss,
+    FailedPrecondition,
     InvalidArgument,
+    NotFound,
     Unavailable,
     unwrap_groups,
 )
 from ckfs.images import manifest as manifests
+from ckfs.images.image import MAX_CONFIG_SIZE
 from ckfs.reference import Reference
+from ckfs.remotes import DEFAULT_MAX_BLOB_SIZE, time_budget
 from ckfs.remotes.walk import (
     DEFAULT_CONCURRENCY,
     BlobProgress,
@@ -77,6 +91,7 @@ from ckfs.remotes.walk import (
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
+    "DEFAULT_MAX_BLOB_SIZE",
     "BlobProgress",
     "BlobState",
     "BlobStream",
@@ -103,7 +118,8 @@ PIPELINE_DEPTH = 2
 
 #: Mid-stream resumes per blob per fetch before giving up. The client already
 #: retries failed requests; this bounds connections that keep dropping after
-#: sending some bytes. What arrived stays in the ingest for the next pull.
+#: sending some bytes, and all of them share the blob's one time budget.
+#: What arrived stays in the ingest for the next pull.
 MAX_RESUMES = 5
 
 #: How long to wait for another process holding a blob's ref lock (it is
@@ -189,6 +205,8 @@ async def fetch(
     children: ChildrenFunc = manifests.children,
     max_concurrent: int = DEFAULT_CONCURRENCY,
     on_event: Callable[[BlobProgress], None] | None = None,
+    timeout: float | None = None,
+    max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
 ) -> FetchReport:
     """Make *target* and everything *children* leads to present in *content*.
 
@@ -208,6 +226,12 @@ async def fetch(
         max_concurrent: blobs over `SMALL_BLOB` transferred at once (>= 1);
             smaller ones (configs, manifests) never wait for a slot.
         on_event: called with a blob's `BlobProgress` at each state change.
+        timeout: seconds each blob or manifest may take, retries, waits
+            and resumes included; None for `ckfs.remotes.time_budget` of
+            its size. Waiting for a transfer slot or for another process
+            holding the blob's ref (`LOCK_WAIT`) is not counted.
+        max_blob_size: refuse, before any request, a blob to fetch whose
+            descriptor claims more bytes than this.
 
     Returns:
         Every blob visited, with its final state.
@@ -218,11 +242,18 @@ async def fetch(
         DataLoss: a blob's bytes do not match its digest or size. Its
             ingest is aborted and nothing is committed for it; the message
             names the blob and the registry.
-        InvalidArgument: a malformed manifest or index, Docker schema 1, or
-            *max_concurrent* < 1.
+        InvalidArgument: a malformed manifest or index, Docker schema 1,
+            *max_concurrent* < 1, *timeout* not positive; a blob to fetch
+            larger than *max_blob_size* (or a manifest larger than
+            `MAX_MANIFEST_SIZE`, a config larger than `MAX_CONFIG_SIZE`),
+            refused before it is requested.
+        FailedPrecondition: the children of a manifest need more space
+            than the content store's filesystem has free; nothing of them
+            was requested (the message has both numbers).
         Unavailable: the registry cannot be reached, a connection kept
-            dropping (what arrived stays in the ingest for the next fetch),
-            or another process held a blob's ref for `LOCK_WAIT` seconds.
+            dropping, or a blob's time budget ran out (what arrived stays
+            in the ingest for the next fetch); or another process held a
+            blob's ref for `LOCK_WAIT` seconds.
 
     Cancellation:
         Transfers stop; every open ingest is closed with its bytes kept, so
@@ -231,6 +262,7 @@ async def fetch(
     """
     if max_concurrent < 1:
         raise InvalidArgument(f"max concurrent transfers must be at least 1, not {max_concurrent}")
+    check_limits(timeout, max_blob_size)
     run = _Fetch(
         remote,
         content,
@@ -238,14 +270,49 @@ async def fetch(
         children=children,
         slots=trio.Semaphore(max_concurrent),
         on_event=on_event,
+        timeout=timeout,
+        max_blob_size=max_blob_size,
     )
     started = time.monotonic()
     report = FetchReport(target=target, blobs=run.blobs)
+    run.admit([target])
     with unwrap_groups():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run.visit, target, nursery)
     report.seconds = time.monotonic() - started
     return report
+
+
+def check_limits(timeout: float | None, max_blob_size: int) -> None:
+    """Refuse a *timeout* or *max_blob_size* no fetch could work with.
+
+    Raises:
+        InvalidArgument: *timeout* is not positive or *max_blob_size* negative.
+    """
+    if timeout is not None and not timeout > 0:
+        raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout}")
+    if max_blob_size < 0:
+        raise InvalidArgument(f"max blob size must not be negative, not {max_blob_size}")
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, message: Callable[[], str]) -> Iterator[None]:
+    """Run the body for at most *seconds*; past that, `Unavailable` with *message*.
+
+    A cancel scope rather than a timeout per request: everything inside
+    (the registry client's retries, its ``Retry-After`` waits, its
+    authentication round trips) sees the deadline through
+    `trio.current_effective_deadline` and shares it.
+    """
+    with trio.move_on_after(seconds) as scope:
+        yield
+    if scope.cancelled_caught:
+        raise Unavailable(message())
+
+
+def megabytes(n: int) -> str:
+    """*n* bytes for a message: ``12.3 MB`` (1000-based, as the CLI's sizes)."""
+    return f"{n / 1e6:.1f} MB"
 
 
 class _Fetch:
@@ -260,6 +327,8 @@ class _Fetch:
         children: ChildrenFunc,
         slots: trio.Semaphore,
         on_event: Callable[[BlobProgress], None] | None,
+        timeout: float | None,
+        max_blob_size: int,
     ) -> None:
         self.remote = remote
         self.content = content
@@ -271,8 +340,13 @@ class _Fetch:
         # a layer being flushed never holds up the hashing of the others.
         self.syncing = trio.CapacityLimiter(_SYNC_THREADS)
         self.on_event = on_event
+        self.timeout = timeout
+        self.max_blob_size = max_blob_size
         self.seen: set[Digest] = set()
         self.blobs: list[BlobProgress] = []
+        self.progress: dict[Digest, BlobProgress] = {}
+        # Bytes still to write per blob admitted for download (`admit`).
+        self.reserved: dict[Digest, int] = {}
         self.source_labels = {f"{DISTRIBUTION_SOURCE}.{ref.domain}": ref.path}
 
     # -- the walk -------------------------------------------------------------------
@@ -286,10 +360,13 @@ class _Fetch:
             raise schema1_error(self.ref, desc)
         p = BlobProgress(desc=desc, kind=kind_of(desc))
         self.blobs.append(p)
+        self.progress[desc.digest] = p
         try:
             if is_parent(desc):
                 data = await self._parent(p)
-                for child in self.children(desc, data):
+                found = self.children(desc, data)
+                self.admit(found)
+                for child in found:
                     nursery.start_soon(self.visit, child, nursery)
             elif desc.media_type in mt.NONDISTRIBUTABLE and not self.content.exists(desc.digest):
                 skip(p)
@@ -300,6 +377,78 @@ class _Fetch:
             if not isinstance(e, trio.Cancelled):
                 self._set(p, BlobState.FAILED, str(e))
             raise
+
+    # -- limits -----------------------------------------------------------------------
+
+    def admit(self, descs: Sequence[Descriptor]) -> None:
+        """Refuse *descs* before any of them is requested if they cannot fit.
+
+        Called with the target and with each manifest's or index's children
+        as soon as they are known: the sizes their descriptors claim are
+        checked one by one against the limits, and together, with what this
+        fetch still has to write, against the free space. A pull that cannot
+        fit fails before it fills the disk, not after.
+
+        Raises:
+            InvalidArgument: one is over its size limit.
+            FailedPrecondition: together they need more than is free.
+        """
+        if self.remote is None:
+            return
+        need = 0
+        for desc in descs:
+            if (
+                desc.digest in self.seen
+                or desc.digest in self.reserved
+                or desc.media_type in mt.NONDISTRIBUTABLE
+                or desc.media_type in mt.SCHEMA1
+                or self.content.exists(desc.digest)
+            ):
+                continue
+            self._check_size(desc)
+            left = desc.size - self._resumable(desc)
+            self.reserved[desc.digest] = left
+            need += left
+        if need <= 0:
+            return
+        free = self.content.free_bytes()
+        total = self._outstanding()
+        if total > free:
+            raise FailedPrecondition(
+                f"{self.ref}: the fetch needs {megabytes(total)} more, "
+                f"{megabytes(free)} free on {self.content.root}"
+            )
+
+    def _check_size(self, desc: Descriptor) -> None:
+        kind = kind_of(desc)
+        limit, which = self.max_blob_size, "maximum blob size (--max-blob-size)"
+        if is_parent(desc) and limit > manifests.MAX_MANIFEST_SIZE:
+            limit, which = manifests.MAX_MANIFEST_SIZE, f"limit for a {kind}"
+        elif kind == "config" and limit > MAX_CONFIG_SIZE:
+            limit, which = MAX_CONFIG_SIZE, "limit for a config"
+        if desc.size > limit:
+            raise InvalidArgument(
+                f"{self.ref}: {kind} {desc.digest} claims {desc.size} bytes, over the "
+                f"{limit} byte {which}; nothing was fetched"
+            )
+
+    def _resumable(self, desc: Descriptor) -> int:
+        """Bytes an earlier fetch left in *desc*'s ingest (they need no new space)."""
+        try:
+            return min(self.content.status(ref_key(desc)).offset, desc.size)
+        except NotFound:
+            return 0
+
+    def _outstanding(self) -> int:
+        """Bytes this fetch has still to write for the blobs it admitted."""
+        total = 0
+        for digest, left in self.reserved.items():
+            p = self.progress.get(digest)
+            if p is None or p.state in (BlobState.QUEUED, BlobState.WAITING):
+                total += left
+            elif p.state in (BlobState.DOWNLOADING, BlobState.RESUMING):
+                total += max(0, p.desc.size - p.offset)
+        return total
 
     def _slot(self, desc: Descriptor) -> AbstractAsyncContextManager[object]:
         """A transfer slot for *desc*; none for a small blob.
@@ -344,11 +493,12 @@ class _Fetch:
             ensure_gc_labels(self.content, desc, data)
             self._set(p, BlobState.EXISTS)
             return data
-        with writer:
+        with _kept_if_written(writer):
             assert self.remote is not None
             p.started = time.monotonic()
             self._set(p, BlobState.DOWNLOADING)
-            async with self._slot(desc):
+            seconds = time_budget(desc.size, self.timeout)
+            with deadline(seconds, lambda: self._gave_up(p, seconds)):
                 data = await self.remote.fetch_manifest(self.ref, desc)
             p.fetched += len(data)
             labels = {**manifests.gc_labels(desc, data), **self.source_labels}
@@ -400,7 +550,7 @@ class _Fetch:
             writer = await self._writer(p)
             if writer is None:
                 break
-            with writer:
+            with _kept_if_written(writer):
                 resumed = writer.offset > 0
                 try:
                     # The slot covers the network part only: while this blob
@@ -444,14 +594,21 @@ class _Fetch:
     async def _transfer(self, p: BlobProgress, writer: Writer) -> None:
         """Bring the ingest to the blob's full size, resuming as needed.
 
+        Every attempt draws on one time budget for the blob, started here
+        (after the transfer slot was granted): the registry client's
+        retries and ``Retry-After`` waits run under its deadline, and no
+        attempt starts once it has passed.
+
         Raises:
             Unavailable: the connection dropped more than `MAX_RESUMES`
-                times; the bytes received so far stay in the ingest.
+                times, or the budget ran out; the bytes received so far
+                stay in the ingest.
             DataLoss: the registry sent more bytes than the descriptor says
                 or stated another size; the ingest is aborted.
         """
-        assert self.remote is not None
         desc = p.desc
+        seconds = time_budget(desc.size, self.timeout)
+        deadline_at = trio.current_time() + seconds
         resumes = 0
         while True:
             if writer.offset > desc.size:
@@ -459,35 +616,19 @@ class _Fetch:
             p.offset = offset = writer.offset
             if offset == desc.size and desc.size > 0:
                 return  # all there from an earlier run: just commit
+            if trio.current_time() >= deadline_at:
+                raise Unavailable(self._gave_up(p, seconds))
             p.started = time.monotonic()
             if offset:
                 self._set(p, BlobState.RESUMING, f"continuing at byte {offset}")
             else:
                 self._set(p, BlobState.DOWNLOADING)
             try:
-                async with self.remote.open_blob(self.ref, desc, offset=offset) as stream:
-                    p.source = stream.host
-                    if stream.total and stream.total != desc.size:
-                        raise DataLoss(
-                            f"{self._what(p)}: the registry says it has {stream.total} bytes, "
-                            f"the descriptor says {desc.size}"
-                        )
-                    if stream.offset != offset:
-                        if not 0 <= stream.offset < offset:
-                            raise Unavailable(
-                                f"{self._what(p)}: asked for bytes from {offset}, "
-                                f"got bytes from {stream.offset}"
-                            )
-                        # The server ignored the Range request (200, not 206).
-                        await self._truncate(writer, stream.offset)
-                        p.offset = stream.offset
-                        self._set(
-                            p,
-                            BlobState.DOWNLOADING,
-                            f"registry ignored the range request; restarted at {stream.offset}",
-                        )
-                    await self._pump(p, writer, stream)
+                expired = await self._receive(p, writer, deadline_at)
             except Unavailable as e:
+                p.offset = writer.offset
+                if trio.current_time() >= deadline_at:
+                    raise Unavailable(f"{self._gave_up(p, seconds)}; last error: {e}") from None
                 if resumes >= MAX_RESUMES:
                     raise Unavailable(
                         f"{e} (gave up after {resumes} resumes; {writer.offset} of {desc.size} "
@@ -495,8 +636,11 @@ class _Fetch:
                     ) from None
                 resumes += 1
                 continue
+            p.offset = writer.offset
             if writer.offset >= desc.size:
                 return
+            if expired:
+                raise Unavailable(self._gave_up(p, seconds))
             # The body ended early without an error: resume like a drop.
             if resumes >= MAX_RESUMES:
                 raise Unavailable(
@@ -505,17 +649,39 @@ class _Fetch:
                 )
             resumes += 1
 
+    def _gave_up(self, p: BlobProgress, seconds: float) -> str:
+        """The message of a blob or manifest whose time budget ran out."""
+        what = f"{self._what(p)}: gave up after {_seconds(seconds)} s (its time budget; "
+        if is_parent(p.desc):
+            return what + "--timeout sets it)"
+        kept = "; the next pull resumes" if p.offset else ""
+        return (
+            f"{what}--timeout sets it): {megabytes(p.offset)} of "
+            f"{megabytes(p.desc.size)} fetched{kept}"
+        )
+
     async def _truncate(self, writer: Writer, size: int) -> None:
         await trio.to_thread.run_sync(writer.truncate, size, limiter=self.hashing)
 
-    async def _pump(self, p: BlobProgress, writer: Writer, stream: BlobStream) -> None:
-        """Copy *stream* into *writer*: receive here, write and hash in a thread.
+    async def _receive(self, p: BlobProgress, writer: Writer, deadline_at: float) -> bool:
+        """One attempt: open the blob at the ingest's offset and copy it in.
 
-        Batches go through a channel `PIPELINE_DEPTH` deep to one drain task,
-        so the two sides overlap. A dropped connection ends the receiving
-        side; the drain still writes every batch already received, then the
-        `Unavailable` is raised for the caller to resume from there.
+        Receiving runs here and writing and hashing in a thread: batches go
+        through a channel `PIPELINE_DEPTH` deep to one drain task, so the
+        two sides overlap. The deadline covers the request and the
+        receiving side only. When it passes, or the connection drops, the
+        drain still writes every batch already received, so the ingest
+        (and the next resume) keeps all of it.
+
+        Returns:
+            Whether the deadline passed before the body ended.
+
+        Raises:
+            Unavailable: the request failed or the connection dropped (after
+                the batches received were written).
+            DataLoss: more bytes than the descriptor says, or another size.
         """
+        assert self.remote is not None
         desc = p.desc
         send, receive = trio.open_memory_channel[list[bytes]](PIPELINE_DEPTH)
         dropped: Unavailable | None = None
@@ -532,26 +698,86 @@ class _Fetch:
                 async with send:
                     batch: list[bytes] = []
                     pending = 0
-                    received = stream.offset
-                    try:
-                        async for chunk in stream.aiter_chunks():
-                            received += len(chunk)
-                            p.fetched += len(chunk)
-                            if received > desc.size:
-                                raise DataLoss(
-                                    f"{self._what(p)}: more than the expected {desc.size} bytes"
-                                )
-                            batch.append(chunk)
-                            pending += len(chunk)
-                            if pending >= BATCH_BYTES:
-                                await send.send(batch)
-                                batch, pending = [], 0
-                    except Unavailable as e:
-                        dropped = e
+                    with trio.CancelScope(deadline=deadline_at) as budget:
+                        try:
+                            async with self.remote.open_blob(
+                                self.ref, desc, offset=writer.offset
+                            ) as stream:
+                                received = await self._start(p, writer, stream)
+                                async for chunk in stream.aiter_chunks():
+                                    received += len(chunk)
+                                    p.fetched += len(chunk)
+                                    if received > desc.size:
+                                        raise DataLoss(
+                                            f"{self._what(p)}: more than the expected "
+                                            f"{desc.size} bytes"
+                                        )
+                                    batch.append(chunk)
+                                    pending += len(chunk)
+                                    if pending >= BATCH_BYTES:
+                                        # Cancelled, a send delivers nothing: the
+                                        # batch is still ours to send below.
+                                        await send.send(batch)
+                                        batch, pending = [], 0
+                        except Unavailable as e:
+                            dropped = e
                     if batch:
                         await send.send(batch)
         if dropped is not None:
             raise dropped
+        return budget.cancelled_caught
+
+    async def _start(self, p: BlobProgress, writer: Writer, stream: BlobStream) -> int:
+        """Check where *stream* starts and line the ingest up with it; return that offset.
+
+        Raises:
+            DataLoss: the registry states another size than the descriptor.
+            Unavailable: the stream starts after the ingest's offset.
+        """
+        offset = writer.offset
+        p.source = stream.host
+        if stream.total and stream.total != p.desc.size:
+            raise DataLoss(
+                f"{self._what(p)}: the registry says it has {stream.total} bytes, "
+                f"the descriptor says {p.desc.size}"
+            )
+        if stream.offset != offset:
+            if not 0 <= stream.offset < offset:
+                raise Unavailable(
+                    f"{self._what(p)}: asked for bytes from {offset}, "
+                    f"got bytes from {stream.offset}"
+                )
+            # The server ignored the Range request (200, not 206).
+            await self._truncate(writer, stream.offset)
+            p.offset = stream.offset
+            self._set(
+                p,
+                BlobState.DOWNLOADING,
+                f"registry ignored the range request; restarted at {stream.offset}",
+            )
+        return stream.offset
+
+
+def _seconds(x: float) -> str:
+    """A budget in seconds for a message: ``300``, ``125``, ``0.5``."""
+    return f"{x:.0f}" if x >= 10 else f"{x:g}"
+
+
+@contextlib.contextmanager
+def _kept_if_written(writer: Writer) -> Iterator[Writer]:
+    """Close *writer* on the way out, keeping its ingest only if it holds bytes.
+
+    An ingest is kept so that the next fetch resumes it; one with nothing in
+    it (a request that failed before its first byte) has nothing to resume
+    and would only be litter under ``ckfs content active``.
+    """
+    try:
+        yield writer
+    finally:
+        if not writer.closed and writer.offset == 0:
+            writer.abort()
+        else:
+            writer.close()
 
 
 # -- worker-thread helpers --------------------------------------------------------
