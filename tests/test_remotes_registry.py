@@ -588,18 +588,88 @@ async def test_retries_500_then_succeeds(
         assert client.statistics() == {"resolve": 4, "retry": 3}
 
 
-async def test_retry_after_is_honoured_and_capped(
+async def test_retry_after_is_honoured_within_the_cap(
     fake: FakeRegistry, image: Image, tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     ref, desc, _ = image
     fake.script = [
         resp(429, headers={"Retry-After": "7"}),
-        resp(503, headers={"Retry-After": "100000"}),
+        resp(503, headers={"Retry-After": f"{MAX_RETRY_AFTER - 7:g}"}),
     ]
     async with client_for(fake, nocreds(tmp_path)) as client:
         start = trio.current_time()
         assert await client.resolve(ref) == desc
-        assert trio.current_time() - start == pytest.approx(7 + MAX_RETRY_AFTER)
+        assert trio.current_time() - start == pytest.approx(MAX_RETRY_AFTER)
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_beyond_the_cap_fails_at_once(
+    fake: FakeRegistry, image: Image, tmp_path: Path, autojump_clock: trio.abc.Clock, status: int
+) -> None:
+    ref, _, _ = image
+    fake.script = [resp(status, headers={"Retry-After": "3600"})] * 3
+    async with client_for(fake, nocreds(tmp_path)) as client:
+        start = trio.current_time()
+        with pytest.raises(Unavailable) as info:
+            await client.resolve(ref)
+        assert trio.current_time() == start
+        assert client.statistics() == {"resolve": 1}
+    assert f"registry reg.test asks to retry after 3600 s (HTTP {status})" in str(info.value)
+
+
+async def test_retry_waits_of_one_request_add_up_to_the_cap(
+    fake: FakeRegistry, image: Image, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """Each wait is under the cap, their sum is not: the request gives up, never 5 x 40 s."""
+    ref, _, _ = image
+    fake.script = [resp(429, headers={"Retry-After": "40"}) for _ in range(6)]
+    async with client_for(fake, nocreds(tmp_path)) as client:
+        start = trio.current_time()
+        with pytest.raises(Unavailable, match=r"asks to retry after 40 s.*after 40 s of waiting"):
+            await client.resolve(ref)
+        assert trio.current_time() - start == pytest.approx(40)
+        assert client.statistics() == {"resolve": 2, "retry": 1}
+
+
+async def test_retry_wait_past_the_enclosing_deadline_fails_at_once(
+    fake: FakeRegistry, image: Image, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """The caller's fail_after is a budget: a wait that would overrun it is not started."""
+    ref, _, _ = image
+    fake.script = [resp(429, headers={"Retry-After": "20"})]
+    async with client_for(fake, nocreds(tmp_path)) as client:
+        with trio.fail_after(10):
+            with pytest.raises(Unavailable, match="retry in 20 s would pass the deadline"):
+                await client.resolve(ref)
+            assert trio.current_time() == 0
+
+
+@pytest.mark.parametrize("value", ["²", "Wed, 21 Oct 99999 07:28:00 GMT", "soon", "-5", "1e9"])
+async def test_unusable_retry_after_falls_back_to_backoff(
+    fake: FakeRegistry, image: Image, tmp_path: Path, autojump_clock: trio.abc.Clock, value: str
+) -> None:
+    ref, desc, _ = image
+    raw = [(b"Retry-After", value.encode()), (b"Content-Length", "²".encode())]
+    fake.script = [httpx.Response(429, headers=raw, stream=Body(b""))]
+    async with client_for(fake, nocreds(tmp_path)) as client:
+        assert await client.resolve(ref) == desc
+        assert trio.current_time() < 1
+
+
+async def test_non_ascii_digits_in_content_length_are_no_length(
+    fake: FakeRegistry, image: Image, tmp_path: Path
+) -> None:
+    """ "²" is a digit to str.isdigit and not to int(): the HEAD just lacks a size."""
+    ref, desc, _ = image
+    raw = [
+        (b"Content-Type", desc.media_type.encode()),
+        (b"Docker-Content-Digest", str(desc.digest).encode()),
+        (b"Content-Length", "²".encode()),
+    ]
+    fake.script = [httpx.Response(200, headers=raw)]
+    async with client_for(fake, nocreds(tmp_path)) as client:
+        assert await client.resolve(ref) == desc
+    assert [r.method for r in fake.requests] == ["HEAD", "GET"]
 
 
 async def test_retries_give_up_with_unavailable(

@@ -35,6 +35,7 @@ is containerd's convention.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
@@ -44,7 +45,9 @@ import httpx
 import trio
 
 from ckfs.errors import InvalidArgument, Unauthorized, Unavailable
+from ckfs.remotes.bounds import REQUEST_TIMEOUT, Deadline, http_failure, read_capped
 from ckfs.remotes.challenge import (
+    MAX_TOKEN_RESPONSE,
     SCHEMES,
     Challenge,
     parse_challenges,
@@ -54,6 +57,7 @@ from ckfs.remotes.challenge import (
 )
 from ckfs.remotes.credentials import DOCKER_HUB_AUTH_KEY, Credentials, docker_config_path
 from ckfs.remotes.hosts import RegistryHost
+from ckfs.safetext import printable
 
 __all__ = [
     "DOCKER_HUB_AUTH_KEY",
@@ -128,6 +132,9 @@ class Authorizer:
             so tests inject one transport for both).
         on_request: Called with ``"token"`` for each token request, for the
             registry client's statistics.
+        request_timeout: Seconds a token request may take, answer and body,
+            however slowly the bytes come (the body is read with its 1 MiB
+            cap as it streams).
 
     Cancellation: a cancelled token fetch leaves nothing cached; the next
     request fetches again.
@@ -139,9 +146,11 @@ class Authorizer:
         client: httpx.AsyncClient,
         *,
         on_request: Callable[[str], None] | None = None,
+        request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         self._credentials = credentials
         self._client = client
+        self._request_timeout = request_timeout
         self._on_request = on_request or (lambda kind: None)
         self._hosts: dict[str, _HostAuth] = {}
         self._tokens: dict[tuple[str, str], _Token] = {}
@@ -245,16 +254,20 @@ class Authorizer:
                 else "the repository may not exist or may require a login"
             )
             error = challenge.params.get("error")
-            detail = f" ({error})" if error else ""
+            detail = f" ({printable(error, 80)})" if error else ""
             raise Unauthorized(f"registry {host.host} denied access to {what}{detail}: {hint}")
         return new
 
     async def _fetch_token(self, host: RegistryHost, state: _HostAuth, scope: str) -> _Token:
         scopes = sorted({*([scope] if scope else []), *state.scopes})
-        realm = urlsplit(state.realm)
+        try:
+            realm = urlsplit(state.realm)
+        except ValueError:
+            realm = urlsplit("")
         if realm.scheme not in ("http", "https") or not realm.netloc:
             raise InvalidArgument(
-                f"registry {host.host} named token server {state.realm!r}, not an http(s) URL"
+                f"registry {host.host} named token server {printable(state.realm)!r}, "
+                "not an http(s) URL"
             )
         creds = await self._credentials.get(host.host)
         if creds is not None and realm.scheme == "http" and host.scheme == "https":
@@ -280,19 +293,19 @@ class Authorizer:
             }
             if scopes:
                 form["scope"] = " ".join(scopes)
-            response = await self._token_request(
+            status, body = await self._token_request(
                 host, state.realm, "POST", headers=headers, data=form
             )
-            if response.status_code in _OAUTH_POST_UNSUPPORTED:
+            if status in _OAUTH_POST_UNSUPPORTED:
                 _log.debug("token server %s refused the OAuth2 POST; trying GET", realm.netloc)
-                response = await self._token_request(
+                status, body = await self._token_request(
                     host, state.realm, "GET", headers=headers, params=params, basic=creds
                 )
         else:
-            response = await self._token_request(
+            status, body = await self._token_request(
                 host, state.realm, "GET", headers=headers, params=params, basic=creds
             )
-        return self._parse_token_response(host, realm.netloc, what, response, creds is not None)
+        return self._parse_token_response(host, realm.netloc, what, status, body, creds is not None)
 
     async def _token_request(
         self,
@@ -304,26 +317,37 @@ class Authorizer:
         params: Sequence[tuple[str, str]] = (),
         data: dict[str, str] | None = None,
         basic: tuple[str, str] | None = None,
-    ) -> httpx.Response:
+    ) -> tuple[int, bytes]:
+        """One token request: its status and, for a 2xx, its body.
+
+        The answer and body must come within the request deadline, the body
+        within `MAX_TOKEN_RESPONSE` (checked as it streams).
+        """
         request_headers = dict(headers)
         if basic is not None:
             request_headers["Authorization"] = _basic(*basic)
         self._on_request("token")
+        server = f"token server {urlsplit(realm).netloc}"
+        what = f"token for registry {host.host}"
+        deadline = Deadline.after(self._request_timeout)
         try:
-            response = await self._client.request(
+            request = self._client.build_request(
                 method, realm, headers=request_headers, params=tuple(params), data=data
             )
-        except httpx.TransportError as e:
-            raise Unavailable(
-                f"token server {urlsplit(realm).netloc} for registry {host.host} is "
-                f"unreachable: {type(e).__name__}: {e}"
-            ) from None
-        return response
+            with deadline.enforce(f"{server} ({what}): answer"):
+                response = await self._client.send(request, stream=True)
+            async with contextlib.aclosing(response):
+                if not 200 <= response.status_code < 300:
+                    return response.status_code, b""
+                with deadline.enforce(f"{server} ({what}): body"):
+                    body = await read_capped(response, MAX_TOKEN_RESPONSE, server)
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
+            raise http_failure(e, server, what) from None
+        return response.status_code, body
 
     def _parse_token_response(
-        self, host: RegistryHost, server: str, what: str, response: httpx.Response, authed: bool
+        self, host: RegistryHost, server: str, what: str, status: int, body: bytes, authed: bool
     ) -> _Token:
-        status = response.status_code
         if status in (401, 403):
             how = "the configured credentials" if authed else "an anonymous token"
             raise Unauthorized(
@@ -338,7 +362,7 @@ class Authorizer:
             raise Unauthorized(
                 f"token server {server} answered HTTP {status} for {what} on registry {host.host}"
             )
-        header, lifetime = parse_token(response.content, server)
+        header, lifetime = parse_token(body, server)
         return _Token(
             header=header,
             reuse_until=trio.current_time() + lifetime * TOKEN_REUSE_FRACTION,

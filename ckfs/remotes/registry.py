@@ -22,18 +22,34 @@ lacks ``Docker-Content-Digest`` or ``Content-Length`` is followed by a
 
 Failure handling, per request, before any byte of a body is handed out:
 
-- 401 → the `Authorizer` learns the challenge and the request is repeated
-  with new credentials, until it has nothing new to offer (`Unauthorized`).
+- 401 from the registry itself → the `Authorizer` learns the challenge and
+  the request is repeated with new credentials, until it has nothing new
+  to offer (`Unauthorized`). A 401 from a host a redirect led to (object
+  storage) is never taken for the registry's challenge: it is `Unavailable`
+  and no credential or token request goes its way.
 - connection errors, 408, 5xx → retried with exponential backoff and
   jitter, but only on the last host: a failing mirror is skipped at once
   (containerd's policy), the upstream is worth waiting for.
-- 429 → retried on any host after ``Retry-After`` (capped) or backoff.
+- 429 → retried on any host after ``Retry-After`` or backoff.
+- waits: one request waits at most `MAX_RETRY_AFTER` seconds in all; a
+  ``Retry-After`` beyond that, or a wait that would end after the enclosing
+  trio deadline (the caller's ``fail_after``), fails at once naming the
+  delay instead of sleeping.
+- time: each attempt must have its response headers, and any small body
+  read with them (manifest, error or token body), within
+  ``request_timeout`` seconds, however the bytes trickle; past it the
+  attempt is `Unavailable` and not repeated (a server that slow has had
+  its chance). ``read_timeout`` still bounds each single read.
+- redirect loops, redirects to URLs httpx cannot follow, and other answers
+  httpx refuses → `InvalidArgument`, not retried.
 - any other failure on a mirror → the next host; the last host's error is
   the one raised, since the upstream's answer is authoritative.
 
 Once a blob stream has started nothing is retried here: a broken
-connection raises `Unavailable` from `BlobStream.aiter_chunks` and the
-caller resumes with a new `open_blob` at the offset it reached.
+connection, or one slower than ``min_rate`` bytes/s over
+``low_speed_time`` seconds, raises `Unavailable` from
+`BlobStream.aiter_chunks`, and the caller resumes with a new `open_blob`
+at the offset it reached (`BlobStream.position`).
 
 Errors (`ckfs.errors`, plus `ckfs.errors.Unauthorized`), each one
 line naming what and which registry host: `NotFound` (404), `Unauthorized`
@@ -76,7 +92,6 @@ from ckfs.digest import Digest, Digester
 from ckfs.errors import (
     CkfsError,
     DataLoss,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unauthorized,
@@ -86,6 +101,19 @@ from ckfs.images.manifest import MAX_MANIFEST_SIZE, SCHEMA1_HINT, body_media_typ
 from ckfs.jsondoc import parse_json
 from ckfs.reference import Reference
 from ckfs.remotes.auth import Authorizer, Credentials, pull_scope
+from ckfs.remotes.bounds import (
+    LOW_SPEED_TIME,
+    MAX_REDIRECTS,
+    MIN_RATE,
+    REQUEST_TIMEOUT,
+    Deadline,
+    SpeedLimit,
+    TooSlow,
+    describe,
+    http_failure,
+    read_capped,
+    wait_to_retry,
+)
 from ckfs.remotes.hosts import USER_AGENT, RegistryHost, ssl_context
 
 __all__ = ["BlobStream", "RegistryClient"]
@@ -94,10 +122,6 @@ _log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-#: Redirect hops followed before giving up (Go's net/http, and so containerd,
-#: stop after 10 too); a loop costs ten requests, not a hang.
-MAX_REDIRECTS = 10
-
 #: First retry delay in seconds; doubled each attempt up to `MAX_BACKOFF`.
 #: Short because most transient failures are a dropped keep-alive connection.
 BACKOFF_BASE = 0.1
@@ -105,9 +129,12 @@ BACKOFF_BASE = 0.1
 #: Longest wait between two attempts of one request, in seconds.
 MAX_BACKOFF = 10.0
 
-#: Longest ``Retry-After`` honoured, in seconds: a registry asking for an
-#: hour should fail the pull with a clear error rather than hang it.
-MAX_RETRY_AFTER = 30.0
+#: Longest wait, in seconds, between the attempts of one request in all
+#: (``Retry-After`` included): a registry asking for an hour should fail the
+#: pull at once with a clear error rather than hang it, and retries of a
+#: request must not add up to minutes before the caller's resumes multiply them.
+MAX_RETRY_AFTER = 60.0
+
 
 #: A request is repeated at most this many times for authentication (no
 #: credentials → token → refreshed token); beyond that something loops.
@@ -132,7 +159,14 @@ _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 _HEADER_DIGEST = "docker-content-digest"
 
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)", re.ASCII)
+
+#: A header's decimal number (``str.isdigit`` would accept "²", which int() refuses).
+_NUMBER = re.compile(r"[0-9]{1,18}")
+
+#: Where `_request` leaves an attempt's `Deadline` on its response, so the
+#: body read with it shares the budget of its headers.
+_DEADLINE = "ckfs.deadline"
 
 #: Characters kept out of messages taken from registry error bodies.
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
@@ -162,6 +196,7 @@ class BlobStream:
         end: int,
         host: str,
         on_bytes: Callable[[int], None],
+        speed: SpeedLimit,
     ) -> None:
         self._response = response
         self._desc = desc
@@ -171,6 +206,7 @@ class BlobStream:
         self.host = host
         self.position = offset
         self._on_bytes = on_bytes
+        self._speed = speed
 
     def __repr__(self) -> str:
         return (
@@ -181,27 +217,42 @@ class BlobStream:
     async def aiter_chunks(self) -> AsyncIterator[bytes]:
         """Yield the stream's bytes as they arrive, in network-sized chunks.
 
+        Each read waits at most until the end of the current speed window
+        (`SpeedLimit`); the cancel scope covers the read alone, never the
+        caller's code between chunks.
+
         Raises:
             Unavailable: the connection broke, stalled beyond the read
-                timeout, or ended before `end`; `position` says where to
-                resume.
+                timeout, fell below the minimum rate, or ended before `end`;
+                `position` says where to resume.
             DataLoss: the server sent more bytes than the blob has.
         """
         what = f"blob {self._desc.digest} from {self.host}"
         if self._response is None:
             return
+        chunks = self._response.aiter_raw()
+        window_end, window_start = self._speed.deadline(), self.position
         try:
-            async for chunk in self._response.aiter_raw():
-                if not chunk:
-                    continue
+            while True:
+                with trio.CancelScope(deadline=window_end) as scope:
+                    chunk = await anext(chunks, None)
+                if scope.cancelled_caught:
+                    raise Unavailable(
+                        f"{what}: slower than {self._speed.min_rate:g} bytes/s for "
+                        f"{self._speed.window:g} s at byte {self.position} of {self.total}"
+                    )
+                if chunk is None:
+                    break
                 self.position += len(chunk)
                 if self.position > self.end:
                     raise DataLoss(f"{what}: more than the expected {self.total} bytes")
+                if self.position - window_start >= self._speed.quota:
+                    window_end, window_start = self._speed.deadline(), self.position
                 self._on_bytes(len(chunk))
                 yield chunk
         except httpx.TransportError as e:
             raise Unavailable(
-                f"{what}: connection lost at byte {self.position} of {self.total}: {_describe(e)}"
+                f"{what}: connection lost at byte {self.position} of {self.total}: {describe(e)}"
             ) from None
         if self.position < self.end:
             raise Unavailable(f"{what}: stream ended at byte {self.position} of {self.total}")
@@ -228,6 +279,14 @@ class RegistryClient:
             (httpx's 5 s default is too short for a busy registry's blobs).
         retries: Extra attempts for a failing request (see the module
             docstring for which failures).
+        request_timeout: Seconds one attempt may take for its response
+            headers plus a small body read with them (manifest, error body,
+            token), however slowly the bytes come; `REQUEST_TIMEOUT`.
+        min_rate: Slowest blob stream kept, in bytes/s averaged over
+            *low_speed_time* seconds (curl's ``--speed-limit``); 0 turns the
+            check off; `MIN_RATE`.
+        low_speed_time: Seconds over which *min_rate* is averaged (curl's
+            ``--speed-time``); `LOW_SPEED_TIME`.
 
     Raises:
         InvalidArgument: a host's CA or client certificate cannot be loaded.
@@ -243,12 +302,17 @@ class RegistryClient:
         connect_timeout: float = 10,
         read_timeout: float = 60,
         retries: int = 5,
+        request_timeout: float = REQUEST_TIMEOUT,
+        min_rate: float = MIN_RATE,
+        low_speed_time: float = LOW_SPEED_TIME,
     ) -> None:
         self.ref_domain = ref_domain
         self.hosts = tuple(hosts)
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._retries = max(0, retries)
+        self._request_timeout = request_timeout
+        self._speed = SpeedLimit(max(0.0, min_rate), low_speed_time)
         self._stats: Counter[str] = Counter()
         self._random = random.Random()
         _raise_read_size()
@@ -271,7 +335,9 @@ class RegistryClient:
             max_redirects=MAX_REDIRECTS,
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
         )
-        self._authorizer = Authorizer(credentials, self._client, on_request=self._count)
+        self._authorizer = Authorizer(
+            credentials, self._client, on_request=self._count, request_timeout=request_timeout
+        )
 
     def __repr__(self) -> str:
         return f"RegistryClient({self.ref_domain!r}, hosts={[h.host for h in self.hosts]})"
@@ -373,9 +439,7 @@ class RegistryClient:
             )
             async with contextlib.aclosing(response):
                 _check_header_digest(response, desc.digest, f"{where} from {host.host}")
-                data = await _read_limited(
-                    response, desc.size, f"{where} from {host.host}", host.host
-                )
+                data = await _read_limited(response, desc.size, f"{where} from {host.host}")
             _verify(data, desc, f"{where} from registry {host.host}")
             return data
 
@@ -434,7 +498,13 @@ class RegistryClient:
             raise InvalidArgument(f"{where}: range {offset}+{length} outside its {desc.size} bytes")
         if offset == end:
             yield BlobStream(
-                None, desc=desc, offset=offset, end=end, host="-", on_bytes=self._count_bytes
+                None,
+                desc=desc,
+                offset=offset,
+                end=end,
+                host="-",
+                on_bytes=self._count_bytes,
+                speed=self._speed,
             )
             return
         headers = {}
@@ -548,36 +618,20 @@ class RegistryClient:
         timeout = self._timeout(host)
         attempt = 0
         auth_rounds = 0
+        waited = 0.0
         sent: str | None = None
         while True:
             try:
                 sent = await self._authorizer.authorization(host, scope)
-                request = self._client.build_request(
-                    method, url, params=params, headers=request_headers, timeout=timeout
-                )
-                if sent is not None:
-                    request.headers["Authorization"] = sent
                 self._count(kind)
-                try:
-                    response = await self._client.send(request, stream=True)
-                except httpx.TransportError as e:
-                    if _certificate_error(e) is not None:
-                        # Configuration, not weather: retrying cannot help.
-                        raise FailedPrecondition(
-                            f"registry {host.host} ({what}): {_describe(e)}; trust its CA "
-                            "with 'ca' in its hosts.toml"
-                        ) from None
-                    raise Unavailable(
-                        f"registry {host.host} is unreachable ({what}): {_describe(e)}"
-                    ) from None
+                request, response = await self._send(
+                    host, method, url, params, request_headers, sent, timeout, what
+                )
             except Unavailable as e:
-                if not last or attempt >= self._retries:
+                if not last or attempt >= self._retries or isinstance(e, TooSlow):
                     raise
                 attempt += 1
-                delay = self._backoff(attempt)
-                _log.debug("%s; retry %d in %.2fs", e, attempt, delay)
-                self._count("retry")
-                await trio.sleep(delay)
+                waited = await self._wait(self._backoff(attempt), waited, str(e), attempt)
                 continue
             if response.history:
                 self._stats["redirect"] += len(response.history)
@@ -600,20 +654,66 @@ class RegistryClient:
             if retryable and attempt < self._retries:
                 attempt += 1
                 hinted = _retry_after(response) if status in (429, 503) else None
-                delay = self._backoff(attempt) if hinted is None else hinted
                 await response.aclose()
-                _log.debug(
-                    "%s: HTTP %d from %s; retry %d in %.2fs",
-                    what,
-                    status,
-                    host.host,
-                    attempt,
-                    delay,
-                )
-                self._count("retry")
-                await trio.sleep(delay)
+                if hinted is None:
+                    why, delay = f"{what}: HTTP {status} from registry {host.host}", None
+                else:
+                    why = f"{what}: registry {host.host} asks to retry after {hinted:.0f} s"
+                    why, delay = f"{why} (HTTP {status})", hinted
+                waited = await self._wait(delay or self._backoff(attempt), waited, why, attempt)
                 continue
             raise await _status_error(host, response, what, same_origin)
+
+    async def _send(
+        self,
+        host: RegistryHost,
+        method: str,
+        url: str,
+        params: dict[str, str] | None,
+        headers: dict[str, str],
+        authorization: str | None,
+        timeout: httpx.Timeout,
+        what: str,
+    ) -> tuple[httpx.Request, httpx.Response]:
+        """One attempt, up to its response headers, within `request_timeout`.
+
+        The attempt's `Deadline` travels on the response (`_DEADLINE`) for
+        the body read with it.
+        """
+        deadline = Deadline.after(self._request_timeout)
+        try:
+            request = self._client.build_request(
+                method, url, params=params, headers=headers, timeout=timeout
+            )
+            if authorization is not None:
+                request.headers["Authorization"] = authorization
+            with deadline.enforce(f"{what}: response headers from registry {host.host}"):
+                response = await self._client.send(request, stream=True)
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
+            raise http_failure(e, f"registry {host.host}", what) from None
+        response.extensions[_DEADLINE] = deadline
+        return request, response
+
+    async def _wait(self, delay: float, waited: float, why: str, attempt: int) -> float:
+        """Sleep *delay* before retry *attempt*, within the request's `MAX_RETRY_AFTER`.
+
+        Returns:
+            The seconds waited for this request so far, this wait included.
+
+        Raises:
+            Unavailable: the wait would take the request's waits past
+                `MAX_RETRY_AFTER` or end after the enclosing deadline; at
+                once, *why* naming what failed.
+        """
+        if waited + delay > MAX_RETRY_AFTER:
+            so_far = f", after {waited:.3g} s of waiting" if waited else ""
+            raise Unavailable(
+                f"{why}; ckfs waits at most {MAX_RETRY_AFTER:g} s per request{so_far}"
+            )
+        _log.debug("%s; retry %d in %.2fs", why, attempt, delay)
+        self._count("retry")
+        await wait_to_retry(delay, why)
+        return waited + delay
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter: many clients do not retry in step."""
@@ -669,7 +769,7 @@ class RegistryClient:
         )
         async with contextlib.aclosing(response):
             data = await _read_limited(
-                response, MAX_MANIFEST_SIZE, f"{what} from {host.host}", host.host, oversize=True
+                response, MAX_MANIFEST_SIZE, f"{what} from {host.host}", oversize=True
             )
             media_type = _media_type(response)
             get_digest = _header_digest(response, f"{what} from {host.host}")
@@ -708,7 +808,13 @@ class RegistryClient:
                 f"{where}: server announces {start + length} bytes, blob has {desc.size}"
             )
         return BlobStream(
-            response, desc=desc, offset=start, end=end, host=host, on_bytes=self._count_bytes
+            response,
+            desc=desc,
+            offset=start,
+            end=end,
+            host=host,
+            on_bytes=self._count_bytes,
+            speed=self._speed,
         )
 
     async def _open_urls(
@@ -716,15 +822,23 @@ class RegistryClient:
     ) -> BlobStream | None:
         """Try a non-distributable layer's external URLs; None if none served it."""
         for url in desc.urls:
-            parts = urlsplit(url)
+            try:
+                parts = urlsplit(url)
+            except ValueError:
+                continue
             if parts.scheme not in ("http", "https"):
                 continue
             self._count("url")
+            deadline = Deadline.after(self._request_timeout)
             try:
                 request = self._client.build_request("GET", url, headers=headers)
-                response = await self._client.send(request, stream=True)
-            except httpx.TransportError as e:
-                _log.info("blob %s: %s unreachable: %s", desc.digest, parts.netloc, _describe(e))
+                with deadline.enforce(f"blob {desc.digest}: response headers from {parts.netloc}"):
+                    response = await self._client.send(request, stream=True)
+            except (httpx.HTTPError, httpx.InvalidURL) as e:
+                _log.info("blob %s: %s: %s", desc.digest, parts.netloc, describe(e))
+                continue
+            except TooSlow as e:
+                _log.info("%s", e)
                 continue
             if response.status_code in (200, 206):
                 try:
@@ -787,36 +901,14 @@ def _safe_url(url: httpx.URL) -> str:
     return str(url.copy_with(query=None))
 
 
-def _certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
-    """The certificate verification failure behind a transport error, if that is what it is."""
-    cause: BaseException | None = exc
-    seen = 0
-    while cause is not None and seen < 10:
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return cause
-        cause = cause.__cause__ or cause.__context__
-        seen += 1
-    return None
-
-
-def _describe(exc: BaseException) -> str:
-    """A one-line description of a transport error, naming certificate failures."""
-    if (cert := _certificate_error(exc)) is not None:
-        return f"TLS certificate verification failed: {cert.verify_message}"
-    text = _UNPRINTABLE.sub(" ", str(exc)).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _media_type(response: httpx.Response) -> str:
     value: str = response.headers.get("content-type", "")
     return value.split(";", 1)[0].strip().lower()
 
 
 def _content_length(response: httpx.Response) -> int | None:
-    value = response.headers.get("content-length")
-    if value is None or not value.strip().isdigit():
-        return None
-    return int(value)
+    value = response.headers.get("content-length", "").strip()
+    return int(value) if _NUMBER.fullmatch(value) else None
 
 
 def _header_digest(response: httpx.Response, where: str) -> Digest | None:
@@ -835,8 +927,14 @@ def _check_header_digest(response: httpx.Response, expected: Digest, where: str)
         raise DataLoss(f"{where}: Docker-Content-Digest {got} does not match {expected}")
 
 
+def _deadline(response: httpx.Response) -> Deadline:
+    """The `Deadline` `RegistryClient._send` gave the response's attempt."""
+    deadline = response.extensions.get(_DEADLINE)
+    return deadline if isinstance(deadline, Deadline) else Deadline(float("inf"), float("inf"))
+
+
 async def _read_limited(
-    response: httpx.Response, limit: int, where: str, host: str, *, oversize: bool = False
+    response: httpx.Response, limit: int, where: str, *, oversize: bool = False
 ) -> bytes:
     """Read a body of at most *limit* bytes, refusing more while it streams.
 
@@ -847,17 +945,11 @@ async def _read_limited(
     announced = _content_length(response)
     if announced is not None and announced > limit:
         raise _too_big(where, announced, limit, oversize)
-    parts = []
-    n = 0
-    try:
-        async for chunk in response.aiter_raw():
-            n += len(chunk)
-            if n > limit:
-                raise _too_big(where, n, limit, oversize)
-            parts.append(chunk)
-    except httpx.TransportError as e:
-        raise Unavailable(f"{where}: connection lost after {n} bytes: {_describe(e)}") from None
-    return b"".join(parts)
+    with _deadline(response).enforce(f"{where}: body"):
+        data = await read_capped(response, limit, where)
+    if len(data) > limit:
+        raise _too_big(where, len(data), limit, oversize)
+    return data
 
 
 def _too_big(where: str, n: int, limit: int, oversize: bool) -> CkfsError:
@@ -895,30 +987,28 @@ def _sniff_media_type(declared: str, data: bytes, where: str) -> str:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    """``Retry-After`` in seconds (delta or HTTP date), capped at `MAX_RETRY_AFTER`."""
+    """``Retry-After`` in seconds (delta or HTTP date), as asked: the caller caps it."""
     value = response.headers.get("retry-after", "").strip()
     if not value:
         return None
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         seconds = float(value)
     else:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
+            seconds = when.timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError, IndexError):
             return None
-        seconds = when.timestamp() - time.time()
-    return max(0.0, min(seconds, MAX_RETRY_AFTER))
+    return max(0.0, min(seconds, 1e9))
 
 
 async def _error_detail(response: httpx.Response) -> str:
     """The registry's own error code and message, one short line, if any."""
     body = b""
     try:
-        async for chunk in response.aiter_raw():
-            body += chunk
-            if len(body) >= MAX_ERROR_BODY:
-                break
-    except (httpx.TransportError, httpx.StreamError):
+        with _deadline(response).enforce("error body"):
+            body = await read_capped(response, MAX_ERROR_BODY, "error body")
+    except (Unavailable, httpx.StreamError):
         pass  # the status alone still says what went wrong
     finally:
         await response.aclose()
