@@ -20,10 +20,10 @@ commit and the moment it becomes reachable.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 
+from ckfs import mediatypes as mt
 from ckfs.content import ContentStore
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
@@ -48,17 +48,39 @@ class GCReport:
     bytes: int = 0
     snapshots: dict[str, list[str]] = field(default_factory=dict)
     directories: list[str] = field(default_factory=list)
+    #: One line per record that could not be handled (an image whose
+    #: manifest does not parse, a blob or a directory that would not go);
+    #: gc collected everything else.
+    errors: list[str] = field(default_factory=list)
 
 
 def _reachable_content(
-    content: ContentStore, images: ImageStore
-) -> tuple[set[Digest], dict[str, set[str]]]:
-    """Blobs reachable from images, and the snapshot roots their configs name."""
+    content: ContentStore, images: ImageStore, errors: list[str]
+) -> tuple[set[Digest], dict[str, set[str]], bool]:
+    """Blobs reachable from images, the snapshot roots their configs name, and
+    whether that is the whole truth.
+
+    A manifest that does not parse (a hostile or corrupt record) is reported
+    in *errors* and followed no further; the rest of the store is walked as
+    usual. A blob that cannot be read at all makes the answer unsure: its
+    children might be anything, so the caller must not delete blobs.
+    """
     seen: set[Digest] = set()
     snapshot_roots: dict[str, set[str]] = {}
-    todo = [i.target.digest for i in images.list()]
+    sure = True
+    # (digest, media type its parent gave it or None when only a label named it, image)
+    todo: list[tuple[Digest, str | None, str]] = []
+    for image in images.list():
+        media_type: str | None = image.target.media_type
+        if not _is_manifest_type(image.target.media_type):
+            errors.append(
+                f"image {image.name}: target media type {image.target.media_type!r} "
+                "is neither an index nor a manifest"
+            )
+            media_type = None  # sniffed, so a mislabelled manifest's blobs still stay
+        todo.append((image.target.digest, media_type, image.name))
     while todo:
-        digest = todo.pop()
+        digest, media_type, name = todo.pop()
         if digest in seen:
             continue
         try:
@@ -69,35 +91,97 @@ def _reachable_content(
         for key, value in info.labels.items():
             if key.startswith(GC_CONTENT):
                 try:
-                    todo.append(Digest.parse(value))
+                    todo.append((Digest.parse(value), None, name))
                 except InvalidArgument:
                     log.warning("blob %s: ignoring malformed gc label %s", digest, key)
             elif key.startswith(GC_SNAPSHOT + "."):
                 snapshot_roots.setdefault(key[len(GC_SNAPSHOT) + 1 :], set()).add(value)
         # Parse too: labels are a cache of what the manifest says, not the truth.
-        if info.size <= manifests.MAX_MANIFEST_SIZE:
-            todo.extend(_children(content, digest))
-    return seen, snapshot_roots
+        try:
+            kids = _children(content, info.digest, info.size, media_type)
+        except _Unparsable as e:
+            errors.append(f"image {name}: {e.error}")
+            kids = e.sniffed
+        except OSError as e:
+            errors.append(f"image {name}: blob {digest}: {_reason(e)}")
+            sure = False
+            continue
+        todo.extend((d.digest, d.media_type, name) for d in kids)
+    return seen, snapshot_roots, sure
 
 
-def _children(content: ContentStore, digest: Digest) -> list[Digest]:
-    """The children a manifest or index names; nothing for any other blob."""
+def _children(
+    content: ContentStore, digest: Digest, size: int, media_type: str | None
+) -> list[Descriptor]:
+    """The children a manifest or index names; nothing for any other blob.
+
+    With the media type its parent (or the image) gave it, a blob is parsed
+    only if that type is a manifest or an index, strictly. A blob only a
+    label names is sniffed instead, and followed if it reads as one.
+
+    Raises:
+        _Unparsable: a blob named as a manifest or index is not one.
+        OSError: the blob cannot be read.
+    """
+    if media_type is not None and not _is_manifest_type(media_type):
+        return []  # a config or a layer: not worth reading
+    if size > manifests.MAX_MANIFEST_SIZE:
+        if media_type is None:
+            return []
+        raise _Unparsable(
+            InvalidArgument(
+                f"manifest {digest}: {size} bytes exceeds the "
+                f"{manifests.MAX_MANIFEST_SIZE} byte limit"
+            ),
+            [],
+        )
     with content.reader(digest) as r:
-        if r.read_at(0, 1) != b"{":
+        if media_type is None and r.read_at(0, 1) != b"{":
             return []  # a layer: not worth reading whole
         data = r.read_at(0, r.size)
+    if media_type is not None:
+        try:
+            return manifests.children(Descriptor(media_type, digest, len(data)), data)
+        except CkfsError as e:
+            # Mislabelled rather than garbage, maybe: what the body says it
+            # is still keeps its children.
+            raise _Unparsable(e, _sniffed_children(digest, data)) from None
+    return _sniffed_children(digest, data)
+
+
+class _Unparsable(Exception):
+    """A blob named as a manifest or index that does not parse as one.
+
+    Attributes:
+        error: why (its message is the report's line).
+        sniffed: the children its body names by its own media type (often
+            none), kept rather than collected.
+    """
+
+    def __init__(self, error: CkfsError, sniffed: list[Descriptor]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.sniffed = sniffed
+
+
+def _sniffed_children(digest: Digest, data: bytes) -> list[Descriptor]:
+    """The children *data* names if its body reads as an index or manifest; else none."""
     try:
         media_type = manifests.body_media_type(parse_object(data, "blob"), "blob")
         if media_type is None:
             return []
-        return [
-            c.digest for c in manifests.children(Descriptor(media_type, digest, len(data)), data)
-        ]
+        return manifests.children(Descriptor(media_type, digest, len(data)), data)
     except CkfsError:
         return []  # not a manifest gc can read (schema 1, malformed): keep it, follow nothing
 
 
-def _collect_snapshots(sn: Snapshotter, roots: set[str], dry_run: bool) -> list[str]:
+def _is_manifest_type(media_type: str) -> bool:
+    return mt.is_index(media_type) or mt.is_manifest(media_type) or media_type in mt.SCHEMA1
+
+
+def _collect_snapshots(
+    sn: Snapshotter, roots: set[str], dry_run: bool, errors: list[str]
+) -> list[str]:
     infos = {i.name: i for i in sn.walk()}
     keep: set[str] = set()
     todo = [n for n in roots if n in infos]
@@ -129,8 +213,10 @@ def _collect_snapshots(sn: Snapshotter, roots: set[str], dry_run: bool) -> list[
                 left.append(name)
             except NotFound:
                 pass
+            except (CkfsError, OSError) as e:
+                errors.append(f"snapshot {name}: {_reason(e)}")
         if len(left) == len(pending):
-            log.warning("gc: snapshots still have children: %s", ", ".join(left))
+            errors.extend(f"snapshot {n}: still has children" for n in left)
             break
         pending = left
     return removed
@@ -150,22 +236,44 @@ def collect(
         images: the image store (the roots).
         snapshotters: every snapshotter by name.
         dry_run: only report.
+
+    Returns:
+        What was (or would be) removed, and in ``errors`` one line for each
+        record that could not be handled; everything else was collected.
     """
     report = GCReport()
-    reachable, snapshot_roots = _reachable_content(content, images)
-    for info in list(content.walk()):
+    reachable, snapshot_roots, sure = _reachable_content(content, images, report.errors)
+    if not sure:
+        report.errors.append("content: no blob removed, as not every image could be read")
+    for info in list(content.walk()) if sure else []:
         if info.digest in reachable:
             continue
+        if not dry_run:
+            try:
+                content.delete(info.digest)
+            except NotFound:
+                continue
+            except (CkfsError, OSError) as e:
+                report.errors.append(f"blob {info.digest}: {_reason(e)}")
+                continue
         report.blobs.append(info.digest)
         report.bytes += info.size
-        if not dry_run:
-            with contextlib.suppress(NotFound):
-                content.delete(info.digest)
     for name, sn in snapshotters.items():
-        gone = _collect_snapshots(sn, snapshot_roots.get(name, set()), dry_run)
+        errors: list[str] = []
+        gone = _collect_snapshots(sn, snapshot_roots.get(name, set()), dry_run, errors)
         if gone:
             report.snapshots[name] = gone
         cleanup = getattr(sn, "cleanup", None)
         if not dry_run and callable(cleanup):
-            report.directories.extend(cleanup())
+            report.directories.extend(
+                cleanup(on_error=lambda path, e, out=errors: out.append(f"{path}: {_reason(e)}"))
+            )
+        report.errors.extend(f"{name}: {e}" for e in errors)
     return report
+
+
+def _reason(e: BaseException) -> str:
+    """An error's one line: an `OSError` as its reason and file, not its repr."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e)

@@ -20,7 +20,7 @@ from ckfs.errors import InvalidArgument
 from ckfs.metadata.db import DB
 from ckfs.mount import Mount
 from snapshotters.api import Info, Kind, Usage
-from snapshotters.storage import MetaStore, Snapshot
+from snapshotters.storage import CleanupError, MetaStore, Snapshot
 
 __all__ = ["DirectorySnapshotter"]
 
@@ -95,9 +95,14 @@ class DirectorySnapshotter(abc.ABC):
         """`Snapshotter.close`: idempotent; the database stays open."""
         self._store.close()
 
-    def cleanup(self) -> list[str]:
-        """`Cleaner.cleanup`: remove directories no snapshot owns."""
-        return self._store.cleanup()
+    def cleanup(self, on_error: CleanupError | None = None) -> list[str]:
+        """`Cleaner.cleanup`: remove directories no snapshot owns.
+
+        Args:
+            on_error: told about each directory that will not go (default:
+                logged); gc reports them instead.
+        """
+        return self._store.cleanup(on_error)
 
     # -- for subclasses --------------------------------------------------------
 

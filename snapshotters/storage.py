@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
 import os
-import shutil
 import sqlite3
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -64,6 +65,7 @@ from snapshotters.api import Info, Kind, Usage
 __all__ = [
     "MAX_LABEL_SIZE",
     "TEMP_PREFIX",
+    "CleanupError",
     "MetaStore",
     "Populate",
     "Snapshot",
@@ -98,6 +100,9 @@ class Snapshot:
     kind: Kind
     parent_ids: tuple[int, ...] = ()
 
+
+#: Told about a directory `MetaStore.cleanup` could not remove, and why.
+CleanupError = Callable[[Path, Exception], None]
 
 #: Fills a new snapshot's temporary directory: ``(path, kind, parent_ids)``.
 #: It runs outside any transaction and may take long (a full copy).
@@ -391,13 +396,15 @@ class MetaStore:
             log.warning("snapshot %r removed but its directory stays: %s: %s", key, path, e)
         return Snapshot(row["id"], Kind(row["kind"]))
 
-    def cleanup(self) -> list[str]:
+    def cleanup(self, on_error: CleanupError | None = None) -> list[str]:
         """`Cleaner.cleanup`: remove directories no row owns.
 
         The scan runs in a write transaction, so no snapshot can be created
         or renamed into place meanwhile; temporary directories whose
         ``flock`` is held belong to a `create` in progress and are skipped.
-        Removal runs after the transaction; failures are logged.
+        Removal runs after the transaction. A directory that will not go is
+        handed to *on_error* (default: logged) and the rest still go, so one
+        tree a container made unremovable never stops a gc.
 
         Returns:
             The paths removed.
@@ -429,7 +436,10 @@ class MetaStore:
                 except FileNotFoundError:
                     continue  # someone else's cleanup was quicker
                 except (OSError, CkfsError) as e:
-                    log.warning("cleanup: cannot remove %s: %s", path, e)
+                    if on_error is None:
+                        log.warning("cleanup: cannot remove %s: %s", path, e)
+                    else:
+                        on_error(path, e)
                 else:
                     removed.append(str(path))
         finally:
@@ -564,24 +574,38 @@ class _TempDir:
 def remove_dir(path: Path) -> None:
     """Remove the tree at *path*, detaching anything mounted inside it first.
 
-    A removal must never descend into a mount: ``rmtree`` would delete the
-    files of whatever is mounted there (a host directory bind-mounted into
-    a container's root, say). So mounts on or below *path* (a container
-    that was never unmounted) are lazily detached before the tree goes, the
-    order containerd's ``removeCleanupDir`` reaches on ``EBUSY``.
+    A removal must never descend into a mount: it would delete the files of
+    whatever is mounted there (a host directory bind-mounted into a
+    container's root, say). So mounts on or below *path* (a container that
+    was never unmounted) are lazily detached before the tree goes, the order
+    containerd's ``removeCleanupDir`` reaches on ``EBUSY``; the walk itself
+    still refuses to enter another filesystem.
+
+    What is inside was written by a container and is as hostile as a layer
+    (any depth or path length, any name, special files, ``chmod 000``):
+    `ckfs.archive.secure.remove_all` copes with all of it.
 
     Raises:
         FileNotFoundError: *path* does not exist.
         OSError: the tree cannot be removed.
         CkfsError: a mount inside cannot be detached.
     """
+    # Imported here: ckfs.archive loads the layer applier and decompressors,
+    # which listing or stat'ing snapshots never needs.
+    from ckfs.archive.secure import remove_all
+
     if not path.is_dir() or path.is_symlink():
         path.unlink()
         return
     if mounts_under(path):
         log.warning("%s: detaching the mounts left inside before removing it", path)
         unmount_recursive(path, lazy=True)
-    shutil.rmtree(path)
+    parent = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if not remove_all(parent, path.name):
+            raise FileNotFoundError(errno.ENOENT, "no such directory", str(path))
+    finally:
+        os.close(parent)
 
 
 def disk_usage(path: Path) -> Usage:
@@ -589,30 +613,37 @@ def disk_usage(path: Path) -> Usage:
 
     Like containerd's ``fs.DiskUsage``: hard links share one inode, so they
     are counted once; size is allocated blocks, not apparent length, so
-    sparse files and reflinked copies count what they occupy.
+    sparse files and reflinked copies count what they occupy. Mounts inside
+    are not counted (``du -x``). The walk is `ckfs.archive.secure.walk_tree`,
+    so a container-written tree of any depth and path length is measured.
 
     Raises:
         NotFound: *path* does not exist.
+        OSError: a directory inside cannot be read.
     """
-    seen: set[tuple[int, int]] = set()
-    size = 0
+    from ckfs.archive.secure import walk_tree  # as in remove_dir
+
     try:
-        st = os.lstat(path)
+        top = os.lstat(path)
     except FileNotFoundError:
         raise NotFound(f"{path}: not found") from None
-    stack: list[str] = [os.fspath(path)]
-    seen.add((st.st_dev, st.st_ino))
-    size += st.st_blocks * 512
-    while stack:
-        with os.scandir(stack.pop()) as it:
-            for entry in it:
-                st = entry.stat(follow_symlinks=False)
-                ident = (st.st_dev, st.st_ino)
-                if ident not in seen:
-                    seen.add(ident)
-                    size += st.st_blocks * 512
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
+    seen = {(top.st_dev, top.st_ino)}
+    size = top.st_blocks * 512
+
+    def visit(fd: int, entry: os.DirEntry[str]) -> bool:
+        nonlocal size
+        st = entry.stat(follow_symlinks=False)
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            size += st.st_blocks * 512
+        return entry.is_dir(follow_symlinks=False) and st.st_dev == top.st_dev
+
+    if stat.S_ISDIR(top.st_mode):
+        parent = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            walk_tree(parent, path.name, visit)
+        finally:
+            os.close(parent)
     return Usage(size=size, inodes=len(seen))
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 __all__ = [
     "MAX_DEPTH",
     "MAX_SYMLINKS",
+    "CrossesMount",
     "MakeDir",
     "RootDir",
     "SymlinkLoop",
@@ -43,6 +44,7 @@ __all__ = [
     "clean_parts",
     "join",
     "remove_all",
+    "walk_tree",
 ]
 
 #: Symlinks followed while resolving one path before giving up: Linux's own
@@ -320,15 +322,157 @@ class RootDir:
             raise
 
 
+#: What `walk_tree` calls for each entry of a directory it lists, while the
+#: listing is open: ``visit(dir_fd, entry)``, True to descend into *entry*
+#: (a directory, never a symlink to one).
+Visit = Callable[[int, "os.DirEntry[str]"], bool]
+
+#: What `walk_tree` calls once a directory's entries were all visited and
+#: its subdirectories left: ``leave(parent_fd, name)``.
+Leave = Callable[[int, str], None]
+
+
+class CrossesMount(OSError):
+    """A walk reached a directory on another filesystem: a mount it must not enter."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(errno.EXDEV, "a mount point inside the tree", path)
+
+
+class _Level:
+    """One directory on the walk's current path: how to check and leave it."""
+
+    __slots__ = ("ino", "name", "pending")
+
+    def __init__(self, name: str, ino: int, pending: list[str]) -> None:
+        self.name = name
+        self.ino = ino
+        self.pending = pending
+
+
+def walk_tree(
+    dir_fd: int, name: str, visit: Visit, leave: Leave | None = None, *, fix_modes: bool = False
+) -> None:
+    """Walk the directory ``dir_fd/name`` depth first, by descriptors only.
+
+    Built for trees a layer or a container wrote, which can be any depth
+    (10,000 levels), any path length (far past ``PATH_MAX``), and hold any
+    name and file type. So the walk:
+
+    - never builds a path: each directory is opened relative to its parent
+      with ``O_NOFOLLOW``, and left through its own ``..``, checked to be
+      the parent it came from (a directory moved meanwhile fails the walk
+      rather than lead it elsewhere);
+    - is iterative and holds one descriptor at a time, so neither Python's
+      stack nor the descriptor limit bounds the depth (memory grows with the
+      names still to visit, not with their paths);
+    - never enters another filesystem: a directory whose device differs
+      from the top's raises `CrossesMount` (a bind mount of the same
+      filesystem has the same device: callers that remove check
+      ``/proc/self/mountinfo`` first);
+    - with *fix_modes*, makes every directory below *dir_fd* owner-
+      accessible (a container's ``chmod 000`` stops a caller without
+      ``CAP_DAC_OVERRIDE``, not root).
+
+    Args:
+        dir_fd: the directory holding the top (not closed here).
+        name: the top directory's name in *dir_fd*; the caller has checked
+            it is a directory.
+        visit: called for every entry below the top, parents' entries first.
+        leave: called for every directory below the top (not the top
+            itself), children before parents, with its parent's descriptor.
+        fix_modes: make unlistable directories listable (removal does).
+
+    Raises:
+        OSError: a directory cannot be opened, was moved during the walk, or
+            lies on another filesystem (`CrossesMount`); or *visit* or
+            *leave* raised it.
+    """
+    fd, top = _enter(dir_fd, name, fix_modes)
+    try:
+        stack = [_Level(name, top.st_ino, _scan(fd, visit))]
+        while stack:
+            level = stack[-1]
+            if level.pending:
+                child = level.pending.pop()
+                cfd, st = _enter(fd, child, fix_modes)
+                os.close(fd)
+                fd = cfd
+                if st.st_dev != top.st_dev:
+                    raise CrossesMount(child)
+                stack.append(_Level(child, st.st_ino, _scan(fd, visit)))
+                continue
+            stack.pop()
+            if not stack:
+                break
+            parent = os.open("..", _O_LIST, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (top.st_dev, stack[-1].ino):
+                raise OSError(errno.ESTALE, "directory moved while being walked", level.name)
+            if leave is not None:
+                leave(fd, level.name)
+    finally:
+        os.close(fd)
+
+
+def _enter(dir_fd: int, name: str, fix_modes: bool) -> tuple[int, os.stat_result]:
+    """Open directory ``dir_fd/name`` for listing, never following a symlink.
+
+    With *fix_modes* the directory ends up readable, searchable and writable
+    by its owner, so its entries can be listed, entered and removed.
+    """
+    try:
+        fd = os.open(name, _O_LIST, dir_fd=dir_fd)
+    except PermissionError:
+        if not fix_modes:
+            raise
+        # O_PATH needs no permission on the directory itself; chmod through
+        # /proc acts on that very inode, never on a symlink swapped in.
+        pfd = os.open(name, _O_DIR, dir_fd=dir_fd)
+        try:
+            os.chmod(f"/proc/self/fd/{pfd}", stat.S_IRWXU)
+        finally:
+            os.close(pfd)
+        fd = os.open(name, _O_LIST, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if fix_modes and st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+            os.fchmod(fd, st.st_mode & 0o7777 | stat.S_IRWXU)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _scan(fd: int, visit: Visit) -> list[str]:
+    """Visit the entries of the open directory *fd*; the names to descend into."""
+    with os.scandir(fd) as it:
+        return [e.name for e in it if visit(fd, e)]
+
+
+#: Times `remove_all` walks a tree again when a directory was not empty after
+#: its walk: a file system may leave entries out of a listing that is being
+#: deleted from, as Go's RemoveAll allows for; a tree still being written to
+#: wins after these.
+_REMOVE_PASSES = 3
+
+
 def remove_all(dir_fd: int, name: str) -> bool:
     """Remove ``dir_fd/name`` and everything under it, following no symlink.
 
-    Iterative, so no tree depth can exhaust Python's stack; each level holds
-    one descriptor, bounded by `MAX_DEPTH` for trees built by a layer.
+    Any depth and path length, special files and undecodable names
+    included (`walk_tree`); directories a non-root caller may not list or
+    change are made owner-writable first. A mount inside the tree stops the
+    removal (`CrossesMount`) before anything of it is touched.
 
     Returns:
         True if the removed entry was a directory or a symlink (callers then
         invalidate cached walks), False for anything else or nothing there.
+
+    Raises:
+        OSError: something could not be removed.
     """
     try:
         st = os.lstat(name, dir_fd=dir_fd)
@@ -337,26 +481,37 @@ def remove_all(dir_fd: int, name: str) -> bool:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
         return stat.S_ISLNK(st.st_mode)
-    stack: list[tuple[int, str, int, list[os.DirEntry[str]]]] = []
-    fd = os.open(name, _O_LIST, dir_fd=dir_fd)
-    with os.scandir(fd) as it:
-        stack.append((dir_fd, name, fd, list(it)))
+    for attempt in range(_REMOVE_PASSES):
+        try:
+            walk_tree(dir_fd, name, _unlink_entry, _rmdir_child, fix_modes=True)
+            # The caller's directory keeps its mode: it is not being removed.
+            os.rmdir(name, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTEMPTY):
+                raise
+            if not _lexists(dir_fd, name):
+                return True  # a concurrent removal was quicker
+            if attempt == _REMOVE_PASSES - 1:
+                raise
+        else:
+            return True
+    raise AssertionError("unreachable")
+
+
+def _lexists(dir_fd: int, name: str) -> bool:
     try:
-        while stack:
-            parent, dname, fd, entries = stack[-1]
-            if not entries:
-                stack.pop()
-                os.close(fd)
-                os.rmdir(dname, dir_fd=parent)
-                continue
-            e = entries.pop()
-            if e.is_dir(follow_symlinks=False):
-                cfd = os.open(e.name, _O_LIST, dir_fd=fd)
-                with os.scandir(cfd) as it:
-                    stack.append((fd, e.name, cfd, list(it)))
-            else:
-                os.unlink(e.name, dir_fd=fd)
-    finally:
-        for _, _, fd, _ in stack:
-            os.close(fd)
+        os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
     return True
+
+
+def _unlink_entry(fd: int, entry: os.DirEntry[str]) -> bool:
+    if entry.is_dir(follow_symlinks=False):
+        return True
+    os.unlink(entry.name, dir_fd=fd)
+    return False
+
+
+def _rmdir_child(fd: int, name: str) -> None:
+    os.rmdir(name, dir_fd=fd)

@@ -21,6 +21,7 @@ from ckfs_cli.options import pass_app, registry_options, snapshotter_option
 
 if TYPE_CHECKING:
     from ckfs.descriptor import Descriptor
+    from ckfs.gc import GCReport
     from ckfs.mount import Mount
 
 
@@ -267,9 +268,15 @@ def bundle_cmd(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_app
 def gc_cmd(app: App, dry_run: bool, as_json: bool) -> None:
-    """Remove content and snapshots no image, mount or snapshot needs."""
+    """Remove content and snapshots no image, mount or snapshot needs.
+
+    A record gc cannot handle (an image whose manifest does not parse, a
+    directory that will not go) is one line on stderr; everything else is
+    still collected, and the exit status is 1.
+    """
     import snapshotters
     from ckfs.gc import collect
+    from ckfs.safetext import message
 
     state = app.state
     with state.gc_lock(exclusive=True):
@@ -287,9 +294,18 @@ def gc_cmd(app: App, dry_run: bool, as_json: bool) -> None:
                 "bytes": report.bytes,
                 "snapshots": report.snapshots,
                 "directories": report.directories,
+                "errors": report.errors,
             }
         )
-        return
+    else:
+        _print_gc(report, dry_run)
+    for line in report.errors:
+        click.echo(f"ckfs: gc: {message(line)}", err=True)
+    if report.errors:
+        raise SystemExit(1)
+
+
+def _print_gc(report: GCReport, dry_run: bool) -> None:
     verb = "would remove" if dry_run else "removed"
     for d in report.blobs:
         click.echo(f"{verb} blob {d}")
