@@ -13,19 +13,23 @@ member is ever extracted to disk.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import re
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 from ckfs import mediatypes as mt
+from ckfs.archive.secure import MAX_SYMLINKS, RootDir, SymlinkLoop, clean_parts, join
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest, from_bytes
-from ckfs.errors import InvalidArgument, NotFound
+from ckfs.errors import CkfsError, InvalidArgument, NotFound
+from ckfs.images.image import MAX_CONFIG_SIZE
 from ckfs.jsondoc import parse_json
 
 __all__ = ["ImageEntry", "Source", "open_source"]
@@ -75,11 +79,27 @@ def open_source(path: Path) -> Source:
 
     Raises:
         NotFound: *path* does not exist.
-        InvalidArgument: it is neither an OCI layout nor a docker-save archive.
+        InvalidArgument: it is neither an OCI layout nor a docker-save archive,
+            or it (or a file it names) is not a regular file or directory.
     """
-    if not path.exists():
-        raise NotFound(f"{path}: no such file or directory")
-    files: _Files = _DirFiles(path) if path.is_dir() else _TarFiles(path)
+    what = str(path)
+    try:
+        # O_NONBLOCK: a FIFO given as the archive must not hang the open.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise _os_error(what, None, e) from None
+    files: _Files
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            files = _DirFiles(what, fd)
+        elif stat.S_ISREG(mode):
+            files = _TarFiles(what, fd)
+        else:
+            raise InvalidArgument(f"{what}: not a regular file or directory ({_kind(mode)})")
+    except BaseException:
+        os.close(fd)
+        raise
     try:
         # docker >= 25 writes both index.json and manifest.json; the OCI
         # index is the richer description, so it wins.
@@ -98,60 +118,99 @@ def open_source(path: Path) -> Source:
 
 
 # -- file access: directory or tar, same interface ---------------------------
+#
+# Everything an archive names is hostile: a layout directory may hold a FIFO
+# or a device where a blob should be (open(2) on a FIFO blocks until a writer
+# comes; a device never ends), a 3 GiB sparse file where a config should be,
+# symlinks out of the archive, names that climb with ``..``. So files are
+# opened non-blocking and without following the last component, checked to
+# be regular files by fstat, and their size is known before a byte is read.
 
 
 class _Files(Protocol):
     what: str
 
-    def has(self, name: str) -> bool: ...
-    def size(self, name: str) -> int: ...
-    def open(self, name: str) -> BinaryIO: ...
+    def has(self, name: str) -> bool:
+        """Whether *name* exists; raises `InvalidArgument` if it is not a regular file."""
+        ...
+
+    def open(self, name: str) -> _Blob:
+        """*name*'s bytes, size known up front.
+
+        Raises:
+            NotFound: no such file.
+            InvalidArgument: not a regular file, outside the archive, or cut short.
+        """
+        ...
+
     def close(self) -> None: ...
 
 
-class _DirFiles:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.what = str(root)
-
-    def _path(self, name: str) -> Path:
-        # Names come from our own code (digests, fixed names) or from
-        # manifest.json, which is untrusted: stay inside the directory.
-        p = (self.root / name).resolve()
-        if not p.is_relative_to(self.root.resolve()):
-            raise InvalidArgument(f"{self.what}: {name!r} points outside the archive")
-        return p
-
-    def has(self, name: str) -> bool:
-        return self._path(name).is_file()
-
-    def size(self, name: str) -> int:
-        try:
-            return self._path(name).stat().st_size
-        except FileNotFoundError:
-            raise NotFound(f"{self.what}: {name} is missing") from None
-
-    def open(self, name: str) -> BinaryIO:
-        try:
-            return open(self._path(name), "rb")
-        except (FileNotFoundError, IsADirectoryError):
-            raise NotFound(f"{self.what}: {name} is missing") from None
-
-    def close(self) -> None:
-        pass
+_KINDS = (
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISLNK, "symlink"),
+)
 
 
-class _Section:
-    """A read-only window onto a file, by offset; each instance has its own fd."""
+def _kind(mode: int) -> str:
+    return next((kind for test, kind in _KINDS if test(mode)), f"mode {mode:o}")
 
-    def __init__(self, path: Path, offset: int, size: int) -> None:
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+def _check_regular(what: str, name: str, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise InvalidArgument(f"{what}: {name}: not a regular file ({_kind(mode)})")
+
+
+def _os_error(what: str, name: str | None, e: OSError) -> CkfsError:
+    where = f"{what}: {name}" if name is not None else what
+    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+        return NotFound(f"{where} is missing")
+    return InvalidArgument(f"{where}: {e.strerror or e}")
+
+
+def _parts(what: str, name: str) -> list[str]:
+    """*name*'s components; a name that starts above the archive root is refused.
+
+    Names come from our own code (digests, fixed names) or from
+    manifest.json, which is untrusted: a name that is absolute or climbs
+    with ``..`` is hostile or broken, never a file of the archive.
+    """
+    if "\0" in name:
+        raise InvalidArgument(f"{what}: {name!r}: a file name cannot hold a NUL byte")
+    if name.startswith("/"):
+        raise InvalidArgument(f"{what}: {name!r} points outside the archive")
+    parts: list[str] = []
+    for p in name.split("/"):
+        if p == "..":
+            if not parts:
+                raise InvalidArgument(f"{what}: {name!r} points outside the archive")
+            parts.pop()
+        elif p and p != ".":
+            parts.append(p)
+    return parts
+
+
+class _Blob:
+    """A read-only window of *size* bytes at *offset* of an open file.
+
+    Reads use pread, so several windows can share one descriptor (a tar's)
+    and be read from several threads at once. *owned*: close the
+    descriptor with the window (a directory's file).
+    """
+
+    def __init__(self, fd: int, offset: int, size: int, *, owned: bool) -> None:
+        self._fd = fd
+        self._owned = owned
         self._start = offset
-        self._size = size
+        self.size = size
         self._pos = 0
 
     def read(self, n: int = -1, /) -> bytes:
-        left = self._size - self._pos
+        left = self.size - self._pos
         if n < 0 or n > left:
             n = left
         if n <= 0:
@@ -169,7 +228,7 @@ class _Section:
         return True
 
     def seek(self, pos: int, whence: int = 0, /) -> int:
-        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        base = {0: 0, 1: self._pos, 2: self.size}[whence]
         self._pos = max(0, base + pos)
         return self._pos
 
@@ -177,62 +236,234 @@ class _Section:
         return self._pos
 
     def close(self) -> None:
-        if self._fd >= 0:
+        if self._owned and self._fd >= 0:
             os.close(self._fd)
-            self._fd = -1
+        self._fd = -1
 
-    def __enter__(self) -> _Section:
+    def __enter__(self) -> _Blob:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-class _TarFiles:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.what = str(path)
-        self._members: dict[str, tarfile.TarInfo] = {}
+#: How a file of a layout directory is opened: never blocking (a FIFO), never
+#: following the last component (symlinks are resolved by hand, inside root).
+_O_READ = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _DirFiles:
+    """Files of an archive directory, resolved as if it were ``/`` of a chroot.
+
+    Symlinks are followed (``docker save`` links repeated layers to their
+    first copy with ``../<id>/layer.tar``), but only inside the archive: an
+    absolute target is re-rooted at the archive, ``..`` stops at it (see
+    `ckfs.archive.secure`). A symlink to ``/etc/shadow`` therefore names
+    the archive's own ``etc/shadow``, which is missing.
+    """
+
+    def __init__(self, what: str, fd: int) -> None:
+        self.what = what
         try:
-            with tarfile.open(path, "r:") as tf:
-                for m in tf:
-                    if m.isfile():
-                        self._members[os.path.normpath(m.name).lstrip("/")] = m
-        except (tarfile.TarError, EOFError) as e:
-            raise InvalidArgument(f"{path}: not a readable tar archive: {e}") from None
+            self._root = RootDir(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+
+    def _open_fd(self, name: str) -> int:
+        """Open *name* for reading; a symlink is followed inside root.
+
+        The entry is looked at (lstat) before it is opened, so a socket or
+        device is named as such rather than by what opening it does; the
+        open cannot block or follow a link swapped in since, and the caller
+        checks what it opened with fstat.
+        """
+        parts = _parts(self.what, name)
+        try:
+            for _ in range(MAX_SYMLINKS + 1):
+                if not parts:
+                    return os.open(".", _O_READ, dir_fd=self._root.fd)
+                dir_fd, real = self._root.open_dir(parts[:-1])
+                try:
+                    mode = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False).st_mode
+                    if not stat.S_ISLNK(mode):
+                        _check_regular(self.what, name, mode)
+                        return os.open(parts[-1], _O_READ, dir_fd=dir_fd)
+                    target = os.readlink(parts[-1], dir_fd=dir_fd)
+                finally:
+                    os.close(dir_fd)
+                parts = clean_parts(target if target.startswith("/") else join(real, target))
+            raise SymlinkLoop(name)
         except OSError as e:
-            raise InvalidArgument(f"{path}: {e.strerror or e}") from None
-        self._file_size = path.stat().st_size
+            raise _os_error(self.what, name, e) from None
 
     def has(self, name: str) -> bool:
-        return os.path.normpath(name) in self._members
-
-    def _member(self, name: str) -> tarfile.TarInfo:
         try:
-            return self._members[os.path.normpath(name)]
-        except KeyError:
-            raise NotFound(f"{self.what}: {name} is missing") from None
+            self.open(name).close()
+        except NotFound:
+            return False
+        return True
 
-    def size(self, name: str) -> int:
-        return self._member(name).size
-
-    def open(self, name: str) -> BinaryIO:
-        m = self._member(name)
-        if m.offset_data + m.size > self._file_size:
-            # tarfile lists a member whose data the file does not hold.
-            raise InvalidArgument(f"{self.what}: truncated archive: {name} is cut short")
-        return _Section(self.path, m.offset_data, m.size)  # type: ignore[return-value]
+    def open(self, name: str) -> _Blob:
+        fd = self._open_fd(name)
+        try:
+            st = os.fstat(fd)
+            _check_regular(self.what, name, st.st_mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        return _Blob(fd, 0, st.st_size, owned=True)
 
     def close(self) -> None:
-        pass
+        self._root.close()
 
 
-def _read_json(files: _Files, name: str) -> Any:
-    if files.size(name) > MAX_INDEX_SIZE:
-        raise InvalidArgument(f"{files.what}: {name} is larger than {MAX_INDEX_SIZE} bytes")
+#: Most members a tar archive may have. A layout holds a few files per
+#: image (manifest, config, layers); 65,536 is hundreds of large images,
+#: while the member index stays a few megabytes.
+MAX_MEMBERS = 1 << 16
+
+#: Largest tar extension header (PAX records, GNU long names) read: tarfile
+#: reads one whole into memory, so a sparse archive claiming a 10 GiB PAX
+#: header would otherwise cost 10 GiB. Honest ones are a few hundred bytes.
+MAX_TAR_HEADER = 1 << 20
+
+#: All header bytes read from one archive, extension headers included.
+MAX_TAR_HEADERS = 64 << 20
+
+
+class _HeaderReader:
+    """The file object tarfile parses: positioned reads of a descriptor, bounded.
+
+    tarfile only reads headers here (member data is skipped by seeking), so
+    every byte read counts against `MAX_TAR_HEADERS` and no single read may
+    exceed `MAX_TAR_HEADER`.
+    """
+
+    def __init__(self, what: str, fd: int) -> None:
+        self.what = what
+        self._fd = fd
+        self._pos = 0
+        self._budget = MAX_TAR_HEADERS
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > MAX_TAR_HEADER or n > self._budget:
+            raise InvalidArgument(
+                f"{self.what}: tar headers larger than {MAX_TAR_HEADER} bytes each or "
+                f"{MAX_TAR_HEADERS} in all"
+            )
+        data = os.pread(self._fd, n, self._pos)
+        self._pos += len(data)
+        self._budget -= len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = {0: 0, 1: self._pos}[whence] + pos
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+@dataclass(frozen=True, slots=True)
+class _Member:
+    """What the index keeps of a tar member (not tarfile's whole header)."""
+
+    kind: str  # "file", "symlink", "hardlink" or another type's name
+    offset: int = 0
+    size: int = 0
+    link: str = ""
+
+
+def _member(m: tarfile.TarInfo) -> _Member:
+    if m.isreg():
+        return _Member("file", m.offset_data, m.size)
+    if m.issym():
+        return _Member("symlink", link=m.linkname)
+    if m.islnk():
+        return _Member("hardlink", link=m.linkname)
+    kinds = {
+        tarfile.DIRTYPE: "directory",
+        tarfile.FIFOTYPE: "FIFO",
+        tarfile.CHRTYPE: "character device",
+    }
+    return _Member(kinds.get(m.type, "block device" if m.isblk() else f"type {m.type!r}"))
+
+
+class _TarFiles:
+    """Files of a tar archive, by member name; bytes read by offset, never extracted.
+
+    Only headers are parsed, through `_HeaderReader`; the index keeps a small
+    record per member. A later member of the same name replaces an earlier
+    one, as extraction would. Symlink and hard-link members are followed
+    within the archive's names (``docker save`` tars link repeated layers).
+    """
+
+    def __init__(self, what: str, fd: int) -> None:
+        self.what = what
+        self._fd = fd
+        self._file_size = os.fstat(fd).st_size
+        self._members: dict[str, _Member] = {}
+        try:
+            with tarfile.open(fileobj=_HeaderReader(what, fd), mode="r:") as tf:  # type: ignore[call-overload]
+                while (m := tf.next()) is not None:
+                    tf.members.clear()  # tarfile keeps every header; the index is enough
+                    if len(self._members) >= MAX_MEMBERS:
+                        raise InvalidArgument(f"{what}: more than {MAX_MEMBERS} tar members")
+                    self._members["/".join(clean_parts(m.name))] = _member(m)
+        except (tarfile.TarError, EOFError) as e:
+            raise InvalidArgument(f"{what}: not a readable tar archive: {e}") from None
+        except OSError as e:
+            raise InvalidArgument(f"{what}: {e.strerror or e}") from None
+
+    def _find(self, name: str) -> _Member:
+        key = "/".join(_parts(self.what, name))
+        for _ in range(MAX_SYMLINKS + 1):
+            m = self._members.get(key)
+            if m is None:
+                raise NotFound(f"{self.what}: {name} is missing")
+            if m.kind == "symlink":
+                base = "" if m.link.startswith("/") else key.rpartition("/")[0]
+                key = "/".join(clean_parts(join(base, m.link)))
+            elif m.kind == "hardlink":
+                key = "/".join(clean_parts(m.link))
+            else:
+                return m
+        raise InvalidArgument(f"{self.what}: {name}: too many levels of links")
+
+    def has(self, name: str) -> bool:
+        try:
+            self.open(name).close()
+        except NotFound:
+            return False
+        return True
+
+    def open(self, name: str) -> _Blob:
+        m = self._find(name)
+        if m.kind != "file":
+            raise InvalidArgument(f"{self.what}: {name}: not a regular file ({m.kind})")
+        if m.offset + m.size > self._file_size:
+            # tarfile lists a member whose data the file does not hold.
+            raise InvalidArgument(f"{self.what}: truncated archive: {name} is cut short")
+        return _Blob(self._fd, m.offset, m.size, owned=False)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _read_file(files: _Files, name: str, limit: int) -> bytes:
+    """The bytes of *name*, refused by its size before a byte is read."""
     with files.open(name) as f:
-        data = f.read()
-    return parse_json(data, f"{files.what}: {name}")
+        if f.size > limit:
+            raise InvalidArgument(
+                f"{files.what}: {name} is {f.size} bytes, more than the limit of {limit}"
+            )
+        return f.read(limit)
+
+
+def _read_json(files: _Files, name: str, limit: int = MAX_INDEX_SIZE) -> Any:
+    return parse_json(_read_file(files, name, limit), f"{files.what}: {name}")
 
 
 def _blob_name(digest: Digest) -> str:
@@ -277,7 +508,7 @@ class LayoutSource:
 
     def open_blob(self, desc: Descriptor) -> BinaryIO:
         try:
-            return self._files.open(_blob_name(desc.digest))
+            return cast(BinaryIO, self._files.open(_blob_name(desc.digest)))
         except NotFound:
             raise NotFound(f"{self.what}: blob {desc.digest} is missing") from None
 
@@ -302,6 +533,7 @@ class DockerArchiveSource:
         self.what = files.what
         self._synth: dict[Digest, bytes] = {}
         self._paths: dict[Digest, str] = {}
+        self._configs: dict[str, tuple[Descriptor, list[Digest]]] = {}
         self._entries = self._load()
 
     def _load(self) -> list[ImageEntry]:
@@ -316,8 +548,7 @@ class DockerArchiveSource:
             config_name, layer_names = item.get("Config"), item.get("Layers")
             if not isinstance(config_name, str) or not isinstance(layer_names, list):
                 raise InvalidArgument(f"{where}: needs Config and Layers")
-            config = self._config(config_name)
-            diff_ids = self._diff_ids(config_name, where)
+            config, diff_ids = self._config(config_name, where)
             if len(diff_ids) != len(layer_names):
                 raise InvalidArgument(
                     f"{where}: {len(layer_names)} layers but the config lists "
@@ -327,9 +558,9 @@ class DockerArchiveSource:
             for name, diff_id in zip(layer_names, diff_ids, strict=True):
                 if not isinstance(name, str):
                     raise InvalidArgument(f"{where}: layer names must be strings")
+                with self._files.open(name) as f:
+                    layers.append(Descriptor(mt.DOCKER_LAYER, diff_id, f.size))
                 self._paths[diff_id] = name
-                size = self._files.size(name)
-                layers.append(Descriptor(mt.DOCKER_LAYER, diff_id, size))
             body = json.dumps(
                 {
                     "schemaVersion": 2,
@@ -349,29 +580,31 @@ class DockerArchiveSource:
             )
         return entries
 
-    def _config(self, name: str) -> Descriptor:
-        stem = os.path.basename(name).removesuffix(".json")
-        if _HEX64.fullmatch(stem):
-            digest = Digest.from_hex("sha256", stem)
-        else:
-            # docker >= 1.10 names configs by digest; hash anything else.
-            with self._files.open(name) as f:
-                digest = from_bytes(f.read())
-        self._paths[digest] = name
-        return Descriptor(mt.DOCKER_CONFIG, digest, self._files.size(name))
+    def _config(self, name: str, where: str) -> tuple[Descriptor, list[Digest]]:
+        """The config *name*'s descriptor and diff IDs (read once per name).
 
-    def _diff_ids(self, config_name: str, where: str) -> list[Digest]:
-        # The config is read here only to learn which layer file is which;
-        # the importer reads it again through open_blob and verifies it.
-        config = _read_json(self._files, config_name)
+        The config is read here only to learn which layer file is which; the
+        importer reads it again through `open_blob` and verifies it.
+        """
+        if name in self._configs:
+            return self._configs[name]
+        data = _read_file(self._files, name, MAX_CONFIG_SIZE)
+        stem = os.path.basename(name).removesuffix(".json")
+        # docker >= 1.10 names configs by digest; hash anything else.
+        digest = Digest.from_hex("sha256", stem) if _HEX64.fullmatch(stem) else from_bytes(data)
+        self._paths[digest] = name
+        config = parse_json(data, f"{self.what}: {name}")
         rootfs = config.get("rootfs") if isinstance(config, dict) else None
         ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
         if not isinstance(ids, list):
-            raise InvalidArgument(f"{where}: {config_name}: missing rootfs.diff_ids")
+            raise InvalidArgument(f"{where}: {name}: missing rootfs.diff_ids")
         try:
-            return [Digest.parse(d) for d in ids]
+            diff_ids = [Digest.parse(d) for d in ids]
         except InvalidArgument as e:
-            raise InvalidArgument(f"{where}: {config_name}: {e}") from None
+            raise InvalidArgument(f"{where}: {name}: {e}") from None
+        found = Descriptor(mt.DOCKER_CONFIG, digest, len(data)), diff_ids
+        self._configs[name] = found
+        return found
 
     def images(self) -> list[ImageEntry]:
         return self._entries
@@ -380,7 +613,7 @@ class DockerArchiveSource:
         if desc.digest in self._synth:
             return io.BytesIO(self._synth[desc.digest])
         try:
-            return self._files.open(self._paths[desc.digest])
+            return cast(BinaryIO, self._files.open(self._paths[desc.digest]))
         except KeyError:
             raise NotFound(f"{self.what}: blob {desc.digest} is missing") from None
 
