@@ -1048,3 +1048,285 @@ async def test_concurrent_requests_share_one_token(
 def test_digest_helper_sanity() -> None:
     # The fake registry's digests are the client's digests.
     assert from_bytes(b"x") == Digest.parse("sha256:" + hashlib.sha256(b"x").hexdigest())
+
+
+# -- bounded time ------------------------------------------------------------------------
+
+
+class Trickle(httpx.AsyncByteStream):
+    """A body of *data* (endless ``x`` when None), one byte every *every* seconds."""
+
+    def __init__(self, data: bytes | None = None, every: float = 20) -> None:
+        self.data = data
+        self.every = every
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        i = 0
+        while self.data is None or i < len(self.data):
+            yield b"x" if self.data is None else self.data[i : i + 1]
+            i += 1
+            await trio.sleep(self.every)
+
+
+def slowly(fake: FakeRegistry, delay: float = 20) -> httpx.MockTransport:
+    """The fake registry, each answer's headers *delay* seconds late."""
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(delay)
+        return fake.handle(request)
+
+    return httpx.MockTransport(handle)
+
+
+async def test_slow_headers_fail_within_the_request_timeout(
+    fake: FakeRegistry, image: Image, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    ref, _, _ = image
+    client = RegistryClient(
+        REGISTRY,
+        hosts=[RegistryHost(host=REGISTRY, scheme="http")],
+        credentials=nocreds(tmp_path),
+        transport=slowly(fake),
+        request_timeout=1,
+    )
+    async with client:
+        with pytest.raises(Unavailable) as info:
+            await client.resolve(ref)
+        assert trio.current_time() == pytest.approx(1)
+        assert client.statistics() == {"resolve": 1}  # a server that slow is not asked again
+    message = str(info.value)
+    assert "response headers from registry reg.test not complete within 1 s" in message
+
+
+async def test_enclosing_deadline_passes_through(
+    fake: FakeRegistry, image: Image, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """The caller's cancel scope wins when it is the earlier one: never swallowed or renamed."""
+    ref, _, _ = image
+    client = RegistryClient(
+        REGISTRY,
+        hosts=[RegistryHost(host=REGISTRY, scheme="http")],
+        credentials=nocreds(tmp_path),
+        transport=slowly(fake),
+        request_timeout=5,
+    )
+    async with client:
+        with trio.move_on_after(2) as outer:
+            await client.resolve(ref)
+        assert outer.cancelled_caught
+
+
+async def test_trickled_manifest_body_fails_within_the_request_timeout(
+    fake: FakeRegistry, image: Image, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    ref, desc, _ = image
+    data = fake.manifests[("library/app", "1")][1]
+    fake.script = [
+        httpx.Response(200, headers={"Content-Length": str(len(data))}, stream=Trickle(data))
+    ]
+    async with client_for(fake, nocreds(tmp_path), request_timeout=1) as client:
+        with pytest.raises(Unavailable) as info:
+            await client.fetch_manifest(ref, desc)
+        assert trio.current_time() == pytest.approx(1)
+    assert f"manifest {desc.digest} from reg.test: body not complete within 1 s" in str(info.value)
+
+
+async def test_trickled_error_body_keeps_the_status(
+    fake: FakeRegistry, image: Image, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    ref, _, _ = image
+    fake.script = [httpx.Response(404, stream=Trickle())]
+    async with client_for(fake, nocreds(tmp_path), request_timeout=1) as client:
+        with pytest.raises(NotFound, match=r"not found on registry reg\.test"):
+            await client.resolve(ref)
+        assert trio.current_time() == pytest.approx(1)
+
+
+@pytest.mark.parametrize("body", ["trickle", "endless"])
+async def test_token_body_is_bounded_in_time_and_memory(
+    fake: FakeRegistry, image: Image, tmp_path: Path, autojump_clock: trio.abc.Clock, body: str
+) -> None:
+    """A token server trickling, or sending a body without end, fails fast: never read whole."""
+    ref, _, _ = image
+    fake.auth = "bearer"
+    sent = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        while True:
+            sent += 64 << 10
+            yield b" " * (64 << 10)
+
+    stream = Trickle(b'{"token": "t"}') if body == "trickle" else httpx.ByteStream(b"")
+    if body == "endless":
+        stream = Stream(endless())
+    token = fake.token
+    fake.token = lambda request: httpx.Response(200, stream=stream)  # type: ignore[method-assign]
+    async with client_for(fake, nocreds(tmp_path), request_timeout=1) as client:
+        error = Unavailable if body == "trickle" else InvalidArgument
+        with pytest.raises(error, match=r"token server auth\.test") as info:
+            await client.resolve(ref)
+        assert trio.current_time() <= 1
+    fake.token = token  # type: ignore[method-assign]
+    if body == "endless":
+        assert "larger than 1 MiB" in str(info.value)
+        assert sent <= 2 << 20  # read as it streamed, stopped just past the cap
+    else:
+        assert "not complete within 1 s" in str(info.value)
+
+
+class Stream(httpx.AsyncByteStream):
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self.chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.chunks:
+            yield chunk
+
+
+async def test_slow_blob_stream_stops_at_the_position_reached(
+    fake: FakeRegistry, image: Image, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    ref, _, blobs = image
+    layer = blobs[1]
+    desc = Descriptor(mt.OCI_LAYER_GZIP, from_bytes(layer), len(layer))
+    fake.script = [
+        httpx.Response(200, headers={"Content-Length": str(len(layer))}, stream=Trickle(layer, 1))
+    ]
+    async with client_for(fake, nocreds(tmp_path), min_rate=100, low_speed_time=5) as client:
+        got = b""
+        async with client.open_blob(ref, desc) as stream:
+            with pytest.raises(Unavailable) as info:
+                async for chunk in stream.aiter_chunks():
+                    got += chunk
+            assert stream.position == len(got) == 5
+    assert got == layer[:5]
+    assert f"slower than 100 bytes/s for 5 s at byte 5 of {len(layer)}" in str(info.value)
+
+
+async def test_stalled_blob_stream_is_cut_and_steady_slow_one_kept(
+    fake: FakeRegistry, image: Image, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    ref, _, blobs = image
+    layer = blobs[1]
+    desc = Descriptor(mt.OCI_LAYER_GZIP, from_bytes(layer), len(layer))
+
+    async def stall() -> AsyncIterator[bytes]:
+        yield layer[:1000]
+        await trio.sleep_forever()
+
+    async def steady() -> AsyncIterator[bytes]:
+        for i in range(0, len(layer), 500):  # 500 bytes/s, just above the limit
+            yield layer[i : i + 500]
+            await trio.sleep(1)
+
+    length = {"Content-Length": str(len(layer))}
+    fake.script = [
+        httpx.Response(200, headers=length, stream=Stream(stall())),
+        httpx.Response(200, headers=length, stream=Stream(steady())),
+    ]
+    async with client_for(fake, nocreds(tmp_path), min_rate=400, low_speed_time=5) as client:
+        with pytest.raises(Unavailable, match=f"at byte 1000 of {len(layer)}"):
+            await read_all(client, ref, desc)
+        assert trio.current_time() == pytest.approx(5)
+        assert await read_all(client, ref, desc) == layer
+
+
+# -- redirects and httpx's own failures ---------------------------------------------------
+
+
+async def test_redirect_loops_are_one_line_errors(
+    fake: FakeRegistry, image: Image, tmp_path: Path
+) -> None:
+    ref, desc, blobs = image
+    layer = Descriptor(mt.OCI_LAYER_GZIP, from_bytes(blobs[1]), len(blobs[1]))
+    loop = {"Location": f"http://{REGISTRY}/v2/loop"}
+    async with client_for(fake, nocreds(tmp_path)) as client:
+        for call in (
+            lambda: client.resolve(ref),
+            lambda: client.fetch_manifest(ref, desc),
+            lambda: read_all(client, ref, layer),
+        ):
+            fake.script = [resp(307, headers=loop) for _ in range(20)]
+            with pytest.raises(InvalidArgument, match=r"registry reg\.test redirects in a loop"):
+                await call()
+            assert "retry" not in client.statistics()
+
+
+async def test_token_realm_redirect_loop_is_refused_by_name(
+    fake: FakeRegistry, image: Image, tmp_path: Path
+) -> None:
+    ref, _, _ = image
+    fake.auth = "bearer"
+    fake.token = lambda request: resp(302, headers={"Location": REALM})  # type: ignore[method-assign]
+    async with client_for(fake, nocreds(tmp_path)) as client:
+        with pytest.raises(InvalidArgument, match=r"token server auth\.test redirects in a loop"):
+            await client.resolve(ref)
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [
+        (httpx.UnsupportedProtocol("Request URL has an unsupported protocol 'ftp://'."),
+         InvalidArgument),
+        (httpx.LocalProtocolError("Illegal header value"), InvalidArgument),
+        (httpx.DecodingError("Error -3 while decompressing data"), InvalidArgument),
+        (httpx.InvalidURL("Invalid non-printable ASCII character in URL"), InvalidArgument),
+        (httpx.RemoteProtocolError("Invalid URL in location header"), Unavailable),
+        (httpx.ReadTimeout("timed out"), Unavailable),
+    ],
+)  # fmt: skip
+async def test_every_httpx_failure_is_a_ckfs_error(
+    tmp_path: Path,
+    autojump_clock: trio.abc.Clock,
+    failure: Exception,
+    expected: type[Exception],
+) -> None:
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise failure
+
+    client = RegistryClient(
+        REGISTRY,
+        hosts=[RegistryHost(host=REGISTRY, scheme="http")],
+        credentials=nocreds(tmp_path),
+        transport=httpx.MockTransport(fail),
+    )
+    async with client:
+        with pytest.raises(expected) as info:
+            await client.resolve(parse(f"{REGISTRY}/x/y:1"))
+    assert "reg.test" in str(info.value) and "\n" not in str(info.value)
+
+
+async def test_storage_401_is_unavailable_and_never_gets_credentials(
+    fake: FakeRegistry, image: Image, tmp_path: Path
+) -> None:
+    """A redirect target's challenge is not the registry's: nothing is sent to it or its realm.
+
+    A credential leak if it regresses: the storage host would be handed the
+    registry's token, or its realm the user's password.
+    """
+    ref, _, blobs = image
+    layer = blobs[1]
+    desc = Descriptor(mt.OCI_LAYER_GZIP, from_bytes(layer), len(layer))
+    fake.auth = "bearer"
+    fake.users = {"alice": "s3cret"}
+    fake.anonymous_tokens = False
+    fake.redirect_blobs = True
+    evil_realm = "http://evil.test/token"
+    fake.storage = lambda request: resp(  # type: ignore[method-assign]
+        401, headers={"WWW-Authenticate": f'Bearer realm="{evil_realm}",service="storage"'}
+    )
+    credentials = creds_file(tmp_path, {REGISTRY: {"username": "alice", "password": "s3cret"}})
+    async with client_for(fake, credentials) as client:
+        with pytest.raises(Unavailable) as info:
+            await read_all(client, ref, desc)
+    assert "storage host storage.test answered HTTP 401 after a redirect" in str(info.value)
+    assert fake.seen("evil.test") == []
+    to_registry = [r for r in fake.requests if r.url.host == REGISTRY]
+    assert to_registry[-1].headers["authorization"].startswith("Bearer ")  # it had a token
+    to_storage = [r for r in fake.requests if r.url.host == "storage.test"]
+    assert to_storage and all("authorization" not in r.headers for r in to_storage)
+    secrets = (basic("alice", "s3cret"), "s3cret", "tok-")
+    for r in fake.requests:
+        if r.url.host != "auth.test" and r.url.host != REGISTRY:
+            assert not any(s in str(r.headers) + str(r.url) for s in secrets)
