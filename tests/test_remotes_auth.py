@@ -10,6 +10,7 @@ import base64
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from ckfs.remotes.auth import (
     parse_challenges,
     pull_scope,
 )
+from ckfs.remotes.challenge import MAX_CHALLENGE_HEADER, MAX_CHALLENGE_PARAMS, MAX_CHALLENGES
 
 # -- WWW-Authenticate ------------------------------------------------------------------
 
@@ -68,6 +70,37 @@ CHALLENGES: list[tuple[list[str], list[Challenge]]] = [
 def test_parse_challenges(headers: list[str], want: list[Challenge]) -> None:
     got = parse_challenges(headers)
     assert [(c.scheme, dict(c.params)) for c in got] == [(c.scheme, dict(c.params)) for c in want]
+
+
+BEARER = 'Bearer realm="https://t.example/token",service="reg"'
+
+HOSTILE_CHALLENGES = {
+    "one long value": ["Bearer realm=" + "a" * (1 << 20)],
+    "many challenges": [", ".join(["Basic"] * 200_000) + ", " + BEARER],
+    "many params": ["Bearer " + ",".join(f"p{i}=v" for i in range(100_000))],
+    "backslashes": ['Bearer realm="' + "\\" * 300_000],
+    "quotes": ['Bearer a="' + '\\"' * 200_000 + '"'],
+    "many headers": ["Basic"] * 100_000 + [BEARER],
+    "nothing but commas": ["," * (1 << 20), BEARER],
+    "many short challenges": [", ".join(["Basic"] * 2000)],
+    "many short params": ["Bearer " + ",".join(f"p{i}=v" for i in range(2000))],
+}
+
+
+@pytest.mark.parametrize("headers", HOSTILE_CHALLENGES.values(), ids=HOSTILE_CHALLENGES.keys())
+def test_hostile_challenges_cost_bounded_work(headers: list[str]) -> None:
+    """Megabytes of WWW-Authenticate parse at once into a bounded list (here 1 s is generous)."""
+    start = time.monotonic()
+    found = parse_challenges(headers)
+    assert time.monotonic() - start < 1
+    assert len(found) <= MAX_CHALLENGES
+    assert all(len(c.params) <= MAX_CHALLENGE_PARAMS for c in found)
+    assert sum(len(v) for c in found for v in c.params.values()) <= MAX_CHALLENGE_HEADER
+
+
+def test_sane_challenges_survive_the_bounds() -> None:
+    found = parse_challenges(["Negotiate abc==", "Basic", BEARER])
+    assert found[0] == Challenge("bearer", {"realm": "https://t.example/token", "service": "reg"})
 
 
 def test_pull_scope() -> None:

@@ -82,6 +82,15 @@ _TOKEN68 = _TCHAR | frozenset("/=")
 #: Schemes ckfs can answer, in order of preference; the first present is used.
 SCHEMES = ("bearer", "basic")
 
+#: Bounds on what a registry's ``WWW-Authenticate`` may make us parse and
+#: keep. A real challenge is one header of a few hundred bytes with three or
+#: four parameters; these leave room for long scope lists and odd extra
+#: challenges while a hostile header costs a bounded, linear scan.
+MAX_CHALLENGE_HEADER = 16 << 10  # bytes per header value; longer ones are skipped
+MAX_CHALLENGE_HEADERS = 16  # header values looked at
+MAX_CHALLENGES = 16  # challenges kept, over all values
+MAX_CHALLENGE_PARAMS = 32  # parameters per challenge; the rest of that header is skipped
+
 
 class _Scanner:
     """A cursor over one header value, for the RFC 7235 challenge grammar."""
@@ -129,14 +138,20 @@ def parse_challenges(values: Iterable[str]) -> list[Challenge]:
     parameter names in any case, and ``token68`` credentials (skipped).
     A header that cannot be parsed is skipped from the point of the error
     with the challenges before it kept: a registry's odd extra challenge must
-    not hide the bearer challenge we can use.
+    not hide the bearer challenge we can use. Hostile headers cost linear
+    time and bounded memory: see `MAX_CHALLENGE_HEADER` and the bounds after it.
 
     Returns:
         The challenges in preference order: ``bearer`` first, then
         ``basic``, then other schemes in the order they came.
     """
     found: list[Challenge] = []
-    for value in values:
+    for n, value in enumerate(values):
+        if n == MAX_CHALLENGE_HEADERS or len(found) >= MAX_CHALLENGES:
+            break
+        if len(value) > MAX_CHALLENGE_HEADER:
+            _log.debug("ignoring a WWW-Authenticate header of %d bytes", len(value))
+            continue
         sc = _Scanner(value)
         try:
             _parse_header(sc, found)
@@ -160,6 +175,8 @@ def _parse_header(sc: _Scanner, found: list[Challenge]) -> None:
         scheme = sc.token()
         if not scheme:
             raise ValueError(f"expected an auth scheme at offset {sc.i}")
+        if len(found) >= MAX_CHALLENGES:
+            raise ValueError(f"more than {MAX_CHALLENGES} challenges")
         params: dict[str, str] = {}
         found.append(Challenge(scheme.lower(), params))
         sc.skip_ws()
@@ -183,6 +200,8 @@ def _parse_header(sc: _Scanner, found: list[Challenge]) -> None:
                 break
             sc.i += 1
             sc.skip_ws()
+            if len(params) >= MAX_CHALLENGE_PARAMS:
+                raise ValueError(f"more than {MAX_CHALLENGE_PARAMS} parameters")
             params[name.lower()] = sc.quoted() if sc.peek() == '"' else sc.token()
             sc.skip_ws()
             if sc.peek() != ",":
