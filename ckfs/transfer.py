@@ -59,6 +59,13 @@ __all__ = ["ImportReport", "export_images", "import_source"]
 #: seeks on the same disk.
 IMPORT_WORKERS = 2
 
+#: Manifests, indexes and configs of one import held in memory at once
+#: (they are verified and parsed before anything is written). An image's
+#: are tens of kilobytes; 64 MiB is thousands of images, while a hostile
+#: archive listing endless distinct multi-megabyte manifests stops here
+#: instead of at the machine's memory.
+MAX_DOCUMENTS = 64 << 20
+
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
 
 
@@ -144,6 +151,7 @@ def _walk(source: Source, roots: Iterable[Descriptor]) -> _Walk:
     """Read, verify and parse every index, manifest and config under *roots*."""
     walk = _Walk()
     todo = list(roots)
+    held = 0
     while todo:
         desc = todo.pop()
         if desc.digest in walk.blobs:
@@ -151,17 +159,27 @@ def _walk(source: Source, roots: Iterable[Descriptor]) -> _Walk:
         walk.blobs[desc.digest] = desc
         kind = desc.media_type
         if mt.is_index(kind) or mt.is_manifest(kind) or kind in mt.SCHEMA1:
-            data = _read_verified(source, desc, manifests.MAX_MANIFEST_SIZE)
-            walk.json[desc.digest] = data
-            todo.extend(manifests.children(desc, data))
+            limit = manifests.MAX_MANIFEST_SIZE
         elif mt.is_config(kind):
-            data = _read_verified(source, desc, MAX_CONFIG_SIZE)
-            parse_config(data, where=f"{source.what}: config {desc.digest}")
-            walk.json[desc.digest] = data
-        elif not mt.is_layer(kind) and kind != mt.OCI_EMPTY:
+            limit = MAX_CONFIG_SIZE
+        elif mt.is_layer(kind) or kind == mt.OCI_EMPTY:
+            continue
+        else:
             raise InvalidArgument(
                 f"{source.what}: blob {desc.digest} has unknown media type {kind!r}"
             )
+        data = _read_verified(source, desc, limit)
+        held += len(data)
+        if held > MAX_DOCUMENTS:
+            raise InvalidArgument(
+                f"{source.what}: manifests and configs add up to more than {MAX_DOCUMENTS} "
+                "bytes; import fewer images at a time"
+            )
+        walk.json[desc.digest] = data
+        if mt.is_config(kind):
+            parse_config(data, where=f"{source.what}: config {desc.digest}")
+        else:
+            todo.extend(manifests.children(desc, data))
     return walk
 
 

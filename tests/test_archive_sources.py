@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from ckfs import safetext
+from ckfs import safetext, transfer
 from ckfs.errors import CkfsError, DataLoss, InvalidArgument, NotFound
 from ckfs.remotes import archives
 from ckfs.remotes.archives import open_source
@@ -208,6 +208,16 @@ def test_deep_json_index_is_invalid_argument(tmp_path: Path) -> None:
     layout = layout_with_image(tmp_path)
     (layout.root / "index.json").write_text("[" * 100_000 + "]" * 100_000)
     refused(tmp_path / "root", layout.root, InvalidArgument, "nested deeper")
+
+
+def test_documents_held_at_once_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(transfer, "MAX_DOCUMENTS", 1000)
+    layout = Layout(tmp_path / "layout")
+    for i in range(5):
+        layout.image([{"a": str(i).encode()}], ref=f"v{i}")
+    refused(tmp_path / "root", layout.root, InvalidArgument, "more than 1000 bytes", "foo")
 
 
 # -- docker save directories -----------------------------------------------------
