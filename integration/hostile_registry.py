@@ -613,13 +613,14 @@ def error_body(message: str, code: int = 403) -> Handler:
     return status(code, body)
 
 
-def manifests_serving(body: bytes, media_type: str) -> Handler:
-    """Any manifest request answers *body* (digest header honest for the tag)."""
+def manifests_serving(body: bytes, media_type: str, *, digest_header: bool = True) -> Handler:
+    """Any manifest request answers *body* (with its true digest in the header, if any)."""
 
     def handle(server: Server, req: Request, conn: Conn, case: Case) -> None:
-        conn.respond(
-            req, 200, body, [("Content-Type", media_type), ("Docker-Content-Digest", sha256(body))]
-        )
+        headers = [("Content-Type", media_type)]
+        if digest_header:
+            headers.append(("Docker-Content-Digest", sha256(body)))
+        conn.respond(req, 200, body, headers)
 
     return handle
 
@@ -679,13 +680,11 @@ def storage_bearer_401(server: Server, req: Request, conn: Conn, case: Case) -> 
 
 
 def head_lies_digest(server: Server, req: Request, conn: Conn, case: Case) -> None:
-    """HEAD names a digest the body does not have; GET serves the true body."""
-    if req.method != "HEAD":
-        serve_manifest(server, req, conn, case)
-        return
+    """HEAD names a digest the body does not have; a GET of it serves the true body."""
     body = case.image.manifests[case.image.top][1]
-    headers = [("Content-Type", OCI_MANIFEST), ("Docker-Content-Digest", "sha256:" + "ab" * 32)]
-    conn.respond(req, 200, b"", headers, length=len(body))
+    lie = "sha256:" + "ab" * 32
+    headers = [("Content-Type", OCI_MANIFEST), ("Docker-Content-Digest", lie)]
+    conn.respond(req, 200, body, headers)
 
 
 def head_huge(server: Server, req: Request, conn: Conn, case: Case) -> None:
@@ -883,6 +882,10 @@ def _cases() -> Iterator[tuple[str, Case]]:
     )
     # Index cycles, faked by serving the index's own bytes for its child.
     yield "index-cycle", Case(manifest=manifests_serving(self_listing_index(), OCI_INDEX))
+    yield (
+        "index-cycle-unlabelled",
+        Case(manifest=manifests_serving(self_listing_index(), OCI_INDEX, digest_header=False)),
+    )
     yield "index-chain-300", Case(image=index_chain(300))
     yield "layers-5000", Case(image=many_layers(5000))
     # Not HTTP at all, or HTTP no client accepts.

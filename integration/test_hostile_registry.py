@@ -1,0 +1,336 @@
+"""The hostile registry suite: ckfs against a registry written by an adversary.
+
+Every row of `ROWS` is one case: a behaviour of `integration.hostile_registry`
+(chosen by the repository name) and the ckfs command pointed at it. Each
+must fail cleanly (`integration.hostile.check_failure`), in bounded time and
+memory, and leave the store as usable as before (`check_store`). Rows that
+make the registry slow pass ``--timeout`` so the case takes seconds, not the
+default budget's minutes.
+
+Runs confined (the file name starts with ``test_hostile``): a ckfs that
+wrote outside its root would fail with EROFS instead of changing the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import select
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from integration.hostile import (
+    BUDGET,
+    REPO,
+    Outcome,
+    check_failure,
+    check_store,
+    check_success,
+    image_names,
+    nothing_changes_outside,
+    recorded,
+    run,
+)
+from integration.hostile_registry import CASES, OCI_INDEX, USER, Image, image, tiny_tar
+
+pytestmark = pytest.mark.slow
+
+#: Seconds the server lives at most; the session's fixture stops it sooner.
+SERVER_LIFETIME = 900
+
+#: A good image in every case's store, sharing no blob with any case.
+NEIGHBOUR = image(layers=[tiny_tar("neighbour", b"next door\n")])
+NEIGHBOUR_NAME = "example.local/hostile/neighbour:latest"
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    port: int
+    storage_port: int
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def ref(self, case: str) -> str:
+        return f"{self.host}/{case}/img:latest"
+
+    def log(self, case: str) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"http://{self.host}/_log/{case}", timeout=10) as f:
+            seen: list[dict[str, Any]] = json.loads(f.read())
+        return seen
+
+
+@pytest.fixture(scope="session")
+def hostile_server() -> Iterator[Server]:
+    """The hostile registry as a process of its own, stopped by its PID."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "integration.hostile_registry", "--lifetime", str(SERVER_LIFETIME)],
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        assert ready, "the hostile registry did not start"
+        port, storage = proc.stdout.readline().split()
+        yield Server(int(port), int(storage))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One case: the server behaviour and what ckfs is asked.
+
+    Attributes:
+        case: The `integration.hostile_registry.CASES` entry.
+        command: ckfs's command (``pull``, ``fetch``, ``mount``, ``rootfs``).
+        extra: More options (``{budget}`` is `BUDGET`).
+        match: A regex the error line must contain (what the issue says it names).
+        ingests: ``none`` or ``bounded`` (see `check_store`).
+        layer_gets: Most GETs of layer blobs allowed (refusals before download: 0).
+        no_credentials_out: The registry's credentials must reach neither the
+            storage port nor any realm it names.
+        present: Import the case's image under its name first (re-pull cases).
+        codes: Exit statuses allowed (0 only where the issue lets the command
+            succeed, e.g. a pull of an image whose config is hostile).
+        registers: The case may leave its name registered (see `check_store`).
+        id: The test id (default: the case).
+    """
+
+    case: str
+    command: str = "pull"
+    extra: tuple[str, ...] = ()
+    match: str | None = None
+    ingests: str = "none"
+    layer_gets: int | None = None
+    no_credentials_out: bool = False
+    present: bool = False
+    codes: tuple[int, ...] = (1,)
+    registers: bool = False
+    id: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.id or (self.case if self.command == "pull" else f"{self.case}-{self.command}")
+
+
+T = ("--timeout", "{budget}")
+DEEP = "nested deeper"
+ROWS = [
+    # Deep JSON: every document ckfs parses from a registry.
+    Row("deep-manifest", match=DEEP),
+    Row("deep-manifest", "fetch", match=DEEP),
+    Row("deep-manifest", "mount", match=DEEP),
+    Row("deep-manifest-sniffed", match=DEEP),
+    Row("deep-index", match=DEEP),
+    Row("deep-config", "rootfs", match=DEEP, registers=True),
+    Row("deep-config", codes=(0, 1), registers=True),
+    Row("deep-token", match=DEEP),
+    Row("deep-error-manifest"),
+    Row("deep-error-blob"),
+    Row("deep-error-token"),
+    # Redirect loops on manifests, blobs and the token realm; broken redirects.
+    Row("loop-head", match="redirect"),
+    Row("loop-manifest-get", match="redirect"),
+    Row("loop-blob", match="redirect"),
+    Row("loop-token", match="redirect"),
+    Row("loop-cross-host", match="redirect"),
+    Row("redirect-bad-scheme"),
+    Row("redirect-bad-url"),
+    Row("redirect-no-location"),
+    # A storage host's 401 is not the registry's challenge: refused, no credential leaves.
+    Row("storage-401-basic", extra=("-u", USER), no_credentials_out=True),
+    Row("storage-401-bearer", extra=("-u", USER), no_credentials_out=True),
+    # Challenges and token answers written by an adversary.
+    Row("auth-header-200k"),
+    Row("auth-realm-60k"),
+    Row("auth-params-5000"),
+    Row("auth-realm-file"),
+    Row("auth-no-realm"),
+    Row("auth-unterminated"),
+    Row("auth-realm-evil"),
+    Row("auth-unknown-scheme"),
+    Row("token-endless"),
+    Row("token-endless", "fetch"),
+    Row("token-1gib"),
+    Row("token-trickle", extra=T),
+    Row("token-stall", extra=T),
+    Row("token-not-json"),
+    Row("token-wrong-type"),
+    Row("token-crlf"),
+    Row("token-900k"),
+    Row("token-rejected"),
+    # Endless and oversized bodies.
+    Row("manifest-endless"),
+    Row("manifest-declared-huge"),
+    Row("manifest-head-huge"),
+    Row("error-endless"),
+    Row("blob-endless", ingests="bounded"),
+    Row("blob-longer", ingests="bounded"),
+    Row("error-evil"),
+    # Trickles and stalls: an overall deadline, not a per-read timeout, ends them.
+    Row("trickle-head", extra=T),
+    Row("trickle-manifest", extra=T),
+    Row("trickle-blob", extra=T, ingests="bounded"),
+    Row("trickle-blob", "fetch", extra=T, ingests="bounded"),
+    Row("trickle-peek", extra=T, present=True),
+    Row("stall-head", extra=T),
+    Row("stall-head", "mount", extra=T),
+    Row("stall-blob", extra=T, ingests="bounded"),
+    # Retry-After beyond the cap fails at once and names the delay asked for.
+    Row("retry-after-3600-429", match="3600"),
+    Row("retry-after-3600-503", match="3600"),
+    Row("retry-after-date", extra=T),
+    Row("retry-after-30", extra=T),
+    Row("retry-after-huge", extra=T),
+    Row("always-503", extra=T),
+    # Lying sizes and digests.
+    Row("head-digest-lie"),
+    Row("manifest-length-lie"),
+    Row("blob-wrong-bytes"),
+    Row("blob-short", extra=T, ingests="bounded"),
+    Row("blob-bad-range"),
+    Row("layer-size-huge", layer_gets=0),
+    Row(
+        "layer-size-16tib",
+        extra=("--max-blob-size", str(1 << 50)),
+        match="space",
+        layer_gets=0,
+    ),
+    Row("layer-size-4k", extra=("--max-blob-size", "1024"), match="1024", layer_gets=0),
+    Row("config-size-huge"),
+    Row("index-child-huge"),
+    # Index cycles faked by wrong bytes; chains of nested indexes.
+    Row("index-cycle"),
+    Row("index-cycle-unlabelled"),
+    Row("index-chain-300"),
+    # More layers than the snapshotter can stack: refused before fetching.
+    Row("layers-5000", "rootfs", match="layer", layer_gets=0, registers=True),
+    # Not HTTP, or HTTP no client accepts.
+    Row("garbage"),
+    Row("bad-content-length"),
+    Row("headers-100k"),
+    Row("digest-header-evil"),
+    Row("manifest-bad-digests"),
+]
+
+#: Commands whose progress goes to stderr unless quiet.
+_QUIET = {"pull", "fetch"}
+
+
+def command(row: Row, server: Server, work: Path) -> list[str]:
+    args = [row.command]
+    if row.command in _QUIET:
+        args.append("-q")
+    args += ["--plain-http", *(a.replace("{budget}", BUDGET) for a in row.extra)]
+    args.append(server.ref(row.case))
+    if row.command == "mount":
+        args.append(str(work / "mnt"))
+    return args
+
+
+def write_layout(img: Image, out: Path) -> Path:
+    """*img* as an OCI layout directory (to make it present before a re-pull)."""
+    blobs = out / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    (out / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    for digest, data in [*img.blobs.items(), *((d, b) for d, (_, b) in img.manifests.items())]:
+        (blobs / digest.split(":", 1)[1]).write_bytes(data)
+    media_type, body = img.manifests[img.top]
+    entry = {"mediaType": media_type, "digest": img.top, "size": len(body)}
+    (out / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    return out
+
+
+def _layer_digests(img: Image) -> set[str]:
+    media_type, body = img.manifests[img.top]
+    if media_type == OCI_INDEX:
+        return set()
+    doc = json.loads(body)
+    return {str(d.get("digest")) for d in doc.get("layers", [])}
+
+
+def check_server_side(row: Row, server: Server) -> None:
+    seen = server.log(row.case)
+    if row.layer_gets is not None:
+        layers = _layer_digests(CASES[row.case].image)
+        gets = [s for s in seen if s["method"] == "GET" and s["path"].split("/")[-1] in layers]
+        assert len(gets) <= row.layer_gets, gets[:5]
+    if row.no_credentials_out:
+        leaked = [s for s in seen if s["port"] == "storage" and s["authorization"]]
+        assert leaked == [], leaked
+        realm = [s for s in seen if s["path"].endswith("/token") and s["port"] == "storage"]
+        assert realm == [], realm
+
+
+def run_case(row: Row, server: Server, work: Path, seen: list[Outcome]) -> None:
+    """Run *row* in *work* (fresh root) and assert everything the suite demands.
+
+    The main command's outcome goes to *seen* before anything is asserted,
+    so the summary has it even when the case fails.
+    """
+    root = work / "root"
+    work.mkdir(parents=True, exist_ok=True)
+    # A good image beside the case's: one bad record must not break the store.
+    layout = write_layout(NEIGHBOUR, work / "neighbour")
+    check_success(run(root, "import", "--name", NEIGHBOUR_NAME, str(layout)))
+    if row.present:
+        layout = write_layout(CASES[row.case].image, work / "present")
+        check_success(run(root, "import", "--name", server.ref(row.case), str(layout)))
+    before = image_names(root)
+    with nothing_changes_outside(work, root):
+        o = run(root, *command(row, server, work))
+        seen.append(o)
+        if o.code == 0 and 0 in row.codes:
+            check_success(o)
+        else:
+            check_failure(o, row.match)
+        check_store(
+            root,
+            before,
+            ingests_allowed=row.ingests,
+            may_register=server.ref(row.case) if row.registers else None,
+        )
+    check_server_side(row, server)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.name)
+def test_hostile_registry(
+    row: Row, hostile_server: Server, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    recorded(
+        tmp_path_factory.getbasetemp(),
+        "registry",
+        row.name,
+        lambda seen: run_case(row, hostile_server, tmp_path / "case", seen),
+    )
+
+
+def test_controls_pull_cleanly(hostile_server: Server, tmp_path: Path) -> None:
+    """The server's faithful cases pull: a hostile case fails by its own doing."""
+    for case, extra in (("good", ()), ("good-bearer", ()), ("good-storage", ("-u", USER))):
+        root = tmp_path / case / "root"
+        check_success(run(root, "pull", "-q", "--plain-http", *extra, hostile_server.ref(case)))
+        assert image_names(root) == [hostile_server.ref(case)]
+    seen = hostile_server.log("good-storage")
+    assert any(s["port"] == "storage" for s in seen)
+    assert not any(s["port"] == "storage" and s["authorization"] for s in seen)
+
+
+def test_enough_cases() -> None:
+    assert len(ROWS) >= 60
+    assert {r.case for r in ROWS} <= set(CASES)
+    assert len({r.name for r in ROWS}) == len(ROWS)
