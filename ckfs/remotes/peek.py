@@ -14,6 +14,12 @@ environment, a missing or different digest. The one thing it does beyond a
 bare ``HEAD`` is the anonymous bearer-token round trip that public
 registries demand even of anonymous clients.
 
+Time is bounded as a whole, not per read: ``http.client``'s timeout applies
+to each socket operation, so a server sending a byte a second would hold it
+for as long as its headers go on. Every connect, handshake, send and
+receive here ends by one deadline, `PEEK_DEADLINE` after the peek began,
+and whatever a hostile server answers ends in None, quickly.
+
 Nothing is fetched here and nothing is trusted beyond what the full
 client's own ``HEAD`` would trust: the registry's ``Docker-Content-Digest``
 for the tag, compared with a digest whose content is already present and
@@ -23,10 +29,13 @@ verified.
 from __future__ import annotations
 
 import http.client
+import io
 import logging
 import os
+import socket
+import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from ckfs import mediatypes as mt
@@ -46,13 +55,18 @@ from ckfs.remotes.hosts import USER_AGENT, RegistryHost, ssl_context
 if TYPE_CHECKING:
     import ssl
 
-__all__ = ["PEEK_TIMEOUT", "tag_digest"]
+__all__ = ["PEEK_DEADLINE", "PEEK_TIMEOUT", "tag_digest"]
 
 _log = logging.getLogger(__name__)
 
-#: Seconds the one request may take, connecting or reading. Short on
-#: purpose: a host that slow gets the full client, with its retries.
+#: Seconds one socket operation (connect, handshake, read) may take. Short
+#: on purpose: a host that slow gets the full client, with its retries.
 PEEK_TIMEOUT = 2.0
+
+#: Seconds the whole peek may take, all its requests together (a ``HEAD``,
+#: and for public registries a token ``GET`` and a second ``HEAD``): a few
+#: round trips to a healthy registry take well under one.
+PEEK_DEADLINE = 5.0
 
 
 def tag_digest(
@@ -83,18 +97,22 @@ def tag_digest(
     headers["User-Agent"] = USER_AGENT
     accept = {**headers, "Accept": ", ".join(mt.MANIFEST_ACCEPT)}
     tls: dict[str, ssl.SSLContext] = {}
+    deadline = time.monotonic() + PEEK_DEADLINE
     try:
-        status, answer, _ = _request(host, tls, host.scheme, host.host, "HEAD", path, accept)
+        status, answer, _ = _request(
+            host, tls, deadline, host.scheme, host.host, "HEAD", path, accept
+        )
         if status == 401:
             credentials = credentials or Credentials()
             if credentials.configured(host.host):
                 return None
             challenges = answer.get_all("WWW-Authenticate") or []
-            token = _anonymous_token(host, tls, challenges, ref, headers)
+            token = _anonymous_token(host, tls, deadline, challenges, ref, headers)
             if token is None:
                 return None
+            authorized = {**accept, "Authorization": token}
             status, answer, _ = _request(
-                host, tls, host.scheme, host.host, "HEAD", path, {**accept, "Authorization": token}
+                host, tls, deadline, host.scheme, host.host, "HEAD", path, authorized
             )
         value = answer.get("Docker-Content-Digest")
         media_type = (answer.get("Content-Type") or "").split(";")[0].strip()
@@ -104,7 +122,8 @@ def tag_digest(
         if not (mt.is_index(media_type) or mt.is_manifest(media_type)):
             return None
         return Digest.parse(value.strip())
-    except (OSError, http.client.HTTPException, CkfsError) as e:
+    except (OSError, http.client.HTTPException, ValueError, CkfsError) as e:
+        # ValueError: a URL or header value http.client refuses to send.
         _log.debug("HEAD %s on %s: %s; asking the full client", ref, host.host, e)
         return None
 
@@ -112,6 +131,7 @@ def tag_digest(
 def _anonymous_token(
     host: RegistryHost,
     tls: dict[str, ssl.SSLContext],
+    deadline: float,
     challenges: list[str],
     ref: Reference,
     headers: dict[str, str],
@@ -128,7 +148,7 @@ def _anonymous_token(
     query = urlencode(token_query(params.get("service", ""), scopes))
     path = f"{realm.path or '/'}?{realm.query + '&' if realm.query else ''}{query}"
     status, _, data = _request(
-        host, tls, realm.scheme, realm.netloc, "GET", path, headers, body=True
+        host, tls, deadline, realm.scheme, realm.netloc, "GET", path, headers, body=True
     )
     if status != 200:
         return None
@@ -138,6 +158,7 @@ def _anonymous_token(
 def _request(
     host: RegistryHost,
     tls: dict[str, ssl.SSLContext],
+    deadline: float,
     scheme: str,
     netloc: str,
     method: str,
@@ -158,9 +179,9 @@ def _request(
         key = netloc if own else ""
         if key not in tls:
             tls[key] = ssl_context(host if own else RegistryHost(netloc))
-        conn = http.client.HTTPSConnection(netloc, timeout=PEEK_TIMEOUT, context=tls[key])
+        conn = _BoundedHTTPS(netloc, deadline, context=tls[key])
     else:
-        conn = http.client.HTTPConnection(netloc, timeout=PEEK_TIMEOUT)
+        conn = _BoundedHTTP(netloc, deadline)
     try:
         conn.request(method, path, headers=headers)
         response = conn.getresponse()
@@ -168,6 +189,76 @@ def _request(
         return response.status, response.msg, data
     finally:
         conn.close()
+
+
+def _left(deadline: float) -> float:
+    """Seconds the next socket operation may take: `PEEK_TIMEOUT`, or less near *deadline*."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(f"no answer within the {PEEK_DEADLINE:g} s peek deadline")
+    return min(left, PEEK_TIMEOUT)
+
+
+class _DeadlineSocket:
+    """A connected socket whose every send and receive ends by one deadline.
+
+    Only what ``http.client`` uses: `sendall`, `makefile` for the response
+    and `close`. Each call re-arms the socket's timeout with what is left,
+    so a trickle of bytes cannot stretch the total.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def sendall(self, data: Any) -> None:
+        self._sock.settimeout(_left(self._deadline))
+        self._sock.sendall(data)
+
+    def recv_into(self, buffer: Any) -> int:
+        self._sock.settimeout(_left(self._deadline))
+        return self._sock.recv_into(buffer)
+
+    def makefile(self, mode: str = "rb") -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self))
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, sock: _DeadlineSocket) -> None:
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._sock.recv_into(buffer)
+
+
+class _BoundedHTTP(http.client.HTTPConnection):
+    """A connection whose connect, TLS handshake, requests and responses end by *deadline*."""
+
+    def __init__(self, netloc: str, deadline: float, **kwargs: Any) -> None:
+        super().__init__(netloc, timeout=PEEK_TIMEOUT, **kwargs)
+        self._deadline = deadline
+        self._create_connection = self._connect_by_deadline
+
+    def _connect_by_deadline(
+        self, address: tuple[str, int], timeout: float, source: Any = None
+    ) -> socket.socket:
+        sock = socket.create_connection(address, _left(self._deadline), source)
+        sock.settimeout(_left(self._deadline))  # what a TLS handshake has left
+        return sock
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock = _DeadlineSocket(self.sock, self._deadline)
+
+
+class _BoundedHTTPS(_BoundedHTTP, http.client.HTTPSConnection):
+    pass
 
 
 def _proxied(scheme: str) -> bool:
