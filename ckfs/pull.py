@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     import httpx
 
     from ckfs.remotes.hosts import RegistryHost
+    from ckfs.remotes.walk import ChildrenFunc
 
 __all__ = ["PullReport", "pull", "pull_local"]
 
@@ -85,6 +86,7 @@ async def pull(
     platform: Platform | None = None,
     all_platforms: bool = False,
     offline: bool = False,
+    children: ChildrenFunc | None = None,
     max_concurrent: int = DEFAULT_CONCURRENCY,
     hosts_dirs: Sequence[Path] = (),
     plain_http: bool = False,
@@ -102,6 +104,10 @@ async def pull(
             ``ckfs fetch``.
         platform: the platform to fetch from an index; None for this host.
         all_platforms: fetch every manifest of an index.
+        children: which descriptors under a manifest or index to fetch,
+            instead of `platform_children` for *platform* and
+            *all_platforms* (`ckfs.unpack` wraps that one to refuse an
+            image too deep to stack before any of its layers is fetched).
         offline: never contact the registry; everything must be present
             (the target found by digest or by the name in *images*).
         max_concurrent: layers transferred at once (see `ckfs.remotes.fetch.fetch`).
@@ -163,7 +169,7 @@ async def pull(
             content,
             ref,
             target,
-            children=platform_children(platform, all_platforms=all_platforms),
+            children=children or platform_children(platform, all_platforms=all_platforms),
             max_concurrent=max_concurrent,
             on_event=on_event,
         )

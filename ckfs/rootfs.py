@@ -20,12 +20,13 @@ from ckfs.images import image as img
 from ckfs.images.config import ImageConfig
 from ckfs.images.manifest import Manifest
 from ckfs.mount import Mount
-from snapshotters.api import Kind, Snapshotter
+from snapshotters.api import Kind, Snapshotter, max_layers
 
 __all__ = [
     "EXTRACT_PREFIX",
     "GC_SNAPSHOT",
     "NotUnpacked",
+    "check_depth",
     "committed",
     "gc_snapshot_label",
     "image_chain",
@@ -55,6 +56,27 @@ def committed(sn: Snapshotter, name: str) -> bool:
         return sn.stat(name).kind is Kind.COMMITTED
     except NotFound:
         return False
+
+
+def check_depth(sn: Snapshotter, image: Descriptor, layers: int) -> None:
+    """Refuse an image of *layers* layers that *sn* cannot stack (`snapshotters.api.LayerLimit`).
+
+    Asked as soon as the layer count is known, before a layer is fetched
+    or applied: overlay accepts such an image layer by layer and fails only
+    at the mount, after all the work.
+
+    Raises:
+        FailedPrecondition: too many layers for *sn*. Not InvalidArgument:
+            the image is valid and another snapshotter (or a state root
+            with shorter paths) takes it.
+    """
+    limit = max_layers(sn)
+    if limit is not None and layers > limit:
+        name = getattr(sn, "name", type(sn).__name__)
+        raise FailedPrecondition(
+            f"image {image.digest} has {layers} layers; the {name} snapshotter stacks at "
+            f"most {limit} here (use --snapshotter native)"
+        )
 
 
 def image_chain(
@@ -97,10 +119,12 @@ def snapshot_on(
 
     Raises:
         NotUnpacked: the image's top chain ID is not a committed snapshot.
+        FailedPrecondition: the image has more layers than *sn* stacks.
         AlreadyExists: *key* is taken.
         NotFound: the image's manifest or config is missing.
     """
     _, _, chain = image_chain(content, target, platform)
+    check_depth(sn, target, len(chain))
     top = str(chain[-1])
     if not committed(sn, top):
         raise NotUnpacked(f"image {target.digest} is not unpacked (no snapshot {top})")

@@ -33,6 +33,7 @@ from typing import Any
 
 import trio
 
+from ckfs import mediatypes as mt
 from ckfs.archive.apply import ApplyOptions, apply_layer
 from ckfs.content import ContentStore
 from ckfs.descriptor import Descriptor, Platform
@@ -43,7 +44,8 @@ from ckfs.mount import Mount
 from ckfs.pull import PullReport, pull
 from ckfs.reference import Reference
 from ckfs.remotes.fetch import BlobProgress, BlobState
-from ckfs.rootfs import EXTRACT_PREFIX, committed, gc_snapshot_label, image_chain
+from ckfs.remotes.walk import platform_children
+from ckfs.rootfs import EXTRACT_PREFIX, check_depth, committed, gc_snapshot_label, image_chain
 from snapshotters.api import Snapshotter
 
 __all__ = ["UnpackReport", "pull_and_unpack", "unpack"]
@@ -201,7 +203,8 @@ async def unpack(
     Raises:
         NotFound: a manifest, config or layer blob is missing.
         FailedPrecondition: the manifest and config disagree on the number
-            of layers.
+            of layers, or there are more than *sn* can stack (checked before
+            any layer is applied).
         DataLoss: a layer does not decompress to its diff ID; the snapshot
             being built is removed.
         InvalidArgument: a malformed or hostile layer.
@@ -210,6 +213,7 @@ async def unpack(
     """
     started = time.monotonic()
     manifest, config, chain = await trio.to_thread.run_sync(image_chain, content, target, platform)
+    check_depth(sn, target, len(chain))
     layers, diff_ids = manifest.layers, config.diff_ids
     report = UnpackReport(chain_id=chain[-1])
 
@@ -292,7 +296,9 @@ async def pull_and_unpack(
 
     Each layer is applied as soon as it has arrived and the one below it is
     applied, so decompression and extraction overlap the download of later
-    layers instead of waiting for the whole image.
+    layers instead of waiting for the whole image. An image with more layers
+    than *sn* stacks is refused as soon as its manifest is read, before any
+    layer is requested.
 
     Args:
         ref, content, images, platform, on_event, pull_options: as
@@ -303,6 +309,15 @@ async def pull_and_unpack(
         As `ckfs.pull.pull` and `unpack`; the first failure cancels the other.
     """
     arrivals = _Arrivals(content)
+    follow = platform_children(platform, all_platforms=pull_options.get("all_platforms", False))
+
+    def children(desc: Descriptor, data: bytes) -> Sequence[Descriptor]:
+        found = follow(desc, data)
+        if mt.is_manifest(desc.media_type):
+            # A manifest's children are its config, then its layers; none of
+            # them is fetched before this returns.
+            check_depth(sn, desc, len(found) - 1)
+        return found
 
     def events(p: BlobProgress) -> None:
         arrivals.event(p)
@@ -313,7 +328,15 @@ async def pull_and_unpack(
 
     async def do_pull() -> None:
         report.append(
-            await pull(ref, content, images, platform=platform, on_event=events, **pull_options)
+            await pull(
+                ref,
+                content,
+                images,
+                platform=platform,
+                children=children,
+                on_event=events,
+                **pull_options,
+            )
         )
 
     async def do_unpack() -> None:

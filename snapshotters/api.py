@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 from ckfs.metadata.fields import EPOCH
 from ckfs.mount import Mount
 
-__all__ = ["Cleaner", "Info", "Kind", "Snapshotter", "Usage"]
+__all__ = ["Cleaner", "Info", "Kind", "LayerLimit", "Snapshotter", "Usage", "max_layers"]
 
 
 class Kind(enum.Enum):
@@ -288,3 +288,26 @@ class Cleaner(Protocol):
         left alone.
         """
         ...
+
+
+@runtime_checkable
+class LayerLimit(Protocol):
+    """A snapshotter that can stack only so many layers under one snapshot.
+
+    Overlay's layers are the kernel's to stack, and the kernel has limits;
+    an image deeper than them can be unpacked but never mounted. Callers
+    that know an image's layer count (`ckfs.rootfs.check_depth`) ask before
+    fetching or unpacking anything, so such an image fails in a moment, not
+    after every layer was applied. Snapshotters without the attribute
+    (native copies each parent whole) stack any number.
+    """
+
+    @property
+    def max_layers(self) -> int | None:
+        """Most layers one snapshot can have beneath it; None for no limit."""
+        ...
+
+
+def max_layers(sn: object) -> int | None:
+    """*sn*'s `LayerLimit.max_layers`, or None when it declares no limit."""
+    return sn.max_layers if isinstance(sn, LayerLimit) else None

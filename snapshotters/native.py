@@ -75,6 +75,10 @@ class NativeSnapshotter(DirectorySnapshotter):
 
     name = "native"
 
+    #: `snapshotters.api.LayerLimit`: every snapshot is a whole copy, never
+    #: a stack, so any number of layers mounts.
+    max_layers: int | None = None
+
     def _populate(self, path: Path, kind: Kind, parent_ids: tuple[int, ...]) -> None:
         fs = path / "fs"
         if kind is Kind.ACTIVE and parent_ids:

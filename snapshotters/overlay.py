@@ -26,7 +26,12 @@ off whenever the kernel has the parameter.
 
 More than about 40 layers under a long root no longer fit one page of mount
 options; `ckfs.mount` then passes the layers relative to their common parent
-(this snapshotter's directory), which fits the kernel's 500-layer maximum.
+(this snapshotter's directory), ``<id>/fs`` each. Even so a page holds only
+so many: with 4-digit snapshot ids about 490 layers, with 6-digit ids about
+400, fewer than the kernel's own maximum of 500 (``OVL_MAX_STACK``).
+`OverlaySnapshotter.max_layers` is the smaller of the two for this state
+root, so an image deeper than that is refused before it is fetched or
+unpacked rather than after (`ckfs.rootfs.check_depth`).
 
 The layer applier writes overlay-form whiteouts (``0/0`` character devices,
 ``trusted.overlay.opaque``) straight into `OverlaySnapshotter.upper_dir`
@@ -42,12 +47,17 @@ import os
 from pathlib import Path
 
 from ckfs.metadata.db import DB
-from ckfs.mount import Mount
+from ckfs.mount import PAGE_SIZE, Mount
 from snapshotters.api import Kind
 from snapshotters.base import ROOT_MODE, DirectorySnapshotter
 from snapshotters.storage import Snapshot
 
 __all__ = ["OverlaySnapshotter", "supports_index"]
+
+#: Lower layers one overlayfs mount stacks at most: the kernel's
+#: ``OVL_MAX_STACK`` (fs/overlayfs/params.h), beyond which mount fails with
+#: EINVAL ("too many lower directories").
+OVL_MAX_STACK = 500
 
 #: Present when the running kernel's overlayfs knows the ``index`` option.
 INDEX_PARAMETER = Path("/sys/module/overlay/parameters/index")
@@ -72,6 +82,37 @@ class OverlaySnapshotter(DirectorySnapshotter):
         super().__init__(root, db)
         #: Options appended to every overlay mount.
         self.options: tuple[str, ...] = ("index=off",) if supports_index() else ()
+
+    @property
+    def max_layers(self) -> int:
+        """Most layers one snapshot here can stack (`snapshotters.api.LayerLimit`).
+
+        The smaller of the kernel's `OVL_MAX_STACK` and what fits one page
+        of mount options, for the worst case: a prepared (writable)
+        snapshot, whose ``workdir`` and ``upperdir`` are absolute paths
+        while `ckfs.mount` makes ``lowerdir`` relative to this snapshotter's
+        directory (``<id>/fs`` per layer, ``:`` between). mount(2) reads
+        at most a page, NUL included. Ids only grow (AUTOINCREMENT), and
+        the layers still to unpack take new ones: the bound assumes every
+        id as wide as the last one handed out plus `OVL_MAX_STACK`.
+        """
+        rows = self._store.db.query("SELECT seq FROM sqlite_sequence WHERE name = 'snapshots'")
+        widest = int(rows[0]["seq"]) if rows else 0
+        return min(OVL_MAX_STACK, self._fit_in_page(len(str(widest + OVL_MAX_STACK))))
+
+    def _fit_in_page(self, width: int) -> int:
+        """How many lower layers with *width*-digit ids one page of options holds."""
+        some_id = 10 ** (width - 1)
+        fixed = ",".join(
+            [
+                f"workdir={self._work(some_id)}",
+                f"upperdir={self._fs(some_id)}",
+                "lowerdir=",
+                *self.options,
+            ]
+        )
+        # fixed + n * len("<id>/fs") + (n - 1) colons <= PAGE_SIZE - 1 (the NUL)
+        return (PAGE_SIZE - len(os.fsencode(fixed))) // (width + len("/fs") + 1)
 
     def upper_dir(self, key: str) -> Path:
         """The directory holding *key*'s own changes (overlay's upper directory).

@@ -11,25 +11,29 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
-from ckfs import gc
+from ckfs import gc, reference
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
-from ckfs.errors import AlreadyExists, DataLoss, NotFound
+from ckfs.errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound
 from ckfs.identity import chain_ids
-from ckfs.mount import Mount
+from ckfs.images.store import Image
+from ckfs.mount import PAGE_SIZE, Mount, _compact_lowerdir
 from ckfs.remotes.archives import open_source
 from ckfs.rootfs import EXTRACT_PREFIX, GC_SNAPSHOT, NotUnpacked, snapshot_on
 from ckfs.state import State
 from ckfs.transfer import import_source
-from ckfs.unpack import UnpackReport, unpack
-from snapshotters.api import Kind, Snapshotter
+from ckfs.unpack import UnpackReport, pull_and_unpack, unpack
+from snapshotters.api import Kind, Snapshotter, max_layers
 from snapshotters.overlay import OverlaySnapshotter
+from snapshotters.storage import Snapshot
 from tests.layouts import Layout, layer_tar, sha256
 
 BASE = {"etc/os-release": b"ID=unpack-test\n", "bin/tool": b"#!/bin/sh\n"}
@@ -286,3 +290,146 @@ async def test_gc_keeps_everything_while_the_image_and_a_mount_exist(env: Env) -
     assert (report.blobs, report.snapshots, report.directories) == ([], {}, [])
     after = (env.names(), env.dirs(), sorted(str(i.digest) for i in env.state.content.walk()))
     assert after == before
+
+
+# -- images deeper than the snapshotter stacks ---------------------------------------
+
+DEEP = "registry.test/team/deep:1"
+
+
+def deep_layout(tmp: Path, layers: int) -> Layout:
+    """An image of *layers* layers of one empty file each: cheap to write."""
+    layout = Layout(tmp / f"deep-{layers}")
+    layout.image([{f"f{i}": b""} for i in range(layers)])
+    return layout
+
+
+def put_blob(state: State, data: bytes) -> None:
+    digest = Digest.parse(sha256(data))
+    with state.content.writer(f"test-{digest}", total=len(data), expected=digest) as w:
+        w.write(data)
+        w.commit(len(data), digest)
+
+
+def register_without_layers(state: State, layout: Layout, name: str) -> Descriptor:
+    """Put *layout*'s manifest and config in the store and name the image; no layer."""
+    entry = layout.manifests[0]
+    put_blob(state, layout.blob_path(entry["digest"]).read_bytes())
+    put_blob(state, layout.blob_path(layout.manifest()["config"]["digest"]).read_bytes())
+    target = Descriptor.from_json(entry).replace(annotations={})
+    state.images.put(Image.new(name, target))
+    return target
+
+
+async def test_image_deeper_than_overlay_stacks_is_refused_before_any_layer(
+    tmp_path: Path,
+) -> None:
+    state = State(tmp_path / "root")
+    overlay = state.snapshotter("overlayfs")
+    limit = max_layers(overlay)
+    assert limit is not None
+    # Only the manifest and config are present: a refusal that looked at a
+    # layer would fail on its absence (NotFound) instead.
+    target = register_without_layers(state, deep_layout(tmp_path, limit + 1), DEEP)
+    started = time.monotonic()
+    words = f"has {limit + 1} layers; the overlayfs snapshotter stacks at most {limit}"
+    with pytest.raises(FailedPrecondition, match=words):
+        await unpack(
+            state.content, overlay, target, snapshotter_name="overlayfs", lock_dir=state.lock_dir
+        )
+    with pytest.raises(FailedPrecondition, match=words):
+        snapshot_on(state.content, overlay, target, "rootfs")
+    assert time.monotonic() - started < 10
+    assert list(overlay.walk()) == []
+    # Native copies each parent whole and stacks nothing: it goes on to want layers.
+    native = state.snapshotter("native")
+    assert max_layers(native) is None
+    with pytest.raises(NotFound, match="not in the content store"):
+        await unpack(
+            state.content, native, target, snapshotter_name="native", lock_dir=state.lock_dir
+        )
+    state.close()
+
+
+@pytest.mark.parametrize("width", [3, 4, 6, 8])
+def test_overlay_max_layers_is_what_one_page_of_mount_options_holds(
+    tmp_path: Path, width: int
+) -> None:
+    state = State(tmp_path / "root")
+    sn = state.snapshotter("overlayfs")
+    assert isinstance(sn, OverlaySnapshotter)
+    fits = sn._fit_in_page(width)
+
+    def data_length(layers: int) -> int:
+        """The options ckfs.mount passes for a prepare on *layers* layers, in bytes."""
+        ids = [10 ** (width - 1) + i for i in range(layers + 1)]
+        [m] = sn._mounts(Snapshot(ids[0], Kind.ACTIVE, tuple(ids[1:])))
+        compacted = _compact_lowerdir(m.options)
+        assert compacted is not None
+        return len(os.fsencode(",".join(compacted[1])))
+
+    assert data_length(fits) < PAGE_SIZE <= data_length(fits + 1)
+    state.close()
+
+
+def test_overlay_max_layers_narrows_as_snapshot_ids_grow(tmp_path: Path) -> None:
+    state = State(tmp_path / "root")
+    sn = state.snapshotter("overlayfs")
+    assert isinstance(sn, OverlaySnapshotter)
+    assert sn.max_layers == min(500, sn._fit_in_page(3))
+    sn.prepare("first")
+    with state.db.transaction() as tx:
+        tx.execute("UPDATE sqlite_sequence SET seq = 99999 WHERE name = 'snapshots'")
+    # Ids up to 100,499 are six digits wide.
+    assert sn.max_layers == sn._fit_in_page(6) < 500
+    state.close()
+
+
+async def test_pull_and_unpack_refuses_a_deep_image_before_fetching_a_layer(
+    tmp_path: Path,
+) -> None:
+    state = State(tmp_path / "root")
+    sn = state.snapshotter("overlayfs")
+    limit = max_layers(sn)
+    assert limit is not None
+    layout = deep_layout(tmp_path, limit + 1)
+    registry = LayoutRegistry(layout)
+    started = time.monotonic()
+    with pytest.raises(FailedPrecondition, match=f"stacks at most {limit}"):
+        await pull_and_unpack(
+            reference.parse(DEEP),
+            state.content,
+            state.images,
+            sn,
+            snapshotter_name="overlayfs",
+            lock_dir=state.lock_dir,
+            transport=httpx.MockTransport(registry.handle),
+        )
+    assert time.monotonic() - started < 10
+    assert registry.paths and all("/manifests/" in p for p in registry.paths)
+    assert state.images.list() == [] and list(sn.walk()) == []
+    state.close()
+
+
+class LayoutRegistry:
+    """A registry serving one `tests.layouts.Layout` at `DEEP`, recording request paths."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.paths: list[str] = []
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        self.paths.append(path)
+        entry = self.layout.manifests[0]
+        kind, _, name = path.removeprefix("/v2/team/deep/").partition("/")
+        digest = entry["digest"] if name == "1" else name
+        try:
+            data = self.layout.blob_path(digest).read_bytes()
+        except (OSError, IndexError):
+            return httpx.Response(404, json={"errors": [{"code": "BLOB_UNKNOWN"}]})
+        headers = {"Docker-Content-Digest": digest, "Content-Length": str(len(data))}
+        if kind == "manifests":
+            headers["Content-Type"] = entry["mediaType"]
+        body = b"" if request.method == "HEAD" else data
+        return httpx.Response(200, headers=headers, stream=httpx.ByteStream(body))
