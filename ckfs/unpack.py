@@ -24,7 +24,6 @@ import fcntl
 import logging
 import os
 import secrets
-import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import trio
 
 from ckfs import mediatypes as mt
 from ckfs.archive.apply import ApplyOptions, apply_layer
+from ckfs.archive.secure import remove_all
 from ckfs.content import ContentStore
 from ckfs.descriptor import Descriptor, Platform
 from ckfs.digest import Digest
@@ -162,11 +162,15 @@ def _discard(sn: Snapshotter, key: str, mounts: Sequence[Mount]) -> None:
             return
     upper = getattr(sn, "upper_dir", None)
     own = upper(key) if callable(upper) else Path(mounts[0].source)
-    for child in own.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
+    # A native snapshot starts as a copy of its parent, which a container
+    # may have written: any depth, any name (remove_all copes, rmtree not).
+    fd = os.open(own, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in os.listdir(fd):
+            with contextlib.suppress(OSError):
+                remove_all(fd, name)
+    finally:
+        os.close(fd)
     try:
         sn.remove(key)
     except (NotFound, OSError) as e:
