@@ -34,7 +34,9 @@ import trio
 
 __all__ = ["Fault", "FaultProxy", "Seen"]
 
-FaultKind = Literal["cut", "stall", "corrupt", "status", "ignore_range", "redirect", "delay"]
+FaultKind = Literal[
+    "cut", "stall", "corrupt", "status", "ignore_range", "redirect", "delay", "trickle"
+]
 
 #: Headers that describe one hop, not the message; never forwarded.
 _HOP = frozenset(
@@ -70,6 +72,9 @@ class Fault:
         redirect: answer 307 to the same path on the redirect port.
         delay: wait *seconds* before forwarding (a slow registry: lets a
             second client arrive while the first is still downloading).
+        trickle: send *after* body bytes, then the rest one byte every
+            *seconds* (a server that never stalls long enough for a read
+            timeout yet never finishes).
 
     *times* < 0 means every matching request.
     """
@@ -317,6 +322,9 @@ class FaultProxy:
             await send(h11.Response(status_code=response.status_code, headers=out))
             limit = fault.after if fault is not None and fault.kind in ("cut", "stall") else None
             flip = fault is not None and fault.kind == "corrupt"
+            if fault is not None and fault.kind == "trickle":
+                await self._trickle(send, response, fault, seen)
+                return True
             async for chunk in response.aiter_raw():
                 if flip and chunk:
                     mutable = bytearray(chunk)
@@ -337,6 +345,22 @@ class FaultProxy:
         finally:
             await response.aclose()
         return True
+
+    @staticmethod
+    async def _trickle(
+        send: Callable[[h11.Event], Awaitable[None]],
+        response: httpx.Response,
+        fault: Fault,
+        seen: Seen,
+    ) -> None:
+        body = await response.aread()
+        await send(h11.Data(data=body[: fault.after]))
+        seen.body_bytes = min(fault.after, len(body))
+        for i in range(fault.after, len(body)):
+            await trio.sleep(fault.seconds)
+            await send(h11.Data(data=body[i : i + 1]))
+            seen.body_bytes += 1
+        await send(h11.EndOfMessage())
 
 
 async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> h11.Event | type:

@@ -36,6 +36,7 @@ from ckfs.remotes.peek import tag_digest
 from ckfs.remotes.registry import RegistryClient
 from integration.certs import certificate, name
 from integration.conftest import need
+from integration.faultproxy import Fault, FaultProxy
 from integration.registry import Registry, free_port
 from integration.tokenserver import TokenServer
 
@@ -441,3 +442,62 @@ async def test_stalled_read_times_out(tmp_path: Path) -> None:
             with pytest.raises(Unavailable, match="ReadTimeout"):
                 await client.resolve(parse(f"{host}/x/y:1"))
             assert 1.0 <= trio.current_time() - start < 5
+
+
+# -- bounded time on real sockets --------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(plain: tuple[Registry, Digest]) -> Iterator[FaultProxy]:
+    """The plain registry behind a fault proxy (started here: its stop blocks, trio must not)."""
+    with FaultProxy(plain[0].host).running() as p:
+        yield p
+
+
+async def test_deadlines_and_minimum_rate_on_real_connections(
+    proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Slow headers, a trickled manifest and a trickled blob each end within their bound.
+
+    Real httpcore connections under trio cancellation: after each cut the
+    same client goes on working (the pool is not left with a half-read
+    connection), and the blob resumes from the byte the cut reported.
+    """
+    hosts = load_hosts(proxy.host, hosts_dirs=[])
+    ref = parse(f"{proxy.host}/{REPO}:1")
+    client = RegistryClient(
+        proxy.host,
+        hosts=hosts,
+        credentials=anonymous(tmp_path),
+        request_timeout=1,
+        min_rate=2000,
+        low_speed_time=1,
+    )
+    async with client:
+        proxy.add(Fault("delay", path="/manifests/", method="HEAD", seconds=20))
+        start = trio.current_time()
+        with pytest.raises(Unavailable, match=r"response headers from registry .* within 1 s"):
+            await client.resolve(ref)
+        assert trio.current_time() - start < 3
+        desc = await client.resolve(ref)
+
+        proxy.add(Fault("trickle", path="/manifests/", after=10, seconds=0.2))
+        start = trio.current_time()
+        with pytest.raises(Unavailable, match="body not complete within 1 s"):
+            await client.fetch_manifest(ref, desc)
+        assert trio.current_time() - start < 3
+        layer = children(desc, await client.fetch_manifest(ref, desc))[1]
+
+        proxy.add(Fault("trickle", path="/blobs/", after=5000, seconds=0.2))
+        got = b""
+        start = trio.current_time()
+        async with client.open_blob(ref, layer) as stream:
+            with pytest.raises(Unavailable, match="slower than 2000 bytes/s for 1 s"):
+                async for chunk in stream.aiter_chunks():
+                    got += chunk
+            position = stream.position
+        assert trio.current_time() - start < 4
+        assert position == len(got) >= 5000
+        async with client.open_blob(ref, layer, offset=position) as stream:
+            got += b"".join([c async for c in stream.aiter_chunks()])
+        assert "sha256:" + hashlib.sha256(got).hexdigest() == layer.digest
