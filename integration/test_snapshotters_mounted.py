@@ -636,3 +636,49 @@ def test_remove_detaches_mounts_inside_instead_of_deleting_through_them(
     assert (host / "precious").read_text() == "keep me"
     assert mounts_under(tmp_path / "root") == []
     assert not Path(m.source).exists()
+
+
+# -- the deepest stack overlay declares is the deepest that mounts ------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bound", ["stack", "page"])
+def test_overlay_max_layers_mount_and_one_more_does_not(
+    tmp_path: Path, mount_guard: MountGuard, work: Path, bound: str
+) -> None:
+    """`OverlaySnapshotter.max_layers` layers mount; one more does not, whichever limit binds.
+
+    "stack": short ids, so the kernel's OVL_MAX_STACK (500) binds and the
+    kernel refuses one more. "page": every id six digits wide, so one page
+    of mount options binds first and `ckfs.mount` refuses one more.
+    """
+    from snapshotters.overlay import OVL_MAX_STACK, OverlaySnapshotter
+
+    db = DB(tmp_path / "root" / "metadata.db")
+    sn = OverlaySnapshotter(tmp_path / "root", db)
+    try:
+        if bound == "page":
+            with db.transaction() as tx:
+                tx.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('snapshots', 100000)")
+        limit = sn.max_layers
+        assert (limit == OVL_MAX_STACK) == (bound == "stack")
+        parent = ""
+        for i in range(limit + 1):
+            key = f"extract-{i}"
+            sn.prepare(key, parent, labels=GC_ROOT)
+            (sn.upper_dir(key) / f"file-{i}").write_bytes(b"")
+            sn.commit(f"layer-{i}", key, labels=GC_ROOT)
+            parent = f"layer-{i}"
+        # On layer-(limit-1): limit layers beneath; on layer-limit: one more.
+        target = mount_guard.mount(sn.prepare("fits", f"layer-{limit - 1}"), work / "fits")
+        try:
+            assert sorted(os.listdir(target)) == sorted(f"file-{i}" for i in range(limit))
+            (target / "written").write_bytes(b"upper\n")
+        finally:
+            mount_guard.unmount(target)
+        with pytest.raises(errors.InvalidArgument):
+            mount_guard.mount(sn.prepare("one-more", parent), work / "one-more")
+        assert not is_mountpoint(work / "one-more")
+    finally:
+        sn.close()
+        db.close()
