@@ -86,6 +86,8 @@ def open_source(path: Path) -> Source:
     try:
         # O_NONBLOCK: a FIFO given as the archive must not hang the open.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"{what}: no such file or directory") from None
     except OSError as e:
         raise _os_error(what, None, e) from None
     files: _Files
