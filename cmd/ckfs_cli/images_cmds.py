@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from ckfs_cli.app import App, for_each, human_size, labels_text, print_json, print_table
 from ckfs_cli.options import pass_app
+
+if TYPE_CHECKING:
+    from ckfs.images.store import Image
 
 
 def normalize(name: str) -> str:
@@ -28,40 +33,78 @@ def images() -> None:
 def ls(app: App, as_json: bool, quiet: bool, filters: tuple[str, ...]) -> None:
     """List images, optionally matching containerd-style FILTERS.
 
+    An image whose content cannot be read (a blob missing, a manifest or
+    config that does not parse) is still listed: SIZE says "(incomplete)"
+    or "(error)" (with --json, an "error" field) and stderr has one line
+    saying why. The others are listed as usual and the exit status stays 0:
+    the listing itself worked.
+
     \b
     Examples:
       ckfs images ls
       ckfs images ls 'name~=alpine' 'labels."env"==prod'
     """
-    from ckfs.errors import NotFound
-    from ckfs.images import image as img
+    from ckfs.safetext import printable
 
     found = app.state.images.list(list(filters))
     if quiet:
         for i in found:
             click.echo(i.name)
         return
+    listed = [(i, _contents(app, i)) for i in found]
     if as_json:
-        print_json([image_json(i) for i in found])
-        return
-    rows = []
-    for i in found:
-        try:
-            size = human_size(img.size(app.state.content, i.target))
-            plats = ",".join(str(p) for p in img.platforms_of(app.state.content, i.target)) or "-"
-        except NotFound:
-            size, plats = "(incomplete)", "-"
-        rows.append(
+        print_json([{**image_json(i), **c.to_json()} for i, c in listed])
+    else:
+        rows = [
             [
                 i.name,
                 _short_type(i.target.media_type),
                 str(i.target.digest),
-                size,
-                plats,
+                c.size_text(),
+                ",".join(c.platforms) or "-",
                 labels_text(i.labels),
             ]
-        )
-    print_table(["REF", "TYPE", "DIGEST", "SIZE", "PLATFORMS", "LABELS"], rows)
+            for i, c in listed
+        ]
+        print_table(["REF", "TYPE", "DIGEST", "SIZE", "PLATFORMS", "LABELS"], rows)
+    for i, c in listed:
+        if c.error is not None:
+            click.echo(f"ckfs: image {printable(i.name)}: {c.error}", err=True)
+
+
+class _Contents:
+    """What ``images ls`` reads of one image's content, or why it could not."""
+
+    def __init__(self, size: int | None, platforms: list[str], error: str | None, missing: bool):
+        self.size = size
+        self.platforms = platforms
+        self.error = error
+        self.missing = missing
+
+    def size_text(self) -> str:
+        if self.size is not None:
+            return human_size(self.size)
+        return "(incomplete)" if self.missing else "(error)"
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"size": self.size, "platforms": self.platforms}
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+def _contents(app: App, image: Image) -> _Contents:
+    """Size and platforms of *image*; a bad record gives its one-line error instead."""
+    from ckfs.errors import CkfsError, NotFound
+    from ckfs.images import image as img
+    from ckfs_cli.main import describe
+
+    try:
+        size = img.size(app.state.content, image.target)
+        plats = [str(p) for p in img.platforms_of(app.state.content, image.target)]
+    except (CkfsError, OSError) as e:
+        return _Contents(None, [], describe(e), isinstance(e, NotFound))
+    return _Contents(size, plats, None, False)
 
 
 def _short_type(media_type: str) -> str:
@@ -94,11 +137,17 @@ def image_json(i: object) -> dict[str, object]:
 @click.argument("name")
 @pass_app
 def inspect(app: App, as_json: bool, platform: str | None, name: str) -> None:
-    """Show an image: target, manifest and config for a platform, chain IDs."""
-    from ckfs.errors import NotFound
+    """Show an image: target, manifest and config for a platform, chain IDs.
+
+    If the manifest or config cannot be read (missing, or not parsing),
+    what the name holds is still shown, with an "error" field, and the exit
+    status is 1 after the one-line error on stderr.
+    """
+    from ckfs.errors import CkfsError
     from ckfs.identity import chain_ids
     from ckfs.images import image as img
     from ckfs.images import platforms
+    from ckfs_cli.main import describe
 
     image = app.state.images.get(normalize(name))
     out = image_json(image)
@@ -106,8 +155,8 @@ def inspect(app: App, as_json: bool, platform: str | None, name: str) -> None:
     try:
         mdesc, manifest = img.manifest(app.state.content, image.target, plat)
         cfg = img.read_config(app.state.content, manifest)
-    except NotFound as e:
-        out["error"] = str(e)
+    except (CkfsError, OSError) as e:
+        out["error"] = describe(e)
     else:
         out["manifest"] = mdesc.to_json()
         out["config"] = manifest.config.to_json()
@@ -122,23 +171,29 @@ def inspect(app: App, as_json: bool, platform: str | None, name: str) -> None:
         out["user"] = cfg.user
     if as_json:
         print_json(out)
-        return
-    width = max(len(k) for k in out)
-    for key, value in out.items():
-        if isinstance(value, list):
-            click.echo(f"{key + ':':<{width + 1}}")
-            for v in value:
-                click.echo(f"  {_one_line(v)}")
-        else:
-            click.echo(f"{key + ':':<{width + 1}} {_one_line(value)}")
+    else:
+        width = max(len(k) for k in out)
+        for key, value in out.items():
+            if isinstance(value, list):
+                click.echo(f"{key + ':':<{width + 1}}")
+                for v in value:
+                    click.echo(f"  {_one_line(v)}")
+            else:
+                click.echo(f"{key + ':':<{width + 1}} {_one_line(value)}")
+    if "error" in out:
+        click.echo(f"ckfs: {out['error']}", err=True)
+        raise SystemExit(1)
 
 
 def _one_line(v: object) -> str:
+    """A value of the image (its config is untrusted) as one escaped line."""
+    from ckfs.safetext import escape
+
     if isinstance(v, dict):
         if "digest" in v:
-            return f"{v['digest']} {v.get('mediaType', '')} {v.get('size', '')}".rstrip()
-        return labels_text(v)
-    return str(v)
+            return escape(f"{v['digest']} {v.get('mediaType', '')} {v.get('size', '')}".rstrip())
+        return escape(labels_text(v))
+    return escape(str(v))
 
 
 @images.command("tag")
