@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import os
 import stat
 import time
@@ -36,8 +37,11 @@ import snapshotters
 from ckfs import errors
 from ckfs.metadata.db import DB
 from ckfs.mount import PAGE_SIZE, Mount, is_mountpoint, mounts_under
+from integration.conftest import Ckfs
 from integration.mounts import MountGuard
+from integration.registry import Registry
 from snapshotters import Kind, Snapshotter
+from tests.layouts import Layout
 
 pytestmark = [pytest.mark.root]
 
@@ -682,3 +686,40 @@ def test_overlay_max_layers_mount_and_one_more_does_not(
     finally:
         sn.close()
         db.close()
+
+
+@pytest.mark.slow
+def test_mount_of_an_image_too_deep_to_stack_fails_before_fetching_a_layer(
+    registry_factory: Callable[..., Registry],
+    ckfs: Ckfs,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A cold ``ckfs mount`` from a real registry: refused at the manifest, no layer asked for."""
+    from ckfs.state import State
+    from snapshotters.api import max_layers
+
+    state = State(ckfs.root)
+    limit = max_layers(state.snapshotter("overlayfs"))
+    state.close()
+    assert limit is not None
+    layout = Layout(tmp_path / "deep")
+    layout.image([{f"f{i}": b""} for i in range(limit + 1)])
+    registry = registry_factory()
+    manifest = registry.push_layout_raw(layout.root, "team/deep:1")
+
+    started = time.monotonic()
+    line = ckfs.fails("mount", f"{registry.host}/team/deep:1", str(tmp_path / "rootfs"))
+    elapsed = time.monotonic() - started
+    assert elapsed < 20
+    with capsys.disabled():
+        print(f"\n{limit + 1}-layer image refused by ckfs mount in {elapsed:.2f} s")
+    assert f"has {limit + 1} layers" in line and f"at most {limit}" in line
+    assert "--snapshotter native" in line
+    # Only the manifest came: no config, no layer, no ingest; nothing named or unpacked.
+    assert ckfs.run("content", "ls", "-q").stdout.split() == [manifest]
+    assert json.loads(ckfs.run("content", "active", "--json").stdout) == []
+    assert ckfs.run("images", "ls", "-q").stdout == ""
+    assert (
+        json.loads(ckfs.run("snapshots", "--snapshotter", "overlayfs", "ls", "--json").stdout) == []
+    )
