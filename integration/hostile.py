@@ -30,13 +30,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from integration.hostile_registry import Image, image, tiny_tar
+
 REPO = Path(__file__).resolve().parent.parent
 
 #: Wall time a case may take (generous: the slow ones wait out a --timeout of `BUDGET`).
 WALL_BOUND = 20.0
 
 #: A ckfs still running this long is killed (by its PID) so the suite stays short.
-HARD_LIMIT = 40.0
+HARD_LIMIT = 30.0
 
 #: Peak RSS a ckfs process may reach on any case, in KiB (the issue's ~200 MB).
 RSS_BOUND_KIB = 200 * 1024
@@ -214,6 +216,32 @@ def check_store(
     after = image_names(root)
     assert set(after) == expected, f"after gc, images {after}, before {names}"
     check_success(run(root, "content", "verify"))
+
+
+#: A good image in every case's store, sharing no blob with any case: one bad
+#: record must not break the others.
+NEIGHBOUR = image(layers=[tiny_tar("neighbour", b"next door\n")])
+NEIGHBOUR_NAME = "example.local/hostile/neighbour:latest"
+
+
+def write_layout(img: Image, out: Path) -> Path:
+    """*img* as an OCI layout directory."""
+    blobs = out / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    (out / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    for digest, data in [*img.blobs.items(), *((d, b) for d, (_, b) in img.manifests.items())]:
+        (blobs / digest.split(":", 1)[1]).write_bytes(data)
+    media_type, body = img.manifests[img.top]
+    entry = {"mediaType": media_type, "digest": img.top, "size": len(body)}
+    (out / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    return out
+
+
+def with_neighbour(root: Path) -> list[str]:
+    """Import `NEIGHBOUR` into *root*; the names now registered."""
+    layout = write_layout(NEIGHBOUR, root.parent / "neighbour")
+    check_success(run(root, "import", "--name", NEIGHBOUR_NAME, str(layout)))
+    return image_names(root)
 
 
 def listing(top: Path, skip: Path) -> dict[str, tuple[int, int, int]]:

@@ -36,17 +36,15 @@ from integration.hostile import (
     nothing_changes_outside,
     recorded,
     run,
+    with_neighbour,
+    write_layout,
 )
-from integration.hostile_registry import CASES, OCI_INDEX, USER, Image, image, tiny_tar
+from integration.hostile_registry import CASES, OCI_INDEX, USER, Image
 
 pytestmark = pytest.mark.slow
 
 #: Seconds the server lives at most; the session's fixture stops it sooner.
 SERVER_LIFETIME = 900
-
-#: A good image in every case's store, sharing no blob with any case.
-NEIGHBOUR = image(layers=[tiny_tar("neighbour", b"next door\n")])
-NEIGHBOUR_NAME = "example.local/hostile/neighbour:latest"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,19 +240,6 @@ def command(row: Row, server: Server, work: Path) -> list[str]:
     return args
 
 
-def write_layout(img: Image, out: Path) -> Path:
-    """*img* as an OCI layout directory (to make it present before a re-pull)."""
-    blobs = out / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    (out / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-    for digest, data in [*img.blobs.items(), *((d, b) for d, (_, b) in img.manifests.items())]:
-        (blobs / digest.split(":", 1)[1]).write_bytes(data)
-    media_type, body = img.manifests[img.top]
-    entry = {"mediaType": media_type, "digest": img.top, "size": len(body)}
-    (out / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
-    return out
-
-
 def _layer_digests(img: Image) -> set[str]:
     media_type, body = img.manifests[img.top]
     if media_type == OCI_INDEX:
@@ -284,9 +269,7 @@ def run_case(row: Row, server: Server, work: Path, seen: list[Outcome]) -> None:
     """
     root = work / "root"
     work.mkdir(parents=True, exist_ok=True)
-    # A good image beside the case's: one bad record must not break the store.
-    layout = write_layout(NEIGHBOUR, work / "neighbour")
-    check_success(run(root, "import", "--name", NEIGHBOUR_NAME, str(layout)))
+    with_neighbour(root)
     if row.present:
         layout = write_layout(CASES[row.case].image, work / "present")
         check_success(run(root, "import", "--name", server.ref(row.case), str(layout)))
