@@ -27,8 +27,8 @@ import pytest
 from integration.hostile import (
     Outcome,
     check_failure,
-    check_success,
     check_store,
+    check_success,
     nothing_changes_outside,
     recorded,
     run,
