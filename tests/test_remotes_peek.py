@@ -143,10 +143,23 @@ def test_pull_only_mirror_is_never_asked_for_a_tag(
     assert [(m, p) for m, p, _ in upstream.seen] == [("HEAD", "/v2/library/app/manifests/1")]
 
 
+@pytest.mark.parametrize("connection", ["keep-alive", "close"])
 def test_anonymous_token_round_trip(
-    serve: Callable[[Answer], Server], nocreds: Credentials
+    serve: Callable[[Answer], Server], nocreds: Credentials, connection: str
 ) -> None:
-    auth = serve(reply(200, {"Content-Type": "application/json"}, b'{"token": "anon"}'))
+    """Also when the token server closes after answering: the body, arriving later, is read."""
+
+    def token(h: BaseHTTPRequestHandler) -> None:
+        body = b'{"token": "anon"}'
+        h.send_response(200)
+        h.send_header("Connection", connection)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.flush()
+        time.sleep(0.05)
+        h.wfile.write(body)
+
+    auth = serve(token)
 
     def registry(h: BaseHTTPRequestHandler) -> None:
         if h.headers.get("Authorization") == "Bearer anon":

@@ -184,9 +184,9 @@ def _request(
         conn = _BoundedHTTP(netloc, deadline)
     try:
         conn.request(method, path, headers=headers)
-        response = conn.getresponse()
-        data = response.read(MAX_TOKEN_RESPONSE + 1) if body else b""
-        return response.status, response.msg, data
+        with conn.getresponse() as response:
+            data = response.read(MAX_TOKEN_RESPONSE + 1) if body else b""
+            return response.status, response.msg, data
     finally:
         conn.close()
 
@@ -204,12 +204,16 @@ class _DeadlineSocket:
 
     Only what ``http.client`` uses: `sendall`, `makefile` for the response
     and `close`. Each call re-arms the socket's timeout with what is left,
-    so a trickle of bytes cannot stretch the total.
+    so a trickle of bytes cannot stretch the total. As with a real socket's
+    ``makefile``, the descriptor stays open until the connection and every
+    reader made from it are closed: a connection that will close hands its
+    socket to the response this way.
     """
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         self._sock = sock
         self._deadline = deadline
+        self._users = 1  # the connection
 
     def sendall(self, data: Any) -> None:
         self._sock.settimeout(_left(self._deadline))
@@ -220,10 +224,13 @@ class _DeadlineSocket:
         return self._sock.recv_into(buffer)
 
     def makefile(self, mode: str = "rb") -> io.BufferedReader:
+        self._users += 1
         return io.BufferedReader(_DeadlineReader(self))
 
     def close(self) -> None:
-        self._sock.close()
+        self._users -= 1
+        if self._users == 0:
+            self._sock.close()
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -235,6 +242,11 @@ class _DeadlineReader(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         return self._sock.recv_into(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._sock.close()
+        super().close()
 
 
 class _BoundedHTTP(http.client.HTTPConnection):
