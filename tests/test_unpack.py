@@ -433,3 +433,22 @@ class LayoutRegistry:
             headers["Content-Type"] = entry["mediaType"]
         body = b"" if request.method == "HEAD" else data
         return httpx.Response(200, headers=headers, stream=httpx.ByteStream(body))
+
+
+async def test_two_unpacks_of_one_image_at_once_apply_each_layer_once(env: Env) -> None:
+    """The per-chain-ID lock and the check under it: the second waits, then finds it done."""
+    import trio
+
+    layers = [BASE, APP, OTHER]
+    target = await env.add("example.local/unpack/app:1", layers)
+    reports: list[UnpackReport] = []
+
+    async def one() -> None:
+        reports.append(await env.unpack(target))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one)
+        nursery.start_soon(one)
+    applied = [str(c) for r in reports for c in r.applied]
+    assert sorted(applied) == sorted(chain_of(layers))
+    assert env.names() == sorted(chain_of(layers)) and extracts(env) == []
