@@ -220,6 +220,47 @@ def test_documents_held_at_once_are_bounded(
     refused(tmp_path / "root", layout.root, InvalidArgument, "more than 1000 bytes", "foo")
 
 
+def index_entry_with(layout: Layout, **fields: object) -> None:
+    layout.manifests[0] = {**layout.manifests[0], **fields}
+    layout.write_index()
+
+
+@pytest.mark.parametrize(
+    ("spoil", "words"),
+    [
+        pytest.param(
+            lambda lay: index_entry_with(lay, size=int("9" * 5000)),
+            "JSON",
+            marks=pytest.mark.xfail(
+                reason="ckfs/jsondoc.py: json.loads raises a plain ValueError past 4300 digits",
+                raises=ValueError,
+            ),
+            id="number of 5000 digits",
+        ),
+        pytest.param(
+            lambda lay: index_entry_with(
+                lay, platform={"os": "linux", "architecture": "amd64", "os.features": 1}
+            ),
+            "platform",
+            marks=pytest.mark.xfail(
+                reason="ckfs/descriptor.py: Platform.from_json iterates os.features unchecked",
+                raises=TypeError,
+            ),
+            id="os.features not a list",
+        ),
+        (lambda lay: index_entry_with(lay, size=-1), "size"),
+        (lambda lay: index_entry_with(lay, annotations={"a": 1}), "annotations"),
+        (lambda lay: index_entry_with(lay, digest="sha256:" + "0" * 63), "digest"),
+    ],
+)
+def test_odd_values_in_index_json_are_invalid_argument(
+    tmp_path: Path, spoil: Callable[[Layout], None], words: str
+) -> None:
+    layout = layout_with_image(tmp_path)
+    spoil(layout)
+    refused(tmp_path / "root", layout.root, InvalidArgument, words)
+
+
 # -- docker save directories -----------------------------------------------------
 
 

@@ -197,14 +197,15 @@ def _parts(what: str, name: str) -> list[str]:
 
 
 class _Blob:
-    """A read-only window of *size* bytes at *offset* of an open file.
+    """A read-only window of *size* bytes at *offset* of an open file, named *what*.
 
     Reads use pread, so several windows can share one descriptor (a tar's)
     and be read from several threads at once. *owned*: close the
     descriptor with the window (a directory's file).
     """
 
-    def __init__(self, fd: int, offset: int, size: int, *, owned: bool) -> None:
+    def __init__(self, what: str, fd: int, offset: int, size: int, *, owned: bool) -> None:
+        self.what = what
         self._fd = fd
         self._owned = owned
         self._start = offset
@@ -217,7 +218,10 @@ class _Blob:
             n = left
         if n <= 0:
             return b""
-        data = os.pread(self._fd, n, self._start + self._pos)
+        try:
+            data = os.pread(self._fd, n, self._start + self._pos)
+        except OSError as e:  # EIO from a failing disk or network filesystem
+            raise InvalidArgument(f"{self.what}: {e.strerror or e}") from None
         self._pos += len(data)
         return data
 
@@ -313,7 +317,7 @@ class _DirFiles:
         except BaseException:
             os.close(fd)
             raise
-        return _Blob(fd, 0, st.st_size, owned=True)
+        return _Blob(f"{self.what}: {name}", fd, 0, st.st_size, owned=True)
 
     def close(self) -> None:
         self._root.close()
@@ -446,7 +450,7 @@ class _TarFiles:
         if m.offset + m.size > self._file_size:
             # tarfile lists a member whose data the file does not hold.
             raise InvalidArgument(f"{self.what}: truncated archive: {name} is cut short")
-        return _Blob(self._fd, m.offset, m.size, owned=False)
+        return _Blob(f"{self.what}: {name}", self._fd, m.offset, m.size, owned=False)
 
     def close(self) -> None:
         if self._fd >= 0:
