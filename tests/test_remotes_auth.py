@@ -168,8 +168,9 @@ async def test_missing_config_means_anonymous(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("{not json", "not valid JSON"),
-        ("[]", "expected a JSON object"),
+        ("{not json", "invalid JSON"),
+        ("[" * 100_000, "nested deeper than"),
+        ("[]", "expected an object"),
         (json.dumps({"auths": {"r.example": {"auth": "!!notbase64"}}}), "not base64"),
         (json.dumps({"auths": {"r.example": {"auth": b64("nocolon")}}}), "not base64"),
     ],

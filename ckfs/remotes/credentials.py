@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import os
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckfs.errors import FailedPrecondition, InvalidArgument
+from ckfs.jsondoc import parse_object
 
 if TYPE_CHECKING:
     import trio
@@ -167,13 +167,8 @@ class Credentials:
                 raise FailedPrecondition(
                     f"{self._config_file}: cannot read: {e.strerror}"
                 ) from None
-            try:
-                config = json.loads(raw or b"{}")
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise InvalidArgument(f"{self._config_file}: not valid JSON") from None
-            if not isinstance(config, dict):
-                raise InvalidArgument(f"{self._config_file}: expected a JSON object")
-            self._config = config
+            # parse_object: a file nested thousands deep is a clear error, not a RecursionError.
+            self._config = parse_object(raw or b"{}", str(self._config_file))
         return self._config
 
     def _keys_for(self, host: str) -> list[str]:
@@ -263,9 +258,9 @@ class Credentials:
             detail = detail.splitlines()[0][:120] if detail else f"exit status {result.returncode}"
             raise FailedPrecondition(f"credential helper {program} failed for {host}: {detail}")
         try:
-            answer = json.loads(out)
+            answer = parse_object(out, f"credential helper {program}")
             user, secret = answer["Username"], answer["Secret"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (InvalidArgument, KeyError):
             raise FailedPrecondition(
                 f"credential helper {program} printed no credentials JSON for {host}"
             ) from None
