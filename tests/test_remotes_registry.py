@@ -1265,15 +1265,15 @@ async def test_token_realm_redirect_loop_is_refused_by_name(
 
 
 @pytest.mark.parametrize(
-    ("failure", "expected"),
+    ("failure", "expected", "attempts"),
     [
         (httpx.UnsupportedProtocol("Request URL has an unsupported protocol 'ftp://'."),
-         InvalidArgument),
-        (httpx.LocalProtocolError("Illegal header value"), InvalidArgument),
-        (httpx.DecodingError("Error -3 while decompressing data"), InvalidArgument),
-        (httpx.InvalidURL("Invalid non-printable ASCII character in URL"), InvalidArgument),
-        (httpx.RemoteProtocolError("Invalid URL in location header"), Unavailable),
-        (httpx.ReadTimeout("timed out"), Unavailable),
+         InvalidArgument, 1),
+        (httpx.LocalProtocolError("Illegal header value"), InvalidArgument, 1),
+        (httpx.DecodingError("Error -3 while decompressing data"), InvalidArgument, 1),
+        (httpx.InvalidURL("Invalid non-printable ASCII character in URL"), InvalidArgument, 1),
+        (httpx.RemoteProtocolError("Server disconnected"), Unavailable, 6),
+        (httpx.ReadTimeout("timed out"), Unavailable, 1),  # silence is not waited out again
     ],
 )  # fmt: skip
 async def test_every_httpx_failure_is_a_ckfs_error(
@@ -1281,8 +1281,13 @@ async def test_every_httpx_failure_is_a_ckfs_error(
     autojump_clock: trio.abc.Clock,
     failure: Exception,
     expected: type[Exception],
+    attempts: int,
 ) -> None:
+    calls = 0
+
     def fail(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
         raise failure
 
     client = RegistryClient(
@@ -1295,6 +1300,7 @@ async def test_every_httpx_failure_is_a_ckfs_error(
         with pytest.raises(expected) as info:
             await client.resolve(parse(f"{REGISTRY}/x/y:1"))
     assert "reg.test" in str(info.value) and "\n" not in str(info.value)
+    assert calls == attempts
 
 
 async def test_storage_401_is_unavailable_and_never_gets_credentials(

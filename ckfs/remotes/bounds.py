@@ -75,7 +75,7 @@ _MAX_DETAIL = 300
 
 
 class TooSlow(Unavailable):
-    """A request's `Deadline` passed: not retried, the server has had its whole budget."""
+    """A request's `Deadline` or read timeout passed: not retried, the server had its chance."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -188,8 +188,9 @@ def describe(exc: BaseException) -> str:
 def http_failure(exc: httpx.HTTPError | httpx.InvalidURL, server: str, what: str) -> CkfsError:
     """The `CkfsError` for an httpx failure while asking *server* ("registry X") for *what*.
 
-    Only `Unavailable` is worth retrying: the others say the same thing the
-    next time.
+    Only `Unavailable` other than `TooSlow` is worth retrying: the others
+    would say the same thing the next time, or make the caller wait as long
+    again.
     """
     if isinstance(exc, httpx.TooManyRedirects):
         return InvalidArgument(
@@ -199,6 +200,9 @@ def http_failure(exc: httpx.HTTPError | httpx.InvalidURL, server: str, what: str
         return FailedPrecondition(
             f"{server} ({what}): {describe(exc)}; trust its CA with 'ca' in its hosts.toml"
         )
+    if isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout):
+        # Silence for a whole read timeout: asking again would only repeat the wait.
+        return TooSlow(f"{server} stopped answering ({what}): {describe(exc)}")
     unusable = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
     if isinstance(exc, httpx.TransportError) and not isinstance(exc, unusable):
         return Unavailable(f"{server} is unreachable ({what}): {describe(exc)}")

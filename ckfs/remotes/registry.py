@@ -39,7 +39,7 @@ Failure handling, per request, before any byte of a body is handed out:
   read with them (manifest, error or token body), within
   ``request_timeout`` seconds, however the bytes trickle; past it the
   attempt is `Unavailable` and not repeated (a server that slow has had
-  its chance). ``read_timeout`` still bounds each single read.
+  its chance), nor is one silent for a whole ``read_timeout``.
 - redirect loops, redirects to URLs httpx cannot follow, and other answers
   httpx refuses → `InvalidArgument`, not retried.
 - any other failure on a mirror → the next host; the last host's error is
