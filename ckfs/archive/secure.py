@@ -342,11 +342,12 @@ class CrossesMount(OSError):
 class _Level:
     """One directory on the walk's current path: how to check and leave it."""
 
-    __slots__ = ("ino", "name", "pending")
+    __slots__ = ("dev", "ino", "name", "pending")
 
-    def __init__(self, name: str, ino: int, pending: list[str]) -> None:
+    def __init__(self, name: str, st: os.stat_result, pending: list[str]) -> None:
         self.name = name
-        self.ino = ino
+        self.dev = st.st_dev
+        self.ino = st.st_ino
         self.pending = pending
 
 
@@ -366,10 +367,12 @@ def walk_tree(
     - is iterative and holds one descriptor at a time, so neither Python's
       stack nor the descriptor limit bounds the depth (memory grows with the
       names still to visit, not with their paths);
-    - never enters another filesystem: a directory whose device differs
-      from the top's raises `CrossesMount` (a bind mount of the same
-      filesystem has the same device: callers that remove check
-      ``/proc/self/mountinfo`` first);
+    - never enters a mount: a directory on another device whose mount id
+      (``/proc/self/fdinfo``) differs from its parent's raises
+      `CrossesMount`. A btrfs subvolume, another device on the same mount,
+      is walked. Bind mounts of the same file system show no change of
+      device and are not noticed: callers that remove detach what
+      ``/proc/self/mountinfo`` lists first;
     - with *fix_modes*, makes every directory below *dir_fd* owner-
       accessible (a container's ``chmod 000`` stops a caller without
       ``CAP_DAC_OVERRIDE``, not root).
@@ -390,17 +393,18 @@ def walk_tree(
     """
     fd, top = _enter(dir_fd, name, fix_modes)
     try:
-        stack = [_Level(name, top.st_ino, _scan(fd, visit))]
+        stack = [_Level(name, top, _scan(fd, visit))]
         while stack:
             level = stack[-1]
             if level.pending:
                 child = level.pending.pop()
                 cfd, st = _enter(fd, child, fix_modes)
+                if st.st_dev != level.dev and not _same_mount(cfd, fd):
+                    os.close(cfd)
+                    raise CrossesMount(child)
                 os.close(fd)
                 fd = cfd
-                if st.st_dev != top.st_dev:
-                    raise CrossesMount(child)
-                stack.append(_Level(child, st.st_ino, _scan(fd, visit)))
+                stack.append(_Level(child, st, _scan(fd, visit)))
                 continue
             stack.pop()
             if not stack:
@@ -409,12 +413,29 @@ def walk_tree(
             os.close(fd)
             fd = parent
             st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) != (top.st_dev, stack[-1].ino):
+            if (st.st_dev, st.st_ino) != (stack[-1].dev, stack[-1].ino):
                 raise OSError(errno.ESTALE, "directory moved while being walked", level.name)
             if leave is not None:
                 leave(fd, level.name)
     finally:
         os.close(fd)
+
+
+def _same_mount(a: int, b: int) -> bool:
+    """Whether descriptors *a* and *b* are on one mount; False if /proc cannot tell."""
+    ids = [_mount_id(fd) for fd in (a, b)]
+    return ids[0] is not None and ids[0] == ids[1]
+
+
+def _mount_id(fd: int) -> int | None:
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _enter(dir_fd: int, name: str, fix_modes: bool) -> tuple[int, os.stat_result]:
