@@ -289,13 +289,14 @@ def client_for(
     fake: FakeRegistry,
     credentials: Credentials,
     hosts: list[RegistryHost] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
     **kwargs: float,
 ) -> RegistryClient:
     return RegistryClient(
         REGISTRY,
         hosts=hosts or [RegistryHost(host=REGISTRY, scheme="http")],
         credentials=credentials,
-        transport=fake.transport(),
+        transport=transport or fake.transport(),
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -1082,14 +1083,9 @@ async def test_slow_headers_fail_within_the_request_timeout(
     fake: FakeRegistry, image: Image, tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     ref, _, _ = image
-    client = RegistryClient(
-        REGISTRY,
-        hosts=[RegistryHost(host=REGISTRY, scheme="http")],
-        credentials=nocreds(tmp_path),
-        transport=slowly(fake),
-        request_timeout=1,
-    )
-    async with client:
+    async with client_for(
+        fake, nocreds(tmp_path), transport=slowly(fake), request_timeout=1
+    ) as client:
         with pytest.raises(Unavailable) as info:
             await client.resolve(ref)
         assert trio.current_time() == pytest.approx(1)
@@ -1103,14 +1099,9 @@ async def test_enclosing_deadline_passes_through(
 ) -> None:
     """The caller's cancel scope wins when it is the earlier one: never swallowed or renamed."""
     ref, _, _ = image
-    client = RegistryClient(
-        REGISTRY,
-        hosts=[RegistryHost(host=REGISTRY, scheme="http")],
-        credentials=nocreds(tmp_path),
-        transport=slowly(fake),
-        request_timeout=5,
-    )
-    async with client:
+    async with client_for(
+        fake, nocreds(tmp_path), transport=slowly(fake), request_timeout=5
+    ) as client:
         with trio.move_on_after(2) as outer:
             await client.resolve(ref)
         assert outer.cancelled_caught
@@ -1290,13 +1281,9 @@ async def test_every_httpx_failure_is_a_ckfs_error(
         calls += 1
         raise failure
 
-    client = RegistryClient(
-        REGISTRY,
-        hosts=[RegistryHost(host=REGISTRY, scheme="http")],
-        credentials=nocreds(tmp_path),
-        transport=httpx.MockTransport(fail),
-    )
-    async with client:
+    async with client_for(
+        FakeRegistry(), nocreds(tmp_path), transport=httpx.MockTransport(fail)
+    ) as client:
         with pytest.raises(expected) as info:
             await client.resolve(parse(f"{REGISTRY}/x/y:1"))
     assert "reg.test" in str(info.value) and "\n" not in str(info.value)
