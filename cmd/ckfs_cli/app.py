@@ -108,20 +108,21 @@ def for_each(items: Sequence[str], action: Callable[[str], object]) -> None:
     """Apply *action* to every item, like ``ctr ... rm A B C``.
 
     Each success prints what *action* returned if it is a string (a
-    normalized name, say), else the item; each failure prints its one-line
-    error and the rest still run; any failure makes the exit status 1.
+    normalized name, say), else the item; each failure (a `CkfsError`, or
+    an `OSError` of that item's files) prints its one-line error and the
+    rest still run; any failure makes the exit status 1.
     """
     import click
 
     from ckfs.errors import CkfsError
-    from ckfs.safetext import message
+    from ckfs_cli.main import describe
 
     failed = 0
     for item in items:
         try:
             done = action(item)
-        except CkfsError as e:
-            click.echo(f"ckfs: {message(str(e))}", err=True)
+        except (CkfsError, OSError) as e:
+            click.echo(f"ckfs: {describe(e)}", err=True)
             failed += 1
         else:
             click.echo(done if isinstance(done, str) else item)
