@@ -364,7 +364,7 @@ def walk_tree(
       with ``O_NOFOLLOW``, and left through its own ``..``, checked to be
       the parent it came from (a directory moved meanwhile fails the walk
       rather than lead it elsewhere);
-    - is iterative and holds one descriptor at a time, so neither Python's
+    - is iterative and holds two descriptors at most, so neither Python's
       stack nor the descriptor limit bounds the depth (memory grows with the
       names still to visit, not with their paths);
     - never enters a mount: a directory on another device whose mount id
