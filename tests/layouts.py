@@ -113,3 +113,43 @@ class Layout:
             for p in sorted(self.root.rglob("*")):
                 tar.add(p, arcname=str(p.relative_to(self.root)), recursive=False)
         return out
+
+
+@dataclass
+class DockerSave:
+    """A ``docker save`` directory of two layers, as legacy docker writes it."""
+
+    root: Path
+    config: str
+    layers: list[str]
+
+    def write_manifest(self, config: str | None = None, layers: list[str] | None = None) -> None:
+        """Write manifest.json naming *config* and *layers* (default: the real ones)."""
+        item = {
+            "Config": self.config if config is None else config,
+            "RepoTags": ["busybox:1"],
+            "Layers": self.layers if layers is None else layers,
+        }
+        (self.root / "manifest.json").write_text(json.dumps([item]))
+
+
+def docker_save(root: Path, *, config_name: str | None = None) -> DockerSave:
+    """Write a docker-save directory at *root*: config (named by digest unless
+    *config_name*), ``l0/layer.tar``, ``l1/layer.tar`` and manifest.json."""
+    layers = [layer_tar({"a": b"1"}), layer_tar({"b": b"2"})]
+    config = json.dumps(
+        {
+            "os": "linux",
+            "architecture": "amd64",
+            "rootfs": {"type": "layers", "diff_ids": [sha256(t) for t in layers]},
+        }
+    ).encode()
+    root.mkdir()
+    save = DockerSave(root, config_name or f"{sha256(config)[7:]}.json", [])
+    (root / save.config).write_bytes(config)
+    for i, t in enumerate(layers):
+        (root / f"l{i}").mkdir()
+        (root / f"l{i}/layer.tar").write_bytes(t)
+        save.layers.append(f"l{i}/layer.tar")
+    save.write_manifest()
+    return save

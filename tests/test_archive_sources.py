@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import resource
 import signal
@@ -34,7 +33,7 @@ from ckfs.remotes import archives
 from ckfs.remotes.archives import open_source
 from ckfs.state import State
 from ckfs.transfer import import_source
-from tests.layouts import Layout, layer_tar, sha256
+from tests.layouts import Layout, docker_save, layer_tar
 
 NAME = "docker.io/stevvooe/foo:latest"
 
@@ -264,37 +263,10 @@ def test_odd_values_in_index_json_are_invalid_argument(
 # -- docker save directories -----------------------------------------------------
 
 
-def docker_save(root: Path, *, config_name: str | None = None) -> tuple[Path, str, list[str]]:
-    """A docker-save directory of two layers; its root, config and layer names."""
-    layers = [layer_tar({"a": b"1"}), layer_tar({"b": b"2"})]
-    config = json.dumps(
-        {
-            "os": "linux",
-            "architecture": "amd64",
-            "rootfs": {"type": "layers", "diff_ids": [sha256(t) for t in layers]},
-        }
-    ).encode()
-    root.mkdir()
-    config_name = config_name or f"{sha256(config)[7:]}.json"
-    (root / config_name).write_bytes(config)
-    names = []
-    for i, t in enumerate(layers):
-        (root / f"l{i}").mkdir()
-        (root / f"l{i}/layer.tar").write_bytes(t)
-        names.append(f"l{i}/layer.tar")
-    write_save_manifest(root, config_name, names)
-    return root, config_name, names
-
-
-def write_save_manifest(root: Path, config: str, layers: list[str]) -> None:
-    (root / "manifest.json").write_text(
-        json.dumps([{"Config": config, "RepoTags": ["busybox:1"], "Layers": layers}])
-    )
-
-
 def test_sparse_config_is_refused_with_bounded_memory(tmp_path: Path) -> None:
     # Not named by a digest, so the config used to be read whole to hash it.
-    root, config, _ = docker_save(tmp_path / "save", config_name="config.json")
+    save = docker_save(tmp_path / "save", config_name="config.json")
+    root, config = save.root, save.config
     with open(root / config, "r+b") as f:
         f.truncate(3 << 30)
     text = refused(tmp_path / "root", root, InvalidArgument, "config.json", None)
@@ -306,7 +278,8 @@ def test_sparse_config_is_refused_with_bounded_memory(tmp_path: Path) -> None:
 def test_special_file_as_docker_config_or_layer_is_refused(
     tmp_path: Path, kind: str, make: Callable[[Path], None]
 ) -> None:
-    root, config, layers = docker_save(tmp_path / "save")
+    save = docker_save(tmp_path / "save")
+    root, config, layers = save.root, save.config, save.layers
     replace(root / config, make)
     refused(
         tmp_path / "root", root, InvalidArgument, f"{config}: not a regular file ({kind})", None
@@ -328,28 +301,28 @@ def test_docker_config_name_outside_the_archive_is_refused(
     tmp_path: Path, name: str, words: str
 ) -> None:
     (tmp_path / "outside.json").write_text("{}")
-    root, _, layers = docker_save(tmp_path / "save")
-    write_save_manifest(root, name, layers)
-    refused(tmp_path / "root", root, InvalidArgument, words, None)
+    save = docker_save(tmp_path / "save")
+    save.write_manifest(config=name)
+    refused(tmp_path / "root", save.root, InvalidArgument, words, None)
 
 
 def test_docker_layer_name_climbing_is_refused(tmp_path: Path) -> None:
-    root, config, layers = docker_save(tmp_path / "save")
-    write_save_manifest(root, config, [layers[0], "../save/" + layers[1]])
-    refused(tmp_path / "root", root, InvalidArgument, "outside the archive", None)
+    save = docker_save(tmp_path / "save")
+    save.write_manifest(layers=[save.layers[0], "../save/" + save.layers[1]])
+    refused(tmp_path / "root", save.root, InvalidArgument, "outside the archive", None)
 
 
 def test_docker_layer_name_too_long_is_one_line(tmp_path: Path) -> None:
-    root, config, layers = docker_save(tmp_path / "save")
-    write_save_manifest(root, config, [layers[0], "x" * 100_000])
-    text = refused(tmp_path / "root", root, InvalidArgument, "too long", None)
+    save = docker_save(tmp_path / "save")
+    save.write_manifest(layers=[save.layers[0], "x" * 100_000])
+    text = refused(tmp_path / "root", save.root, InvalidArgument, "too long", None)
     assert len(safetext.message(text)) <= safetext.MAX_MESSAGE
 
 
 def test_docker_relative_symlink_to_a_repeated_layer_is_followed(tmp_path: Path) -> None:
     # What legacy `docker save` writes for a layer it already saved.
-    root, _, layers = docker_save(tmp_path / "save")
-    data = (root / layers[1]).read_bytes()
+    root = docker_save(tmp_path / "save").root
+    data = (root / "l1/layer.tar").read_bytes()
     (root / "l0/layer.tar").unlink()
     (root / "l1/layer.tar").unlink()
     (root / "l2").mkdir()

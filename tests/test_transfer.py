@@ -15,7 +15,7 @@ from ckfs.errors import CkfsError, DataLoss, InvalidArgument, NotFound
 from ckfs.remotes.archives import open_source
 from ckfs.state import State
 from ckfs.transfer import export_images, import_source
-from tests.layouts import Layout, layer_tar, sha256
+from tests.layouts import Layout, docker_save, layer_tar
 
 NAME = "docker.io/stevvooe/foo:latest"
 
@@ -229,31 +229,7 @@ async def test_bad_input_keeps_earlier_images(state: State, layout: Layout, tmp_
 
 
 async def test_docker_save_archive(state: State, tmp_path: Path) -> None:
-    layers = [layer_tar({"a": b"1"}), layer_tar({"b": b"2"})]
-    config = json.dumps(
-        {
-            "os": "linux",
-            "architecture": "amd64",
-            "rootfs": {"type": "layers", "diff_ids": [sha256(t) for t in layers]},
-        }
-    ).encode()
-    root = tmp_path / "save"
-    root.mkdir()
-    (root / f"{sha256(config)[7:]}.json").write_bytes(config)
-    for i, t in enumerate(layers):
-        (root / f"l{i}").mkdir()
-        (root / f"l{i}/layer.tar").write_bytes(t)
-    (root / "manifest.json").write_text(
-        json.dumps(
-            [
-                {
-                    "Config": f"{sha256(config)[7:]}.json",
-                    "RepoTags": ["busybox:1"],
-                    "Layers": ["l0/layer.tar", "l1/layer.tar"],
-                }
-            ]
-        )
-    )
+    root = docker_save(tmp_path / "save").root
     await do_import(state, root, None)
     image = state.images.get("docker.io/library/busybox:1")
     assert image.target.media_type == "application/vnd.docker.distribution.manifest.v2+json"

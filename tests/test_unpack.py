@@ -321,16 +321,31 @@ def register_without_layers(state: State, layout: Layout, name: str) -> Descript
     return target
 
 
-async def test_image_deeper_than_overlay_stacks_is_refused_before_any_layer(
-    tmp_path: Path,
-) -> None:
+@dataclass
+class Deep:
+    """A fresh state root, its overlay snapshotter, its limit and an image one layer deeper."""
+
+    state: State
+    overlay: Snapshotter
+    limit: int
+    layout: Layout
+
+
+@pytest.fixture
+def deep(tmp_path: Path) -> Iterator[Deep]:
     state = State(tmp_path / "root")
     overlay = state.snapshotter("overlayfs")
     limit = max_layers(overlay)
     assert limit is not None
+    yield Deep(state, overlay, limit, deep_layout(tmp_path, limit + 1))
+    state.close()
+
+
+async def test_image_deeper_than_overlay_stacks_is_refused_before_any_layer(deep: Deep) -> None:
+    state, overlay, limit = deep.state, deep.overlay, deep.limit
     # Only the manifest and config are present: a refusal that looked at a
     # layer would fail on its absence (NotFound) instead.
-    target = register_without_layers(state, deep_layout(tmp_path, limit + 1), DEEP)
+    target = register_without_layers(state, deep.layout, DEEP)
     started = time.monotonic()
     words = f"has {limit + 1} layers; the overlayfs snapshotter stacks at most {limit}"
     with pytest.raises(FailedPrecondition, match=words):
@@ -348,7 +363,6 @@ async def test_image_deeper_than_overlay_stacks_is_refused_before_any_layer(
         await unpack(
             state.content, native, target, snapshotter_name="native", lock_dir=state.lock_dir
         )
-    state.close()
 
 
 @pytest.mark.parametrize("width", [3, 4, 6, 8])
@@ -385,15 +399,9 @@ def test_overlay_max_layers_narrows_as_snapshot_ids_grow(tmp_path: Path) -> None
     state.close()
 
 
-async def test_pull_and_unpack_refuses_a_deep_image_before_fetching_a_layer(
-    tmp_path: Path,
-) -> None:
-    state = State(tmp_path / "root")
-    sn = state.snapshotter("overlayfs")
-    limit = max_layers(sn)
-    assert limit is not None
-    layout = deep_layout(tmp_path, limit + 1)
-    registry = LayoutRegistry(layout)
+async def test_pull_and_unpack_refuses_a_deep_image_before_fetching_a_layer(deep: Deep) -> None:
+    state, sn, limit = deep.state, deep.overlay, deep.limit
+    registry = LayoutRegistry(deep.layout)
     started = time.monotonic()
     with pytest.raises(FailedPrecondition, match=f"stacks at most {limit}"):
         await pull_and_unpack(
@@ -408,7 +416,6 @@ async def test_pull_and_unpack_refuses_a_deep_image_before_fetching_a_layer(
     assert time.monotonic() - started < 10
     assert registry.paths and all("/manifests/" in p for p in registry.paths)
     assert state.images.list() == [] and list(sn.walk()) == []
-    state.close()
 
 
 class LayoutRegistry:

@@ -105,9 +105,9 @@ def open_source(path: Path) -> Source:
     try:
         # docker >= 25 writes both index.json and manifest.json; the OCI
         # index is the richer description, so it wins.
-        if files.has("index.json"):
+        if _has(files, "index.json"):
             return LayoutSource(files)
-        if files.has("manifest.json"):
+        if _has(files, "manifest.json"):
             return DockerArchiveSource(files)
     except BaseException:
         files.close()
@@ -132,10 +132,6 @@ def open_source(path: Path) -> Source:
 class _Files(Protocol):
     what: str
 
-    def has(self, name: str) -> bool:
-        """Whether *name* exists; raises `InvalidArgument` if it is not a regular file."""
-        ...
-
     def open(self, name: str) -> _Blob:
         """*name*'s bytes, size known up front.
 
@@ -146,6 +142,15 @@ class _Files(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def _has(files: _Files, name: str) -> bool:
+    """Whether *name* exists; `InvalidArgument` if it is there but not a regular file."""
+    try:
+        files.open(name).close()
+    except NotFound:
+        return False
+    return True
 
 
 _KINDS = (
@@ -302,13 +307,6 @@ class _DirFiles:
         except OSError as e:
             raise _os_error(self.what, name, e) from None
 
-    def has(self, name: str) -> bool:
-        try:
-            self.open(name).close()
-        except NotFound:
-            return False
-        return True
-
     def open(self, name: str) -> _Blob:
         fd = self._open_fd(name)
         try:
@@ -436,13 +434,6 @@ class _TarFiles:
                 return m
         raise InvalidArgument(f"{self.what}: {name}: too many levels of links")
 
-    def has(self, name: str) -> bool:
-        try:
-            self.open(name).close()
-        except NotFound:
-            return False
-        return True
-
     def open(self, name: str) -> _Blob:
         m = self._find(name)
         if m.kind != "file":
@@ -485,7 +476,7 @@ class LayoutSource:
     def __init__(self, files: _Files) -> None:
         self._files = files
         self.what = files.what
-        if files.has("oci-layout"):
+        if _has(files, "oci-layout"):
             layout = _read_json(files, "oci-layout")
             version = layout.get("imageLayoutVersion") if isinstance(layout, dict) else None
             if version != "1.0.0":
