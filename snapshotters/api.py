@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from ckfs.metadata.fields import EPOCH
@@ -279,13 +280,15 @@ class Snapshotter(Protocol):
 class Cleaner(Protocol):
     """A snapshotter that can reclaim disk left by failed or interrupted work."""
 
-    def cleanup(self) -> list[str]:
+    def cleanup(self, on_error: Callable[[Path, Exception], None] | None = None) -> list[str]:
         """Remove directories no snapshot owns; return the paths removed.
 
         Leftovers come from a crash between creating a directory and
         committing its metadata, or from a removal that failed (a busy
-        mount). Directories still being set up by a running `prepare` are
-        left alone.
+        mount, a tree a container made unremovable). Directories still being
+        set up by a running `prepare` are left alone. A directory that will
+        not go is handed to *on_error* (default: logged) and the rest still
+        go, so gc can report it and carry on.
         """
         ...
 
