@@ -61,8 +61,8 @@ def _reachable_content(
     whether that is the whole truth.
 
     A manifest that does not parse (a hostile or corrupt record) is reported
-    in *errors* and followed no further; the rest of the store is walked as
-    usual. A blob that cannot be read at all makes the answer unsure: its
+    in *errors*, and only what its body names by its own media type, if
+    anything, is kept; the rest of the store is walked as usual. A blob that cannot be read at all makes the answer unsure: its
     children might be anything, so the caller must not delete blobs.
     """
     seen: set[Digest] = set()
