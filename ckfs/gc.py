@@ -13,7 +13,11 @@ unpacks. From the roots the collector follows:
 - snapshots to their parents.
 
 Everything else goes: blobs, committed snapshots, leftover extract
-snapshots. Writers (import, pull, unpack, mount) hold the state's gc lock
+snapshots. One bad record never stops the rest: a manifest that does not
+parse, a blob or a directory that will not go (a tree a container made
+unremovable) is one line in `GCReport.errors`, and everything else is still
+collected; only a blob that cannot be read at all keeps every blob, since
+what it names is unknown. Writers (import, pull, unpack, mount) hold the state's gc lock
 shared and gc holds it exclusively, so nothing is collected between a blob's
 commit and the moment it becomes reachable.
 """
