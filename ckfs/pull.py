@@ -38,12 +38,15 @@ from ckfs.images import manifest as manifests
 from ckfs.images.store import Image
 from ckfs.jsondoc import parse_object
 from ckfs.reference import Reference
+from ckfs.remotes import DEFAULT_MAX_BLOB_SIZE, time_budget
 from ckfs.remotes.walk import (
     DEFAULT_CONCURRENCY,
     BlobProgress,
     FetchReport,
+    check_limits,
     platform_children,
     present,
+    seconds_text,
 )
 
 if TYPE_CHECKING:
@@ -93,6 +96,8 @@ async def pull(
     user: str | None = None,
     on_event: Callable[[BlobProgress], None] | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    timeout: float | None = None,
+    max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
 ) -> PullReport:
     """Bring *ref* into the content store and, with *register*, name it.
 
@@ -118,6 +123,11 @@ async def pull(
             ``config.json``.
         on_event: called with a blob's progress at each state change.
         transport: an httpx transport for the registry client (tests).
+        timeout: seconds the resolve, and each manifest and blob, may take
+            with all retries and resumes; None for `ckfs.remotes.time_budget`
+            (a base plus an allowance for the size).
+        max_blob_size: refuse a blob whose descriptor claims more bytes,
+            before downloading it.
 
     Returns:
         A `PullReport`.
@@ -127,18 +137,20 @@ async def pull(
             manifest for the platform; with *offline*, the image or one of
             its blobs is not present (the message names what is missing).
         Unavailable: the registry cannot be reached (the message names the
-            host), or kept dropping connections; partial downloads are kept
-            for the next pull.
+            host), kept dropping connections, or a time budget ran out;
+            partial downloads are kept for the next pull.
         DataLoss: a blob did not match its digest; nothing of it was kept.
-        InvalidArgument: a malformed or Docker schema 1 manifest, or a bad
-            ``hosts.toml``.
-        FailedPrecondition: the registry refused the credentials.
+        InvalidArgument: a malformed or Docker schema 1 manifest, a bad
+            ``hosts.toml``, a blob over *max_blob_size*, or a bad *timeout*.
+        FailedPrecondition: the registry refused the credentials, or the
+            blobs to fetch need more than the free space.
 
     Cancellation:
         Downloads stop and keep what they received, for the next pull to
         resume; no name is registered.
     """
     started = time.monotonic()
+    check_limits(timeout, max_blob_size)
     if offline or ref.digest is not None:
         local = pull_local(
             ref,
@@ -155,7 +167,7 @@ async def pull(
 
     # Imported here so that pulls served from local state never load trio or httpx.
     from ckfs.remotes.auth import Credentials
-    from ckfs.remotes.fetch import fetch
+    from ckfs.remotes.fetch import deadline, fetch
     from ckfs.remotes.hosts import load_hosts
     from ckfs.remotes.registry import RegistryClient
 
@@ -163,7 +175,11 @@ async def pull(
     async with RegistryClient(
         ref.domain, hosts=hosts, credentials=Credentials(user), transport=transport
     ) as client:
-        target = await client.resolve(ref)
+        seconds = time_budget(0, timeout)
+        with deadline(
+            seconds, lambda: f"{ref}: resolving gave up after {seconds_text(seconds)} s (--timeout)"
+        ):
+            target = await client.resolve(ref)
         report = await fetch(
             client,
             content,
@@ -172,6 +188,8 @@ async def pull(
             children=children or platform_children(platform, all_platforms=all_platforms),
             max_concurrent=max_concurrent,
             on_event=on_event,
+            timeout=timeout,
+            max_blob_size=max_blob_size,
         )
     return _finish(ref, images, report, register, network=True, started=started)
 

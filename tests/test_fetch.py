@@ -11,6 +11,7 @@ registry, to check the pieces fit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -23,13 +24,16 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from ckfs import mediatypes as mt
 from ckfs import reference
 from ckfs.descriptor import Descriptor, Platform
 from ckfs.digest import Digest
-from ckfs.errors import DataLoss, InvalidArgument, NotFound, Unavailable
+from ckfs.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ckfs.images import platforms
+from ckfs.images.image import MAX_CONFIG_SIZE
+from ckfs.images.manifest import MAX_MANIFEST_SIZE
 from ckfs.pull import PullReport, pull
 from ckfs.remotes import fetch as fetch_mod
 from ckfs.remotes.fetch import (
@@ -120,22 +124,35 @@ def layer(n: int, size: int = 300_000) -> bytes:
 
 
 class FakeStream:
-    def __init__(self, data: bytes, offset: int, *, chunk: int, cut_at: int | None) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        offset: int,
+        *,
+        chunk: int,
+        cut_at: int | None,
+        stall_at: int | None = None,
+        total: int | None = None,
+    ) -> None:
         self.offset = offset
-        self.total = len(data)
+        self.total = len(data) if total is None else total
         self.host = "registry.test"
         self._data = data
         self._chunk = chunk
         self._cut_at = cut_at
+        self._stall_at = stall_at
 
     async def aiter_chunks(self) -> AsyncIterator[bytes]:
         pos = self.offset
         while pos < len(self._data):
             end = min(pos + self._chunk, len(self._data))
-            if self._cut_at is not None and end > self._cut_at:
-                if self._cut_at > pos:
-                    yield self._data[pos : self._cut_at]
-                raise Unavailable(f"blob from {self.host}: connection lost at {self._cut_at}")
+            for limit in (self._cut_at, self._stall_at):
+                if limit is not None and end > limit:
+                    if limit > pos:
+                        yield self._data[pos:limit]
+                    if limit == self._stall_at:
+                        await trio.sleep_forever()  # a registry that stops sending
+                    raise Unavailable(f"blob from {self.host}: connection lost at {limit}")
             await trio.sleep(0)
             yield self._data[pos:end]
             pos = end
@@ -150,6 +167,15 @@ class FakeRemote:
             the connection when it reaches that position.
         ignore_range: digests whose requests answer from byte 0 (HTTP 200).
         corrupt: digests served with one byte flipped.
+        stalls: digest → byte position where its next response stops sending.
+        extra: digests served with bytes beyond their size (the stream
+            does not announce its total, as a chunked response would not).
+        manifest_wait: seconds every manifest request waits before it is
+            answered (a registry that stalls).
+        busy: digests whose requests wait `open_wait`, then fail as a 503
+            (as the client would after honouring a ``Retry-After``).
+        gate: hold blob requests until this many are open at once: proves
+            they can be, with no timing involved.
         requests: (kind, digest, offset) of every request, in order.
     """
 
@@ -158,6 +184,12 @@ class FakeRemote:
     cuts: dict[Digest, list[int]] = field(default_factory=dict)
     ignore_range: set[Digest] = field(default_factory=set)
     corrupt: set[Digest] = field(default_factory=set)
+    stalls: dict[Digest, int] = field(default_factory=dict)
+    extra: set[Digest] = field(default_factory=set)
+    open_wait: float = 0.0
+    manifest_wait: float = 0.0
+    gate: int = 0
+    busy: set[Digest] = field(default_factory=set)
     requests: list[tuple[str, Digest, int]] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -165,6 +197,7 @@ class FakeRemote:
 
     async def fetch_manifest(self, ref: reference.Reference, desc: Descriptor) -> bytes:
         self.requests.append(("manifest", desc.digest, 0))
+        await trio.sleep(self.manifest_wait)
         return self.blobs[desc.digest]
 
     @contextlib.asynccontextmanager
@@ -174,11 +207,17 @@ class FakeRemote:
         self.requests.append(("blob", desc.digest, offset))
         if desc.digest not in self.blobs:
             raise NotFound(f"blob {desc.digest}: not found on registry.test")
+        if desc.digest in self.busy:
+            await trio.sleep(self.open_wait)
+            raise Unavailable(f"blob {desc.digest}: registry.test answered HTTP 503")
         data = self.blobs[desc.digest]
         if desc.digest in self.corrupt:
             flipped = bytearray(data)
             flipped[len(flipped) // 2] ^= 0xFF
             data = bytes(flipped)
+        total = None
+        if desc.digest in self.extra:
+            data, total = data + b"and then some", 0
         if desc.digest in self.ignore_range:
             offset = 0
         cuts = self.cuts.get(desc.digest)
@@ -188,7 +227,17 @@ class FakeRemote:
         try:
             if self.delay:
                 await trio.sleep(self.delay)
-            yield FakeStream(data, offset, chunk=self.chunk, cut_at=cut_at)
+            if self.gate:
+                # Hold requests until *gate* are open at once (then let all
+                # through); bounded, so a fetch that never opens that many
+                # fails rather than hangs.
+                with trio.fail_after(30):
+                    while self.max_in_flight < self.gate:
+                        await trio.sleep(0.001)
+            stall_at = self.stalls.pop(desc.digest, None)
+            yield FakeStream(
+                data, offset, chunk=self.chunk, cut_at=cut_at, stall_at=stall_at, total=total
+            )
         finally:
             self.in_flight -= 1
 
@@ -440,7 +489,7 @@ async def test_schema1_is_refused_before_any_request(state: State) -> None:
 
 async def test_concurrency_is_bounded(state: State) -> None:
     image = build_image([layer(i, SMALL_BLOB + 1) for i in range(6)])
-    remote = FakeRemote(image.blobs, delay=0.02)
+    remote = FakeRemote(image.blobs, gate=3)
     await fetch(remote, state.content, REF, image.target, max_concurrent=2)
     assert remote.max_in_flight == 3  # two layers, and the config beside them
     with pytest.raises(InvalidArgument):
@@ -450,7 +499,7 @@ async def test_concurrency_is_bounded(state: State) -> None:
 async def test_small_blobs_do_not_queue_behind_large_ones(state: State) -> None:
     """Configs and small layers are round trips: the limit is for transfers."""
     image = build_image([layer(i, 50_000) for i in range(6)])
-    remote = FakeRemote(image.blobs, delay=0.02)
+    remote = FakeRemote(image.blobs, gate=7)
     await fetch(remote, state.content, REF, image.target, max_concurrent=2)
     assert remote.max_in_flight == 7  # the config and six layers at once
 
@@ -489,6 +538,147 @@ async def test_missing_blob_on_the_registry_is_not_found(state: State) -> None:
     with pytest.raises(NotFound, match="not found"):
         await fetch(FakeRemote(blobs), state.content, REF, image.target)
     assert not state.content.exists(image.layers[0].digest)
+
+
+# -- bounded: time, disk, memory ----------------------------------------------------
+
+
+def no_empty_ingest(state: State, failed: Descriptor) -> bool:
+    """No ingest for the blob that failed, and none empty at all.
+
+    Siblings cancelled by the failure may keep theirs (a config written but
+    not yet committed, say): those hold bytes for the next fetch.
+    """
+    statuses = state.content.list_statuses()
+    return all(s.ref != ref_key(failed) and s.offset > 0 for s in statuses)
+
+
+async def test_a_stalled_blob_gives_up_at_its_budget_and_keeps_what_arrived(
+    state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The budget stops the transfer; every byte received is in the ingest for the next pull.
+
+    500 kB arrive (less than one write batch), then the registry stops
+    sending: the fetch must give up at the blob's budget, not hang, and
+    must still write the batch it was holding, so the next fetch resumes
+    at byte 500,000 rather than at 0.
+    """
+    big = layer(1, 900_000)
+    image = build_image([big])
+    ldesc = image.layers[0]
+    remote = FakeRemote(image.blobs, stalls={ldesc.digest: 500_000})
+    started = trio.current_time()
+    with pytest.raises(Unavailable) as e:
+        await fetch(remote, state.content, REF, image.target, timeout=300)
+    assert trio.current_time() - started == pytest.approx(300, abs=1)
+    assert f"layer {ldesc.digest}" in str(e.value)
+    assert "gave up after 300 s" in str(e.value) and "0.5 MB of 0.9 MB" in str(e.value)
+    assert "next pull resumes" in str(e.value)
+    assert state.content.status(ref_key(ldesc)).offset == 500_000
+
+    again = FakeRemote(image.blobs)
+    report = await fetch(again, state.content, REF, image.target)
+    assert again.blob_requests(ldesc.digest) == [("blob", ldesc.digest, 500_000)]
+    blob = next(b for b in report.blobs if b.desc.digest == ldesc.digest)
+    assert blob.fetched == ldesc.size - 500_000
+    state.content.verify(ldesc.digest)
+    assert state.content.list_statuses() == []
+
+
+async def test_retries_and_resumes_share_one_budget(
+    state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A registry that makes every request wait 100 s then fails: one budget, not 6 x 100 s."""
+    image = build_image([layer(1)])
+    ldesc = image.layers[0]
+    remote = FakeRemote(image.blobs, busy={ldesc.digest}, open_wait=100)
+    started = trio.current_time()
+    with pytest.raises(Unavailable, match="gave up after 123 s"):
+        await fetch(remote, state.content, REF, image.target)
+    budget = fetch_mod.time_budget(ldesc.size)
+    assert budget == pytest.approx(123, abs=1)  # the base and the size allowance
+    assert trio.current_time() - started <= budget + 1
+    assert len(remote.blob_requests(ldesc.digest)) == 2
+    assert no_empty_ingest(state, ldesc)
+
+
+async def test_timeout_bounds_manifests_and_leaves_no_empty_ingest(
+    state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    index = build_index(build_image([layer(1)]))
+    remote = FakeRemote(index.blobs, manifest_wait=3600)
+    with pytest.raises(Unavailable, match=r"index sha256:\w+ from registry .*gave up after 5 s"):
+        await fetch(remote, state.content, REF, index.target, timeout=5)
+    assert state.content.list_statuses() == []
+    with pytest.raises(InvalidArgument, match="timeout"):
+        await fetch(remote, state.content, REF, index.target, timeout=0)
+
+
+async def test_a_failed_request_leaves_no_ingest(state: State) -> None:
+    image = build_image([layer(1)])
+    blobs = dict(image.blobs)
+    del blobs[image.layers[0].digest]
+    with pytest.raises(NotFound):
+        await fetch(FakeRemote(blobs), state.content, REF, image.target)
+    assert no_empty_ingest(state, image.layers[0])
+
+
+async def test_more_bytes_than_the_descriptor_are_refused_and_not_kept(state: State) -> None:
+    image = build_image([layer(1)])
+    ldesc = image.layers[0]
+    remote = FakeRemote(image.blobs, extra={ldesc.digest})
+    with pytest.raises(DataLoss, match="more than the expected"):
+        await fetch(remote, state.content, REF, image.target)
+    assert no_empty_ingest(state, ldesc) and not state.content.exists(ldesc.digest)
+
+
+async def test_blobs_over_the_size_limits_are_refused_before_any_request(state: State) -> None:
+    image = build_image([layer(1), layer(2)])
+    remote = FakeRemote(image.blobs)
+    with pytest.raises(InvalidArgument) as e:
+        await fetch(remote, state.content, REF, image.target, max_blob_size=100_000)
+    assert f"{image.layers[0].digest} claims {image.layers[0].size} bytes" in str(e.value)
+    assert "100000 byte maximum blob size" in str(e.value)
+    assert remote.blob_requests() == []  # not even the config, which fitted
+
+    # A descriptor's claim is checked, whatever the registry would send.
+    huge = dataclasses.replace(image.layers[0], size=fetch_mod.DEFAULT_MAX_BLOB_SIZE + 1)
+    lying = build_image([], extra_layers=[huge])
+    remote = FakeRemote(lying.blobs)
+    with pytest.raises(InvalidArgument, match="maximum blob size"):
+        await fetch(remote, state.content, REF, lying.target)
+    assert remote.blob_requests() == []
+
+    # Manifests and configs have their format's limit, checked before the request.
+    remote = FakeRemote({})
+    big_manifest = Descriptor(mt.OCI_MANIFEST, sha256(b"m"), MAX_MANIFEST_SIZE + 1)
+    with pytest.raises(InvalidArgument, match="limit for a manifest"):
+        await fetch(remote, state.content, REF, big_manifest)
+    big_config = Descriptor(mt.OCI_CONFIG, sha256(b"c"), MAX_CONFIG_SIZE + 1)
+    with pytest.raises(InvalidArgument, match="limit for a config"):
+        await fetch(remote, state.content, REF, big_config)
+    assert remote.requests == []
+
+
+async def test_free_space_is_checked_before_the_children_start(
+    state: State, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = build_image([layer(1), layer(2)])
+    need = sum(d.size for d in image.layers) + image.config.size  # type: ignore[union-attr]
+    monkeypatch.setattr(state.content, "free_bytes", lambda: need - 1)
+    remote = FakeRemote(image.blobs)
+    with pytest.raises(FailedPrecondition) as e:
+        await fetch(remote, state.content, REF, image.target)
+    assert f"needs {need / 1e6:.1f} MB more" in str(e.value)
+    assert str(state.content.root) in str(e.value)
+    assert remote.blob_requests() == []
+
+    # What an interrupted pull left in an ingest needs no new space.
+    first = image.layers[0]
+    with state.content.writer(ref_key(first), total=first.size, expected=first.digest) as w:
+        w.write(image.blobs[first.digest][:1000])
+    await fetch(remote, state.content, REF, image.target)
+    assert digests(state) == set(image.blobs)
 
 
 def test_ref_keys_are_containerds() -> None:

@@ -80,12 +80,15 @@ from ckfs.remotes.walk import (
     BlobState,
     ChildrenFunc,
     FetchReport,
+    check_limits,
     ensure_gc_labels,
     is_parent,
     kind_of,
+    megabytes,
     missing,
     platform_children,
     schema1_error,
+    seconds_text,
     skip,
 )
 
@@ -283,18 +286,6 @@ async def fetch(
     return report
 
 
-def check_limits(timeout: float | None, max_blob_size: int) -> None:
-    """Refuse a *timeout* or *max_blob_size* no fetch could work with.
-
-    Raises:
-        InvalidArgument: *timeout* is not positive or *max_blob_size* negative.
-    """
-    if timeout is not None and not timeout > 0:
-        raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout}")
-    if max_blob_size < 0:
-        raise InvalidArgument(f"max blob size must not be negative, not {max_blob_size}")
-
-
 @contextlib.contextmanager
 def deadline(seconds: float, message: Callable[[], str]) -> Iterator[None]:
     """Run the body for at most *seconds*; past that, `Unavailable` with *message*.
@@ -308,11 +299,6 @@ def deadline(seconds: float, message: Callable[[], str]) -> Iterator[None]:
         yield
     if scope.cancelled_caught:
         raise Unavailable(message())
-
-
-def megabytes(n: int) -> str:
-    """*n* bytes for a message: ``12.3 MB`` (1000-based, as the CLI's sizes)."""
-    return f"{n / 1e6:.1f} MB"
 
 
 class _Fetch:
@@ -651,7 +637,7 @@ class _Fetch:
 
     def _gave_up(self, p: BlobProgress, seconds: float) -> str:
         """The message of a blob or manifest whose time budget ran out."""
-        what = f"{self._what(p)}: gave up after {_seconds(seconds)} s (its time budget; "
+        what = f"{self._what(p)}: gave up after {seconds_text(seconds)} s (its time budget; "
         if is_parent(p.desc):
             return what + "--timeout sets it)"
         kept = "; the next pull resumes" if p.offset else ""
@@ -756,11 +742,6 @@ class _Fetch:
                 f"registry ignored the range request; restarted at {stream.offset}",
             )
         return stream.offset
-
-
-def _seconds(x: float) -> str:
-    """A budget in seconds for a message: ``300``, ``125``, ``0.5``."""
-    return f"{x:.0f}" if x >= 10 else f"{x:g}"
 
 
 @contextlib.contextmanager

@@ -28,13 +28,16 @@ __all__ = [
     "BlobState",
     "ChildrenFunc",
     "FetchReport",
+    "check_limits",
     "ensure_gc_labels",
     "is_parent",
     "kind_of",
+    "megabytes",
     "missing",
     "platform_children",
     "present",
     "schema1_error",
+    "seconds_text",
     "skip",
 ]
 
@@ -247,3 +250,25 @@ def missing(ref: Reference, desc: Descriptor) -> NotFound:
         f"{ref}: {kind_of(desc)} {desc.digest} is not in the content store "
         "and the registry is not being asked"
     )
+
+
+def check_limits(timeout: float | None, max_blob_size: int) -> None:
+    """Refuse a *timeout* or *max_blob_size* no fetch could work with.
+
+    Raises:
+        InvalidArgument: *timeout* is not positive or *max_blob_size* negative.
+    """
+    if timeout is not None and not timeout > 0:
+        raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout}")
+    if max_blob_size < 0:
+        raise InvalidArgument(f"max blob size must not be negative, not {max_blob_size}")
+
+
+def megabytes(n: int) -> str:
+    """*n* bytes for a message: ``12.3 MB`` (1000-based, as the CLI's sizes)."""
+    return f"{n / 1e6:.1f} MB"
+
+
+def seconds_text(x: float) -> str:
+    """A budget in seconds for a message: ``300``, ``125``, ``0.5``."""
+    return f"{x:.0f}" if x >= 10 else f"{x:g}"
