@@ -66,8 +66,9 @@ def _reachable_content(
 
     A manifest that does not parse (a hostile or corrupt record) is reported
     in *errors*, and only what its body names by its own media type, if
-    anything, is kept; the rest of the store is walked as usual. A blob that cannot be read at all makes the answer unsure: its
-    children might be anything, so the caller must not delete blobs.
+    anything, is kept; the rest of the store is walked as usual. A blob that
+    cannot be read at all makes the answer unsure: its children might be
+    anything, so the caller must not delete blobs.
     """
     seen: set[Digest] = set()
     snapshot_roots: dict[str, set[str]] = {}
