@@ -24,8 +24,9 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -446,6 +447,41 @@ def test_commit_error_state(cs: ContentStore) -> None:
     w.close()
 
 
+def test_commit_size_must_equal_what_was_written(cs: ContentStore) -> None:
+    """Without a digest the size is the only check: larger and smaller are both refused."""
+    b, d = create_content(256)
+    with cs.writer("size") as w:
+        w.write(b)
+        for wrong in (len(b) + 1, 2 * len(b), len(b) - 1, 1):
+            with pytest.raises(FailedPrecondition):
+                w.commit(wrong, None)
+            assert not w.closed and cs.status("size").offset == len(b)
+        assert list(cs.walk()) == []
+        w.commit(len(b), None)
+    assert cs.read_all(d) == b
+
+
+def test_ingest_never_grows_past_its_total(cs: ContentStore) -> None:
+    """A source sending more than promised is refused before the extra bytes land."""
+    b, d = create_content(1000)
+    with cs.writer("bounded", total=1000, expected=d) as w:
+        w.write(b[:600])
+        with pytest.raises(DataLoss):
+            w.write(b[600:] + b"x")
+        assert w.offset == 600 and cs.status("bounded").offset == 600
+        assert w.digest() == from_bytes(b[:600])
+        w.write(b[600:])
+        with pytest.raises(DataLoss):
+            w.write(b"x")
+        w.commit(1000, d)
+    # A writer resuming without restating the total keeps the stored one, and its bound.
+    with cs.writer("bounded2", total=10) as w:
+        w.write(b"0123456789")
+    with cs.writer("bounded2") as w, pytest.raises(DataLoss):
+        w.write(b"!")
+    assert cs.status("bounded2").offset == 10
+
+
 # -- locks ----------------------------------------------------------------------
 
 
@@ -724,6 +760,36 @@ def test_status_and_abort(cs: ContentStore) -> None:
     assert [s.ref for s in cs.list_statuses()] == ["a2"]
     with cs.writer("a1") as w:
         assert w.offset == 0  # a fresh ingest after abort
+
+
+def _age(cs: ContentStore, ref: str, seconds: float) -> None:
+    """Make the ingest *ref* look last written *seconds* ago (its data's mtime and saved time)."""
+    path = cs.root / "ingest" / hashlib.sha256(ref.encode()).hexdigest()
+    then = time.time_ns() - int(seconds * 1e9)
+    (path / "updatedat").write_text(str(then))
+    os.utime(path / "data", ns=(then, then))
+
+
+def test_expire_ingests(cs: ContentStore) -> None:
+    """Stale ingests go; fresh ones and any a live writer holds stay."""
+    for ref in ("old", "fresh", "held"):
+        with cs.writer(ref) as w:
+            w.write(b"some bytes")
+    _age(cs, "old", 7200)
+    _age(cs, "held", 7200)
+    held = cs.writer("held")
+    cutoff = now() - timedelta(hours=1)
+
+    assert [s.ref for s in cs.expire_ingests(cutoff, dry_run=True)] == ["old"]
+    assert [s.ref for s in cs.list_statuses()] == ["fresh", "held", "old"]
+    gone = cs.expire_ingests(cutoff)
+    assert [(s.ref, s.offset) for s in gone] == [("old", 10)]
+    assert [s.ref for s in cs.list_statuses()] == ["fresh", "held"]
+
+    held.close()  # once its writer lets go, its age counts
+    assert [s.ref for s in cs.expire_ingests(cutoff)] == ["held"]
+    assert [s.ref for s in cs.expire_ingests(now() + timedelta(seconds=1))] == ["fresh"]
+    assert cs.list_statuses() == []
 
 
 def test_list_statuses_filters(cs: ContentStore) -> None:
