@@ -1324,3 +1324,16 @@ async def test_storage_401_is_unavailable_and_never_gets_credentials(
     for r in fake.requests:
         if r.url.host != "auth.test" and r.url.host != REGISTRY:
             assert not any(s in str(r.headers) + str(r.url) for s in secrets)
+
+
+@pytest.mark.parametrize("realm", ["ftp://auth.test/token", "http://[::1/token", "/token"])
+async def test_unusable_realm_is_refused_by_name(
+    fake: FakeRegistry, image: Image, tmp_path: Path, realm: str
+) -> None:
+    ref, _, _ = image
+    fake.script = [resp(401, headers={"WWW-Authenticate": f'Bearer realm="{realm}"'})]
+    async with client_for(fake, nocreds(tmp_path)) as client:
+        with pytest.raises(InvalidArgument) as info:
+            await client.resolve(ref)
+    assert f"registry reg.test named token server {realm!r}, not an http(s) URL" in str(info.value)
+    assert fake.seen("auth.test") == []
