@@ -20,12 +20,18 @@ collected; only a blob that cannot be read at all keeps every blob, since
 what it names is unknown. Writers (import, pull, unpack, mount) hold the state's gc lock
 shared and gc holds it exclusively, so nothing is collected between a blob's
 commit and the moment it becomes reachable.
+
+Ingests are not reachable or unreachable: an interrupted pull keeps its
+bytes for the next one to resume. Those not written to for
+`DEFAULT_INGEST_EXPIRY` (or the caller's expiry) go, unless a live writer
+holds them (`ContentStore.expire_ingests`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from ckfs import mediatypes as mt
 from ckfs.content import ContentStore
@@ -39,9 +45,15 @@ from ckfs.jsondoc import parse_object
 from ckfs.rootfs import EXTRACT_PREFIX, GC_SNAPSHOT
 from snapshotters.api import Kind, Snapshotter
 
-__all__ = ["GCReport", "collect"]
+__all__ = ["DEFAULT_INGEST_EXPIRY", "GCReport", "collect"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds an ingest may go unwritten before gc removes it: a day, as the
+#: lease containerd's pulls take (``ctr``'s 24 h): long enough that a pull
+#: interrupted today resumes tomorrow, short enough that the bytes of an
+#: abandoned (or hostile) download do not hold the disk for good.
+DEFAULT_INGEST_EXPIRY = 24 * 3600.0
 
 
 @dataclass
@@ -56,6 +68,9 @@ class GCReport:
     #: manifest does not parse, a blob or a directory that would not go);
     #: gc collected everything else.
     errors: list[str] = field(default_factory=list)
+    #: Refs of the stale ingests removed, and the bytes they held.
+    ingests: list[str] = field(default_factory=list)
+    ingest_bytes: int = 0
 
 
 def _reachable_content(
@@ -233,6 +248,7 @@ def collect(
     snapshotters: dict[str, Snapshotter],
     *,
     dry_run: bool = False,
+    ingest_expiry: float | None = DEFAULT_INGEST_EXPIRY,
 ) -> GCReport:
     """Remove what nothing reachable needs; the caller holds the gc lock exclusively.
 
@@ -241,6 +257,8 @@ def collect(
         images: the image store (the roots).
         snapshotters: every snapshotter by name.
         dry_run: only report.
+        ingest_expiry: remove ingests not written to for this many seconds
+            (those a live writer holds stay); None keeps them all.
 
     Returns:
         What was (or would be) removed, and in ``errors`` one line for each
@@ -274,6 +292,16 @@ def collect(
                 cleanup(on_error=lambda path, e, out=errors: out.append(f"{path}: {_reason(e)}"))
             )
         report.errors.extend(f"{name}: {e}" for e in errors)
+    if ingest_expiry is not None:
+        before = datetime.now(UTC) - timedelta(seconds=ingest_expiry)
+        try:
+            expired = content.expire_ingests(before, dry_run=dry_run)
+        except (CkfsError, OSError) as e:
+            report.errors.append(f"ingests: {_reason(e)}")
+            expired = []
+        for st in expired:
+            report.ingests.append(st.ref)
+            report.ingest_bytes += st.offset
     return report
 
 
