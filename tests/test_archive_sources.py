@@ -295,6 +295,7 @@ def test_special_file_as_docker_config_or_layer_is_refused(
         ("/etc/passwd", "outside the archive"),
         ("l0/../../outside.json", "outside the archive"),
         ("a\0b", "NUL"),
+        ("\ud800.json", "not a file name"),
     ],
 )
 def test_docker_config_name_outside_the_archive_is_refused(

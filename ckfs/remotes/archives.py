@@ -188,6 +188,10 @@ def _parts(what: str, name: str) -> list[str]:
     """
     if "\0" in name:
         raise InvalidArgument(f"{what}: {name!r}: a file name cannot hold a NUL byte")
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:  # a lone surrogate that JSON's \ud800 escapes can spell
+        raise InvalidArgument(f"{what}: {name!r} is not a file name") from None
     if name.startswith("/"):
         raise InvalidArgument(f"{what}: {name!r} points outside the archive")
     parts: list[str] = []
