@@ -54,3 +54,53 @@ def test_errors_are_one_line_exit_1(
     code, out, err = run(capsys, tmp_path, *args)
     assert code == 1 and out == ""
     assert err.startswith("ckfs: ") and err.count("\n") == 1 and words in err
+
+
+def _ingests(root: Path, *refs: str) -> None:
+    db = DB(root / "metadata.db")
+    store = ContentStore(root / "content", db)
+    for ref in refs:
+        with store.writer(ref, total=10) as w:
+            w.write(b"abc")
+    db.close()
+
+
+def test_content_abort_removes_ingests_at_once(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    _ingests(tmp_path, "layer-a", "layer-b", "layer-c")
+    assert run(capsys, tmp_path, "content", "abort", "layer-a") == (0, "layer-a\n", "")
+    code, out, err = run(capsys, tmp_path, "content", "abort", "layer-b", "layer-x")
+    assert (code, out) == (1, "layer-b\n") and "layer-x" in err and err.count("\n") == 1
+    assert run(capsys, tmp_path, "content", "abort", "--all") == (0, "layer-c\n", "")
+    assert run(capsys, tmp_path, "content", "active", "--json")[1] == "[]\n"
+    code, _, err = run(capsys, tmp_path, "content", "abort")
+    assert code == 2 and "--all" in err
+
+
+def test_gc_expires_stale_ingests(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    _ingests(tmp_path, "layer-a")
+    code, out, _ = run(capsys, tmp_path, "gc", "--json")
+    assert code == 0 and json.loads(out)["ingests"] == []  # a fresh one stays (24 h)
+    code, out, _ = run(capsys, tmp_path, "gc", "--dry-run", "--ingest-expiry", "0", "--json")
+    assert (json.loads(out)["ingests"], json.loads(out)["ingest_bytes"]) == (["layer-a"], 3)
+    code, out, err = run(capsys, tmp_path, "gc", "--ingest-expiry", "0s")
+    assert code == 0 and "removed ingest layer-a" in out and "1 stale ingests" in err
+    assert run(capsys, tmp_path, "content", "active", "--json")[1] == "[]\n"
+    code, _, err = run(capsys, tmp_path, "gc", "--ingest-expiry", "soon")
+    assert code == 2 and "not a duration" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--timeout", "0"], "timeout must be a positive"),
+        (["--timeout", "5 fortnights"], "not a duration"),
+        (["--max-blob-size", "8 GB please"], "not a size"),
+    ],
+)
+def test_pull_limits_are_checked(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], words: str
+) -> None:
+    code, _, err = run(capsys, tmp_path, "pull", *args, "registry.invalid/x:1")
+    assert code in (1, 2) and words in err

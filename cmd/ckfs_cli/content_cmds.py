@@ -167,3 +167,22 @@ def active(app: App, as_json: bool) -> None:
         for s in statuses
     ]
     print_table(["REF", "OFFSET", "TOTAL", "EXPECTED"], rows)
+
+
+@content.command("abort")
+@click.option("--all", "abort_all", is_flag=True, help="Every ingest no running transfer holds.")
+@click.argument("refs", nargs=-1)
+@pass_app
+def abort(app: App, abort_all: bool, refs: tuple[str, ...]) -> None:
+    """Remove ingests REFS (see `content active`) and their partial bytes at once.
+
+    What `gc` does for ingests older than its ``--ingest-expiry``, now: the
+    next pull of those blobs starts from zero. An ingest a running pull or
+    import holds is refused (exit status 1) and kept.
+    """
+    if abort_all == bool(refs):
+        raise click.UsageError("give the REFS to abort, or --all")
+    store = app.state.content
+    if abort_all:
+        refs = tuple(s.ref for s in store.list_statuses())
+    for_each(refs, store.abort)

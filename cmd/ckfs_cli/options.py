@@ -11,10 +11,13 @@ from typing import Any, TypeVar
 
 import click
 
+from ckfs.remotes import BUDGET_BASE, BUDGET_MIN_RATE, DEFAULT_MAX_BLOB_SIZE
 from ckfs_cli.app import App
 
 __all__ = [
     "DEFAULT_SNAPSHOTTER",
+    "DURATION",
+    "SIZE",
     "apply",
     "pass_app",
     "registry_options",
@@ -47,6 +50,83 @@ def snapshotter_option(f: _F) -> _F:
     )(f)
 
 
+class _Quantity(click.ParamType[float]):
+    """A non-negative number with an optional unit suffix, as a float of base units."""
+
+    def __init__(self, name: str, examples: str, units: dict[str, int]) -> None:
+        self.name = name
+        self._examples = examples
+        self._units = units
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, float | int):
+            return value
+        text = str(value).strip()
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+        unit = text[len(number) :].lower()
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = -1.0
+        if unit not in self._units or not 0 <= amount < float("inf"):
+            self.fail(f"{value!r} is not a {self.name} ({self._examples})", param, ctx)
+        return amount * self._units[unit]
+
+
+def _byte_units() -> dict[str, int]:
+    """``kB``/``MB``/``GB``/``TB`` (and bare ``k``..``t``) 1000-based, ``KiB``.. 1024-based."""
+    units = {"": 1, "b": 1}
+    for power, letter in enumerate("kmgt", 1):
+        units[letter] = units[f"{letter}b"] = 1000**power
+        units[f"{letter}i"] = units[f"{letter}ib"] = 1024**power
+    return units
+
+
+#: ``--timeout``'s and ``--ingest-expiry``'s type: seconds, as a float.
+DURATION = _Quantity(
+    "duration",
+    "seconds, or e.g. 90s, 5m, 1.5h, 1d",
+    {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400},
+)
+
+
+class _Size(_Quantity):
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return int(super().convert(value, param, ctx))
+
+
+#: ``--max-blob-size``'s type: bytes, as an int.
+SIZE = _Size("size", "bytes, or e.g. 500MB, 8GiB", _byte_units())
+
+
+def limit_options(f: _F) -> _F:
+    """How long and how large a fetch may get: every command that may download."""
+    per_mb = 1e6 / BUDGET_MIN_RATE
+    return apply(
+        f,
+        [
+            click.option(
+                "--timeout",
+                type=DURATION,
+                default=None,
+                metavar="DURATION",
+                help="Time budget per blob, manifest and tag resolve (e.g. 300, 5m), "
+                "retries and resumes included; a blob out of time fails and keeps its "
+                f"bytes for the next pull [default: {BUDGET_BASE:.0f} s + {per_mb:.0f} s "
+                "per MB of the blob].",
+            ),
+            click.option(
+                "--max-blob-size",
+                type=SIZE,
+                default=DEFAULT_MAX_BLOB_SIZE,
+                metavar="SIZE",
+                help="Refuse, before downloading, a blob whose descriptor claims more "
+                f"(e.g. 500MB, 8GiB) [default: {DEFAULT_MAX_BLOB_SIZE >> 30} GiB].",
+            ),
+        ],
+    )
+
+
 def registry_options(f: _F) -> _F:
     """Where an image comes from when it is not all present: `pull`, `mount` and the like."""
     return apply(
@@ -72,5 +152,6 @@ def registry_options(f: _F) -> _F:
             click.option(
                 "--offline", is_flag=True, help="Never contact the registry; all must be present."
             ),
+            limit_options,
         ],
     )

@@ -101,6 +101,8 @@ def _run(
     user: str | None,
     offline: bool,
     max_concurrent: int,
+    timeout: float | None,
+    max_blob_size: int,
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -138,7 +140,12 @@ def _run(
         hosts = load_hosts(parsed.domain, hosts_dirs=dirs, plain_http=plain_http)
     report = pull_local(parsed, state.content, state.images, hosts=hosts, **common)
     if report is None:
-        report = _pull(parsed, state, display, common, hosts_dirs, plain_http, user, max_concurrent)
+        limits = {
+            "max_concurrent": max_concurrent,
+            "timeout": timeout,
+            "max_blob_size": max_blob_size,
+        }
+        report = _pull(parsed, state, display, {**common, **limits}, hosts_dirs, plain_http, user)
     if as_json:
         _emit(_summary(report))
     elif not quiet:
@@ -155,7 +162,6 @@ def _pull(
     hosts_dirs: tuple[Path, ...],
     plain_http: bool,
     user: str | None,
-    max_concurrent: int,
 ) -> PullReport:
     """The full pull, on trio with the registry client."""
     skip_httpx_cli()
@@ -169,7 +175,6 @@ def _pull(
         parsed,
         state.content,
         state.images,
-        max_concurrent=max_concurrent,
         hosts_dirs=list(hosts_dirs) or default_hosts_dirs(state.root),
         plain_http=plain_http,
         user=user,

@@ -17,7 +17,7 @@ import click
 
 from ckfs_cli.app import App, human_size, print_json, print_mounts, skip_httpx_cli
 from ckfs_cli.images_cmds import normalize
-from ckfs_cli.options import pass_app, registry_options, snapshotter_option
+from ckfs_cli.options import DURATION, pass_app, registry_options, snapshotter_option
 
 if TYPE_CHECKING:
     from ckfs.descriptor import Descriptor
@@ -70,6 +70,7 @@ def _rootfs(
     skip_httpx_cli()
     import trio
 
+    from ckfs.remotes import DEFAULT_MAX_BLOB_SIZE
     from ckfs.remotes.hosts import default_hosts_dirs
     from ckfs.unpack import pull_and_unpack, unpack
 
@@ -100,6 +101,8 @@ def _rootfs(
                 snapshotter_name=snapshotter,
                 lock_dir=lock_dir,
                 platform=plat,
+                timeout=opts.get("timeout"),
+                max_blob_size=opts.get("max_blob_size", DEFAULT_MAX_BLOB_SIZE),
             )
         )
         target = report.target
@@ -265,9 +268,18 @@ def bundle_cmd(
 
 @click.command("gc")
 @click.option("--dry-run", is_flag=True, help="Only show what would be removed.")
+@click.option(
+    "--ingest-expiry",
+    type=DURATION,
+    default=None,
+    metavar="DURATION",
+    help="Remove partial downloads (ingests) not written to for this long (e.g. 12h, 0 for "
+    "all); those a running pull holds stay [default: 24h, as containerd's pull leases: a "
+    "pull interrupted today still resumes tomorrow].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_app
-def gc_cmd(app: App, dry_run: bool, as_json: bool) -> None:
+def gc_cmd(app: App, dry_run: bool, ingest_expiry: float | None, as_json: bool) -> None:
     """Remove content and snapshots no image, mount or snapshot needs.
 
     A record gc cannot handle (an image whose manifest does not parse, a
@@ -285,6 +297,7 @@ def gc_cmd(app: App, dry_run: bool, as_json: bool) -> None:
             state.images,
             {n: state.snapshotter(n) for n in snapshotters.NAMES},
             dry_run=dry_run,
+            **({} if ingest_expiry is None else {"ingest_expiry": ingest_expiry}),
         )
     if as_json:
         print_json(
@@ -294,6 +307,8 @@ def gc_cmd(app: App, dry_run: bool, as_json: bool) -> None:
                 "bytes": report.bytes,
                 "snapshots": report.snapshots,
                 "directories": report.directories,
+                "ingests": report.ingests,
+                "ingest_bytes": report.ingest_bytes,
                 "errors": report.errors,
             }
         )
@@ -306,12 +321,21 @@ def gc_cmd(app: App, dry_run: bool, as_json: bool) -> None:
 
 
 def _print_gc(report: GCReport, dry_run: bool) -> None:
+    from ckfs.safetext import escape
+
     verb = "would remove" if dry_run else "removed"
     for d in report.blobs:
         click.echo(f"{verb} blob {d}")
     for sn, names in report.snapshots.items():
         for n in names:
             click.echo(f"{verb} snapshot {sn}/{n}")
+    for ref in report.ingests:
+        click.echo(f"{verb} ingest {escape(ref)}")
+    if report.ingests:
+        click.echo(
+            f"{verb} {len(report.ingests)} stale ingests ({human_size(report.ingest_bytes)})",
+            err=True,
+        )
     n_snapshots = sum(len(v) for v in report.snapshots.values())
     size = human_size(report.bytes)
     click.echo(f"{verb} {len(report.blobs)} blobs ({size}) and {n_snapshots} snapshots", err=True)
