@@ -38,6 +38,7 @@ from ckfs.digest import CHUNK, Digest
 from ckfs.errors import (
     AlreadyExists,
     DataLoss,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
@@ -51,7 +52,7 @@ from ckfs.images.image import tree as image_tree
 from ckfs.images.store import Image
 from ckfs.remotes.archives import CONTAINERD_IMAGE_NAME, REF_NAME, ImageEntry, Source
 from ckfs.remotes.fetch import LOCK_WAIT
-from ckfs.remotes.walk import ensure_gc_labels, is_parent
+from ckfs.remotes.walk import ensure_gc_labels, is_parent, megabytes
 
 __all__ = ["ImportReport", "export_images", "import_source"]
 
@@ -260,6 +261,7 @@ async def import_source(
         InvalidArgument: malformed index, manifest or config; unknown media type.
         DataLoss: a blob's bytes do not match its digest or size.
         NotFound: a blob is missing from the source.
+        FailedPrecondition: the blobs to copy need more than the free space.
 
     Cancellation: staged ingests are aborted; nothing is registered.
     """
@@ -271,6 +273,14 @@ async def import_source(
     walk = await trio.to_thread.run_sync(_walk, source, [e.target for e in entries])
 
     missing = [d for d in walk.blobs.values() if not content.exists(d.digest)]
+    # Sizes are the source's own (a sparse file's too): refuse what cannot
+    # fit before filling the disk with it.
+    need, free = sum(d.size for d in missing), content.free_bytes()
+    if need > free:
+        raise FailedPrecondition(
+            f"{source.what}: the import needs {megabytes(need)}, "
+            f"{megabytes(free)} free on {content.root}"
+        )
     staged: list[tuple[Writer, Descriptor]] = []
     limiter = trio.CapacityLimiter(IMPORT_WORKERS)
 

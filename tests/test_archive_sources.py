@@ -28,7 +28,7 @@ import pytest
 import trio
 
 from ckfs import safetext, transfer
-from ckfs.errors import CkfsError, DataLoss, InvalidArgument, NotFound
+from ckfs.errors import CkfsError, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from ckfs.remotes import archives
 from ckfs.remotes.archives import open_source
 from ckfs.state import State
@@ -272,6 +272,15 @@ def test_sparse_config_is_refused_with_bounded_memory(tmp_path: Path) -> None:
     text = refused(tmp_path / "root", root, InvalidArgument, "config.json", None)
     assert "more than the limit of" in text
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < MAX_RSS
+
+
+def test_sparse_layer_larger_than_the_free_space_is_refused_before_copying(
+    tmp_path: Path,
+) -> None:
+    save = docker_save(tmp_path / "save")
+    with open(save.root / save.layers[1], "r+b") as f:
+        f.truncate(1 << 40)  # a terabyte of holes: it would fill the disk with zeros
+    refused(tmp_path / "root", save.root, FailedPrecondition, "the import needs", None)
 
 
 @pytest.mark.parametrize(("kind", "make"), SPECIAL, ids=[s[0] for s in SPECIAL])

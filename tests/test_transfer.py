@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ckfs.errors import CkfsError, DataLoss, InvalidArgument, NotFound
+from ckfs.errors import CkfsError, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from ckfs.remotes.archives import open_source
 from ckfs.state import State
 from ckfs.transfer import export_images, import_source
@@ -202,6 +202,16 @@ async def test_bad_input_changes_nothing(
     with pytest.raises(error, match=words) as info:
         await do_import(state, layout.root)
     assert "\n" not in str(info.value)
+    assert_untouched(state)
+
+
+async def test_import_that_cannot_fit_fails_before_writing(
+    state: State, layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    two_layers(layout)
+    monkeypatch.setattr(state.content, "free_bytes", lambda: 10)
+    with pytest.raises(FailedPrecondition, match="the import needs .* MB free on"):
+        await do_import(state, layout.root)
     assert_untouched(state)
 
 
