@@ -98,7 +98,10 @@ class OverlaySnapshotter(DirectorySnapshotter):
         """
         rows = self._store.db.query("SELECT seq FROM sqlite_sequence WHERE name = 'snapshots'")
         widest = int(rows[0]["seq"]) if rows else 0
-        return min(OVL_MAX_STACK, self._fit_in_page(len(str(widest + OVL_MAX_STACK))))
+        fits = self._fit_in_page(len(str(widest + OVL_MAX_STACK)))
+        # One layer always mounts read-only (a bind); under a root too long for
+        # even that page, a writable snapshot fails at the mount, as before.
+        return max(1, min(OVL_MAX_STACK, fits))
 
     def _fit_in_page(self, width: int) -> int:
         """How many lower layers with *width*-digit ids one page of options holds."""
