@@ -416,3 +416,49 @@ def test_unreachable_registry_is_one_line(ckfs: Ckfs) -> None:
     host = f"127.0.0.1:{free_port()}"
     message = ckfs.fails("pull", "-q", f"{host}/nothing/here:1")
     assert host in message and "unreachable" in message
+
+
+def _statuses(ckfs: Ckfs) -> dict[str, int]:
+    state = State(ckfs.root)
+    try:
+        return {s.ref: s.offset for s in state.content.list_statuses()}
+    finally:
+        state.close()
+
+
+def test_timeout_gives_up_on_a_stalled_layer_and_the_next_pull_resumes(
+    ckfs: Ckfs, proxy: FaultProxy, example_layout: Path
+) -> None:
+    ref = f"{proxy.host}/{EXAMPLE_REPO}"
+    layer = biggest_layer(example_layout)
+    proxy.add(Fault("stall", path=layer["digest"], after=300_000))
+    started = time.monotonic()
+    message = ckfs.fails("pull", "-q", "--timeout", "3", ref)
+    assert time.monotonic() - started < 30
+    assert f"layer {layer['digest']}" in message and "gave up after 3 s" in message
+    assert "--timeout" in message and "next pull resumes" in message
+    kept = _statuses(ckfs)[f"layer-{layer['digest']}"]
+    assert kept == 300_000  # every byte that arrived, none lost with the budget
+    assert ckfs.run("images", "ls", "-q").stdout == ""
+
+    proxy.clear()
+    _, summary = pull_json(ckfs, ref)
+    assert [s.headers.get("range") for s in proxy.requests(layer["digest"])] == [f"bytes={kept}-"]
+    assert summary["name"] == ref and _statuses(ckfs) == {}
+
+
+def test_a_failing_manifest_leaves_no_ingest(ckfs: Ckfs, proxy: FaultProxy) -> None:
+    proxy.add(Fault("status", path="/manifests/sha256:", status=500, times=-1))
+    message = ckfs.fails("pull", "-q", "--timeout", "5", f"{proxy.host}/{EXAMPLE_REPO}")
+    assert "HTTP 500" in message or "gave up after 5 s" in message
+    assert _statuses(ckfs) == {}
+
+
+def test_max_blob_size_refuses_before_any_blob_is_asked(
+    ckfs: Ckfs, proxy: FaultProxy, example_layout: Path
+) -> None:
+    layer = biggest_layer(example_layout)
+    message = ckfs.fails("pull", "-q", "--max-blob-size", "1kB", f"{proxy.host}/{EXAMPLE_REPO}")
+    assert f"claims {layer['size']} bytes" in message and "--max-blob-size" in message
+    assert proxy.requests("/blobs/") == []
+    assert _statuses(ckfs) == {} and ckfs.run("images", "ls", "-q").stdout == ""
