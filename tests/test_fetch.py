@@ -861,3 +861,19 @@ async def test_registry_lacking_a_blob_is_not_found_and_names_nothing_else(state
     with pytest.raises(NotFound):
         await do_pull(state, REF, MockRegistry({"1": image.target}, blobs).transport())
     assert state.images.list() == []
+
+
+async def test_pull_resolve_is_bounded_by_the_timeout(
+    state: State, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Plain HTTP: loading the system CAs for HTTPS is a worker thread, and
+    # the mock clock would jump past the deadline while it runs.
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    started = trio.current_time()
+    with pytest.raises(Unavailable, match=r"resolving gave up after 5 s \(--timeout\)"):
+        await do_pull(state, REF, httpx.MockTransport(hang), timeout=5, plain_http=True)
+    assert trio.current_time() - started == pytest.approx(5, abs=0.5)
+    assert state.content.list_statuses() == [] and state.images.list() == []
