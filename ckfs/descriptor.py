@@ -39,13 +39,15 @@ class Platform:
         os_, arch = data.get("os"), data.get("architecture")
         if not isinstance(os_, str) or not isinstance(arch, str):
             raise InvalidArgument("platform: os and architecture must be strings")
-        features = data.get("os.features") or ()
+        features = data.get("os.features") or []
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            raise InvalidArgument("platform: os.features must be a list of strings")
         return cls(
             os=os_,
             architecture=arch,
             variant=str(data.get("variant") or ""),
             os_version=str(data.get("os.version") or ""),
-            os_features=tuple(str(f) for f in features),
+            os_features=tuple(features),
         )
 
     def to_json(self) -> dict[str, Any]:

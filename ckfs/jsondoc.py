@@ -41,7 +41,9 @@ def parse_json(data: bytes | str, where: str) -> Any:
     """
     try:
         value = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:
+        # JSONDecodeError and UnicodeDecodeError, and the plain ValueError
+        # of a number longer than Python's int digit limit (4300).
         raise InvalidArgument(f"{where}: invalid JSON: {e}") from None
     except RecursionError:
         value = None  # deeper than Python's stack: certainly too deep

@@ -43,7 +43,12 @@ def test_wide_documents_are_fine() -> None:
 
 @pytest.mark.parametrize(
     ("doc", "reason"),
-    [(b"\xff", "utf-8"), (b"{", "Expecting"), (b"[1]", "expected an object")],
+    [
+        (b"\xff", "utf-8"),
+        (b"{", "Expecting"),
+        (b"[" + b"9" * 5000 + b"]", "digits"),
+        (b"[1]", "expected an object"),
+    ],
 )
 def test_malformed(doc: bytes, reason: str) -> None:
     with pytest.raises(InvalidArgument, match=f"^where: invalid JSON: .*{reason}"):

@@ -210,7 +210,7 @@ async def test_import_that_cannot_fit_fails_before_writing(
 ) -> None:
     two_layers(layout)
     monkeypatch.setattr(state.content, "free_bytes", lambda: 10)
-    with pytest.raises(FailedPrecondition, match="the import needs .* MB free on"):
+    with pytest.raises(FailedPrecondition, match=r"the import needs .* MB free on"):
         await do_import(state, layout.root)
     assert_untouched(state)
 
