@@ -170,15 +170,15 @@ def active(app: App, as_json: bool) -> None:
 
 
 @content.command("abort")
-@click.option("--all", "abort_all", is_flag=True, help="Every ingest no running transfer holds.")
+@click.option("--all", "abort_all", is_flag=True, help="Every ingest (see above for held ones).")
 @click.argument("refs", nargs=-1)
 @pass_app
 def abort(app: App, abort_all: bool, refs: tuple[str, ...]) -> None:
     """Remove ingests REFS (see `content active`) and their partial bytes at once.
 
-    What `gc` does for ingests older than its ``--ingest-expiry``, now: the
-    next pull of those blobs starts from zero. An ingest a running pull or
-    import holds is refused (exit status 1) and kept.
+    What `gc` does for ingests idle longer than its --ingest-expiry, now:
+    the next pull of those blobs starts from zero. An ingest a running pull
+    or import holds is refused (exit status 1) and kept.
     """
     if abort_all == bool(refs):
         raise click.UsageError("give the REFS to abort, or --all")
