@@ -29,6 +29,7 @@ from integration.hostile import (
     check_failure,
     check_store,
     check_success,
+    neighbour_template,
     nothing_changes_outside,
     recorded,
     run,
@@ -38,6 +39,12 @@ from integration.hostile_registry import EVIL, deep_json, sha256, tiny_tar
 from tests.layouts import Layout
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def neighbour(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return neighbour_template(tmp_path_factory.getbasetemp())
+
 
 #: Size of the sparse files standing in for multi-GiB documents.
 SPARSE = 3 << 30
@@ -526,10 +533,10 @@ ROWS = [
 ]
 
 
-def run_case(row: Row, work: Path, seen: list[Outcome]) -> None:
+def run_case(row: Row, work: Path, seen: list[Outcome], neighbour: Path) -> None:
     """Build *row*'s archive in *work*, import it into a fresh root, assert the suite's demands."""
     root = work / "root"
-    before = with_neighbour(root)
+    before = with_neighbour(root, neighbour)
     (work / "in").mkdir()
     path = row.build(work / "in")
     with nothing_changes_outside(work, root):
@@ -544,13 +551,13 @@ def run_case(row: Row, work: Path, seen: list[Outcome]) -> None:
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: r.name)
 def test_hostile_archive(
-    row: Row, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    row: Row, neighbour: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     recorded(
         tmp_path_factory.getbasetemp(),
         "archives",
         row.name,
-        lambda seen: run_case(row, tmp_path / "case", seen),
+        lambda seen: run_case(row, tmp_path / "case", seen, neighbour),
     )
 
 

@@ -13,13 +13,15 @@ wrote outside its root would fail with EROFS instead of changing the host.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import select
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +35,10 @@ from integration.hostile import (
     check_store,
     check_success,
     image_names,
+    neighbour_template,
     nothing_changes_outside,
     recorded,
+    results,
     run,
     with_neighbour,
     write_layout,
@@ -42,6 +46,12 @@ from integration.hostile import (
 from integration.hostile_registry import CASES, OCI_INDEX, USER, Image
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def neighbour(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return neighbour_template(tmp_path_factory.getbasetemp())
+
 
 #: Seconds the server lives at most; the session's fixture stops it sooner.
 SERVER_LIFETIME = 900
@@ -205,7 +215,7 @@ ROWS = [
     Row(
         "layer-size-16tib",
         extra=("--max-blob-size", str(1 << 50)),
-        match="space",
+        match="free",
         layer_gets=0,
     ),
     Row("layer-size-4k", extra=("--max-blob-size", "1024"), match="1024", layer_gets=0),
@@ -261,7 +271,7 @@ def check_server_side(row: Row, server: Server) -> None:
         assert realm == [], realm
 
 
-def run_case(row: Row, server: Server, work: Path, seen: list[Outcome]) -> None:
+def run_case(row: Row, work: Path, seen: list[Outcome], neighbour: Path, *, server: Server) -> None:
     """Run *row* in *work* (fresh root) and assert everything the suite demands.
 
     The main command's outcome goes to *seen* before anything is asserted,
@@ -269,7 +279,7 @@ def run_case(row: Row, server: Server, work: Path, seen: list[Outcome]) -> None:
     """
     root = work / "root"
     work.mkdir(parents=True, exist_ok=True)
-    with_neighbour(root)
+    with_neighbour(root, neighbour)
     if row.present:
         layout = write_layout(CASES[row.case].image, work / "present")
         check_success(run(root, "import", "--name", server.ref(row.case), str(layout)))
@@ -292,13 +302,17 @@ def run_case(row: Row, server: Server, work: Path, seen: list[Outcome]) -> None:
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: r.name)
 def test_hostile_registry(
-    row: Row, hostile_server: Server, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    row: Row,
+    neighbour: Path,
+    hostile_server: Server,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     recorded(
         tmp_path_factory.getbasetemp(),
         "registry",
         row.name,
-        lambda seen: run_case(row, hostile_server, tmp_path / "case", seen),
+        lambda seen: run_case(row, tmp_path / "case", seen, neighbour, server=hostile_server),
     )
 
 
@@ -317,3 +331,63 @@ def test_enough_cases() -> None:
     assert len(ROWS) >= 60
     assert {r.case for r in ROWS} <= set(CASES)
     assert len({r.name for r in ROWS}) == len(ROWS)
+
+
+def _bind(
+    run_one: Callable[[Any, Path, list[Outcome], Path], None], row: Any, work: Path, neighbour: Path
+) -> Callable[[list[Outcome]], None]:
+    def case(seen: list[Outcome]) -> None:
+        run_one(row, work, seen, neighbour)
+
+    return case
+
+
+def test_hostile_suite_summary(
+    hostile_server: Server,
+    neighbour: Path,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The whole hostile suite: the catch-all never fired; peak RSS and wall time per case.
+
+    Runs last in a full run (this file sorts after the archive and
+    container suites) and reads what their cases recorded; any case not yet
+    run in this session (a run of this file alone) is run here first.
+    """
+    from integration import test_hostile_archives as archives
+    from integration import test_hostile_containers as containers
+
+    base = tmp_path_factory.getbasetemp()
+    done = {(r["suite"], r["case"]) for r in results(base)}
+    suites: list[tuple[str, list[Any], Callable[[Any, Path, list[Outcome], Path], None]]] = [
+        ("archives", archives.ROWS, archives.run_case),
+        ("containers", containers.ROWS, containers.run_case),
+        ("registry", ROWS, functools.partial(run_case, server=hostile_server)),
+    ]
+    for suite, rows, run_one in suites:
+        for row in rows:
+            if (suite, row.name) in done:
+                continue
+            with contextlib.suppress(Exception):  # the case's own failure is in the record
+                case = _bind(run_one, row, tmp_path / suite / row.name, neighbour)
+                recorded(base, suite, row.name, case)
+    everything = results(base)
+    print(f"\n{'suite':10} {'case':34} {'exit':>4} {'seconds':>7} {'MiB':>6}  outcome")
+    for r in everything:
+        outcome = "ok" if r["failed"] is None else f"FAILED {r['failed'][:90]!r}"
+        print(
+            f"{r['suite']:10} {r['case']:34} {r['code']!s:>4} {r['seconds']!s:>7} "
+            f"{r['rss_mib']!s:>6}  {outcome}"
+        )
+    measured = [r for r in everything if r["seconds"] is not None]
+    slowest = max(measured, key=lambda r: r["seconds"])
+    biggest = max(measured, key=lambda r: r["rss_mib"])
+    failed = [r["case"] for r in everything if r["failed"] is not None]
+    print(
+        f"{len(everything)} cases, {len(failed)} failed; slowest {slowest['case']} "
+        f"{slowest['seconds']} s; peak RSS {biggest['case']} {biggest['rss_mib']} MiB"
+    )
+    expected = sum(len(rows) for _, rows, _ in suites)
+    assert len({(r["suite"], r["case"]) for r in everything}) >= expected >= 60
+    internal = [(r["case"], r["message"]) for r in everything if r["internal"]]
+    assert internal == [], f"the catch-all fired: {internal}"
