@@ -120,9 +120,10 @@ BATCH_BYTES = CHUNK
 PIPELINE_DEPTH = 2
 
 #: Mid-stream resumes per blob per fetch before giving up. The client already
-#: retries failed requests; this bounds connections that keep dropping after
-#: sending some bytes, and all of them share the blob's one time budget.
-#: What arrived stays in the ingest for the next pull.
+#: retries failed requests (so a request that fails to open is not tried
+#: again here: that would multiply its retries); this bounds connections
+#: that keep dropping after they started, and all of them share the blob's
+#: one time budget. What arrived stays in the ingest for the next pull.
 MAX_RESUMES = 5
 
 #: How long to wait for another process holding a blob's ref lock (it is
@@ -586,7 +587,8 @@ class _Fetch:
         attempt starts once it has passed.
 
         Raises:
-            Unavailable: the connection dropped more than `MAX_RESUMES`
+            Unavailable: the request failed (after the client's own
+                retries), the connection dropped more than `MAX_RESUMES`
                 times, or the budget ran out; the bytes received so far
                 stay in the ingest.
             DataLoss: the registry sent more bytes than the descriptor says
@@ -611,6 +613,8 @@ class _Fetch:
                 self._set(p, BlobState.DOWNLOADING)
             try:
                 expired = await self._receive(p, writer, deadline_at)
+            except _NotOpened as e:
+                raise e.error from None
             except Unavailable as e:
                 p.offset = writer.offset
                 if trio.current_time() >= deadline_at:
@@ -663,14 +667,16 @@ class _Fetch:
             Whether the deadline passed before the body ended.
 
         Raises:
-            Unavailable: the request failed or the connection dropped (after
-                the batches received were written).
+            _NotOpened: the request failed, with the client's error.
+            Unavailable: the connection dropped (after the batches received
+                were written).
             DataLoss: more bytes than the descriptor says, or another size.
         """
         assert self.remote is not None
         desc = p.desc
         send, receive = trio.open_memory_channel[list[bytes]](PIPELINE_DEPTH)
         dropped: Unavailable | None = None
+        opened = False
 
         async def drain() -> None:
             async with receive:
@@ -689,6 +695,7 @@ class _Fetch:
                             async with self.remote.open_blob(
                                 self.ref, desc, offset=writer.offset
                             ) as stream:
+                                opened = True
                                 received = await self._start(p, writer, stream)
                                 async for chunk in stream.aiter_chunks():
                                     received += len(chunk)
@@ -710,7 +717,7 @@ class _Fetch:
                     if batch:
                         await send.send(batch)
         if dropped is not None:
-            raise dropped
+            raise dropped if opened else _NotOpened(dropped)
         return budget.cancelled_caught
 
     async def _start(self, p: BlobProgress, writer: Writer, stream: BlobStream) -> int:
@@ -742,6 +749,14 @@ class _Fetch:
                 f"registry ignored the range request; restarted at {stream.offset}",
             )
         return stream.offset
+
+
+class _NotOpened(Exception):
+    """A blob request that failed before its body started (the client gave up on it)."""
+
+    def __init__(self, error: Unavailable) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @contextlib.contextmanager
