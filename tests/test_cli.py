@@ -104,3 +104,11 @@ def test_pull_limits_are_checked(
 ) -> None:
     code, _, err = run(capsys, tmp_path, "pull", *args, "registry.invalid/x:1")
     assert code in (1, 2) and words in err
+
+
+def test_rootfs_passes_the_limits_to_its_pull(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The same options reach the pull behind rootfs, mount and bundle."""
+    code, out, err = run(capsys, tmp_path, "rootfs", "--timeout", "0", "registry.invalid/x:1")
+    assert (code, out) == (1, "") and "timeout must be a positive" in err
