@@ -276,7 +276,7 @@ async def import_source(
     # Sizes are the source's own (a sparse file's too): refuse what cannot
     # fit before filling the disk with it.
     need, free = sum(d.size for d in missing), content.free_bytes()
-    if need > free:
+    if free is not None and need > free:
         raise FailedPrecondition(
             f"{source.what}: the import needs {megabytes(need)}, "
             f"{megabytes(free)} free on {content.root}"

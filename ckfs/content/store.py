@@ -427,14 +427,18 @@ class ContentStore:
                 ingest.release(fd)
         return gone
 
-    def free_bytes(self) -> int:
+    def free_bytes(self) -> int | None:
         """Bytes an unprivileged writer may still use on the store's filesystem.
 
         ``f_bavail``, not ``f_bfree``: the blocks a filesystem reserves for
         root are what keeps the rest of the system (logs, the daemon's own
-        database) working when a pull would otherwise fill the disk.
+        database) working when a pull would otherwise fill the disk. None
+        when the filesystem cannot say: the writes will find out.
         """
-        st = os.statvfs(self.root)
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return None
         return st.f_bavail * st.f_frsize
 
     # -- helpers ------------------------------------------------------------------

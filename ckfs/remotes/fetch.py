@@ -398,12 +398,9 @@ class _Fetch:
             need += left
         if need <= 0:
             return
-        try:
-            free = self.content.free_bytes()
-        except OSError:
-            return  # a filesystem that cannot say: the writes will find out
+        free = self.content.free_bytes()
         total = self._outstanding()
-        if total > free:
+        if free is not None and total > free:
             raise FailedPrecondition(
                 f"{self.ref}: the fetch needs {megabytes(total)} more, "
                 f"{megabytes(free)} free on {self.content.root}"
