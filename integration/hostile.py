@@ -215,6 +215,12 @@ def check_failure(o: Outcome, match: str | None = None) -> str:
     return line
 
 
+def check_escaped(listing: str) -> None:
+    """A listing shows untrusted strings escaped: no control character but newlines."""
+    found = _CONTROL.search(listing.replace("\n", ""))
+    assert found is None, f"unescaped {found.group()!r} in {listing[:500]!r}"
+
+
 def check_success(o: Outcome) -> None:
     check_bounds(o)
     assert o.code == 0, o.describe()
@@ -246,10 +252,11 @@ def check_store(
         gc_may_report: ``gc`` may meet a record it cannot handle (see `check_gc`).
     """
     inspect = [("images", "inspect", may_register)] if may_register else []
-    names, table, verify, active, *rest = run_batch(
+    names, table, blobs, verify, active, *rest = run_batch(
         root,
         ("images", "ls", "-q"),
         ("images", "ls"),
+        ("content", "ls"),
         ("content", "verify"),
         ("content", "active", "--json"),
         *inspect,
@@ -257,13 +264,16 @@ def check_store(
         ("images", "ls", "-q"),
         ("content", "verify"),
     )
-    for o in (names, table, verify, active, *rest[-2:]):
+    for o in (names, table, blobs, verify, active, *rest[-2:]):
         check_success(o)
+    for listed in (table, blobs):
+        check_escaped(listed.stdout)
     expected = set(names_before)
     if may_register is not None and may_register in names.stdout.split():
         expected.add(may_register)
         if rest[0].code != 0:
             check_failure(rest[0])
+        check_escaped(rest[0].stdout)
     assert set(names.stdout.split()) == expected, f"images {names.stdout!r}, before {names_before}"
     kept: list[dict[str, Any]] = json.loads(active.stdout or "[]")
     if ingests_allowed == "none":

@@ -720,7 +720,115 @@ def peek_trickle(server: Server, req: Request, conn: Conn, case: Case) -> None:
     (trickled("all") if req.method == "HEAD" else serve_manifest)(server, req, conn, case)
 
 
+#: An integer past Python's 4300-digit int/str conversion limit.
+BIG_INT = b"1" + b"0" * 5000
+
+Path_ = tuple[str | int, ...]
+
+
+def setting(path: Path_, value: Any) -> Callable[[Any], None]:
+    """A change to a JSON document: the value at *path* becomes *value* (``BIG`` for `BIG_INT`)."""
+
+    def change(doc: Any) -> None:
+        *parents, last = path
+        for key in parents:
+            doc = doc[key]
+        doc[last] = value
+
+    return change
+
+
+def crafted(doc: Any, change: Callable[[Any], None] | None) -> bytes:
+    """*doc* after *change*, as bytes; NaN and Infinity as Python's json writes them."""
+    doc = json.loads(json.dumps(doc))
+    if change is not None:
+        change(doc)
+    return json.dumps(doc).encode().replace(b'"BIG"', BIG_INT)
+
+
+def _good_manifest() -> dict[str, Any]:
+    img = image()
+    return dict(json.loads(img.manifests[img.top][1]))
+
+
+def _good_index() -> dict[str, Any]:
+    img = index_of(image())
+    return dict(json.loads(img.manifests[img.top][1]))
+
+
+#: Type confusion and odd values in a manifest: (case, change, whether a
+#: lenient reading may accept it).
+MANIFEST_CHANGES: list[tuple[str, Callable[[Any], None], bool]] = [
+    ("m-layers-object", setting(("layers",), {}), False),
+    ("m-layers-null", setting(("layers",), None), True),  # Go reads null as no layers
+    ("m-config-list", setting(("config",), []), False),
+    ("m-size-string", setting(("layers", 0, "size"), "10"), False),
+    ("m-size-negative", setting(("layers", 0, "size"), -1), False),
+    ("m-size-float", setting(("layers", 0, "size"), 10.5), False),
+    ("m-size-infinity", setting(("layers", 0, "size"), float("inf")), False),
+    ("m-size-nan", setting(("layers", 0, "size"), float("nan")), False),
+    ("m-size-5000-digits", setting(("layers", 0, "size"), "BIG"), False),
+    ("m-size-bool", setting(("layers", 0, "size"), True), False),
+    ("m-digest-number", setting(("layers", 0, "digest"), 5), False),
+    ("m-digest-bad-algorithm", setting(("layers", 0, "digest"), "md5:" + "0" * 32), False),
+    ("m-media-type-number", setting(("layers", 0, "mediaType"), 5), False),
+    ("m-urls-string", setting(("layers", 0, "urls"), "http://127.0.0.1:9/x"), True),
+    ("m-annotations-list", setting(("annotations",), []), True),
+    ("m-layer-annotations-evil", setting(("layers", 0, "annotations"), {EVIL: EVIL}), True),
+    ("m-schema-string", setting(("schemaVersion",), "2"), True),
+    ("m-schema-1", setting(("schemaVersion",), 1), False),
+    ("m-top-list", lambda doc: None, False),
+]
+
+#: The same for an index (its one child is a good manifest).
+INDEX_CHANGES: list[tuple[str, Callable[[Any], None], bool]] = [
+    ("i-manifests-string", setting(("manifests",), "x"), False),
+    ("i-entry-string", setting(("manifests", 0), "x"), False),
+    ("i-platform-list", setting(("manifests", 0, "platform"), []), False),
+    ("i-os-features-int", setting(("manifests", 0, "platform", "os.features"), 5), True),
+    ("i-variant-object", setting(("manifests", 0, "platform", "variant"), {}), True),
+    ("i-architecture-null", setting(("manifests", 0, "platform", "architecture"), None), False),
+    ("i-size-5000-digits", setting(("manifests", 0, "size"), "BIG"), False),
+]
+
+#: And for an image config, which ``rootfs`` (unpacking) and ``images inspect`` read.
+CONFIG_CHANGES: list[tuple[str, Callable[[Any], None], bool]] = [
+    ("c-diff-ids-string", setting(("rootfs", "diff_ids"), "x"), False),
+    ("c-diff-ids-numbers", setting(("rootfs", "diff_ids"), [5]), False),
+    ("c-rootfs-list", setting(("rootfs",), []), False),
+    ("c-env-int", setting(("config", "Env"), 5), True),
+    ("c-cmd-evil", setting(("config", "Cmd"), [EVIL * 1000]), True),
+    ("c-os-number", setting(("os",), 5), True),
+]
+
+
+def _good_config() -> dict[str, Any]:
+    layer = tiny_tar()
+    return {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [sha256(layer)]},
+    }
+
+
 def _cases() -> Iterator[tuple[str, Case]]:
+    manifest = _good_manifest()
+    for name, change, _ in MANIFEST_CHANGES:
+        body = b"[]" if name == "m-top-list" else crafted(manifest, change)
+        yield name, Case(image=image(manifest=body))
+    index = _good_index()
+    for name, change, _ in INDEX_CHANGES:
+        img = index_of(image())
+        img.top = img.add_manifest(OCI_INDEX, crafted(index, change))
+        yield name, Case(image=img)
+    config = _good_config()
+    for name, change, _ in CONFIG_CHANGES:
+        yield name, Case(image=image(config=crafted(config, change)))
+    yield from _hostile_cases()
+
+
+def _hostile_cases() -> Iterator[tuple[str, Case]]:
     good = image()
     good_manifest = good.manifests[good.top][1]
     # Controls: a faithful registry, so a failing hostile case is the case's doing.

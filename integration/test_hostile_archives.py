@@ -21,6 +21,7 @@ import stat
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,7 +36,7 @@ from integration.hostile import (
     run,
     with_neighbour,
 )
-from integration.hostile_registry import EVIL, deep_json, sha256, tiny_tar
+from integration.hostile_registry import EVIL, crafted, deep_json, setting, sha256, tiny_tar
 from tests.layouts import Layout
 
 pytestmark = pytest.mark.slow
@@ -48,6 +49,9 @@ def neighbour(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 #: Size of the sparse files standing in for multi-GiB documents.
 SPARSE = 3 << 30
+
+#: The annotation that names an image in a layout.
+REF = "org.opencontainers.image.ref.name"
 
 #: ``/dev/zero``: a character device that never ends.
 DEV_ZERO = os.makedev(1, 5)
@@ -189,6 +193,10 @@ def add(tar: tarfile.TarFile, info: tarfile.TarInfo, data: bytes | None) -> None
 
 def write_deep(path: Path) -> None:
     path.write_bytes(deep_json())
+
+
+def write_list(path: Path) -> None:
+    path.write_bytes(b"[]")
 
 
 def write_deep_list(path: Path) -> None:
@@ -433,6 +441,39 @@ def tar_duplicate_docker_manifest(work: Path) -> Path:
     return as_tar(root, work / "archive.tar", [entry("manifest.json", b'{"not": "a list"}')])
 
 
+def layout_index(change: Callable[[Any], None]) -> Build:
+    """A good layout whose index.json is changed by *change* (see `crafted`)."""
+
+    def build(work: Path) -> Path:
+        lay = layout(work)
+        body = json.loads((lay.root / "index.json").read_bytes())
+        return replace_index(lay, crafted(body, change))
+
+    return build
+
+
+def docker_manifest(change: Callable[[Any], None]) -> Build:
+    def build(work: Path) -> Path:
+        root = docker(work)
+        body = json.loads((root / "manifest.json").read_bytes())
+        (root / "manifest.json").write_bytes(crafted(body, change))
+        return root
+
+    return build
+
+
+def docker_config_changed(change: Callable[[Any], None]) -> Build:
+    def build(work: Path) -> Path:
+        root = docker(work)
+        body = crafted(json.loads(docker_config(root).read_bytes()), change)
+        name = f"{sha256(body)[7:]}.json"
+        (root / name).write_bytes(body)
+        write_docker_manifest(root, name, ["layer/layer.tar"])
+        return root
+
+    return build
+
+
 ROWS = [
     # Special files where an OCI layout has regular ones: refused by name, never opened blocking.
     Row("layout-index-fifo", _layout_special(_index, fifo), match="index.json"),
@@ -526,6 +567,25 @@ ROWS = [
         match="nested deeper",
     ),
     Row("tar-30000-entries", tar_many_entries),
+    # Type confusion and odd values in the archive's own documents.
+    Row("layout-entry-string", layout_index(setting(("manifests", 0), "x"))),
+    Row("layout-manifests-object", layout_index(setting(("manifests",), {}))),
+    Row("layout-size-5000-digits", layout_index(setting(("manifests", 0, "size"), "BIG"))),
+    Row("layout-size-nan", layout_index(setting(("manifests", 0, "size"), float("nan")))),
+    Row(
+        "layout-ref-surrogate",
+        layout_index(setting(("manifests", 0, "annotations"), {REF: "h\ud800:1"})),
+    ),
+    Row("layout-annotations-list", layout_index(setting(("manifests", 0, "annotations"), []))),
+    Row("layout-platform-string", layout_index(setting(("manifests", 0, "platform"), "linux"))),
+    Row("layout-oci-layout-list", _layout_special(_oci_layout, write_list)),
+    Row("docker-manifest-object", docker_manifest(lambda doc: doc.append(5))),
+    Row("docker-repotags-int", docker_manifest(setting((0, "RepoTags"), 5))),
+    Row("docker-repotag-evil", docker_manifest(setting((0, "RepoTags"), [EVIL + ":1"]))),
+    Row("docker-layers-ints", docker_manifest(setting((0, "Layers"), [5]))),
+    Row("docker-config-int", docker_manifest(setting((0, "Config"), 5))),
+    Row("docker-diff-ids-ints", docker_config_changed(setting(("rootfs", "diff_ids"), [5]))),
+    Row("docker-diff-ids-object", docker_config_changed(setting(("rootfs", "diff_ids"), {}))),
     # The archive itself a special file.
     Row("archive-is-fifo", archive_special(os.mkfifo)),
     Row("archive-is-chardev", archive_special(chardev)),

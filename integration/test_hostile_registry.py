@@ -43,7 +43,15 @@ from integration.hostile import (
     with_neighbour,
     write_layout,
 )
-from integration.hostile_registry import CASES, OCI_INDEX, USER, Image
+from integration.hostile_registry import (
+    CASES,
+    CONFIG_CHANGES,
+    INDEX_CHANGES,
+    MANIFEST_CHANGES,
+    OCI_INDEX,
+    USER,
+    Image,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -233,6 +241,20 @@ ROWS = [
     Row("headers-100k"),
     Row("digest-header-evil"),
     Row("manifest-bad-digests"),
+]
+
+# Type confusion and odd values in manifests, indexes and configs: a clean
+# refusal, or (where a lenient reading is fair) a pull that works and a
+# store that still lists, inspects and collects the image.
+ROWS += [
+    Row(name, codes=(0, 1) if lenient else (1,), registers=lenient)
+    for name, _, lenient in MANIFEST_CHANGES + INDEX_CHANGES
+]
+ROWS += [
+    Row(name, "pull", codes=(0, 1), registers=True)
+    if lenient
+    else Row(name, "rootfs", registers=True)
+    for name, _, lenient in CONFIG_CHANGES
 ]
 
 #: Commands whose progress goes to stderr unless quiet.
