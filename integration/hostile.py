@@ -280,6 +280,8 @@ def check_store(
         assert kept == [], f"ingests left: {kept}"
     for i in kept:
         assert i["total"] and 0 < i["offset"] <= i["total"], f"ingest past its size: {i}"
+    if kept:
+        check_ingests_go(root, kept)
     gc_check(rest[-3], may_report=gc_may_report)
     after = rest[-2].stdout.split()
     assert set(after) == expected, f"after gc, images {after}, before {names.stdout!r}"
@@ -302,6 +304,22 @@ def write_layout(img: Image, out: Path) -> Path:
     entry = {"mediaType": media_type, "digest": img.top, "size": len(body)}
     (out / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
     return out
+
+
+def check_ingests_go(root: Path, kept: list[dict[str, Any]]) -> None:
+    """Kept ingests survive a gc while fresh, and ``content abort --all`` removes them."""
+    steps = run_batch(
+        root,
+        ("gc", "--ingest-expiry", "1h"),
+        ("content", "active", "--json"),
+        ("content", "abort", "--all"),
+        ("content", "active", "--json"),
+    )
+    for o in steps:
+        check_success(o)
+    fresh = [i["ref"] for i in json.loads(steps[1].stdout or "[]")]
+    assert fresh == [i["ref"] for i in kept], f"gc took fresh ingests: {fresh}"
+    assert json.loads(steps[3].stdout or "[]") == [], f"abort --all left {steps[3].stdout}"
 
 
 def neighbour_template(base: Path) -> Path:

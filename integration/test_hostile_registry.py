@@ -243,6 +243,29 @@ ROWS = [
     Row("manifest-bad-digests"),
 ]
 
+# The re-pull of a present image: its peek (one HEAD, through the standard
+# library, and the token round trip) meets the same hostility first.
+ROWS += [
+    Row(case, extra=T, present=True, id=f"{case}-repull")
+    for case in (
+        "deep-token",
+        "token-endless",
+        "token-1gib",
+        "token-trickle",
+        "loop-head",
+        "loop-token",
+        "retry-after-3600-429",
+        "stall-head",
+        "garbage",
+        "headers-100k",
+        "auth-header-200k",
+        "auth-realm-file",
+        "head-digest-lie",
+        "manifest-head-huge",
+        "digest-header-evil",
+    )
+]
+
 # Type confusion and odd values in manifests, indexes and configs: a clean
 # refusal, or (where a lenient reading is fair) a pull that works and a
 # store that still lists, inspects and collects the image.
