@@ -2,8 +2,9 @@
 
 Each case runs the real ``ckfs`` CLI in a subprocess against a fresh
 ``--root`` and must end cleanly: `run` measures that child alone (its wall
-time, and its peak RSS from `os.wait4`, which unlike ``RUSAGE_CHILDREN``
-does not mix in other children of the test), `check_failure` holds the
+time, and its peak RSS from `os.wait4` in a small launcher, which unlike
+``RUSAGE_CHILDREN`` does not mix in other children of the test, nor the
+size of the pytest process it would otherwise be forked from), `check_failure` holds the
 failure to the CLI's contract (exit status, one escaped, bounded line, the
 catch-all never reached), and `check_store` proves the store is still
 usable afterwards (``images ls`` unchanged, ``content verify`` clean,
@@ -22,7 +23,6 @@ import io
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -45,13 +45,16 @@ HARD_LIMIT = 30.0
 #: Peak RSS a ckfs process may reach on any case, in KiB (the issue's ~200 MB).
 RSS_BOUND_KIB = 200 * 1024
 
+#: Starts each ckfs and measures it (see its docstring for why not pytest itself).
+LAUNCHER = Path(__file__).resolve().parent / "hostile_launch.py"
+
 #: Address space a ckfs child may reserve: a case that would read gigabytes
 #: into memory fails with MemoryError (visible as an internal error) instead
 #: of swapping a machine others share.
 ADDRESS_SPACE_LIMIT = 4 << 30
 
 #: ``--timeout`` given to transfers that the registry makes slow.
-BUDGET = "2"
+BUDGET = "1"
 
 #: An error line longer than this is not "bounded" (messages cut long values).
 MAX_MESSAGE = 1200
@@ -89,54 +92,48 @@ class Outcome:
         )
 
 
-def _limit_memory() -> None:  # pragma: no cover - runs in the child before exec
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
-
-
 def _spawn(argv: list[str], work: Path, hard_limit: float, cwd: Path | None = None) -> Outcome:
-    """Run *argv* (output files in *work*); its own wall time and peak RSS (`os.wait4`)."""
+    """Run *argv* (output files in *work*) through `integration.hostile_launch`,
+    which measures the command's own peak RSS and wall time and kills it by
+    its PID after *hard_limit* seconds."""
     work.mkdir(parents=True, exist_ok=True)
+    report = work / "ckfs.rusage"
     env = {
         **os.environ,
         "COLUMNS": "200",
         # No credentials of this machine's user may reach a hostile registry.
         "DOCKER_CONFIG": str(work / "no-docker-config"),
     }
+    launch = [sys.executable, str(LAUNCHER), str(hard_limit), str(report)]
     with (
         open(work / "ckfs.out", "w+b") as out,
         open(work / "ckfs.err", "w+b") as err,
     ):
-        start = time.monotonic()
         proc = subprocess.Popen(
-            argv,
+            [*launch, str(ADDRESS_SPACE_LIMIT), "--", *argv],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
             env=env,
             cwd=cwd or work,
-            preexec_fn=_limit_memory,
+            start_new_session=True,
         )
-        killed = False
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if not killed and time.monotonic() - start > hard_limit:
-                os.kill(proc.pid, signal.SIGKILL)
-                killed = True
-            time.sleep(0.005)
-        seconds = time.monotonic() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        try:
+            proc.wait(hard_limit + 10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher's own group, launcher and command
+            proc.wait()
+        outcome = json.loads(report.read_text())
         out.seek(0)
         err.seek(0)
         return Outcome(
             args=tuple(argv[3:]),
-            code=proc.returncode,
+            code=outcome["code"],
             stdout=out.read().decode(errors="replace"),
             stderr=err.read().decode(errors="replace"),
-            seconds=seconds,
-            rss_kib=usage.ru_maxrss,
-            killed=killed,
+            seconds=outcome["seconds"],
+            rss_kib=outcome["rss_kib"],
+            killed=outcome["killed"],
         )
 
 
@@ -390,7 +387,7 @@ def nothing_changes_outside(top: Path, root: Path) -> Iterator[None]:
     before = listing(top, root)
     yield
     after = listing(top, root)
-    for name in ("ckfs.out", "ckfs.err"):
+    for name in ("ckfs.out", "ckfs.err", "ckfs.rusage"):
         before.pop(name, None)
         after.pop(name, None)
     assert after == before, sorted(set(after.items()) ^ set(before.items()))[:10]

@@ -720,6 +720,12 @@ def peek_trickle(server: Server, req: Request, conn: Conn, case: Case) -> None:
     (trickled("all") if req.method == "HEAD" else serve_manifest)(server, req, conn, case)
 
 
+#: String lengths that keep a manifest (4 MiB), a config (16 MiB) and a
+#: token answer (1 MiB) just inside ckfs's size limits.
+LONG_MANIFEST = (4 << 20) - 4096
+LONG_CONFIG = (16 << 20) - 4096
+LONG_TOKEN = (1 << 20) - 64
+
 #: An integer past Python's 4300-digit int/str conversion limit.
 BIG_INT = b"1" + b"0" * 5000
 
@@ -825,6 +831,23 @@ def _cases() -> Iterator[tuple[str, Case]]:
     config = _good_config()
     for name, change, _ in CONFIG_CHANGES:
         yield name, Case(image=image(config=crafted(config, change)))
+    # Long strings: a document at its size limit made of one string.
+    yield (
+        "manifest-long-string",
+        Case(
+            image=image(
+                manifest=crafted(manifest, setting(("annotations",), {"a": "x" * LONG_MANIFEST}))
+            )
+        ),
+    )
+    yield (
+        "config-long-string",
+        Case(image=image(config=crafted(config, setting(("config", "Cmd"), ["x" * LONG_CONFIG])))),
+    )
+    yield (
+        "token-long-string",
+        Case(auth="bearer", token=status(200, json.dumps({"token": "t" * LONG_TOKEN}).encode())),
+    )
     yield from _hostile_cases()
 
 

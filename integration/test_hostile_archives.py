@@ -36,7 +36,15 @@ from integration.hostile import (
     run,
     with_neighbour,
 )
-from integration.hostile_registry import EVIL, crafted, deep_json, setting, sha256, tiny_tar
+from integration.hostile_registry import (
+    EVIL,
+    LONG_CONFIG,
+    crafted,
+    deep_json,
+    setting,
+    sha256,
+    tiny_tar,
+)
 from tests.layouts import Layout
 
 pytestmark = pytest.mark.slow
@@ -49,6 +57,9 @@ def neighbour(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 #: Size of the sparse files standing in for multi-GiB documents.
 SPARSE = 3 << 30
+
+#: A string that keeps index.json (4 MiB) just inside its size limit.
+LONG_INDEX = "x" * ((4 << 20) - 4096)
 
 #: The annotation that names an image in a layout.
 REF = "org.opencontainers.image.ref.name"
@@ -586,6 +597,17 @@ ROWS = [
     Row("docker-config-int", docker_manifest(setting((0, "Config"), 5))),
     Row("docker-diff-ids-ints", docker_config_changed(setting(("rootfs", "diff_ids"), [5]))),
     Row("docker-diff-ids-object", docker_config_changed(setting(("rootfs", "diff_ids"), {}))),
+    # Documents at their size limit made of one long string.
+    Row(
+        "layout-index-long-string",
+        layout_index(setting(("annotations",), {"a": LONG_INDEX})),
+        registers="docker.io/library/hostile:1",
+    ),
+    Row(
+        "docker-config-long-string",
+        docker_config_changed(setting(("config",), {"Cmd": [LONG_CONFIG * "x"]})),
+        registers="docker.io/hostile/docker:1",
+    ),
     # The archive itself a special file.
     Row("archive-is-fifo", archive_special(os.mkfifo)),
     Row("archive-is-chardev", archive_special(chardev)),

@@ -243,6 +243,13 @@ ROWS = [
     Row("manifest-bad-digests"),
 ]
 
+# Documents at their size limit made of one long string: memory stays bounded.
+ROWS += [
+    Row("manifest-long-string", codes=(0, 1), registers=True),
+    Row("config-long-string", "rootfs", codes=(0, 1), registers=True),
+    Row("token-long-string"),
+]
+
 # The re-pull of a present image: its peek (one HEAD, through the standard
 # library, and the token round trip) meets the same hostility first.
 ROWS += [
