@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import os
 import re
@@ -27,7 +26,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -152,8 +150,8 @@ def run_batch(root: Path, *commands: tuple[str, ...]) -> list[Outcome]:
     (`ckfs_cli.main._run`), exit status and error line included; the peak
     RSS is the batch's.
     """
-    argv = [sys.executable, "-m", "integration.hostile", str(root), json.dumps(commands)]
-    batch = _spawn(argv, root.parent, HARD_LIMIT, cwd=REPO)
+    argv = [sys.executable, str(LAUNCHER), "--batch", str(root), json.dumps(commands)]
+    batch = _spawn(argv, root.parent, HARD_LIMIT)
     assert batch.code == 0, batch.describe()
     return [
         Outcome(
@@ -167,27 +165,6 @@ def run_batch(root: Path, *commands: tuple[str, ...]) -> list[Outcome]:
         )
         for r in json.loads(batch.stdout)
     ]
-
-
-def _batch_main(root: str, commands: list[list[str]]) -> None:  # pragma: no cover - a child
-    from ckfs_cli.main import _run
-
-    done = []
-    for args in commands:
-        out, err = io.StringIO(), io.StringIO()
-        start = time.monotonic()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = _run(["--root", root, *args])
-        done.append(
-            {
-                "args": args,
-                "code": code,
-                "stdout": out.getvalue(),
-                "stderr": err.getvalue(),
-                "seconds": time.monotonic() - start,
-            }
-        )
-    print(json.dumps(done))
 
 
 def check_bounds(o: Outcome) -> None:
@@ -429,7 +406,3 @@ def results(base: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-if __name__ == "__main__":
-    _batch_main(sys.argv[1], json.loads(sys.argv[2]))
