@@ -55,6 +55,9 @@ DEPTH = 1500
 LONG_NAME = 250
 LONG_LEVELS = 24
 
+#: Entries in one directory of the "wide" tree.
+WIDE = 5_000
+
 #: Names a container may write: terminal escapes, newlines, invalid UTF-8.
 CONTROL_NAMES = [b"\x1b]0;pwned\x07", b"new\nline", b"\xff\xfe\xfd", b"tab\there", b"\x9b31m"]
 
@@ -115,7 +118,7 @@ def wide(top: Path) -> None:
     with opendir(top) as fd:
         os.mkdir("wide", dir_fd=fd)
         with opendir("wide", fd) as inner:
-            for i in range(20_000):
+            for i in range(WIDE):
                 write_file(inner, f"f{i}")
 
 

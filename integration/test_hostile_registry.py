@@ -168,13 +168,13 @@ ROWS = [
     Row("loop-token", match="redirect"),
     Row("loop-cross-host", match="redirect"),
     Row("redirect-bad-scheme"),
-    Row("redirect-bad-url"),
+    Row("redirect-bad-url", extra=T),
     Row("redirect-no-location"),
     # A storage host's 401 is not the registry's challenge: refused, no credential leaves.
     Row("storage-401-basic", extra=("-u", USER), no_credentials_out=True),
     Row("storage-401-bearer", extra=("-u", USER), no_credentials_out=True),
     # Challenges and token answers written by an adversary.
-    Row("auth-header-200k"),
+    Row("auth-header-200k", extra=T),
     Row("auth-realm-60k"),
     Row("auth-params-5000"),
     Row("auth-realm-file"),
@@ -240,8 +240,8 @@ ROWS = [
     Row("layers-5000", "rootfs", match="layer", layer_gets=0, registers=True),
     # Not HTTP, or HTTP no client accepts.
     Row("garbage"),
-    Row("bad-content-length"),
-    Row("headers-100k"),
+    Row("bad-content-length", extra=T),
+    Row("headers-100k", extra=T),
     Row("digest-header-evil"),
     Row("manifest-bad-digests"),
 ]
