@@ -83,9 +83,14 @@ def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def deep_json(prefix: bytes = b'{"a":', suffix: bytes = b"}") -> bytes:
-    """Valid JSON nested `DEEP` levels: ``{"a":[[[...]]]}``."""
-    return prefix + b"[" * DEEP + b"]" * DEEP + suffix
+#: Nesting Python's json module still parses (its C scanner recurses to
+#: about 1,000 levels): only ckfs's own depth limit refuses it.
+PARSEABLE_DEEP = 900
+
+
+def deep_json(prefix: bytes = b'{"a":', suffix: bytes = b"}", depth: int = DEEP) -> bytes:
+    """Valid JSON nested *depth* levels: ``{"a":[[[...]]]}``."""
+    return prefix + b"[" * depth + b"]" * depth + suffix
 
 
 def tiny_tar(name: str = "hello", data: bytes = b"hello\n") -> bytes:
@@ -870,6 +875,18 @@ def _hostile_cases() -> Iterator[tuple[str, Case]]:
     )
     yield "deep-index", Case(manifest=manifests_serving(deep_index, OCI_INDEX))
     yield "deep-config", Case(image=image(config=deep_json()))
+    deep_manifest_900 = deep_json(
+        b'{"schemaVersion":2,"mediaType":"' + OCI_MANIFEST.encode() + b'","x":',
+        depth=PARSEABLE_DEEP,
+    )
+    yield "deep-manifest-900", Case(manifest=manifests_serving(deep_manifest_900, OCI_MANIFEST))
+    yield "deep-config-900", Case(image=image(config=deep_json(depth=PARSEABLE_DEEP)))
+    yield (
+        "deep-token-900",
+        Case(
+            auth="bearer", token=status(200, deep_json(b'{"token":"x","a":', depth=PARSEABLE_DEEP))
+        ),
+    )
     yield "deep-token", Case(auth="bearer", token=status(200, deep_json(b'{"token":"x","a":')))
     yield "deep-error-manifest", Case(manifest=head_without_digest(status(400, deep_json())))
     yield "deep-error-blob", Case(blob=status(404, deep_json(b'{"errors":')))

@@ -39,6 +39,7 @@ from integration.hostile import (
 from integration.hostile_registry import (
     EVIL,
     LONG_CONFIG,
+    PARSEABLE_DEEP,
     crafted,
     deep_json,
     setting,
@@ -204,6 +205,10 @@ def add(tar: tarfile.TarFile, info: tarfile.TarInfo, data: bytes | None) -> None
 
 def write_deep(path: Path) -> None:
     path.write_bytes(deep_json())
+
+
+def write_deep_list_900(path: Path) -> None:
+    path.write_bytes(deep_json(b"[", b"]", depth=PARSEABLE_DEEP))
 
 
 def write_list(path: Path) -> None:
@@ -523,6 +528,16 @@ ROWS = [
     ),
     Row("layout-manifest-deep", layout_deep_blob("manifest"), match="nested deeper"),
     Row("layout-config-deep", layout_deep_blob("config"), match="nested deeper"),
+    Row(
+        "layout-index-deep-900",
+        lambda w: replace_index(layout(w), deep_json(depth=PARSEABLE_DEEP)),
+        match="nested deeper",
+    ),
+    Row(
+        "docker-manifest-deep-900",
+        _docker_special(_docker_manifest, write_deep_list_900),
+        match="nested deeper",
+    ),
     # Impossible images and hostile names.
     Row("layout-5000-layers", layout_5000_layers),
     Row("layout-ref-evil", layout_ref_name("hostile" + EVIL + ":1")),
