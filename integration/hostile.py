@@ -102,7 +102,8 @@ def _spawn(argv: list[str], work: Path, hard_limit: float, cwd: Path | None = No
         # No credentials of this machine's user may reach a hostile registry.
         "DOCKER_CONFIG": str(work / "no-docker-config"),
     }
-    launch = [sys.executable, str(LAUNCHER), str(hard_limit), str(report)]
+    # -S: the launcher needs no site-packages, and starts in half the time.
+    launch = [sys.executable, "-S", str(LAUNCHER), str(hard_limit), str(report)]
     with (
         open(work / "ckfs.out", "w+b") as out,
         open(work / "ckfs.err", "w+b") as err,

@@ -341,11 +341,11 @@ def run_case(row: Row, work: Path, seen: list[Outcome], neighbour: Path, *, serv
     """
     root = work / "root"
     work.mkdir(parents=True, exist_ok=True)
-    with_neighbour(root, neighbour)
+    before = with_neighbour(root, neighbour)
     if row.present:
         layout = write_layout(CASES[row.case].image, work / "present")
         check_success(run(root, "import", "--name", server.ref(row.case), str(layout)))
-    before = image_names(root)
+        before.append(server.ref(row.case))
     with nothing_changes_outside(work, root):
         o = run(root, *command(row, server, work))
         seen.append(o)
