@@ -573,11 +573,6 @@ def layer0(case: Case) -> str:
     return str(body["layers"][0]["digest"])
 
 
-def config_of(case: Case) -> str:
-    body = json.loads(case.image.manifests[case.image.top][1])
-    return str(body["config"]["digest"])
-
-
 def head_without_digest(inner: Handler) -> Handler:
     """HEAD answers 405 (so the client GETs the tag); GET goes to *inner*."""
 

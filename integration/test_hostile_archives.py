@@ -4,9 +4,11 @@ crafted by an adversary.
 Every row of `ROWS` builds one archive in the test's temp directory (FIFOs
 and character devices where files belong, sparse multi-GiB files made with
 ``truncate`` so no real gigabyte is written, symlinks and ``..`` names, JSON
-nested a hundred thousand deep, duplicate tar entries) and imports it. Each
-must fail cleanly, in bounded time and memory, and leave the store as it
-was (`integration.hostile`): an import is all-or-nothing.
+nested a hundred thousand deep, duplicate tar entries, wrong types) and
+imports it. Each must fail cleanly, in bounded time and memory, and leave
+the store as it was (`integration.hostile`): an import is all-or-nothing.
+The few rows an honest importer may accept (`Row.registers`) must leave a
+store that still lists, inspects and collects what they added.
 
 Runs confined (the file name starts with ``test_hostile``).
 """
@@ -361,13 +363,16 @@ def docker_layer_symlink_outside(work: Path) -> Path:
     return root
 
 
-def docker_deep_config(work: Path) -> Path:
-    root = docker(work)
-    body = deep_json()
+def put_docker_config(root: Path, body: bytes) -> Path:
+    """Make *body* the config of the docker-save directory *root* (named by its digest)."""
     name = f"{sha256(body)[7:]}.json"
     (root / name).write_bytes(body)
     write_docker_manifest(root, name, ["layer/layer.tar"])
     return root
+
+
+def docker_deep_config(work: Path) -> Path:
+    return put_docker_config(docker(work), deep_json())
 
 
 def tar_of(build: Build) -> Build:
@@ -484,11 +489,9 @@ def docker_manifest(change: Callable[[Any], None]) -> Build:
 def docker_config_changed(change: Callable[[Any], None]) -> Build:
     def build(work: Path) -> Path:
         root = docker(work)
-        body = crafted(json.loads(docker_config(root).read_bytes()), change)
-        name = f"{sha256(body)[7:]}.json"
-        (root / name).write_bytes(body)
-        write_docker_manifest(root, name, ["layer/layer.tar"])
-        return root
+        return put_docker_config(
+            root, crafted(json.loads(docker_config(root).read_bytes()), change)
+        )
 
     return build
 
