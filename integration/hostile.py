@@ -30,9 +30,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from integration.hostile_registry import Image, image, tiny_tar
 
 REPO = Path(__file__).resolve().parent.parent
+
+#: Marks for every hostile suite: slow, and root only. As root each case runs
+#: confined (`tests.confine`); without root there would be no confinement, and
+#: device nodes, ``chattr`` and unpacking need root anyway.
+MARKS = [
+    pytest.mark.slow,
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: confinement, device nodes, chattr"),
+]
 
 #: Wall time a case may take (generous: the slow ones wait out a --timeout of `BUDGET`).
 WALL_BOUND = 20.0

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from integration.hostile import (
+    MARKS,
     Outcome,
     check_failure,
     check_store,
@@ -50,7 +51,7 @@ from integration.hostile_registry import (
 )
 from tests.layouts import Layout
 
-pytestmark = pytest.mark.slow
+pytestmark = MARKS
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from integration.hostile import (
+    MARKS,
     Outcome,
     check_failure,
     check_gc,
@@ -40,7 +41,7 @@ from integration.hostile import (
     with_neighbour,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = MARKS
 
 
 @pytest.fixture(scope="session")

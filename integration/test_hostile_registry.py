@@ -29,6 +29,7 @@ import pytest
 
 from integration.hostile import (
     BUDGET,
+    MARKS,
     REPO,
     Outcome,
     check_failure,
@@ -54,7 +55,7 @@ from integration.hostile_registry import (
     Image,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = MARKS
 
 
 @pytest.fixture(scope="session")
