@@ -353,6 +353,18 @@ def gc_check(gc: Outcome, *, may_report: bool = False) -> Outcome:
     return gc
 
 
+def release(root: Path, *, immutable: bool = False) -> None:
+    """Remove *root* whatever ckfs left in it: trees of any depth, immutable files.
+
+    Python's own tree walkers recurse (3.11) and fail on a tree 1,500 deep,
+    pytest's clean-up of old temp dirs included, which would then fail every
+    later session; ``chattr`` and ``rm`` do not recurse on the stack.
+    """
+    if immutable:
+        subprocess.run(["chattr", "-R", "-i", str(root)], check=False, capture_output=True)
+    subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
+
+
 def listing(top: Path, skip: Path) -> dict[str, tuple[int, int, int]]:
     """Every path under *top* but *skip*: (mode, size, mtime) without following links."""
     seen: dict[str, tuple[int, int, int]] = {}

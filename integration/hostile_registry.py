@@ -103,6 +103,24 @@ def tiny_tar(name: str = "hello", data: bytes = b"hello\n") -> bytes:
     return buf.getvalue()
 
 
+def tree_tar(dirs: list[str], leaf: str = "leaf") -> bytes:
+    """A layer of nested directories *dirs* with a file at the bottom (PAX names, any length)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        path = ""
+        for d in dirs:
+            path = f"{path}{d}/"
+            info = tarfile.TarInfo(path.rstrip("/"))
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            tar.addfile(info)
+        info = tarfile.TarInfo(path + leaf)
+        info.size = 3
+        info.mode = 0o644
+        tar.addfile(info, io.BytesIO(b"end"))
+    return buf.getvalue()
+
+
 def desc(media_type: str, data: bytes, **extra: Any) -> dict[str, Any]:
     return {"mediaType": media_type, "digest": sha256(data), "size": len(data), **extra}
 
@@ -831,6 +849,9 @@ def _cases() -> Iterator[tuple[str, Case]]:
     config = _good_config()
     for name, change, _ in CONFIG_CHANGES:
         yield name, Case(image=image(config=crafted(config, change)))
+    # Layers an honest image may carry: a path of ~4,030 bytes, a tree 1,500 deep.
+    yield "layer-long-path", Case(image=image(layers=[tree_tar(["p" * 250] * 16)]))
+    yield "layer-deep-tree", Case(image=image(layers=[tree_tar(["d"] * 1500)]))
     # Long strings: a document at its size limit made of one string.
     yield (
         "manifest-long-string",

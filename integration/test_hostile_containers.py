@@ -36,6 +36,7 @@ from integration.hostile import (
     check_success,
     neighbour_template,
     recorded,
+    release,
     run,
     run_batch,
     with_neighbour,
@@ -231,18 +232,7 @@ def run_case(row: Row, work: Path, seen: list[Outcome], neighbour: Path) -> None
             assert not os.path.lexists(upper), f"{upper} is still there"
         check_store(root, before, gc_may_report=not row.removable)
     finally:
-        release(root, row)
-
-
-def release(root: Path, row: Row) -> None:
-    """Remove whatever ckfs left of the trees (any depth), immutable files included.
-
-    Python's own walkers recurse (3.11) and would fail on these trees; chattr
-    and rm do not.
-    """
-    if not row.removable:
-        subprocess.run(["chattr", "-R", "-i", str(root)], check=False, capture_output=True)
-    subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
+        release(root, immutable=not row.removable)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: r.name)
