@@ -361,7 +361,13 @@ def release(root: Path, *, immutable: bool = False) -> None:
     later session; ``chattr`` and ``rm`` do not recurse on the stack.
     """
     if immutable:
-        subprocess.run(["chattr", "-R", "-i", str(root)], check=False, capture_output=True)
+        # -execdir names each file relative to its own directory, so a path
+        # past PATH_MAX is no obstacle (chattr -R would take whole paths).
+        subprocess.run(
+            ["find", str(root), "-xdev", "-type", "f", "-execdir", "chattr", "-i", "{}", "+"],
+            check=False,
+            capture_output=True,
+        )
     subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
 
 

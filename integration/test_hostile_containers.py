@@ -137,6 +137,23 @@ def immutable(top: Path) -> None:
     subprocess.run(["chattr", "+i", str(top / "stuck" / "file")], check=True)
 
 
+def immutable_far(top: Path) -> None:
+    """An immutable file at the end of a path past PATH_MAX, under a name with escapes:
+    whatever reports it must cut the path and escape the name."""
+    names = [bytes([ord("a") + i % 26]) * LONG_NAME for i in range(LONG_LEVELS)]
+    chain(top, [*names, CONTROL_NAMES[0]])
+    fd = os.open(top, _DIR)
+    try:
+        for name in [*names, CONTROL_NAMES[0]]:
+            inner = os.open(name, _DIR, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        # chattr takes a path; /proc/self/fd names the directory without one.
+        subprocess.run(["chattr", "+i", f"/proc/self/fd/{fd}/bottom"], check=True, pass_fds=(fd,))
+    finally:
+        os.close(fd)
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
     """One container-written tree and what is done with the snapshot afterwards.
@@ -172,6 +189,8 @@ ROWS = [
     Row("wide-commit", wide, commit=True),
     Row("everything-on-parent-commit", everything, commit=True, parent=True),
     Row("immutable-file-rm", immutable, removable=False),
+    Row("immutable-far-rm", immutable_far, removable=False),
+    Row("immutable-far-rm-native", immutable_far, snapshotter="native", removable=False),
 ]
 
 
