@@ -293,19 +293,25 @@ def write_layout(img: Image, out: Path) -> Path:
 
 
 def check_ingests_go(root: Path, kept: list[dict[str, Any]]) -> None:
-    """Kept ingests survive a gc while fresh, and ``content abort --all`` removes them."""
+    """Kept ingests survive a gc while fresh; ``content abort REF`` removes one,
+    ``gc --ingest-expiry 0`` the rest, and ``content abort --all`` finds none left."""
+    first = kept[0]["ref"]
     steps = run_batch(
         root,
         ("gc", "--ingest-expiry", "1h"),
         ("content", "active", "--json"),
-        ("content", "abort", "--all"),
+        ("content", "abort", first),
         ("content", "active", "--json"),
+        ("gc", "--ingest-expiry", "0"),
+        ("content", "active", "--json"),
+        ("content", "abort", "--all"),
     )
     for o in steps:
         check_success(o)
-    fresh = [i["ref"] for i in json.loads(steps[1].stdout or "[]")]
-    assert fresh == [i["ref"] for i in kept], f"gc took fresh ingests: {fresh}"
-    assert json.loads(steps[3].stdout or "[]") == [], f"abort --all left {steps[3].stdout}"
+    active = [[i["ref"] for i in json.loads(o.stdout or "[]")] for o in steps[1:6:2]]
+    assert active[0] == [i["ref"] for i in kept], f"gc took fresh ingests: {active[0]}"
+    assert first not in active[1], f"content abort {first} left it"
+    assert active[2] == [], f"gc --ingest-expiry 0 left {active[2]}"
 
 
 def neighbour_template(base: Path) -> Path:
