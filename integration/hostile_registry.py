@@ -976,6 +976,27 @@ def _hostile_cases() -> Iterator[tuple[str, Case]]:
         "token-rejected",
         Case(auth="bearer", token=status(200, json.dumps({"token": "never-accepted"}).encode())),
     )
+    # Token answers whose lifetimes break date arithmetic (the token itself is good).
+    for name, extra in (
+        ("token-expires-huge", {"expires_in": 1e308}),
+        ("token-expires-negative", {"expires_in": -100}),
+        ("token-issued-far", {"expires_in": 3600, "issued_at": "9999-12-31T23:59:59Z"}),
+        ("token-issued-garbage", {"issued_at": EVIL}),
+    ):
+        body = json.dumps({"token": TOKEN, **extra}).encode()
+        yield name, Case(auth="bearer", token=status(200, body))
+    # URLs no client can use.
+    yield (
+        "auth-realm-bad-port",
+        Case(auth="bearer", challenge='Bearer realm="http://127.0.0.1:99999/t"'),
+    )
+    yield "auth-realm-bad-ipv6", Case(auth="bearer", challenge='Bearer realm="http://[::1/t"')
+    yield "redirect-bad-port", Case(blob=redirect(lambda s, r: "http://127.0.0.1:99999/x"))
+    yield "retry-after-negative", Case(manifest=status(503, b"", [("Retry-After", "-5")]))
+    yield (
+        "retry-after-year-9999",
+        Case(manifest=status(429, b"", [("Retry-After", "Fri, 31 Dec 9999 23:59:59 GMT")])),
+    )
     # Endless and oversized bodies.
     yield "manifest-endless", Case(manifest=head_without_digest(endless(b'{"a":"', b"a")))
     yield (

@@ -197,6 +197,16 @@ ROWS = [
     Row("token-crlf"),
     Row("token-900k"),
     Row("token-rejected"),
+    # Token lifetimes that break date arithmetic; URLs no client can use.
+    Row("token-expires-huge", codes=(0, 1), registers=True),
+    Row("token-expires-negative", codes=(0, 1), registers=True),
+    Row("token-issued-far", codes=(0, 1), registers=True),
+    Row("token-issued-garbage", codes=(0, 1), registers=True),
+    Row("auth-realm-bad-port"),
+    Row("auth-realm-bad-ipv6"),
+    Row("redirect-bad-port"),
+    Row("retry-after-negative", extra=T),
+    Row("retry-after-year-9999", extra=T),
     # Endless and oversized bodies.
     Row("manifest-endless"),
     Row("manifest-declared-huge"),
