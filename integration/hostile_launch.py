@@ -12,18 +12,10 @@ the command is killed (by its PID) after LIMIT seconds, its address space
 is capped at ADDRESS_SPACE bytes, and REPORT receives a JSON object
 (``code``, ``rss_kib``, ``seconds``, ``killed``). Standard streams are
 inherited.
-
-``python hostile_launch.py --batch ROOT COMMANDS`` runs the JSON list of
-ckfs argument lists COMMANDS on ROOT in this one process, through the CLI's
-own entry, and prints their exit statuses and output as JSON: the checks
-around a case cost one interpreter start instead of seven. It lives here,
-not in `integration.hostile`, so it imports nothing but ckfs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import resource
@@ -62,29 +54,5 @@ def main(argv: list[str]) -> None:
         json.dump(outcome, f)
 
 
-def batch(root: str, commands: list[list[str]]) -> None:
-    from ckfs_cli.main import _run
-
-    done = []
-    for args in commands:
-        out, err = io.StringIO(), io.StringIO()
-        start = time.monotonic()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = _run(["--root", root, *args])
-        done.append(
-            {
-                "args": args,
-                "code": code,
-                "stdout": out.getvalue(),
-                "stderr": err.getvalue(),
-                "seconds": time.monotonic() - start,
-            }
-        )
-    print(json.dumps(done))
-
-
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--batch"]:
-        batch(sys.argv[2], json.loads(sys.argv[3]))
-    else:
-        main(sys.argv[1:])
+    main(sys.argv[1:])
