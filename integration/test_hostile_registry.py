@@ -52,7 +52,6 @@ from integration.hostile_registry import (
     MANIFEST_CHANGES,
     OCI_INDEX,
     USER,
-    Case,
     Image,
 )
 
@@ -119,8 +118,7 @@ class Row:
         extra: More options (``{budget}`` is `BUDGET`).
         match: A regex the error line must contain (what the issue says it names).
         ingests: ``none`` or ``bounded`` (see `check_store`); by default
-            ``bounded`` where the case misbehaves on blobs (the blobs fetched
-            beside the failing one may keep what they received), else ``none``.
+            as `_ingests` says.
         layer_gets: Most GETs of layer blobs allowed (refusals before download: 0).
         no_credentials_out: The registry's credentials must reach neither the
             storage port nor any realm it names.
@@ -337,8 +335,14 @@ def _layer_digests(img: Image) -> set[str]:
     return {str(d.get("digest")) for d in doc.get("layers", [])}
 
 
-def _ingests(case: Case) -> str:
-    return "bounded" if case.blob or case.storage else "none"
+def _ingests(row: Row) -> str:
+    """What a failing case may leave: blobs fetched beside the failing one (a
+    blob-stage fault, or an unpack whose config fails while layers arrive)
+    may keep what they received."""
+    if row.ingests:
+        return row.ingests
+    case = CASES[row.case]
+    return "bounded" if case.blob or case.storage or row.command in _UNPACKS else "none"
 
 
 def check_server_side(row: Row, server: Server) -> None:
@@ -378,7 +382,7 @@ def run_case(row: Row, work: Path, seen: list[Outcome], neighbour: Path, *, serv
             check_store(
                 root,
                 before,
-                ingests_allowed=row.ingests or _ingests(CASES[row.case]),
+                ingests_allowed=_ingests(row),
                 may_register=server.ref(row.case) if row.registers else None,
             )
     finally:
