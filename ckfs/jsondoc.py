@@ -13,6 +13,7 @@ re-encodes it.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,10 +36,15 @@ def parse_json(data: bytes | str, where: str) -> Any:
     """
     try:
         value = json.loads(data)
-    except ValueError as e:
-        # JSONDecodeError and UnicodeDecodeError, and the plain ValueError
-        # of a number longer than Python's int digit limit (4300).
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidArgument(f"{where}: invalid JSON: {e}") from None
+    except ValueError:
+        # The only other ValueError: an integer past Python's digit limit,
+        # whose message suggests raising the limit, which is not the user's fix.
+        limit = sys.get_int_max_str_digits()
+        raise InvalidArgument(
+            f"{where}: invalid JSON: a number longer than {limit} digits"
+        ) from None
     except RecursionError:
         value = None  # deeper than Python's stack: certainly too deep
     else:

@@ -46,7 +46,7 @@ def test_wide_documents_are_fine() -> None:
     [
         (b"\xff", "utf-8"),
         (b"{", "Expecting"),
-        (b"[" + b"9" * 5000 + b"]", "digits"),
+        (b"[" + b"9" * 5000 + b"]", "a number longer than 4300 digits$"),
         (b"[1]", "expected an object"),
     ],
 )
