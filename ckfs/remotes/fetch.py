@@ -544,7 +544,10 @@ class _Fetch:
                     # is flushed to disk, the next one is already arriving.
                     async with self._slot(desc):
                         await self._transfer(p, writer)
-                    committed = await self._commit(p, writer)
+                    # Every byte is here: a sibling's failure cancelling the
+                    # fetch now would leave a whole blob as an ingest.
+                    with trio.CancelScope(shield=True):
+                        committed = await self._commit(p, writer)
                 except DataLoss:
                     if not writer.closed:
                         await trio.to_thread.run_sync(writer.abort, limiter=self.hashing)
