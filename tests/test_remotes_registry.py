@@ -718,6 +718,21 @@ async def test_client_errors_not_retried(fake: FakeRegistry, image: Image, tmp_p
         assert client.statistics() == {"resolve": 1}
 
 
+async def test_error_detail_escaped_and_bounded(
+    fake: FakeRegistry, image: Image, tmp_path: Path
+) -> None:
+    ref, _, _ = image
+    message = "\x1b]0;pwned\x07\nsecond line " + "A" * 10_000
+    fake.script = [resp(400, json_body={"errors": [{"code": "DENIED", "message": message}]})]
+    async with client_for(fake, nocreds(tmp_path)) as client:
+        with pytest.raises(InvalidArgument) as info:
+            await client.resolve(ref)
+    text = str(info.value)
+    assert "\\x1b]0;pwned\\x07\\nsecond line" in text
+    assert not any(c < " " for c in text)
+    assert len(text) < 400
+
+
 # -- mirrors ---------------------------------------------------------------------------
 
 

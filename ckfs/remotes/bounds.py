@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import ssl
 from collections.abc import Iterator
 
@@ -32,6 +31,7 @@ import httpx
 import trio
 
 from ckfs.errors import CkfsError, FailedPrecondition, InvalidArgument, Unavailable
+from ckfs.safetext import printable
 
 __all__ = [
     "LOW_SPEED_TIME",
@@ -66,9 +66,6 @@ MIN_RATE = 1024
 
 #: Default seconds over which `MIN_RATE` is averaged (curl's --speed-time).
 LOW_SPEED_TIME = 30.0
-
-#: Characters kept out of messages taken from exceptions and server text.
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
 
 #: Longest exception text kept in a message: httpx quotes whole URLs.
 _MAX_DETAIL = 300
@@ -179,9 +176,7 @@ def describe(exc: BaseException) -> str:
     """A short one-line description of an httpx failure, naming certificate failures."""
     if (cert := certificate_error(exc)) is not None:
         return f"TLS certificate verification failed: {cert.verify_message}"
-    text = _UNPRINTABLE.sub(" ", str(exc)).strip()
-    if len(text) > _MAX_DETAIL:
-        text = text[: _MAX_DETAIL - 1] + "…"
+    text = printable(str(exc).strip(), _MAX_DETAIL)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -115,6 +115,7 @@ from ckfs.remotes.bounds import (
     wait_to_retry,
 )
 from ckfs.remotes.hosts import USER_AGENT, RegistryHost, ssl_context
+from ckfs.safetext import printable
 
 __all__ = ["BlobStream", "RegistryClient"]
 
@@ -167,9 +168,6 @@ _NUMBER = re.compile(r"[0-9]{1,18}")
 #: Where `_request` leaves an attempt's `Deadline` on its response, so the
 #: body read with it shares the budget of its headers.
 _DEADLINE = "ckfs.deadline"
-
-#: Characters kept out of messages taken from registry error bodies.
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 class BlobStream:
@@ -1018,8 +1016,8 @@ async def _error_detail(response: httpx.Response) -> str:
         code, message = str(first.get("code", "")), str(first.get("message", ""))
     except (CkfsError, AttributeError, TypeError, IndexError, KeyError):
         return ""
-    text = _UNPRINTABLE.sub(" ", f"{code}: {message}" if code else message).strip()
-    return f" ({text[:160]})" if text else ""
+    text = (f"{code}: {message}" if code else message).strip()
+    return f" ({printable(text)})" if text else ""
 
 
 async def _status_error(
