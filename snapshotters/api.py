@@ -293,7 +293,6 @@ class Cleaner(Protocol):
         ...
 
 
-@runtime_checkable
 class LayerLimit(Protocol):
     """A snapshotter that can stack only so many layers under one snapshot.
 
@@ -312,5 +311,11 @@ class LayerLimit(Protocol):
 
 
 def max_layers(sn: object) -> int | None:
-    """*sn*'s `LayerLimit.max_layers`, or None when it declares no limit."""
-    return sn.max_layers if isinstance(sn, LayerLimit) else None
+    """*sn*'s `LayerLimit.max_layers`, or None when it declares no limit.
+
+    Read once, by ``getattr``: an ``isinstance`` check against the protocol
+    would evaluate the property (overlay's queries the database) only to
+    have it evaluated again.
+    """
+    limit: int | None = getattr(sn, "max_layers", None)
+    return limit
