@@ -47,9 +47,8 @@ from integration.hostile_registry import (
     deep_json,
     setting,
     sha256,
-    tiny_tar,
 )
-from tests.layouts import Layout
+from tests.layouts import DockerSave, Layout, docker_save
 
 pytestmark = MARKS
 
@@ -152,33 +151,13 @@ def replace_blob(lay: Layout, body: bytes, key: str) -> Path:
     return lay.root
 
 
-def docker(work: Path, *, config_name: str | None = None) -> Path:
-    """A good docker-save directory; the config file named by digest unless *config_name*."""
-    root = work / "docker"
-    root.mkdir(parents=True)
-    tar = tiny_tar()
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [sha256(tar)]},
-        }
-    ).encode()
-    name = config_name or f"{sha256(config)[7:]}.json"
-    (root / name).write_bytes(config)
-    (root / "layer").mkdir()
-    (root / "layer" / "layer.tar").write_bytes(tar)
-    write_docker_manifest(root, name, ["layer/layer.tar"])
-    return root
+def docker(work: Path, *, config_name: str | None = None) -> DockerSave:
+    """A good docker-save directory under *work* (`tests.layouts.docker_save`)."""
+    return docker_save(work / "docker", config_name=config_name)
 
 
-def write_docker_manifest(root: Path, config: str, layers: list[str]) -> None:
-    body = [{"Config": config, "RepoTags": ["hostile/docker:1"], "Layers": layers}]
-    (root / "manifest.json").write_text(json.dumps(body))
-
-
-def docker_config(root: Path) -> Path:
-    return root / str(json.loads((root / "manifest.json").read_text())[0]["Config"])
+def docker_config(save: DockerSave) -> Path:
+    return save.root / save.config
 
 
 Entry = tuple[tarfile.TarInfo, bytes | None]
@@ -323,53 +302,53 @@ def layout_manifest_sparse_claimed(work: Path) -> Path:
 
 
 def _docker_special(
-    which: Callable[[Path], Path], make: Callable[[Path], None], **kw: str
+    which: Callable[[DockerSave], Path], make: Callable[[Path], None], **kw: str
 ) -> Build:
     def build(work: Path) -> Path:
-        root = docker(work, **kw)
-        make(which(root))
-        return root
+        save = docker(work, **kw)
+        make(which(save))
+        return save.root
 
     return build
 
 
-def _docker_manifest(root: Path) -> Path:
-    return root / "manifest.json"
+def _docker_manifest(save: DockerSave) -> Path:
+    return save.root / "manifest.json"
 
 
-def _docker_layer(root: Path) -> Path:
-    return root / "layer" / "layer.tar"
+def _docker_layer(save: DockerSave) -> Path:
+    return save.root / save.layers[0]
 
 
 def docker_layers(names: list[str]) -> Build:
     def build(work: Path) -> Path:
-        root = docker(work)
-        write_docker_manifest(root, docker_config(root).name, names)
-        return root
+        save = docker(work)
+        save.write_manifest(layers=names)
+        return save.root
 
     return build
 
 
 def docker_config_outside(work: Path) -> Path:
-    root = docker(work)
-    (work / "outside.json").write_bytes(docker_config(root).read_bytes())
-    write_docker_manifest(root, "../outside.json", ["layer/layer.tar"])
-    return root
+    save = docker(work)
+    (work / "outside.json").write_bytes(docker_config(save).read_bytes())
+    save.write_manifest(config="../outside.json")
+    return save.root
 
 
 def docker_layer_symlink_outside(work: Path) -> Path:
-    root = docker(work)
-    (work / "outside.tar").write_bytes(_docker_layer(root).read_bytes())
-    symlink(_docker_layer(root), work / "outside.tar")
-    return root
+    save = docker(work)
+    (work / "outside.tar").write_bytes(_docker_layer(save).read_bytes())
+    symlink(_docker_layer(save), work / "outside.tar")
+    return save.root
 
 
-def put_docker_config(root: Path, body: bytes) -> Path:
-    """Make *body* the config of the docker-save directory *root* (named by its digest)."""
+def put_docker_config(save: DockerSave, body: bytes) -> Path:
+    """Make *body* the config of the docker-save directory *save* (named by its digest)."""
     name = f"{sha256(body)[7:]}.json"
-    (root / name).write_bytes(body)
-    write_docker_manifest(root, name, ["layer/layer.tar"])
-    return root
+    (save.root / name).write_bytes(body)
+    save.write_manifest(config=name)
+    return save.root
 
 
 def docker_deep_config(work: Path) -> Path:
@@ -461,7 +440,7 @@ def tar_duplicate_index(work: Path) -> Path:
 
 
 def tar_duplicate_docker_manifest(work: Path) -> Path:
-    root = docker(work)
+    root = docker(work).root
     (root / "manifest.json").write_bytes(deep_json(b"[", b"]"))
     return as_tar(root, work / "archive.tar", [entry("manifest.json", b'{"not": "a list"}')])
 
@@ -479,7 +458,7 @@ def layout_index(change: Callable[[Any], None]) -> Build:
 
 def docker_manifest(change: Callable[[Any], None]) -> Build:
     def build(work: Path) -> Path:
-        root = docker(work)
+        root = docker(work).root
         body = json.loads((root / "manifest.json").read_bytes())
         (root / "manifest.json").write_bytes(crafted(body, change))
         return root
@@ -489,9 +468,9 @@ def docker_manifest(change: Callable[[Any], None]) -> Build:
 
 def docker_config_changed(change: Callable[[Any], None]) -> Build:
     def build(work: Path) -> Path:
-        root = docker(work)
+        save = docker(work)
         return put_docker_config(
-            root, crafted(json.loads(docker_config(root).read_bytes()), change)
+            save, crafted(json.loads(docker_config(save).read_bytes()), change)
         )
 
     return build
@@ -631,7 +610,7 @@ ROWS = [
     Row(
         "docker-config-long-string",
         docker_config_changed(setting(("config",), {"Cmd": [LONG_CONFIG * "x"]})),
-        registers="docker.io/hostile/docker:1",
+        registers="docker.io/library/busybox:1",
     ),
     # The archive itself a special file.
     Row("archive-is-fifo", archive_special(os.mkfifo), match=SPECIAL),
