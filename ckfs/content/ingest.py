@@ -27,10 +27,12 @@ treated as new and its metadata is rewritten.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from ckfs.content.types import Status, ns_to_datetime
@@ -41,6 +43,7 @@ __all__ = [
     "DATA",
     "acquire",
     "check_ref",
+    "held",
     "ingest_dir",
     "is_ingest_name",
     "read_expected",
@@ -139,6 +142,20 @@ def acquire(path: Path, ref: str, *, create: bool) -> int:
 def release(fd: int) -> None:
     """Drop the lock taken by `acquire` (closing is what releases it)."""
     os.close(fd)
+
+
+@contextlib.contextmanager
+def held(path: Path, ref: str) -> Iterator[None]:
+    """Hold the lock of the existing ingest at *path* for the block (abort, expiry).
+
+    Raises:
+        NotFound, Unavailable: as `acquire` without *create*.
+    """
+    fd = acquire(path, ref, create=False)
+    try:
+        yield
+    finally:
+        release(fd)
 
 
 def remove(path: Path) -> None:

@@ -381,11 +381,8 @@ class ContentStore:
         """
         ingest.check_ref(ref)
         path = ingest.ingest_dir(self._ingest, ref)
-        fd = ingest.acquire(path, ref, create=False)
-        try:
+        with ingest.held(path, ref):
             ingest.remove(path)
-        finally:
-            ingest.release(fd)
 
     def expire_ingests(self, before: datetime, *, dry_run: bool = False) -> list[Status]:
         """Remove the ingests last written before *before*; return what went.
@@ -411,20 +408,14 @@ class ContentStore:
                 continue
             path = ingest.ingest_dir(self._ingest, st.ref)
             try:
-                fd = ingest.acquire(path, st.ref, create=False)
+                with ingest.held(path, st.ref):
+                    current = ingest.read_status(path)
+                    if current.updated_at < before:
+                        if not dry_run:
+                            ingest.remove(path)
+                        gone.append(current)
             except (NotFound, Unavailable):
                 continue  # gone meanwhile, or a live writer holds it
-            try:
-                current = ingest.read_status(path)
-                if current.updated_at >= before:
-                    continue
-                if not dry_run:
-                    ingest.remove(path)
-                gone.append(current)
-            except NotFound:
-                continue
-            finally:
-                ingest.release(fd)
         return gone
 
     def free_bytes(self) -> int | None:
