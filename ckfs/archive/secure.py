@@ -486,7 +486,9 @@ def remove_all(dir_fd: int, name: str) -> bool:
     Any depth and path length, special files and undecodable names
     included (`walk_tree`); directories a non-root caller may not list or
     change are made owner-writable first. A mount inside the tree stops the
-    removal (`CrossesMount`) before anything of it is touched.
+    removal (`CrossesMount`) before anything on the mount is touched; what
+    was removed above it by then stays removed, so callers detach mounts
+    first (`snapshotters.storage.remove_dir`).
 
     Returns:
         True if the removed entry was a directory or a symlink (callers then

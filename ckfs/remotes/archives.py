@@ -6,9 +6,13 @@ verifies every byte against its digest before committing it, so a source
 only has to find bytes, not vouch for them.
 
 Tar archives are read with `tarfile` for their headers only (member name,
-size, data offset); blob bytes are read by offset through a fresh file
-handle per blob, so several blobs can be copied in parallel threads and no
-member is ever extracted to disk.
+size, data offset); blob bytes are read by offset (``pread``) from the one
+descriptor of the archive, so several blobs can be copied in parallel
+threads and no member is ever extracted to disk.
+
+Everything an archive holds is hostile: only regular files are opened, each
+non-blocking and checked by ``fstat``, symlinks resolve inside the archive,
+and every document's size is checked before a byte of it is read.
 """
 
 from __future__ import annotations
