@@ -11,7 +11,8 @@ usable afterwards (``images ls`` unchanged, ``content verify`` clean,
 ``gc`` working, no ingest left where the issue allows none).
 
 Every outcome is also appended to a results file shared by the session, so
-`integration.test_hostile_summary` can report peak RSS and wall time per
+the summary (``test_hostile_suite_summary`` in
+`integration.test_hostile_registry`) can report peak RSS and wall time per
 case and assert over the whole suite that "internal error" never appeared.
 """
 

@@ -424,15 +424,6 @@ def test_enough_cases() -> None:
     assert len({r.name for r in ROWS}) == len(ROWS)
 
 
-def _bind(
-    run_one: Callable[[Any, Path, list[Outcome], Path], None], row: Any, work: Path, neighbour: Path
-) -> Callable[[list[Outcome]], None]:
-    def case(seen: list[Outcome]) -> None:
-        run_one(row, work, seen, neighbour)
-
-    return case
-
-
 def test_hostile_suite_summary(
     hostile_server: Server,
     neighbour: Path,
@@ -441,9 +432,9 @@ def test_hostile_suite_summary(
 ) -> None:
     """The whole hostile suite: the catch-all never fired; peak RSS and wall time per case.
 
-    Runs last in a full run (this file sorts after the archive and
-    container suites) and reads what their cases recorded; any case not yet
-    run in this session (a run of this file alone) is run here first.
+    Runs last (conftest's ``LAST``, whatever order the files are named in)
+    and reads what the cases recorded; any case not run in this session (a
+    run of one file alone) is run here first.
     """
     from integration import test_hostile_archives as archives
     from integration import test_hostile_containers as containers
@@ -460,7 +451,8 @@ def test_hostile_suite_summary(
             if (suite, row.name) in done:
                 continue
             with contextlib.suppress(Exception):  # the case's own failure is in the record
-                case = _bind(run_one, row, tmp_path / suite / row.name, neighbour)
+                work = tmp_path / suite / row.name
+                case = functools.partial(run_one, row, work, neighbour=neighbour)
                 recorded(base, suite, row.name, case)
     everything = results(base)
     print(f"\n{'suite':10} {'case':34} {'exit':>4} {'seconds':>7} {'MiB':>6}  outcome")
