@@ -600,12 +600,9 @@ def remove_dir(path: Path) -> None:
     if mounts_under(path):
         log.warning("%s: detaching the mounts left inside before removing it", path)
         unmount_recursive(path, lazy=True)
-    parent = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
+    with _parent_fd(path) as parent:
         if not remove_all(parent, path.name):
             raise FileNotFoundError(errno.ENOENT, "no such directory", str(path))
-    finally:
-        os.close(parent)
 
 
 def disk_usage(path: Path) -> Usage:
@@ -639,12 +636,19 @@ def disk_usage(path: Path) -> Usage:
         return entry.is_dir(follow_symlinks=False) and st.st_dev == top.st_dev
 
     if stat.S_ISDIR(top.st_mode):
-        parent = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
+        with _parent_fd(path) as parent:
             walk_tree(parent, path.name, visit)
-        finally:
-            os.close(parent)
     return Usage(size=size, inodes=len(seen))
+
+
+@contextlib.contextmanager
+def _parent_fd(path: Path) -> Iterator[int]:
+    """*path*'s directory, open for the fd-relative walks of `ckfs.archive.secure`."""
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _clean_labels(name: str, labels: Mapping[str, str] | None) -> dict[str, str]:
