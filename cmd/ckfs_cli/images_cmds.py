@@ -189,11 +189,11 @@ def _one_line(v: object) -> str:
     """A value of the image (its config is untrusted) as one escaped line."""
     from ckfs.safetext import escape
 
-    if isinstance(v, dict):
-        if "digest" in v:
-            return escape(f"{v['digest']} {v.get('mediaType', '')} {v.get('size', '')}".rstrip())
-        return escape(labels_text(v))
-    return escape(str(v))
+    if isinstance(v, dict) and "digest" in v:
+        text = f"{v['digest']} {v.get('mediaType', '')} {v.get('size', '')}".rstrip()
+    else:
+        text = labels_text(v) if isinstance(v, dict) else str(v)
+    return escape(text)
 
 
 @images.command("tag")
