@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from ckfs.content import ContentStore
 from ckfs.descriptor import Descriptor, Platform
-from ckfs.errors import InvalidArgument, NotFound
+from ckfs.errors import InvalidArgument, NotFound, Unavailable
 from ckfs.images import ImageStore
 from ckfs.images import manifest as manifests
 from ckfs.images.store import Image
@@ -167,7 +167,8 @@ async def pull(
 
     # Imported here so that pulls served from local state never load trio or httpx.
     from ckfs.remotes.auth import Credentials
-    from ckfs.remotes.fetch import deadline, fetch
+    from ckfs.remotes.bounds import Deadline
+    from ckfs.remotes.fetch import fetch
     from ckfs.remotes.hosts import load_hosts
     from ckfs.remotes.registry import RegistryClient
 
@@ -175,10 +176,9 @@ async def pull(
     async with RegistryClient(
         ref.domain, hosts=hosts, credentials=Credentials(user), transport=transport
     ) as client:
-        seconds = time_budget(0, timeout)
-        with deadline(
-            seconds, lambda: f"{ref}: resolving gave up after {seconds_text(seconds)} s (--timeout)"
-        ):
+        budget = Deadline.after(time_budget(0, timeout))
+        gave_up = f"{ref}: resolving gave up after {seconds_text(budget.seconds)} s (--timeout)"
+        with budget.raising(lambda: Unavailable(gave_up)):
             target = await client.resolve(ref)
         report = await fetch(
             client,

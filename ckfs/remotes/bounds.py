@@ -25,13 +25,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
-import httpx
 import trio
 
 from ckfs.errors import CkfsError, FailedPrecondition, InvalidArgument, Unavailable
 from ckfs.safetext import printable
+
+if TYPE_CHECKING:
+    # Imported where used: `ckfs.remotes.fetch` budgets with `Deadline` and
+    # must not load httpx (80 ms) for an unpack of images already present.
+    import httpx
 
 __all__ = [
     "LOW_SPEED_TIME",
@@ -77,7 +83,7 @@ class TooSlow(Unavailable):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Deadline:
-    """The trio time by which one request's answer must be complete.
+    """The trio time by which one request's answer, or one blob, must be complete.
 
     Attributes:
         at: The deadline, in `trio.current_time` terms.
@@ -91,17 +97,30 @@ class Deadline:
     def after(cls, seconds: float) -> Deadline:
         return cls(trio.current_time() + seconds, seconds)
 
-    @contextlib.contextmanager
-    def enforce(self, what: str) -> Iterator[None]:
+    def passed(self) -> bool:
+        return trio.current_time() >= self.at
+
+    def enforce(self, what: str) -> AbstractContextManager[None]:
         """Run the body until the deadline; then raise ``TooSlow(what ...)``.
 
         *what* names the server and what was being read ("manifest X from
         registry Y: response headers").
         """
+        return self.raising(lambda: TooSlow(f"{what} not complete within {self.seconds:g} s"))
+
+    @contextlib.contextmanager
+    def raising(self, error: Callable[[], CkfsError]) -> Iterator[None]:
+        """Run the body until the deadline; then raise *error()*.
+
+        *error* is called only then, so its message can say how far the body
+        got. A cancel scope rather than a timeout per request: everything
+        inside (retries, ``Retry-After`` waits, token round trips) sees the
+        deadline through `trio.current_effective_deadline` and shares it.
+        """
         with trio.CancelScope(deadline=self.at) as scope:
             yield
         if scope.cancelled_caught:
-            raise TooSlow(f"{what} not complete within {self.seconds:g} s")
+            raise error()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -135,6 +154,8 @@ async def read_capped(response: httpx.Response, limit: int, where: str) -> bytes
     Raises:
         Unavailable: the connection broke (``<where>: connection lost ...``).
     """
+    import httpx
+
     parts: list[bytes] = []
     n = 0
     try:
@@ -187,6 +208,8 @@ def http_failure(exc: httpx.HTTPError | httpx.InvalidURL, server: str, what: str
     would say the same thing the next time, or make the caller wait as long
     again.
     """
+    import httpx
+
     if isinstance(exc, httpx.TooManyRedirects):
         return InvalidArgument(
             f"{what}: {server} redirects in a loop (more than {MAX_REDIRECTS} hops)"

@@ -74,6 +74,7 @@ from ckfs.images import manifest as manifests
 from ckfs.images.image import MAX_CONFIG_SIZE
 from ckfs.reference import Reference
 from ckfs.remotes import DEFAULT_MAX_BLOB_SIZE, time_budget
+from ckfs.remotes.bounds import Deadline
 from ckfs.remotes.walk import (
     DEFAULT_CONCURRENCY,
     BlobProgress,
@@ -287,21 +288,6 @@ async def fetch(
     return report
 
 
-@contextlib.contextmanager
-def deadline(seconds: float, message: Callable[[], str]) -> Iterator[None]:
-    """Run the body for at most *seconds*; past that, `Unavailable` with *message*.
-
-    A cancel scope rather than a timeout per request: everything inside
-    (the registry client's retries, its ``Retry-After`` waits, its
-    authentication round trips) sees the deadline through
-    `trio.current_effective_deadline` and shares it.
-    """
-    with trio.move_on_after(seconds) as scope:
-        yield
-    if scope.cancelled_caught:
-        raise Unavailable(message())
-
-
 class _Fetch:
     """One fetch's shared state: what was seen, the limits, the callbacks."""
 
@@ -484,8 +470,8 @@ class _Fetch:
             assert self.remote is not None
             p.started = time.monotonic()
             self._set(p, BlobState.DOWNLOADING)
-            seconds = time_budget(desc.size, self.timeout)
-            with deadline(seconds, lambda: self._gave_up(p, seconds)):
+            budget = Deadline.after(time_budget(desc.size, self.timeout))
+            with budget.raising(lambda: Unavailable(self._gave_up(p, budget))):
                 data = await self.remote.fetch_manifest(self.ref, desc)
             p.fetched += len(data)
             labels = {**manifests.gc_labels(desc, data), **self.source_labels}
@@ -598,8 +584,7 @@ class _Fetch:
                 or stated another size; the ingest is aborted.
         """
         desc = p.desc
-        seconds = time_budget(desc.size, self.timeout)
-        deadline_at = trio.current_time() + seconds
+        budget = Deadline.after(time_budget(desc.size, self.timeout))
         resumes = 0
         while True:
             if writer.offset > desc.size:
@@ -607,21 +592,21 @@ class _Fetch:
             p.offset = offset = writer.offset
             if offset == desc.size and desc.size > 0:
                 return  # all there from an earlier run: just commit
-            if trio.current_time() >= deadline_at:
-                raise Unavailable(self._gave_up(p, seconds))
+            if budget.passed():
+                raise Unavailable(self._gave_up(p, budget))
             p.started = time.monotonic()
             if offset:
                 self._set(p, BlobState.RESUMING, f"continuing at byte {offset}")
             else:
                 self._set(p, BlobState.DOWNLOADING)
             try:
-                expired = await self._receive(p, writer, deadline_at)
+                expired = await self._receive(p, writer, budget)
             except _NotOpened as e:
                 raise e.error from None
             except Unavailable as e:
                 p.offset = writer.offset
-                if trio.current_time() >= deadline_at:
-                    raise Unavailable(f"{self._gave_up(p, seconds)}; last error: {e}") from None
+                if budget.passed():
+                    raise Unavailable(f"{self._gave_up(p, budget)}; last error: {e}") from None
                 if resumes >= MAX_RESUMES:
                     raise Unavailable(
                         f"{e} (gave up after {resumes} resumes; {writer.offset} of {desc.size} "
@@ -633,7 +618,7 @@ class _Fetch:
             if writer.offset >= desc.size:
                 return
             if expired:
-                raise Unavailable(self._gave_up(p, seconds))
+                raise Unavailable(self._gave_up(p, budget))
             # The body ended early without an error: resume like a drop.
             if resumes >= MAX_RESUMES:
                 raise Unavailable(
@@ -642,9 +627,9 @@ class _Fetch:
                 )
             resumes += 1
 
-    def _gave_up(self, p: BlobProgress, seconds: float) -> str:
-        """The message of a blob or manifest whose time budget ran out."""
-        what = f"{self._what(p)}: gave up after {seconds_text(seconds)} s (its time budget; "
+    def _gave_up(self, p: BlobProgress, budget: Deadline) -> str:
+        """The message of a blob or manifest whose time *budget* ran out."""
+        what = f"{self._what(p)}: gave up after {seconds_text(budget.seconds)} s (its time budget; "
         if is_parent(p.desc):
             return what + "--timeout sets it)"
         kept = "; the next pull resumes" if p.offset else ""
@@ -656,18 +641,18 @@ class _Fetch:
     async def _truncate(self, writer: Writer, size: int) -> None:
         await trio.to_thread.run_sync(writer.truncate, size, limiter=self.hashing)
 
-    async def _receive(self, p: BlobProgress, writer: Writer, deadline_at: float) -> bool:
+    async def _receive(self, p: BlobProgress, writer: Writer, budget: Deadline) -> bool:
         """One attempt: open the blob at the ingest's offset and copy it in.
 
         Receiving runs here and writing and hashing in a thread: batches go
         through a channel `PIPELINE_DEPTH` deep to one drain task, so the
-        two sides overlap. The deadline covers the request and the
+        two sides overlap. The *budget* covers the request and the
         receiving side only. When it passes, or the connection drops, the
         drain still writes every batch already received, so the ingest
         (and the next resume) keeps all of it.
 
         Returns:
-            Whether the deadline passed before the body ended.
+            Whether the *budget* ran out before the body ended.
 
         Raises:
             _NotOpened: the request failed, with the client's error.
@@ -693,7 +678,7 @@ class _Fetch:
                 async with send:
                     batch: list[bytes] = []
                     pending = 0
-                    with trio.CancelScope(deadline=deadline_at) as budget:
+                    with trio.CancelScope(deadline=budget.at) as scope:
                         try:
                             async with self.remote.open_blob(
                                 self.ref, desc, offset=writer.offset
@@ -721,7 +706,7 @@ class _Fetch:
                         await send.send(batch)
         if dropped is not None:
             raise dropped if opened else _NotOpened(dropped)
-        return budget.cancelled_caught
+        return scope.cancelled_caught
 
     async def _start(self, p: BlobProgress, writer: Writer, stream: BlobStream) -> int:
         """Check where *stream* starts and line the ingest up with it; return that offset.
