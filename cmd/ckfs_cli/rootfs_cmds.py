@@ -70,7 +70,6 @@ def _rootfs(
     skip_httpx_cli()
     import trio
 
-    from ckfs.remotes import DEFAULT_MAX_BLOB_SIZE
     from ckfs.remotes.hosts import default_hosts_dirs
     from ckfs.unpack import pull_and_unpack, unpack
 
@@ -101,8 +100,8 @@ def _rootfs(
                 snapshotter_name=snapshotter,
                 lock_dir=lock_dir,
                 platform=plat,
-                timeout=opts.get("timeout"),
-                max_blob_size=opts.get("max_blob_size", DEFAULT_MAX_BLOB_SIZE),
+                timeout=opts["timeout"],
+                max_blob_size=opts["max_blob_size"],
             )
         )
         target = report.target
