@@ -9,9 +9,10 @@ bodies are read with their size cap while they stream (`read_capped`), and a
 wait before a retry that would end after the enclosing trio deadline fails
 at once instead of sleeping into it (`wait_to_retry`).
 
-Everything cooperates with cancel scopes the caller opens (``trio.fail_after``
-around a whole blob): only this module's own scopes are turned into
-`Unavailable`; an enclosing cancellation passes through untouched.
+Everything cooperates with cancel scopes the caller opens (a `Deadline`
+around a whole blob, in `ckfs.remotes.fetch`): each scope turns only its
+own expiry into an error; an enclosing cancellation passes through
+untouched.
 
 `http_failure` is the one place httpx's exceptions become `CkfsError`: a
 transport failure is weather (`Unavailable`, worth a retry), a redirect

@@ -33,7 +33,7 @@ Failure handling, per request, before any byte of a body is handed out:
 - 429 → retried on any host after ``Retry-After`` or backoff.
 - waits: one request waits at most `MAX_RETRY_AFTER` seconds in all; a
   ``Retry-After`` beyond that, or a wait that would end after the enclosing
-  trio deadline (the caller's ``fail_after``), fails at once naming the
+  trio deadline (the caller's budget), fails at once naming the
   delay instead of sleeping.
 - time: each attempt must have its response headers, and any small body
   read with them (manifest, error or token body), within
@@ -654,11 +654,11 @@ class RegistryClient:
                 hinted = _retry_after(response) if status in (429, 503) else None
                 await response.aclose()
                 if hinted is None:
-                    why, delay = f"{what}: HTTP {status} from registry {host.host}", None
+                    why = f"{what}: HTTP {status} from registry {host.host}"
                 else:
                     why = f"{what}: registry {host.host} asks to retry after {hinted:.0f} s"
-                    why, delay = f"{why} (HTTP {status})", hinted
-                waited = await self._wait(delay or self._backoff(attempt), waited, why, attempt)
+                    why += f" (HTTP {status})"
+                waited = await self._wait(hinted or self._backoff(attempt), waited, why, attempt)
                 continue
             raise await _status_error(host, response, what, same_origin)
 
