@@ -11,6 +11,7 @@ instead of hanging the suite.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import resource
@@ -162,6 +163,25 @@ def test_fifo_as_layout_document_is_refused(tmp_path: Path, document: str) -> No
 def test_fifo_as_the_archive_itself_is_refused(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "archive.tar")
     refused(tmp_path / "root", tmp_path / "archive.tar", InvalidArgument, "(FIFO)")
+
+
+def test_a_directory_that_cannot_be_rooted_is_closed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller closes the archive's descriptor when a source fails to open;
+    closed twice, the second close hid the real error (or closed another
+    thread's file)."""
+    layout = layout_with_image(tmp_path)
+
+    def no_root(path: str) -> None:
+        raise OSError(errno.EMFILE, "Too many open files", path)
+
+    monkeypatch.setattr(archives, "RootDir", no_root)
+    before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError) as raised:
+        open_source(layout.root)
+    assert raised.value.errno == errno.EMFILE
+    assert sorted(os.listdir("/proc/self/fd")) == before
 
 
 def test_sparse_index_is_refused_by_size_before_reading(tmp_path: Path) -> None:

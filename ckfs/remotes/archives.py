@@ -282,11 +282,10 @@ class _DirFiles:
     """
 
     def __init__(self, what: str, fd: int) -> None:
+        """Take *fd*, the directory, once this succeeds (its caller closes it otherwise)."""
         self.what = what
-        try:
-            self._root = RootDir(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
+        self._root = RootDir(f"/proc/self/fd/{fd}")
+        os.close(fd)  # the root holds its own descriptor
 
     def _open_fd(self, name: str) -> int:
         """Open *name* for reading; a symlink is followed inside root.
