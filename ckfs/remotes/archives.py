@@ -234,7 +234,7 @@ class _Blob:
         try:
             data = os.pread(self._fd, n, self._start + self._pos)
         except OSError as e:  # EIO from a failing disk or network filesystem
-            raise InvalidArgument(f"{self.what}: {e.strerror or e}") from None
+            raise _os_error(self.what, None, e) from None
         self._pos += len(data)
         return data
 
@@ -424,7 +424,7 @@ class _TarFiles:
         except (tarfile.TarError, EOFError) as e:
             raise InvalidArgument(f"{what}: not a readable tar archive: {e}") from None
         except OSError as e:
-            raise InvalidArgument(f"{what}: {e.strerror or e}") from None
+            raise _os_error(what, None, e) from None
 
     def _find(self, name: str) -> _Member:
         key = "/".join(_parts(self.what, name))
