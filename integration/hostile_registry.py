@@ -849,8 +849,10 @@ def _cases() -> Iterator[tuple[str, Case]]:
     config = _good_config()
     for name, change, _ in CONFIG_CHANGES:
         yield name, Case(image=image(config=crafted(config, change)))
-    # Layers an honest image may carry: a path of ~4,030 bytes, a tree 1,500 deep.
+    # Layers an honest image may carry: a path of ~4,030 bytes, a tree 500 deep
+    # (just inside the layer applier's 512 levels); and one 1,500 deep, past it.
     yield "layer-long-path", Case(image=image(layers=[tree_tar(["p" * 250] * 16)]))
+    yield "layer-deep-500", Case(image=image(layers=[tree_tar(["d"] * 500)]))
     yield "layer-deep-tree", Case(image=image(layers=[tree_tar(["d"] * 1500)]))
     # Long strings: a document at its size limit made of one string.
     yield (
