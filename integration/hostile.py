@@ -104,12 +104,15 @@ class Outcome:
         )
 
 
-def _spawn(argv: list[str], work: Path, hard_limit: float, cwd: Path | None = None) -> Outcome:
-    """Run *argv* (output files in *work*) through `integration.hostile_launch`,
-    which measures the command's own peak RSS and wall time and kills it by
-    its PID after *hard_limit* seconds."""
+def run(root: Path, *args: str) -> Outcome:
+    """Run ``ckfs --root ROOT ARGS`` as its own process (output files beside
+    *root*) through `integration.hostile_launch`, which measures the command's
+    own peak RSS and wall time and kills it by its PID after `HARD_LIMIT`."""
+    argv = [sys.executable, "-m", "ckfs_cli.main", "--root", str(root), *args]
+    work = root.parent
     work.mkdir(parents=True, exist_ok=True)
     report = work / "ckfs.rusage"
+    report.unlink(missing_ok=True)  # a launcher that dies must not leave an earlier run's report
     env = {
         **os.environ,
         "COLUMNS": "200",
@@ -117,7 +120,7 @@ def _spawn(argv: list[str], work: Path, hard_limit: float, cwd: Path | None = No
         "DOCKER_CONFIG": str(work / "no-docker-config"),
     }
     # -S: the launcher needs no site-packages, and starts in half the time.
-    launch = [sys.executable, "-S", str(LAUNCHER), str(hard_limit), str(report)]
+    launch = [sys.executable, "-S", str(LAUNCHER), str(HARD_LIMIT), str(report)]
     with (
         open(work / "ckfs.out", "w+b") as out,
         open(work / "ckfs.err", "w+b") as err,
@@ -128,11 +131,11 @@ def _spawn(argv: list[str], work: Path, hard_limit: float, cwd: Path | None = No
             stdout=out,
             stderr=err,
             env=env,
-            cwd=cwd or work,
+            cwd=work,
             start_new_session=True,
         )
         try:
-            proc.wait(hard_limit + 10)
+            proc.wait(HARD_LIMIT + 10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the launcher's own group, launcher and command
             proc.wait()
@@ -140,7 +143,7 @@ def _spawn(argv: list[str], work: Path, hard_limit: float, cwd: Path | None = No
         out.seek(0)
         err.seek(0)
         return Outcome(
-            args=tuple(argv[3:]),
+            args=("--root", str(root), *args),
             code=outcome["code"],
             stdout=out.read().decode(errors="replace"),
             stderr=err.read().decode(errors="replace"),
@@ -148,12 +151,6 @@ def _spawn(argv: list[str], work: Path, hard_limit: float, cwd: Path | None = No
             rss_kib=outcome["rss_kib"],
             killed=outcome["killed"],
         )
-
-
-def run(root: Path, *args: str, hard_limit: float = HARD_LIMIT) -> Outcome:
-    """Run ``ckfs --root ROOT ARGS`` as its own process."""
-    argv = [sys.executable, "-m", "ckfs_cli.main", "--root", str(root), *args]
-    return _spawn(argv, root.parent, hard_limit)
 
 
 def run_batch(root: Path, *commands: tuple[str, ...]) -> list[Outcome]:
