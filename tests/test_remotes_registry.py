@@ -576,6 +576,38 @@ async def test_nondistributable_urls_only_when_allowed(
         assert client.statistics()["url"] == 1
 
 
+async def test_failing_nondistributable_urls_fall_through_to_the_next(
+    fake: FakeRegistry, image: Image, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """An unreachable URL, a URL slow to answer: each is skipped, bounded, for the next."""
+    ref, _, blobs = image
+    layer = blobs[1]
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "down.test":
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.url.host == "slow.test":
+            await trio.sleep_forever()
+        return fake.handle(request)
+
+    urls = (
+        "http://down.test/b",
+        "http://slow.test/b",
+        f"http://storage.test/b/{from_bytes(layer)}",
+    )
+    desc = Descriptor(mt.OCI_LAYER_ND_GZIP, from_bytes(layer), len(layer), urls=urls)
+    transport = httpx.MockTransport(handle)
+    async with client_for(
+        fake, nocreds(tmp_path), transport=transport, request_timeout=1
+    ) as client:
+        async with client.open_blob(ref, desc, allow_urls=True) as stream:
+            assert stream.host == "storage.test"
+            assert b"".join([c async for c in stream.aiter_chunks()]) == layer
+        assert trio.current_time() == pytest.approx(1)
+        assert client.statistics()["url"] == 3
+        assert "retry" not in client.statistics()
+
+
 # -- retries ---------------------------------------------------------------------------
 
 

@@ -623,7 +623,14 @@ class RegistryClient:
                 sent = await self._authorizer.authorization(host, scope)
                 self._count(kind)
                 request, response = await self._send(
-                    host, method, url, params, request_headers, sent, timeout, what
+                    f"registry {host.host}",
+                    what,
+                    method,
+                    url,
+                    headers=request_headers,
+                    params=params,
+                    authorization=sent,
+                    timeout=timeout,
                 )
             except Unavailable as e:
                 if not last or attempt >= self._retries or isinstance(e, TooSlow):
@@ -664,31 +671,37 @@ class RegistryClient:
 
     async def _send(
         self,
-        host: RegistryHost,
+        server: str,
+        what: str,
         method: str,
         url: str,
-        params: dict[str, str] | None,
+        *,
         headers: dict[str, str],
-        authorization: str | None,
-        timeout: httpx.Timeout,
-        what: str,
+        params: dict[str, str] | None = None,
+        authorization: str | None = None,
+        timeout: httpx.Timeout | None = None,
     ) -> tuple[httpx.Request, httpx.Response]:
-        """One attempt, up to its response headers, within `request_timeout`.
+        """One attempt at *what* from *server* ("registry X"), up to its response headers.
 
-        The attempt's `Deadline` travels on the response (`_DEADLINE`) for
-        the body read with it.
+        The headers must come within `request_timeout`; the attempt's
+        `Deadline` travels on the response (`_DEADLINE`) for the body read
+        with it. A non-distributable layer's URLs go through here too, so
+        every request the client sends has the same bound.
+
+        Raises:
+            CkfsError: the `http_failure` for httpx's error, or `TooSlow`.
         """
         deadline = Deadline.after(self._request_timeout)
         try:
             request = self._client.build_request(
-                method, url, params=params, headers=headers, timeout=timeout
+                method, url, params=params, headers=headers, timeout=timeout or self._timeout(None)
             )
             if authorization is not None:
                 request.headers["Authorization"] = authorization
-            with deadline.enforce(f"{what}: response headers from registry {host.host}"):
+            with deadline.enforce(f"{what}: response headers from {server}"):
                 response = await self._client.send(request, stream=True)
         except (httpx.HTTPError, httpx.InvalidURL) as e:
-            raise http_failure(e, f"registry {host.host}", what) from None
+            raise http_failure(e, server, what) from None
         response.extensions[_DEADLINE] = deadline
         return request, response
 
@@ -827,15 +840,11 @@ class RegistryClient:
             if parts.scheme not in ("http", "https"):
                 continue
             self._count("url")
-            deadline = Deadline.after(self._request_timeout)
             try:
-                request = self._client.build_request("GET", url, headers=headers)
-                with deadline.enforce(f"blob {desc.digest}: response headers from {parts.netloc}"):
-                    response = await self._client.send(request, stream=True)
-            except (httpx.HTTPError, httpx.InvalidURL) as e:
-                _log.info("blob %s: %s: %s", desc.digest, parts.netloc, describe(e))
-                continue
-            except TooSlow as e:
+                _, response = await self._send(
+                    parts.netloc, f"blob {desc.digest}", "GET", url, headers=headers
+                )
+            except CkfsError as e:
                 _log.info("%s", e)
                 continue
             if response.status_code in (200, 206):
