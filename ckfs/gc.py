@@ -120,7 +120,7 @@ def _reachable_content(
         try:
             kids = _children(content, info.digest, info.size, media_type)
         except _Unparsable as e:
-            errors.append(f"image {name}: {e.error}")
+            errors.append(f"image {name}: {e}")
             kids = e.sniffed
         except OSError as e:
             errors.append(f"image {name}: blob {digest}: {_reason(e)}")
@@ -172,15 +172,15 @@ def _children(
 class _Unparsable(Exception):
     """A blob named as a manifest or index that does not parse as one.
 
+    Its message is *error*'s, the report's line.
+
     Attributes:
-        error: why (its message is the report's line).
         sniffed: the children its body names by its own media type (often
             none), kept rather than collected.
     """
 
     def __init__(self, error: CkfsError, sniffed: list[Descriptor]) -> None:
         super().__init__(str(error))
-        self.error = error
         self.sniffed = sniffed
 
 
