@@ -139,6 +139,16 @@ class Image:
         return digest
 
 
+def config_of(layers: list[bytes]) -> dict[str, Any]:
+    """A good linux/amd64 config for uncompressed *layers*."""
+    return {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [sha256(x) for x in layers]},
+    }
+
+
 def image(
     *,
     config: bytes | None = None,
@@ -150,14 +160,7 @@ def image(
     """A one-platform image; any part may be replaced by crafted bytes or descriptors."""
     layers = [tiny_tar()] if layers is None else layers
     if config is None:
-        config = json.dumps(
-            {
-                "architecture": "amd64",
-                "os": "linux",
-                "config": {"Cmd": ["/bin/sh"]},
-                "rootfs": {"type": "layers", "diff_ids": [sha256(x) for x in layers]},
-            }
-        ).encode()
+        config = json.dumps(config_of(layers)).encode()
     blobs = {sha256(b): b for b in [config, *layers]}
     if manifest is None:
         manifest = json.dumps(
@@ -826,16 +829,6 @@ CONFIG_CHANGES: list[tuple[str, Callable[[Any], None], bool]] = [
 ]
 
 
-def _good_config() -> dict[str, Any]:
-    layer = tiny_tar()
-    return {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [sha256(layer)]},
-    }
-
-
 def _cases() -> Iterator[tuple[str, Case]]:
     manifest = _good_manifest()
     for name, change, _ in MANIFEST_CHANGES:
@@ -846,7 +839,7 @@ def _cases() -> Iterator[tuple[str, Case]]:
         img = index_of(image())
         img.top = img.add_manifest(OCI_INDEX, crafted(index, change))
         yield name, Case(image=img)
-    config = _good_config()
+    config = config_of([tiny_tar()])
     for name, change, _ in CONFIG_CHANGES:
         yield name, Case(image=image(config=crafted(config, change)))
     # Layers an honest image may carry: a path of ~4,030 bytes, a tree 500 deep
@@ -881,9 +874,8 @@ def _hostile_cases() -> Iterator[tuple[str, Case]]:
     yield "good", Case()
     yield "good-bearer", Case(auth="bearer")
     yield "good-storage", Case(auth="basic", blob=redirect(_to_storage))
-    deep_manifest = deep_json(
-        b'{"schemaVersion":2,"mediaType":"' + OCI_MANIFEST.encode() + b'","x":'
-    )
+    manifest_head = b'{"schemaVersion":2,"mediaType":"' + OCI_MANIFEST.encode() + b'","x":'
+    deep_manifest = deep_json(manifest_head)
     deep_index = deep_json(b'{"schemaVersion":2,"mediaType":"' + OCI_INDEX.encode() + b'","x":')
     # Deep JSON everywhere a document is parsed.
     yield "deep-manifest", Case(manifest=manifests_serving(deep_manifest, OCI_MANIFEST))
@@ -893,10 +885,7 @@ def _hostile_cases() -> Iterator[tuple[str, Case]]:
     )
     yield "deep-index", Case(manifest=manifests_serving(deep_index, OCI_INDEX))
     yield "deep-config", Case(image=image(config=deep_json()))
-    deep_manifest_900 = deep_json(
-        b'{"schemaVersion":2,"mediaType":"' + OCI_MANIFEST.encode() + b'","x":',
-        depth=PARSEABLE_DEEP,
-    )
+    deep_manifest_900 = deep_json(manifest_head, depth=PARSEABLE_DEEP)
     yield "deep-manifest-900", Case(manifest=manifests_serving(deep_manifest_900, OCI_MANIFEST))
     yield "deep-config-900", Case(image=image(config=deep_json(depth=PARSEABLE_DEEP)))
     yield (
