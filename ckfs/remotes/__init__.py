@@ -1,7 +1,8 @@
 """Where images come from: registries, local archives, and how to fetch from them.
 
-This file stays import-free: the CLI reads `DEFAULT_CONCURRENCY` for its
-help text without loading the stores.
+This file stays import-free: the CLI reads `DEFAULT_CONCURRENCY` and the
+limits' defaults (blob size, time budget) for its help text without
+loading the stores.
 """
 
 #: Blobs transferred at once. Three keeps a fast local link busy while one

@@ -2,9 +2,11 @@
 
 The fetcher (`ckfs.remotes.fetch`) and the pull that finds everything
 already present (`ckfs.pull.pull_local`) share these: the blob states a
-display shows, the `FetchReport`, which children a platform needs, and
-`present`, the walk over local content alone. Keeping them here means a
-re-pull of a present image imports neither trio nor httpx.
+display shows, the `FetchReport`, which children a platform needs,
+`present`, the walk over local content alone, and the check of the limits
+both accept (`check_limits`) with the formats their messages share
+(`megabytes`, `seconds_text`). Keeping them here means a re-pull of a
+present image imports neither trio nor httpx.
 """
 
 from __future__ import annotations
