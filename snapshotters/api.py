@@ -19,7 +19,16 @@ from typing import Protocol, runtime_checkable
 from ckfs.metadata.fields import EPOCH
 from ckfs.mount import Mount
 
-__all__ = ["Cleaner", "Info", "Kind", "LayerLimit", "Snapshotter", "Usage", "max_layers"]
+__all__ = [
+    "Cleaner",
+    "CleanupError",
+    "Info",
+    "Kind",
+    "LayerLimit",
+    "Snapshotter",
+    "Usage",
+    "max_layers",
+]
 
 
 class Kind(enum.Enum):
@@ -276,11 +285,15 @@ class Snapshotter(Protocol):
         ...
 
 
+#: Told about a directory `Cleaner.cleanup` could not remove, and why.
+CleanupError = Callable[[Path, Exception], None]
+
+
 @runtime_checkable
 class Cleaner(Protocol):
     """A snapshotter that can reclaim disk left by failed or interrupted work."""
 
-    def cleanup(self, on_error: Callable[[Path, Exception], None] | None = None) -> list[str]:
+    def cleanup(self, on_error: CleanupError | None = None) -> list[str]:
         """Remove directories no snapshot owns; return the paths removed.
 
         Leftovers come from a crash between creating a directory and

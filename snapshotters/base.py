@@ -19,8 +19,8 @@ from typing import ClassVar
 from ckfs.errors import InvalidArgument
 from ckfs.metadata.db import DB
 from ckfs.mount import Mount
-from snapshotters.api import Info, Kind, Usage
-from snapshotters.storage import CleanupError, MetaStore, Snapshot
+from snapshotters.api import CleanupError, Info, Kind, Usage
+from snapshotters.storage import MetaStore, Snapshot
 
 __all__ = ["DirectorySnapshotter"]
 

@@ -60,12 +60,11 @@ from ckfs.filters import Adaptor, adaptor_for, parse_filters
 from ckfs.metadata.db import DB, Tx, now_ns
 from ckfs.metadata.fields import MAX_LABEL_SIZE, ns_to_datetime, validate_labels
 from ckfs.mount import mounts_under, unmount_recursive
-from snapshotters.api import Info, Kind, Usage
+from snapshotters.api import CleanupError, Info, Kind, Usage
 
 __all__ = [
     "MAX_LABEL_SIZE",
     "TEMP_PREFIX",
-    "CleanupError",
     "MetaStore",
     "Populate",
     "Snapshot",
@@ -100,9 +99,6 @@ class Snapshot:
     kind: Kind
     parent_ids: tuple[int, ...] = ()
 
-
-#: Told about a directory `MetaStore.cleanup` could not remove, and why.
-CleanupError = Callable[[Path, Exception], None]
 
 #: Fills a new snapshot's temporary directory: ``(path, kind, parent_ids)``.
 #: It runs outside any transaction and may take long (a full copy).
