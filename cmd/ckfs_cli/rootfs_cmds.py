@@ -327,7 +327,7 @@ def _print_gc(report: GCReport, dry_run: bool) -> None:
         click.echo(f"{verb} blob {d}")
     for sn, names in report.snapshots.items():
         for n in names:
-            click.echo(f"{verb} snapshot {sn}/{n}")
+            click.echo(f"{verb} snapshot {sn}/{escape(n)}")
     for ref in report.ingests:
         click.echo(f"{verb} ingest {escape(ref)}")
     if report.ingests:

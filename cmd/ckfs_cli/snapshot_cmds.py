@@ -73,13 +73,16 @@ def ls(ctx: _Ctx, as_json: bool, filters: tuple[str, ...]) -> None:
 @pass_ctx
 def tree(ctx: _Ctx) -> None:
     """Show snapshots as a tree of parents and children."""
+    from ckfs.safetext import escape
+
     infos = {i.name: i for i in ctx.sn.walk()}
     children: dict[str, list[str]] = {}
     for i in infos.values():
         children.setdefault(i.parent, []).append(i.name)
 
     def show(name: str, depth: int) -> None:
-        click.echo(f"{'  ' * depth}\\_ {name} ({infos[name].kind.value})" if depth else name)
+        line = escape(name)  # keys are as escaped as in `ls`'s table
+        click.echo(f"{'  ' * depth}\\_ {line} ({infos[name].kind.value})" if depth else line)
         for child in sorted(children.get(name, [])):
             show(child, depth + 1)
 
