@@ -313,8 +313,8 @@ class LayerLimit(Protocol):
     an image deeper than them can be unpacked but never mounted. Callers
     that know an image's layer count (`ckfs.rootfs.check_depth`) ask before
     fetching or unpacking anything, so such an image fails in a moment, not
-    after every layer was applied. Snapshotters without the attribute
-    (native copies each parent whole) stack any number.
+    after every layer was applied. A snapshotter without the attribute, or
+    with None (native, which copies each parent whole), stacks any number.
     """
 
     @property
