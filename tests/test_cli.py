@@ -112,3 +112,26 @@ def test_rootfs_passes_the_limits_to_its_pull(
     """The same options reach the pull behind rootfs, mount and bundle."""
     code, out, err = run(capsys, tmp_path, "rootfs", "--timeout", "0", "registry.invalid/x:1")
     assert (code, out) == (1, "") and "timeout must be a positive" in err
+
+
+def test_snapshots_tree_shows_chains_deeper_than_the_recursion_limit(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from ckfs.state import State
+
+    depth = 1_100  # a native snapshotter stacks an image of thousands of layers
+    state = State(tmp_path)
+    try:
+        sn = state.snapshotter("native")
+        parent = ""
+        for i in range(depth):
+            sn.prepare(f"a{i}", parent)
+            sn.commit(f"c{i}", f"a{i}")
+            parent = f"c{i}"
+    finally:
+        state.close()
+    code, out, err = run(capsys, tmp_path, "snapshots", "-s", "native", "tree")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert len(lines) == depth and lines[0] == "c0"
+    assert lines[-1] == f"{'  ' * (depth - 1)}\\_ c{depth - 1} (committed)"

@@ -80,14 +80,14 @@ def tree(ctx: _Ctx) -> None:
     for i in infos.values():
         children.setdefault(i.parent, []).append(i.name)
 
-    def show(name: str, depth: int) -> None:
+    # Depth first with an explicit stack: a native snapshotter stacks an
+    # image of thousands of layers, deeper than Python's recursion limit.
+    stack = [(root, 0) for root in sorted(children.get("", []), reverse=True)]
+    while stack:
+        name, depth = stack.pop()
         line = escape(name)  # keys are as escaped as in `ls`'s table
         click.echo(f"{'  ' * depth}\\_ {line} ({infos[name].kind.value})" if depth else line)
-        for child in sorted(children.get(name, [])):
-            show(child, depth + 1)
-
-    for root in sorted(children.get("", [])):
-        show(root, 0)
+        stack.extend((c, depth + 1) for c in sorted(children.get(name, []), reverse=True))
 
 
 @snapshots.command("info")
