@@ -205,6 +205,7 @@ def pull_local(
     offline: bool = False,
     hosts: Sequence[RegistryHost] | None = None,
     on_event: Callable[[BlobProgress], None] | None = None,
+    timeout: float | None = None,
 ) -> PullReport | None:
     """The pull, when everything it needs is already present; None otherwise.
 
@@ -216,7 +217,8 @@ def pull_local(
       local state alone (offline, a tag means the name's current target).
     - A tag online, only when *hosts* are given: the name's current target,
       if complete, is confirmed by one blocking manifest ``HEAD``
-      (`ckfs.remotes.peek`); only for callers outside an event loop.
+      (`ckfs.remotes.peek`), within *timeout* if that is shorter than the
+      peek's own deadline; only for callers outside an event loop.
 
     Returns:
         The report of a pull that fetched nothing (``network`` says whether
@@ -240,10 +242,11 @@ def pull_local(
     if not offline and ref.digest is None:
         if hosts is None:
             return None
-        from ckfs.remotes.peek import tag_digest
+        from ckfs.remotes.peek import PEEK_DEADLINE, tag_digest
 
         network = True
-        if tag_digest(ref, hosts) != target.digest:
+        within = PEEK_DEADLINE if timeout is None else timeout
+        if tag_digest(ref, hosts, within=within) != target.digest:
             return None
     try:
         report = present(

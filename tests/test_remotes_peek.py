@@ -257,3 +257,14 @@ def test_hostile_token_server_means_none_quickly(
         peek.tag_digest(parse(f"{upstream.host}/library/app:1"), [host(upstream)], nocreds) is None
     )
     assert time.monotonic() - start < BOUND
+
+
+def test_a_shorter_pull_timeout_shortens_the_peek(
+    serve: Callable[[Answer], Server], nocreds: Credentials, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peek, "PEEK_DEADLINE", 30.0)  # the default would not end the test
+    upstream = serve(trickle_headers)
+    start = time.monotonic()
+    ref = parse(f"{upstream.host}/library/app:1")
+    assert peek.tag_digest(ref, [host(upstream)], nocreds, within=DEADLINE) is None
+    assert time.monotonic() - start < BOUND

@@ -70,9 +70,17 @@ PEEK_DEADLINE = 5.0
 
 
 def tag_digest(
-    ref: Reference, hosts: Sequence[RegistryHost], credentials: Credentials | None = None
+    ref: Reference,
+    hosts: Sequence[RegistryHost],
+    credentials: Credentials | None = None,
+    *,
+    within: float = PEEK_DEADLINE,
 ) -> Digest | None:
     """The digest *ref*'s tag points at, per the first host that may resolve it.
+
+    The whole peek takes at most *within* seconds (`PEEK_DEADLINE`, or a
+    pull's shorter ``--timeout``, so that a peek and the full client behind
+    it together stay near the time the user allowed).
 
     A registry that challenges for a bearer token (Docker Hub, GHCR, most
     public registries, even for anonymous pulls) gets the anonymous token
@@ -97,7 +105,7 @@ def tag_digest(
     headers["User-Agent"] = USER_AGENT
     accept = {**headers, "Accept": ", ".join(mt.MANIFEST_ACCEPT)}
     tls: dict[str, ssl.SSLContext] = {}
-    deadline = time.monotonic() + PEEK_DEADLINE
+    deadline = time.monotonic() + min(within, PEEK_DEADLINE)
     try:
         status, answer, _ = _request(
             host, tls, deadline, host.scheme, host.host, "HEAD", path, accept
@@ -195,7 +203,7 @@ def _left(deadline: float) -> float:
     """Seconds the next socket operation may take: `PEEK_TIMEOUT`, or less near *deadline*."""
     left = deadline - time.monotonic()
     if left <= 0:
-        raise TimeoutError(f"no answer within the {PEEK_DEADLINE:g} s peek deadline")
+        raise TimeoutError("no answer within the peek's deadline")
     return min(left, PEEK_TIMEOUT)
 
 

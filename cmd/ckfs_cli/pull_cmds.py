@@ -138,7 +138,7 @@ def _run(
 
         dirs = list(hosts_dirs) or default_hosts_dirs(state.root)
         hosts = load_hosts(parsed.domain, hosts_dirs=dirs, plain_http=plain_http)
-    report = pull_local(parsed, state.content, state.images, hosts=hosts, **common)
+    report = pull_local(parsed, state.content, state.images, hosts=hosts, timeout=timeout, **common)
     if report is None:
         limits = {
             "max_concurrent": max_concurrent,
