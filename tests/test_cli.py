@@ -135,3 +135,30 @@ def test_snapshots_tree_shows_chains_deeper_than_the_recursion_limit(
     lines = out.splitlines()
     assert len(lines) == depth and lines[0] == "c0"
     assert lines[-1] == f"{'  ' * (depth - 1)}\\_ c{depth - 1} (committed)"
+
+
+def test_snapshots_usage_lists_what_it_can(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import shutil
+
+    from ckfs.state import State
+
+    state = State(tmp_path)
+    try:
+        sn = state.snapshotter("native")
+        sn.prepare("good", "")
+        sn.prepare("bad", "")
+        (source,) = {m.source for m in sn.mounts("bad")}
+    finally:
+        state.close()
+    shutil.rmtree(source)  # the tree is gone from under its record
+
+    code, out, err = run(capsys, tmp_path, "snapshots", "-s", "native", "usage", "--json")
+    rows = {r["key"]: r for r in json.loads(out)}
+    assert code == 0 and rows["good"]["inodes"] >= 1 and "error" in rows["bad"]
+    assert err.startswith("ckfs: snapshot bad: ") and err.count("\n") == 1
+
+    code, out, err = run(capsys, tmp_path, "snapshots", "-s", "native", "usage", "good", "nope")
+    assert code == 1 and "(error)" in out and "good" in out
+    assert err.startswith("ckfs: snapshot nope: ") and err.count("\n") == 1

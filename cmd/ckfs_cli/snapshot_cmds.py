@@ -112,15 +112,37 @@ def mounts(ctx: _Ctx, as_json: bool, key: str) -> None:
 @click.argument("keys", nargs=-1)
 @pass_ctx
 def usage(ctx: _Ctx, as_json: bool, keys: tuple[str, ...]) -> None:
-    """Disk used by snapshots themselves (not their parents)."""
+    """Disk used by snapshots themselves (not their parents).
+
+    A snapshot whose tree cannot be walked (an I/O error in what a container
+    wrote) is listed with "(error)" (with --json, an "error" field) and one
+    line on stderr; the others are measured. Listing every snapshot exits 0
+    regardless, like ``images ls``; naming KEYS exits 1 if one failed.
+    """
+    from ckfs.errors import CkfsError
+    from ckfs.safetext import printable
+    from ckfs_cli.main import describe
+
     names = list(keys) or sorted(i.name for i in ctx.sn.walk())
-    rows = [(n, ctx.sn.usage(n)) for n in names]
+    rows: list[dict[str, str | int]] = []
+    table: list[list[str]] = []
+    for n in names:
+        try:
+            u = ctx.sn.usage(n)
+        except (CkfsError, OSError) as e:
+            error = describe(e)
+            click.echo(f"ckfs: snapshot {printable(n)}: {error}", err=True)
+            rows.append({"key": n, "error": error})
+            table.append([n, "(error)", "-"])
+        else:
+            rows.append({"key": n, "size": u.size, "inodes": u.inodes})
+            table.append([n, human_size(u.size), str(u.inodes)])
     if as_json:
-        print_json([{"key": n, "size": u.size, "inodes": u.inodes} for n, u in rows])
-        return
-    print_table(
-        ["KEY", "SIZE", "INODES"], [[n, human_size(u.size), str(u.inodes)] for n, u in rows]
-    )
+        print_json(rows)
+    else:
+        print_table(["KEY", "SIZE", "INODES"], table)
+    if keys and any("error" in r for r in rows):
+        raise SystemExit(1)
 
 
 @snapshots.command("rm")
