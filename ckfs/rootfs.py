@@ -25,6 +25,7 @@ from snapshotters.api import Kind, Snapshotter, max_layers
 __all__ = [
     "EXTRACT_PREFIX",
     "GC_SNAPSHOT",
+    "SNAPSHOT_REF",
     "NotUnpacked",
     "check_depth",
     "committed",
@@ -40,6 +41,12 @@ EXTRACT_PREFIX = "extract-"
 #: Content label (on the image config) naming the top snapshot an unpack
 #: made, per snapshotter, so gc can walk from images to snapshots.
 GC_SNAPSHOT = "containerd.io/gc.ref.snapshot"
+
+#: Snapshot label an unpacker puts on each layer's extract snapshot, naming
+#: the chain ID it will commit. containerd's unpacker sets it so a remote
+#: (lazy) snapshotter can answer Prepare with AlreadyExists when it can
+#: provide that layer itself; ckfs unpacks the same way.
+SNAPSHOT_REF = "containerd.io/snapshot.ref"
 
 
 class NotUnpacked(NotFound):

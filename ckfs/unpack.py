@@ -5,9 +5,14 @@ chain IDs; a committed snapshot named by a chain ID *is* that layer stack, so
 "is this layer here?" is one `stat`, no network and no hashing. For each
 missing layer, bottom up::
 
-    prepare("extract-<unique> <chainID>", parent=<previous chainID>)
+    prepare("extract-<unique> <chainID>", parent=<previous chainID>,
+            labels={"containerd.io/snapshot.ref": <chainID>})
     apply the layer blob into it (diff ID verified while streaming)
     commit("<chainID>", "extract-…")
+
+A remote (lazy) snapshotter that can provide a layer itself answers that
+prepare with AlreadyExists and commits the chain ID on its own, as under
+containerd; the layer then counts as present and its blob is never read.
 
 Concurrent unpacks of the same layer (two ``ckfs mount`` of one image) take
 a per-chain-ID file lock, so the work is done once and the second finds the
@@ -26,7 +31,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +50,15 @@ from ckfs.pull import PullReport, pull
 from ckfs.reference import Reference
 from ckfs.remotes.fetch import BlobProgress, BlobState
 from ckfs.remotes.walk import platform_children
-from ckfs.rootfs import EXTRACT_PREFIX, check_depth, committed, gc_snapshot_label, image_chain
-from snapshotters.api import Snapshotter
+from ckfs.rootfs import (
+    EXTRACT_PREFIX,
+    SNAPSHOT_REF,
+    check_depth,
+    committed,
+    gc_snapshot_label,
+    image_chain,
+)
+from snapshotters.api import Kind, Snapshotter
 
 __all__ = ["UnpackReport", "pull_and_unpack", "unpack"]
 
@@ -58,7 +70,11 @@ LOCK_POLL = 0.05
 
 @dataclass
 class UnpackReport:
-    """What an unpack did: the top chain ID and the layers it had to apply."""
+    """What an unpack did: the top chain ID and the layers it had to apply.
+
+    ``present`` counts the layers it did not apply: committed already, or
+    provided by the snapshotter itself (its prepare answered AlreadyExists).
+    """
 
     chain_id: Digest
     applied: list[Digest] = field(default_factory=list)
@@ -131,9 +147,21 @@ async def _unpack_layer(
     chain_id: Digest,
     parent: str,
 ) -> None:
+    """Apply *layer* and commit it as *chain_id*.
+
+    The extract snapshot carries `SNAPSHOT_REF`, so a remote snapshotter
+    may answer its prepare with AlreadyExists (see `_provided`); the layer
+    blob is looked for only after the prepare, as such a snapshotter needs
+    no blob.
+    """
     key = f"{EXTRACT_PREFIX}{time.time_ns()}-{secrets.token_hex(4)} {chain_id}"
-    mounts = await trio.to_thread.run_sync(sn.prepare, key, parent, None)
+    labels = {SNAPSHOT_REF: str(chain_id)}
+    mounts = await trio.to_thread.run_sync(sn.prepare, key, parent, labels)
     try:
+        if not await trio.to_thread.run_sync(content.exists, layer.digest):
+            raise NotFound(
+                f"layer {layer.digest} is not in the content store; pull the image first"
+            )
         blob = content.path(layer.digest)
         await trio.to_thread.run_sync(_apply_into, sn, key, mounts, blob, layer, diff_id)
         await trio.to_thread.run_sync(sn.commit, str(chain_id), key, None)
@@ -141,6 +169,31 @@ async def _unpack_layer(
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_discard, sn, key, mounts)
         raise
+
+
+def _provided(sn: Snapshotter, chain_id: Digest, refused: AlreadyExists) -> None:
+    """Check that an AlreadyExists from preparing or committing *chain_id* means "present".
+
+    As containerd's unpacker: a remote snapshotter answers the prepare so
+    when it provides the layer itself, and an unpacker that does not take
+    our lock (containerd) answers the commit so when it won the race. Either
+    way the chain ID must now stat as committed; anything else is an error.
+
+    Raises:
+        AlreadyExists: *chain_id* is not a committed snapshot after all (the
+            refusal was about something else, such as the extract key).
+        CkfsError: the stat itself failed.
+    """
+    try:
+        kind = sn.stat(str(chain_id)).kind
+    except NotFound:
+        kind = None
+    if kind is not Kind.COMMITTED:
+        what = "does not exist" if kind is None else f"is {kind.value}, not committed"
+        raise AlreadyExists(
+            f"unpacking layer {chain_id}: the snapshotter refused it as existing "
+            f"({refused}), but snapshot {chain_id} {what}"
+        ) from refused
 
 
 def _discard(sn: Snapshotter, key: str, mounts: Sequence[Mount]) -> None:
@@ -175,6 +228,26 @@ def _discard(sn: Snapshotter, key: str, mounts: Sequence[Mount]) -> None:
         sn.remove(key)
     except (NotFound, OSError) as e:
         log.warning("cannot remove snapshot %r: %s", key, e)
+
+
+def _present_below(sn: Snapshotter, chain: Sequence[Digest]) -> int:
+    """How many layers from the bottom are committed already.
+
+    Walks down from the top: usually everything is there and one stat answers.
+    """
+    have = len(chain)
+    while have > 0 and not committed(sn, str(chain[have - 1])):
+        have -= 1
+    return have
+
+
+def _label_config(
+    content: ContentStore, config: Digest, label: str, chain: Sequence[Digest]
+) -> None:
+    """Point the image config's gc label at the top snapshot, unless it does already."""
+    info = content.info(config)
+    if info.labels.get(label) != str(chain[-1]):
+        content.update(replace(info, labels={label: str(chain[-1])}), [f"labels.{label}"])
 
 
 async def unpack(
@@ -217,39 +290,31 @@ async def unpack(
     """
     started = time.monotonic()
     manifest, config, chain = await trio.to_thread.run_sync(image_chain, content, target, platform)
-    check_depth(sn, target, len(chain))
+    await trio.to_thread.run_sync(check_depth, sn, target, len(chain))
     layers, diff_ids = manifest.layers, config.diff_ids
     report = UnpackReport(chain_id=chain[-1])
 
-    # Walk down from the top: usually everything is there and one stat answers.
-    have = len(chain)
-    while have > 0 and not committed(sn, str(chain[have - 1])):
-        have -= 1
-    report.present = have
-    for i in range(have, len(chain)):
+    report.present = await trio.to_thread.run_sync(_present_below, sn, chain)
+    for i in range(report.present, len(chain)):
         parent = str(chain[i - 1]) if i else ""
         if arrival is not None:
             await arrival(layers[i])
         async with _layer_lock(lock_dir, chain[i]):
-            if committed(sn, str(chain[i])):
+            if await trio.to_thread.run_sync(committed, sn, str(chain[i])):
+                report.present += 1  # another unpack applied it while we waited
                 continue
             await trio.to_thread.run_sync(_remove_leftovers, sn, chain[i])
-            if not content.exists(layers[i].digest):
-                raise NotFound(
-                    f"image {target.digest}: layer {layers[i].digest} is not in the content "
-                    "store; pull the image first"
-                )
-            # AlreadyExists: another unpacker without our lock (containerd) won.
-            with contextlib.suppress(AlreadyExists):
+            try:
                 await _unpack_layer(sn, content, layers[i], diff_ids[i], chain[i], parent)
-            report.applied.append(chain[i])
+            except AlreadyExists as e:
+                await trio.to_thread.run_sync(_provided, sn, chain[i], e)
+                report.present += 1
+            else:
+                report.applied.append(chain[i])
 
-    info = content.info(manifest.config.digest)
-    label = gc_snapshot_label(snapshotter_name)
-    if info.labels.get(label) != str(report.chain_id):
-        from dataclasses import replace
-
-        content.update(replace(info, labels={label: str(report.chain_id)}), [f"labels.{label}"])
+    await trio.to_thread.run_sync(
+        _label_config, content, manifest.config.digest, gc_snapshot_label(snapshotter_name), chain
+    )
     report.seconds = time.monotonic() - started
     return report
 
