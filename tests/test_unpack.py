@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -27,7 +28,7 @@ from ckfs.identity import chain_ids
 from ckfs.images.store import Image
 from ckfs.mount import PAGE_SIZE, Mount, _compact_lowerdir
 from ckfs.remotes.archives import open_source
-from ckfs.rootfs import EXTRACT_PREFIX, GC_SNAPSHOT, NotUnpacked, snapshot_on
+from ckfs.rootfs import EXTRACT_PREFIX, GC_SNAPSHOT, SNAPSHOT_REF, NotUnpacked, snapshot_on
 from ckfs.state import State
 from ckfs.transfer import import_source
 from ckfs.unpack import UnpackReport, pull_and_unpack, unpack
@@ -459,3 +460,87 @@ async def test_two_unpacks_of_one_image_at_once_apply_each_layer_once(env: Env) 
     applied = [str(c) for r in reports for c in r.applied]
     assert sorted(applied) == sorted(chain_of(layers))
     assert env.names() == sorted(chain_of(layers)) and extracts(env) == []
+
+
+# -- containerd's remote-snapshot contract --------------------------------------------
+
+
+class Remote:
+    """A snapshotter that provides some layers itself, as a lazy one under containerd.
+
+    Wraps a real one. A prepare labelled `SNAPSHOT_REF` with a chain ID in
+    `provides` commits that chain ID itself (empty: no tar is read) and
+    answers AlreadyExists; with `refuses`, it answers AlreadyExists and
+    commits nothing. Every prepare's labels are recorded.
+    """
+
+    def __init__(self, sn: Snapshotter, provides: set[str], refuses: bool = False) -> None:
+        self.sn, self.provides, self.refuses = sn, provides, refuses
+        self.prepared: list[dict[str, str]] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sn, name)
+
+    def prepare(
+        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> list[Mount]:
+        self.prepared.append(dict(labels or {}))
+        ref = (labels or {}).get(SNAPSHOT_REF, "")
+        if self.refuses:
+            raise AlreadyExists(f"snapshot {key!r} already exists")
+        if ref in self.provides:
+            self.sn.prepare(f"remote {ref}", parent)
+            self.sn.commit(ref, f"remote {ref}")
+            raise AlreadyExists(f"target snapshot {ref!r} already exists")
+        return self.sn.prepare(key, parent, labels)
+
+
+async def remote_unpack(env: Env, remote: Remote, target: Descriptor) -> UnpackReport:
+    return await unpack(
+        env.state.content,
+        cast(Snapshotter, remote),
+        target,
+        snapshotter_name=env.name,
+        lock_dir=env.state.lock_dir,
+    )
+
+
+async def test_extract_snapshots_carry_the_chain_id_they_will_commit(env: Env) -> None:
+    target = await env.add("example.local/unpack/app:1", [BASE, APP])
+    chain = chain_of([BASE, APP])
+    remote = Remote(env.sn, provides=set())
+    report = await remote_unpack(env, remote, target)
+    assert remote.prepared == [{SNAPSHOT_REF: c} for c in chain]
+    assert [str(c) for c in report.applied] == chain and report.present == 0
+
+
+async def test_layers_the_snapshotter_provides_are_present_and_their_blobs_unread(
+    env: Env,
+) -> None:
+    layout = Layout(env.tmp / "remote")
+    layout.image([BASE, APP, OTHER])
+    target = await env.import_layout(layout, "example.local/unpack/app:1")
+    chain = chain_of([BASE, APP, OTHER])
+    # The two lower layers' blobs are gone: reading either would be NotFound.
+    for layer in layout.manifest()["layers"][:2]:
+        env.state.content.delete(Digest.parse(layer["digest"]))
+    remote = Remote(env.sn, provides=set(chain[:2]))
+
+    report = await remote_unpack(env, remote, target)
+    assert report.present == 2 and [str(c) for c in report.applied] == chain[2:]
+    assert env.names() == sorted(chain) and extracts(env) == []
+    assert [env.sn.stat(c).parent for c in chain] == ["", chain[0], chain[1]]
+    assert files_in(snapshot_on(env.state.content, env.sn, target, "v", readonly=True)) == OTHER
+
+    again = await remote_unpack(env, remote, target)
+    assert again.applied == [] and again.present == 3
+    assert len(remote.prepared) == 3  # the second unpack prepared nothing
+
+
+async def test_already_exists_without_a_committed_chain_id_is_an_error(env: Env) -> None:
+    target = await env.add("example.local/unpack/app:1", [BASE])
+    (chain,) = chain_of([BASE])
+    remote = Remote(env.sn, provides=set(), refuses=True)
+    with pytest.raises(AlreadyExists, match=f"but snapshot {chain} does not exist"):
+        await remote_unpack(env, remote, target)
+    assert env.names() == []
