@@ -14,16 +14,21 @@ The tree::
      │    └── Unauthorized     a registry refused our credentials (or lack of them)
      ├── InvalidArgument       malformed input: references, digests, manifests
      ├── Unavailable           locked ref, unreachable registry; try again
+     ├── Unimplemented         a valid request this ckfs does not serve
      └── DataLoss              bytes do not match their digest or size
 
 Each class has its errno and gRPC status name in one table
 (`ERRNOS`, `GRPC_CODES`, plus `exit_code`) so the mappings live in one place.
+The way back, for a ckfsd client or a failed syscall, is `from_grpc_code`
+and `from_errno`, derived from the same tables so the two directions cannot
+drift: the CLI through ckfsd raises what the daemonless path raises.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
 from collections.abc import Iterator
 from typing import TypeVar
 
@@ -38,8 +43,11 @@ __all__ = [
     "NotFound",
     "Unauthorized",
     "Unavailable",
+    "Unimplemented",
     "exit_code",
     "first_error",
+    "from_errno",
+    "from_grpc_code",
     "grpc_code_name",
     "to_errno",
     "unwrap_groups",
@@ -68,6 +76,8 @@ class FailedPrecondition(CkfsError):
 class Unauthorized(FailedPrecondition):
     """A registry or its token server refused access after authentication.
 
+    Also the kernel's ``EACCES``/``EPERM`` (a mount without
+    ``CAP_SYS_ADMIN``): access refused to who we are, not to what we asked.
     A `FailedPrecondition`: retrying without new credentials fails again. Not
     `NotFound`, although registries answer 401 for missing repositories too:
     the message names both possibilities rather than send a user with a
@@ -83,6 +93,16 @@ class Unavailable(CkfsError):
     """A resource is busy or out of reach right now; retrying may succeed."""
 
 
+class Unimplemented(CkfsError):
+    """A well-formed request for something this ckfs does not do (yet).
+
+    containerd's ``errdefs.ErrNotImplemented``, gRPC ``UNIMPLEMENTED``. Not
+    named ``NotImplemented``: that is Python's builtin constant for binary
+    operators, and ``from ckfs.errors import *`` or ``raise NotImplemented``
+    would then silently mean different things in different modules.
+    """
+
+
 class DataLoss(CkfsError):
     """Bytes do not match the digest or size they were promised under."""
 
@@ -95,6 +115,10 @@ ERRNOS: dict[type[CkfsError], int] = {
     Unauthorized: errno.EACCES,
     InvalidArgument: errno.EINVAL,
     Unavailable: errno.EAGAIN,
+    # Not ENOSYS: a FUSE handler answering ENOSYS makes the kernel disable
+    # that operation for the whole mount (xattrs, flush, ...) and a program
+    # reads it as "no such syscall"; EOPNOTSUPP refuses this one call.
+    Unimplemented: errno.EOPNOTSUPP,
     DataLoss: errno.EIO,
 }
 
@@ -108,8 +132,37 @@ GRPC_CODES: dict[type[CkfsError], str] = {
     Unauthorized: "PERMISSION_DENIED",
     InvalidArgument: "INVALID_ARGUMENT",
     Unavailable: "UNAVAILABLE",
+    Unimplemented: "UNIMPLEMENTED",
     DataLoss: "DATA_LOSS",
 }
+
+# The way back: every code in GRPC_CODES answers its own class, so a class
+# survives a trip through ckfsd; the codes ckfs never sends answer the
+# nearest class, by what a caller should do next.
+_FROM_GRPC: dict[str, type[CkfsError]] = {
+    # The call did not finish in time or was refused for load, or a
+    # transaction lost a race: retrying may succeed.
+    "DEADLINE_EXCEEDED": Unavailable,
+    "RESOURCE_EXHAUSTED": Unavailable,
+    "ABORTED": Unavailable,
+    "CANCELLED": Unavailable,
+    # No or bad credentials: new ones are needed, as for PERMISSION_DENIED.
+    "UNAUTHENTICATED": Unauthorized,
+    # gRPC's "INVALID_ARGUMENT that depends on the state", e.g. a read past
+    # the end of a blob: the request itself is wrong.
+    "OUT_OF_RANGE": InvalidArgument,
+    # A server bug: nothing the caller can fix, reported as-is.
+    "INTERNAL": CkfsError,
+} | {code: cls for cls, code in GRPC_CODES.items()}
+
+# errno → class, inverted from ERRNOS so errno → class → errno round-trips.
+# Where two classes share an errno (EIO) the first listed, the more general,
+# wins: an EIO from the kernel is not a digest mismatch. EPERM and ENOSYS
+# have no class of their own and join their nearest.
+_FROM_ERRNO: dict[int, type[CkfsError]] = {
+    errno.EPERM: Unauthorized,
+    errno.ENOSYS: Unimplemented,
+} | {err: cls for cls, err in reversed(ERRNOS.items())}
 
 
 _T = TypeVar("_T")
@@ -139,6 +192,29 @@ def to_errno(exc: BaseException) -> int:
 def grpc_code_name(exc: BaseException) -> str:
     """The google.rpc.Code name for *exc* (UNKNOWN if not a CkfsError)."""
     return _lookup(GRPC_CODES, exc, "UNKNOWN")
+
+
+def from_grpc_code(name: str) -> type[CkfsError]:
+    """The ckfs class a client raises for the google.rpc.Code *name*.
+
+    Unknown names (and ``UNKNOWN``) answer `CkfsError`; ``OK`` is no error
+    and a caller asking for it has a bug.
+    """
+    if name == "OK":
+        raise ValueError("OK is not an error code")
+    return _FROM_GRPC.get(name, CkfsError)
+
+
+def from_errno(err: int, what: str) -> CkfsError:
+    """The ckfs error for the failed syscall *what* with errno *err*.
+
+    The message is *what* plus strerror; an `OSError` is chained as the
+    cause, so a traceback shows the raw errno. Errnos without a class become
+    `CkfsError` (EIO back).
+    """
+    exc = _FROM_ERRNO.get(err, CkfsError)(f"{what}: {os.strerror(err)}")
+    exc.__cause__ = OSError(err, os.strerror(err))
+    return exc
 
 
 def first_error(exc: BaseException) -> BaseException:

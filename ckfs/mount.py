@@ -35,10 +35,11 @@ Two kernel details shape the code:
   symlink farm behind (whose paths would also count against the page), and
   works on kernels without the new mount API's ``lowerdir+``.
 
-Errors map errno to the `ckfs.errors` classes (the `OSError` is chained as
-the cause): ``ENOENT`` → `NotFound`, ``EINVAL`` → `InvalidArgument`,
-``EBUSY`` → `Unavailable`, ``EPERM``/``EACCES`` → `FailedPrecondition`,
-anything else → `CkfsError`.
+Errors map errno to the `ckfs.errors` classes with `ckfs.errors.from_errno`
+(the `OSError` is chained as the cause): ``ENOENT`` → `NotFound`, ``EINVAL``
+→ `InvalidArgument`, ``EBUSY`` → `FailedPrecondition` (a busy mount stays
+busy until its users leave; waiting on a timer does not fix that),
+``EPERM``/``EACCES`` → `Unauthorized`, anything else → `CkfsError`.
 """
 
 from __future__ import annotations
@@ -55,13 +56,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ckfs.errors import (
-    CkfsError,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    Unavailable,
-)
+from ckfs.errors import InvalidArgument, NotFound, from_errno
 
 __all__ = [
     "Mount",
@@ -241,7 +236,7 @@ class Mount:
             InvalidArgument: the option data is too long (even compacted, for
                 an overlay) or the kernel rejected the options (``EINVAL``).
             NotFound: the source or *target* does not exist.
-            FailedPrecondition: not permitted (needs ``CAP_SYS_ADMIN``).
+            Unauthorized: not permitted (needs ``CAP_SYS_ADMIN``).
             CkfsError: any other failure of the syscalls.
         """
         _mount_one(self, os.fspath(target))
@@ -270,24 +265,6 @@ def _parse_options(options: Sequence[str]) -> _Options:
     return _Options(flags, tuple(propagation), tuple(data))
 
 
-def _error(err: int, what: str) -> CkfsError:
-    """The `ckfs.errors` class for *err*, with an `OSError` as its cause."""
-    cls: type[CkfsError]
-    if err == errno.ENOENT:
-        cls = NotFound
-    elif err == errno.EINVAL:
-        cls = InvalidArgument
-    elif err == errno.EBUSY:
-        cls = Unavailable
-    elif err in (errno.EPERM, errno.EACCES):
-        cls = FailedPrecondition
-    else:
-        cls = CkfsError
-    exc = cls(f"{what}: {os.strerror(err)}")
-    exc.__cause__ = OSError(err, os.strerror(err))
-    return exc
-
-
 def _sys_mount(source: str, target: str, fstype: str, flags: int, data: str | None) -> None:
     rc = _libc.mount(
         os.fsencode(source),
@@ -298,7 +275,7 @@ def _sys_mount(source: str, target: str, fstype: str, flags: int, data: str | No
     )
     if rc != 0:
         err = ctypes.get_errno()
-        raise _error(err, f"mount {fstype or '(remount)'} {source!r} on {target!r}")
+        raise from_errno(err, f"mount {fstype or '(remount)'} {source!r} on {target!r}")
 
 
 def _sys_mount_in(cwd: str, source: str, target: str, fstype: str, flags: int, data: str) -> None:
@@ -314,7 +291,7 @@ def _sys_mount_in(cwd: str, source: str, target: str, fstype: str, flags: int, d
     def run() -> None:
         try:
             if _libc.unshare(CLONE_FS) != 0:
-                raise _error(ctypes.get_errno(), "unshare(CLONE_FS)")
+                raise from_errno(ctypes.get_errno(), "unshare(CLONE_FS)")
             os.chdir(cwd)
             _sys_mount(source, target, fstype, flags, data)
         except BaseException as e:
@@ -416,7 +393,7 @@ def mount_all(mounts: Sequence[Mount], target: Path | str) -> None:
         InvalidArgument: a record's ``target`` contains ``..``, or its
             options are malformed or too long (see `Mount.mount`).
         NotFound: a source or target does not exist.
-        FailedPrecondition: not permitted (needs ``CAP_SYS_ADMIN``).
+        Unauthorized: not permitted (needs ``CAP_SYS_ADMIN``).
         CkfsError: any other mount failure.
     """
     root = os.fspath(target)
@@ -453,8 +430,8 @@ def unmount(target: Path | str, *, lazy: bool = False) -> None:
     Raises:
         InvalidArgument: nothing is mounted on *target* (``EINVAL``).
         NotFound: *target* does not exist.
-        Unavailable: still busy after the retries.
-        FailedPrecondition: not permitted.
+        FailedPrecondition: still busy after the retries.
+        Unauthorized: not permitted.
         CkfsError: any other failure.
     """
     path = os.fsencode(os.fspath(target))
@@ -464,7 +441,7 @@ def unmount(target: Path | str, *, lazy: bool = False) -> None:
             return
         err = ctypes.get_errno()
         if err != errno.EBUSY or attempt == UNMOUNT_BUSY_RETRIES:
-            raise _error(err, f"umount {os.fspath(target)!r}")
+            raise from_errno(err, f"umount {os.fspath(target)!r}")
         time.sleep(UNMOUNT_BUSY_DELAY)
 
 
@@ -476,8 +453,8 @@ def unmount_all(target: Path | str, *, lazy: bool = False) -> None:
     exist, or has nothing mounted, is success.
 
     Raises:
-        Unavailable: a mount stays busy (and *lazy* is false).
-        FailedPrecondition: not permitted.
+        FailedPrecondition: a mount stays busy (and *lazy* is false).
+        Unauthorized: not permitted.
         CkfsError: any other failure.
     """
     while True:
@@ -578,8 +555,8 @@ def unmount_recursive(prefix: Path | str, *, lazy: bool = False) -> list[str]:
         stacked mount).
 
     Raises:
-        Unavailable: a mount stays busy (and *lazy* is false).
-        FailedPrecondition: not permitted.
+        FailedPrecondition: a mount stays busy (and *lazy* is false).
+        Unauthorized: not permitted.
         CkfsError: any other failure.
     """
     done: list[str] = []
@@ -614,7 +591,7 @@ def clean_stale(prefix: Path | str) -> list[str]:
         The mount points detached.
 
     Raises:
-        FailedPrecondition: not permitted.
+        Unauthorized: not permitted.
         CkfsError: any other failure of umount2.
     """
     cleaned: list[str] = []

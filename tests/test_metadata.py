@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import sqlite3
 from pathlib import Path
 
@@ -44,33 +43,3 @@ def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
         assert tx.get_row("SELECT digest FROM content")[0] == "d"  # type: ignore[index]
     assert db.query("SELECT count(*) FROM content")[0][0] == 1
     db.close()
-
-
-def test_error_tables_cover_every_class() -> None:
-    classes = [
-        errors.NotFound,
-        errors.AlreadyExists,
-        errors.FailedPrecondition,
-        errors.InvalidArgument,
-        errors.Unavailable,
-        errors.DataLoss,
-    ]
-    assert {errors.grpc_code_name(c("x")) for c in classes} == {
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "FAILED_PRECONDITION",
-        "INVALID_ARGUMENT",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-    }
-    assert errors.to_errno(errors.NotFound("x")) == errno.ENOENT
-    assert errors.to_errno(ValueError()) == errno.EIO
-    assert errors.grpc_code_name(ValueError()) == "UNKNOWN"
-
-
-def test_first_error_prefers_ours() -> None:
-    nf = errors.NotFound("blob")
-    group = BaseExceptionGroup("g", [ValueError("x"), ExceptionGroup("h", [nf])])
-    assert errors.first_error(group) is nf
-    with pytest.raises(errors.NotFound), errors.unwrap_groups():
-        raise group

@@ -243,8 +243,10 @@ def test_unmount_errors(tmp_path: Path, mount_guard: MountGuard) -> None:
 def test_unmount_of_busy_mount(tmp_path: Path, mount_guard: MountGuard) -> None:
     target = mount_guard.mount([Mount("tmpfs", "tmpfs", options=("size=1m",))], tmp_path / "t")
     with open(target / "f", "w"):
-        with pytest.raises(errors.Unavailable):
+        # FailedPrecondition, answered back as EBUSY: the errno it came as.
+        with pytest.raises(errors.FailedPrecondition) as busy:
             unmount(target)
+        assert errors.to_errno(busy.value) == errno.EBUSY
         unmount(target, lazy=True)
     assert not is_mountpoint(target)
 
