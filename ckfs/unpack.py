@@ -158,11 +158,12 @@ async def _unpack_layer(
     labels = {SNAPSHOT_REF: str(chain_id)}
     mounts = await trio.to_thread.run_sync(sn.prepare, key, parent, labels)
     try:
-        if not await trio.to_thread.run_sync(content.exists, layer.digest):
+        try:
+            blob = await trio.to_thread.run_sync(content.path, layer.digest)
+        except NotFound as e:
             raise NotFound(
                 f"layer {layer.digest} is not in the content store; pull the image first"
-            )
-        blob = content.path(layer.digest)
+            ) from e
         await trio.to_thread.run_sync(_apply_into, sn, key, mounts, blob, layer, diff_id)
         await trio.to_thread.run_sync(sn.commit, str(chain_id), key, None)
     except BaseException:

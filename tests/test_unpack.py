@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import httpx
 import pytest
 
 from ckfs import gc, reference
+from ckfs.content import ContentStore
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
 from ckfs.errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound
@@ -544,3 +546,38 @@ async def test_already_exists_without_a_committed_chain_id_is_an_error(env: Env)
     with pytest.raises(AlreadyExists, match=f"but snapshot {chain} does not exist"):
         await remote_unpack(env, remote, target)
     assert env.names() == []
+
+
+class OffLoop:
+    """Wraps a store or snapshotter; fails any use of it from the trio thread.
+
+    SQLite calls block, and a daemon serves FUSE on that thread.
+    """
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        value = getattr(self.inner, name)
+        if not callable(value):
+            assert threading.current_thread() is not threading.main_thread(), name
+            return value
+
+        def off_loop(*args: object, **kwargs: object) -> object:
+            assert threading.current_thread() is not threading.main_thread(), name
+            return value(*args, **kwargs)
+
+        return off_loop
+
+
+async def test_unpack_reaches_the_stores_only_from_worker_threads(env: Env) -> None:
+    target = await env.add("example.local/unpack/app:1", [BASE, APP])
+    for _ in range(2):  # applying, then finding everything present
+        await unpack(
+            cast(ContentStore, OffLoop(env.state.content)),
+            cast(Snapshotter, OffLoop(env.sn)),
+            target,
+            snapshotter_name=env.name,
+            lock_dir=env.state.lock_dir,
+        )
+    assert env.names() == sorted(chain_of([BASE, APP]))
