@@ -58,7 +58,7 @@ from ckfs.errors import (
 )
 from ckfs.filters import Adaptor, adaptor_for, parse_filters
 from ckfs.metadata.db import DB, Tx, now_ns
-from ckfs.metadata.fields import MAX_LABEL_SIZE, ns_to_datetime, validate_labels
+from ckfs.metadata.fields import MAX_LABEL_SIZE, ns_to_datetime, update_labels, validate_labels
 from ckfs.mount import mounts_under, unmount_recursive
 from snapshotters.api import CleanupError, Info, Kind, Usage
 
@@ -73,9 +73,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Largest label key plus value, in bytes (containerd's limit): labels are
-#: metadata for gc and tools, not a place to store data.
 
 #: Prefix of directories still being set up; never a snapshot id (digits).
 TEMP_PREFIX = "new-"
@@ -340,17 +337,11 @@ class MetaStore:
             row = self._get(tx, info.name)
             if row is None:
                 raise NotFound(f"snapshot {info.name!r}: not found")
-            labels: dict[str, str] = json.loads(row["labels"])
-            if not fieldpaths:
-                labels = dict(info.labels)
-            for path in fieldpaths:
-                if path == "labels":
-                    labels = dict(info.labels)
-                elif path.startswith("labels.") and len(path) > len("labels."):
-                    label = path.removeprefix("labels.")
-                    labels[label] = info.labels.get(label, "")
-                else:
-                    raise InvalidArgument(f"cannot update {path!r} field on snapshot {info.name!r}")
+            labels, others = update_labels(json.loads(row["labels"]), info.labels, fieldpaths)
+            if others:
+                raise InvalidArgument(
+                    f"cannot update {others[0]!r} field on snapshot {info.name!r}"
+                )
             clean = _clean_labels(info.name, labels)
             tx.execute(
                 "UPDATE snapshots SET labels = ?, updated_at = ? WHERE id = ?",

@@ -44,6 +44,7 @@ from ckfs.errors import (
     Unavailable,
 )
 from ckfs.metadata.db import DB, Tx, now_ns
+from ckfs.metadata.fields import update_labels
 
 __all__ = ["ContentStore", "write_blob"]
 
@@ -189,15 +190,6 @@ class ContentStore:
                 label.
         """
         d = Digest.parse(info.digest)
-        replace_all = not fieldpaths
-        keys: list[str] = []
-        for fp in fieldpaths:
-            if fp == "labels":
-                replace_all = True
-            elif fp.startswith("labels.") and len(fp) > len("labels."):
-                keys.append(fp[len("labels.") :])
-            else:
-                raise InvalidArgument(f"cannot update {fp!r} field on content info {d}")
         path = self._blob_path(d)
         now = now_ns()
         with self._db.transaction() as tx:
@@ -207,17 +199,11 @@ class ContentStore:
                 st = os.stat(path)
             except FileNotFoundError:
                 raise NotFound(f"content {d}: not found") from None
-            if replace_all:
-                labels = {k: v for k, v in info.labels.items() if v}
-            else:
-                row = tx.get_row("SELECT labels FROM content WHERE digest = ?", (str(d),))
-                labels = json.loads(row["labels"]) if row is not None else {}
-                for k in keys:
-                    v = info.labels.get(k, "")
-                    if v:
-                        labels[k] = v
-                    else:
-                        labels.pop(k, None)
+            row = tx.get_row("SELECT labels FROM content WHERE digest = ?", (str(d),))
+            current = json.loads(row["labels"]) if row is not None else {}
+            labels, others = update_labels(current, info.labels, fieldpaths)
+            if others:
+                raise InvalidArgument(f"cannot update {others[0]!r} field on content info {d}")
             validate_labels(labels)
             _set_labels(tx, d, labels, now, keep_empty=True)
         return _make_info(d, st, labels, now)

@@ -25,15 +25,18 @@ from typing import TYPE_CHECKING
 from ckfs.descriptor import Descriptor
 from ckfs.errors import AlreadyExists, InvalidArgument, NotFound
 from ckfs.metadata.db import DB, Tx, now_ns
-from ckfs.metadata.fields import EPOCH, MAX_LABEL_SIZE, ns_to_datetime, validate_labels
+from ckfs.metadata.fields import (
+    EPOCH,
+    MAX_LABEL_SIZE,
+    ns_to_datetime,
+    update_labels,
+    validate_labels,
+)
 
 if TYPE_CHECKING:
     from ckfs.filters import Adaptor
 
 __all__ = ["MAX_LABEL_SIZE", "Image", "ImageStore"]
-
-#: Largest label key plus value, in bytes (containerd's limit): labels are
-#: metadata for gc and tools, not a place to store blobs.
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -240,17 +243,12 @@ def _get_row(tx: Tx, name: str) -> sqlite3.Row:
 def _apply_fieldpaths(current: Image, image: Image, fieldpaths: Sequence[str]) -> Image:
     """containerd's field-path update: take only the named fields from *image*."""
     target = current.target
-    labels = dict(current.labels)
+    labels, others = update_labels(current.labels, image.labels, fieldpaths)
     annotations = dict(current.target.annotations)
-    for path in fieldpaths:
-        if path.startswith("labels."):
-            key = path.removeprefix("labels.")
-            labels[key] = image.labels.get(key, "")
-        elif path.startswith("annotations."):
+    for path in others:
+        if path.startswith("annotations."):
             key = path.removeprefix("annotations.")
             annotations[key] = image.target.annotations.get(key, "")
-        elif path == "labels":
-            labels = dict(image.labels)
         elif path == "target":
             target = image.target
             annotations = dict(image.target.annotations)
