@@ -1,16 +1,32 @@
 """Garbage collection: remove content and snapshots no image or mount needs.
 
-Roots are what a user can name: every image (its whole tree of present
-content) and every active or view snapshot (a mount, a bundle, a prepared
-snapshot), except ``extract-`` snapshots, which are scratch space of
-unpacks. From the roots the collector follows:
+Roots are what a user, or another owner, can name: every image (its whole
+tree of present content), every blob and snapshot labelled
+``containerd.io/gc.root`` (as containerd's gc), every active or view
+snapshot (a mount, a bundle, a prepared snapshot) except ``extract-``
+snapshots, which are scratch space of unpacks, and every snapshot
+containerd made (below). From the roots the collector follows, as
+containerd's does (names in `ckfs.labels`):
 
 - manifests and indexes to their children (parsed, so images imported
-  before GC labels existed are covered too) and containerd's
-  ``containerd.io/gc.ref.content.*`` labels;
-- an image config's ``containerd.io/gc.ref.snapshot.<snapshotter>`` label to
-  the top snapshot of the unpacked image;
+  before GC labels existed are covered too);
+- ``containerd.io/gc.ref.content*`` labels on any kept blob or snapshot to
+  blobs;
+- ``containerd.io/gc.ref.snapshot.<snapshotter>[/…]`` labels on any kept
+  blob (an unpacked image's config names its top snapshot) or snapshot to
+  that snapshotter's snapshot;
 - snapshots to their parents.
+
+**Other owners.** Once containerd drives ckfs through ckfsd, some snapshots
+are containerd's, and containerd's own gc removes them; ckfs must not,
+and must tell them apart with no daemon to ask. containerd's metadata layer
+names every snapshot it asks a backend for ``<namespace>/<n>/<key>``
+(``default/3/sha256:…``, ``k8s.io/42/extract-…``), a form ckfs never makes
+(its keys are chain IDs, ``extract-…``, ``mount:<path>``, or what a user
+typed), so gc keeps every snapshot of that form, and its parents, whatever
+its kind or labels. A user's own committed snapshot, not named by any of
+the above, is collected, as before; label it ``containerd.io/gc.root`` to
+keep it.
 
 Everything else goes: blobs, committed snapshots, leftover extract
 snapshots. One bad record never stops the rest: a manifest that does not
@@ -30,6 +46,8 @@ holds them (`ContentStore.expire_ingests`).
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -40,10 +58,10 @@ from ckfs.digest import Digest
 from ckfs.errors import CkfsError, FailedPrecondition, InvalidArgument, NotFound
 from ckfs.images import ImageStore
 from ckfs.images import manifest as manifests
-from ckfs.images.manifest import GC_CONTENT
 from ckfs.jsondoc import parse_object
-from ckfs.rootfs import EXTRACT_PREFIX, GC_SNAPSHOT
-from snapshotters.api import Kind, Snapshotter
+from ckfs.labels import GC_ROOT, content_refs, snapshot_refs
+from ckfs.rootfs import EXTRACT_PREFIX
+from snapshotters.api import Info, Kind, Snapshotter
 
 __all__ = ["DEFAULT_INGEST_EXPIRY", "GCReport", "collect"]
 
@@ -54,6 +72,16 @@ log = logging.getLogger(__name__)
 #: interrupted today resumes tomorrow, short enough that the bytes of an
 #: abandoned (or hostile) download do not hold the disk for good.
 DEFAULT_INGEST_EXPIRY = 24 * 3600.0
+
+#: The key containerd's metadata layer gives every snapshot it makes in a
+#: backend, ``<namespace>/<sequence>/<key>``, with the namespace a
+#: containerd identifier; ckfs never makes one, so such a snapshot is
+#: containerd's, and containerd's gc removes it, not ckfs's.
+_CONTAINERD_KEY = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*/[0-9]+/")
+
+#: A blob still to walk: its digest, the media type its parent gave it (None
+#: when only a label named it), and the root it was reached from, for errors.
+_Todo = tuple[Digest, str | None, str]
 
 
 @dataclass
@@ -73,23 +101,39 @@ class GCReport:
     ingest_bytes: int = 0
 
 
-def _reachable_content(
-    content: ContentStore, images: ImageStore, errors: list[str]
+def _reachable(
+    content: ContentStore,
+    images: ImageStore,
+    snapshots: Mapping[str, Mapping[str, Info]],
+    errors: list[str],
 ) -> tuple[set[Digest], dict[str, set[str]], bool]:
-    """Blobs reachable from images, the snapshot roots their configs name, and
-    whether that is the whole truth.
+    """Blobs and snapshots (by snapshotter) reachable from the roots, and
+    whether the blobs are the whole truth.
 
-    A manifest that does not parse (a hostile or corrupt record) is reported
-    in *errors*, and only what its body names by its own media type, if
-    anything, is kept; the rest of the store is walked as usual. A blob that
-    cannot be read at all makes the answer unsure: its children might be
-    anything, so the caller must not delete blobs.
+    Blobs and snapshots name each other by labels, so the two walks take
+    turns until neither finds anything new.
     """
     seen: set[Digest] = set()
-    snapshot_roots: dict[str, set[str]] = {}
+    keep: dict[str, set[str]] = {name: set() for name in snapshots}
+    blobs = _image_roots(images, errors)
+    blobs += [
+        (info.digest, None, f"blob {info.digest}")
+        for info in content.walk()
+        if GC_ROOT in info.labels
+    ]
+    snaps = [(sn, key) for sn, infos in snapshots.items() for key in infos if _is_root(infos[key])]
     sure = True
-    # (digest, media type its parent gave it or None when only a label named it, image)
-    todo: list[tuple[Digest, str | None, str]] = []
+    while blobs or snaps:
+        refs, walked = _walk_content(content, blobs, seen, errors)
+        sure = sure and walked
+        snaps += refs
+        blobs = _walk_snapshots(snapshots, snaps, keep)
+        snaps = []
+    return seen, keep, sure
+
+
+def _image_roots(images: ImageStore, errors: list[str]) -> list[_Todo]:
+    todo: list[_Todo] = []
     for image in images.list():
         media_type: str | None = image.target.media_type
         if not _is_manifest_type(image.target.media_type):
@@ -98,9 +142,44 @@ def _reachable_content(
                 "is neither an index nor a manifest"
             )
             media_type = None  # sniffed, so a mislabelled manifest's blobs still stay
-        todo.append((image.target.digest, media_type, image.name))
+        todo.append((image.target.digest, media_type, f"image {image.name}"))
+    return todo
+
+
+def _is_root(info: Info) -> bool:
+    """Whether a snapshot is kept for itself (see the module's docstring)."""
+    if GC_ROOT in info.labels or _CONTAINERD_KEY.match(info.name):
+        return True
+    return info.kind is not Kind.COMMITTED and not info.name.startswith(EXTRACT_PREFIX)
+
+
+def _blob_refs(labels: Mapping[str, str], owner: str) -> list[_Todo]:
+    """The blobs *owner*'s labels keep; a malformed one is logged and skipped."""
+    todo: list[_Todo] = []
+    for key, value in content_refs(labels):
+        try:
+            todo.append((Digest.parse(value), None, owner))
+        except InvalidArgument:
+            log.warning("%s: ignoring malformed gc label %s", owner, key)
+    return todo
+
+
+def _walk_content(
+    content: ContentStore, todo: list[_Todo], seen: set[Digest], errors: list[str]
+) -> tuple[list[tuple[str, str]], bool]:
+    """Add to *seen* the blobs reachable from *todo*; the (snapshotter, key)
+    pairs their labels keep, and whether every blob could be read.
+
+    A manifest that does not parse (a hostile or corrupt record) is reported
+    in *errors*, and only what its body names by its own media type, if
+    anything, is kept; the rest of the store is walked as usual. A blob that
+    cannot be read at all makes the answer unsure: its children might be
+    anything, so the caller must not delete blobs.
+    """
+    refs: list[tuple[str, str]] = []
+    sure = True
     while todo:
-        digest, media_type, name = todo.pop()
+        digest, media_type, owner = todo.pop()
         if digest in seen:
             continue
         try:
@@ -108,26 +187,45 @@ def _reachable_content(
         except NotFound:
             continue
         seen.add(digest)
-        for key, value in info.labels.items():
-            if key.startswith(GC_CONTENT):
-                try:
-                    todo.append((Digest.parse(value), None, name))
-                except InvalidArgument:
-                    log.warning("blob %s: ignoring malformed gc label %s", digest, key)
-            elif key.startswith(GC_SNAPSHOT + "."):
-                snapshot_roots.setdefault(key[len(GC_SNAPSHOT) + 1 :], set()).add(value)
+        todo.extend(_blob_refs(info.labels, owner))
+        refs.extend(snapshot_refs(info.labels))
         # Parse too: labels are a cache of what the manifest says, not the truth.
         try:
             kids = _children(content, info.digest, info.size, media_type)
         except _Unparsable as e:
-            errors.append(f"image {name}: {e}")
+            errors.append(f"{owner}: {e}")
             kids = e.sniffed
         except OSError as e:
-            errors.append(f"image {name}: blob {digest}: {_reason(e)}")
+            errors.append(f"{owner}: blob {digest}: {_reason(e)}")
             sure = False
             continue
-        todo.extend((d.digest, d.media_type, name) for d in kids)
-    return seen, snapshot_roots, sure
+        todo.extend((d.digest, d.media_type, owner) for d in kids)
+    return refs, sure
+
+
+def _walk_snapshots(
+    snapshots: Mapping[str, Mapping[str, Info]],
+    todo: list[tuple[str, str]],
+    keep: dict[str, set[str]],
+) -> list[_Todo]:
+    """Add to *keep* the snapshots reachable from *todo* by parents and
+    labels; the blobs their labels keep.
+
+    A label naming a snapshotter or a snapshot that is not there keeps
+    nothing, as in containerd.
+    """
+    blobs: list[_Todo] = []
+    while todo:
+        sn, key = todo.pop()
+        info = snapshots.get(sn, {}).get(key)
+        if info is None or key in keep[sn]:
+            continue
+        keep[sn].add(key)
+        if info.parent:
+            todo.append((sn, info.parent))
+        todo.extend(snapshot_refs(info.labels))
+        blobs.extend(_blob_refs(info.labels, f"snapshot {sn} {key}"))
+    return blobs
 
 
 def _children(
@@ -200,23 +298,8 @@ def _is_manifest_type(media_type: str) -> bool:
 
 
 def _collect_snapshots(
-    sn: Snapshotter, roots: set[str], dry_run: bool, errors: list[str]
+    sn: Snapshotter, infos: Mapping[str, Info], keep: set[str], dry_run: bool, errors: list[str]
 ) -> list[str]:
-    infos = {i.name: i for i in sn.walk()}
-    keep: set[str] = set()
-    todo = [n for n in roots if n in infos]
-    todo += [
-        i.name
-        for i in infos.values()
-        if i.kind is not Kind.COMMITTED and not i.name.startswith(EXTRACT_PREFIX)
-    ]
-    while todo:
-        name = todo.pop()
-        if name in keep or name not in infos:
-            continue
-        keep.add(name)
-        if infos[name].parent:
-            todo.append(infos[name].parent)
     doomed = [n for n in infos if n not in keep]
     if dry_run:
         return doomed
@@ -265,7 +348,8 @@ def collect(
         record that could not be handled; everything else was collected.
     """
     report = GCReport()
-    reachable, snapshot_roots, sure = _reachable_content(content, images, report.errors)
+    snapshots = {name: {i.name: i for i in sn.walk()} for name, sn in snapshotters.items()}
+    reachable, keep, sure = _reachable(content, images, snapshots, report.errors)
     if not sure:
         report.errors.append("content: no blob removed, as not every image could be read")
     for info in list(content.walk()) if sure else []:
@@ -283,7 +367,7 @@ def collect(
         report.bytes += info.size
     for name, sn in snapshotters.items():
         errors: list[str] = []
-        gone = _collect_snapshots(sn, snapshot_roots.get(name, set()), dry_run, errors)
+        gone = _collect_snapshots(sn, snapshots[name], keep[name], dry_run, errors)
         if gone:
             report.snapshots[name] = gone
         cleanup = getattr(sn, "cleanup", None)

@@ -24,12 +24,9 @@ from snapshotters.api import Kind, Snapshotter, max_layers
 
 __all__ = [
     "EXTRACT_PREFIX",
-    "GC_SNAPSHOT",
-    "SNAPSHOT_REF",
     "NotUnpacked",
     "check_depth",
     "committed",
-    "gc_snapshot_label",
     "image_chain",
     "snapshot_on",
 ]
@@ -38,23 +35,9 @@ __all__ = [
 #: starts with it is a leftover of an interrupted unpack.
 EXTRACT_PREFIX = "extract-"
 
-#: Content label (on the image config) naming the top snapshot an unpack
-#: made, per snapshotter, so gc can walk from images to snapshots.
-GC_SNAPSHOT = "containerd.io/gc.ref.snapshot"
-
-#: Snapshot label an unpacker puts on each layer's extract snapshot, naming
-#: the chain ID it will commit. containerd's unpacker sets it so a remote
-#: (lazy) snapshotter can answer Prepare with AlreadyExists when it can
-#: provide that layer itself; ckfs unpacks the same way.
-SNAPSHOT_REF = "containerd.io/snapshot.ref"
-
 
 class NotUnpacked(NotFound):
     """The image's layers are not all committed snapshots yet: unpack first."""
-
-
-def gc_snapshot_label(snapshotter: str) -> str:
-    return f"{GC_SNAPSHOT}.{snapshotter}"
 
 
 def committed(sn: Snapshotter, name: str) -> bool:

@@ -45,6 +45,7 @@ from ckfs.descriptor import Descriptor, Platform
 from ckfs.digest import Digest
 from ckfs.errors import AlreadyExists, FailedPrecondition, NotFound, unwrap_groups
 from ckfs.images import ImageStore
+from ckfs.labels import SNAPSHOT_REF, gc_snapshot_label
 from ckfs.mount import Mount
 from ckfs.pull import PullReport, pull
 from ckfs.reference import Reference
@@ -52,10 +53,8 @@ from ckfs.remotes.fetch import BlobProgress, BlobState
 from ckfs.remotes.walk import platform_children
 from ckfs.rootfs import (
     EXTRACT_PREFIX,
-    SNAPSHOT_REF,
     check_depth,
     committed,
-    gc_snapshot_label,
     image_chain,
 )
 from snapshotters.api import Kind, Snapshotter

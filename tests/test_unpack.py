@@ -28,9 +28,10 @@ from ckfs.digest import Digest
 from ckfs.errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound
 from ckfs.identity import chain_ids
 from ckfs.images.store import Image
+from ckfs.labels import GC_REF_SNAPSHOT, SNAPSHOT_REF
 from ckfs.mount import PAGE_SIZE, Mount, _compact_lowerdir
 from ckfs.remotes.archives import open_source
-from ckfs.rootfs import EXTRACT_PREFIX, GC_SNAPSHOT, SNAPSHOT_REF, NotUnpacked, snapshot_on
+from ckfs.rootfs import EXTRACT_PREFIX, NotUnpacked, snapshot_on
 from ckfs.state import State
 from ckfs.transfer import import_source
 from ckfs.unpack import UnpackReport, pull_and_unpack, unpack
@@ -182,7 +183,7 @@ async def test_layer_not_matching_its_diff_id_is_data_loss_and_leaves_nothing(en
         assert len(env.dirs()) == 1
 
     config = env.state.content.info(Digest.parse(layout.manifest()["config"]["digest"]))
-    assert not any(k.startswith(GC_SNAPSHOT) for k in config.labels)
+    assert not any(k.startswith(GC_REF_SNAPSHOT) for k in config.labels)
     with pytest.raises(NotUnpacked):
         snapshot_on(env.state.content, env.sn, target, "rootfs")
 
@@ -245,7 +246,7 @@ async def test_unpack_labels_the_config_with_its_top_snapshot(env: Env) -> None:
     layout.image([BASE, APP])
     target = await env.import_layout(layout, "example.local/unpack/app:1")
     config = Digest.parse(layout.manifest()["config"]["digest"])
-    label = f"{GC_SNAPSHOT}.{env.name}"
+    label = f"{GC_REF_SNAPSHOT}.{env.name}"
     assert label not in env.state.content.info(config).labels
     await env.unpack(target)
     assert env.state.content.info(config).labels[label] == chain_of([BASE, APP])[-1]

@@ -26,9 +26,9 @@ from ckfs import mediatypes as mt
 from ckfs.descriptor import Descriptor
 from ckfs.errors import InvalidArgument
 from ckfs.jsondoc import parse_object
+from ckfs.labels import GC_REF_CONTENT
 
 __all__ = [
-    "GC_CONTENT",
     "MAX_MANIFEST_SIZE",
     "Index",
     "Manifest",
@@ -45,10 +45,6 @@ __all__ = [
 #: registry cannot exhaust memory by serving an endless "manifest". Real ones
 #: are a few KiB; even a large multi-platform index stays far below.
 MAX_MANIFEST_SIZE = 4 << 20
-
-#: Prefix of containerd's GC reference labels from a blob to the blobs it
-#: needs (``containerd.io/gc.ref.content.l.0`` = a layer's digest).
-GC_CONTENT = "containerd.io/gc.ref.content"
 
 #: What every refusal of a Docker schema 1 manifest says after naming it.
 SCHEMA1_HINT = (
@@ -152,11 +148,11 @@ def gc_labels(desc: Descriptor, data: bytes) -> dict[str, str]:
     """
     kids = children(desc, data)
     if mt.is_index(desc.media_type):
-        return {f"{GC_CONTENT}.m.{i}": str(d.digest) for i, d in enumerate(kids)}
+        return {f"{GC_REF_CONTENT}.m.{i}": str(d.digest) for i, d in enumerate(kids)}
     if not kids:
         return {}
-    labels = {f"{GC_CONTENT}.config": str(kids[0].digest)}
-    labels.update({f"{GC_CONTENT}.l.{i}": str(d.digest) for i, d in enumerate(kids[1:])})
+    labels = {f"{GC_REF_CONTENT}.config": str(kids[0].digest)}
+    labels.update({f"{GC_REF_CONTENT}.l.{i}": str(d.digest) for i, d in enumerate(kids[1:])})
     return labels
 
 

@@ -72,6 +72,7 @@ from ckfs.errors import (
 )
 from ckfs.images import manifest as manifests
 from ckfs.images.image import MAX_CONFIG_SIZE
+from ckfs.labels import DISTRIBUTION_SOURCE
 from ckfs.reference import Reference
 from ckfs.remotes import DEFAULT_MAX_BLOB_SIZE, time_budget
 from ckfs.remotes.bounds import Deadline
@@ -145,10 +146,6 @@ _SYNC_THREADS = 8
 
 #: Poll interval bounds while waiting on a ref lock; flock has no async wait.
 _LOCK_POLL_MIN, _LOCK_POLL_MAX = 0.02, 0.5
-
-#: containerd's label naming where a blob was fetched from; the lazy
-#: snapshotter and ``ctr`` use it to fetch again from the same repository.
-DISTRIBUTION_SOURCE = "containerd.io/distribution.source"
 
 
 class BlobStream(Protocol):
