@@ -59,9 +59,14 @@ def gc_snapshot_label(snapshotter: str) -> str:
 
 
 def content_refs(labels: Mapping[str, str]) -> Iterator[tuple[str, str]]:
-    """The (label, value) pairs of *labels* that refer to blobs."""
+    """The (label, value) pairs of *labels* that refer to blobs.
+
+    As containerd, the name may go on after a ``.`` or a ``/``; any other
+    label that merely starts with the prefix is not a reference.
+    """
     for key, value in labels.items():
-        if key == GC_REF_CONTENT or key.startswith(GC_REF_CONTENT + "."):
+        rest = key.removeprefix(GC_REF_CONTENT)
+        if rest != key and rest[:1] in ("", ".", "/"):
             yield key, value
 
 

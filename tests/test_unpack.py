@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
 
@@ -28,7 +28,7 @@ from ckfs.digest import Digest
 from ckfs.errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound
 from ckfs.identity import chain_ids
 from ckfs.images.store import Image
-from ckfs.labels import GC_REF_SNAPSHOT, SNAPSHOT_REF
+from ckfs.labels import GC_REF_CONTENT, GC_REF_SNAPSHOT, GC_ROOT, SNAPSHOT_REF
 from ckfs.mount import PAGE_SIZE, Mount, _compact_lowerdir
 from ckfs.remotes.archives import open_source
 from ckfs.rootfs import EXTRACT_PREFIX, NotUnpacked, snapshot_on
@@ -294,6 +294,56 @@ async def test_gc_keeps_everything_while_the_image_and_a_mount_exist(env: Env) -
     assert (report.blobs, report.snapshots, report.directories) == ([], {}, [])
     after = (env.names(), env.dirs(), sorted(str(i.digest) for i in env.state.content.walk()))
     assert after == before
+
+
+def commit_layer(sn: Snapshotter, name: str, parent: str = "", **labels: str) -> None:
+    """Commit an empty snapshot *name* on *parent*, as an unpack would."""
+    sn.prepare(f"{EXTRACT_PREFIX}{name}", parent)
+    sn.commit(name, f"{EXTRACT_PREFIX}{name}", labels=labels or None)
+
+
+async def test_gc_keeps_what_other_owners_keep(env: Env) -> None:
+    """gc.root, gc.ref.* labels from kept records, and containerd's own
+    snapshots (``<namespace>/<n>/<key>``) survive; ckfs's unreferenced layers go."""
+    target = await env.add("example.local/unpack/app:1", [BASE, APP])
+    chain = chain_of([BASE, APP])
+    await env.unpack(target)
+    env.state.images.delete("example.local/unpack/app:1")
+    ref = f"{GC_REF_SNAPSHOT}.{env.name}"
+    pinned, held, via_blob = (str(sha256(n)) for n in (b"pinned", b"held", b"via-blob"))
+    commit_layer(env.sn, pinned, **{GC_ROOT: "2026-01-01T00:00:00Z"})
+    commit_layer(env.sn, held)
+    commit_layer(env.sn, via_blob)
+    # A blob kept only by a kept snapshot's label, keeping a snapshot by its own.
+    put_blob(env.state, b"note")
+    note = env.state.content.info(Digest.parse(sha256(b"note")))
+    env.state.content.update(replace(note, labels={ref: via_blob}))
+    env.sn.prepare(
+        "container-1", held, labels={f"{ref}/extra": held, GC_REF_CONTENT: str(note.digest)}
+    )
+    # containerd's, as its metadata layer names them in the backend.
+    foreign = ["default/3/sha256:" + "a" * 64, "k8s.io/42/sha256:" + "b" * 64]
+    commit_layer(env.sn, foreign[0])
+    commit_layer(env.sn, foreign[1], foreign[0])
+    env.sn.prepare(f"default/7/{EXTRACT_PREFIX}9 sha256:" + "c" * 64)
+    # A label on a record that goes keeps nothing.
+    env.sn.prepare(f"{EXTRACT_PREFIX}1-dead", chain[0], labels={ref: chain[1]})
+
+    before = env.names()
+    report = env.collect()
+    assert report.errors == []
+    assert sorted(report.snapshots[env.name]) == sorted([*chain, f"{EXTRACT_PREFIX}1-dead"])
+    assert [str(b) for b in report.blobs if str(b) == str(note.digest)] == []
+    left = sorted(set(before) - set(report.snapshots[env.name]))
+    assert env.names() == left
+    assert {pinned, held, via_blob, *foreign} <= set(left)
+    # Once the container and the pin go, so do the layers they kept.
+    env.sn.remove("container-1")
+    env.sn.update(replace(env.sn.stat(pinned), labels={}))
+    report = env.collect()
+    assert sorted(report.snapshots[env.name]) == sorted([pinned, held, via_blob])
+    assert [str(b) for b in report.blobs] == [str(note.digest)]
+    assert len(env.names()) == 3  # containerd's three
 
 
 # -- images deeper than the snapshotter stacks ---------------------------------------
