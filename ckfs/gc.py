@@ -50,6 +50,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from ckfs import mediatypes as mt
 from ckfs.content import ContentStore
@@ -61,7 +62,7 @@ from ckfs.images import manifest as manifests
 from ckfs.jsondoc import parse_object
 from ckfs.labels import GC_ROOT, content_refs, snapshot_refs
 from ckfs.rootfs import EXTRACT_PREFIX
-from snapshotters.api import Info, Kind, Snapshotter
+from ckfs.snapshots import Cleaner, CleanupError, Info, Kind, Snapshotter
 
 __all__ = ["DEFAULT_INGEST_EXPIRY", "GCReport", "collect"]
 
@@ -370,11 +371,8 @@ def collect(
         gone = _collect_snapshots(sn, snapshots[name], keep[name], dry_run, errors)
         if gone:
             report.snapshots[name] = gone
-        cleanup = getattr(sn, "cleanup", None)
-        if not dry_run and callable(cleanup):
-            report.directories.extend(
-                cleanup(on_error=lambda path, e, out=errors: out.append(f"{path}: {_reason(e)}"))
-            )
+        if not dry_run and isinstance(sn, Cleaner):
+            report.directories.extend(sn.cleanup(on_error=_noting(errors)))
         report.errors.extend(f"{name}: {e}" for e in errors)
     if ingest_expiry is not None:
         before = datetime.now(UTC) - timedelta(seconds=ingest_expiry)
@@ -387,6 +385,15 @@ def collect(
             report.ingests.append(st.ref)
             report.ingest_bytes += st.offset
     return report
+
+
+def _noting(out: list[str]) -> CleanupError:
+    """A `Cleaner.cleanup` callback that notes each directory that will not go in *out*."""
+
+    def note(path: Path, e: Exception) -> None:
+        out.append(f"{path}: {_reason(e)}")
+
+    return note
 
 
 def _reason(e: BaseException) -> str:

@@ -20,7 +20,7 @@ from ckfs.images import image as img
 from ckfs.images.config import ImageConfig
 from ckfs.images.manifest import Manifest
 from ckfs.mount import Mount
-from snapshotters.api import Kind, Snapshotter, max_layers
+from ckfs.snapshots import Kind, LayerLimit, Snapshotter
 
 __all__ = [
     "EXTRACT_PREFIX",
@@ -49,7 +49,7 @@ def committed(sn: Snapshotter, name: str) -> bool:
 
 
 def check_depth(sn: Snapshotter, image: Descriptor, layers: int) -> None:
-    """Refuse an image of *layers* layers that *sn* cannot stack (`snapshotters.api.LayerLimit`).
+    """Refuse an image of *layers* layers that *sn* cannot stack (`ckfs.snapshots.LayerLimit`).
 
     Asked as soon as the layer count is known, before a layer is fetched
     or applied: overlay accepts such an image layer by layer and fails only
@@ -60,11 +60,12 @@ def check_depth(sn: Snapshotter, image: Descriptor, layers: int) -> None:
             the image is valid and another snapshotter (or a state root
             with shorter paths) takes it.
     """
-    limit = max_layers(sn)
+    if not isinstance(sn, LayerLimit):
+        return
+    limit = sn.max_layers
     if limit is not None and layers > limit:
-        name = getattr(sn, "name", type(sn).__name__)
         raise FailedPrecondition(
-            f"image {image.digest} has {layers} layers; the {name} snapshotter stacks at "
+            f"image {image.digest} has {layers} layers; the {sn.name} snapshotter stacks at "
             f"most {limit} here (use --snapshotter native)"
         )
 

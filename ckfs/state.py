@@ -20,7 +20,7 @@ from ckfs.metadata.db import DB
 if TYPE_CHECKING:
     from ckfs.content import ContentStore
     from ckfs.images import ImageStore
-    from snapshotters.api import Snapshotter
+    from ckfs.snapshots import Snapshotter
 
 __all__ = ["State", "default_root"]
 

@@ -57,7 +57,7 @@ from ckfs.rootfs import (
     committed,
     image_chain,
 )
-from snapshotters.api import Kind, Snapshotter
+from ckfs.snapshots import Kind, LayerDirs, Snapshotter
 
 __all__ = ["UnpackReport", "pull_and_unpack", "unpack"]
 
@@ -126,10 +126,8 @@ def _apply_into(
     layers are never copied up) or a native snapshot's full copy of its
     parent, a plain bind source (whiteouts as deletions).
     """
-    upper = getattr(sn, "upper_dir", None)
-    lowers = getattr(sn, "lower_dirs", None)
-    if callable(upper) and callable(lowers) and (below := lowers(key)):
-        target, options = upper(key), ApplyOptions(whiteouts="overlay", lowers=below)
+    if isinstance(sn, LayerDirs) and (below := sn.lower_dirs(key)):
+        target, options = sn.upper_dir(key), ApplyOptions(whiteouts="overlay", lowers=below)
     elif len(mounts) == 1 and mounts[0].type == "bind":
         target, options = Path(mounts[0].source), ApplyOptions(whiteouts="delete")
     else:
@@ -213,8 +211,7 @@ def _discard(sn: Snapshotter, key: str, mounts: Sequence[Mount]) -> None:
         if e.errno != errno.ENOSPC:
             log.warning("cannot remove snapshot %r: %s", key, e)
             return
-    upper = getattr(sn, "upper_dir", None)
-    own = upper(key) if callable(upper) else Path(mounts[0].source)
+    own = sn.upper_dir(key) if isinstance(sn, LayerDirs) else Path(mounts[0].source)
     # A native snapshot starts as a copy of its parent, which a container
     # may have written: any depth, any name (remove_all copes, rmtree not).
     fd = os.open(own, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -37,10 +37,10 @@ import snapshotters
 from ckfs import errors
 from ckfs.metadata.db import DB
 from ckfs.mount import PAGE_SIZE, Mount, is_mountpoint, mounts_under
+from ckfs.snapshots import Kind, Snapshotter
 from integration.conftest import Ckfs
 from integration.mounts import MountGuard
 from integration.registry import Registry
-from snapshotters import Kind, Snapshotter
 from tests.layouts import Layout
 
 pytestmark = [pytest.mark.root]
@@ -696,8 +696,8 @@ def test_mount_of_an_image_too_deep_to_stack_fails_before_fetching_a_layer(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A cold ``ckfs mount`` from a real registry: refused at the manifest, no layer asked for."""
+    from ckfs.snapshots import max_layers
     from ckfs.state import State
-    from snapshotters.api import max_layers
 
     state = State(ckfs.root)
     limit = max_layers(state.snapshotter("overlayfs"))

@@ -1,30 +1,52 @@
 """Snapshotters by name: ``overlayfs``, ``native`` (and ``fuse``, the lazy one, later).
 
 `get` is the one way in, so the CLI, the daemon and the tests agree on
-names. Implementations are imported on first use: a FUSE snapshotter pulls
-in pyfuse3, which plain ``overlayfs`` users need not have.
+names; `NAMES`, `DEFAULT` and `SUMMARIES` give the CLI its choices and help.
+The contract they implement is the core's (`ckfs.snapshots`); this package
+holds implementations only.
+
+Importing this module costs nothing beyond the standard library: ``ckfs
+--help`` reads the names from here. Implementations are imported on first
+use: a FUSE snapshotter pulls in pyfuse3, which plain ``overlayfs`` users
+need not have.
 """
 
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-from ckfs.errors import InvalidArgument
-from ckfs.metadata.db import DB
-from snapshotters.api import Cleaner, Info, Kind, Snapshotter, Usage
+if TYPE_CHECKING:
+    from pathlib import Path
 
-__all__ = ["NAMES", "Cleaner", "Info", "Kind", "Snapshotter", "Usage", "get"]
+    from ckfs.metadata.db import DB
+    from ckfs.snapshots import Snapshotter
 
-# name -> (module, class); the class takes (root, db).
-_REGISTRY: dict[str, tuple[str, str]] = {
-    "overlayfs": ("snapshotters.overlay", "OverlaySnapshotter"),
-    "native": ("snapshotters.native", "NativeSnapshotter"),
+__all__ = ["DEFAULT", "NAMES", "SUMMARIES", "get"]
+
+# name -> (module, class, one line for --help); the class takes (root, db).
+_REGISTRY: dict[str, tuple[str, str, str]] = {
+    "overlayfs": (
+        "snapshotters.overlay",
+        "OverlaySnapshotter",
+        "layers the kernel's overlayfs stacks, up to a few hundred",
+    ),
+    "native": (
+        "snapshotters.native",
+        "NativeSnapshotter",
+        "a bind-mounted full copy per snapshot, any depth",
+    ),
 }
 
 #: The registered snapshotter names, in order of preference.
 NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+#: What a command uses unless told otherwise: until the lazy snapshotter
+#: lands, overlayfs is what containerd users expect.
+DEFAULT = "overlayfs"
+
+#: One line per snapshotter saying what it is, for ``--help``.
+SUMMARIES: dict[str, str] = {name: entry[2] for name, entry in _REGISTRY.items()}
 
 
 def get(name: str, root: Path, db: DB) -> Snapshotter:
@@ -41,8 +63,10 @@ def get(name: str, root: Path, db: DB) -> Snapshotter:
             unusable for it (see the implementation).
     """
     try:
-        module, cls = _REGISTRY[name]
+        module, cls, _ = _REGISTRY[name]
     except KeyError:
+        from ckfs.errors import InvalidArgument
+
         raise InvalidArgument(f"unknown snapshotter {name!r} (known: {', '.join(NAMES)})") from None
     factory = getattr(importlib.import_module(module), cls)
-    return cast(Snapshotter, factory(root, db))
+    return cast("Snapshotter", factory(root, db))

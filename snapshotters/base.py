@@ -19,7 +19,7 @@ from typing import ClassVar
 from ckfs.errors import InvalidArgument
 from ckfs.metadata.db import DB
 from ckfs.mount import Mount
-from snapshotters.api import CleanupError, Info, Kind, Usage
+from ckfs.snapshots import CleanupError, Info, Kind, Usage
 from snapshotters.storage import MetaStore, Snapshot
 
 __all__ = ["DirectorySnapshotter"]
@@ -30,7 +30,7 @@ ROOT_MODE = 0o755
 
 
 class DirectorySnapshotter(abc.ABC):
-    """A `snapshotters.api.Snapshotter` storing each snapshot in a directory.
+    """A `ckfs.snapshots.Snapshotter` storing each snapshot in a directory.
 
     Args:
         root: the ckfs state root; snapshots live in

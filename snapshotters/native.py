@@ -37,7 +37,7 @@ from pathlib import Path
 
 from ckfs.errors import CkfsError, FailedPrecondition
 from ckfs.mount import Mount
-from snapshotters.api import Kind
+from ckfs.snapshots import Kind
 from snapshotters.base import ROOT_MODE, DirectorySnapshotter
 from snapshotters.storage import Snapshot
 
@@ -75,7 +75,7 @@ class NativeSnapshotter(DirectorySnapshotter):
 
     name = "native"
 
-    #: `snapshotters.api.LayerLimit`: every snapshot is a whole copy, never
+    #: `ckfs.snapshots.LayerLimit`: every snapshot is a whole copy, never
     #: a stack, so any number of layers mounts.
     max_layers: int | None = None
 

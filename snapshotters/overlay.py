@@ -35,7 +35,8 @@ unpacked rather than after (`ckfs.rootfs.check_depth`).
 
 The layer applier writes overlay-form whiteouts (``0/0`` character devices,
 ``trusted.overlay.opaque``) straight into `OverlaySnapshotter.upper_dir`
-rather than through a mount: `upper_dir` and `lower_dirs` are for that.
+rather than through a mount: `upper_dir` and `lower_dirs` (`ckfs.snapshots.LayerDirs`)
+are for that.
 Renaming a directory that came from a lower layer needs ``redirect_dir``,
 which this snapshotter leaves at the kernel default (off here), so such a
 rename fails with ``EXDEV`` (tools fall back to copying), as with containerd.
@@ -48,7 +49,7 @@ from pathlib import Path
 
 from ckfs.metadata.db import DB
 from ckfs.mount import PAGE_SIZE, Mount
-from snapshotters.api import Kind
+from ckfs.snapshots import Kind
 from snapshotters.base import ROOT_MODE, DirectorySnapshotter
 from snapshotters.storage import Snapshot
 
@@ -85,7 +86,7 @@ class OverlaySnapshotter(DirectorySnapshotter):
 
     @property
     def max_layers(self) -> int:
-        """Most layers one snapshot here can stack (`snapshotters.api.LayerLimit`).
+        """Most layers one snapshot here can stack (`ckfs.snapshots.LayerLimit`).
 
         The smaller of the kernel's `OVL_MAX_STACK` and what fits one page
         of mount options, for the worst case: a prepared (writable)

@@ -60,7 +60,7 @@ from ckfs.filters import Adaptor, adaptor_for, parse_filters
 from ckfs.metadata.db import DB, Tx, now_ns
 from ckfs.metadata.fields import MAX_LABEL_SIZE, ns_to_datetime, update_labels, validate_labels
 from ckfs.mount import mounts_under, unmount_recursive
-from snapshotters.api import CleanupError, Info, Kind, Usage
+from ckfs.snapshots import CleanupError, Info, Kind, Usage
 
 __all__ = [
     "MAX_LABEL_SIZE",

@@ -32,6 +32,7 @@ import pytest
 
 from ckfs import gc
 from ckfs.archive.secure import CrossesMount, remove_all
+from ckfs.snapshots import LayerDirs
 from ckfs.state import State
 from snapshotters.storage import disk_usage, remove_dir
 
@@ -283,9 +284,8 @@ def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Stat
 def own_dir(st: State, name: str, key: str) -> Path:
     """Where a container's writes to active snapshot *key* land."""
     sn = st.snapshotter(name)
-    upper = getattr(sn, "upper_dir", None)
-    if callable(upper):
-        return Path(upper(key))
+    if isinstance(sn, LayerDirs):
+        return sn.upper_dir(key)
     (m,) = sn.mounts(key)
     return Path(m.source)
 

@@ -21,8 +21,8 @@ from ckfs.images import Image, ImageStore
 from ckfs.metadata.db import DB
 from ckfs.metadata.fields import EPOCH, MAX_LABEL_SIZE, update_labels
 from ckfs.metadata.schema import MIGRATIONS
-from snapshotters import Info as SnapshotInfo
-from snapshotters import Kind
+from ckfs.snapshots import Info as SnapshotInfo
+from ckfs.snapshots import Kind
 
 
 def test_new_database_is_wal_and_current(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import snapshotters
 from ckfs import errors
 from ckfs.metadata.db import DB
 from ckfs.mount import Mount
-from snapshotters import Info, Kind, Snapshotter
+from ckfs.snapshots import Cleaner, Info, Kind, Snapshotter
 from snapshotters.native import NativeSnapshotter
 from snapshotters.overlay import OverlaySnapshotter, supports_index
 from snapshotters.storage import TEMP_PREFIX, MetaStore, disk_usage
@@ -98,8 +98,8 @@ def test_registry_knows_its_names(tmp_path: Path, db: DB) -> None:
 
 
 def test_implements_the_protocols(snapshotter: Snapshotter) -> None:
-    assert isinstance(snapshotter, snapshotters.Snapshotter)
-    assert isinstance(snapshotter, snapshotters.Cleaner)
+    assert isinstance(snapshotter, Snapshotter)
+    assert isinstance(snapshotter, Cleaner)
 
 
 def test_root_with_option_separators_is_refused(tmp_path: Path, db: DB) -> None:

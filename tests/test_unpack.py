@@ -32,10 +32,10 @@ from ckfs.labels import GC_REF_CONTENT, GC_REF_SNAPSHOT, GC_ROOT, SNAPSHOT_REF
 from ckfs.mount import PAGE_SIZE, Mount, _compact_lowerdir
 from ckfs.remotes.archives import open_source
 from ckfs.rootfs import EXTRACT_PREFIX, NotUnpacked, snapshot_on
+from ckfs.snapshots import Kind, Snapshotter, max_layers
 from ckfs.state import State
 from ckfs.transfer import import_source
 from ckfs.unpack import UnpackReport, pull_and_unpack, unpack
-from snapshotters.api import Kind, Snapshotter, max_layers
 from snapshotters.overlay import OverlaySnapshotter
 from snapshotters.storage import Snapshot
 from tests.layouts import Layout, layer_tar, sha256

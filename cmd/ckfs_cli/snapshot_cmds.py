@@ -18,7 +18,7 @@ from ckfs_cli.app import (
 from ckfs_cli.options import snapshotter_option
 
 if TYPE_CHECKING:
-    from snapshotters.api import Info, Snapshotter
+    from ckfs.snapshots import Info, Snapshotter
 
 
 class _Ctx:

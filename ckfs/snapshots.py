@@ -5,6 +5,17 @@ purpose so containerd can drive ckfs as a proxy snapshotter and so its test
 suite's intent carries over unchanged. `Snapshotter` below tells the
 lifecycle; `Info`, `Usage` and `Kind` are the values it answers with. Only
 `ckfs.mount.Mount` crosses process boundaries; these stay in Python.
+
+The contract lives in the core, as containerd's ``core/snapshots`` does:
+unpack, rootfs, gc and the state root code against it, and the
+implementations under ``snapshotters/`` (found by name through that
+package's registry) depend on the core, never the other way round.
+
+Beyond the contract, a snapshotter may offer what only some can: `Cleaner`,
+`LayerLimit` and `LayerDirs`. Each is a small runtime-checkable protocol,
+optional because a snapshotter containerd drives through the proxy, or a
+lazy one whose layers live elsewhere, cannot offer it; callers test with
+``isinstance`` and fall back to what the contract alone allows.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ __all__ = [
     "CleanupError",
     "Info",
     "Kind",
+    "LayerDirs",
     "LayerLimit",
     "Snapshotter",
     "Usage",
@@ -291,7 +303,12 @@ CleanupError = Callable[[Path, Exception], None]
 
 @runtime_checkable
 class Cleaner(Protocol):
-    """A snapshotter that can reclaim disk left by failed or interrupted work."""
+    """A snapshotter that can reclaim disk left by failed or interrupted work.
+
+    Optional: containerd's contract has ``Cleanup`` as a separate, optional
+    interface too; a snapshotter that keeps no files of its own (one that
+    forwards to another process) has nothing to reclaim.
+    """
 
     def cleanup(self, on_error: CleanupError | None = None) -> list[str]:
         """Remove directories no snapshot owns; return the paths removed.
@@ -306,6 +323,7 @@ class Cleaner(Protocol):
         ...
 
 
+@runtime_checkable
 class LayerLimit(Protocol):
     """A snapshotter that can stack only so many layers under one snapshot.
 
@@ -313,9 +331,14 @@ class LayerLimit(Protocol):
     an image deeper than them can be unpacked but never mounted. Callers
     that know an image's layer count (`ckfs.rootfs.check_depth`) ask before
     fetching or unpacking anything, so such an image fails in a moment, not
-    after every layer was applied. A snapshotter without the attribute, or
-    with None (native, which copies each parent whole), stacks any number.
+    after every layer was applied.
+
+    Optional: a snapshotter that copies each parent whole (native) stacks
+    any number, and may lack the protocol or declare None.
     """
+
+    #: The snapshotter's registry name, for the message that suggests another.
+    name: str
 
     @property
     def max_layers(self) -> int | None:
@@ -326,9 +349,38 @@ class LayerLimit(Protocol):
 def max_layers(sn: object) -> int | None:
     """*sn*'s `LayerLimit.max_layers`, or None when it declares no limit.
 
-    Read once, by ``getattr``: an ``isinstance`` check against the protocol
-    would evaluate the property (overlay's queries the database) only to
-    have it evaluated again.
+    The ``isinstance`` check evaluates the property once more (overlay's
+    reads one row of the database): a few microseconds, once per image.
     """
-    limit: int | None = getattr(sn, "max_layers", None)
-    return limit
+    return sn.max_layers if isinstance(sn, LayerLimit) else None
+
+
+@runtime_checkable
+class LayerDirs(Protocol):
+    """A snapshotter whose layers are directories on this host, one per snapshot.
+
+    Unpack writes a layer straight into `upper_dir`, in overlay's whiteout
+    form, consulting `lower_dirs` for what the layer deletes or makes
+    opaque: no mount, and no copy-up of lower files.
+
+    Optional: containerd's contract answers with mounts only. A snapshotter
+    whose snapshot is one self-contained directory (native's bind mount) is
+    written through its mount source; a lazy or remote one has no such
+    directory at all.
+    """
+
+    def upper_dir(self, key: str) -> Path:
+        """The directory holding *key*'s own changes.
+
+        Raises:
+            NotFound: no such snapshot.
+        """
+        ...
+
+    def lower_dirs(self, key: str) -> list[Path]:
+        """The own directories of *key*'s ancestors, most recent first.
+
+        Raises:
+            NotFound: no such snapshot.
+        """
+        ...
