@@ -1,0 +1,62 @@
+"""The local stores as the acceptance suites' factories (see ``tests/suites``).
+
+One place knows how a test opens a local content store or snapshotter on
+a temporary root, so the suite bindings and the white-box tests beside them
+open them alike. Each factory is a context manager yielding a callable that
+opens (or reopens) the store on *root*; leaving it closes what was opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import snapshotters
+from ckfs.content import ContentStore
+from ckfs.metadata.db import DB
+
+if TYPE_CHECKING:
+    from ckfs.snapshots import Snapshotter
+
+
+def database(root: Path) -> DB:
+    """The metadata database of the state *root*, where ckfs keeps it."""
+    return DB(root / "metadata.db")
+
+
+@contextlib.contextmanager
+def content_stores(root: Path) -> Iterator[Callable[[], ContentStore]]:
+    """Local content stores on *root* (``content/`` beside ``metadata.db``)."""
+    dbs: list[DB] = []
+
+    def make() -> ContentStore:
+        db = database(root)
+        dbs.append(db)
+        return ContentStore(root / "content", db)
+
+    try:
+        yield make
+    finally:
+        for db in dbs:
+            db.close()
+
+
+@contextlib.contextmanager
+def snapshotter_factory(name: str, root: Path) -> Iterator[Callable[[], Snapshotter]]:
+    """The registered snapshotter *name* on *root*; every call opens another instance."""
+    opened: list[tuple[Snapshotter, DB]] = []
+
+    def make() -> Snapshotter:
+        db = database(root)
+        sn = snapshotters.get(name, root, db)
+        opened.append((sn, db))
+        return sn
+
+    try:
+        yield make
+    finally:
+        for sn, db in reversed(opened):
+            sn.close()
+            db.close()
