@@ -1,0 +1,47 @@
+"""Where ckfsd listens by default: one answer for the daemon and its clients.
+
+Light on purpose (``os`` only): the CLI asks it on every command to find a
+warm daemon.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["SYSTEM_SOCKET", "default_address", "default_socket", "socket_path"]
+
+#: root's daemon, beside containerd's /run/containerd/containerd.sock.
+SYSTEM_SOCKET = Path("/run/ckfs/ckfsd.sock")
+
+
+def default_socket() -> Path:
+    """The socket path of this user's default ckfsd.
+
+    root uses `SYSTEM_SOCKET`; anyone else ``$XDG_RUNTIME_DIR/ckfs/ckfsd.sock``
+    (their private runtime directory), or, without one, a directory under
+    /tmp named by their uid.
+    """
+    if os.geteuid() == 0:
+        return SYSTEM_SOCKET
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/ckfs-{os.geteuid()}"
+    return Path(runtime) / "ckfs" / "ckfsd.sock"
+
+
+def default_address() -> str:
+    """`default_socket` as a gRPC address, ``unix:///…``."""
+    return f"unix://{default_socket()}"
+
+
+def socket_path(address: str) -> Path:
+    """The socket path of a ``unix:`` *address* (or of a bare path).
+
+    Raises:
+        ValueError: *address* names another transport (``tcp://``, ...).
+    """
+    for prefix in ("unix://", "unix:"):
+        if address.startswith(prefix):
+            return Path(address.removeprefix(prefix))
+    if "://" in address:
+        raise ValueError(f"{address}: ckfsd listens on unix sockets only")
+    return Path(address)
