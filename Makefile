@@ -19,6 +19,10 @@ fmt:
 	.venv/bin/ruff format .
 	.venv/bin/ruff check --fix .
 
+# Regenerate ckfs/api's modules from its .proto files (committed; CI checks them).
+protos:
+	.venv/bin/python -m ckfs_protos
+
 bench:
 	.venv/bin/python bench/import.py
 	.venv/bin/python bench/pull.py

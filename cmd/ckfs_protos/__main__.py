@@ -1,0 +1,5 @@
+import sys
+
+from ckfs_protos.generate import main
+
+sys.exit(main())
