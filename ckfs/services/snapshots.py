@@ -1,0 +1,377 @@
+"""containerd's Snapshots service over ckfs's snapshotters: the proxy plugin's wire.
+
+containerd configured with ``[proxy_plugins.ckfs] type = "snapshot"`` sends
+every call of its metadata layer here, each request naming the proxy in its
+``snapshotter`` field (containerd 1.6 sends the plugin's configured name,
+``ckfs``); ``ctr --address <ckfsd socket> snapshots --snapshotter overlayfs``
+names a ckfs snapshotter itself. A *proxy name* (`DEFAULT_PROXIES`,
+configurable) stands for a ckfs snapshotter; any other name must be one.
+
+Under a proxy name the service keeps the promises containerd's metadata
+layer (``metadata/snapshot.go``) relies on, which a snapshotter used by ckfs
+alone never needed:
+
+- **Layers ckfs unpacked are found, not unpacked again.** containerd's
+  unpacker prepares each layer with ``containerd.io/snapshot.ref=<chainID>``
+  (`ckfs.labels.SNAPSHOT_REF`). When a committed snapshot named by that
+  chain ID sits on the same parent, Prepare answers AlreadyExists;
+  containerd then Lists with ``labels."containerd.io/snapshot.ref"==<chainID>,
+  parent==<parent>`` and adopts what it finds. ckfs names its layers by chain
+  ID without that label, so under a proxy name a committed snapshot named
+  by a digest shows the label, naming itself: ``ckfs pull`` then ``ctr run``
+  of the same image unpacks nothing twice.
+- **containerd's gc removes only what containerd made.** containerd's gc
+  Lists every snapshot of the backend and removes, children first, each
+  one it has no record of, going on past FailedPrecondition. Under a proxy
+  name, removing a snapshot whose key containerd did not make
+  (`containerd_owned`) is FailedPrecondition: ckfs's own layers and mounts
+  survive containerd's gc, and ckfs's gc decides about them.
+
+Filters follow containerd's snapshot storage (what its own snapshotters
+answer a proxy's List with): ``parent`` is present even when empty, so
+``parent==""`` selects base snapshots, as the adoption above asks.
+
+Malformed input is refused here, before any store sees it (InvalidArgument):
+keys and names that are not plain text (`check_key`), and label sets too
+large as a whole (`check_labels`); single labels are the store's to refuse.
+Every store call runs in a worker thread: SQLite and ``du`` block.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+from google.protobuf import empty_pb2
+
+from ckfs.api.services.snapshots.v1 import snapshots_pb2 as pb
+from ckfs.api.types import types_pb2
+from ckfs.digest import Digest
+from ckfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unimplemented
+from ckfs.filters import Filter, adaptor_for, parse_filters
+from ckfs.labels import SNAPSHOT_REF
+from ckfs.snapshots import Cleaner, Info, Kind, Snapshotter, Usage
+
+if TYPE_CHECKING:
+    from ckfs.mount import Mount
+    from ckfs.state import State
+
+__all__ = [
+    "DEFAULT_PROXIES",
+    "LIST_BATCH",
+    "MAX_KEY_SIZE",
+    "MAX_LABELS_SIZE",
+    "SnapshotsService",
+    "check_key",
+    "check_labels",
+    "containerd_owned",
+]
+
+#: Proxy name → the ckfs snapshotter serving it. ``ckfs`` is the name the
+#: documented ``[proxy_plugins.ckfs]`` gives; overlayfs is what containerd's
+#: own default is, so images behave alike under both.
+DEFAULT_PROXIES: Mapping[str, str] = {"ckfs": "overlayfs"}
+
+#: Snapshots per List response, as containerd's own service batches: the
+#: client gets the first ones early and no response grows with the store.
+LIST_BATCH = 100
+
+#: Bytes of names and labels one List response may carry before the batch
+#: is cut early: 100 snapshots with labels near `MAX_LABELS_SIZE` would
+#: pass gRPC's default 4 MiB message limit; a quarter of it leaves room.
+_BATCH_BYTES = 1 << 20
+
+#: Longest key or name accepted, in bytes. containerd's are
+#: ``<namespace>/<sequence>/<key>`` with identifiers of at most 76
+#: characters, and its unpack keys are ~110 bytes; 1 KiB fits any of them
+#: and keeps a client from storing kilobytes of text per key, which every
+#: later List would stream.
+MAX_KEY_SIZE = 1024
+
+#: Most bytes one request's labels may take together. A single label is
+#: bounded by the store (`ckfs.metadata.fields.MAX_LABEL_SIZE`, 4 KiB);
+#: this bounds their number, so no snapshot carries megabytes of labels
+#: into every Stat and List. containerd sets a handful per snapshot.
+MAX_LABELS_SIZE = 64 * 1024
+
+#: Characters no key or name may hold: NUL and the other C0 controls, DEL.
+#: containerd's keys are identifiers and digests; a control character in a
+#: key is an attack on whatever prints or stores it.
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+#: The key containerd's metadata layer gives every snapshot it makes in a
+#: backend: ``<namespace>/<sequence>/<key>``, the namespace an identifier.
+_CONTAINERD_KEY = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*/[0-9]+/")
+
+_KINDS: Mapping[Kind, pb.Kind.ValueType] = {
+    Kind.VIEW: pb.VIEW,
+    Kind.ACTIVE: pb.ACTIVE,
+    Kind.COMMITTED: pb.COMMITTED,
+}
+
+_T = TypeVar("_T")
+
+
+def containerd_owned(key: str) -> bool:
+    """Whether containerd's metadata layer made snapshot *key* (``ns/seq/…``)."""
+    return _CONTAINERD_KEY.match(key) is not None
+
+
+def check_key(key: str, what: str = "snapshot key", *, empty: bool = False) -> None:
+    """Refuse a key or name that no client has a reason to send.
+
+    Args:
+        key: the key, name or parent as received.
+        what: what it is, for the message.
+        empty: whether ``""`` is allowed (a parent, meaning none).
+
+    Raises:
+        InvalidArgument: *key* is empty (unless allowed), longer than
+            `MAX_KEY_SIZE` bytes, holds a control character, or has a
+            ``..`` path component (keys never become paths in ckfs, but a
+            name that could climb out of a directory has no honest use).
+    """
+    if not key:
+        if empty:
+            return
+        raise InvalidArgument(f"{what} must not be empty")
+    size = len(key.encode("utf-8", "surrogatepass"))
+    if size > MAX_KEY_SIZE:
+        raise InvalidArgument(f"{what} {key[:64]!r}...: {size} bytes, more than {MAX_KEY_SIZE}")
+    if _CONTROL.search(key):
+        raise InvalidArgument(f"{what} {key!r}: control characters are not allowed")
+    if ".." in key.split("/"):
+        raise InvalidArgument(f"{what} {key!r}: '..' is not allowed as a path component")
+
+
+def check_labels(labels: Mapping[str, str], what: str) -> dict[str, str]:
+    """*labels* as a dict, refused when together larger than `MAX_LABELS_SIZE`.
+
+    Raises:
+        InvalidArgument: the keys and values add up to too many bytes.
+    """
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in labels.items())
+    if size > MAX_LABELS_SIZE:
+        raise InvalidArgument(
+            f"{what}: {len(labels)} labels of {size} bytes, more than {MAX_LABELS_SIZE}"
+        )
+    return dict(labels)
+
+
+def _is_digest(name: str) -> bool:
+    try:
+        Digest.parse(name)
+    except InvalidArgument:
+        return False
+    return True
+
+
+def _adaptor(info: Info) -> Callable[[Sequence[str]], tuple[str, bool]]:
+    """containerd's snapshot storage adaptor: ``parent`` present even when empty."""
+    fields = {"name": info.name, "kind": info.kind.value, "parent": info.parent}
+    return adaptor_for(fields, info.labels)
+
+
+@dataclass(frozen=True, slots=True)
+class _Backend:
+    """One ckfs snapshotter as one request name sees it (sync; run in threads)."""
+
+    sn: Snapshotter
+    #: Served under a proxy name, to containerd: see the module docstring.
+    proxy: bool
+
+    def present(self, info: Info) -> Info:
+        """*info* as the client sees it: under a proxy, ckfs's layers name their chain."""
+        if (
+            self.proxy
+            and info.kind is Kind.COMMITTED
+            and SNAPSHOT_REF not in info.labels
+            and _is_digest(info.name)
+        ):
+            return replace(info, labels={**info.labels, SNAPSHOT_REF: info.name})
+        return info
+
+    def stat(self, key: str) -> Info:
+        return self.present(self.sn.stat(key))
+
+    def walk(self, filters: Sequence[str]) -> list[Info]:
+        match: Filter = parse_filters(filters)
+        infos = (self.present(i) for i in self.sn.walk())
+        return [i for i in infos if match.match(_adaptor(i))]
+
+    def create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        target = labels.get(SNAPSHOT_REF, "")
+        if self.proxy and target and self._provides(target, parent):
+            raise AlreadyExists(f"snapshot {target!r}: committed already, on parent {parent!r}")
+        create = self.sn.prepare if kind is Kind.ACTIVE else self.sn.view
+        return create(key, parent, labels)
+
+    def _provides(self, target: str, parent: str) -> bool:
+        """Whether committed snapshot *target* exists on *parent* (containerd adopts it)."""
+        try:
+            info = self.stat(target)
+        except NotFound:
+            return False
+        return (
+            info.kind is Kind.COMMITTED
+            and info.parent == parent
+            and info.labels.get(SNAPSHOT_REF) == target
+        )
+
+    def remove(self, key: str) -> None:
+        if self.proxy and not containerd_owned(key):
+            raise FailedPrecondition(
+                f"snapshot {key!r}: made by ckfs, not containerd; ckfs's gc removes it"
+            )
+        self.sn.remove(key)
+
+    def update(self, name: str, labels: dict[str, str], paths: list[str]) -> Info:
+        return self.present(self.sn.update(Info(kind=Kind.ACTIVE, name=name, labels=labels), paths))
+
+    def cleanup(self) -> None:
+        if not isinstance(self.sn, Cleaner):
+            raise Unimplemented("this snapshotter has nothing to clean up")
+        self.sn.cleanup()
+
+
+def _mounts(mounts: Iterable[Mount]) -> list[types_pb2.Mount]:
+    return [
+        types_pb2.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options))
+        for m in mounts
+    ]
+
+
+def _info(info: Info) -> pb.Info:
+    msg = pb.Info(
+        name=info.name, parent=info.parent, kind=_KINDS[info.kind], labels=dict(info.labels)
+    )
+    msg.created_at.FromDatetime(info.created_at)
+    msg.updated_at.FromDatetime(info.updated_at)
+    return msg
+
+
+def _batches(infos: Sequence[Info]) -> Iterable[list[Info]]:
+    """*infos* in runs of at most `LIST_BATCH`, cut early past `_BATCH_BYTES` of labels."""
+    batch: list[Info] = []
+    size = 0
+    for info in infos:
+        batch.append(info)
+        size += len(info.name) + sum(len(k) + len(v) for k, v in info.labels.items())
+        if len(batch) >= LIST_BATCH or size >= _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class SnapshotsService:
+    """``containerd.services.snapshots.v1.Snapshots`` on one ckfs state root.
+
+    Args:
+        state: the state root whose snapshotters serve the requests.
+        proxies: proxy name → ckfs snapshotter name (default
+            `DEFAULT_PROXIES`); requests naming a proxy get containerd's
+            semantics described in the module docstring.
+    """
+
+    #: containerd namespaces the keys itself (``<ns>/<seq>/<key>``), so
+    #: requests from any namespace are served.
+    NAMESPACED = False
+
+    def __init__(self, state: State, proxies: Mapping[str, str] | None = None) -> None:
+        self._state = state
+        self._proxies = dict(DEFAULT_PROXIES if proxies is None else proxies)
+        self._backends: dict[str, _Backend] = {}
+        self._opening = trio.Lock()
+
+    async def _backend(self, name: str) -> _Backend:
+        """The backend for the request's ``snapshotter`` *name*, opened once.
+
+        Raises:
+            InvalidArgument: neither a proxy name nor a ckfs snapshotter.
+        """
+        if (backend := self._backends.get(name)) is None:
+            async with self._opening:
+                if (backend := self._backends.get(name)) is None:
+                    real = self._proxies.get(name, name)
+                    sn = await trio.to_thread.run_sync(self._state.snapshotter, real)
+                    backend = self._backends[name] = _Backend(sn, name in self._proxies)
+        return backend
+
+    async def _run(self, name: str, fn: Callable[[_Backend], _T]) -> _T:
+        """``fn(backend)`` in a worker thread: every store call blocks."""
+        backend = await self._backend(name)
+        return await trio.to_thread.run_sync(fn, backend)
+
+    async def _create(self, kind: Kind, request: Any) -> list[types_pb2.Mount]:
+        check_key(request.key)
+        check_key(request.parent, "parent", empty=True)
+        labels = check_labels(request.labels, f"snapshot {request.key!r}")
+        key, parent = request.key, request.parent
+        mounts = await self._run(request.snapshotter, lambda b: b.create(kind, key, parent, labels))
+        return _mounts(mounts)
+
+    async def Prepare(
+        self, request: pb.PrepareSnapshotRequest, call: object
+    ) -> pb.PrepareSnapshotResponse:
+        return pb.PrepareSnapshotResponse(mounts=await self._create(Kind.ACTIVE, request))
+
+    async def View(self, request: pb.ViewSnapshotRequest, call: object) -> pb.ViewSnapshotResponse:
+        return pb.ViewSnapshotResponse(mounts=await self._create(Kind.VIEW, request))
+
+    async def Mounts(self, request: pb.MountsRequest, call: object) -> pb.MountsResponse:
+        check_key(request.key)
+        key = request.key
+        mounts = await self._run(request.snapshotter, lambda b: b.sn.mounts(key))
+        return pb.MountsResponse(mounts=_mounts(mounts))
+
+    async def Commit(self, request: pb.CommitSnapshotRequest, call: object) -> empty_pb2.Empty:
+        check_key(request.name, "committed snapshot name")
+        check_key(request.key)
+        labels = check_labels(request.labels, f"snapshot {request.name!r}")
+        name, key = request.name, request.key
+        await self._run(request.snapshotter, lambda b: b.sn.commit(name, key, labels))
+        return empty_pb2.Empty()
+
+    async def Remove(self, request: pb.RemoveSnapshotRequest, call: object) -> empty_pb2.Empty:
+        check_key(request.key)
+        key = request.key
+        await self._run(request.snapshotter, lambda b: b.remove(key))
+        return empty_pb2.Empty()
+
+    async def Stat(self, request: pb.StatSnapshotRequest, call: object) -> pb.StatSnapshotResponse:
+        check_key(request.key)
+        key = request.key
+        info = await self._run(request.snapshotter, lambda b: b.stat(key))
+        return pb.StatSnapshotResponse(info=_info(info))
+
+    async def Update(
+        self, request: pb.UpdateSnapshotRequest, call: object
+    ) -> pb.UpdateSnapshotResponse:
+        name = request.info.name
+        check_key(name, "snapshot name")
+        labels = check_labels(request.info.labels, f"snapshot {name!r}")
+        paths = list(request.update_mask.paths)
+        info = await self._run(request.snapshotter, lambda b: b.update(name, labels, paths))
+        return pb.UpdateSnapshotResponse(info=_info(info))
+
+    async def List(
+        self, request: pb.ListSnapshotsRequest, call: object
+    ) -> AsyncIterator[pb.ListSnapshotsResponse]:
+        filters = list(request.filters)
+        infos = await self._run(request.snapshotter, lambda b: b.walk(filters))
+        for batch in _batches(infos):
+            yield pb.ListSnapshotsResponse(info=[_info(i) for i in batch])
+
+    async def Usage(self, request: pb.UsageRequest, call: object) -> pb.UsageResponse:
+        check_key(request.key)
+        key = request.key
+        usage: Usage = await self._run(request.snapshotter, lambda b: b.sn.usage(key))
+        return pb.UsageResponse(size=usage.size, inodes=usage.inodes)
+
+    async def Cleanup(self, request: pb.CleanupRequest, call: object) -> empty_pb2.Empty:
+        await self._run(request.snapshotter, lambda b: b.cleanup())
+        return empty_pb2.Empty()
