@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+import snapshotters
 from ckfs.mount import is_mountpoint
 from integration.conftest import Ckfs, need, skopeo
 from integration.mounts import MountGuard
@@ -123,7 +124,7 @@ def assert_same_tree(
 
 
 @pytest.mark.parametrize("ro", [False, True], ids=["rw", "ro"])
-@pytest.mark.parametrize("snapshotter", ["overlayfs", "native"])
+@pytest.mark.parametrize("snapshotter", snapshotters.NAMES)
 @pytest.mark.parametrize("source", ["import", "registry"])
 def test_mount_equals_umoci_unpack(
     source: str,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+import snapshotters
 from ckfs.mount import is_mountpoint
 from integration.conftest import EXAMPLE_NAME, Ckfs, need
 from integration.mounts import MountGuard
@@ -202,7 +203,7 @@ def run_image(
     return proc.stdout
 
 
-@pytest.mark.parametrize("snapshotter", ["overlayfs", "native"])
+@pytest.mark.parametrize("snapshotter", snapshotters.NAMES)
 def test_busybox_example_runs(
     runc: Runc, example_layout: Path, tmp_path: Path, snapshotter: str
 ) -> None:

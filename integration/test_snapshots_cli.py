@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+import snapshotters
 from integration.conftest import Ckfs
 
 
-@pytest.mark.parametrize("snapshotter", ["overlayfs", "native"])
+@pytest.mark.parametrize("snapshotter", snapshotters.NAMES)
 def test_prepare_commit_view_usage_tree_rm(ckfs: Ckfs, snapshotter: str) -> None:
     s = ["snapshots", "--snapshotter", snapshotter]
     mounts = json.loads(ckfs.run(*s, "prepare", "--json", "base-work").stdout)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+import snapshotters
 from ckfs.mount import is_mountpoint
 from integration.conftest import Ckfs
 from integration.mounts import MountGuard
@@ -143,7 +144,7 @@ def snapshots_ever_created(ckfs: Ckfs) -> int:
     return int(row[0])
 
 
-@pytest.mark.parametrize("snapshotter", ["overlayfs", "native"])
+@pytest.mark.parametrize("snapshotter", snapshotters.NAMES)
 def test_mount_killed_while_applying_a_layer(
     snapshotter: str,
     ckfs: Ckfs,
@@ -193,14 +194,14 @@ def test_mount_killed_while_applying_a_layer(
     report = json.loads(ckfs.run("gc", "--json").stdout)
     assert sorted(report["snapshots"][snapshotter]) == sorted([base, big])
     assert len(report["blobs"]) == 4  # manifest, config, two layers
-    for name in ("overlayfs", "native"):
+    for name in snapshotters.NAMES:
         assert snapshots(ckfs, name) == {}
     assert json.loads(ckfs.run("content", "ls", "--json").stdout) == []
-    assert snapshot_dirs(ckfs) == {"native": [], "overlayfs": []}
+    assert snapshot_dirs(ckfs) == {name: [] for name in snapshotters.NAMES}
     assert mount_guard.leftovers() == []
 
 
-@pytest.mark.parametrize("snapshotter", ["overlayfs", "native"])
+@pytest.mark.parametrize("snapshotter", snapshotters.NAMES)
 def test_two_mounts_at_once_apply_each_layer_once(
     snapshotter: str,
     ckfs: Ckfs,
