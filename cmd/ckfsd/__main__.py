@@ -1,0 +1,5 @@
+"""``python -m ckfsd``, as the console script."""
+
+from ckfsd.main import main
+
+main()

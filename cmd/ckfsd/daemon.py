@@ -1,0 +1,270 @@
+"""The daemon's life: claim, recover, serve, stop.
+
+`serve` runs inside `trio.run` and, in order:
+
+1. holds the root's lock and the socket's (`ckfsd.listen`): a second
+   daemon on either is refused with one line naming the first one's PID;
+2. clears what a killed daemon left (`ckfsd.recover`);
+3. builds the grpc server (a bounded worker pool, the logging interceptor)
+   and registers every service of `SERVICES` that exists, through the
+   trio bridge (`ckfs.services.bridge`);
+4. binds the socket atomically, starts, and waits until a gRPC channel to
+   it is ready; only then does it say anything: ``READY=1`` on
+   ``--ready-fd``, sd_notify, one log line;
+5. waits for signals: SIGHUP reloads (services with a ``reload`` method,
+   e.g. registry hosts and credentials), SIGTERM or SIGINT stops;
+6. stops accepting, gives in-flight RPCs the grace period to finish, then
+   cancels them (their trio side sees `trio.Cancelled`), removes the socket
+   and returns: exit status 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import logging
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import trio
+
+from ckfs import __version__
+from ckfs.address import socket_path
+from ckfs.errors import InvalidArgument, Unavailable
+from ckfs.safetext import message
+from ckfs.services.bridge import Bridge, LoggingInterceptor, generated_handlers
+from ckfs.state import State
+from ckfsd import listen
+from ckfsd.main import Config
+from ckfsd.recover import recover
+
+__all__ = ["SERVICES", "register", "serve"]
+
+log = logging.getLogger("ckfsd")
+
+#: The services ckfsd serves: the module under ckfs/services holding the
+#: async class, and the generated function that declares its RPCs. A module
+#: not written yet is skipped; its RPCs answer UNIMPLEMENTED. The class is
+#: the one in the module with methods named like the service's RPCs, made
+#: with the daemon's `ckfs.state.State`.
+SERVICES: tuple[tuple[str, str], ...] = (
+    (
+        "ckfs.services.snapshots",
+        "ckfs.api.services.snapshots.v1.snapshots_pb2_grpc:add_SnapshotsServicer_to_server",
+    ),
+    (
+        "ckfs.services.content",
+        "ckfs.api.services.content.v1.content_pb2_grpc:add_ContentServicer_to_server",
+    ),
+    (
+        "ckfs.services.images",
+        "ckfs.api.services.images.v1.images_pb2_grpc:add_ImagesServicer_to_server",
+    ),
+    (
+        "ckfs.services.namespaces",
+        "ckfs.api.services.namespaces.v1.namespaces_pb2_grpc:add_NamespacesServicer_to_server",
+    ),
+    (
+        "ckfs.services.version",
+        "ckfs.api.services.version.v1.version_pb2_grpc:add_VersionServicer_to_server",
+    ),
+    ("ckfs.services.ckfs", "ckfs.api.v1.ckfs_pb2_grpc:add_CkfsServicer_to_server"),
+)
+
+#: Largest message either way, as containerd's own server (16 MiB): a
+#: content Write chunk or a List batch fits many times over; anything
+#: bigger is refused by grpcio before it is buffered.
+MAX_MESSAGE = 16 << 20
+
+#: Seconds to wait for our own socket to answer a gRPC handshake at start.
+READY_TIMEOUT = 30.0
+
+_SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+]
+
+
+def _import(name: str) -> Any:
+    """Module *name*, or None if it (not something it imports) is missing."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        return None
+
+
+def _service_class(module: Any, rpcs: set[str]) -> type | None:
+    """The class defined in *module* that implements some of *rpcs*."""
+    candidates = [
+        cls
+        for _, cls in inspect.getmembers(module, inspect.isclass)
+        if cls.__module__ == module.__name__ and rpcs & set(vars(cls))
+    ]
+    if len(candidates) > 1:
+        names = ", ".join(c.__name__ for c in candidates)
+        raise TypeError(f"{module.__name__}: more than one service class ({names})")
+    return candidates[0] if candidates else None
+
+
+def register(server: grpc.Server, bridge: Bridge, state: State) -> list[object]:
+    """Serve every service of `SERVICES` that exists on *server*; the services."""
+    services: list[object] = []
+    for module_name, add in SERVICES:
+        generated, _, add_name = add.partition(":")
+        module = _import(module_name)
+        if module is None:
+            log.debug("no %s: its RPCs answer UNIMPLEMENTED", module_name)
+            continue
+        add_to_server = getattr(importlib.import_module(generated), add_name)
+        rpcs = {rpc for table in generated_handlers(add_to_server).values() for rpc in table}
+        cls = _service_class(module, rpcs)
+        if cls is None:
+            raise TypeError(f"{module_name}: no class implements any of {sorted(rpcs)}")
+        service = cls(state)
+        bridge.add(server, service, add_to_server)
+        services.append(service)
+    return services
+
+
+async def _reload(services: list[object]) -> None:
+    """SIGHUP: every service with a ``reload`` re-reads its configuration."""
+    for service in services:
+        reload = getattr(service, "reload", None)
+        if reload is None:
+            continue
+        try:
+            result = reload()
+            if inspect.isawaitable(result):
+                await result
+        except Exception as e:
+            log.error("reload of %s failed: %s", type(service).__name__, message(str(e)))
+    log.info("reloaded configuration (SIGHUP)")
+
+
+def _wait_answers(address: str) -> None:
+    """Block until a gRPC channel to *address* is ready (a worker thread)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=READY_TIMEOUT)
+        except grpc.FutureTimeoutError:
+            raise Unavailable(f"{address} did not answer within {READY_TIMEOUT:.0f}s") from None
+
+
+def sd_notify(state: str) -> None:
+    """Tell a systemd-style supervisor *state* (``READY=1``), if it asked.
+
+    The protocol is one datagram to ``$NOTIFY_SOCKET``, a path or, with a
+    leading ``@``, an abstract socket name. Failures are logged, not fatal:
+    the daemon serves either way.
+    """
+    where = os.environ.get("NOTIFY_SOCKET")
+    if not where:
+        return
+    if where.startswith("@"):
+        where = "\0" + where[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(where)
+            s.sendall(state.encode())
+    except OSError as e:
+        log.warning("sd_notify %s failed: %s", state.split("=")[0], e.strerror)
+
+
+def _say_ready(ready_fd: int | None) -> None:
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, b"READY=1\n")
+        except OSError as e:
+            log.warning("--ready-fd %d: %s", ready_fd, e.strerror)
+        finally:
+            os.close(ready_fd)
+    sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+
+
+@contextlib.contextmanager
+def _places(config: Config) -> Iterator[tuple[State, Path]]:
+    """The state and socket path, held by this daemon alone while inside."""
+    try:
+        path = socket_path(config.address)
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
+    state = State(config.root)
+    root_fd = listen.hold(state.lock_dir / "ckfsd", f"another ckfsd serves {config.root}")
+    try:
+        socket_fd = listen.claim(path)
+        try:
+            yield state, path
+        finally:
+            listen.remove_socket(path)
+            listen.release(socket_fd)
+    finally:
+        state.close()
+        listen.release(root_fd)
+
+
+@contextlib.asynccontextmanager
+async def _server(config: Config, state: State, path: Path) -> AsyncIterator[list[object]]:
+    """A grpc server serving on *path* inside, its services yielded.
+
+    On the way out it stops within the grace period, then cancels what is
+    left of streaming RPCs on the loop.
+    """
+    pool = futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc")
+    server = grpc.server(pool, interceptors=[LoggingInterceptor()], options=_SERVER_OPTIONS)
+    try:
+        async with trio.open_nursery() as nursery:
+            services = register(server, Bridge(nursery, max_streams=config.workers), state)
+            listen.bind(server, path)
+            server.start()
+            try:
+                yield services
+            finally:
+                with trio.CancelScope(shield=True):
+                    sd_notify("STOPPING=1")
+                    log.info("stopping: %.0fs for in-flight RPCs", config.grace_period)
+                    await trio.to_thread.run_sync(server.stop(config.grace_period).wait)
+                nursery.cancel_scope.cancel()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def serve(config: Config) -> None:
+    """Run ckfsd with *config* until SIGTERM or SIGINT (see the module docstring).
+
+    Raises:
+        Unavailable: another ckfsd serves the root or listens on the
+            socket, or the socket does not answer once bound.
+        FailedPrecondition: the socket path is taken by something else.
+        InvalidArgument: the address is not a unix socket.
+    """
+    with (
+        trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
+        _places(config) as (state, path),
+    ):
+        leftovers = await trio.to_thread.run_sync(recover, state)
+        async with _server(config, state, path) as services:
+            await trio.to_thread.run_sync(_wait_answers, f"unix://{path}")
+            _say_ready(config.ready_fd)
+            log.info(
+                "ckfsd %s serving %s on unix://%s (pid %d)",
+                __version__,
+                config.root,
+                path,
+                os.getpid(),
+            )
+            for what in leftovers:
+                log.info("removed %s, left by an interrupted daemon", what)
+            async for signum in signals:
+                if signum != signal.SIGHUP:
+                    log.info("%s received", signal.Signals(signum).name)
+                    break
+                await _reload(services)

@@ -1,0 +1,90 @@
+"""What a killed daemon leaves behind, cleared before the next one serves.
+
+A ckfsd killed with SIGKILL mid-pull or mid-unpack leaves:
+
+- ingests (``content/ingest/``): resumable by design, kept; the next pull
+  of the same blob continues from their offset;
+- file locks: ``flock`` dies with its process, nothing to do;
+- ``extract-<unique> <chainID>`` active snapshots of interrupted unpacks:
+  removed here when nobody holds that chain ID's unpack lock (a daemonless
+  ``ckfs`` may be unpacking the same root right now: its lock protects its
+  snapshot), as the next unpack of the layer or ``ckfs gc`` would;
+- directories no snapshot row owns (a crash between creating a directory
+  and committing its row): each snapshotter's `ckfs.snapshots.Cleaner`.
+
+Only snapshotters that have a directory under the root are opened: a
+recovery must not create state for a snapshotter nobody used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+
+import snapshotters
+from ckfs.digest import Digest
+from ckfs.errors import FailedPrecondition, InvalidArgument, NotFound
+from ckfs.rootfs import EXTRACT_PREFIX
+from ckfs.snapshots import Cleaner, Snapshotter
+from ckfs.state import State
+
+__all__ = ["recover"]
+
+log = logging.getLogger(__name__)
+
+
+def recover(state: State) -> list[str]:
+    """Clear the leftovers of interrupted work on *state*; what was removed.
+
+    Runs in a worker thread: every step is blocking store work.
+    """
+    removed: list[str] = []
+    state.lock_dir.mkdir(parents=True, exist_ok=True)
+    for name in snapshotters.NAMES:
+        if not (state.root / "snapshots" / name).is_dir():
+            continue
+        sn = state.snapshotter(name)
+        removed += [f"{name} snapshot {key!r}" for key in _interrupted_unpacks(sn, state)]
+        if isinstance(sn, Cleaner):
+            removed += [f"{name} directory {path}" for path in sn.cleanup()]
+    return removed
+
+
+@contextlib.contextmanager
+def _unpack_lock(state: State, chain_id: str) -> Iterator[bool]:
+    """Whether the unpack lock of *chain_id* is free, holding it while true.
+
+    The lock file is the one `ckfs.unpack` takes: ``<locks>/<chain hex>``.
+    A name that is no chain ID was not made by an unpack: never free.
+    """
+    try:
+        path = state.lock_dir / Digest.parse(chain_id).hex
+    except InvalidArgument:
+        yield False
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _interrupted_unpacks(sn: Snapshotter, state: State) -> list[str]:
+    removed = []
+    for info in list(sn.walk([f'name~="^{EXTRACT_PREFIX}"'])):
+        chain_id = info.name.rsplit(" ", 1)[-1]
+        with _unpack_lock(state, chain_id) as free:
+            if not free:
+                continue
+            with contextlib.suppress(NotFound, FailedPrecondition):
+                sn.remove(info.name)
+                removed.append(info.name)
+    return removed
