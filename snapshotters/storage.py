@@ -657,8 +657,10 @@ def _info(row: sqlite3.Row) -> Info:
 
 
 def _adaptor(info: Info) -> Adaptor:
-    """containerd's snapshot adaptor: name, parent (absent when none), kind, labels."""
-    fields = {"name": info.name, "kind": info.kind.value}
-    if info.parent:
-        fields["parent"] = info.parent
+    """containerd's snapshot adaptor: name, kind, labels, and parent even when ``""``.
+
+    As containerd's snapshot storage: ``parent==""`` selects the snapshots on
+    no parent, which is how containerd asks a proxy for a base layer to adopt.
+    """
+    fields = {"name": info.name, "kind": info.kind.value, "parent": info.parent}
     return adaptor_for(fields, info.labels)

@@ -120,7 +120,10 @@ WALK_CASES: list[tuple[list[str], list[str]]] = [
     (["labels.l~=^[23]$"], ["a-wl", "v-wl", "a-np-wl"]),
     (["name~=/-wl$/"], ["p-wl", "a-wl", "v-wl", "a-np-wl"]),
     (["kind!=committed,labels.l!=2"], ["a-np", "a", "v", "v-wl"]),
-    (["parent"], ["a", "v", "a-wl", "v-wl"]),
+    # parent is present even when "" (as containerd's storage), so this is
+    # how containerd asks for base layers.
+    (['parent==""'], ["a-np", "p", "p-wl", "a-np-wl"]),
+    (["parent"], ["a", "a-np", "a-np-wl", "a-wl", "p", "p-wl", "v", "v-wl"]),
     (["kind==view", "parent==p-wl,kind==active"], ["v", "v-wl", "a-wl"]),
     (["labels.missing"], []),
     ([], ["a", "a-np", "a-np-wl", "a-wl", "p", "p-wl", "v", "v-wl"]),
