@@ -47,6 +47,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 from google.protobuf import empty_pb2
 
+from ckfs.api.convert import (
+    fieldpaths,
+    mounts_to_proto,
+    snapshot_info_to_proto,
+    usage_to_proto,
+)
 from ckfs.api.services.snapshots.v1 import snapshots_pb2 as pb
 from ckfs.api.types import types_pb2
 from ckfs.digest import Digest
@@ -105,12 +111,6 @@ _CONTROL = re.compile("[\x00-\x1f\x7f]")
 #: The key containerd's metadata layer gives every snapshot it makes in a
 #: backend: ``<namespace>/<sequence>/<key>``, the namespace an identifier.
 _CONTAINERD_KEY = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*/[0-9]+/")
-
-_KINDS: Mapping[Kind, pb.Kind.ValueType] = {
-    Kind.VIEW: pb.VIEW,
-    Kind.ACTIVE: pb.ACTIVE,
-    Kind.COMMITTED: pb.COMMITTED,
-}
 
 _T = TypeVar("_T")
 
@@ -237,22 +237,6 @@ class _Backend:
         self.sn.cleanup()
 
 
-def _mounts(mounts: Iterable[Mount]) -> list[types_pb2.Mount]:
-    return [
-        types_pb2.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options))
-        for m in mounts
-    ]
-
-
-def _info(info: Info) -> pb.Info:
-    msg = pb.Info(
-        name=info.name, parent=info.parent, kind=_KINDS[info.kind], labels=dict(info.labels)
-    )
-    msg.created_at.FromDatetime(info.created_at)
-    msg.updated_at.FromDatetime(info.updated_at)
-    return msg
-
-
 def _batches(infos: Sequence[Info]) -> Iterable[list[Info]]:
     """*infos* in runs of at most `LIST_BATCH`, cut early past `_BATCH_BYTES` of labels."""
     batch: list[Info] = []
@@ -312,7 +296,7 @@ class SnapshotsService:
         labels = check_labels(request.labels, f"snapshot {request.key!r}")
         key, parent = request.key, request.parent
         mounts = await self._run(request.snapshotter, lambda b: b.create(kind, key, parent, labels))
-        return _mounts(mounts)
+        return mounts_to_proto(mounts)
 
     async def Prepare(
         self, request: pb.PrepareSnapshotRequest, call: object
@@ -326,7 +310,7 @@ class SnapshotsService:
         check_key(request.key)
         key = request.key
         mounts = await self._run(request.snapshotter, lambda b: b.sn.mounts(key))
-        return pb.MountsResponse(mounts=_mounts(mounts))
+        return pb.MountsResponse(mounts=mounts_to_proto(mounts))
 
     async def Commit(self, request: pb.CommitSnapshotRequest, call: object) -> empty_pb2.Empty:
         check_key(request.name, "committed snapshot name")
@@ -346,7 +330,7 @@ class SnapshotsService:
         check_key(request.key)
         key = request.key
         info = await self._run(request.snapshotter, lambda b: b.stat(key))
-        return pb.StatSnapshotResponse(info=_info(info))
+        return pb.StatSnapshotResponse(info=snapshot_info_to_proto(info))
 
     async def Update(
         self, request: pb.UpdateSnapshotRequest, call: object
@@ -354,9 +338,9 @@ class SnapshotsService:
         name = request.info.name
         check_key(name, "snapshot name")
         labels = check_labels(request.info.labels, f"snapshot {name!r}")
-        paths = list(request.update_mask.paths)
+        paths = fieldpaths(request.update_mask)
         info = await self._run(request.snapshotter, lambda b: b.update(name, labels, paths))
-        return pb.UpdateSnapshotResponse(info=_info(info))
+        return pb.UpdateSnapshotResponse(info=snapshot_info_to_proto(info))
 
     async def List(
         self, request: pb.ListSnapshotsRequest, call: object
@@ -364,13 +348,13 @@ class SnapshotsService:
         filters = list(request.filters)
         infos = await self._run(request.snapshotter, lambda b: b.walk(filters))
         for batch in _batches(infos):
-            yield pb.ListSnapshotsResponse(info=[_info(i) for i in batch])
+            yield pb.ListSnapshotsResponse(info=[snapshot_info_to_proto(i) for i in batch])
 
     async def Usage(self, request: pb.UsageRequest, call: object) -> pb.UsageResponse:
         check_key(request.key)
         key = request.key
         usage: Usage = await self._run(request.snapshotter, lambda b: b.sn.usage(key))
-        return pb.UsageResponse(size=usage.size, inodes=usage.inodes)
+        return usage_to_proto(usage)
 
     async def Cleanup(self, request: pb.CleanupRequest, call: object) -> empty_pb2.Empty:
         await self._run(request.snapshotter, lambda b: b.cleanup())
