@@ -3,22 +3,48 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ckfs.client import Client
     from ckfs.mount import Mount
     from ckfs.state import State
 
+#: Not yet looked for (`App.daemon` is None both for "none" and "not asked").
+_UNKNOWN: Any = object()
+
 
 class App:
-    """Per-invocation context: where the state is, how to print."""
+    """Per-invocation context: where the state is, which ckfsd, how to print."""
 
-    def __init__(self, root: Path | None) -> None:
+    def __init__(
+        self, root: Path | None, *, address: str | None = None, no_daemon: bool = False
+    ) -> None:
         self._root = root
         self._state: State | None = None
+        self._address = address
+        self._no_daemon = no_daemon
+        self._daemon: Client | None = _UNKNOWN
+
+    @property
+    def daemon(self) -> Client | None:
+        """The ckfsd to go through, or None for the local path (`ckfs.client.discover`).
+
+        Looked for once, on first use, so commands that never ask (``ckfs
+        --help``, ``import``) never probe a socket.
+        """
+        if self._daemon is _UNKNOWN:
+            self._daemon = None
+            if not self._no_daemon:
+                from ckfs.client import discover
+
+                root_given = self._root is not None or "CKFS_ROOT" in os.environ
+                self._daemon = discover(self._address, root_given=root_given)
+        return self._daemon
 
     @property
     def state(self) -> State:
@@ -31,6 +57,8 @@ class App:
     def close(self) -> None:
         if self._state is not None:
             self._state.close()
+        if self._daemon is not _UNKNOWN and self._daemon is not None:
+            self._daemon.close()
 
 
 def skip_httpx_cli() -> None:

@@ -70,16 +70,26 @@ class _LazyGroup(click.Group):
     help="State directory [default: /var/lib/ckfs as root, $XDG_DATA_HOME/ckfs otherwise; "
     "env CKFS_ROOT].",
 )
+@click.option(
+    "--address",
+    envvar="CKFS_ADDRESS",
+    metavar="ADDRESS",
+    help="Go through the ckfsd at ADDRESS (unix:///path or a socket path) "
+    "[default: the default socket if a ckfsd answers there; env CKFS_ADDRESS].",
+)
+@click.option("--no-daemon", is_flag=True, help="Work on the state root directly, never via ckfsd.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and ckfs's debug logs.")
 @click.version_option(__version__, prog_name="ckfs")
 @click.pass_context
-def cli(ctx: click.Context, root: Path | None, debug: bool) -> None:
+def cli(
+    ctx: click.Context, root: Path | None, address: str | None, no_daemon: bool, debug: bool
+) -> None:
     """ckfs: container image names to root filesystems."""
     global _debug
     _debug = debug
     if debug:
         _log_debug()
-    ctx.obj = App(root)
+    ctx.obj = App(root, address=None if no_daemon else address, no_daemon=no_daemon)
     ctx.call_on_close(ctx.obj.close)
 
 

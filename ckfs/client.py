@@ -1,0 +1,333 @@
+"""The CLI's side of ckfsd: find a daemon, call it, raise what the local path raises.
+
+The client runs in a short-lived ``ckfs`` process, so it stays light: grpc,
+the generated ``_pb2`` modules, `ckfs.errors`, `ckfs.descriptor` and
+`ckfs.mount` (for the Mount records it performs), and nothing that opens a
+store or starts an event loop (no trio, httpx, sqlite3, content or snapshot
+modules); ``tests/test_client.py`` checks that in a fresh interpreter.
+
+Finding a daemon (`discover`):
+
+- an explicit address (``--address`` / ``CKFS_ADDRESS``) must answer, or the
+  command fails with `Unavailable` saying where it looked: a user who named
+  a daemon does not want a silent local fallback;
+- otherwise the default socket (`ckfs.address`) is probed, only for the
+  default state root and only if the socket file exists (so a machine
+  without ckfsd pays no grpc import at all), with a short connect timeout;
+  no answer means the local path.
+
+Errors: a gRPC status comes back as the `ckfs.errors` class of its code
+(`ckfs.errors.from_grpc_code`) with the server's one-line message, so
+``ckfs`` prints the same line and exits the same way with or without ckfsd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ckfs.errors import CkfsError, Unavailable, from_grpc_code
+
+if TYPE_CHECKING:
+    import grpc
+
+    from ckfs.api.v1 import ckfs_pb2
+    from ckfs.mount import Mount
+    from ckfs.remotes.walk import BlobProgress
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "PROBE_TIMEOUT",
+    "Client",
+    "discover",
+    "pull_options",
+    "rpc_errors",
+    "summary_json",
+]
+
+#: How long an explicitly named daemon may take to accept the connection:
+#: a local socket answers in milliseconds, a daemon still starting in well
+#: under a second; longer means it is wedged and the user should hear so.
+CONNECT_TIMEOUT = 5.0
+
+#: How long the default socket is probed when no daemon was named. A live
+#: ckfsd answers a local connect in ~1 ms; a stale socket file is refused at
+#: once. The bound only matters for a daemon that accepts but never answers,
+#: and then the local path is the better choice anyway.
+PROBE_TIMEOUT = 0.5
+
+#: The containerd namespace every request carries: ckfs has one.
+NAMESPACE = "default"
+
+
+@contextlib.contextmanager
+def rpc_errors() -> Iterator[None]:
+    """Re-raise a failed RPC as the ckfs error its status code names.
+
+    The message is the server's details (already the one line the local
+    path would print); a status without details names the code instead.
+    """
+    import grpc
+
+    try:
+        yield
+    except grpc.RpcError as e:
+        code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
+        details = (e.details() if isinstance(e, grpc.Call) else None) or ""
+        cls = from_grpc_code(code.name) if code is not grpc.StatusCode.OK else CkfsError
+        raise cls(details or f"ckfsd answered {code.name}") from None
+
+
+def _target(address: str) -> str:
+    """*address* as grpc spells it: a bare path becomes ``unix://PATH``."""
+    if "://" in address or address.startswith("unix:"):
+        return address
+    return f"unix://{os.path.abspath(address)}"
+
+
+class Client:
+    """One channel to ckfsd and the calls the CLI makes over it.
+
+    Every method raises the `ckfs.errors` class of the status it got back
+    (see `rpc_errors`); `Unavailable` when the daemon went away mid-call.
+    """
+
+    def __init__(self, channel: grpc.Channel, address: str) -> None:
+        self.channel = channel
+        self.address = address
+        self._metadata = (("containerd-namespace", NAMESPACE),)
+
+    @classmethod
+    def connect(cls, address: str, *, timeout: float = CONNECT_TIMEOUT) -> Client:
+        """A client for the ckfsd at *address*, once its socket accepts.
+
+        Raises:
+            Unavailable: nothing accepted the connection within *timeout*.
+        """
+        import grpc
+
+        channel = grpc.insecure_channel(_target(address), options=_CHANNEL_OPTIONS)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            channel.close()
+            raise Unavailable(f"ckfsd at {address} does not answer") from None
+        return cls(channel, address)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def call_options(self) -> dict[str, Any]:
+        """Keyword arguments every stub call takes: the namespace metadata."""
+        return {"metadata": self._metadata}
+
+    @property
+    def _ckfs(self) -> Any:
+        from ckfs.api.v1 import ckfs_pb2_grpc
+
+        return ckfs_pb2_grpc.CkfsStub(self.channel)
+
+    def pull(
+        self,
+        ref: str,
+        *,
+        register: bool,
+        options: ckfs_pb2.PullOptions,
+        on_event: Callable[[BlobProgress], None],
+    ) -> dict[str, Any]:
+        """Pull *ref* through ckfsd, telling *on_event* about each blob as the daemon does.
+
+        Each blob is one `ckfs.remotes.walk.BlobProgress` updated in place, as
+        the local fetcher's are, so the CLI's displays draw both alike.
+
+        Returns:
+            The summary, as `ckfs.pull.PullReport.to_json` gives it.
+
+        Raises:
+            As `ckfs.pull.pull`, with the daemon's message.
+        """
+        from ckfs.api.v1 import ckfs_pb2
+
+        request = ckfs_pb2.PullRequest(ref=ref, register=register, options=options)
+        blobs: dict[tuple[str, str], BlobProgress] = {}
+        with rpc_errors():
+            for event in self._ckfs.Pull(request, **self.call_options()):
+                if event.HasField("summary"):
+                    return summary_json(event.summary)
+                on_event(_progress(blobs, event.blob))
+        raise Unavailable(f"ckfsd at {self.address} ended the pull of {ref} without a summary")
+
+    def mounts(
+        self,
+        ref: str,
+        key: str,
+        *,
+        snapshotter: str,
+        readonly: bool,
+        options: ckfs_pb2.PullOptions,
+    ) -> list[Mount]:
+        """A new snapshot *key* on the image *ref*, made by ckfsd: its Mount records.
+
+        Raises:
+            As `ckfs.provide.ensure_rootfs`.
+        """
+        from ckfs.api.convert import mounts_from_proto
+        from ckfs.api.v1 import ckfs_pb2
+
+        request = ckfs_pb2.MountsRequest(
+            ref=ref, key=key, readonly=readonly, snapshotter=snapshotter, options=options
+        )
+        with rpc_errors():
+            response = self._ckfs.Mounts(request, **self.call_options())
+            return mounts_from_proto(response.mounts)
+
+    def unmount(self, key: str, snapshotter: str = "") -> None:
+        """Remove the snapshot *key* (from every snapshotter holding it, if none is named).
+
+        Raises:
+            NotFound: no snapshotter has it.
+            FailedPrecondition: it has children.
+        """
+        from ckfs.api.v1 import ckfs_pb2
+
+        with rpc_errors():
+            self._ckfs.Unmount(
+                ckfs_pb2.UnmountRequest(key=key, snapshotter=snapshotter), **self.call_options()
+            )
+
+    def gc(self, *, dry_run: bool, ingest_expiry: float | None) -> dict[str, Any]:
+        """Collect through ckfsd; what ``ckfs gc --json`` prints."""
+        from ckfs.api.v1 import ckfs_pb2
+
+        request = ckfs_pb2.GCRequest(dry_run=dry_run, ingest_expiry=ingest_expiry)
+        with rpc_errors():
+            r = self._ckfs.GC(request, **self.call_options())
+        return {
+            "dry_run": dry_run,
+            "blobs": list(r.blobs),
+            "bytes": r.bytes,
+            "snapshots": {n: list(keys.keys) for n, keys in sorted(r.snapshots.items())},
+            "directories": list(r.directories),
+            "ingests": list(r.ingests),
+            "ingest_bytes": r.ingest_bytes,
+            "errors": list(r.errors),
+        }
+
+
+def pull_options(
+    *,
+    platform: str | None = None,
+    hosts_dirs: Sequence[os.PathLike[str] | str] = (),
+    user: str | None = None,
+    timeout: float | None = None,
+    **flags: Any,
+) -> ckfs_pb2.PullOptions:
+    """The CLI's registry flags as the request's options, as `ckfs_cli.options.pull_options`.
+
+    The platform travels as typed (the daemon parses it, with the local
+    path's message); ``--hosts-dir`` paths are made absolute, since the
+    daemon does not share the caller's working directory.
+    """
+    from ckfs.api.v1 import ckfs_pb2
+
+    return ckfs_pb2.PullOptions(
+        platform=platform or "",
+        hosts_dirs=[os.path.abspath(d) for d in hosts_dirs],
+        user=user or "",
+        timeout=timeout,
+        **flags,
+    )
+
+
+def summary_json(s: ckfs_pb2.PullSummary) -> dict[str, Any]:
+    """A Pull's last event as `ckfs.pull.PullReport.to_json` gives it."""
+    from ckfs.api.convert import descriptor_from_proto
+
+    return {
+        "event": "summary",
+        "reference": s.reference,
+        "name": s.name if s.HasField("name") else None,
+        "target": descriptor_from_proto(s.target, where="pull target").to_json(),
+        "blobs": s.blobs,
+        "fetched_blobs": s.fetched_blobs,
+        "fetched_bytes": s.fetched_bytes,
+        "skipped_blobs": s.skipped_blobs,
+        "nondistributable": list(s.nondistributable),
+        "network": s.network,
+        "seconds": s.seconds,
+    }
+
+
+def _progress(
+    blobs: dict[tuple[str, str], BlobProgress], event: ckfs_pb2.BlobEvent
+) -> BlobProgress:
+    """The blob *event* is about, updated to it: one object per blob, as the fetcher keeps."""
+    from ckfs.api.convert import descriptor_from_proto
+    from ckfs.api.v1 import ckfs_pb2
+    from ckfs.remotes.walk import BlobProgress, BlobState  # TODO(light): ckfs.progress
+
+    desc = descriptor_from_proto(event.descriptor, where="pull event")
+    key = (str(desc.digest), event.kind)
+    p = blobs.get(key)
+    if p is None:
+        p = blobs[key] = BlobProgress(desc=desc, kind=event.kind)
+    p.state = BlobState(ckfs_pb2.BlobState.Name(event.state).lower())
+    p.offset, p.fetched, p.note = event.offset, event.fetched, event.note
+    return p
+
+
+#: The client sends and receives what the CLI handles in memory anyway;
+#: gRPC's default 4 MiB receive limit would cut a long `snapshots ls`.
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    # A unix socket has no proxy; without this grpc reads proxy variables.
+    ("grpc.enable_http_proxy", 0),
+]
+
+
+def discover(address: str | None, *, root_given: bool) -> Client | None:
+    """The ckfsd this command should use, or None for the local path.
+
+    Args:
+        address: ``--address`` / ``CKFS_ADDRESS``, if the user gave one.
+        root_given: the user chose a state root (``--root`` /
+            ``CKFS_ROOT``). The default socket serves the default root, so
+            a command on another root never goes to it unasked.
+
+    Raises:
+        Unavailable: *address* was given and does not answer.
+    """
+    if address:
+        return Client.connect(address)
+    if root_given:
+        return None
+    from ckfs.address import default_address
+
+    default = default_address()
+    if not _accepts(default):
+        return None
+    try:
+        return Client.connect(default, timeout=PROBE_TIMEOUT)
+    except Unavailable:
+        return None
+
+
+def _accepts(address: str) -> bool:
+    """Whether a unix socket at *address* accepts a connection, asked without grpc.
+
+    A missing or stale socket (a daemon that died) is refused at once,
+    where a grpc channel would retry with backoff until its timeout; and a
+    machine without ckfsd never imports grpc at all.
+    """
+    import socket
+
+    path = address.removeprefix("unix://").removeprefix("unix:")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(PROBE_TIMEOUT)
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
