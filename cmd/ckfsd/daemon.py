@@ -39,13 +39,13 @@ from ckfs import __version__
 from ckfs.address import socket_path
 from ckfs.errors import InvalidArgument, Unavailable
 from ckfs.safetext import message
-from ckfs.services.bridge import Bridge, LoggingInterceptor, generated_handlers
+from ckfs.services.bridge import AddToServer, Bridge, LoggingInterceptor, generated_handlers
 from ckfs.state import State
 from ckfsd import listen
 from ckfsd.main import Config
 from ckfsd.recover import recover
 
-__all__ = ["SERVICES", "register", "serve"]
+__all__ = ["SERVICES", "register", "serve", "service_classes"]
 
 log = logging.getLogger("ckfsd")
 
@@ -53,7 +53,8 @@ log = logging.getLogger("ckfsd")
 #: async class, and the generated function that declares its RPCs. A module
 #: not written yet is skipped; its RPCs answer UNIMPLEMENTED. The class is
 #: the one in the module with methods named like the service's RPCs, made
-#: with the daemon's `ckfs.state.State`.
+#: with the daemon's `ckfs.state.State` and, if its constructor takes one,
+#: ``nursery=`` the serving nursery (for work that outlives a call's task).
 SERVICES: tuple[tuple[str, str], ...] = (
     (
         "ckfs.services.snapshots",
@@ -115,9 +116,14 @@ def _service_class(module: Any, rpcs: set[str]) -> type | None:
     return candidates[0] if candidates else None
 
 
-def register(server: grpc.Server, bridge: Bridge, state: State) -> list[object]:
-    """Serve every service of `SERVICES` that exists on *server*; the services."""
-    services: list[object] = []
+def service_classes() -> list[tuple[type, AddToServer]]:
+    """The service classes of `SERVICES` that exist, each with its registration.
+
+    Raises:
+        TypeError: a module holds no class, or more than one, implementing
+            its service's RPCs.
+    """
+    found: list[tuple[type, AddToServer]] = []
     for module_name, add in SERVICES:
         generated, _, add_name = add.partition(":")
         module = _import(module_name)
@@ -129,7 +135,18 @@ def register(server: grpc.Server, bridge: Bridge, state: State) -> list[object]:
         cls = _service_class(module, rpcs)
         if cls is None:
             raise TypeError(f"{module_name}: no class implements any of {sorted(rpcs)}")
-        service = cls(state)
+        found.append((cls, add_to_server))
+    return found
+
+
+def register(
+    server: grpc.Server, bridge: Bridge, state: State, nursery: trio.Nursery
+) -> list[object]:
+    """Serve every service of `SERVICES` that exists on *server*; the services."""
+    services: list[object] = []
+    for cls, add_to_server in service_classes():
+        wants_nursery = "nursery" in inspect.signature(cls).parameters
+        service = cls(state, nursery=nursery) if wants_nursery else cls(state)
         bridge.add(server, service, add_to_server)
         services.append(service)
     return services
@@ -222,7 +239,8 @@ async def _server(config: Config, state: State, path: Path) -> AsyncIterator[lis
     server = grpc.server(pool, interceptors=[LoggingInterceptor()], options=_SERVER_OPTIONS)
     try:
         async with trio.open_nursery() as nursery:
-            services = register(server, Bridge(nursery, max_streams=config.workers), state)
+            bridge = Bridge(nursery, max_streams=config.workers)
+            services = register(server, bridge, state, nursery)
             listen.bind(server, path)
             server.start()
             try:

@@ -1,0 +1,145 @@
+"""ckfsd's parts without a running daemon: config, socket places, recovery, the service table.
+
+The daemon itself (signals, readiness, real RPCs) is tested as a process in
+``integration/test_ckfsd.py``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from ckfs.address import SYSTEM_SOCKET, socket_path
+from ckfs.digest import Digest
+from ckfs.errors import FailedPrecondition, InvalidArgument, Unavailable
+from ckfs.state import State
+from ckfsd import listen
+from ckfsd.daemon import service_classes
+from ckfsd.main import DEFAULT_GRACE, DEFAULT_WORKERS, load_config, resolve
+from ckfsd.recover import recover
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_the_documented_config_loads() -> None:
+    assert load_config(DOCS / "ckfsd.toml") == {
+        "root": Path("/var/lib/ckfs"),
+        "address": f"unix://{SYSTEM_SOCKET}",
+        "grace_period": DEFAULT_GRACE,
+        "workers": DEFAULT_WORKERS,
+    }
+
+
+def test_the_containerd_snippet_points_at_the_default_socket() -> None:
+    config = tomllib.loads((DOCS / "containerd-config.toml").read_text())
+    assert config["proxy_plugins"]["ckfs"] == {"type": "snapshot", "address": str(SYSTEM_SOCKET)}
+
+
+def test_command_line_wins_over_file_over_defaults(tmp_path: Path) -> None:
+    file = tmp_path / "ckfsd.toml"
+    file.write_text('root = "/from/file"\naddress = "unix:///file.sock"\nworkers = 4\n')
+    config = resolve(Path("/from/cli"), None, file, debug=True, ready_fd=None)
+    assert (config.root, config.address, config.workers) == (
+        Path("/from/cli"),
+        "unix:///file.sock",
+        4,
+    )
+    assert config.grace_period == DEFAULT_GRACE and config.debug
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("secret = 1\n", "unknown key 'secret'"),
+        ('workers = "8"\n', "workers has the wrong type"),
+        ("workers = true\n", "workers has the wrong type"),
+        ("root = [\n", "not valid TOML"),
+        ("workers = 1\n", "workers must be >= 2"),
+        ("grace_period = -1\n", "grace_period must be >= 0"),
+    ],
+)
+def test_bad_config_is_one_invalid_argument(tmp_path: Path, text: str, says: str) -> None:
+    file = tmp_path / "ckfsd.toml"
+    file.write_text(text)
+    with pytest.raises(InvalidArgument, match=says):
+        resolve(None, None, file)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="No such file"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_addresses() -> None:
+    assert socket_path("unix:///run/x.sock") == Path("/run/x.sock")
+    assert socket_path("unix:/run/x.sock") == Path("/run/x.sock")
+    assert socket_path("/run/x.sock") == Path("/run/x.sock")
+    with pytest.raises(ValueError, match="unix sockets only"):
+        socket_path("tcp://127.0.0.1:1")
+
+
+def test_a_held_lock_names_its_holder(tmp_path: Path) -> None:
+    fd = listen.hold(tmp_path / "locks" / "ckfsd", "busy")
+    try:
+        with pytest.raises(Unavailable, match=rf"^busy \(pid {os.getpid()}\)$"):
+            listen.hold(tmp_path / "locks" / "ckfsd", "busy")
+    finally:
+        listen.release(fd)
+    listen.release(listen.hold(tmp_path / "locks" / "ckfsd", "busy"))
+
+
+def test_claim_tells_stale_live_and_foreign_apart(tmp_path: Path) -> None:
+    path = tmp_path / "d.sock"
+    listen.release(listen.claim(path))  # nothing there yet
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(path))
+        assert not listen.socket_answers(path)  # bound, not listening: stale
+        listen.release(listen.claim(path))
+        live.listen()
+        assert listen.socket_answers(path)
+        with pytest.raises(Unavailable, match="another program listens"):
+            listen.claim(path)
+    assert path.exists() and not listen.socket_answers(path)  # its listener closed
+    listen.release(listen.claim(path))
+    path.unlink()
+    path.write_text("precious")
+    with pytest.raises(FailedPrecondition, match="is not a socket"):
+        listen.claim(path)
+    assert path.read_text() == "precious"
+
+
+def test_recover_removes_only_unlocked_extract_snapshots(tmp_path: Path) -> None:
+    state = State(tmp_path)
+    try:
+        sn = state.snapshotter("native")
+        free, held = Digest.from_hex("sha256", "a" * 64), Digest.from_hex("sha256", "b" * 64)
+        sn.prepare(f"extract-1-x {free}", "")
+        sn.prepare(f"extract-2-y {held}", "")
+        sn.prepare("extract-but-no-chain-id", "")
+        sn.prepare("mine", "")
+        state.lock_dir.mkdir(parents=True, exist_ok=True)
+        lock = os.open(state.lock_dir / held.hex, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            removed = recover(state)
+        finally:
+            os.close(lock)
+        assert removed == [f"native snapshot 'extract-1-x {free}'"]
+        names = sorted(info.name for info in sn.walk([]))
+        assert names == [f"extract-2-y {held}", "extract-but-no-chain-id", "mine"]
+        # overlayfs was never used on this root: recovery created nothing for it.
+        assert not (tmp_path / "snapshots" / "overlayfs").exists()
+    finally:
+        state.close()
+
+
+def test_every_service_module_has_one_service_class() -> None:
+    """Each module of the table that exists gives the daemon exactly one class."""
+    found = service_classes()
+    assert found, "not even the Snapshots service"
+    assert len({cls for cls, _ in found}) == len(found)
