@@ -4,8 +4,8 @@ containerd configured with ``[proxy_plugins.ckfs] type = "snapshot"`` sends
 every call of its metadata layer here, each request naming the proxy in its
 ``snapshotter`` field (containerd 1.6 sends the plugin's configured name,
 ``ckfs``); ``ctr --address <ckfsd socket> snapshots --snapshotter overlayfs``
-names a ckfs snapshotter itself. A *proxy name* (`DEFAULT_PROXIES`,
-configurable) stands for a ckfs snapshotter; any other name must be one.
+names a ckfs snapshotter itself. A *proxy name* (`PROXY` unless
+configured) stands for a ckfs snapshotter; any other name must be one.
 
 Under a proxy name the service keeps the promises containerd's metadata
 layer (``metadata/snapshot.go``) relies on, which a snapshotter used by ckfs
@@ -66,20 +66,20 @@ if TYPE_CHECKING:
     from ckfs.state import State
 
 __all__ = [
-    "DEFAULT_PROXIES",
     "LIST_BATCH",
     "MAX_KEY_SIZE",
     "MAX_LABELS_SIZE",
+    "PROXY",
     "SnapshotsService",
     "check_key",
     "check_labels",
     "containerd_owned",
 ]
 
-#: Proxy name → the ckfs snapshotter serving it. ``ckfs`` is the name the
-#: documented ``[proxy_plugins.ckfs]`` gives; overlayfs is what containerd's
-#: own default is, so images behave alike under both.
-DEFAULT_PROXIES: Mapping[str, str] = {"ckfs": "overlayfs"}
+#: The proxy name the documented ``[proxy_plugins.ckfs]`` gives; unless
+#: configured otherwise, ckfs's default snapshotter (``snapshotters.DEFAULT``,
+#: overlayfs as containerd's own default) serves it.
+PROXY = "ckfs"
 
 #: Snapshots per List response, as containerd's own service batches: the
 #: client gets the first ones early and no response grows with the store.
@@ -256,9 +256,9 @@ class SnapshotsService:
 
     Args:
         state: the state root whose snapshotters serve the requests.
-        proxies: proxy name → ckfs snapshotter name (default
-            `DEFAULT_PROXIES`); requests naming a proxy get containerd's
-            semantics described in the module docstring.
+        proxies: proxy name → ckfs snapshotter name (default: `PROXY` →
+            ckfs's default snapshotter); requests naming a proxy get
+            containerd's semantics described in the module docstring.
     """
 
     #: containerd namespaces the keys itself (``<ns>/<seq>/<key>``), so
@@ -267,7 +267,11 @@ class SnapshotsService:
 
     def __init__(self, state: State, proxies: Mapping[str, str] | None = None) -> None:
         self._state = state
-        self._proxies = dict(DEFAULT_PROXIES if proxies is None else proxies)
+        if proxies is None:
+            import snapshotters  # the core names no implementation at import time
+
+            proxies = {PROXY: snapshotters.DEFAULT}
+        self._proxies = dict(proxies)
         self._backends: dict[str, _Backend] = {}
         self._opening = trio.Lock()
 
