@@ -74,8 +74,9 @@ def rpc_errors() -> Iterator[None]:
     try:
         yield
     except grpc.RpcError as e:
-        code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
-        details = (e.details() if isinstance(e, grpc.Call) else None) or ""
+        # Every RpcError grpc raises is also a grpc.Call, which says the status.
+        code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+        details = (e.details() if hasattr(e, "details") else None) or ""
         cls = from_grpc_code(code.name) if code is not grpc.StatusCode.OK else CkfsError
         raise cls(details or f"ckfsd answered {code.name}") from None
 
@@ -106,6 +107,8 @@ class Client:
         Raises:
             Unavailable: nothing accepted the connection within *timeout*.
         """
+        if address.startswith("unix:") or "://" not in address:
+            _check_accepts(address)
         import grpc
 
         channel = grpc.insecure_channel(_target(address), options=_CHANNEL_OPTIONS)
@@ -315,19 +318,32 @@ def discover(address: str | None, *, root_given: bool) -> Client | None:
 
 
 def _accepts(address: str) -> bool:
-    """Whether a unix socket at *address* accepts a connection, asked without grpc.
+    """Whether the unix socket *address* accepts a connection (`_check_accepts`)."""
+    try:
+        _check_accepts(address)
+    except Unavailable:
+        return False
+    return True
+
+
+def _check_accepts(address: str) -> None:
+    """Connect to the unix socket *address* once, without grpc.
 
     A missing or stale socket (a daemon that died) is refused at once,
     where a grpc channel would retry with backoff until its timeout; and a
     machine without ckfsd never imports grpc at all.
+
+    Raises:
+        Unavailable: the socket is missing or refuses, saying which and why.
     """
     import socket
 
-    path = address.removeprefix("unix://").removeprefix("unix:")
+    from ckfs.address import socket_path
+
+    path = socket_path(address)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(PROBE_TIMEOUT)
         try:
-            s.connect(path)
-        except OSError:
-            return False
-    return True
+            s.connect(str(path))
+        except OSError as e:
+            raise Unavailable(f"ckfsd at {address} does not answer: {e.strerror or e}") from None

@@ -1,8 +1,15 @@
-"""The CLI face, in-process: output shapes and the one-line error rule."""
+"""The CLI face, in-process: output shapes and the one-line error rule.
+
+Every test runs twice: on the state root directly, and through a real
+ckfsd serving the same root (``CKFS_ADDRESS``), which must print the same
+and exit the same. The daemon runs are slow (a process per test) and
+marked so.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +17,22 @@ import pytest
 from ckfs.content import ContentStore
 from ckfs.metadata.db import DB
 from ckfs_cli.main import main
+
+
+@pytest.fixture(autouse=True, params=["local", pytest.param("ckfsd", marks=pytest.mark.slow)])
+def face(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """Which way the CLI reaches the root *tmp_path*: ``local``, or through ``ckfsd``."""
+    monkeypatch.delenv("CKFS_ADDRESS", raising=False)
+    if request.param == "local":
+        yield request.param
+        return
+    from integration.daemon import running_ckfsd
+
+    with running_ckfsd(tmp_path) as daemon:
+        monkeypatch.setenv("CKFS_ADDRESS", daemon.address)
+        yield request.param
 
 
 def run(capsys: pytest.CaptureFixture[str], root: Path, *args: str) -> tuple[int, str, str]:

@@ -28,6 +28,11 @@ class _Ctx:
 
     @property
     def sn(self) -> Snapshotter:
+        """The snapshotter: ckfsd's over its Snapshots service when one serves, else local."""
+        if (daemon := self.app.daemon) is not None:
+            from ckfs.remote_snapshots import RemoteSnapshotter
+
+            return RemoteSnapshotter(daemon, self.name)
         return self.app.state.snapshotter(self.name)
 
 
