@@ -1,8 +1,9 @@
-"""The Images, Namespaces and Version service classes, called directly under trio.
+"""The Images, Namespaces, Version and Introspection service classes, under trio.
 
 Images: records through containerd's messages, filters, field-mask updates
 (label-only updates without a target, as containerd's clients send them),
-malformed input refused. Namespaces: ``default`` alone. The image store
+malformed input refused. Namespaces: ``default`` alone. Introspection: the
+root's UUID kept, snapshotters as containerd's plugins. The image store
 itself is tested in test_image_store.py.
 """
 
@@ -17,8 +18,10 @@ from google.protobuf import empty_pb2
 from google.protobuf.field_mask_pb2 import FieldMask
 
 import ckfs
+import snapshotters
 from ckfs.api import convert
 from ckfs.api.services.images.v1 import images_pb2 as pb
+from ckfs.api.services.introspection.v1 import introspection_pb2 as in_pb
 from ckfs.api.services.namespaces.v1 import namespaces_pb2 as ns_pb
 from ckfs.api.types import types_pb2
 from ckfs.descriptor import Descriptor
@@ -26,6 +29,7 @@ from ckfs.digest import from_bytes
 from ckfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ckfs.images import ImageStore
 from ckfs.services.images import ImagesService
+from ckfs.services.introspection import SNAPSHOTTER_PLUGIN, IntrospectionService
 from ckfs.services.namespaces import NamespacesService
 from ckfs.services.version import VersionService
 from ckfs.state import State
@@ -178,3 +182,21 @@ async def test_version() -> None:
     assert service.NAMESPACED is False
     answer = await service.Version(empty_pb2.Empty(), CALL)
     assert answer.version == ckfs.__version__
+
+
+async def test_introspection(state: State) -> None:
+    service = IntrospectionService(state)
+    first = (await service.Server(empty_pb2.Empty(), CALL)).uuid
+    assert len(first) == 36
+    assert (await IntrospectionService(state).Server(empty_pb2.Empty(), CALL)).uuid == first
+    assert [p.name for p in state.root.iterdir() if "uuid" in p.name] == ["uuid"]
+    everything = await service.Plugins(in_pb.PluginsRequest(), CALL)
+    assert [p.id for p in everything.plugins] == list(snapshotters.NAMES)
+    assert all(p.type == SNAPSHOTTER_PLUGIN and p.platforms for p in everything.plugins)
+    name = snapshotters.NAMES[0]
+    one = in_pb.PluginsRequest(filters=[f"type=={SNAPSHOTTER_PLUGIN},id=={name}"])
+    assert [p.id for p in (await service.Plugins(one, CALL)).plugins] == [name]
+    none = in_pb.PluginsRequest(filters=["type==io.containerd.runtime.v2"])
+    assert not (await service.Plugins(none, CALL)).plugins
+    with pytest.raises(InvalidArgument):
+        await service.Plugins(in_pb.PluginsRequest(filters=["id=="]), CALL)

@@ -11,8 +11,9 @@
 4. binds the socket atomically, starts, and waits until a gRPC channel to
    it is ready; only then does it say anything: ``READY=1`` on
    ``--ready-fd``, sd_notify, one log line;
-5. waits for signals: SIGHUP reloads (services with a ``reload`` method,
-   e.g. registry hosts and credentials), SIGTERM or SIGINT stops;
+5. waits for signals: SIGHUP reloads (calls ``reload`` on the services
+   that have one; registry hosts.toml and credentials are read afresh by
+   every pull today, so nothing else holds them), SIGTERM or SIGINT stops;
 6. stops accepting, gives in-flight RPCs the grace period to finish, then
    cancels them (their trio side sees `trio.Cancelled`), removes the socket
    and returns: exit status 0.
@@ -76,13 +77,25 @@ SERVICES: tuple[tuple[str, str], ...] = (
         "ckfs.services.version",
         "ckfs.api.services.version.v1.version_pb2_grpc:add_VersionServicer_to_server",
     ),
+    (
+        "ckfs.services.introspection",
+        "ckfs.api.services.introspection.v1.introspection_pb2_grpc:"
+        "add_IntrospectionServicer_to_server",
+    ),
     ("ckfs.services.ckfs", "ckfs.api.v1.ckfs_pb2_grpc:add_CkfsServicer_to_server"),
 )
 
 #: Largest message either way, as containerd's own server (16 MiB): a
-#: content Write chunk or a List batch fits many times over; anything
-#: bigger is refused by grpcio before it is buffered.
+#: content Write chunk or a List batch fits many times over. grpcio refuses
+#: a bigger one from its length prefix, before buffering it or calling any
+#: ckfs code, with RESOURCE_EXHAUSTED (as containerd does).
 MAX_MESSAGE = 16 << 20
+
+#: RPCs in progress or queued for a worker before grpcio answers
+#: RESOURCE_EXHAUSTED at once: a flood of calls costs a bounded queue, not
+#: memory without end. Far above what containerd sends at once (a pull
+#: writes a few layers in parallel) or the issue's 200 concurrent calls.
+MAX_RPCS = 1024
 
 #: Seconds to wait for our own socket to answer a gRPC handshake at start.
 READY_TIMEOUT = 30.0
@@ -236,7 +249,12 @@ async def _server(config: Config, state: State, path: Path) -> AsyncIterator[lis
     left of streaming RPCs on the loop.
     """
     pool = futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc")
-    server = grpc.server(pool, interceptors=[LoggingInterceptor()], options=_SERVER_OPTIONS)
+    server = grpc.server(
+        pool,
+        interceptors=[LoggingInterceptor()],
+        options=_SERVER_OPTIONS,
+        maximum_concurrent_rpcs=MAX_RPCS,
+    )
     try:
         async with trio.open_nursery() as nursery:
             bridge = Bridge(nursery, max_streams=config.workers)
