@@ -46,7 +46,6 @@ holds them (`ContentStore.expire_ingests`).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -62,7 +61,7 @@ from ckfs.images import manifest as manifests
 from ckfs.jsondoc import parse_object
 from ckfs.labels import GC_ROOT, content_refs, snapshot_refs
 from ckfs.rootfs import EXTRACT_PREFIX
-from ckfs.snapshots import Cleaner, CleanupError, Info, Kind, Snapshotter
+from ckfs.snapshots import Cleaner, CleanupError, Info, Kind, Snapshotter, containerd_owned
 
 __all__ = ["DEFAULT_INGEST_EXPIRY", "GCReport", "collect"]
 
@@ -73,12 +72,6 @@ log = logging.getLogger(__name__)
 #: interrupted today resumes tomorrow, short enough that the bytes of an
 #: abandoned (or hostile) download do not hold the disk for good.
 DEFAULT_INGEST_EXPIRY = 24 * 3600.0
-
-#: The key containerd's metadata layer gives every snapshot it makes in a
-#: backend, ``<namespace>/<sequence>/<key>``, with the namespace a
-#: containerd identifier; ckfs never makes one, so such a snapshot is
-#: containerd's, and containerd's gc removes it, not ckfs's.
-_CONTAINERD_KEY = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*/[0-9]+/")
 
 #: A blob still to walk: its digest, the media type its parent gave it (None
 #: when only a label named it), and the root it was reached from, for errors.
@@ -149,7 +142,7 @@ def _image_roots(images: ImageStore, errors: list[str]) -> list[_Todo]:
 
 def _is_root(info: Info) -> bool:
     """Whether a snapshot is kept for itself (see the module's docstring)."""
-    if GC_ROOT in info.labels or _CONTAINERD_KEY.match(info.name):
+    if GC_ROOT in info.labels or containerd_owned(info.name):
         return True
     return info.kind is not Kind.COMMITTED and not info.name.startswith(EXTRACT_PREFIX)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = [
     "LayerLimit",
     "Snapshotter",
     "Usage",
+    "containerd_owned",
     "max_layers",
 ]
 
@@ -384,3 +386,16 @@ class LayerDirs(Protocol):
             NotFound: no such snapshot.
         """
         ...
+
+
+#: The key containerd's metadata layer gives every snapshot it makes in a
+#: backend, ``<namespace>/<sequence>/<key>``, the namespace a containerd
+#: identifier. ckfs never makes one, so such a snapshot is containerd's:
+#: containerd's gc removes it and ckfs's does not, and through ckfsd
+#: containerd may remove only those.
+_CONTAINERD_KEY = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*/[0-9]+/")
+
+
+def containerd_owned(key: str) -> bool:
+    """Whether containerd's metadata layer made snapshot *key* (``<ns>/<seq>/<key>``)."""
+    return _CONTAINERD_KEY.match(key) is not None

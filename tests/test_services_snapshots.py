@@ -20,13 +20,8 @@ from ckfs import errors
 from ckfs.api.services.snapshots.v1 import snapshots_pb2 as pb
 from ckfs.api.types import types_pb2
 from ckfs.labels import SNAPSHOT_REF
-from ckfs.services.snapshots import (
-    LIST_BATCH,
-    MAX_KEY_SIZE,
-    SnapshotsService,
-    containerd_owned,
-)
-from ckfs.snapshots import Snapshotter
+from ckfs.services.snapshots import LIST_BATCH, MAX_KEY_SIZE, SnapshotsService
+from ckfs.snapshots import Snapshotter, containerd_owned
 from ckfs.state import State
 from tests.test_unpack import OffLoop
 

@@ -59,7 +59,7 @@ from ckfs.digest import Digest
 from ckfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from ckfs.filters import Filter, adaptor_for, parse_filters
 from ckfs.labels import SNAPSHOT_REF
-from ckfs.snapshots import Cleaner, Info, Kind, Snapshotter, Usage
+from ckfs.snapshots import Cleaner, Info, Kind, Snapshotter, Usage, containerd_owned
 
 if TYPE_CHECKING:
     from ckfs.mount import Mount
@@ -73,7 +73,6 @@ __all__ = [
     "SnapshotsService",
     "check_key",
     "check_labels",
-    "containerd_owned",
 ]
 
 #: The proxy name the documented ``[proxy_plugins.ckfs]`` gives; unless
@@ -108,16 +107,7 @@ MAX_LABELS_SIZE = 64 * 1024
 #: key is an attack on whatever prints or stores it.
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 
-#: The key containerd's metadata layer gives every snapshot it makes in a
-#: backend: ``<namespace>/<sequence>/<key>``, the namespace an identifier.
-_CONTAINERD_KEY = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*/[0-9]+/")
-
 _T = TypeVar("_T")
-
-
-def containerd_owned(key: str) -> bool:
-    """Whether containerd's metadata layer made snapshot *key* (``ns/seq/…``)."""
-    return _CONTAINERD_KEY.match(key) is not None
 
 
 def check_key(key: str, what: str = "snapshot key", *, empty: bool = False) -> None:
