@@ -33,15 +33,21 @@ def need(*tools: str) -> None:
 
 @dataclass
 class Ckfs:
-    """Runs the real `ckfs` command against one state root."""
+    """Runs the real `ckfs` command against one state root.
+
+    With an *address*, every command goes through the ckfsd there (which
+    serves the same root), as ``--address`` asks.
+    """
 
     root: Path
+    address: str | None = None
 
     def run(
         self, *args: str, check: bool = True, input: bytes | None = None
     ) -> subprocess.CompletedProcess[str]:
+        face = ["--address", self.address] if self.address else []
         proc = subprocess.run(
-            [sys.executable, "-m", "ckfs_cli.main", "--root", str(self.root), *args],
+            [sys.executable, "-m", "ckfs_cli.main", "--root", str(self.root), *face, *args],
             capture_output=True,
             text=True,
             input=input.decode() if input else None,
@@ -64,9 +70,22 @@ class Ckfs:
         return lines[0]
 
 
-@pytest.fixture
-def ckfs(tmp_path: Path) -> Ckfs:
-    return Ckfs(tmp_path / "root")
+#: Both faces of the CLI: ``pytestmark = BOTH_FACES`` runs a module's tests
+#: on the root directly and through a real ckfsd, expecting the same.
+BOTH_FACES = pytest.mark.parametrize("ckfs", ["local", "ckfsd"], indirect=True)
+
+
+@pytest.fixture(params=["local"])
+def ckfs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ckfs]:
+    """The CLI on a fresh root: ``local``, or through a ``ckfsd`` on that root (`BOTH_FACES`)."""
+    root = tmp_path / "root"
+    if request.param == "local":
+        yield Ckfs(root)
+        return
+    from integration.daemon import running_ckfsd
+
+    with running_ckfsd(root) as daemon:
+        yield Ckfs(root, daemon.address)
 
 
 @pytest.fixture(scope="session")

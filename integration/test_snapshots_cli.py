@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 import snapshotters
-from integration.conftest import Ckfs
+from integration.conftest import BOTH_FACES, Ckfs
+
+pytestmark = BOTH_FACES
 
 
 @pytest.mark.parametrize("snapshotter", snapshotters.NAMES)
