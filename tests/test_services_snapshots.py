@@ -20,13 +20,17 @@ from ckfs import errors
 from ckfs.api.services.snapshots.v1 import snapshots_pb2 as pb
 from ckfs.api.types import types_pb2
 from ckfs.labels import SNAPSHOT_REF
-from ckfs.services.snapshots import LIST_BATCH, MAX_KEY_SIZE, SnapshotsService
-from ckfs.snapshots import Snapshotter, containerd_owned
+from ckfs.services.snapshots import (
+    LIST_BATCH,
+    MAX_KEY_SIZE,
+    PROXY,
+    SnapshotsService,
+    _batches,
+)
+from ckfs.snapshots import Info, Kind, Snapshotter, containerd_owned
 from ckfs.state import State
 from tests.test_unpack import OffLoop
 
-#: What containerd's proxy plugin sends as ``snapshotter``: its configured name.
-PROXY = "ckfs"
 #: A ckfs snapshotter named directly, as ``ctr --address <ckfsd>`` does.
 DIRECT = "overlayfs"
 
@@ -350,3 +354,13 @@ async def test_label_sets_over_the_limit_are_invalid(service: SnapshotsService) 
         await service.Update(request, None)
     assert await names(service) == ["default/1/a"]
     assert dict((await stat(service, "default/1/a")).labels) == {}
+
+
+def test_list_batches_are_cut_by_size_too() -> None:
+    # 100 snapshots with labels near the per-request limit would make one
+    # response larger than gRPC's default 4 MiB.
+    labels = {f"l{n}": "v" * 4000 for n in range(15)}
+    infos = [Info(kind=Kind.ACTIVE, name=f"k{n}", labels=labels) for n in range(LIST_BATCH)]
+    sizes = [len(batch) for batch in _batches(infos)]
+    assert sum(sizes) == LIST_BATCH and len(sizes) > 1
+    assert all(len(labels) * 4000 * size <= 2 << 20 for size in sizes)
