@@ -27,20 +27,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ckfs.content import ContentStore
-from ckfs.descriptor import Descriptor, Platform
+from ckfs.descriptor import Descriptor
 from ckfs.errors import InvalidArgument, NotFound, Unavailable
 from ckfs.images import ImageStore
 from ckfs.images import manifest as manifests
 from ckfs.images.store import Image
 from ckfs.jsondoc import parse_object
+from ckfs.options import PullOptions
 from ckfs.reference import Reference
-from ckfs.remotes import DEFAULT_MAX_BLOB_SIZE, time_budget
+from ckfs.remotes import time_budget
 from ckfs.remotes.walk import (
-    DEFAULT_CONCURRENCY,
     BlobProgress,
     FetchReport,
     check_limits,
@@ -55,7 +54,10 @@ if TYPE_CHECKING:
     from ckfs.remotes.hosts import RegistryHost
     from ckfs.remotes.walk import ChildrenFunc
 
-__all__ = ["PullReport", "pull", "pull_local"]
+__all__ = ["PullOptions", "PullReport", "pull", "pull_local"]
+
+#: Every option at its default: a pull of this host's platform, online.
+_DEFAULTS = PullOptions()
 
 
 @dataclasses.dataclass
@@ -79,25 +81,34 @@ class PullReport:
     network: bool
     seconds: float = 0.0
 
+    def to_json(self) -> dict[str, Any]:
+        """The pull's summary, as the CLI's ``--json`` prints it last and ckfsd ends a Pull with."""
+        f = self.fetch
+        return {
+            "event": "summary",
+            "reference": str(self.reference),
+            "name": self.image.name if self.image is not None else None,
+            "target": self.target.to_json(),
+            "blobs": len(f.blobs),
+            "fetched_blobs": f.fetched_blobs,
+            "fetched_bytes": f.fetched_bytes,
+            "skipped_blobs": f.present_blobs,
+            "nondistributable": [str(b.desc.digest) for b in f.skipped],
+            "network": self.network,
+            "seconds": round(self.seconds, 3),
+        }
+
 
 async def pull(
     ref: Reference,
     content: ContentStore,
     images: ImageStore,
+    options: PullOptions = _DEFAULTS,
     *,
     register: bool = True,
-    platform: Platform | None = None,
-    all_platforms: bool = False,
-    offline: bool = False,
     children: ChildrenFunc | None = None,
-    max_concurrent: int = DEFAULT_CONCURRENCY,
-    hosts_dirs: Sequence[Path] = (),
-    plain_http: bool = False,
-    user: str | None = None,
     on_event: Callable[[BlobProgress], None] | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
-    timeout: float | None = None,
-    max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
 ) -> PullReport:
     """Bring *ref* into the content store and, with *register*, name it.
 
@@ -105,43 +116,31 @@ async def pull(
         ref: a normalized reference (`ckfs.reference.parse`).
         content: where blobs go.
         images: where the name goes.
+        options: platform, registry access and limits (`PullOptions`);
+            offline, the target is found by digest or by the name in
+            *images* and everything must be present.
         register: record ``str(ref)`` → target in *images*; false for
             ``ckfs fetch``.
-        platform: the platform to fetch from an index; None for this host.
-        all_platforms: fetch every manifest of an index.
         children: which descriptors under a manifest or index to fetch,
-            instead of `platform_children` for *platform* and
-            *all_platforms* (`ckfs.unpack` wraps that one to refuse an
-            image too deep to stack before any of its layers is fetched).
-        offline: never contact the registry; everything must be present
-            (the target found by digest or by the name in *images*).
-        max_concurrent: layers transferred at once (see `ckfs.remotes.fetch.fetch`).
-        hosts_dirs: ``certs.d`` directories for mirrors and TLS
-            (`ckfs.remotes.hosts.load_hosts`).
-        plain_http: use plain HTTP for the registry when no hosts.toml says.
-        user: ``user:password`` for the registry, overriding Docker's
-            ``config.json``.
+            instead of `platform_children` for the options' platforms
+            (`ckfs.unpack` wraps that one to refuse an image too deep to
+            stack before any of its layers is fetched).
         on_event: called with a blob's progress at each state change.
         transport: an httpx transport for the registry client (tests).
-        timeout: seconds the resolve, and each manifest and blob, may take
-            with all retries and resumes; None for `ckfs.remotes.time_budget`
-            (a base plus an allowance for the size).
-        max_blob_size: refuse a blob whose descriptor claims more bytes,
-            before downloading it.
 
     Returns:
         A `PullReport`.
 
     Raises:
         NotFound: the registry has no such image or blob; an index has no
-            manifest for the platform; with *offline*, the image or one of
+            manifest for the platform; offline, the image or one of
             its blobs is not present (the message names what is missing).
         Unavailable: the registry cannot be reached (the message names the
             host), kept dropping connections, or a time budget ran out;
             partial downloads are kept for the next pull.
         DataLoss: a blob did not match its digest; nothing of it was kept.
         InvalidArgument: a malformed or Docker schema 1 manifest, a bad
-            ``hosts.toml``, a blob over *max_blob_size*, or a bad *timeout*.
+            ``hosts.toml``, a blob over ``max_blob_size``, or a bad ``timeout``.
         FailedPrecondition: the registry refused the credentials, or the
             blobs to fetch need more than the free space.
 
@@ -150,18 +149,10 @@ async def pull(
         resume; no name is registered.
     """
     started = time.monotonic()
-    check_limits(timeout, max_blob_size)
-    if offline or ref.digest is not None:
-        local = pull_local(
-            ref,
-            content,
-            images,
-            register=register,
-            platform=platform,
-            all_platforms=all_platforms,
-            offline=offline,
-            on_event=on_event,
-        )
+    o = options
+    check_limits(o.timeout, o.max_blob_size)
+    if o.offline or ref.digest is not None:
+        local = pull_local(ref, content, images, o, register=register, on_event=on_event)
         if local is not None:
             return local
 
@@ -172,11 +163,11 @@ async def pull(
     from ckfs.remotes.hosts import load_hosts
     from ckfs.remotes.registry import RegistryClient
 
-    hosts = load_hosts(ref.domain, hosts_dirs=hosts_dirs, plain_http=plain_http)
+    hosts = load_hosts(ref.domain, hosts_dirs=o.hosts_dirs, plain_http=o.plain_http)
     async with RegistryClient(
-        ref.domain, hosts=hosts, credentials=Credentials(user), transport=transport
+        ref.domain, hosts=hosts, credentials=Credentials(o.user), transport=transport
     ) as client:
-        budget = Deadline.after(time_budget(0, timeout))
+        budget = Deadline.after(time_budget(0, o.timeout))
         gave_up = f"{ref}: resolving gave up after {seconds_text(budget.seconds)} s (--timeout)"
         with budget.raising(lambda: Unavailable(gave_up)):
             target = await client.resolve(ref)
@@ -185,11 +176,11 @@ async def pull(
             content,
             ref,
             target,
-            children=children or platform_children(platform, all_platforms=all_platforms),
-            max_concurrent=max_concurrent,
+            children=children or platform_children(o.platform, all_platforms=o.all_platforms),
+            max_concurrent=o.max_concurrent,
             on_event=on_event,
-            timeout=timeout,
-            max_blob_size=max_blob_size,
+            timeout=o.timeout,
+            max_blob_size=o.max_blob_size,
         )
     return _finish(ref, images, report, register, network=True, started=started)
 
@@ -198,14 +189,11 @@ def pull_local(
     ref: Reference,
     content: ContentStore,
     images: ImageStore,
+    options: PullOptions = _DEFAULTS,
     *,
     register: bool = True,
-    platform: Platform | None = None,
-    all_platforms: bool = False,
-    offline: bool = False,
     hosts: Sequence[RegistryHost] | None = None,
     on_event: Callable[[BlobProgress], None] | None = None,
-    timeout: float | None = None,
 ) -> PullReport | None:
     """The pull, when everything it needs is already present; None otherwise.
 
@@ -213,11 +201,14 @@ def pull_local(
     image one has costs milliseconds: `pull` starts with it, and the CLI
     calls it before starting an event loop at all.
 
-    - A reference pinned by digest, or any *offline* pull, is answered from
+    Of *options*, only the platforms, ``offline`` and ``timeout`` matter
+    here; *register*, *on_event*: as `pull`.
+
+    - A reference pinned by digest, or any offline pull, is answered from
       local state alone (offline, a tag means the name's current target).
     - A tag online, only when *hosts* are given: the name's current target,
       if complete, is confirmed by one blocking manifest ``HEAD``
-      (`ckfs.remotes.peek`), within *timeout* if that is shorter than the
+      (`ckfs.remotes.peek`), within ``timeout`` if that is shorter than the
       peek's own deadline; only for callers outside an event loop.
 
     Returns:
@@ -227,13 +218,14 @@ def pull_local(
         have moved.
 
     Raises:
-        NotFound: *offline* and the image or one of its blobs is not present
+        NotFound: offline, and the image or one of its blobs is not present
             (the message names what is missing); an index has no manifest
             for the platform.
         InvalidArgument: a present manifest is malformed or Docker schema 1.
     """
     started = time.monotonic()
     network = False
+    offline = options.offline
     target = _local_target(ref, content, images, by_name=offline or hosts is not None)
     if target is None:
         if offline:
@@ -245,13 +237,12 @@ def pull_local(
         from ckfs.remotes.peek import PEEK_DEADLINE, tag_digest
 
         network = True
-        within = PEEK_DEADLINE if timeout is None else timeout
+        within = PEEK_DEADLINE if options.timeout is None else options.timeout
         if tag_digest(ref, hosts, within=within) != target.digest:
             return None
     try:
-        report = present(
-            content, ref, target, children=platform_children(platform, all_platforms=all_platforms)
-        )
+        follow = platform_children(options.platform, all_platforms=options.all_platforms)
+        report = present(content, ref, target, children=follow)
     except NotFound:
         if offline:
             raise

@@ -33,7 +33,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -47,6 +47,7 @@ from ckfs.errors import AlreadyExists, FailedPrecondition, NotFound, unwrap_grou
 from ckfs.images import ImageStore
 from ckfs.labels import SNAPSHOT_REF, gc_snapshot_label
 from ckfs.mount import Mount
+from ckfs.options import PullOptions
 from ckfs.pull import PullReport, pull
 from ckfs.reference import Reference
 from ckfs.remotes.fetch import BlobProgress, BlobState
@@ -58,6 +59,9 @@ from ckfs.rootfs import (
     image_chain,
 )
 from ckfs.snapshots import Kind, LayerDirs, Snapshotter
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["UnpackReport", "pull_and_unpack", "unpack"]
 
@@ -351,12 +355,12 @@ async def pull_and_unpack(
     content: ContentStore,
     images: ImageStore,
     sn: Snapshotter,
+    options: PullOptions,
     *,
     snapshotter_name: str,
     lock_dir: Path,
-    platform: Platform | None = None,
     on_event: Callable[[BlobProgress], None] | None = None,
-    **pull_options: Any,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> PullReport:
     """Pull *ref* and unpack it at the same time, like containerd's pull with unpack.
 
@@ -367,15 +371,16 @@ async def pull_and_unpack(
     layer is requested.
 
     Args:
-        ref, content, images, platform, on_event, pull_options: as
-            `ckfs.pull.pull`.
+        ref, content, images, options, on_event, transport: as
+            `ckfs.pull.pull` (the options' platform is the one unpacked).
         sn, snapshotter_name, lock_dir: as `unpack`.
 
     Raises:
         As `ckfs.pull.pull` and `unpack`; the first failure cancels the other.
     """
     arrivals = _Arrivals(content)
-    follow = platform_children(platform, all_platforms=pull_options.get("all_platforms", False))
+    platform = options.platform
+    follow = platform_children(platform, all_platforms=options.all_platforms)
 
     def children(desc: Descriptor, data: bytes) -> Sequence[Descriptor]:
         found = follow(desc, data)
@@ -398,10 +403,10 @@ async def pull_and_unpack(
                 ref,
                 content,
                 images,
-                platform=platform,
+                options,
                 children=children,
                 on_event=events,
-                **pull_options,
+                transport=transport,
             )
         )
 

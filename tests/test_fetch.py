@@ -16,7 +16,7 @@ import gzip
 import hashlib
 import json
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from ckfs.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound,
 from ckfs.images import platforms
 from ckfs.images.image import MAX_CONFIG_SIZE
 from ckfs.images.manifest import MAX_MANIFEST_SIZE
-from ckfs.pull import PullReport, pull
+from ckfs.pull import PullOptions, PullReport, pull
 from ckfs.remotes import fetch as fetch_mod
 from ckfs.remotes.fetch import (
     SMALL_BLOB,
@@ -793,8 +793,26 @@ def refuse(request: httpx.Request) -> httpx.Response:
     raise AssertionError(f"no request expected, got {request.method} {request.url}")
 
 
-async def do_pull(state: State, ref: reference.Reference, transport: Any, **kw: Any) -> PullReport:
-    return await pull(ref, state.content, state.images, transport=transport, **kw)
+async def do_pull(
+    state: State,
+    ref: reference.Reference,
+    transport: Any,
+    *,
+    register: bool = True,
+    on_event: Callable[[BlobProgress], None] | None = None,
+    **kw: Any,
+) -> PullReport:
+    """`pull` with *kw* as its `PullOptions`."""
+    options = PullOptions(**kw)
+    return await pull(
+        ref,
+        state.content,
+        state.images,
+        options,
+        register=register,
+        on_event=on_event,
+        transport=transport,
+    )
 
 
 async def test_pull_by_tag_registers_and_repull_is_one_head(state: State) -> None:

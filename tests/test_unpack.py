@@ -20,6 +20,7 @@ from typing import cast
 
 import httpx
 import pytest
+import trio
 
 from ckfs import gc, reference
 from ckfs.content import ContentStore
@@ -30,6 +31,14 @@ from ckfs.identity import chain_ids
 from ckfs.images.store import Image
 from ckfs.labels import GC_REF_CONTENT, GC_REF_SNAPSHOT, GC_ROOT, SNAPSHOT_REF
 from ckfs.mount import PAGE_SIZE, Mount, _compact_lowerdir
+from ckfs.options import PullOptions
+from ckfs.provide import (
+    IMAGE_LABEL,
+    ensure_rootfs,
+    ensure_rootfs_async,
+    pull_image,
+    pull_image_async,
+)
 from ckfs.remotes.archives import open_source
 from ckfs.rootfs import EXTRACT_PREFIX, NotUnpacked, snapshot_on
 from ckfs.snapshots import Kind, Snapshotter, max_layers
@@ -463,6 +472,7 @@ async def test_pull_and_unpack_refuses_a_deep_image_before_fetching_a_layer(deep
             state.content,
             state.images,
             sn,
+            PullOptions(),
             snapshotter_name="overlayfs",
             lock_dir=state.lock_dir,
             transport=httpx.MockTransport(registry.handle),
@@ -632,3 +642,54 @@ async def test_unpack_reaches_the_stores_only_from_worker_threads(env: Env) -> N
             lock_dir=env.state.lock_dir,
         )
     assert env.names() == sorted(chain_of([BASE, APP]))
+
+
+# -- ckfs.provide: the one path every face takes -------------------------------------
+
+
+async def test_ensure_rootfs_unpacks_what_is_missing_then_answers_from_snapshots(env: Env) -> None:
+    """Both faces: the async one (ckfsd) and the sync one (the CLI, here in a worker thread)."""
+    name = "example.local/provide/app:1"
+    await env.add(name, [BASE, APP])
+    ref, offline = reference.parse(name), PullOptions(offline=True)
+
+    rw = await ensure_rootfs_async(env.state, ref, "rw", snapshotter=env.name, options=offline)
+    assert env.names() == sorted([*chain_of([BASE, APP]), "rw"])
+    assert dict(env.sn.stat("rw").labels) == {IMAGE_LABEL: name}
+    ro = await trio.to_thread.run_sync(
+        lambda: ensure_rootfs(env.state, ref, "ro", snapshotter=env.name, readonly=True)
+    )
+    assert env.sn.stat("ro").kind is Kind.VIEW
+    assert files_in(rw) == files_in(ro) == {**BASE, **APP}
+    with pytest.raises(AlreadyExists):
+        await ensure_rootfs_async(env.state, ref, "rw", snapshotter=env.name, options=offline)
+
+    # The sync face unpacks too (its own event loop, in this thread).
+    other = "example.local/provide/other:1"
+    await env.add(other, [BASE, OTHER])
+    mounts = await trio.to_thread.run_sync(
+        lambda: ensure_rootfs(env.state, reference.parse(other), "o", snapshotter=env.name)
+    )
+    assert files_in(mounts) == {**BASE, **OTHER}
+
+
+async def test_pull_image_of_a_present_image_reports_every_blob_and_asks_nobody(env: Env) -> None:
+    name = "example.local/provide/app:1"
+    target = await env.add(name, [BASE, APP])
+    ref, offline = reference.parse(name), PullOptions(offline=True)
+    events: list[dict[str, object]] = []
+
+    local = await trio.to_thread.run_sync(
+        lambda: pull_image(
+            env.state, ref, options=offline, on_event=lambda p: events.append(p.to_json())
+        )
+    )
+    on_loop = await pull_image_async(env.state, ref, options=offline)
+    for report in (local, on_loop):
+        assert report.target == target and not report.network
+        assert report.to_json()["fetched_blobs"] == 0
+    assert {e["state"] for e in events} == {"exists"} and len(events) == 4  # manifest, config, 2
+
+
+def test_pull_options_never_show_the_credentials() -> None:
+    assert "secret" not in repr(PullOptions(user="me:secret"))

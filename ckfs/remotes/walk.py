@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ckfs import mediatypes as mt
 from ckfs.content import ContentStore
@@ -92,6 +93,22 @@ class BlobProgress:
     started: float = 0.0
     note: str = ""
     source: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """This state change as one event: what ``--json`` prints and ckfsd streams."""
+        out: dict[str, Any] = {
+            "event": "blob",
+            "state": str(self.state),
+            "kind": self.kind,
+            "digest": str(self.desc.digest),
+            "media_type": self.desc.media_type,
+            "size": self.desc.size,
+            "offset": self.offset,
+            "fetched": self.fetched,
+        }
+        if self.note:
+            out["note"] = self.note
+        return out
 
 
 @dataclasses.dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -15,12 +15,16 @@ import snapshotters
 from ckfs.remotes import BUDGET_BASE, BUDGET_MIN_RATE, DEFAULT_MAX_BLOB_SIZE
 from ckfs_cli.app import App
 
+if TYPE_CHECKING:
+    from ckfs.options import PullOptions
+
 __all__ = [
     "DEFAULT_SNAPSHOTTER",
     "DURATION",
     "SIZE",
     "apply",
     "pass_app",
+    "pull_options",
     "registry_options",
     "snapshotter_option",
 ]
@@ -42,12 +46,17 @@ def apply(f: _F, options: list[Callable[[Any], Any]]) -> _F:
 
 
 def snapshotter_option(f: _F) -> _F:
-    """``--snapshotter``, its choices and help from the registry (a new one needs no edit here)."""
+    """``--snapshotter``, its choices and help from the registry (a new one needs no edit here).
+
+    Not a `click.Choice`: an unknown name is refused by the registry
+    (`snapshotters.get`), as one line and exit status 1 like every other
+    error, and the same way through ckfsd.
+    """
     kinds = "; ".join(f"{name}: {snapshotters.SUMMARIES[name]}" for name in snapshotters.NAMES)
     return click.option(
         "--snapshotter",
         "-s",
-        type=click.Choice(snapshotters.NAMES),
+        metavar=f"[{'|'.join(snapshotters.NAMES)}]",
         default=DEFAULT_SNAPSHOTTER,
         show_default=True,
         help=f"Snapshotter ({kinds}).",
@@ -159,3 +168,16 @@ def registry_options(f: _F) -> _F:
             limit_options,
         ],
     )
+
+
+def pull_options(*, platform: str | None = None, **flags: Any) -> PullOptions:
+    """The `registry_options` (and pull's own flags) as the library's `ckfs.options.PullOptions`.
+
+    Raises:
+        InvalidArgument: a malformed ``--platform``.
+    """
+    from ckfs.images import platforms
+    from ckfs.options import PullOptions
+
+    parsed = platforms.parse(platform) if platform else None
+    return PullOptions(platform=parsed, **flags)

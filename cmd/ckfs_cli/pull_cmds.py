@@ -8,27 +8,23 @@ per state change, no animation; nothing with ``--quiet``.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from ckfs.remotes import DEFAULT_CONCURRENCY
 from ckfs_cli.app import App, human_size, skip_httpx_cli
-from ckfs_cli.options import apply, pass_app, registry_options
+from ckfs_cli.options import apply, pass_app, pull_options, registry_options
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
     from ckfs.pull import PullReport
-    from ckfs.reference import Reference
     from ckfs.remotes.walk import BlobProgress
-    from ckfs.state import State
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -89,30 +85,12 @@ def fetch_cmd(app: App, /, **opts: Any) -> None:
     _run(app, register=False, **opts)
 
 
-def _run(
-    app: App,
-    *,
-    register: bool,
-    ref: str,
-    plain_http: bool,
-    hosts_dirs: tuple[Path, ...],
-    platform: str | None,
-    all_platforms: bool,
-    user: str | None,
-    offline: bool,
-    max_concurrent: int,
-    timeout: float | None,
-    max_blob_size: int,
-    quiet: bool,
-    as_json: bool,
-) -> None:
+def _run(app: App, *, register: bool, ref: str, quiet: bool, as_json: bool, **flags: Any) -> None:
     from ckfs import reference
-    from ckfs.images import platforms
-    from ckfs.pull import pull_local
+    from ckfs.provide import pull_image
 
     parsed = reference.parse(ref)
-    plat = platforms.parse(platform) if platform else None
-    state = app.state
+    options = pull_options(**flags)
     display: _Display
     if as_json:
         display = _JsonDisplay()
@@ -122,83 +100,21 @@ def _run(
         display = _LiveDisplay()
     else:
         display = _PlainDisplay()
-    common: dict[str, Any] = {
-        "register": register,
-        "platform": plat,
-        "all_platforms": all_platforms,
-        "offline": offline,
-        "on_event": display.event,
-    }
-    # An image already complete here needs no event loop: by digest or
-    # offline nothing is asked, by tag one HEAD (given no --user: those
-    # credentials are for the full client to use).
-    hosts = None
-    if not (user or offline or parsed.digest):
-        from ckfs.remotes.hosts import default_hosts_dirs, load_hosts
-
-        dirs = list(hosts_dirs) or default_hosts_dirs(state.root)
-        hosts = load_hosts(parsed.domain, hosts_dirs=dirs, plain_http=plain_http)
-    report = pull_local(parsed, state.content, state.images, hosts=hosts, timeout=timeout, **common)
-    if report is None:
-        limits = {
-            "max_concurrent": max_concurrent,
-            "timeout": timeout,
-            "max_blob_size": max_blob_size,
-        }
-        report = _pull(parsed, state, display, {**common, **limits}, hosts_dirs, plain_http, user)
+    skip_httpx_cli()  # before the full pull, if it comes to that, imports httpx
+    report = pull_image(
+        app.state,
+        parsed,
+        register=register,
+        options=options,
+        on_event=display.event,
+        transfer=display,
+    )
     if as_json:
-        _emit(_summary(report))
+        _emit(report.to_json())
     elif not quiet:
         name = report.image.name if report.image is not None else str(parsed)
         click.echo(f"{name}  {report.target.digest}")
         click.echo(_summary_line(report), err=True)
-
-
-def _pull(
-    parsed: Reference,
-    state: State,
-    display: _Display,
-    common: dict[str, Any],
-    hosts_dirs: tuple[Path, ...],
-    plain_http: bool,
-    user: str | None,
-) -> PullReport:
-    """The full pull, on trio with the registry client."""
-    skip_httpx_cli()
-    import trio
-
-    from ckfs.pull import pull
-    from ckfs.remotes.hosts import default_hosts_dirs
-
-    run = functools.partial(
-        pull,
-        parsed,
-        state.content,
-        state.images,
-        hosts_dirs=list(hosts_dirs) or default_hosts_dirs(state.root),
-        plain_http=plain_http,
-        user=user,
-        **common,
-    )
-    with display:
-        return trio.run(run)
-
-
-def _summary(report: PullReport) -> dict[str, Any]:
-    f = report.fetch
-    return {
-        "event": "summary",
-        "reference": str(report.reference),
-        "name": report.image.name if report.image is not None else None,
-        "target": report.target.to_json(),
-        "blobs": len(f.blobs),
-        "fetched_blobs": f.fetched_blobs,
-        "fetched_bytes": f.fetched_bytes,
-        "skipped_blobs": f.present_blobs,
-        "nondistributable": [str(b.desc.digest) for b in f.skipped],
-        "network": report.network,
-        "seconds": round(report.seconds, 3),
-    }
 
 
 def _summary_line(report: PullReport) -> str:
@@ -236,19 +152,7 @@ class _JsonDisplay(_Display):
     """One JSON object per state change, on stdout, flushed at once."""
 
     def event(self, p: BlobProgress) -> None:
-        out: dict[str, Any] = {
-            "event": "blob",
-            "state": str(p.state),
-            "kind": p.kind,
-            "digest": str(p.desc.digest),
-            "media_type": p.desc.media_type,
-            "size": p.desc.size,
-            "offset": p.offset,
-            "fetched": p.fetched,
-        }
-        if p.note:
-            out["note"] = p.note
-        _emit(out)
+        _emit(p.to_json())
 
 
 def _line(p: BlobProgress) -> str:

@@ -17,12 +17,18 @@ import click
 
 from ckfs_cli.app import App, human_size, print_json, print_mounts, skip_httpx_cli
 from ckfs_cli.images_cmds import normalize
-from ckfs_cli.options import DURATION, pass_app, registry_options, snapshotter_option
+from ckfs_cli.options import (
+    DURATION,
+    pass_app,
+    pull_options,
+    registry_options,
+    snapshotter_option,
+)
 
 if TYPE_CHECKING:
-    from ckfs.descriptor import Descriptor
     from ckfs.gc import GCReport
     from ckfs.mount import Mount
+    from ckfs.options import PullOptions
 
 
 def mount_key(target: Path) -> str:
@@ -30,86 +36,21 @@ def mount_key(target: Path) -> str:
 
 
 def _rootfs(
-    app: App, ref: str, snapshotter: str, key: str, readonly: bool, opts: dict[str, Any]
-) -> tuple[str, list[Mount]]:
-    """A snapshot *key* on the image *ref*: its name and Mount records.
-
-    The common case, an image already pulled and unpacked, is a few SQLite
-    queries and never starts an event loop. Otherwise the missing layers are
-    unpacked, or, when the image is not complete locally, pulled and
-    unpacked at once, each layer applied as soon as it has arrived. A
-    complete local image needs no network, whatever its name says.
-    """
+    app: App, ref: str, snapshotter: str, key: str, readonly: bool, options: PullOptions
+) -> list[Mount]:
+    """A snapshot *key* on the image *ref*: its Mount records (`ckfs.provide.ensure_rootfs`)."""
     from ckfs import reference
-    from ckfs.errors import NotFound
-    from ckfs.images import image as img
-    from ckfs.images import platforms
-    from ckfs.rootfs import NotUnpacked, snapshot_on
+    from ckfs.provide import ensure_rootfs
 
-    state = app.state
-    name = normalize(ref)
-    plat = platforms.parse(opts["platform"]) if opts.get("platform") else None
-    sn = state.snapshotter(snapshotter)
-    labels = {"ckfs.io/image": name}
-
-    def snapshot(target: Descriptor) -> list[Mount]:
-        return snapshot_on(
-            state.content, sn, target, key, readonly=readonly, labels=labels, platform=plat
-        )
-
-    try:
-        image = state.images.get(name)
-        img.tree(state.content, image.target, name=name)
-    except NotFound:
-        image = None
-    if image is not None:
-        try:
-            return name, snapshot(image.target)
-        except NotUnpacked:
-            pass
-    skip_httpx_cli()
-    import trio
-
-    from ckfs.remotes.hosts import default_hosts_dirs
-    from ckfs.unpack import pull_and_unpack, unpack
-
-    lock_dir = state.lock_dir
-    if image is not None:
-        target = image.target
-        trio.run(
-            lambda: unpack(
-                state.content,
-                sn,
-                target,
-                snapshotter_name=snapshotter,
-                lock_dir=lock_dir,
-                platform=plat,
-            )
-        )
-    else:
-        report = trio.run(
-            lambda: pull_and_unpack(
-                reference.parse(ref),
-                state.content,
-                state.images,
-                sn,
-                offline=opts.get("offline", False),
-                hosts_dirs=list(opts.get("hosts_dirs") or ()) or default_hosts_dirs(state.root),
-                plain_http=opts.get("plain_http", False),
-                user=opts.get("user"),
-                snapshotter_name=snapshotter,
-                lock_dir=lock_dir,
-                platform=plat,
-                timeout=opts["timeout"],
-                max_blob_size=opts["max_blob_size"],
-            )
-        )
-        target = report.target
-    return name, snapshot(target)
+    parsed = reference.parse(ref)
+    skip_httpx_cli()  # before an unpack or a pull, if it comes to that, imports httpx
+    return ensure_rootfs(
+        app.state, parsed, key, snapshotter=snapshotter, readonly=readonly, options=options
+    )
 
 
 def _mount(
-    app: App, ref: str, target: Path, snapshotter: str, ro: bool, opts: dict[str, Any]
+    app: App, ref: str, target: Path, snapshotter: str, ro: bool, options: PullOptions
 ) -> str:
     """Pull, unpack, prepare and mount; returns the snapshot key.
 
@@ -123,19 +64,18 @@ def _mount(
     key = mount_key(target)
     if mountlib.is_mountpoint(target):
         raise FailedPrecondition(f"{target} is already a mountpoint; ckfs umount it first")
-    with state.gc_lock():
-        try:
-            _, mounts = _rootfs(app, ref, snapshotter, key, ro, opts)
-        except AlreadyExists:
-            raise FailedPrecondition(
-                f"{target} already has a ckfs snapshot ({snapshotter}); run `ckfs umount {target}`"
-            ) from None
-        try:
-            target.mkdir(parents=True, exist_ok=True)
-            mountlib.mount_all(mounts, target)
-        except BaseException:
-            state.snapshotter(snapshotter).remove(key)
-            raise
+    try:
+        mounts = _rootfs(app, ref, snapshotter, key, ro, options)
+    except AlreadyExists:
+        raise FailedPrecondition(
+            f"{target} already has a ckfs snapshot ({snapshotter}); run `ckfs umount {target}`"
+        ) from None
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        mountlib.mount_all(mounts, target)
+    except BaseException:
+        state.snapshotter(snapshotter).remove(key)
+        raise
     return key
 
 
@@ -154,7 +94,7 @@ def mount_cmd(app: App, /, snapshotter: str, ro: bool, ref: str, target: Path, *
       ckfs mount docker.io/stevvooe/foo /mnt/rootfs
       ckfs mount --ro --snapshotter native example.local/ckfs/busybox /mnt/x
     """
-    key = _mount(app, ref, target, snapshotter, ro, opts)
+    key = _mount(app, ref, target, snapshotter, ro, pull_options(**opts))
     click.echo(f"mounted {ref} at {target} ({snapshotter} snapshot {key!r})", err=True)
 
 
@@ -206,8 +146,7 @@ def rootfs_cmd(
         import secrets  # ~10 ms of imports every other command need not pay
 
         key = f"rootfs-{time.time_ns()}-{secrets.token_hex(4)}"
-    with app.state.gc_lock():
-        _, mounts = _rootfs(app, ref, snapshotter, key, ro, opts)
+    mounts = _rootfs(app, ref, snapshotter, key, ro, pull_options(**opts))
     if as_json:
         print_json(
             {"key": key, "snapshotter": snapshotter, "mounts": [m.to_json() for m in mounts]}
@@ -241,16 +180,15 @@ def bundle_cmd(
     image's command. Clean up with `ckfs umount DIRECTORY/rootfs`.
     """
     from ckfs.images import image as img
-    from ckfs.images import platforms
     from ckfs.runtime_spec import build_spec
 
+    options = pull_options(**opts)
     directory.mkdir(parents=True, exist_ok=True)
     rootfs = directory / "rootfs"
-    key = _mount(app, ref, rootfs, snapshotter, ro, opts)
+    key = _mount(app, ref, rootfs, snapshotter, ro, options)
     try:
         image = app.state.images.get(normalize(ref))
-        plat = platforms.parse(opts["platform"]) if opts.get("platform") else None
-        config = img.config(app.state.content, image.target, plat)
+        config = img.config(app.state.content, image.target, options.platform)
         spec = build_spec(config, rootfs=rootfs, args=args, readonly=ro)
         tmp = directory / "config.json.tmp"
         tmp.write_text(json.dumps(spec, indent=2) + "\n")

@@ -1,0 +1,57 @@
+"""What a pull may do, as one value every face passes on unchanged.
+
+The CLI's registry flags and ckfsd's Pull and Mounts requests both become a
+`PullOptions`, which `ckfs.provide`, `ckfs.pull` and `ckfs.unpack` take as
+is: an option added here reaches every path at once. This module imports
+nothing beyond the standard library, so a client that only forwards options
+to ckfsd stays light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from ckfs.remotes import DEFAULT_CONCURRENCY, DEFAULT_MAX_BLOB_SIZE
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ckfs.descriptor import Platform
+
+__all__ = ["PullOptions"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PullOptions:
+    """How a pull reaches the registry and how much it may take.
+
+    Attributes:
+        platform: the manifest to take from an index; None for this host.
+        all_platforms: fetch every manifest of an index (``ckfs pull`` only;
+            an unpack needs one).
+        offline: never contact the registry; everything must be present.
+        hosts_dirs: ``certs.d`` directories for mirrors and TLS
+            (`ckfs.remotes.hosts.load_hosts`). Empty means the state root's
+            defaults (`ckfs.remotes.hosts.default_hosts_dirs`) in
+            `ckfs.provide`; `ckfs.pull.pull`, which knows no root, reads
+            only those given.
+        plain_http: plain HTTP when no hosts.toml says otherwise.
+        user: ``user:password``, overriding Docker's ``config.json``. Left
+            out of the repr, so a logged request never shows it.
+        max_concurrent: layers transferred at once.
+        timeout: seconds the resolve, and each manifest and blob, may take
+            with all retries and resumes; None for `ckfs.remotes.time_budget`.
+        max_blob_size: refuse a blob whose descriptor claims more bytes,
+            before downloading it.
+    """
+
+    platform: Platform | None = None
+    all_platforms: bool = False
+    offline: bool = False
+    hosts_dirs: tuple[Path, ...] = ()
+    plain_http: bool = False
+    user: str | None = dataclasses.field(default=None, repr=False)
+    max_concurrent: int = DEFAULT_CONCURRENCY
+    timeout: float | None = None
+    max_blob_size: int = DEFAULT_MAX_BLOB_SIZE
