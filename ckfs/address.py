@@ -19,13 +19,16 @@ def default_socket() -> Path:
     """The socket path of this user's default ckfsd.
 
     root uses `SYSTEM_SOCKET`; anyone else ``$XDG_RUNTIME_DIR/ckfs/ckfsd.sock``
-    (their private runtime directory), or, without one, a directory under
-    /tmp named by their uid.
+    (their private runtime directory), or, without one (a session without
+    logind), ``$XDG_STATE_HOME/ckfs/ckfsd.sock``: private too, where a
+    directory named after the uid in /tmp could be made first by someone
+    else.
     """
     if os.geteuid() == 0:
         return SYSTEM_SOCKET
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/ckfs-{os.geteuid()}"
-    return Path(runtime) / "ckfs" / "ckfsd.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or os.environ.get("XDG_STATE_HOME")
+    base = Path(runtime) if runtime else Path.home() / ".local" / "state"
+    return base / "ckfs" / "ckfsd.sock"
 
 
 def default_address() -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ckfs.address import SYSTEM_SOCKET, socket_path
+from ckfs.address import SYSTEM_SOCKET, default_address, default_socket, socket_path
 from ckfs.digest import Digest
 from ckfs.errors import FailedPrecondition, InvalidArgument, Unavailable
 from ckfs.state import State
@@ -73,6 +73,19 @@ def test_bad_config_is_one_invalid_argument(tmp_path: Path, text: str, says: str
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="No such file"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_default_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert default_address() == "unix:///run/ckfs/ckfsd.sock"
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert default_socket() == Path("/run/user/1000/ckfs/ckfsd.sock")
+    # Never a guessable name in a shared directory: the user's own state dir.
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.setenv("HOME", "/home/u")
+    assert default_socket() == Path("/home/u/.local/state/ckfs/ckfsd.sock")
 
 
 def test_addresses() -> None:
