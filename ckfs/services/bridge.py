@@ -72,9 +72,11 @@ from ckfs.safetext import message, printable
 __all__ = [
     "DEFAULT_NAMESPACE",
     "NAMESPACE_KEY",
+    "AddToServer",
     "Bridge",
     "Call",
     "LoggingInterceptor",
+    "generated_handlers",
     "status_of",
 ]
 
