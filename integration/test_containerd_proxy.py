@@ -35,6 +35,7 @@ import pytest
 
 from ckfs.api.services.snapshots.v1 import snapshots_pb2 as pb
 from ckfs.api.services.snapshots.v1 import snapshots_pb2_grpc
+from ckfs.labels import SNAPSHOT_REF
 from integration.conftest import Ckfs
 from integration.containerd import PROXY, Containerd, cri_pull
 from integration.daemon import Daemon, channel, ckfsd_fixture  # noqa: F401 (fixture ckfsd)
@@ -144,20 +145,34 @@ def test_ctr_pull_run_and_gc_through_ckfs(
     assert ckfs_snapshots(stub) == {}
 
 
+@pytest.mark.parametrize("face", ["local", "ckfsd"])
 def test_containerd_adopts_layers_ckfs_unpacked(
     make_containerd: Callable[..., Containerd],
     stub: snapshots_pb2_grpc.SnapshotsStub,
-    ckfs: Ckfs,
     ckfsd: Daemon,
     registry: Registry,
+    face: str,
 ) -> None:
-    assert ckfs.root == ckfsd.root
+    # The CLI on ckfsd's root: daemonless, or through the ckfsd containerd uses.
+    ckfs = Ckfs(ckfsd.root, ckfsd.address if face == "ckfsd" else None)
     ref = image_ref(registry)
     ckfs.run("pull", "--plain-http", ref)
     key = json.loads(ckfs.run("rootfs", "--plain-http", "--json", "--key", "mine", ref).stdout)
     assert key  # the Mount records of ckfs's own snapshot on the image
     before = ckfs_snapshots(stub)
     assert len(committed(before)) == EXAMPLE_LAYERS
+    # On the wire, the remote-snapshot answer containerd's metadata layer needs.
+    top = before["mine"].parent
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Prepare(
+            pb.PrepareSnapshotRequest(
+                snapshotter=PROXY,
+                key=f"default/1/extract-1 {top}",
+                parent=before[top].parent,
+                labels={SNAPSHOT_REF: top},
+            )
+        )
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
     ctd = make_containerd(cri=True, plain_http=registry.host)
     cri_pull(ctd.address, ref)
