@@ -26,13 +26,12 @@ import trio
 
 import snapshotters
 from ckfs.api.services.snapshots.v1 import snapshots_pb2_grpc
-from ckfs.client import Client
 from ckfs.errors import FailedPrecondition
-from ckfs.remote_snapshots import RemoteSnapshotter
 from ckfs.services.bridge import Bridge
 from ckfs.services.snapshots import SnapshotsService
 from ckfs.snapshots import Snapshotter
 from ckfs.state import State
+from tests.remote_stores import remote_snapshotters
 from tests.suites.snapshotter import SnapshotterSuite
 
 #: Enough for the suite's eight concurrent prepares plus a List or two.
@@ -67,7 +66,7 @@ def serving(root: Path, address: str) -> Iterator[None]:
                 token.append(trio.lowlevel.current_trio_token())
                 started.set()
                 await stop.wait()
-                await trio.to_thread.run_sync(server.stop(1).wait)
+                await trio.to_thread.run_sync(server.stop(None).wait)
         finally:
             await trio.to_thread.run_sync(state.close)
 
@@ -91,30 +90,12 @@ def serving(root: Path, address: str) -> Iterator[None]:
         assert not failure, failure
 
 
-@contextlib.contextmanager
-def remote_snapshotters(name: str, tmp_path: Path) -> Iterator[Callable[[], Snapshotter]]:
-    """*name* served from a state under *tmp_path*; each call is another client."""
-    address = f"unix://{tmp_path}/snapshots.sock"
-    clients: list[Client] = []
-
-    def make() -> Snapshotter:
-        client = Client.connect(address)
-        clients.append(client)
-        return RemoteSnapshotter(client, name)
-
-    with serving(tmp_path / "root", address):
-        try:
-            yield make
-        finally:
-            for client in clients:
-                client.close()
-
-
 @pytest.fixture(params=snapshotters.NAMES)
 def make_snapshotter(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Callable[[], Snapshotter]]:
-    with remote_snapshotters(request.param, tmp_path) as make:
+    address = f"unix://{tmp_path}/snapshots.sock"
+    with serving(tmp_path / "root", address), remote_snapshotters(address, request.param) as make:
         yield make
 
 
