@@ -22,9 +22,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".bench"
 
+#: The proxy snapshotter's name in containerd's config, as the docs and the
+#: integration tests name it: what ``ctr --snapshotter`` takes.
+PROXY = "ckfs"
+
 
 def ckfs_cmd(root: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "ckfs_cli.main", "--root", str(root), *args]
+
+
+def ckfs_client_cmd(address: str, *args: str) -> list[str]:
+    """The ckfs command line of a client of the ckfsd at *address*."""
+    return [sys.executable, "-m", "ckfs_cli.main", "--address", address, *args]
 
 
 def run(cmd: list[str]) -> None:
@@ -48,14 +57,20 @@ def timed(setup: Callable[[], None], body: Callable[[], None], repeat: int = 3) 
     return statistics.median(times)
 
 
-def big_layout(mib: int = 260, layers: int = 4, files_per_layer: int = 2500) -> Path:
+def big_layout(
+    mib: int = 260, layers: int = 4, files_per_layer: int = 2500, *, runnable: bool = False
+) -> Path:
     """A multi-layer OCI layout of about *mib* MiB, built once with umoci and cached.
 
     Three quarters of each layer is random bytes (incompressible, like
     binaries), a quarter text (compressible, like sources and configs), spread
-    over many files, so the compressed layout stays above 200 MB.
+    over many files, so the compressed layout stays above 200 MB. With
+    *runnable*, the data layers sit on the example image
+    (``scripts/example-image.sh``: busybox-static, ``/bin/true``), so a
+    runtime can start a container on it.
     """
-    name = f"layout-{mib}m-{layers}l-{files_per_layer}f"
+    base = "busybox-" if runnable else ""
+    name = f"layout-{base}{mib}m-{layers}l-{files_per_layer}f"
     out = CACHE / name
     if (out / "index.json").exists():
         return out
@@ -66,8 +81,11 @@ def big_layout(mib: int = 260, layers: int = 4, files_per_layer: int = 2500) -> 
     per_layer = mib * (1 << 20) // layers
     try:
         layout = tmp / "layout"
-        run(["umoci", "init", "--layout", str(layout)])
-        run(["umoci", "new", "--image", f"{layout}:latest"])
+        if runnable:
+            run(["bash", str(REPO / "scripts" / "example-image.sh"), str(layout)])
+        else:
+            run(["umoci", "init", "--layout", str(layout)])
+            run(["umoci", "new", "--image", f"{layout}:latest"])
         for n in range(layers):
             src = tmp / f"l{n}"
             per_file = per_layer // files_per_layer
@@ -85,6 +103,25 @@ def big_layout(mib: int = 260, layers: int = 4, files_per_layer: int = 2500) -> 
         os.rename(layout, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def example_layout() -> Path:
+    """The README's small example image (``scripts/example-image.sh``), built once and cached.
+
+    What the benchmarks warm a daemon with before timing: a pull of it
+    imports and connects what any pull needs, and shares no blob with
+    `big_layout`'s data layers.
+    """
+    out = CACHE / "layout-example"
+    if not (out / "index.json").exists():
+        CACHE.mkdir(exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=CACHE))
+        try:
+            run(["bash", str(REPO / "scripts" / "example-image.sh"), str(tmp / "layout")])
+            os.rename(tmp / "layout", out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -114,12 +151,14 @@ def report(title: str, rows: list[tuple[str, float]], target: str) -> None:
 
 
 @contextlib.contextmanager
-def containerd(work: Path) -> Iterator[Path]:
+def containerd(work: Path, proxy: str = "") -> Iterator[Path]:
     """Debian's containerd on a private root, state and socket; yields the socket.
 
     A minimal config: no CRI plugin (it would start a network and image
-    service nobody asks for here), logs only errors. The daemon is stopped by
-    its PID when the block ends.
+    service nobody asks for here), logs only errors. With *proxy* (a ckfsd
+    socket path), ckfsd serves the snapshotter ``ckfs`` through
+    ``[proxy_plugins.ckfs]``, beside containerd's own. The daemon is stopped
+    by its PID when the block ends.
     """
     work.mkdir(parents=True, exist_ok=True)
     sock = work / "containerd.sock"
@@ -132,6 +171,12 @@ def containerd(work: Path) -> Iterator[Path]:
         f'[grpc]\n  address = "{sock}"\n'
         f'[ttrpc]\n  address = "{sock}.ttrpc"\n'
         '[debug]\n  level = "error"\n'
+        + (
+            f"[proxy_plugins]\n  [proxy_plugins.{PROXY}]\n"
+            f'    type = "snapshot"\n    address = "{proxy}"\n'
+            if proxy
+            else ""
+        )
     )
     log = open(work / "containerd.log", "ab")  # noqa: SIM115 (handed to the child)
     proc = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=log)

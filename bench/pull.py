@@ -25,6 +25,22 @@ imports neither trio nor httpx; the floor printed under it is starting
 Python and importing the CLI and the stores, and the trio and httpx imports
 are shown for what a full pull's start-up costs on top. Targets: ckfs <=
 0.8x skopeo; re-pull < 0.15 s.
+
+Then the warm path, where a long-lived daemon does the work and the command
+is a light client: before each timed run the daemon restarts on an empty
+root and pulls the small example image (`common.example_layout`), all
+untimed, so it is warm (imports done, registry connection open, threads
+up) while its store holds no blob of REF:
+
+- ckfs: ``ckfs --address unix://… pull REF`` through ckfsd (the client
+  process included in the time).
+- containerd: ``ctr content fetch --plain-http REF`` against containerd
+  warmed the same way.
+
+skopeo has no daemon: its row is the cold-path figure above. Targets: ckfs
+<= 0.8x skopeo and <= 0.8x ctr. Last, the re-pull of the present image
+through the warm daemons: ``ckfs pull REF`` through ckfsd versus ``ctr
+images pull REF`` (fetched and unpacked once before timing). Target: <= 1.0x.
 """
 
 from __future__ import annotations
@@ -45,8 +61,10 @@ from common import (
     REPO,
     bench_args,
     big_layout,
+    ckfs_client_cmd,
     ckfs_cmd,
     containerd,
+    example_layout,
     import_seconds,
     layout_size,
     report,
@@ -57,9 +75,12 @@ from common import (
 
 sys.path.insert(0, str(REPO))
 
+from integration.daemon import running_ckfsd
 from integration.registry import Registry
 
 IMAGE = "bench/pull:latest"
+#: The small image the daemons are warmed with before each timed run.
+WARMUP = "bench/warmup:latest"
 
 
 def fetch_in_process(root: Path, ref: str) -> None:
@@ -99,6 +120,60 @@ def write_and_sync(layout: Path, dest: Path) -> None:
             os.close(fd)
 
 
+def warm_daemons(ref: str, warmup: str, work: Path, repeat: int) -> dict[str, float]:
+    """The warm path: cold pulls and re-pulls of *ref* through ckfsd and containerd.
+
+    Each daemon restarts on an empty root and pulls *warmup* before each cold
+    run, outside the timing; the re-pulls follow on the last daemon, whose
+    store then holds *ref*.
+    """
+    times: dict[str, float] = {}
+    daemons = contextlib.ExitStack()
+    address: list[str] = []  # the running ckfsd's address
+    ctr: list[str] = []  # the ctr command line for the running containerd
+    root, ctd = work / "ckfsd-root", work / "containerd-warm"
+
+    def ckfs(*args: str) -> list[str]:
+        return ckfs_client_cmd(address[0], *args)
+
+    def fresh_ckfsd() -> None:
+        daemons.close()
+        shutil.rmtree(root, ignore_errors=True)
+        address[:] = [daemons.enter_context(running_ckfsd(root)).address]
+        run(ckfs("pull", "-q", "--plain-http", warmup))
+
+    def fresh_containerd() -> None:
+        daemons.close()
+        shutil.rmtree(ctd, ignore_errors=True)
+        ctr[:] = ["ctr", "--address", str(daemons.enter_context(containerd(ctd)))]
+        run([*ctr, "content", "fetch", "--plain-http", warmup])
+
+    try:
+        pull = ["pull", "-q", "--plain-http", ref]
+        times["ckfsd"] = timed(fresh_ckfsd, lambda: run(ckfs(*pull)), repeat)
+        summary = json.loads(
+            subprocess.run(
+                ckfs("pull", "--json", "--plain-http", ref),
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.splitlines()[-1]
+        )
+        assert summary["fetched_blobs"] == 0, summary
+        times["ckfsd re-pull"] = timed(lambda: None, lambda: run(ckfs(*pull)), max(5, repeat))
+        times["ctr"] = timed(
+            fresh_containerd,
+            lambda: run([*ctr, "content", "fetch", "--plain-http", ref]),
+            repeat,
+        )
+        ctr_pull = [*ctr, "images", "pull", "--plain-http", ref]
+        run(ctr_pull)  # registers and unpacks: the re-pulls find it all present
+        times["ctr re-pull"] = timed(lambda: None, lambda: run(ctr_pull), max(5, repeat))
+    finally:
+        daemons.close()
+    return times
+
+
 def main() -> None:
     args = bench_args(__doc__)
 
@@ -109,6 +184,7 @@ def main() -> None:
     daemons = contextlib.ExitStack()
     try:
         digest = registry.push(layout, IMAGE)
+        registry.push(example_layout(), WARMUP)
         ref = f"{registry.host}/{IMAGE}"
         root, dest, ctd = work / "root", work / "dest", work / "containerd"
         ctr: list[str] = []  # the ctr command line for the current containerd
@@ -159,6 +235,8 @@ def main() -> None:
         t_httpx = import_seconds("httpx")
         t_both = import_seconds("trio, httpx")
         t_cli = import_seconds("ckfs_cli.main, ckfs.pull")
+        t_client = import_seconds("ckfs_cli.main, ckfs.client")
+        warm = warm_daemons(ref, f"{registry.host}/{WARMUP}", work, args.repeat)
     finally:
         daemons.close()
         registry.stop()
@@ -189,6 +267,24 @@ def main() -> None:
     print(f"    + import trio                          {t_trio:8.3f} s")
     print(f"    + import httpx                         {t_httpx:8.3f} s")
     print(f"    + import trio, httpx                   {t_both:8.3f} s")
+    report(
+        f"cold pull through a warm daemon, store empty (median of {args.repeat})",
+        [
+            ("ckfs pull through ckfsd", warm["ckfsd"]),
+            ("skopeo copy docker:// oci: (above)", t_skopeo),
+            ("ctr content fetch, warm containerd", warm["ctr"]),
+        ],
+        "<= 0.8x skopeo, <= 0.8x ctr",
+    )
+    print(f"  the client's floor: import ckfs_cli.main, ckfs.client {t_client:8.3f} s")
+    report(
+        f"re-pull of a present image through a warm daemon (median of {max(5, args.repeat)})",
+        [
+            ("ckfs pull through ckfsd", warm["ckfsd re-pull"]),
+            ("ctr images pull, warm containerd", warm["ctr re-pull"]),
+        ],
+        "<= 1.0x",
+    )
 
 
 if __name__ == "__main__":
