@@ -14,7 +14,7 @@ Each comes twice: the plain function for a process without an event loop
 (the CLI), which tries the fast local answer before it starts one, and an
 ``_async`` twin for a caller already on trio (ckfsd), which does the same
 work on its loop, blocking steps in worker threads. Progress is the
-library's own: ``on_event`` receives each `ckfs.remotes.walk.BlobProgress`,
+library's own (`ckfs.progress`): ``on_event`` receives each `BlobProgress`,
 whose ``to_json`` is the event the CLI's ``--json`` prints and ckfsd streams.
 
 Module imports stay light; trio, httpx and the stores load inside the
@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from ckfs.options import PullOptions
@@ -34,9 +34,9 @@ from ckfs.options import PullOptions
 if TYPE_CHECKING:
     from ckfs.descriptor import Descriptor
     from ckfs.mount import Mount
+    from ckfs.progress import OnEvent
     from ckfs.pull import PullReport
     from ckfs.reference import Reference
-    from ckfs.remotes.walk import BlobProgress
     from ckfs.snapshots import Snapshotter
     from ckfs.state import State
 
@@ -54,9 +54,6 @@ IMAGE_LABEL = "ckfs.io/image"
 
 #: Every option at its default: a pull of this host's platform, online.
 _DEFAULTS = PullOptions()
-
-#: Told about each blob's state change (`ckfs.remotes.walk.BlobProgress`).
-OnEvent = Callable[["BlobProgress"], None]
 
 
 def pull_image(

@@ -23,8 +23,8 @@ from ckfs_cli.options import apply, pass_app, pull_options, registry_options
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
+    from ckfs.progress import BlobProgress
     from ckfs.pull import PullReport
-    from ckfs.remotes.walk import BlobProgress
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -194,7 +194,7 @@ class _LiveDisplay(_Display):
         )
 
     def event(self, p: BlobProgress) -> None:
-        from ckfs.remotes.walk import BlobState
+        from ckfs.progress import BlobState
 
         key = id(p)
         self._rows.setdefault(key, p)
@@ -213,7 +213,7 @@ class _LiveDisplay(_Display):
     def _render(self) -> RenderableType:
         from rich.table import Table
 
-        from ckfs.remotes.walk import BlobState
+        from ckfs.progress import BlobState
 
         table = Table(box=None, pad_edge=False, show_header=False)
         for column in ("kind", "digest", "bytes", "rate", "state"):
