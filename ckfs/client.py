@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from ckfs.api.v1 import ckfs_pb2
     from ckfs.mount import Mount
-    from ckfs.remotes.walk import BlobProgress
+    from ckfs.progress import BlobProgress
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -142,7 +142,7 @@ class Client:
     ) -> dict[str, Any]:
         """Pull *ref* through ckfsd, telling *on_event* about each blob as the daemon does.
 
-        Each blob is one `ckfs.remotes.walk.BlobProgress` updated in place, as
+        Each blob is one `ckfs.progress.BlobProgress` updated in place, as
         the local fetcher's are, so the CLI's displays draw both alike.
 
         Returns:
@@ -269,7 +269,7 @@ def _progress(
     """The blob *event* is about, updated to it: one object per blob, as the fetcher keeps."""
     from ckfs.api.convert import descriptor_from_proto
     from ckfs.api.v1 import ckfs_pb2
-    from ckfs.remotes.walk import BlobProgress, BlobState  # TODO(light): ckfs.progress
+    from ckfs.progress import BlobProgress, BlobState
 
     desc = descriptor_from_proto(event.descriptor, where="pull event")
     key = (str(desc.digest), event.kind)

@@ -1,0 +1,61 @@
+"""An image store in ckfsd, reached over containerd's Images API.
+
+`RemoteImageStore` answers the read side of `ckfs.images.ImageStore` and
+removal (``get``, ``list``, ``delete``), one RPC per call, so the CLI's
+``images`` commands take either store and print the same. Images become
+model objects only through `ckfs.api.convert` (a malformed answer is
+`InvalidArgument`); a failed RPC raises the `ckfs.errors` class of its
+status (`ckfs.client.rpc_errors`), with the daemon's message.
+
+Names are written by Pull (and containerd's clients through the service),
+not through this adapter. Light, as every client module: grpc and the
+generated modules; the `Image` model loads with the first answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+from ckfs.api import convert
+from ckfs.api.services.images.v1 import images_pb2 as pb
+from ckfs.api.services.images.v1 import images_pb2_grpc
+from ckfs.client import rpc_errors
+
+if TYPE_CHECKING:
+    from ckfs.client import Client
+    from ckfs.images.store import Image
+
+__all__ = ["RemoteImageStore"]
+
+_T = TypeVar("_T")
+
+
+class RemoteImageStore:
+    """The image store of the ckfsd behind *client* (the channel stays the caller's)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._stub = images_pb2_grpc.ImagesStub(client.channel)
+
+    def __repr__(self) -> str:
+        return f"RemoteImageStore(at {self._client.address})"
+
+    def _call(self, rpc: Callable[..., _T], request: object) -> _T:
+        with rpc_errors():
+            return rpc(request, **self._client.call_options())
+
+    def get(self, name: str) -> Image:
+        """Raises: NotFound: no image has the name."""
+        return convert.image_from_proto(
+            self._call(self._stub.Get, pb.GetImageRequest(name=name)).image
+        )
+
+    def list(self, filters: Sequence[str] = ()) -> list[Image]:
+        """Raises: InvalidArgument: a malformed filter."""
+        reply = self._call(self._stub.List, pb.ListImagesRequest(filters=list(filters)))
+        return [convert.image_from_proto(i) for i in reply.images]
+
+    def delete(self, name: str) -> None:
+        """Raises: NotFound: no image has the name."""
+        self._call(self._stub.Delete, pb.DeleteImageRequest(name=name))

@@ -1,0 +1,126 @@
+"""The CLI's ckfsd client without a daemon: error mapping, discovery, lightness.
+
+Calls through a real ckfsd are in the CLI tests, run both ways.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ckfs import client, errors
+from ckfs.api.v1 import ckfs_pb2 as pb
+
+
+class _Failed(grpc.RpcError):
+    """What grpc raises for a failed call: an RpcError that tells its status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize("cls", list(errors.GRPC_CODES), ids=lambda c: c.__name__)
+def test_a_status_comes_back_as_its_class_with_the_message(cls: type[errors.CkfsError]) -> None:
+    code = grpc.StatusCode[errors.GRPC_CODES[cls]]
+    with pytest.raises(errors.CkfsError) as caught, client.rpc_errors():
+        raise _Failed(code, "snapshot k: not found")
+    assert type(caught.value) is cls and str(caught.value) == "snapshot k: not found"
+
+
+def test_a_status_without_details_names_its_code() -> None:
+    with pytest.raises(errors.Unavailable, match="UNAVAILABLE"), client.rpc_errors():
+        raise _Failed(grpc.StatusCode.UNAVAILABLE, "")
+
+
+def test_a_named_daemon_that_is_not_there_fails_at_once(tmp_path: Path) -> None:
+    started = time.monotonic()
+    for address in (str(tmp_path / "none.sock"), f"unix://{tmp_path}/none.sock"):
+        with pytest.raises(errors.Unavailable, match=r"none\.sock does not answer"):
+            client.discover(address, root_given=False)
+    assert time.monotonic() - started < client.CONNECT_TIMEOUT  # refused, not waited for
+
+
+def test_a_stale_default_socket_means_the_local_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ckfsd.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))  # a daemon that died: the file stays, nobody listens
+    monkeypatch.setattr("ckfs.address.default_address", lambda: f"unix://{path}")
+    assert client.discover(None, root_given=False) is None
+    monkeypatch.setattr("ckfs.address.default_address", lambda: f"unix://{tmp_path}/gone.sock")
+    assert client.discover(None, root_given=False) is None
+
+
+def test_another_root_never_goes_to_the_default_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse() -> str:
+        raise AssertionError("probed the default socket for a root of its own")
+
+    monkeypatch.setattr("ckfs.address.default_address", refuse)
+    assert client.discover(None, root_given=True) is None
+
+
+def test_pull_options_travel_as_typed_with_absolute_paths() -> None:
+    options = client.pull_options(
+        platform="linux/arm64", hosts_dirs=[Path("certs.d")], timeout=None, max_concurrent=3
+    )
+    assert options.platform == "linux/arm64" and not options.HasField("timeout")
+    assert options.hosts_dirs == [str(Path("certs.d").absolute())]
+    assert client.pull_options(timeout=2.5).timeout == 2.5
+
+
+def test_events_update_one_progress_object_per_blob() -> None:
+    desc = pb.BlobEvent(kind="layer", state=pb.DOWNLOADING, offset=5, fetched=5)
+    desc.descriptor.media_type = "application/vnd.oci.image.layer.v1.tar"
+    desc.descriptor.digest = "sha256:" + "a" * 64
+    desc.descriptor.size = 10
+    blobs: dict[tuple[str, str], object] = {}
+    first = client._progress(blobs, desc)  # type: ignore[arg-type]
+    desc.state, desc.offset = pb.VERIFIED, 10
+    second = client._progress(blobs, desc)  # type: ignore[arg-type]
+    assert first is second and str(second.state) == "verified" and second.offset == 10
+    assert second.to_json()["digest"] == "sha256:" + "a" * 64
+
+
+#: What a client-only run must not load: the event loop, the HTTP stack, the stores.
+HEAVY = ("trio", "httpx", "httpcore", "sqlite3", "ckfs.content", "ckfs.images.store")
+HEAVY += ("ckfs.metadata.db", "ckfs.remotes.walk", "snapshotters", "ckfs.state")
+
+_PROBE = """
+import sys
+from ckfs import client
+from ckfs.api.v1 import ckfs_pb2 as pb
+event = pb.BlobEvent(kind="config", state=pb.EXISTS, offset=1)
+event.descriptor.media_type = "application/json"
+event.descriptor.digest = "sha256:" + "b" * 64
+p = client._progress({}, event)
+p.to_json()
+summary = pb.PullSummary(reference="r", blobs=1)
+summary.target.CopyFrom(event.descriptor)
+client.summary_json(summary)
+client.pull_options(platform="linux/amd64")
+assert client.discover(None, root_given=True) is None
+heavy = HEAVY
+print(sorted(m for m in sys.modules if m in heavy or m.startswith(tuple(h + "." for h in heavy))))
+"""
+
+
+def test_a_client_only_run_loads_no_loop_http_or_store() -> None:
+    probe = _PROBE.replace("HEAVY", repr(HEAVY))
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
