@@ -27,3 +27,5 @@ bench:
 	.venv/bin/python bench/import.py
 	.venv/bin/python bench/pull.py
 	.venv/bin/python bench/unpack.py
+	.venv/bin/python bench/containerd.py
+	.venv/bin/python bench/rpc.py
