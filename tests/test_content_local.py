@@ -26,7 +26,7 @@ import pytest
 
 from ckfs.content import ContentStore, write_blob
 from ckfs.digest import from_bytes
-from ckfs.errors import DataLoss, FailedPrecondition, NotFound, Unavailable
+from ckfs.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from tests.local_stores import content_stores
 from tests.suites.content import churn, create_content, desc_of, now
 
@@ -259,3 +259,18 @@ def test_labels_are_one_json_row(make_store: StoreFactory) -> None:
 def test_churn_leaves_no_removal_debris(cs: ContentStore) -> None:
     churn(cs, "churn")
     assert not [p for p in (cs.root / "ingest").iterdir() if p.name.startswith(".del-")]
+
+
+def test_truncate_anywhere(cs: ContentStore) -> None:
+    """Locally an ingest can be cut at any length within it (the wire can only restart it)."""
+    b, d = create_content(10_000)
+    with cs.writer("t") as w:
+        w.write(b[:7000])
+        w.write(b"garbage")
+        w.truncate(7000)
+        assert w.digest() == from_bytes(b[:7000])
+        with pytest.raises(InvalidArgument):
+            w.truncate(7001)
+        w.write(b[7000:])
+        w.commit(len(b), d)
+    assert cs.read_all(d) == b

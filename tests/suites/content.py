@@ -50,11 +50,12 @@ StoreFactory = Callable[[], ContentStore]
 
 ROOT_LABELS = {"containerd.io/gc.root": "2024-01-01T00:00:00Z"}
 
-#: A commit whose bytes hash to another digest. containerd's suite wants
+#: Bytes that break what was promised: a commit whose bytes hash to another
+#: digest, a write past the promised total. containerd's suite wants
 #: FailedPrecondition, which is what its gRPC service answers; the local
 #: store says DataLoss (the bytes are not what was promised) and ckfsd's
 #: service boundary maps it. Either is the contract; anything else is not.
-WRONG_DIGEST = (FailedPrecondition, DataLoss)
+BROKEN_PROMISE = (FailedPrecondition, DataLoss)
 
 _seed = itertools.count(1)
 
@@ -194,7 +195,10 @@ def churn(cs: ContentStore, ref: str, *, threads: int = 4, rounds: int = 150) ->
             with guard:
                 holders -= 1
             if rng.random() < 0.5:
-                w.abort()
+                # Over the wire the stream ends before the Abort call, and
+                # another writer may take the ref in between.
+                with contextlib.suppress(Unavailable):
+                    w.abort()
             else:
                 w.close()
                 with contextlib.suppress(Unavailable, NotFound):
@@ -446,7 +450,7 @@ class ContentStoreSuite:
         w = cs.writer(ref)
         ref_not_available(cs, ref)
         w.write(c1 + b"more")
-        with pytest.raises(WRONG_DIGEST):
+        with pytest.raises(BROKEN_PROMISE):
             w.commit(len(c1) + 4, d2)
         w.close()
 
@@ -498,18 +502,18 @@ class ContentStoreSuite:
         b, d = create_content(1000)
         with cs.writer("bounded", total=1000, expected=d) as w:
             w.write(b[:600])
-            with pytest.raises(DataLoss):
+            with pytest.raises(BROKEN_PROMISE):
                 w.write(b[600:] + b"x")
             assert w.offset == 600 and cs.status("bounded").offset == 600
             assert w.digest() == from_bytes(b[:600])
             w.write(b[600:])
-            with pytest.raises(DataLoss):
+            with pytest.raises(BROKEN_PROMISE):
                 w.write(b"x")
             w.commit(1000, d)
         # A writer resuming without restating the total keeps the stored one, and its bound.
         with cs.writer("bounded2", total=10) as w:
             w.write(b"0123456789")
-        with cs.writer("bounded2") as w, pytest.raises(DataLoss):
+        with cs.writer("bounded2") as w, pytest.raises(BROKEN_PROMISE):
             w.write(b"!")
         assert cs.status("bounded2").offset == 10
 
@@ -583,7 +587,7 @@ class ContentStoreSuite:
             for i in range(6):
                 nursery.start_soon(one, i)
         assert sorted(results) == [False] * 5 + [True]
-        cs.verify(d)
+        assert cs.read_all(d) == b
         assert cs.list_statuses() == []
 
     # -- reading -------------------------------------------------------------
@@ -738,14 +742,9 @@ class ContentStoreSuite:
         b, d = create_content(10_000)
         with cs.writer("t") as w:
             w.write(b"wrong bytes first")
-            w.truncate(0)
-            w.write(b[:7000])
-            w.write(b"garbage")
-            w.truncate(7000)
-            assert w.digest() == from_bytes(b[:7000])
-            with pytest.raises(InvalidArgument):
-                w.truncate(7001)
-            w.write(b[7000:])
+            w.truncate(0)  # a restart; only the local store cuts anywhere else
+            assert w.offset == 0
+            w.write(b)
             # Committing against a sha512 digest rehashes with sha512.
             d512 = from_bytes(b, "sha512")
             w.commit(len(b), d512)
