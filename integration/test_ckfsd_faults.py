@@ -29,7 +29,14 @@ from ckfs.api.v1 import ckfs_pb2, ckfs_pb2_grpc
 from ckfs.state import State
 from integration import test_unpack_crash
 from integration.conftest import Ckfs
-from integration.daemon import Daemon, channel, socket_dir, start, stop
+from integration.daemon import (
+    Daemon,
+    channel,
+    ckfsd_fixture,  # noqa: F401  (the fixture ckfsd)
+    socket_dir,
+    start,
+    stop,
+)
 from integration.faultproxy import Fault, FaultProxy
 from integration.registry import BIG_REPO, Registry
 from integration.test_pull import biggest_layer
@@ -161,3 +168,33 @@ def test_a_daemon_killed_mid_unpack_is_cleaned_up_by_the_next(
     assert sorted(now) == sorted([base, big, "k"])
     assert now[big]["parent"] == base
     assert len(snapshot_dirs(ckfs)[snapshotter]) == 3  # the leftover's directory went too
+
+
+def test_a_client_gone_mid_pull_cancels_it_and_the_ingest_stays(
+    ckfsd: Daemon, registry: Registry, big_layout: Path
+) -> None:
+    layer = biggest_layer(big_layout)
+    ingest = f"layer-{layer['digest']}"
+    with FaultProxy(registry.host).running() as proxy:
+        ref = f"{proxy.host}/{BIG_REPO}"
+        proxy.add(Fault("stall", path=layer["digest"], after=4 << 20))
+        with channel(ckfsd) as chan:
+            stub = ckfs_pb2_grpc.CkfsStub(chan)
+            events = stub.Pull(ckfs_pb2.PullRequest(ref=ref, register=True), timeout=120)
+            deadline = time.monotonic() + REACH_TIMEOUT
+            while (kept := ingest_offset(ckfsd.root, ingest)) < 3 << 20:
+                assert time.monotonic() < deadline, "the pull never reached the stall"
+                time.sleep(0.05)
+            events.cancel()
+        # The daemon's side of the pull ends: its log line says so, and the
+        # stalled download is dropped rather than left running.
+        deadline = time.monotonic() + 30
+        while "/ckfs.v1.Ckfs/Pull CANCELLED" not in ckfsd.log_text():
+            assert time.monotonic() < deadline, ckfsd.log_text()
+            time.sleep(0.05)
+        assert ingest_offset(ckfsd.root, ingest) == kept
+
+        proxy.clear()
+        summary = pull(ckfsd, ref)[-1].summary
+    assert [s.headers.get("range") for s in proxy.requests(layer["digest"])] == [f"bytes={kept}-"]
+    assert summary.fetched_bytes <= layer["size"] - kept + 10_000
