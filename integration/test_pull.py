@@ -18,7 +18,7 @@ from urllib.parse import parse_qs
 import pytest
 
 from ckfs.state import State
-from integration.conftest import Ckfs
+from integration.conftest import BOTH_FACES, Ckfs
 from integration.faultproxy import Fault, FaultProxy
 from integration.registry import (
     AUTH_PASSWORD,
@@ -29,6 +29,8 @@ from integration.registry import (
     free_port,
     recompressed_layout,
 )
+
+pytestmark = BOTH_FACES
 
 
 def layout_blobs(layout: Path) -> dict[str, bytes]:

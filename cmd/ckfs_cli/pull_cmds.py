@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
 
     from ckfs.progress import BlobProgress
-    from ckfs.pull import PullReport
+    from ckfs.reference import Reference
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -87,10 +87,8 @@ def fetch_cmd(app: App, /, **opts: Any) -> None:
 
 def _run(app: App, *, register: bool, ref: str, quiet: bool, as_json: bool, **flags: Any) -> None:
     from ckfs import reference
-    from ckfs.provide import pull_image
 
     parsed = reference.parse(ref)
-    options = pull_options(**flags)
     display: _Display
     if as_json:
         display = _JsonDisplay()
@@ -100,6 +98,32 @@ def _run(app: App, *, register: bool, ref: str, quiet: bool, as_json: bool, **fl
         display = _LiveDisplay()
     else:
         display = _PlainDisplay()
+    if (daemon := app.daemon) is not None:
+        from ckfs.client import pull_options as request_options
+
+        with display:
+            summary = daemon.pull(
+                str(parsed),
+                register=register,
+                options=request_options(**flags),
+                on_event=display.event,
+            )
+    else:
+        summary = _pull_here(app, parsed, register, display, flags)
+    if as_json:
+        _emit(summary)
+    elif not quiet:
+        click.echo(f"{summary['name'] or summary['reference']}  {summary['target']['digest']}")
+        click.echo(_summary_line(summary), err=True)
+
+
+def _pull_here(
+    app: App, parsed: Reference, register: bool, display: _Display, flags: dict[str, Any]
+) -> dict[str, Any]:
+    """The pull in this process (`ckfs.provide.pull_image`); its summary."""
+    from ckfs.provide import pull_image
+
+    options = pull_options(**flags)
     skip_httpx_cli()  # before the full pull, if it comes to that, imports httpx
     report = pull_image(
         app.state,
@@ -109,23 +133,19 @@ def _run(app: App, *, register: bool, ref: str, quiet: bool, as_json: bool, **fl
         on_event=display.event,
         transfer=display,
     )
-    if as_json:
-        _emit(report.to_json())
-    elif not quiet:
-        name = report.image.name if report.image is not None else str(parsed)
-        click.echo(f"{name}  {report.target.digest}")
-        click.echo(_summary_line(report), err=True)
+    return report.to_json()
 
 
-def _summary_line(report: PullReport) -> str:
-    f = report.fetch
+def _summary_line(summary: dict[str, Any]) -> str:
+    """The human summary, from the ``--json`` one: the same from ckfsd and from here."""
     line = (
-        f"fetched {f.fetched_blobs} of {len(f.blobs)} blobs ({human_size(f.fetched_bytes)}) "
-        f"in {report.seconds:.2f}s; {f.present_blobs} already present"
+        f"fetched {summary['fetched_blobs']} of {summary['blobs']} blobs "
+        f"({human_size(summary['fetched_bytes'])}) in {summary['seconds']:.2f}s; "
+        f"{summary['skipped_blobs']} already present"
     )
-    if f.skipped:
-        line += f"; {len(f.skipped)} non-distributable skipped"
-    if not report.network:
+    if summary["nondistributable"]:
+        line += f"; {len(summary['nondistributable'])} non-distributable skipped"
+    if not summary["network"]:
         line += "; registry not contacted"
     return line
 
