@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,9 +106,17 @@ def wait_ready(read_fd: int, process: subprocess.Popen[bytes], log: Path, timeou
 
 
 def start(
-    root: Path, socket: Path, log: Path, *args: str, timeout: float = READY_TIMEOUT
+    root: Path,
+    socket: Path,
+    log: Path,
+    *args: str,
+    timeout: float = READY_TIMEOUT,
+    env: Mapping[str, str] | None = None,
 ) -> Daemon:
-    """Start ckfsd and wait until it is ready (the caller must `stop` it)."""
+    """Start ckfsd and wait until it is ready (the caller must `stop` it).
+
+    *env* adds to the daemon's environment.
+    """
     read_fd, write_fd = os.pipe()
     try:
         with log.open("ab") as err:
@@ -118,7 +126,7 @@ def start(
                 stdout=err,
                 stderr=err,
                 pass_fds=(write_fd,),
-                env=daemon_env(),
+                env={**daemon_env(), **(env or {})},
             )
         os.close(write_fd)
         write_fd = -1

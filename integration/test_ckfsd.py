@@ -257,3 +257,16 @@ def test_kill_9_then_restart_clears_leftovers(tmp_path: Path) -> None:
             assert f"removed overlayfs snapshot {left!r}" in daemon.log_text()
         finally:
             assert stop(daemon.process) == 0
+
+
+def test_sd_notify_ready_then_stopping(tmp_path: Path) -> None:
+    with socket_dir() as sockets, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(sockets / "notify"))
+        notify.settimeout(30)
+        env = {"NOTIFY_SOCKET": str(sockets / "notify")}
+        daemon = start(tmp_path / "root", sockets / "d.sock", sockets / "d.log", env=env)
+        try:
+            assert notify.recv(4096) == f"READY=1\nMAINPID={daemon.pid}".encode()
+        finally:
+            assert stop(daemon.process) == 0
+        assert notify.recv(4096) == b"STOPPING=1"
