@@ -11,7 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ckfs.client import Client
+    from ckfs.content import ContentStore
+    from ckfs.images import ImageStore
     from ckfs.mount import Mount
+    from ckfs.remote_content import RemoteContentStore
+    from ckfs.remote_images import RemoteImageStore
     from ckfs.state import State
 
 #: Not yet looked for (`App.daemon` is None both for "none" and "not asked").
@@ -53,6 +57,24 @@ class App:
 
             self._state = State(self._root or default_root())
         return self._state
+
+    @property
+    def content(self) -> ContentStore | RemoteContentStore:
+        """The content store: ckfsd's (through its Content service) when one serves, else local."""
+        if (daemon := self.daemon) is not None:
+            from ckfs.remote_content import RemoteContentStore
+
+            return RemoteContentStore(daemon)
+        return self.state.content
+
+    @property
+    def images(self) -> ImageStore | RemoteImageStore:
+        """The image store: ckfsd's (through its Images service) when one serves, else local."""
+        if (daemon := self.daemon) is not None:
+            from ckfs.remote_images import RemoteImageStore
+
+            return RemoteImageStore(daemon)
+        return self.state.images
 
     def close(self) -> None:
         if self._state is not None:
@@ -121,6 +143,12 @@ def human_size(n: int) -> str:
 
 def labels_text(labels: dict[str, str] | Any) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+
+
+def labels_json(labels: dict[str, str] | Any) -> dict[str, str]:
+    """Labels in key order: the same JSON whether they came from SQLite or ckfsd's wire
+    (protobuf maps keep no order)."""
+    return dict(sorted(labels.items()))
 
 
 def print_mounts(mounts: Sequence[Mount], as_json: bool = False) -> None:

@@ -12,7 +12,15 @@ if TYPE_CHECKING:
     from ckfs.content import Info
     from ckfs.digest import Digest
 
-from ckfs_cli.app import App, for_each, human_size, labels_text, print_json, print_table
+from ckfs_cli.app import (
+    App,
+    for_each,
+    human_size,
+    labels_json,
+    labels_text,
+    print_json,
+    print_table,
+)
 from ckfs_cli.options import pass_app
 
 
@@ -34,7 +42,7 @@ def _parse(digest: str) -> Digest:
 @pass_app
 def ls(app: App, as_json: bool, quiet: bool, filters: tuple[str, ...]) -> None:
     """List blobs, optionally matching containerd-style FILTERS."""
-    infos = sorted(app.state.content.walk(list(filters)), key=lambda i: i.digest)
+    infos = sorted(app.content.walk(list(filters)), key=lambda i: i.digest)
     if quiet:
         for i in infos:
             click.echo(i.digest)
@@ -47,7 +55,7 @@ def ls(app: App, as_json: bool, quiet: bool, filters: tuple[str, ...]) -> None:
                     "size": i.size,
                     "created_at": i.created_at.isoformat(),
                     "updated_at": i.updated_at.isoformat(),
-                    "labels": dict(i.labels),
+                    "labels": labels_json(i.labels),
                 }
                 for i in infos
             ]
@@ -78,7 +86,7 @@ def _age(seconds: float) -> str:
 @pass_app
 def get(app: App, digest: str) -> None:
     """Write the blob DIGEST to standard output."""
-    with app.state.content.reader(_parse(digest)) as r:
+    with app.content.reader(_parse(digest)) as r:
         import shutil
 
         shutil.copyfileobj(r, sys.stdout.buffer, 1 << 20)
@@ -90,7 +98,7 @@ def get(app: App, digest: str) -> None:
 @pass_app
 def rm(app: App, digests: tuple[str, ...]) -> None:
     """Remove blobs (images that need them become incomplete)."""
-    for_each(digests, lambda d: app.state.content.delete(_parse(d)))
+    for_each(digests, lambda d: app.content.delete(_parse(d)))
 
 
 @content.command("verify")
@@ -141,7 +149,7 @@ def verify(app: App, as_json: bool) -> None:
 @pass_app
 def active(app: App, as_json: bool) -> None:
     """List ingests in progress or left by interrupted transfers (resumable)."""
-    statuses = app.state.content.list_statuses()
+    statuses = app.content.list_statuses()
     if as_json:
         print_json(
             [
@@ -182,7 +190,7 @@ def abort(app: App, abort_all: bool, refs: tuple[str, ...]) -> None:
     """
     if abort_all == bool(refs):
         raise click.UsageError("give the REFS to abort, or --all")
-    store = app.state.content
+    store = app.content
     if abort_all:
         refs = tuple(s.ref for s in store.list_statuses())
     for_each(refs, store.abort)

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import click
 
-from ckfs_cli.app import App, for_each, human_size, labels_text, print_json, print_table
+from ckfs_cli.app import (
+    App,
+    for_each,
+    human_size,
+    labels_json,
+    labels_text,
+    print_json,
+    print_table,
+)
 from ckfs_cli.options import pass_app
 
 if TYPE_CHECKING:
+    from ckfs.content import ContentStore
     from ckfs.images.store import Image
 
 
@@ -46,7 +55,7 @@ def ls(app: App, as_json: bool, quiet: bool, filters: tuple[str, ...]) -> None:
     """
     from ckfs.safetext import printable
 
-    found = app.state.images.list(list(filters))
+    found = app.images.list(list(filters))
     if quiet:
         for i in found:
             click.echo(i.name)
@@ -100,11 +109,20 @@ def _contents(app: App, image: Image) -> _Contents:
     from ckfs_cli.main import describe
 
     try:
-        size = img.size(app.state.content, image.target)
-        plats = [str(p) for p in img.platforms_of(app.state.content, image.target)]
+        size = img.size(_blobs(app), image.target)
+        plats = [str(p) for p in img.platforms_of(_blobs(app), image.target)]
     except (CkfsError, OSError) as e:
         return _Contents(None, [], describe(e), isinstance(e, NotFound))
     return _Contents(size, plats, None, False)
+
+
+def _blobs(app: App) -> ContentStore:
+    """The content an image's manifests are read from, local or ckfsd's.
+
+    `ckfs.images.image` reads through ``exists`` and ``read_all`` only,
+    which ckfsd's store (`ckfs.remote_content`) answers as the local one does.
+    """
+    return cast("ContentStore", app.content)
 
 
 def _short_type(media_type: str) -> str:
@@ -125,7 +143,7 @@ def image_json(i: object) -> dict[str, object]:
     return {
         "name": i.name,
         "target": i.target.to_json(),
-        "labels": dict(i.labels),
+        "labels": labels_json(i.labels),
         "created_at": i.created_at.isoformat(),
         "updated_at": i.updated_at.isoformat(),
     }
@@ -149,12 +167,12 @@ def inspect(app: App, as_json: bool, platform: str | None, name: str) -> None:
     from ckfs.images import platforms
     from ckfs_cli.main import describe
 
-    image = app.state.images.get(normalize(name))
+    image = app.images.get(normalize(name))
     out = image_json(image)
     plat = platforms.parse(platform) if platform else None
     try:
-        mdesc, manifest = img.manifest(app.state.content, image.target, plat)
-        cfg = img.read_config(app.state.content, manifest)
+        mdesc, manifest = img.manifest(_blobs(app), image.target, plat)
+        cfg = img.read_config(_blobs(app), manifest)
     except (CkfsError, OSError) as e:
         out["error"] = describe(e)
     else:
@@ -215,7 +233,7 @@ def rm(app: App, names: tuple[str, ...]) -> None:
 
     def delete(name: str) -> str:
         ref = normalize(name)
-        app.state.images.delete(ref)
+        app.images.delete(ref)
         return ref
 
     for_each(names, delete)

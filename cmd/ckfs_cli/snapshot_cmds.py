@@ -10,6 +10,7 @@ from ckfs_cli.app import (
     App,
     for_each,
     human_size,
+    labels_json,
     labels_text,
     print_json,
     print_mounts,
@@ -52,7 +53,7 @@ def info_json(i: Info) -> dict[str, Any]:
         "name": i.name,
         "parent": i.parent,
         "kind": i.kind.value,
-        "labels": dict(i.labels),
+        "labels": labels_json(i.labels),
         "created_at": i.created_at.isoformat(),
         "updated_at": i.updated_at.isoformat(),
     }
