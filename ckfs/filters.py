@@ -27,21 +27,31 @@ content and snapshots means one thing to learn and one thing to test.
 Differences from containerd, all on the side of accepting more or failing
 earlier: a bad regular expression is an error when the filter is parsed (not a
 silent non-match later); whitespace may surround separators; a value for
-``==``/``!=`` may start with ``/``; regular expressions are Python's ``re``,
-not RE2 (the common subset behaves the same).
+``==``/``!=`` may start with ``/``; a pattern longer than `MAX_PATTERN_SIZE`
+is refused.
+
+Regular expressions are RE2 (``google-re2``): the syntax of containerd's Go
+``regexp``, and like it, matching in time linear in the value. That matters
+because a filter arrives from any client of ckfsd: Python's backtracking
+``re`` takes most of a second on ``/^(a+)+$/`` against 25 characters,
+doubling with each one more, while holding the GIL, so one List call would
+freeze the daemon. RE2 refuses what cannot run in linear time
+(backreferences, lookaround); those are parse errors here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import re
 from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 from ckfs.errors import InvalidArgument
+from ckfs.safetext import escape
 
 __all__ = [
     "ALWAYS",
+    "MAX_PATTERN_SIZE",
     "Adaptor",
     "Filter",
     "Operator",
@@ -53,6 +63,18 @@ __all__ = [
 #: Looks up a field path (``["name"]``, ``["labels", "io.example.x"]``) on one
 #: object and answers ``(value, present)``.
 Adaptor = Callable[[Sequence[str]], tuple[str, bool]]
+
+#: Longest ``~=`` regular expression, in UTF-8 bytes. RE2's matching is linear
+#: in the value, but compiling is not free in the pattern's size, and a filter
+#: comes from any client; patterns that select labels, names and digests are
+#: tens of bytes, so 1 KiB refuses only abuse.
+MAX_PATTERN_SIZE = 1024
+
+
+class Pattern(Protocol):
+    """The part of a compiled RE2 pattern a selector uses (``re2`` ships no types)."""
+
+    def search(self, text: bytes) -> object | None: ...
 
 
 class Operator(enum.Enum):
@@ -71,8 +93,8 @@ class Selector:
     fieldpath: tuple[str, ...]
     operator: Operator
     value: str = ""
-    #: Compiled once at parse time for `Operator.MATCHES`.
-    pattern: re.Pattern[str] | None = None
+    #: Compiled once at parse time for `Operator.MATCHES`; it searches UTF-8.
+    pattern: Pattern | None = None
 
     def match(self, adaptor: Adaptor) -> bool:
         value, present = adaptor(self.fieldpath)
@@ -83,7 +105,9 @@ class Selector:
         if self.operator is Operator.NOT_EQUAL:
             return value != self.value
         assert self.pattern is not None
-        return self.pattern.search(value) is not None
+        # surrogatepass: a label read from JSON may hold a lone surrogate,
+        # which cannot match a valid UTF-8 pattern but must not raise either.
+        return self.pattern.search(value.encode("utf-8", "surrogatepass")) is not None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -177,6 +201,14 @@ _OCTAL = frozenset("01234567")
 _HEX = frozenset("0123456789abcdefABCDEF")
 
 
+def _reason(error: Exception) -> str:
+    """RE2's reason (bytes, quoting the pattern) as one safe line."""
+    reason = error.args[0] if error.args else ""
+    if isinstance(reason, bytes):
+        reason = reason.decode("utf-8", "replace")
+    return escape(str(reason))
+
+
 class _Parser:
     """Recursive descent over one filter string; errors carry positions."""
 
@@ -211,11 +243,27 @@ class _Parser:
         value = self._value(op)
         if op is not Operator.MATCHES:
             return Selector(fieldpath, op, value)
+        return Selector(fieldpath, op, value, self._compile(start, value))
+
+    def _compile(self, start: int, value: str) -> Pattern:
+        """*value* as an RE2 pattern; `re2` is imported on the first ``~=`` only."""
+        import re2
+
+        source = value.encode("utf-8", "surrogatepass")
+        if len(source) > MAX_PATTERN_SIZE:
+            raise self._error(
+                start,
+                f"regular expression is {len(source)} bytes, over the limit of {MAX_PATTERN_SIZE}",
+            )
+        options = re2.Options()
+        options.log_errors = False  # the error is raised, not written to the daemon's stderr
+        options.never_capture = True  # only "does it match" is asked
         try:
-            pattern = re.compile(value)
-        except re.error as e:
-            raise self._error(start, f"invalid regular expression {value!r}: {e}") from None
-        return Selector(fieldpath, op, value, pattern)
+            pattern: Pattern = re2.compile(source, options)
+        except re2.error as e:
+            reason = _reason(e)
+            raise self._error(start, f"invalid regular expression {value!r}: {reason}") from None
+        return pattern
 
     def _fieldpath(self) -> tuple[str, ...]:
         fields = [self._field()]

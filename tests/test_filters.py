@@ -6,12 +6,13 @@ so that a filter a user learned on ``ctr`` selects the same objects here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 
 import pytest
 
 from ckfs.errors import InvalidArgument
-from ckfs.filters import ALWAYS, Operator, adaptor_for, parse_filters
+from ckfs.filters import ALWAYS, MAX_PATTERN_SIZE, Operator, adaptor_for, parse_filters
 
 
 def _entry(name: str, other: str = "", **labels: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -160,7 +161,21 @@ ERROR_CASES = [
         "bad-regexp",
         "name~=[abc",
         "filters: parse error: [name~= >|[|< abc]: invalid regular expression '[abc': "
-        "unterminated character set at position 0",
+        "missing ]: [abc",
+    ),
+    (
+        # RE2, like containerd's Go regexp, has no backreferences or lookaround:
+        # they cannot run in linear time.
+        "regexp-backreference",
+        r"name~=/(a)\1/",
+        r"filters: parse error: [name~= >|/|< (a)\1/]: invalid regular expression '(a)\\1': "
+        r"invalid escape sequence: \1",
+    ),
+    (
+        "regexp-lookahead",
+        "name~=/a(?=b)/",
+        "filters: parse error: [name~= >|/|< a(?=b)/]: invalid regular expression 'a(?=b)': "
+        "invalid perl operator: (?=",
     ),
 ]
 
@@ -211,3 +226,31 @@ def test_adaptor_for_dotted_fields_and_labels() -> None:
     assert adapt(["labels"]) == ("", False)
     assert adapt([]) == ("", False)
     assert adaptor_for({"x": "1"})(["labels", "x"]) == ("", False)
+
+
+def test_catastrophic_pattern_runs_in_linear_time() -> None:
+    # Backtracking takes 0.84 s on 25 characters and doubles with each one more;
+    # a filter from any ckfsd client must not freeze the daemon. RE2 answers at once.
+    f = parse_filters(["labels.x~=/^(a+)+$/"])
+    value = "a" * 10_000 + "b"
+    began = time.monotonic()
+    assert not f.match(adaptor_for({}, {"x": value}))
+    assert f.match(adaptor_for({}, {"x": "a" * 10_000}))
+    assert time.monotonic() - began < 1.0  # generous: milliseconds in practice
+
+
+def test_pattern_size_is_bounded() -> None:
+    assert parse_filters(["name~=" + "a" * MAX_PATTERN_SIZE]).match(
+        adaptor_for({"name": "a" * MAX_PATTERN_SIZE})
+    )
+    with pytest.raises(InvalidArgument, match=r"1025 bytes, over the limit of 1024$"):
+        parse_filters(["name~=" + "a" * (MAX_PATTERN_SIZE + 1)])
+
+
+def test_regexp_is_utf8_and_survives_lone_surrogates() -> None:
+    assert parse_filters(["name~=^.$"]).match(adaptor_for({"name": "é"}))  # two bytes
+    # A lone surrogate (from JSON, or a name read with surrogateescape) neither
+    # raises nor hides the rest of the value.
+    f = parse_filters(["name~=^x"])
+    assert f.match(adaptor_for({"name": "x\udcff"}))
+    assert not f.match(adaptor_for({"name": "\udcffx"}))
