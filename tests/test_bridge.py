@@ -9,7 +9,9 @@ check, undecodable requests and cancellation when the client goes away.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,7 @@ class Echo:
         self.stream_ended = trio.Event()
         self.produced = 0
         self.sleeper_ended = trio.Event()
+        self.sum_ended = trio.Event()
 
     async def Double(self, request: int, call: Call) -> int:
         self.calls.append(call)
@@ -88,7 +91,10 @@ class Echo:
             self.stream_ended.set()
 
     async def Sum(self, requests: AsyncIterator[int], call: Call) -> int:
-        return sum([r async for r in requests])
+        try:
+            return sum([r async for r in requests])
+        finally:
+            self.sum_ended.set()
 
     async def Running(self, requests: AsyncIterator[int], call: Call) -> AsyncIterator[int]:
         total = 0
@@ -228,6 +234,28 @@ async def test_a_client_going_away_cancels_the_service(
     # Backpressure held the generator a response or two ahead of the
     # client; closing the RPC closed it there.
     assert service.produced < 5
+
+
+async def test_a_client_stream_given_up_ends_the_service_quietly(
+    served: tuple[grpc.Channel, Echo], caplog: pytest.LogCaptureFixture
+) -> None:
+    channel, service = served
+    more = threading.Event()
+
+    def requests() -> Iterator[bytes]:
+        yield b"1"
+        more.wait(30)  # the client never finishes its stream
+
+    def start_then_cancel() -> None:
+        call = channel.stream_unary(f"/{SERVICE}/Sum").future(requests())
+        time.sleep(0.2)  # the service is waiting for the second request
+        call.cancel()
+
+    await _in_thread(start_then_cancel)
+    with trio.fail_after(10):
+        await service.sum_ended.wait()
+    more.set()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_a_deadline_cancels_a_unary_call(served: tuple[grpc.Channel, Echo]) -> None:

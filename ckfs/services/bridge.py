@@ -210,8 +210,13 @@ class _Requests:
         return self
 
     def _read(self) -> Any:
-        for raw in self._iterator:
-            return _decode(self._deserialize, raw, self._method)
+        try:
+            for raw in self._iterator:
+                return _decode(self._deserialize, raw, self._method)
+        except grpc.RpcError:
+            # grpcio's iterator raises once the RPC is over: the client went
+            # away (or its deadline passed) while the service waited for it.
+            raise _Cancelled from None
         return _END
 
     async def __anext__(self) -> Any:
