@@ -5,7 +5,7 @@ tree of present content), every blob and snapshot labelled
 ``containerd.io/gc.root`` (as containerd's gc), every active or view
 snapshot (a mount, a bundle, a prepared snapshot) except ``extract-``
 snapshots, which are scratch space of unpacks, and every snapshot
-containerd made (below). From the roots the collector follows, as
+containerd made or adopted (below). From the roots the collector follows, as
 containerd's does (names in `ckfs.labels`):
 
 - manifests and indexes to their children (parsed, so images imported
@@ -24,9 +24,12 @@ names every snapshot it asks a backend for ``<namespace>/<n>/<key>``
 (``default/3/sha256:…``, ``k8s.io/42/extract-…``), a form ckfs never makes
 (its keys are chain IDs, ``extract-…``, ``mount:<path>``, or what a user
 typed), so gc keeps every snapshot of that form, and its parents, whatever
-its kind or labels. A user's own committed snapshot, not named by any of
-the above, is collected, as before; label it ``containerd.io/gc.root`` to
-keep it.
+its kind or labels. A layer ckfs unpacked that containerd adopted through
+the proxy (labelled ``ckfs.io/adopted-by``, `ckfs.labels.ADOPTED_BY`) is
+containerd's too, but containerd's gc cannot remove it through ckfsd, so
+gc keeps it, and its parents, until ``ckfs snapshots rm`` removes it. A
+user's own committed snapshot, not named by any of the above, is
+collected, as before; label it ``containerd.io/gc.root`` to keep it.
 
 Everything else goes: blobs, committed snapshots, leftover extract
 snapshots. One bad record never stops the rest: a manifest that does not
@@ -59,7 +62,7 @@ from ckfs.errors import CkfsError, FailedPrecondition, InvalidArgument, NotFound
 from ckfs.images import ImageStore
 from ckfs.images import manifest as manifests
 from ckfs.jsondoc import parse_object
-from ckfs.labels import GC_ROOT, content_refs, snapshot_refs
+from ckfs.labels import ADOPTED_BY, GC_ROOT, content_refs, snapshot_refs
 from ckfs.rootfs import EXTRACT_PREFIX
 from ckfs.snapshots import Cleaner, CleanupError, Info, Kind, Snapshotter, containerd_owned
 
@@ -142,7 +145,7 @@ def _image_roots(images: ImageStore, errors: list[str]) -> list[_Todo]:
 
 def _is_root(info: Info) -> bool:
     """Whether a snapshot is kept for itself (see the module's docstring)."""
-    if GC_ROOT in info.labels or containerd_owned(info.name):
+    if GC_ROOT in info.labels or ADOPTED_BY in info.labels or containerd_owned(info.name):
         return True
     return info.kind is not Kind.COMMITTED and not info.name.startswith(EXTRACT_PREFIX)
 

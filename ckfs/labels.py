@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 __all__ = [
+    "ADOPTED_BY",
+    "CONTAINERD",
     "DISTRIBUTION_SOURCE",
     "GC_REF_CONTENT",
     "GC_REF_SNAPSHOT",
@@ -46,6 +48,22 @@ GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot"
 #: (lazy) snapshotter can answer Prepare with AlreadyExists when it can
 #: provide that layer itself; ckfs unpacks the same way. gc does not read it.
 SNAPSHOT_REF = "containerd.io/snapshot.ref"
+
+#: Snapshot label ckfs sets, once, on a layer it unpacked itself when
+#: containerd adopts that layer through the proxy snapshotter (ckfsd's
+#: Snapshots service shows it to containerd's chain-ID lookup after Prepare
+#: answered AlreadyExists); the value names the adopter, `CONTAINERD`.
+#: containerd records the layer as its own from then on, yet its gc can
+#: never remove it: through the proxy, removing a key containerd did not
+#: make is refused. So the label is the only trace of containerd's use, and
+#: ckfs's gc keeps an adopted snapshot and its parents, which would
+#: otherwise leave containerd's record naming nothing (NotFound at its next
+#: ``ctr run``). ``ckfs snapshots rm`` still removes one explicitly, once the
+#: user knows containerd is done with it.
+ADOPTED_BY = "ckfs.io/adopted-by"
+
+#: The `ADOPTED_BY` value for containerd, the one adopter so far.
+CONTAINERD = "containerd"
 
 #: Prefix of the blob label naming where a blob was fetched from
 #: (``…source.<registry host>`` = the repository path); the lazy snapshotter

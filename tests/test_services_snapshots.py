@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+import trio
 
-from ckfs import errors
+from ckfs import errors, gc
 from ckfs.api.services.snapshots.v1 import snapshots_pb2 as pb
 from ckfs.api.types import types_pb2
-from ckfs.labels import SNAPSHOT_REF
+from ckfs.labels import ADOPTED_BY, CONTAINERD, SNAPSHOT_REF
 from ckfs.services.snapshots import (
     LIST_BATCH,
     MAX_KEY_SIZE,
@@ -263,6 +264,46 @@ async def test_adoption_needs_the_same_parent(state: State, service: SnapshotsSe
     ckfs_layers(state, [L1])  # L1 committed on nothing; containerd wants it on L0
     made = await containerd_unpack(service, [L0, L1])
     assert made == [f"default/2/{L0}", f"default/4/{L1}"]
+
+
+async def test_adoption_is_recorded_and_kept_by_ckfs_gc(
+    state: State, service: SnapshotsService
+) -> None:
+    """containerd's lookup labels the layer it adopts, once; ckfs's gc keeps
+    it and its parents; only an explicit removal (``ckfs snapshots rm``) ends it."""
+    unused = "sha256:" + "c" * 64
+    ckfs_layers(state, [L0, L1])
+    ckfs_layers(state, [unused])
+
+    async def adopted() -> list[str]:
+        infos = [await stat(service, n, DIRECT) for n in await names(service, [], DIRECT)]
+        return [i.name for i in infos if i.labels.get(ADOPTED_BY) == CONTAINERD]
+
+    # Listings that are not containerd's chain-ID lookup adopt nothing.
+    await names(service)
+    await names(service, [f'labels."{SNAPSHOT_REF}"'])
+    await names(service, [f'labels."{SNAPSHOT_REF}"=={L1}'], DIRECT)
+    assert await adopted() == []
+    lookup = [f'labels."{SNAPSHOT_REF}"=={L1},parent=="{L0}"']
+    (shown,) = [i for r in await responses(service, lookup) for i in r.info]
+    assert (shown.name, shown.labels[ADOPTED_BY]) == (L1, CONTAINERD)
+    marked = await stat(service, L1, DIRECT)
+    await names(service, lookup)  # set once: a second lookup changes nothing
+    assert (await stat(service, L1, DIRECT)).updated_at == marked.updated_at
+    assert await adopted() == [L1]
+
+    sn = state.snapshotter(DIRECT)
+    report = await trio.to_thread.run_sync(
+        lambda: gc.collect(state.content, state.images, {DIRECT: sn})
+    )
+    assert (report.snapshots, report.errors) == ({DIRECT: [unused]}, [])
+    assert await names(service, [], DIRECT) == [L0, L1]
+    # containerd's gc cannot remove it through the proxy; the direct name can.
+    with pytest.raises(errors.FailedPrecondition):
+        await service.Remove(pb.RemoveSnapshotRequest(snapshotter=PROXY, key=L1), None)
+    for key in (L1, L0):
+        await service.Remove(pb.RemoveSnapshotRequest(snapshotter=DIRECT, key=key), None)
+    assert await names(service, [], DIRECT) == []
 
 
 async def test_direct_names_answer_the_store_as_it_is(

@@ -19,7 +19,9 @@ alone never needed:
   parent==<parent>`` and adopts what it finds. ckfs names its layers by chain
   ID without that label, so under a proxy name a committed snapshot named
   by a digest shows the label, naming itself: ``ckfs pull`` then ``ctr run``
-  of the same image unpacks nothing twice.
+  of the same image unpacks nothing twice. That List is the adoption: each
+  ckfs layer it answers with is labelled `ckfs.labels.ADOPTED_BY` once, in
+  the store, so that ckfs's gc keeps it for containerd from then on.
 - **containerd's gc removes only what containerd made.** containerd's gc
   Lists every snapshot of the backend and removes, children first, each
   one it has no record of, going on past FailedPrecondition. Under a proxy
@@ -57,8 +59,8 @@ from ckfs.api.services.snapshots.v1 import snapshots_pb2 as pb
 from ckfs.api.types import types_pb2
 from ckfs.digest import Digest
 from ckfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unimplemented
-from ckfs.filters import Filter, adaptor_for, parse_filters
-from ckfs.labels import SNAPSHOT_REF
+from ckfs.filters import Filter, Operator, adaptor_for, parse_filters
+from ckfs.labels import ADOPTED_BY, CONTAINERD, SNAPSHOT_REF
 from ckfs.snapshots import Cleaner, Info, Kind, Snapshotter, Usage, containerd_owned
 
 if TYPE_CHECKING:
@@ -189,8 +191,29 @@ class _Backend:
 
     def walk(self, filters: Sequence[str]) -> list[Info]:
         match: Filter = parse_filters(filters)
-        infos = (self.present(i) for i in self.sn.walk())
-        return [i for i in infos if match.match(_adaptor(i))]
+        infos = [i for i in map(self.present, self.sn.walk()) if match.match(_adaptor(i))]
+        lookups = _chain_lookups(match)
+        if not self.proxy or lookups is None:
+            return infos
+        return [a for a in (self._adopt(i, lookups) for i in infos) if a is not None]
+
+    def _adopt(self, info: Info, lookups: Filter) -> Info | None:
+        """*info*, labelled `ADOPTED_BY` if a chain-ID lookup finds a ckfs layer.
+
+        None when the layer went meanwhile: containerd must not adopt it.
+        """
+        if (
+            info.kind is not Kind.COMMITTED
+            or ADOPTED_BY in info.labels
+            or containerd_owned(info.name)
+            or not lookups.match(_adaptor(info))
+        ):
+            return info
+        mark = Info(kind=info.kind, name=info.name, labels={ADOPTED_BY: CONTAINERD})
+        try:
+            return self.present(self.sn.update(mark, [f"labels.{ADOPTED_BY}"]))
+        except NotFound:
+            return None
 
     def create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         target = labels.get(SNAPSHOT_REF, "")
@@ -225,6 +248,23 @@ class _Backend:
         if not isinstance(self.sn, Cleaner):
             raise Unimplemented("this snapshotter has nothing to clean up")
         self.sn.cleanup()
+
+
+def _chain_lookups(match: Filter) -> Filter | None:
+    """The alternatives of *match* that look a layer up by chain ID, if any.
+
+    containerd's adoption asks ``labels."containerd.io/snapshot.ref"==<chainID>``;
+    a listing that merely tests the label's presence (``ctr snapshots ls``
+    with a filter) adopts nothing.
+    """
+    alternatives = tuple(
+        alt
+        for alt in match.alternatives
+        if any(
+            s.operator is Operator.EQUAL and s.fieldpath == ("labels", SNAPSHOT_REF) for s in alt
+        )
+    )
+    return Filter(alternatives) if alternatives else None
 
 
 def _batches(infos: Sequence[Info]) -> Iterable[list[Info]]:
