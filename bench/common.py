@@ -48,13 +48,26 @@ def skopeo_copy(src: str, dst: str) -> None:
 
 def timed(setup: Callable[[], None], body: Callable[[], None], repeat: int = 3) -> float:
     """Median wall time of *body* over *repeat* runs, *setup* before each."""
-    times = []
+    return timed_turns({"": (setup, body)}, repeat)[""]
+
+
+def timed_turns(
+    cases: dict[str, tuple[Callable[[], None], Callable[[], None]]], repeat: int = 3
+) -> dict[str, float]:
+    """Median wall time of each case's body, *setup* before each; the cases take turns.
+
+    Taking turns spreads a shared machine's changing load over every case
+    alike, where one case's runs after the other's would each meet a
+    different load.
+    """
+    times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeat):
-        setup()
-        t0 = time.perf_counter()
-        body()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, (setup, body) in cases.items():
+            setup()
+            t0 = time.perf_counter()
+            body()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def big_layout(

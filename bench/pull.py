@@ -6,7 +6,8 @@ Set up once, not timed: the layout of `common.big_layout`, pushed by skopeo
 into Debian's docker-registry on a free 127.0.0.1 port with temporary
 storage (its blobs then sit in the page cache, for every tool alike).
 
-Timed, each into an empty destination, median of ``--repeat`` runs:
+Timed, each into an empty destination, median of ``--repeat`` runs, the
+tools taking turns:
 
 - ckfs: ``ckfs fetch REF``: every blob streamed into the content store,
   hashed, verified and committed; no name registered.
@@ -37,10 +38,12 @@ up) while its store holds no blob of REF:
 - containerd: ``ctr content fetch --plain-http REF`` against containerd
   warmed the same way.
 
-skopeo has no daemon: its row is the cold-path figure above. Targets: ckfs
+The two take turns. skopeo has no daemon: its row is the cold-path figure
+above. Targets: ckfs
 <= 0.8x skopeo and <= 0.8x ctr. Last, the re-pull of the present image
 through the warm daemons: ``ckfs pull REF`` through ckfsd versus ``ctr
 images pull REF`` (fetched and unpacked once before timing). Target: <= 1.0x.
+Under it, the Pull RPC alone on a channel opened once: the daemon's part.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,6 +75,7 @@ from common import (
     run,
     skopeo_copy,
     timed,
+    timed_turns,
 )
 
 sys.path.insert(0, str(REPO))
@@ -120,37 +125,71 @@ def write_and_sync(layout: Path, dest: Path) -> None:
             os.close(fd)
 
 
+def pull_rpc(address: str, ref: str) -> Callable[[], None]:
+    """One ckfsd Pull RPC of *ref* on a channel opened once: the re-pull without a client process.
+
+    The stream is read to its end, the summary last.
+    """
+    import grpc
+
+    from ckfs.api.v1 import ckfs_pb2, ckfs_pb2_grpc
+
+    stub = ckfs_pb2_grpc.CkfsStub(grpc.insecure_channel(address))
+    options = ckfs_pb2.PullOptions(plain_http=True)
+    request = ckfs_pb2.PullRequest(ref=ref, register=True, options=options)
+
+    def call() -> None:
+        *_, last = stub.Pull(request, metadata=(("containerd-namespace", "default"),))
+        assert last.HasField("summary"), last
+
+    return call
+
+
 def warm_daemons(ref: str, warmup: str, work: Path, repeat: int) -> dict[str, float]:
     """The warm path: cold pulls and re-pulls of *ref* through ckfsd and containerd.
 
     Each daemon restarts on an empty root and pulls *warmup* before each cold
-    run, outside the timing; the re-pulls follow on the last daemon, whose
-    store then holds *ref*.
+    run, outside the timing; the re-pulls follow on the last daemons, whose
+    stores then hold *ref*. ckfsd and containerd take turns.
     """
-    times: dict[str, float] = {}
-    daemons = contextlib.ExitStack()
+    ckfsd, ctd = contextlib.ExitStack(), contextlib.ExitStack()
     address: list[str] = []  # the running ckfsd's address
     ctr: list[str] = []  # the ctr command line for the running containerd
-    root, ctd = work / "ckfsd-root", work / "containerd-warm"
 
     def ckfs(*args: str) -> list[str]:
         return ckfs_client_cmd(address[0], *args)
 
     def fresh_ckfsd() -> None:
-        daemons.close()
+        ckfsd.close()
+        root = work / "ckfsd-root"
         shutil.rmtree(root, ignore_errors=True)
-        address[:] = [daemons.enter_context(running_ckfsd(root)).address]
+        address[:] = [ckfsd.enter_context(running_ckfsd(root)).address]
         run(ckfs("pull", "-q", "--plain-http", warmup))
 
     def fresh_containerd() -> None:
-        daemons.close()
-        shutil.rmtree(ctd, ignore_errors=True)
-        ctr[:] = ["ctr", "--address", str(daemons.enter_context(containerd(ctd)))]
+        ctd.close()
+        root = work / "containerd-warm"
+        shutil.rmtree(root, ignore_errors=True)
+        ctr[:] = ["ctr", "--address", str(ctd.enter_context(containerd(root)))]
         run([*ctr, "content", "fetch", "--plain-http", warmup])
 
+    def ckfs_pull() -> None:
+        run(ckfs("pull", "-q", "--plain-http", ref))
+
+    def ctr_fetch() -> None:
+        run([*ctr, "content", "fetch", "--plain-http", ref])
+
+    def ctr_pull() -> None:
+        run([*ctr, "images", "pull", "--plain-http", ref])
+
     try:
-        pull = ["pull", "-q", "--plain-http", ref]
-        times["ckfsd"] = timed(fresh_ckfsd, lambda: run(ckfs(*pull)), repeat)
+        times = timed_turns(
+            {
+                "ckfsd": (fresh_ckfsd, ckfs_pull),
+                "ctr": (fresh_containerd, ctr_fetch),
+            },
+            repeat,
+        )
         summary = json.loads(
             subprocess.run(
                 ckfs("pull", "--json", "--plain-http", ref),
@@ -160,18 +199,19 @@ def warm_daemons(ref: str, warmup: str, work: Path, repeat: int) -> dict[str, fl
             ).stdout.splitlines()[-1]
         )
         assert summary["fetched_blobs"] == 0, summary
-        times["ckfsd re-pull"] = timed(lambda: None, lambda: run(ckfs(*pull)), max(5, repeat))
-        times["ctr"] = timed(
-            fresh_containerd,
-            lambda: run([*ctr, "content", "fetch", "--plain-http", ref]),
-            repeat,
+        ctr_pull()  # registers and unpacks: the re-pulls find it all present
+        present = timed_turns(
+            {
+                "ckfsd re-pull": (lambda: None, ckfs_pull),
+                "ckfsd re-pull rpc": (lambda: None, pull_rpc(address[0], ref)),
+                "ctr re-pull": (lambda: None, ctr_pull),
+            },
+            max(5, repeat),
         )
-        ctr_pull = [*ctr, "images", "pull", "--plain-http", ref]
-        run(ctr_pull)  # registers and unpacks: the re-pulls find it all present
-        times["ctr re-pull"] = timed(lambda: None, lambda: run(ctr_pull), max(5, repeat))
     finally:
-        daemons.close()
-    return times
+        ckfsd.close()
+        ctd.close()
+    return times | present
 
 
 def main() -> None:
@@ -199,19 +239,21 @@ def main() -> None:
             sock = daemons.enter_context(containerd(ctd))
             ctr[:] = ["ctr", "--address", str(sock)]
 
-        t_ckfs = timed(clean, lambda: run(ckfs_cmd(root, "fetch", "-q", ref)), args.repeat)
-        t_lib = timed(clean, lambda: fetch_in_process(root, ref), args.repeat)
-        t_disk = timed(clean, lambda: write_and_sync(layout, dest), args.repeat)
-        t_skopeo = timed(
-            clean,
-            lambda: skopeo_copy(f"docker://{ref}", f"oci:{dest}:latest"),
+        cold = timed_turns(
+            {
+                "ckfs": (clean, lambda: run(ckfs_cmd(root, "fetch", "-q", ref))),
+                "lib": (clean, lambda: fetch_in_process(root, ref)),
+                "disk": (clean, lambda: write_and_sync(layout, dest)),
+                "skopeo": (clean, lambda: skopeo_copy(f"docker://{ref}", f"oci:{dest}:latest")),
+                "ctr": (
+                    fresh_containerd,
+                    lambda: run([*ctr, "content", "fetch", "--plain-http", ref]),
+                ),
+            },
             args.repeat,
         )
-        t_ctr = timed(
-            fresh_containerd,
-            lambda: run([*ctr, "content", "fetch", "--plain-http", ref]),
-            args.repeat,
-        )
+        t_ckfs, t_lib, t_disk = cold["ckfs"], cold["lib"], cold["disk"]
+        t_skopeo, t_ctr = cold["skopeo"], cold["ctr"]
         daemons.close()
 
         # Re-pull: everything present, the name registered by one real pull.
@@ -285,6 +327,7 @@ def main() -> None:
         ],
         "<= 1.0x",
     )
+    print(f"  the Pull RPC alone, channel open          {warm['ckfsd re-pull rpc']:8.3f} s")
 
 
 if __name__ == "__main__":
