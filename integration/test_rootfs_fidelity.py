@@ -33,13 +33,16 @@ import pytest
 
 import snapshotters
 from ckfs.mount import is_mountpoint
-from integration.conftest import Ckfs, need, skopeo
+from integration.conftest import BOTH_FACES, Ckfs, need, skopeo
 from integration.mounts import MountGuard
 from integration.registry import Registry
 from integration.test_archive_umoci import CAPABILITY, build_image, umoci
 from tests import treecmp
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts, owners, devices")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts, owners, devices"),
+    BOTH_FACES,
+]
 
 #: Name of the image in ckfs after `ckfs import`.
 IMPORTED = "example.local/ckfs/fidelity:latest"

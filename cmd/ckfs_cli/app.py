@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ckfs.mount import Mount
     from ckfs.remote_content import RemoteContentStore
     from ckfs.remote_images import RemoteImageStore
+    from ckfs.snapshots import Snapshotter
     from ckfs.state import State
 
 #: Not yet looked for (`App.daemon` is None both for "none" and "not asked").
@@ -75,6 +76,15 @@ class App:
 
             return RemoteImageStore(daemon)
         return self.state.images
+
+    def snapshotter(self, name: str) -> Snapshotter:
+        """The snapshotter *name*: ckfsd's (through its Snapshots service) when one serves,
+        else the root's."""
+        if (daemon := self.daemon) is not None:
+            from ckfs.remote_snapshots import RemoteSnapshotter
+
+            return RemoteSnapshotter(daemon, name)
+        return self.state.snapshotter(name)
 
     def close(self) -> None:
         if self._state is not None:

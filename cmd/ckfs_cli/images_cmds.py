@@ -109,14 +109,14 @@ def _contents(app: App, image: Image) -> _Contents:
     from ckfs_cli.main import describe
 
     try:
-        size = img.size(_blobs(app), image.target)
-        plats = [str(p) for p in img.platforms_of(_blobs(app), image.target)]
+        size = img.size(blobs(app), image.target)
+        plats = [str(p) for p in img.platforms_of(blobs(app), image.target)]
     except (CkfsError, OSError) as e:
         return _Contents(None, [], describe(e), isinstance(e, NotFound))
     return _Contents(size, plats, None, False)
 
 
-def _blobs(app: App) -> ContentStore:
+def blobs(app: App) -> ContentStore:
     """The content an image's manifests are read from, local or ckfsd's.
 
     `ckfs.images.image` reads through ``exists`` and ``read_all`` only,
@@ -171,8 +171,8 @@ def inspect(app: App, as_json: bool, platform: str | None, name: str) -> None:
     out = image_json(image)
     plat = platforms.parse(platform) if platform else None
     try:
-        mdesc, manifest = img.manifest(_blobs(app), image.target, plat)
-        cfg = img.read_config(_blobs(app), manifest)
+        mdesc, manifest = img.manifest(blobs(app), image.target, plat)
+        cfg = img.read_config(blobs(app), manifest)
     except (CkfsError, OSError) as e:
         out["error"] = describe(e)
     else:

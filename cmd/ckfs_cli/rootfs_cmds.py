@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ckfs_cli.app import App, human_size, print_json, print_mounts, skip_httpx_cli
-from ckfs_cli.images_cmds import normalize
+from ckfs_cli.images_cmds import blobs, normalize
 from ckfs_cli.options import (
     DURATION,
     pass_app,
@@ -26,9 +26,7 @@ from ckfs_cli.options import (
 )
 
 if TYPE_CHECKING:
-    from ckfs.gc import GCReport
     from ckfs.mount import Mount
-    from ckfs.options import PullOptions
 
 
 def mount_key(target: Path) -> str:
@@ -36,23 +34,50 @@ def mount_key(target: Path) -> str:
 
 
 def _rootfs(
-    app: App, ref: str, snapshotter: str, key: str, readonly: bool, options: PullOptions
+    app: App, ref: str, snapshotter: str, key: str, readonly: bool, flags: dict[str, Any]
 ) -> list[Mount]:
-    """A snapshot *key* on the image *ref*: its Mount records (`ckfs.provide.ensure_rootfs`)."""
+    """A snapshot *key* on the image *ref*: its Mount records (`ckfs.provide.ensure_rootfs`).
+
+    Through ckfsd, the daemon makes the snapshot (its Mounts RPC runs the
+    same function) and the caller gets the records to mount itself.
+    """
     from ckfs import reference
-    from ckfs.provide import ensure_rootfs
 
     parsed = reference.parse(ref)
+    if (daemon := app.daemon) is not None:
+        from ckfs.client import pull_options as request_options
+
+        return daemon.mounts(
+            str(parsed),
+            key,
+            snapshotter=snapshotter,
+            readonly=readonly,
+            options=request_options(**flags),
+        )
+    from ckfs.provide import ensure_rootfs
+
+    options = pull_options(**flags)
     skip_httpx_cli()  # before an unpack or a pull, if it comes to that, imports httpx
     return ensure_rootfs(
         app.state, parsed, key, snapshotter=snapshotter, readonly=readonly, options=options
     )
 
 
+def _remove(app: App, snapshotter: str, key: str) -> None:
+    """Remove the snapshot *key*: through ckfsd (Unmount) when one serves, else here."""
+    if (daemon := app.daemon) is not None:
+        daemon.unmount(key, snapshotter)
+    else:
+        app.state.snapshotter(snapshotter).remove(key)
+
+
 def _mount(
-    app: App, ref: str, target: Path, snapshotter: str, ro: bool, options: PullOptions
+    app: App, ref: str, target: Path, snapshotter: str, ro: bool, flags: dict[str, Any]
 ) -> str:
     """Pull, unpack, prepare and mount; returns the snapshot key.
+
+    The mount itself is always this process's: it runs as the caller, in
+    the caller's mount namespace, also when ckfsd made the snapshot.
 
     Raises:
         FailedPrecondition: *target* is already a mountpoint or has a snapshot.
@@ -60,12 +85,11 @@ def _mount(
     from ckfs import mount as mountlib
     from ckfs.errors import AlreadyExists, FailedPrecondition
 
-    state = app.state
     key = mount_key(target)
     if mountlib.is_mountpoint(target):
         raise FailedPrecondition(f"{target} is already a mountpoint; ckfs umount it first")
     try:
-        mounts = _rootfs(app, ref, snapshotter, key, ro, options)
+        mounts = _rootfs(app, ref, snapshotter, key, ro, flags)
     except AlreadyExists:
         raise FailedPrecondition(
             f"{target} already has a ckfs snapshot ({snapshotter}); run `ckfs umount {target}`"
@@ -74,7 +98,7 @@ def _mount(
         target.mkdir(parents=True, exist_ok=True)
         mountlib.mount_all(mounts, target)
     except BaseException:
-        state.snapshotter(snapshotter).remove(key)
+        _remove(app, snapshotter, key)
         raise
     return key
 
@@ -94,7 +118,7 @@ def mount_cmd(app: App, /, snapshotter: str, ro: bool, ref: str, target: Path, *
       ckfs mount docker.io/stevvooe/foo /mnt/rootfs
       ckfs mount --ro --snapshotter native example.local/ckfs/busybox /mnt/x
     """
-    key = _mount(app, ref, target, snapshotter, ro, pull_options(**opts))
+    key = _mount(app, ref, target, snapshotter, ro, opts)
     click.echo(f"mounted {ref} at {target} ({snapshotter} snapshot {key!r})", err=True)
 
 
@@ -108,21 +132,27 @@ def umount_cmd(app: App, keep: bool, target: Path) -> None:
     from ckfs import mount as mountlib
     from ckfs.errors import NotFound
 
-    state = app.state
     key = mount_key(target)
     was_mounted = mountlib.is_mountpoint(target)
     if was_mounted:
         mountlib.unmount_all(target)
-    owners = []
-    for name in snapshotters.NAMES:
+    owned = False
+    if (daemon := app.daemon) is not None and not keep:
         try:
-            state.snapshotter(name).stat(key)
+            daemon.unmount(key)  # from every snapshotter that has it, in one call
+            owned = True
         except NotFound:
-            continue
-        owners.append(name)
-        if not keep:
-            state.snapshotter(name).remove(key)
-    if not was_mounted and not owners:
+            pass
+    else:
+        for name in snapshotters.NAMES:
+            try:
+                app.snapshotter(name).stat(key)
+            except NotFound:
+                continue
+            owned = True
+            if not keep:
+                app.snapshotter(name).remove(key)
+    if not was_mounted and not owned:
         raise NotFound(f"{target}: not mounted by ckfs")
 
 
@@ -146,7 +176,7 @@ def rootfs_cmd(
         import secrets  # ~10 ms of imports every other command need not pay
 
         key = f"rootfs-{time.time_ns()}-{secrets.token_hex(4)}"
-    mounts = _rootfs(app, ref, snapshotter, key, ro, pull_options(**opts))
+    mounts = _rootfs(app, ref, snapshotter, key, ro, opts)
     if as_json:
         print_json(
             {"key": key, "snapshotter": snapshotter, "mounts": [m.to_json() for m in mounts]}
@@ -185,10 +215,10 @@ def bundle_cmd(
     options = pull_options(**opts)
     directory.mkdir(parents=True, exist_ok=True)
     rootfs = directory / "rootfs"
-    key = _mount(app, ref, rootfs, snapshotter, ro, options)
+    key = _mount(app, ref, rootfs, snapshotter, ro, opts)
     try:
-        image = app.state.images.get(normalize(ref))
-        config = img.config(app.state.content, image.target, options.platform)
+        image = app.images.get(normalize(ref))
+        config = img.config(blobs(app), image.target, options.platform)
         spec = build_spec(config, rootfs=rootfs, args=args, readonly=ro)
         tmp = directory / "config.json.tmp"
         tmp.write_text(json.dumps(spec, indent=2) + "\n")
@@ -197,7 +227,7 @@ def bundle_cmd(
         from ckfs import mount as mountlib
 
         mountlib.unmount_all(rootfs)
-        app.state.snapshotter(snapshotter).remove(key)
+        _remove(app, snapshotter, key)
         raise
     click.echo(str(directory))
     click.echo(f"run it: runc run -b {directory} <id>; clean up: ckfs umount {rootfs}", err=True)
@@ -223,9 +253,26 @@ def gc_cmd(app: App, dry_run: bool, ingest_expiry: float | None, as_json: bool) 
     directory that will not go) is one line on stderr; everything else is
     still collected, and the exit status is 1.
     """
+    from ckfs.safetext import message
+
+    if (daemon := app.daemon) is not None:
+        report = daemon.gc(dry_run=dry_run, ingest_expiry=ingest_expiry)
+    else:
+        report = _collect_here(app, dry_run, ingest_expiry)
+    if as_json:
+        print_json(report)
+    else:
+        _print_gc(report)
+    for line in report["errors"]:
+        click.echo(f"ckfs: gc: {message(line)}", err=True)
+    if report["errors"]:
+        raise SystemExit(1)
+
+
+def _collect_here(app: App, dry_run: bool, ingest_expiry: float | None) -> dict[str, Any]:
+    """Collect on the root in this process; what ``--json`` prints (as ckfsd's GC answers)."""
     import snapshotters
     from ckfs.gc import collect
-    from ckfs.safetext import message
 
     state = app.state
     with state.gc_lock(exclusive=True):
@@ -236,43 +283,34 @@ def gc_cmd(app: App, dry_run: bool, ingest_expiry: float | None, as_json: bool) 
             dry_run=dry_run,
             **({} if ingest_expiry is None else {"ingest_expiry": ingest_expiry}),
         )
-    if as_json:
-        print_json(
-            {
-                "dry_run": dry_run,
-                "blobs": [str(d) for d in report.blobs],
-                "bytes": report.bytes,
-                "snapshots": report.snapshots,
-                "directories": report.directories,
-                "ingests": report.ingests,
-                "ingest_bytes": report.ingest_bytes,
-                "errors": report.errors,
-            }
-        )
-    else:
-        _print_gc(report, dry_run)
-    for line in report.errors:
-        click.echo(f"ckfs: gc: {message(line)}", err=True)
-    if report.errors:
-        raise SystemExit(1)
+    return {
+        "dry_run": dry_run,
+        "blobs": [str(d) for d in report.blobs],
+        "bytes": report.bytes,
+        "snapshots": dict(sorted(report.snapshots.items())),
+        "directories": report.directories,
+        "ingests": report.ingests,
+        "ingest_bytes": report.ingest_bytes,
+        "errors": report.errors,
+    }
 
 
-def _print_gc(report: GCReport, dry_run: bool) -> None:
+def _print_gc(report: dict[str, Any]) -> None:
     from ckfs.safetext import escape
 
-    verb = "would remove" if dry_run else "removed"
-    for d in report.blobs:
+    verb = "would remove" if report["dry_run"] else "removed"
+    for d in report["blobs"]:
         click.echo(f"{verb} blob {d}")
-    for sn, names in report.snapshots.items():
+    for sn, names in report["snapshots"].items():
         for n in names:
             click.echo(f"{verb} snapshot {sn}/{escape(n)}")
-    for ref in report.ingests:
+    for ref in report["ingests"]:
         click.echo(f"{verb} ingest {escape(ref)}")
-    if report.ingests:
-        click.echo(
-            f"{verb} {len(report.ingests)} stale ingests ({human_size(report.ingest_bytes)})",
-            err=True,
-        )
-    n_snapshots = sum(len(v) for v in report.snapshots.values())
-    size = human_size(report.bytes)
-    click.echo(f"{verb} {len(report.blobs)} blobs ({size}) and {n_snapshots} snapshots", err=True)
+    if ingests := report["ingests"]:
+        size = human_size(report["ingest_bytes"])
+        click.echo(f"{verb} {len(ingests)} stale ingests ({size})", err=True)
+    n_snapshots = sum(len(v) for v in report["snapshots"].values())
+    size = human_size(report["bytes"])
+    click.echo(
+        f"{verb} {len(report['blobs'])} blobs ({size}) and {n_snapshots} snapshots", err=True
+    )

@@ -29,12 +29,7 @@ class _Ctx:
 
     @property
     def sn(self) -> Snapshotter:
-        """The snapshotter: ckfsd's over its Snapshots service when one serves, else local."""
-        if (daemon := self.app.daemon) is not None:
-            from ckfs.remote_snapshots import RemoteSnapshotter
-
-            return RemoteSnapshotter(daemon, self.name)
-        return self.app.state.snapshotter(self.name)
+        return self.app.snapshotter(self.name)
 
 
 pass_ctx = click.make_pass_decorator(_Ctx)
