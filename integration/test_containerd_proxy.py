@@ -35,7 +35,7 @@ import pytest
 
 from ckfs.api.services.snapshots.v1 import snapshots_pb2 as pb
 from ckfs.api.services.snapshots.v1 import snapshots_pb2_grpc
-from ckfs.labels import SNAPSHOT_REF
+from ckfs.labels import ADOPTED_BY, CONTAINERD, SNAPSHOT_REF
 from integration.conftest import Ckfs
 from integration.containerd import PROXY, Containerd, cri_pull
 from integration.daemon import Daemon, channel, ckfsd_fixture  # noqa: F401 (fixture ckfsd)
@@ -180,6 +180,8 @@ def test_containerd_adopts_layers_ckfs_unpacked(
     after_pull = ckfs_snapshots(stub)
     assert after_pull.keys() == before.keys()
     assert set(ctd.snapshots("k8s.io")) == committed(before)
+    # ...and the adoption is recorded, so ckfs's gc keeps them for containerd.
+    assert {after_pull[n].labels.get(ADOPTED_BY) for n in committed(before)} == {CONTAINERD}
 
     assert os_release(ctd, ref, "k8s.io") == OS_RELEASE
     wait_for(lambda: ckfs_snapshots(stub).keys() == before.keys())
