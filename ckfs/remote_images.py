@@ -1,7 +1,7 @@
 """An image store in ckfsd, reached over containerd's Images API.
 
-`RemoteImageStore` answers the read side of `ckfs.images.ImageStore` and
-removal (``get``, ``list``, ``delete``), one RPC per call, so the CLI's
+`RemoteImageStore` answers the read side of `ckfs.images.ImageStore`,
+``tag`` and removal (``get``, ``list``, ``tag``, ``delete``), one RPC per call, so the CLI's
 ``images`` commands take either store and print the same. Images become
 model objects only through `ckfs.api.convert` (a malformed answer is
 `InvalidArgument`); a failed RPC raises the `ckfs.errors` class of its
@@ -14,6 +14,7 @@ generated modules; the `Image` model loads with the first answer.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
@@ -55,6 +56,31 @@ class RemoteImageStore:
         """Raises: InvalidArgument: a malformed filter."""
         reply = self._call(self._stub.List, pb.ListImagesRequest(filters=list(filters)))
         return [convert.image_from_proto(i) for i in reply.images]
+
+    def tag(self, src: str, dst: str, *, force: bool = False) -> Image:
+        """Give the image *src* a second name *dst*, as `ckfs.images.ImageStore.tag`.
+
+        Two calls (Get, then Create, or with *force* Update of an existing
+        *dst*), not one transaction: a *src* renamed in between still
+        copies what Get saw.
+
+        Raises:
+            NotFound: *src* does not exist.
+            AlreadyExists: *dst* exists and *force* is false.
+        """
+        from ckfs.errors import AlreadyExists
+
+        source = self.get(src)
+        if src == dst:
+            return source
+        copy = convert.image_to_proto(dataclasses.replace(source, name=dst))
+        try:
+            reply = self._call(self._stub.Create, pb.CreateImageRequest(image=copy))
+        except AlreadyExists:
+            if not force:
+                raise
+            reply = self._call(self._stub.Update, pb.UpdateImageRequest(image=copy))
+        return convert.image_from_proto(reply.image)
 
     def delete(self, name: str) -> None:
         """Raises: NotFound: no image has the name."""

@@ -7,13 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from integration.conftest import EXAMPLE_NAME, REPO, Ckfs, skopeo
+from integration.conftest import BOTH_FACES, EXAMPLE_NAME, REPO, Ckfs, skopeo
 
 
 def blobs_of(layout: Path) -> set[str]:
     return {f"sha256:{p.name}" for p in (layout / "blobs/sha256").iterdir()}
 
 
+@BOTH_FACES
 def test_import_umoci_layout_then_list_and_inspect(ckfs: Ckfs, example_layout: Path) -> None:
     out = ckfs.run("import", "--json", "--name", EXAMPLE_NAME, str(example_layout))
     report = json.loads(out.stdout)
@@ -79,6 +80,7 @@ def test_export_is_read_by_skopeo(ckfs: Ckfs, example_layout: Path, tmp_path: Pa
     assert blobs_of(tmp_path / "copy") == blobs_of(example_layout)
 
 
+@BOTH_FACES
 def test_content_get_rm_verify(ckfs: Ckfs, example_layout: Path) -> None:
     ckfs.run("import", "--name", EXAMPLE_NAME, str(example_layout))
     digest = sorted(blobs_of(example_layout))[0]
@@ -102,6 +104,7 @@ def test_content_get_rm_verify(ckfs: Ckfs, example_layout: Path) -> None:
     assert digest in line
 
 
+@BOTH_FACES
 def test_images_tag_and_rm(ckfs: Ckfs, example_layout: Path) -> None:
     ckfs.run("import", "--name", EXAMPLE_NAME, str(example_layout))
     ckfs.run("images", "tag", EXAMPLE_NAME, "stevvooe/foo")
@@ -121,6 +124,7 @@ def _spoil_layer(layout: Path) -> str:
     return str(manifest["layers"][0]["digest"])
 
 
+@BOTH_FACES
 def test_bad_inputs_exit_1_with_one_line_and_store_unchanged(
     ckfs: Ckfs, layout_copy: Path, tmp_path: Path
 ) -> None:

@@ -221,7 +221,7 @@ def _one_line(v: object) -> str:
 @pass_app
 def tag(app: App, force: bool, src: str, dst: str) -> None:
     """Give the image SRC another name DST."""
-    created = app.state.images.tag(normalize(src), normalize(dst), force=force)
+    created = app.images.tag(normalize(src), normalize(dst), force=force)
     click.echo(created.name)
 
 
