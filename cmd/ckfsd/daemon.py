@@ -182,7 +182,8 @@ async def _reload(services: list[object]) -> None:
 
 def _wait_answers(address: str) -> None:
     """Block until a gRPC channel to *address* is ready (a worker thread)."""
-    with grpc.insecure_channel(address) as channel:
+    # A unix socket has no proxy: keep grpc from reading $http_proxy.
+    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=READY_TIMEOUT)
         except grpc.FutureTimeoutError:
