@@ -176,33 +176,36 @@ def churn(cs: ContentStore, ref: str, *, threads: int = 4, rounds: int = 150) ->
     guard = threading.Lock()
     unexpected: list[BaseException] = []
 
-    def run(seed: int) -> None:
+    def one_round(rng: random.Random) -> None:
         nonlocal holders, acquired, seen_overlap
+        try:
+            w = cs.writer(ref)
+        except Unavailable:
+            return
+        with guard:
+            holders += 1
+            acquired += 1
+            seen_overlap |= holders > 1
+        w.write(b"x")
+        with guard:
+            holders -= 1
+        if rng.random() < 0.5:
+            # Over the wire the stream ends before the Abort call, and
+            # another writer may take (or abort) the ref in between.
+            with contextlib.suppress(Unavailable, NotFound):
+                w.abort()
+        else:
+            w.close()
+            with contextlib.suppress(Unavailable, NotFound):
+                cs.abort(ref)
+
+    def run(seed: int) -> None:
         rng = random.Random(seed)
-        for _ in range(rounds):
-            try:
-                w = cs.writer(ref)
-            except Unavailable:
-                continue
-            except BaseException as e:  # pragma: no cover - reported below
-                unexpected.append(e)
-                return
-            with guard:
-                holders += 1
-                acquired += 1
-                seen_overlap |= holders > 1
-            w.write(b"x")
-            with guard:
-                holders -= 1
-            if rng.random() < 0.5:
-                # Over the wire the stream ends before the Abort call, and
-                # another writer may take the ref in between.
-                with contextlib.suppress(Unavailable):
-                    w.abort()
-            else:
-                w.close()
-                with contextlib.suppress(Unavailable, NotFound):
-                    cs.abort(ref)
+        try:
+            for _ in range(rounds):
+                one_round(rng)
+        except BaseException as e:  # pragma: no cover - reported below
+            unexpected.append(e)
 
     workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
     for t in workers:
