@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckfs.errors import CkfsError, Unavailable, from_grpc_code
@@ -125,6 +126,37 @@ class Client:
     def call_options(self) -> dict[str, Any]:
         """Keyword arguments every stub call takes: the namespace metadata."""
         return {"metadata": self._metadata}
+
+    def check_root(self, root: Path) -> None:
+        """Refuse a daemon that serves a state root other than *root*.
+
+        Roots are told apart by the UUID a daemon keeps in its root
+        (`ckfs.services.introspection.server_uuid`): asked first, so the
+        daemon writes it if it never had, then read from *root* here. A root
+        this process cannot read is taken on trust.
+
+        Raises:
+            FailedPrecondition: *root* has no UUID or another one.
+        """
+        from google.protobuf import empty_pb2
+
+        from ckfs.api.services.introspection.v1 import introspection_pb2_grpc
+        from ckfs.errors import FailedPrecondition
+
+        stub = introspection_pb2_grpc.IntrospectionStub(self.channel)
+        with rpc_errors():
+            theirs = stub.Server(empty_pb2.Empty(), **self.call_options()).uuid
+        try:
+            ours = (root / "uuid").read_text().strip()  # introspection.UUID_FILE
+        except FileNotFoundError:
+            ours = ""
+        except OSError:
+            return
+        if ours != theirs:
+            raise FailedPrecondition(
+                f"ckfsd at {self.address} serves another state root than {root} "
+                "(give the root it serves, or --no-daemon)"
+            )
 
     @property
     def _ckfs(self) -> Any:
@@ -290,7 +322,7 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-def discover(address: str | None, *, root_given: bool) -> Client | None:
+def discover(address: str | None, *, root_given: bool, root: Path | None = None) -> Client | None:
     """The ckfsd this command should use, or None for the local path.
 
     Args:
@@ -298,12 +330,22 @@ def discover(address: str | None, *, root_given: bool) -> Client | None:
         root_given: the user chose a state root (``--root`` /
             ``CKFS_ROOT``). The default socket serves the default root, so
             a command on another root never goes to it unasked.
+        root: that root, with *address*: the daemon must serve it
+            (`Client.check_root`), or the command would act on another.
 
     Raises:
         Unavailable: *address* was given and does not answer.
+        FailedPrecondition: the daemon at *address* serves a root other than *root*.
     """
     if address:
-        return Client.connect(address)
+        client = Client.connect(address)
+        if root is not None:
+            try:
+                client.check_root(root)
+            except BaseException:
+                client.close()
+                raise
+        return client
     if root_given:
         return None
     from ckfs.address import default_address

@@ -10,7 +10,6 @@ loads no event loop, HTTP stack or store, ``--no-daemon`` wins over
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -139,17 +138,28 @@ def test_a_client_run_loads_no_loop_http_or_store(
     registry: Registry, tmp_path: Path, args: list[str]
 ) -> None:
     args = [a.replace("REGISTRY", registry.host) for a in args]
-    with running_ckfsd(tmp_path / "root") as daemon:
-        face = ["--address", daemon.address]
+    root = tmp_path / "root"
+    with running_ckfsd(root) as daemon:
+        face = ["--root", str(root), "--address", daemon.address]
         proc = subprocess.run(
             [sys.executable, "-c", _PROBE.replace("HEAVY", repr(HEAVY)), *face, *args],
             capture_output=True,
             text=True,
-            env={**os.environ, "CKFS_ROOT": str(tmp_path / "elsewhere")},
         )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
-    assert not (tmp_path / "elsewhere").exists()  # the client never opened a root
+
+
+def test_a_daemon_of_another_root_is_refused(
+    faces: tuple[Ckfs, Ckfs, Daemon], tmp_path: Path
+) -> None:
+    _, _, daemon = faces
+    line = Ckfs(tmp_path / "other", daemon.address).fails("images", "ls")
+    assert line == (
+        f"ckfs: ckfsd at {daemon.address} serves another state root than {tmp_path / 'other'} "
+        "(give the root it serves, or --no-daemon)"
+    )
+    assert rpcs(daemon) == ["/containerd.services.introspection.v1.Introspection/Server"]
 
 
 def test_no_daemon_wins_over_the_address(
@@ -160,7 +170,7 @@ def test_no_daemon_wins_over_the_address(
     assert local.run("--no-daemon", "images", "ls", "-q").stdout.split() == [EXAMPLE_NAME]
     assert rpcs(daemon) == []
     assert local.run("images", "ls", "-q").stdout.split() == [EXAMPLE_NAME]  # the env: ckfsd
-    assert rpcs(daemon) == ["/containerd.services.images.v1.Images/List"]
+    assert rpcs(daemon)[-1] == "/containerd.services.images.v1.Images/List"
 
 
 def test_a_named_daemon_that_is_gone_is_one_line(tmp_path: Path) -> None:

@@ -63,7 +63,8 @@ class App:
                 from ckfs.client import discover
 
                 root_given = self._root is not None or "CKFS_ROOT" in os.environ
-                self._daemon = discover(self._address, root_given=root_given)
+                root = self._root or (Path(os.environ["CKFS_ROOT"]) if root_given else None)
+                self._daemon = discover(self._address, root_given=root_given, root=root)
         return self._daemon
 
     @property
