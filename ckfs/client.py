@@ -175,7 +175,9 @@ class Client:
         """Pull *ref* through ckfsd, telling *on_event* about each blob as the daemon does.
 
         Each blob is one `ckfs.progress.BlobProgress` updated in place, as
-        the local fetcher's are, so the CLI's displays draw both alike.
+        the local fetcher's are, so the CLI's displays draw both alike: the
+        daemon's progress ticks update its bytes between state changes
+        without calling *on_event*, as the local fetcher does.
 
         Returns:
             The summary, as `ckfs.pull.PullReport.to_json` gives it.
@@ -191,7 +193,9 @@ class Client:
             for event in self._ckfs.Pull(request, **self.call_options()):
                 if event.HasField("summary"):
                     return summary_json(event.summary)
-                on_event(_progress(blobs, event.blob))
+                p = _progress(blobs, event.blob)
+                if not event.blob.progress_only:  # a tick only moves the bars
+                    on_event(p)
         raise Unavailable(f"ckfsd at {self.address} ended the pull of {ref} without a summary")
 
     def mounts(

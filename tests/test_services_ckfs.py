@@ -162,3 +162,23 @@ def test_pull_options_zero_values_are_the_defaults() -> None:
     )
     assert str(options.platform) == "linux/arm/v7" and options.hosts_dirs == (Path("/x"),)
     assert (options.user, options.timeout) == ("u:p", 5)
+
+
+async def test_transferring_blobs_tick_between_state_changes(autojump_clock: object) -> None:
+    from ckfs.descriptor import Descriptor
+    from ckfs.digest import from_bytes
+    from ckfs.progress import BlobProgress
+    from ckfs.services.ckfs import TICK, _ticks
+
+    desc = Descriptor(media_type="application/octet-stream", digest=from_bytes(b"x"), size=100)
+    p = BlobProgress(desc=desc, kind="layer")
+    sent: list[pb.PullEvent | Exception] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_ticks, {id(p): p}, sent.append)
+        p.offset = p.fetched = 40
+        await trio.sleep(TICK * 1.5)
+        await trio.sleep(TICK * 3)  # no bytes moved: no more ticks
+        p.offset = 70
+        await trio.sleep(TICK)
+        nursery.cancel_scope.cancel()
+    assert [(e.blob.offset, e.blob.progress_only) for e in sent] == [(40, True), (70, True)]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +30,7 @@ from google.protobuf import empty_pb2
 
 from ckfs.api.convert import descriptor_to_proto, mounts_to_proto
 from ckfs.api.v1 import ckfs_pb2 as pb
-from ckfs.errors import InvalidArgument, NotFound
+from ckfs.errors import InvalidArgument, NotFound, unwrap_groups
 from ckfs.options import PullOptions
 from ckfs.reference import Reference
 from ckfs.services.snapshots import check_key
@@ -85,7 +85,13 @@ def _reference(ref: str) -> Reference:
     return reference.parse(ref)
 
 
-def _blob_event(p: BlobProgress) -> pb.PullEvent:
+#: Seconds between progress ticks of a transferring blob: a little faster
+#: than the CLI's live display redraws (8/s) would need is wasted, slower
+#: makes its byte counts and rates visibly jump.
+TICK = 0.25
+
+
+def _blob_event(p: BlobProgress, *, progress_only: bool = False) -> pb.PullEvent:
     """*p* as it stands now (the fetcher keeps changing the object)."""
     return pb.PullEvent(
         blob=pb.BlobEvent(
@@ -95,8 +101,22 @@ def _blob_event(p: BlobProgress) -> pb.PullEvent:
             offset=p.offset,
             fetched=p.fetched,
             note=p.note,
+            progress_only=progress_only,
         )
     )
+
+
+async def _ticks(
+    moving: dict[int, BlobProgress], hand_over: Callable[[pb.PullEvent], None]
+) -> None:
+    """Every `TICK`, a progress-only event for each transferring blob that moved."""
+    sent: dict[int, int] = {}
+    while True:
+        await trio.sleep(TICK)
+        for key, p in moving.items():
+            if sent.get(key) != p.offset:
+                sent[key] = p.offset
+                hand_over(_blob_event(p, progress_only=True))
 
 
 def _summary_event(report: PullReport) -> pb.PullEvent:
@@ -180,29 +200,49 @@ class CkfsService:
         the failure belongs to the RPC, which re-raises it for its client.
         Events come from the loop's thread, or through the loop from a
         worker thread, so they keep their order ahead of the outcome.
+        Between state changes, transferring blobs tick (`TICK`).
         """
+        from ckfs.progress import BlobState
         from ckfs.provide import pull_image_async
 
         token = trio.lowlevel.current_trio_token()
+        moving: dict[int, BlobProgress] = {}
 
         def hand_over(item: pb.PullEvent | Exception) -> None:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 send.send_nowait(item)
+
+        def changed(p: BlobProgress, event: pb.PullEvent) -> None:
+            if p.state in (BlobState.DOWNLOADING, BlobState.RESUMING):
+                moving[id(p)] = p
+            else:
+                moving.pop(id(p), None)
+            hand_over(event)
 
         def on_event(p: BlobProgress) -> None:
             event = _blob_event(p)
             try:
                 trio.lowlevel.current_task()
             except RuntimeError:  # a worker thread
-                token.run_sync_soon(hand_over, event)
+                token.run_sync_soon(changed, p, event)
             else:
-                hand_over(event)
+                changed(p, event)
 
         with send, scope:
             try:
-                report = await pull_image_async(
-                    self._state, ref, register=register, options=options, on_event=on_event
-                )
+                with unwrap_groups():
+                    async with trio.open_nursery() as ticking:
+                        ticking.start_soon(_ticks, moving, hand_over)
+                        try:
+                            report = await pull_image_async(
+                                self._state,
+                                ref,
+                                register=register,
+                                options=options,
+                                on_event=on_event,
+                            )
+                        finally:
+                            ticking.cancel_scope.cancel()
             except Exception as e:
                 hand_over(e)
             else:

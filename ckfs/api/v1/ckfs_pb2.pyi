@@ -150,6 +150,7 @@ class BlobEvent(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     FETCHED_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    PROGRESS_ONLY_FIELD_NUMBER: _builtins.int
     state: Global___BlobState.ValueType
     kind: _builtins.str
     """"index", "manifest", "config", "layer" or "blob"."""
@@ -159,6 +160,11 @@ class BlobEvent(_message.Message):
     """Bytes received from the registry by this pull."""
     note: _builtins.str
     """Why it was skipped or failed, or what a resume did; may be empty."""
+    progress_only: _builtins.bool
+    """Bytes moved, state unchanged: a tick for live progress bars, sent a
+    few times a second per transferring blob. Not one of the state
+    changes `ckfs pull --json` prints.
+    """
     @_builtins.property
     def descriptor(self) -> _types_pb2.Descriptor: ...
     def __init__(
@@ -170,10 +176,11 @@ class BlobEvent(_message.Message):
         offset: _builtins.int = ...,
         fetched: _builtins.int = ...,
         note: _builtins.str = ...,
+        progress_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "fetched", b"fetched", "kind", b"kind", "note", b"note", "offset", b"offset", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "fetched", b"fetched", "kind", b"kind", "note", b"note", "offset", b"offset", "progress_only", b"progress_only", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
