@@ -25,6 +25,7 @@ read of the local manifests; a pull by digest, none.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -151,9 +152,19 @@ async def pull(
     started = time.monotonic()
     o = options
     check_limits(o.timeout, o.max_blob_size)
+    # Store calls (SQLite, manifest reads) run in worker threads: in ckfsd
+    # this loop serves every other RPC. Events stay on the loop's thread,
+    # where a fetch reports them, since callers feed them to trio objects.
+    import trio
+
     if o.offline or ref.digest is not None:
-        local = pull_local(ref, content, images, o, register=register, on_event=on_event)
+        local = await trio.to_thread.run_sync(
+            functools.partial(pull_local, ref, content, images, o, register=register)
+        )
         if local is not None:
+            if on_event is not None:
+                for blob in local.fetch.blobs:
+                    on_event(blob)
             return local
 
     # Imported here so that pulls served from local state never load trio or httpx.
@@ -182,7 +193,8 @@ async def pull(
             timeout=o.timeout,
             max_blob_size=o.max_blob_size,
         )
-    return _finish(ref, images, report, register, network=True, started=started)
+    finish = functools.partial(_finish, network=True, started=started)
+    return await trio.to_thread.run_sync(finish, ref, images, report, register)
 
 
 def pull_local(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import trio
@@ -22,6 +23,7 @@ from ckfs.services.ckfs import CkfsService, pull_options_from_proto
 from ckfs.state import State
 from ckfs.transfer import import_source
 from tests.layouts import Layout
+from tests.test_unpack import OffLoop
 
 NAME = "example.local/ckfs/service:1"
 CALL = Call(method="/ckfs.v1.Ckfs/Test", namespace="default", metadata={})
@@ -182,3 +184,32 @@ async def test_transferring_blobs_tick_between_state_changes(autojump_clock: obj
         await trio.sleep(TICK)
         nursery.cancel_scope.cancel()
     assert [(e.blob.offset, e.blob.progress_only) for e in sent] == [(40, True), (70, True)]
+
+
+class _OffLoopState:
+    """A state whose stores and snapshotters fail any use from the trio thread."""
+
+    def __init__(self, state: State) -> None:
+        self._state = state
+        self.root = state.root
+        self.lock_dir = state.lock_dir
+        self.content = OffLoop(state.content)
+        self.images = OffLoop(state.images)
+        self.gc_lock = state.gc_lock
+
+    def snapshotter(self, name: str) -> object:
+        return OffLoop(self._state.snapshotter(name))
+
+
+async def test_the_service_reaches_the_stores_only_from_worker_threads(
+    service: CkfsService,
+) -> None:
+    off = CkfsService(cast(State, _OffLoopState(service._state)), nursery=service._nursery)
+    *_, last = await events_of(off, pb.PullRequest(ref=NAME, register=True, options=OFFLINE))
+    assert last.summary.blobs == 4
+    request = pb.MountsRequest(ref=NAME, key="k", snapshotter="native", options=OFFLINE)
+    await service.Mounts(request, CALL)  # unpacks (its own suite checks unpack)
+    request.key = "k2"
+    await off.Mounts(request, CALL)  # on an unpacked image
+    await off.Unmount(pb.UnmountRequest(key="k2"), CALL)
+    await off.GC(pb.GCRequest(dry_run=True), CALL)
