@@ -10,7 +10,8 @@ Finding a daemon (`discover`):
 
 - an explicit address (``--address`` / ``CKFS_ADDRESS``) must answer, or the
   command fails with `Unavailable` saying where it looked: a user who named
-  a daemon does not want a silent local fallback;
+  a daemon does not want a silent local fallback; with a root named too,
+  the daemon must serve that root (`Client.check_root`);
 - otherwise the default socket (`ckfs.address`) is probed, only for the
   default state root and only if the socket file exists (so a machine
   without ckfsd pays no grpc import at all), with a short connect timeout;
@@ -59,8 +60,10 @@ CONNECT_TIMEOUT = 5.0
 #: and then the local path is the better choice anyway.
 PROBE_TIMEOUT = 0.5
 
-#: The containerd namespace every request carries: ckfs has one.
+#: The containerd namespace every request carries: ckfs has one. (The
+#: bridge's DEFAULT_NAMESPACE and NAMESPACE_KEY; that module loads trio.)
 NAMESPACE = "default"
+NAMESPACE_KEY = "containerd-namespace"
 
 
 @contextlib.contextmanager
@@ -99,14 +102,15 @@ class Client:
     def __init__(self, channel: grpc.Channel, address: str) -> None:
         self.channel = channel
         self.address = address
-        self._metadata = (("containerd-namespace", NAMESPACE),)
+        self._metadata = ((NAMESPACE_KEY, NAMESPACE),)
 
     @classmethod
     def connect(cls, address: str, *, timeout: float = CONNECT_TIMEOUT) -> Client:
         """A client for the ckfsd at *address*, once its socket accepts.
 
         Raises:
-            Unavailable: nothing accepted the connection within *timeout*.
+            Unavailable: the socket is missing or refuses, or the daemon did
+                not complete the connection within *timeout*.
         """
         if address.startswith("unix:") or "://" not in address:
             _check_accepts(address)
@@ -302,17 +306,27 @@ def summary_json(s: ckfs_pb2.PullSummary) -> dict[str, Any]:
 def _progress(
     blobs: dict[tuple[str, str], BlobProgress], event: ckfs_pb2.BlobEvent
 ) -> BlobProgress:
-    """The blob *event* is about, updated to it: one object per blob, as the fetcher keeps."""
+    """The blob *event* is about, updated to it: one object per blob, as the fetcher keeps.
+
+    Raises:
+        InvalidArgument: a malformed descriptor or a state this client does not know.
+    """
     from ckfs.api.convert import descriptor_from_proto
     from ckfs.api.v1 import ckfs_pb2
+    from ckfs.errors import InvalidArgument
     from ckfs.progress import BlobProgress, BlobState
 
     desc = descriptor_from_proto(event.descriptor, where="pull event")
+    try:
+        state = BlobState(ckfs_pb2.BlobState.Name(event.state).lower())
+    except ValueError:
+        what = f"pull event for {desc.digest}: unknown state {event.state}"
+        raise InvalidArgument(what) from None
     key = (str(desc.digest), event.kind)
     p = blobs.get(key)
     if p is None:
         p = blobs[key] = BlobProgress(desc=desc, kind=event.kind)
-    p.state = BlobState(ckfs_pb2.BlobState.Name(event.state).lower())
+    p.state = state
     p.offset, p.fetched, p.note = event.offset, event.fetched, event.note
     return p
 

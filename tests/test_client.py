@@ -95,6 +95,15 @@ def test_events_update_one_progress_object_per_blob() -> None:
     assert second.to_json()["digest"] == "sha256:" + "a" * 64
 
 
+@pytest.mark.parametrize("state", [pb.BLOB_STATE_UNSPECIFIED, 99])
+def test_an_event_in_an_unknown_state_is_refused(state: int) -> None:
+    event = pb.BlobEvent(kind="layer", state=state)  # type: ignore[arg-type]
+    event.descriptor.media_type = "application/octet-stream"
+    event.descriptor.digest = "sha256:" + "c" * 64
+    with pytest.raises(errors.InvalidArgument, match="unknown state"):
+        client._progress({}, event)
+
+
 #: What a client-only run must not load: the event loop, the HTTP stack, the stores.
 HEAVY = ("trio", "httpx", "httpcore", "sqlite3", "ckfs.content", "ckfs.images.store")
 HEAVY += ("ckfs.metadata.db", "ckfs.remotes.walk", "snapshotters", "ckfs.state")
