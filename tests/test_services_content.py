@@ -19,8 +19,8 @@ from ckfs.api.services.content.v1 import content_pb2 as pb
 from ckfs.content import ContentStore
 from ckfs.digest import from_bytes
 from ckfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ckfs.services.checks import MAX_LABELS_SIZE
 from ckfs.services.content import LIST_BATCH, MAX_WRITE_CHUNK, READ_CHUNK, ContentService
-from ckfs.services.snapshots import MAX_LABELS_SIZE
 from ckfs.state import State
 from tests.test_unpack import OffLoop
 

@@ -21,9 +21,9 @@ from ckfs import errors, gc
 from ckfs.api.services.snapshots.v1 import snapshots_pb2 as pb
 from ckfs.api.types import types_pb2
 from ckfs.labels import ADOPTED_BY, CONTAINERD, SNAPSHOT_REF
+from ckfs.services.checks import MAX_KEY_SIZE
 from ckfs.services.snapshots import (
     LIST_BATCH,
-    MAX_KEY_SIZE,
     PROXY,
     SnapshotsService,
     _batches,

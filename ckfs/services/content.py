@@ -16,7 +16,7 @@ semantics (``services/content/contentserver``) where a client can see them:
   promised is FAILED_PRECONDITION, as containerd's content suite requires
   (the local store calls it DataLoss); so is a write past the promised
   total. A chunk over `MAX_WRITE_CHUNK`, a label set over
-  `~ckfs.services.snapshots.MAX_LABELS_SIZE` and malformed digests are
+  `~ckfs.services.checks.MAX_LABELS_SIZE` and malformed digests are
   INVALID_ARGUMENT before the store sees them.
 - **Read and List stream** in bounded messages (`READ_CHUNK`, `LIST_BATCH`),
   one worker-thread call each, so neither a large blob nor a large store
@@ -41,7 +41,7 @@ from ckfs.api.services.content.v1 import content_pb2 as pb
 from ckfs.content import Info
 from ckfs.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument
 from ckfs.metadata.fields import EPOCH
-from ckfs.services.snapshots import check_labels
+from ckfs.services.checks import check_labels
 
 if TYPE_CHECKING:
     from ckfs.content import ContentStore, Writer

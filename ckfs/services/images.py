@@ -4,7 +4,7 @@
 to this class. An image is a name bound to a target descriptor with labels;
 the content behind it is not checked here (containerd's service does not
 either). Names, like snapshot keys, are refused when they are empty, over
-`~ckfs.services.snapshots.MAX_KEY_SIZE` bytes or hold control characters;
+`~ckfs.services.checks.MAX_KEY_SIZE` bytes or hold control characters;
 label sets as a whole are bounded as the other services bound them.
 
 Every store call runs in a worker thread: SQLite blocks.
@@ -21,7 +21,7 @@ from google.protobuf import empty_pb2
 
 from ckfs.api import convert
 from ckfs.api.services.images.v1 import images_pb2 as pb
-from ckfs.services.snapshots import check_key, check_labels
+from ckfs.services.checks import check_key, check_labels
 
 if TYPE_CHECKING:
     from ckfs.images import Image, ImageStore

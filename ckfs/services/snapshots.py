@@ -35,13 +35,13 @@ answer a proxy's List with): ``parent`` is present even when empty, so
 
 Malformed input is refused here, before any store sees it (InvalidArgument):
 keys and names that are not plain text (`check_key`), and label sets too
-large as a whole (`check_labels`); single labels are the store's to refuse.
+large as a whole (`check_labels`), as every service checks them
+(`ckfs.services.checks`); single labels are the store's to refuse.
 Every store call runs in a worker thread: SQLite and ``du`` block.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -61,6 +61,7 @@ from ckfs.digest import Digest
 from ckfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from ckfs.filters import Filter, Operator, adaptor_for, parse_filters
 from ckfs.labels import ADOPTED_BY, CONTAINERD, SNAPSHOT_REF
+from ckfs.services.checks import check_key, check_labels
 from ckfs.snapshots import Cleaner, Info, Kind, Snapshotter, Usage, containerd_owned
 
 if TYPE_CHECKING:
@@ -69,12 +70,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LIST_BATCH",
-    "MAX_KEY_SIZE",
-    "MAX_LABELS_SIZE",
     "PROXY",
     "SnapshotsService",
+    # Re-exported for ckfs.services.ckfs until it imports ckfs.services.checks.
     "check_key",
-    "check_labels",
 ]
 
 #: The proxy name the documented ``[proxy_plugins.ckfs]`` gives; unless
@@ -87,70 +86,11 @@ PROXY = "ckfs"
 LIST_BATCH = 100
 
 #: Bytes of names and labels one List response may carry before the batch
-#: is cut early: 100 snapshots with labels near `MAX_LABELS_SIZE` would
+#: is cut early: 100 snapshots with labels near `checks.MAX_LABELS_SIZE` would
 #: pass gRPC's default 4 MiB message limit; a quarter of it leaves room.
 _BATCH_BYTES = 1 << 20
 
-#: Longest key or name accepted, in bytes. containerd's are
-#: ``<namespace>/<sequence>/<key>`` with identifiers of at most 76
-#: characters, and its unpack keys are ~110 bytes; 1 KiB fits any of them
-#: and keeps a client from storing kilobytes of text per key, which every
-#: later List would stream.
-MAX_KEY_SIZE = 1024
-
-#: Most bytes one request's labels may take together. A single label is
-#: bounded by the store (`ckfs.metadata.fields.MAX_LABEL_SIZE`, 4 KiB);
-#: this bounds their number, so no snapshot carries megabytes of labels
-#: into every Stat and List. containerd sets a handful per snapshot.
-MAX_LABELS_SIZE = 64 * 1024
-
-#: Characters no key or name may hold: NUL and the other C0 controls, DEL.
-#: containerd's keys are identifiers and digests; a control character in a
-#: key is an attack on whatever prints or stores it.
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
-
 _T = TypeVar("_T")
-
-
-def check_key(key: str, what: str = "snapshot key", *, empty: bool = False) -> None:
-    """Refuse a key or name that no client has a reason to send.
-
-    Args:
-        key: the key, name or parent as received.
-        what: what it is, for the message.
-        empty: whether ``""`` is allowed (a parent, meaning none).
-
-    Raises:
-        InvalidArgument: *key* is empty (unless allowed), longer than
-            `MAX_KEY_SIZE` bytes, holds a control character, or has a
-            ``..`` path component (keys never become paths in ckfs, but a
-            name that could climb out of a directory has no honest use).
-    """
-    if not key:
-        if empty:
-            return
-        raise InvalidArgument(f"{what} must not be empty")
-    size = len(key.encode("utf-8", "surrogatepass"))
-    if size > MAX_KEY_SIZE:
-        raise InvalidArgument(f"{what} {key[:64]!r}...: {size} bytes, more than {MAX_KEY_SIZE}")
-    if _CONTROL.search(key):
-        raise InvalidArgument(f"{what} {key!r}: control characters are not allowed")
-    if ".." in key.split("/"):
-        raise InvalidArgument(f"{what} {key!r}: '..' is not allowed as a path component")
-
-
-def check_labels(labels: Mapping[str, str], what: str) -> dict[str, str]:
-    """*labels* as a dict, refused when together larger than `MAX_LABELS_SIZE`.
-
-    Raises:
-        InvalidArgument: the keys and values add up to too many bytes.
-    """
-    size = sum(len(k.encode()) + len(v.encode()) for k, v in labels.items())
-    if size > MAX_LABELS_SIZE:
-        raise InvalidArgument(
-            f"{what}: {len(labels)} labels of {size} bytes, more than {MAX_LABELS_SIZE}"
-        )
-    return dict(labels)
 
 
 def _is_digest(name: str) -> bool:
