@@ -63,7 +63,7 @@ from ckfs.snapshots import Kind, LayerDirs, Snapshotter
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["UnpackReport", "pull_and_unpack", "unpack"]
+__all__ = ["UnpackReport", "lock_path", "pull_and_unpack", "unpack"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,15 @@ class UnpackReport:
     seconds: float = 0.0
 
 
+def lock_path(lock_dir: Path, chain_id: Digest) -> Path:
+    """The file whose flock guards the unpack of *chain_id* under *lock_dir*.
+
+    Public so that whoever clears an interrupted unpack (ckfsd's recovery)
+    tests the very lock an unpack in another process holds.
+    """
+    return lock_dir / chain_id.hex
+
+
 @contextlib.asynccontextmanager
 async def _layer_lock(lock_dir: Path, chain_id: Digest) -> AsyncIterator[None]:
     """Hold the unpack lock of one chain ID, across processes.
@@ -93,7 +102,7 @@ async def _layer_lock(lock_dir: Path, chain_id: Digest) -> AsyncIterator[None]:
     cancellable.
     """
     lock_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_dir / chain_id.hex, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(lock_path(lock_dir, chain_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         while True:
             try:

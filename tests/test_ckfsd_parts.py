@@ -6,14 +6,15 @@ The daemon itself (signals, readiness, real RPCs) is tested as a process in
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 import tomllib
 from pathlib import Path
 
 import pytest
+import trio
 
+from ckfs import unpack
 from ckfs.address import SYSTEM_SOCKET, default_address, default_socket, socket_path
 from ckfs.digest import Digest
 from ckfs.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -135,13 +136,13 @@ def test_recover_removes_only_unlocked_extract_snapshots(tmp_path: Path) -> None
         sn.prepare(f"extract-2-y {held}", "")
         sn.prepare("extract-but-no-chain-id", "")
         sn.prepare("mine", "")
-        state.lock_dir.mkdir(parents=True, exist_ok=True)
-        lock = os.open(state.lock_dir / held.hex, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            removed = recover(state)
-        finally:
-            os.close(lock)
+
+        async def recover_while_unpacking() -> list[str]:
+            # The lock an unpack really takes, so both sides name the same file.
+            async with unpack._layer_lock(state.lock_dir, held):
+                return recover(state)
+
+        removed = trio.run(recover_while_unpacking)
         assert removed == [f"native snapshot 'extract-1-x {free}'"]
         names = sorted(info.name for info in sn.walk([]))
         assert names == [f"extract-2-y {held}", "extract-but-no-chain-id", "mine"]

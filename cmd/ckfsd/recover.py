@@ -30,6 +30,7 @@ from ckfs.errors import FailedPrecondition, InvalidArgument, NotFound
 from ckfs.rootfs import EXTRACT_PREFIX
 from ckfs.snapshots import Cleaner, Snapshotter
 from ckfs.state import State
+from ckfs.unpack import lock_path
 
 __all__ = ["recover"]
 
@@ -57,11 +58,11 @@ def recover(state: State) -> list[str]:
 def _unpack_lock(state: State, chain_id: str) -> Iterator[bool]:
     """Whether the unpack lock of *chain_id* is free, holding it while true.
 
-    The lock file is the one `ckfs.unpack` takes: ``<locks>/<chain hex>``.
+    The lock file is the one `ckfs.unpack` takes (`ckfs.unpack.lock_path`).
     A name that is no chain ID was not made by an unpack: never free.
     """
     try:
-        path = state.lock_dir / Digest.parse(chain_id).hex
+        path = lock_path(state.lock_dir, Digest.parse(chain_id))
     except InvalidArgument:
         yield False
         return
