@@ -190,11 +190,26 @@ class RemoteWriter:
     def status(self) -> Status:
         """The ingest's status: offset and times from the daemon's writer, as a STAT answers.
 
-        The total and expected digest are the ones the ingest recorded
-        (a Write answer carries neither as stored), read by a Status call.
+        The total and expected digest are the ones the ingest recorded. A
+        writer opened with both knows them: the store records exactly these
+        or refuses the resume. Otherwise a Status call reads them, as the
+        wire cannot answer them on the stream: a STAT answers the stream's
+        total (containerd's service does so too: 0 for a stream opened
+        without one, whatever the ingest holds) and no expected digest.
         """
         self._check_open()
         answer = self._send(pb.WriteContentRequest(action=pb.STAT))
+        if self._total and self._expected is not None:
+            return convert.status_from_proto(
+                pb.Status(
+                    ref=self.ref,
+                    offset=answer.offset,
+                    total=self._total,
+                    expected=str(self._expected),
+                    started_at=answer.started_at,
+                    updated_at=answer.updated_at,
+                )
+            )
         stored = self._store.status(self.ref)
         return dataclasses.replace(
             stored,
