@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from ckfs.filters import Adaptor, adaptor_for
 from ckfs.metadata.fields import EPOCH
 from ckfs.mount import Mount
 
@@ -41,6 +42,7 @@ __all__ = [
     "Snapshotter",
     "Usage",
     "containerd_owned",
+    "filter_adaptor",
     "max_layers",
 ]
 
@@ -399,3 +401,15 @@ _CONTAINERD_KEY = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*/[0-9]+/")
 def containerd_owned(key: str) -> bool:
     """Whether containerd's metadata layer made snapshot *key* (``<ns>/<seq>/<key>``)."""
     return _CONTAINERD_KEY.match(key) is not None
+
+
+def filter_adaptor(info: Info) -> Adaptor:
+    """containerd's snapshot filter adaptor: name, kind, labels, and parent even when ``""``.
+
+    As containerd's snapshot storage: ``parent==""`` selects the snapshots on
+    no parent, which is how containerd asks a proxy for a base layer to adopt.
+    One adaptor for the stores and the Snapshots service, so a filter selects
+    the same snapshots wherever it is applied.
+    """
+    fields = {"name": info.name, "kind": info.kind.value, "parent": info.parent}
+    return adaptor_for(fields, info.labels)

@@ -56,11 +56,11 @@ from ckfs.errors import (
     NotFound,
     Unavailable,
 )
-from ckfs.filters import Adaptor, adaptor_for, parse_filters
+from ckfs.filters import parse_filters
 from ckfs.metadata.db import DB, Tx, now_ns
 from ckfs.metadata.fields import MAX_LABEL_SIZE, ns_to_datetime, update_labels, validate_labels
 from ckfs.mount import mounts_under, unmount_recursive
-from ckfs.snapshots import CleanupError, Info, Kind, Usage
+from ckfs.snapshots import CleanupError, Info, Kind, Usage, filter_adaptor
 
 __all__ = [
     "MAX_LABEL_SIZE",
@@ -184,7 +184,7 @@ class MetaStore:
         match = parse_filters(filters)
         rows = self._query(f"{_SELECT} WHERE s.snapshotter = ? ORDER BY s.key", (self.snapshotter,))
         infos = [_info(r) for r in rows]
-        return iter([i for i in infos if match.match(_adaptor(i))])
+        return iter([i for i in infos if match.match(filter_adaptor(i))])
 
     # -- changes ---------------------------------------------------------------
 
@@ -654,13 +654,3 @@ def _info(row: sqlite3.Row) -> Info:
         created_at=ns_to_datetime(row["created_at"]),
         updated_at=ns_to_datetime(row["updated_at"]),
     )
-
-
-def _adaptor(info: Info) -> Adaptor:
-    """containerd's snapshot adaptor: name, kind, labels, and parent even when ``""``.
-
-    As containerd's snapshot storage: ``parent==""`` selects the snapshots on
-    no parent, which is how containerd asks a proxy for a base layer to adopt.
-    """
-    fields = {"name": info.name, "kind": info.kind.value, "parent": info.parent}
-    return adaptor_for(fields, info.labels)

@@ -59,10 +59,18 @@ from ckfs.api.services.snapshots.v1 import snapshots_pb2 as pb
 from ckfs.api.types import types_pb2
 from ckfs.digest import Digest
 from ckfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unimplemented
-from ckfs.filters import Filter, Operator, adaptor_for, parse_filters
+from ckfs.filters import Filter, Operator, parse_filters
 from ckfs.labels import ADOPTED_BY, CONTAINERD, SNAPSHOT_REF
 from ckfs.services.checks import check_key, check_labels
-from ckfs.snapshots import Cleaner, Info, Kind, Snapshotter, Usage, containerd_owned
+from ckfs.snapshots import (
+    Cleaner,
+    Info,
+    Kind,
+    Snapshotter,
+    Usage,
+    containerd_owned,
+    filter_adaptor,
+)
 
 if TYPE_CHECKING:
     from ckfs.mount import Mount
@@ -101,12 +109,6 @@ def _is_digest(name: str) -> bool:
     return True
 
 
-def _adaptor(info: Info) -> Callable[[Sequence[str]], tuple[str, bool]]:
-    """containerd's snapshot storage adaptor: ``parent`` present even when empty."""
-    fields = {"name": info.name, "kind": info.kind.value, "parent": info.parent}
-    return adaptor_for(fields, info.labels)
-
-
 @dataclass(frozen=True, slots=True)
 class _Backend:
     """One ckfs snapshotter as one request name sees it (sync; run in threads)."""
@@ -131,7 +133,7 @@ class _Backend:
 
     def walk(self, filters: Sequence[str]) -> list[Info]:
         match: Filter = parse_filters(filters)
-        infos = [i for i in map(self.present, self.sn.walk()) if match.match(_adaptor(i))]
+        infos = [i for i in map(self.present, self.sn.walk()) if match.match(filter_adaptor(i))]
         lookups = _chain_lookups(match)
         if not self.proxy or lookups is None:
             return infos
@@ -146,7 +148,7 @@ class _Backend:
             info.kind is not Kind.COMMITTED
             or ADOPTED_BY in info.labels
             or containerd_owned(info.name)
-            or not lookups.match(_adaptor(info))
+            or not lookups.match(filter_adaptor(info))
         ):
             return info
         mark = Info(kind=info.kind, name=info.name, labels={ADOPTED_BY: CONTAINERD})
