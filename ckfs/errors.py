@@ -140,10 +140,9 @@ GRPC_CODES: dict[type[CkfsError], str] = {
 # survives a trip through ckfsd; the codes ckfs never sends answer the
 # nearest class, by what a caller should do next.
 _FROM_GRPC: dict[str, type[CkfsError]] = {
-    # The call did not finish in time or was refused for load, or a
-    # transaction lost a race: retrying may succeed.
+    # The call did not finish in time, or a transaction lost a race:
+    # retrying may succeed.
     "DEADLINE_EXCEEDED": Unavailable,
-    "RESOURCE_EXHAUSTED": Unavailable,
     "ABORTED": Unavailable,
     "CANCELLED": Unavailable,
     # No or bad credentials: new ones are needed, as for PERMISSION_DENIED.
@@ -151,9 +150,18 @@ _FROM_GRPC: dict[str, type[CkfsError]] = {
     # gRPC's "INVALID_ARGUMENT that depends on the state", e.g. a read past
     # the end of a blob: the request itself is wrong.
     "OUT_OF_RANGE": InvalidArgument,
+    # grpc's transport refusing a message over the daemon's size limit,
+    # before any ckfs code runs: the same request fails every time. (Its
+    # other use, a full server, is told apart by `_LOAD_REFUSAL`.)
+    "RESOURCE_EXHAUSTED": InvalidArgument,
     # A server bug: nothing the caller can fix, reported as-is.
     "INTERNAL": CkfsError,
 } | {code: cls for cls, code in GRPC_CODES.items()}
+
+#: What grpcio answers (RESOURCE_EXHAUSTED) when a server's
+#: ``maximum_concurrent_rpcs`` is reached, as ckfsd's is under a flood:
+#: load, which passes, unlike a message over the size limit.
+_LOAD_REFUSAL = "Concurrent RPC limit exceeded"
 
 # errno → class, inverted from ERRNOS so errno → class → errno round-trips.
 # Where two classes share an errno (EIO) the first listed, the more general,
@@ -194,14 +202,18 @@ def grpc_code_name(exc: BaseException) -> str:
     return _lookup(GRPC_CODES, exc, "UNKNOWN")
 
 
-def from_grpc_code(name: str) -> type[CkfsError]:
+def from_grpc_code(name: str, details: str = "") -> type[CkfsError]:
     """The ckfs class a client raises for the google.rpc.Code *name*.
 
     Unknown names (and ``UNKNOWN``) answer `CkfsError`; ``OK`` is no error
-    and a caller asking for it has a bug.
+    and a caller asking for it has a bug. *details*, the status message,
+    tells grpc's two RESOURCE_EXHAUSTED apart: a server at its concurrent
+    RPC limit is Unavailable (try again), a message too large is not.
     """
     if name == "OK":
         raise ValueError("OK is not an error code")
+    if name == "RESOURCE_EXHAUSTED" and _LOAD_REFUSAL in details:
+        return Unavailable
     return _FROM_GRPC.get(name, CkfsError)
 
 

@@ -71,7 +71,8 @@ def test_grpc_codes_without_a_class_answer_the_nearest() -> None:
         "PERMISSION_DENIED": errors.Unauthorized,
         "UNAUTHENTICATED": errors.Unauthorized,
         "DEADLINE_EXCEEDED": errors.Unavailable,
-        "RESOURCE_EXHAUSTED": errors.Unavailable,
+        # A message over the daemon's size limit: the same request fails again.
+        "RESOURCE_EXHAUSTED": errors.InvalidArgument,
         "ABORTED": errors.Unavailable,
         "CANCELLED": errors.Unavailable,
         "OUT_OF_RANGE": errors.InvalidArgument,
@@ -101,3 +102,14 @@ def test_first_error_prefers_ours() -> None:
     assert errors.first_error(group) is nf
     with pytest.raises(errors.NotFound), errors.unwrap_groups():
         raise group
+
+
+def test_resource_exhausted_is_a_request_too_large_unless_the_server_is_full() -> None:
+    """grpcio's own details for its two uses of the code (seen from a real server)."""
+    too_large = "SERVER: Received message larger than max (16777300 vs. 16777216)"
+    assert errors.from_grpc_code("RESOURCE_EXHAUSTED", too_large) is errors.InvalidArgument
+    full = "Concurrent RPC limit exceeded!"
+    assert errors.from_grpc_code("RESOURCE_EXHAUSTED", full) is errors.Unavailable
+    # Details never change what ckfs's own codes answer.
+    for cls, code in errors.GRPC_CODES.items():
+        assert errors.from_grpc_code(code, full) is cls
