@@ -270,14 +270,22 @@ def pull_options(
     """The CLI's registry flags as the request's options, as `ckfs_cli.options.pull_options`.
 
     The platform travels as typed (the daemon parses it, with the local
-    path's message); ``--hosts-dir`` paths are made absolute, since the
-    daemon does not share the caller's working directory.
+    path's message). ``--hosts-dir`` is refused here with ckfsd's own words
+    (`ckfs.options.DAEMON_HOSTS_DIRS`): the daemon reads only its own
+    registry configuration.
+
+    Raises:
+        InvalidArgument: *hosts_dirs* were given.
     """
     from ckfs.api.v1 import ckfs_pb2
 
+    if hosts_dirs:
+        from ckfs.errors import InvalidArgument
+        from ckfs.options import DAEMON_HOSTS_DIRS
+
+        raise InvalidArgument(DAEMON_HOSTS_DIRS)
     return ckfs_pb2.PullOptions(
         platform=platform or "",
-        hosts_dirs=[os.path.abspath(d) for d in hosts_dirs],
         user=user or "",
         timeout=timeout,
         **flags,

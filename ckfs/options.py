@@ -19,7 +19,16 @@ if TYPE_CHECKING:
 
     from ckfs.descriptor import Platform
 
-__all__ = ["PullOptions"]
+__all__ = ["DAEMON_HOSTS_DIRS", "PullOptions"]
+
+#: Why ckfsd refuses a request that names hosts directories, and the CLI a
+#: ``--hosts-dir`` on the way to ckfsd: root's daemon reading a hosts.toml a
+#: caller chose would read the CA, certificate and key paths in it for
+#: anyone who can reach its socket. ckfsd reads its own configuration only.
+DAEMON_HOSTS_DIRS = (
+    "hosts directories: ckfsd uses its own registry configuration "
+    "(<its root>/certs.d, /etc/containerd/certs.d); --no-daemon reads others"
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -35,7 +44,7 @@ class PullOptions:
             (`ckfs.remotes.hosts.load_hosts`). Empty means the state root's
             defaults (`ckfs.remotes.hosts.default_hosts_dirs`) in
             `ckfs.provide`; `ckfs.pull.pull`, which knows no root, reads
-            only those given.
+            only those given. Never from a ckfsd client (`DAEMON_HOSTS_DIRS`).
         plain_http: plain HTTP when no hosts.toml says otherwise.
         user: ``user:password``, overriding Docker's ``config.json``. Left
             out of the repr, so a logged request never shows it.

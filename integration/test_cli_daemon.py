@@ -178,3 +178,20 @@ def test_a_named_daemon_that_is_gone_is_one_line(tmp_path: Path) -> None:
         address = daemon.address
     line = Ckfs(tmp_path / "root", address).fails("images", "ls")
     assert line.startswith(f"ckfs: ckfsd at {address} does not answer: ")
+
+
+def test_a_hosts_dir_through_ckfsd_is_refused(
+    faces: tuple[Ckfs, Ckfs, Daemon], tmp_path: Path
+) -> None:
+    """ckfsd reads only its own registry configuration: a caller's hosts.toml never reaches it."""
+    from ckfs.options import DAEMON_HOSTS_DIRS
+
+    _, remote, daemon = faces
+    certs = str(tmp_path / "certs.d")
+    for args in (
+        ["pull", "--hosts-dir", certs, EXAMPLE_NAME],
+        ["fetch", "--hosts-dir", certs, EXAMPLE_NAME],
+        ["rootfs", "--key", "h", "--hosts-dir", certs, EXAMPLE_NAME],
+    ):
+        assert remote.fails(*args) == f"ckfs: {DAEMON_HOSTS_DIRS}", args
+    assert not any(r.startswith("/ckfs.v1.") for r in rpcs(daemon))

@@ -73,13 +73,19 @@ def test_another_root_never_goes_to_the_default_socket(monkeypatch: pytest.Monke
     assert client.discover(None, root_given=True) is None
 
 
-def test_pull_options_travel_as_typed_with_absolute_paths() -> None:
-    options = client.pull_options(
-        platform="linux/arm64", hosts_dirs=[Path("certs.d")], timeout=None, max_concurrent=3
-    )
+def test_pull_options_travel_as_typed() -> None:
+    options = client.pull_options(platform="linux/arm64", timeout=None, max_concurrent=3)
     assert options.platform == "linux/arm64" and not options.HasField("timeout")
-    assert options.hosts_dirs == [str(Path("certs.d").absolute())]
+    assert options.hosts_dirs == [] and options.max_concurrent == 3
     assert client.pull_options(timeout=2.5).timeout == 2.5
+
+
+def test_hosts_dirs_are_refused_with_the_daemons_words() -> None:
+    from ckfs.options import DAEMON_HOSTS_DIRS
+
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.pull_options(hosts_dirs=[Path("certs.d")])
+    assert str(caught.value) == DAEMON_HOSTS_DIRS
 
 
 def test_events_update_one_progress_object_per_blob() -> None:

@@ -160,10 +160,29 @@ def test_pull_options_zero_values_are_the_defaults() -> None:
 
     assert pull_options_from_proto(pb.PullOptions()) == PullOptions()
     options = pull_options_from_proto(
-        pb.PullOptions(platform="linux/arm/v7", hosts_dirs=["/x"], user="u:p", timeout=5)
+        pb.PullOptions(platform="linux/arm/v7", user="u:p", timeout=5)
     )
-    assert str(options.platform) == "linux/arm/v7" and options.hosts_dirs == (Path("/x"),)
+    assert str(options.platform) == "linux/arm/v7" and options.hosts_dirs == ()
     assert (options.user, options.timeout) == ("u:p", 5)
+
+
+async def test_hosts_dirs_from_a_client_are_refused_unread(
+    service: CkfsService, tmp_path: Path
+) -> None:
+    """ckfsd runs as root: a caller's hosts.toml would make it read any CA or key file."""
+    from ckfs.options import DAEMON_HOSTS_DIRS
+
+    certs = tmp_path / "certs.d" / "registry.test"
+    certs.mkdir(parents=True)
+    (certs / "hosts.toml").write_text('[host."https://registry.test"]\nca = "/etc/shadow"\n')
+    options = pb.PullOptions(hosts_dirs=[str(tmp_path / "certs.d")])
+    with pytest.raises(InvalidArgument) as pulled:
+        await events_of(service, pb.PullRequest(ref="registry.test/a:1", options=options))
+    request = pb.MountsRequest(ref="registry.test/a:1", key="k", options=options)
+    with pytest.raises(InvalidArgument) as mounted:
+        await service.Mounts(request, CALL)
+    assert str(pulled.value) == str(mounted.value) == DAEMON_HOSTS_DIRS
+    assert "\n" not in DAEMON_HOSTS_DIRS
 
 
 async def test_transferring_blobs_tick_between_state_changes(autojump_clock: object) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
@@ -31,7 +30,7 @@ from google.protobuf import empty_pb2
 from ckfs.api.convert import descriptor_to_proto, mounts_to_proto
 from ckfs.api.v1 import ckfs_pb2 as pb
 from ckfs.errors import InvalidArgument, NotFound, unwrap_groups
-from ckfs.options import PullOptions
+from ckfs.options import DAEMON_HOSTS_DIRS, PullOptions
 from ckfs.reference import Reference
 from ckfs.services.snapshots import check_key
 
@@ -55,13 +54,20 @@ _STATES = {
 def pull_options_from_proto(options: pb.PullOptions) -> PullOptions:
     """A request's pull options; zero values mean ckfs's defaults.
 
+    The registry configuration is the daemon's own (its root's defaults,
+    `ckfs.provide`): hosts directories named by a client are refused, not
+    read (`DAEMON_HOSTS_DIRS`). Credentials (``user``) are the caller's to
+    give; nothing else in the options names a file.
+
     Raises:
-        InvalidArgument: a malformed platform, a negative size, a timeout
-            that is not positive.
+        InvalidArgument: hosts directories; a malformed platform, a
+            negative size, a timeout that is not positive.
     """
     from ckfs.images import platforms
     from ckfs.remotes.walk import check_limits
 
+    if options.hosts_dirs:
+        raise InvalidArgument(DAEMON_HOSTS_DIRS)
     defaults = PullOptions()
     timeout = options.timeout if options.HasField("timeout") else None
     check_limits(timeout, options.max_blob_size)  # the local path's words exactly
@@ -69,7 +75,6 @@ def pull_options_from_proto(options: pb.PullOptions) -> PullOptions:
         platform=platforms.parse(options.platform) if options.platform else None,
         all_platforms=options.all_platforms,
         offline=options.offline,
-        hosts_dirs=tuple(Path(d) for d in options.hosts_dirs),
         plain_http=options.plain_http,
         user=options.user or None,
         max_concurrent=options.max_concurrent or defaults.max_concurrent,

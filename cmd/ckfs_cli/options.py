@@ -155,7 +155,8 @@ def registry_options(f: _F) -> _F:
                 "hosts_dirs",
                 multiple=True,
                 type=click.Path(file_okay=False, path_type=Path),
-                help="certs.d directory with <registry>/hosts.toml (repeatable) "
+                help="certs.d directory with <registry>/hosts.toml (repeatable; not "
+                "through ckfsd, which reads its own) "
                 "[default: <root>/certs.d, /etc/containerd/certs.d].",
             ),
             click.option(

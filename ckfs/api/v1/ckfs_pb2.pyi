@@ -85,7 +85,11 @@ class PullOptions(_message.Message):
     """The largest blob accepted; zero: ckfs's default."""
     @_builtins.property
     def hosts_dirs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """containerd hosts.toml directories; empty: the state root's default."""
+        """Must be empty: ckfsd reads only its own registry configuration (its
+        root's certs.d, /etc/containerd/certs.d) and refuses hosts directories
+        with INVALID_ARGUMENT. Kept so a client that names some is refused,
+        not silently ignored.
+        """
 
     def __init__(
         self,
