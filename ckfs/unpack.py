@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import secrets
@@ -46,6 +45,7 @@ from ckfs.digest import Digest
 from ckfs.errors import AlreadyExists, FailedPrecondition, NotFound, unwrap_groups
 from ckfs.images import ImageStore
 from ckfs.labels import SNAPSHOT_REF, gc_snapshot_label
+from ckfs.locks import try_lock
 from ckfs.mount import Mount
 from ckfs.options import PullOptions
 from ckfs.pull import PullReport, pull
@@ -102,14 +102,10 @@ async def _layer_lock(lock_dir: Path, chain_id: Digest) -> AsyncIterator[None]:
     cancellable.
     """
     lock_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path(lock_dir, chain_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    path = lock_path(lock_dir, chain_id)
+    while (fd := try_lock(path)) is None:
+        await trio.sleep(LOCK_POLL)
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                await trio.sleep(LOCK_POLL)
         yield
     finally:
         os.close(fd)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import socket
 import stat
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ckfs.errors import FailedPrecondition, Unavailable
+from ckfs.locks import try_lock
 
 __all__ = ["SOCKET_MODE", "bind", "hold", "release", "remove_socket", "socket_answers"]
 
@@ -61,15 +61,9 @@ def hold(lock: Path, busy: str) -> int:
         Unavailable: another process holds the lock.
     """
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise Unavailable(f"{busy}{_holder(lock)}") from None
-    except BaseException:
-        os.close(fd)
-        raise
+    fd = try_lock(lock, 0o644)  # readable: the refusal names the holder's pid
+    if fd is None:
+        raise Unavailable(f"{busy}{_holder(lock)}")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

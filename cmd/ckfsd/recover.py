@@ -19,7 +19,6 @@ recovery must not create state for a snapshotter nobody used.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from collections.abc import Iterator
 import snapshotters
 from ckfs.digest import Digest
 from ckfs.errors import FailedPrecondition, InvalidArgument, NotFound
+from ckfs.locks import try_lock
 from ckfs.rootfs import EXTRACT_PREFIX
 from ckfs.snapshots import Cleaner, Snapshotter
 from ckfs.state import State
@@ -66,13 +66,11 @@ def _unpack_lock(state: State, chain_id: str) -> Iterator[bool]:
     except InvalidArgument:
         yield False
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = try_lock(path)
+    if fd is None:
+        yield False
+        return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
         yield True
     finally:
         os.close(fd)
