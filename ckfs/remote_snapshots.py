@@ -98,18 +98,24 @@ class RemoteSnapshotter:
     def prepare(
         self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
     ) -> list[Mount]:
-        request = pb.PrepareSnapshotRequest(
-            snapshotter=self.name, key=key, parent=parent, labels=labels or {}
-        )
-        return convert.mounts_from_proto(self._call(self._stub.Prepare, request).mounts)
+        return self._create(self._stub.Prepare, pb.PrepareSnapshotRequest, key, parent, labels)
 
     def view(
         self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
     ) -> list[Mount]:
-        request = pb.ViewSnapshotRequest(
-            snapshotter=self.name, key=key, parent=parent, labels=labels or {}
-        )
-        return convert.mounts_from_proto(self._call(self._stub.View, request).mounts)
+        return self._create(self._stub.View, pb.ViewSnapshotRequest, key, parent, labels)
+
+    def _create(
+        self,
+        rpc: Callable[..., Any],
+        request: Callable[..., object],
+        key: str,
+        parent: str,
+        labels: Mapping[str, str] | None,
+    ) -> list[Mount]:
+        """Prepare or View (same fields, same answer): the new snapshot's mounts."""
+        message = request(snapshotter=self.name, key=key, parent=parent, labels=labels or {})
+        return convert.mounts_from_proto(self._call(rpc, message).mounts)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
         request = pb.CommitSnapshotRequest(
