@@ -1,7 +1,9 @@
-"""Where ckfsd listens by default: one answer for the daemon and its clients.
+"""Where ckfs keeps its state and where ckfsd listens, by default: one answer
+for the daemon, the CLI and ckfsd's clients.
 
 Light on purpose (``os`` only): the CLI asks it on every command to find a
-warm daemon.
+warm daemon and to tell whether that daemon serves the default root
+(`UUID_FILE`), without opening any store.
 """
 
 from __future__ import annotations
@@ -9,10 +11,31 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["SYSTEM_SOCKET", "default_address", "default_socket", "socket_path"]
+__all__ = [
+    "SYSTEM_SOCKET",
+    "UUID_FILE",
+    "default_address",
+    "default_root",
+    "default_socket",
+    "socket_path",
+]
 
 #: root's daemon, beside containerd's /run/containerd/containerd.sock.
 SYSTEM_SOCKET = Path("/run/ckfs/ckfsd.sock")
+
+#: A state root's identity, as containerd keeps ``<root>/uuid``: what ckfsd
+#: answers in Introspection.Server, so a client tells which root it serves.
+UUID_FILE = "uuid"
+
+
+def default_root() -> Path:
+    """``$CKFS_ROOT``; else ``/var/lib/ckfs`` for root, ``$XDG_DATA_HOME/ckfs`` otherwise."""
+    if env := os.environ.get("CKFS_ROOT"):
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/ckfs")
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(xdg) / "ckfs"
 
 
 def default_socket() -> Path:

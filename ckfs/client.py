@@ -15,7 +15,8 @@ Finding a daemon (`discover`):
 - otherwise the default socket (`ckfs.address`) is probed, only for the
   default state root and only if the socket file exists (so a machine
   without ckfsd pays no grpc import at all), with a short connect timeout;
-  no answer means the local path.
+  no answer, or a daemon serving another root than the default one (told
+  by the root's UUID, `Client.check_root`), means the local path.
 
 Errors: a gRPC status comes back as the `ckfs.errors` class of its code
 (`ckfs.errors.from_grpc_code`) with the server's one-line message, so
@@ -150,8 +151,10 @@ class Client:
         stub = introspection_pb2_grpc.IntrospectionStub(self.channel)
         with rpc_errors():
             theirs = stub.Server(empty_pb2.Empty(), **self.call_options()).uuid
+        from ckfs.address import UUID_FILE
+
         try:
-            ours = (root / "uuid").read_text().strip()  # introspection.UUID_FILE
+            ours = (root / UUID_FILE).read_text().strip()
         except FileNotFoundError:
             ours = ""
         except OSError:
@@ -374,15 +377,25 @@ def discover(address: str | None, *, root_given: bool, root: Path | None = None)
         return client
     if root_given:
         return None
-    from ckfs.address import default_address
+    from ckfs.address import default_address, default_root
+    from ckfs.errors import FailedPrecondition
 
     default = default_address()
     if not _accepts(default):
         return None
     try:
-        return Client.connect(default, timeout=PROBE_TIMEOUT)
+        client = Client.connect(default, timeout=PROBE_TIMEOUT)
     except Unavailable:
         return None
+    try:
+        client.check_root(default_root())
+    except (FailedPrecondition, Unavailable):
+        client.close()  # another root's daemon: never act on it unasked
+        return None
+    except BaseException:
+        client.close()
+        raise
+    return client
 
 
 def _accepts(address: str) -> bool:

@@ -22,17 +22,7 @@ if TYPE_CHECKING:
     from ckfs.images import ImageStore
     from ckfs.snapshots import Snapshotter
 
-__all__ = ["State", "default_root"]
-
-
-def default_root() -> Path:
-    """``$CKFS_ROOT``; else ``/var/lib/ckfs`` for root, ``$XDG_DATA_HOME/ckfs`` otherwise."""
-    if env := os.environ.get("CKFS_ROOT"):
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/ckfs")
-    xdg = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return Path(xdg) / "ckfs"
+__all__ = ["State"]
 
 
 class State:

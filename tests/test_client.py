@@ -73,6 +73,30 @@ def test_another_root_never_goes_to_the_default_socket(monkeypatch: pytest.Monke
     assert client.discover(None, root_given=True) is None
 
 
+def test_the_default_socket_is_used_only_for_a_daemon_of_the_default_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon on the default socket serving another root must not act on the default one."""
+    from ckfs.api.services.introspection.v1 import introspection_pb2_grpc
+    from ckfs.services.introspection import IntrospectionService
+    from tests.remote_stores import serving
+
+    served, other = tmp_path / "served", tmp_path / "other"
+    other.mkdir()
+    path = tmp_path / "ckfsd.sock"
+    monkeypatch.setattr("ckfs.address.default_address", lambda: f"unix://{path}")
+    service = (IntrospectionService, introspection_pb2_grpc.add_IntrospectionServicer_to_server)
+    with serving(served, f"unix://{path}", [service]):
+        monkeypatch.setenv("CKFS_ROOT", str(other))  # default_root(): a root it does not serve
+        assert client.discover(None, root_given=False) is None
+        (other / "uuid").write_text("0c6e9f0e-0000-4000-8000-000000000000\n")
+        assert client.discover(None, root_given=False) is None
+        monkeypatch.setenv("CKFS_ROOT", str(served))
+        found = client.discover(None, root_given=False)
+        assert found is not None
+        found.close()
+
+
 def test_pull_options_travel_as_typed() -> None:
     options = client.pull_options(platform="linux/arm64", timeout=None, max_concurrent=3)
     assert options.platform == "linux/arm64" and not options.HasField("timeout")

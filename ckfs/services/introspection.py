@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 from google.protobuf import empty_pb2
 
+from ckfs.address import UUID_FILE
 from ckfs.api import convert
 from ckfs.api.services.introspection.v1 import introspection_pb2 as pb
 from ckfs.filters import adaptor_for, parse_filters
@@ -28,9 +29,6 @@ __all__ = ["SNAPSHOTTER_PLUGIN", "UUID_FILE", "IntrospectionService", "server_uu
 
 #: containerd's plugin type for snapshotters, which its clients filter on.
 SNAPSHOTTER_PLUGIN: Final = "io.containerd.snapshotter.v1"
-
-#: The root's identity, as containerd keeps ``<root>/uuid``.
-UUID_FILE: Final = "uuid"
 
 
 def server_uuid(root: Path) -> str:

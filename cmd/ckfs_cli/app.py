@@ -70,7 +70,8 @@ class App:
     @property
     def state(self) -> State:
         if self._state is None:
-            from ckfs.state import State, default_root
+            from ckfs.address import default_root
+            from ckfs.state import State
 
             self._state = State(self._root or default_root())
         return self._state

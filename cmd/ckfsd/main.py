@@ -115,8 +115,7 @@ def resolve(
     root: Path | None, address: str | None, config_file: Path | None, **options: Any
 ) -> Config:
     """The `Config` from the command line, the config file and the defaults."""
-    from ckfs.address import default_address
-    from ckfs.state import default_root
+    from ckfs.address import default_address, default_root
 
     settings = load_config(config_file) if config_file else {}
     if root is not None:
