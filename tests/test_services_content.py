@@ -19,8 +19,8 @@ from ckfs.api.services.content.v1 import content_pb2 as pb
 from ckfs.content import ContentStore
 from ckfs.digest import from_bytes
 from ckfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from ckfs.services.checks import MAX_LABELS_SIZE
-from ckfs.services.content import LIST_BATCH, MAX_WRITE_CHUNK, READ_CHUNK, ContentService
+from ckfs.services.checks import LIST_BATCH, MAX_LABELS_SIZE
+from ckfs.services.content import MAX_WRITE_CHUNK, READ_CHUNK, ContentService
 from ckfs.state import State
 from tests.test_unpack import OffLoop
 
@@ -254,3 +254,16 @@ async def test_list_in_batches(service: ContentService, state: State) -> None:
     assert [len(b.info) for b in batches] == [LIST_BATCH, 1]
     with pytest.raises(InvalidArgument):
         await listing(service, "labels.==")
+
+
+async def test_list_batches_are_cut_by_label_size(service: ContentService, state: State) -> None:
+    """20 blobs at the label-set limit would make one 1.2 MiB response: cut in two."""
+    store = cast(OffLoop, state.content).inner
+    labels = {f"l{n}": "v" * 4000 for n in range(16)}
+    for i in range(20):
+        with store.writer(f"b{i}") as w:  # type: ignore[attr-defined]
+            w.write(b"%d" % i)
+            w.commit(0, None, labels)
+    batches = [r async for r in service.List(pb.ListContentRequest(), CALL)]
+    assert len(batches) == 2 and sum(len(b.info) for b in batches) == 20
+    assert all(b.ByteSize() < 2 << 20 for b in batches)

@@ -21,13 +21,8 @@ from ckfs import errors, gc
 from ckfs.api.services.snapshots.v1 import snapshots_pb2 as pb
 from ckfs.api.types import types_pb2
 from ckfs.labels import ADOPTED_BY, CONTAINERD, SNAPSHOT_REF
-from ckfs.services.checks import MAX_KEY_SIZE
-from ckfs.services.snapshots import (
-    LIST_BATCH,
-    PROXY,
-    SnapshotsService,
-    _batches,
-)
+from ckfs.services.checks import LIST_BATCH, MAX_KEY_SIZE, batches
+from ckfs.services.snapshots import PROXY, SnapshotsService
 from ckfs.snapshots import Info, Kind, Snapshotter, containerd_owned
 from ckfs.state import State
 from tests.test_unpack import OffLoop
@@ -402,6 +397,6 @@ def test_list_batches_are_cut_by_size_too() -> None:
     # response larger than gRPC's default 4 MiB.
     labels = {f"l{n}": "v" * 4000 for n in range(15)}
     infos = [Info(kind=Kind.ACTIVE, name=f"k{n}", labels=labels) for n in range(LIST_BATCH)]
-    sizes = [len(batch) for batch in _batches(infos)]
+    sizes = [len(batch) for batch in batches(infos)]
     assert sum(sizes) == LIST_BATCH and len(sizes) > 1
     assert all(len(labels) * 4000 * size <= 2 << 20 for size in sizes)

@@ -1,19 +1,22 @@
-"""Checks every service makes at the boundary, before any store sees a request.
+"""Checks and bounds every service applies at the boundary.
 
 Keys, names and label sets arrive from any client of ckfsd; the stores
 bound single labels (`ckfs.metadata.fields.MAX_LABEL_SIZE`) but trust
 whoever calls them with keys. These checks refuse what no honest client
-sends (InvalidArgument), so each service refuses it alike.
+sends (InvalidArgument), so each service refuses it alike. The way out is
+bounded too: a streamed List answers in `batches` no client's message
+limit refuses.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Protocol, TypeVar
 
 from ckfs.errors import InvalidArgument
 
-__all__ = ["MAX_KEY_SIZE", "MAX_LABELS_SIZE", "check_key", "check_labels"]
+__all__ = ["LIST_BATCH", "MAX_KEY_SIZE", "MAX_LABELS_SIZE", "batches", "check_key", "check_labels"]
 
 #: Longest key or name accepted, in bytes. containerd's are
 #: ``<namespace>/<sequence>/<key>`` with identifiers of at most 76
@@ -32,6 +35,24 @@ MAX_LABELS_SIZE = 64 * 1024
 #: containerd's keys are identifiers and digests; a control character in a
 #: key is an attack on whatever prints or stores it.
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+#: Records per List response, as containerd's own services batch: the
+#: client gets the first ones early and no response grows with the store.
+LIST_BATCH = 100
+
+#: Bytes of labels one List response may carry before its batch is cut
+#: early: 100 records with labels near `MAX_LABELS_SIZE` would pass gRPC's
+#: default 4 MiB message limit; a quarter of it leaves room. Names and
+#: digests are bounded (`MAX_KEY_SIZE`) and left out of the count.
+_BATCH_BYTES = 1 << 20
+
+
+class _Labelled(Protocol):
+    @property
+    def labels(self) -> Mapping[str, str]: ...
+
+
+_L = TypeVar("_L", bound=_Labelled)
 
 
 def check_key(key: str, what: str = "snapshot key", *, empty: bool = False) -> None:
@@ -73,3 +94,17 @@ def check_labels(labels: Mapping[str, str], what: str) -> dict[str, str]:
             f"{what}: {len(labels)} labels of {size} bytes, more than {MAX_LABELS_SIZE}"
         )
     return dict(labels)
+
+
+def batches(records: Iterable[_L]) -> Iterator[list[_L]]:
+    """*records* in runs of at most `LIST_BATCH`, cut early past `_BATCH_BYTES` of labels."""
+    batch: list[_L] = []
+    size = 0
+    for record in records:
+        batch.append(record)
+        size += sum(len(k) + len(v) for k, v in record.labels.items())
+        if len(batch) >= LIST_BATCH or size >= _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch

@@ -18,7 +18,7 @@ semantics (``services/content/contentserver``) where a client can see them:
   total. A chunk over `MAX_WRITE_CHUNK`, a label set over
   `~ckfs.services.checks.MAX_LABELS_SIZE` and malformed digests are
   INVALID_ARGUMENT before the store sees them.
-- **Read and List stream** in bounded messages (`READ_CHUNK`, `LIST_BATCH`),
+- **Read and List stream** in bounded messages (`READ_CHUNK`, `~ckfs.services.checks.batches`),
   one worker-thread call each, so neither a large blob nor a large store
   is ever held in one message.
 
@@ -41,17 +41,14 @@ from ckfs.api.services.content.v1 import content_pb2 as pb
 from ckfs.content import Info
 from ckfs.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument
 from ckfs.metadata.fields import EPOCH
-from ckfs.services.checks import check_labels
+from ckfs.services.checks import batches, check_labels
 
 if TYPE_CHECKING:
     from ckfs.content import ContentStore, Writer
     from ckfs.digest import Digest
     from ckfs.state import State
 
-__all__ = ["LIST_BATCH", "MAX_WRITE_CHUNK", "READ_CHUNK", "ContentService"]
-
-#: Blobs per List response, as containerd's own service batches.
-LIST_BATCH: Final = 100
+__all__ = ["MAX_WRITE_CHUNK", "READ_CHUNK", "ContentService"]
 
 #: Bytes per Read response: containerd's copy buffer. Large enough that the
 #: per-message cost vanishes, far below gRPC's 4 MiB default message limit.
@@ -95,8 +92,7 @@ class ContentService:
     ) -> AsyncIterator[pb.ListContentResponse]:
         filters = list(request.filters)
         infos = await self._run(lambda s: list(s.walk(filters)))
-        for start in range(0, len(infos), LIST_BATCH):
-            batch = infos[start : start + LIST_BATCH]
+        for batch in batches(infos):
             yield pb.ListContentResponse(info=[convert.content_info_to_proto(i) for i in batch])
 
     async def Delete(self, request: pb.DeleteContentRequest, call: object) -> empty_pb2.Empty:

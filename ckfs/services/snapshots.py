@@ -42,7 +42,7 @@ Every store call runs in a worker thread: SQLite and ``du`` block.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -61,7 +61,7 @@ from ckfs.digest import Digest
 from ckfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from ckfs.filters import Filter, Operator, parse_filters
 from ckfs.labels import ADOPTED_BY, CONTAINERD, SNAPSHOT_REF
-from ckfs.services.checks import check_key, check_labels
+from ckfs.services.checks import batches, check_key, check_labels
 from ckfs.snapshots import (
     Cleaner,
     Info,
@@ -77,7 +77,6 @@ if TYPE_CHECKING:
     from ckfs.state import State
 
 __all__ = [
-    "LIST_BATCH",
     "PROXY",
     "SnapshotsService",
     # Re-exported for ckfs.services.ckfs until it imports ckfs.services.checks.
@@ -88,15 +87,6 @@ __all__ = [
 #: configured otherwise, ckfs's default snapshotter (``snapshotters.DEFAULT``,
 #: overlayfs as containerd's own default) serves it.
 PROXY = "ckfs"
-
-#: Snapshots per List response, as containerd's own service batches: the
-#: client gets the first ones early and no response grows with the store.
-LIST_BATCH = 100
-
-#: Bytes of names and labels one List response may carry before the batch
-#: is cut early: 100 snapshots with labels near `checks.MAX_LABELS_SIZE` would
-#: pass gRPC's default 4 MiB message limit; a quarter of it leaves room.
-_BATCH_BYTES = 1 << 20
 
 _T = TypeVar("_T")
 
@@ -209,20 +199,6 @@ def _chain_lookups(match: Filter) -> Filter | None:
     return Filter(alternatives) if alternatives else None
 
 
-def _batches(infos: Sequence[Info]) -> Iterable[list[Info]]:
-    """*infos* in runs of at most `LIST_BATCH`, cut early past `_BATCH_BYTES` of labels."""
-    batch: list[Info] = []
-    size = 0
-    for info in infos:
-        batch.append(info)
-        size += len(info.name) + sum(len(k) + len(v) for k, v in info.labels.items())
-        if len(batch) >= LIST_BATCH or size >= _BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 class SnapshotsService:
     """``containerd.services.snapshots.v1.Snapshots`` on one ckfs state root.
 
@@ -323,7 +299,7 @@ class SnapshotsService:
     ) -> AsyncIterator[pb.ListSnapshotsResponse]:
         filters = list(request.filters)
         infos = await self._run(request.snapshotter, lambda b: b.walk(filters))
-        for batch in _batches(infos):
+        for batch in batches(infos):
             yield pb.ListSnapshotsResponse(info=[snapshot_info_to_proto(i) for i in batch])
 
     async def Usage(self, request: pb.UsageRequest, call: object) -> pb.UsageResponse:
