@@ -59,6 +59,8 @@ SAME_WORDS = [
     ["rootfs", "--json", "--key", "k", "--offline", "example.local/nope"],
     ["pull", "--json", "--offline", "example.local/nope"],
     ["pull", "--timeout", "0", "example.local/nope"],
+    ["pull", "--max-blob-size", "0", "example.local/nope"],
+    ["rootfs", "--key", "z", "--max-blob-size", "0kB", "example.local/nope"],
     ["mount", "--platform", "no/such/platform/x", "example.local/nope", "/nonexistent/x"],
     ["gc", "--dry-run", "--json"],
 ]

@@ -120,6 +120,7 @@ def test_gc_expires_stale_ingests(capsys: pytest.CaptureFixture[str], tmp_path: 
         (["--timeout", "0"], "timeout must be a positive"),
         (["--timeout", "5 fortnights"], "not a duration"),
         (["--max-blob-size", "8 GB please"], "not a size"),
+        (["--max-blob-size", "0"], "max blob size must be at least 1 byte, not 0"),
     ],
 )
 def test_pull_limits_are_checked(

@@ -146,7 +146,8 @@ async def test_gc_keeps_the_image_and_its_snapshot_then_collects_when_gone(
     [
         (pb.PullOptions(platform="not a platform"), "platform"),
         (pb.PullOptions(timeout=0), "timeout"),
-        (pb.PullOptions(max_blob_size=-1), "negative"),
+        (pb.PullOptions(max_blob_size=-1), "at least 1 byte, not -1"),
+        (pb.PullOptions(max_blob_size=0), "at least 1 byte, not 0"),
         (pb.PullOptions(timeout=float("nan")), "timeout"),
     ],
 )
@@ -159,6 +160,7 @@ def test_pull_options_zero_values_are_the_defaults() -> None:
     from ckfs.options import PullOptions
 
     assert pull_options_from_proto(pb.PullOptions()) == PullOptions()
+    assert pull_options_from_proto(pb.PullOptions(max_blob_size=1)).max_blob_size == 1
     options = pull_options_from_proto(
         pb.PullOptions(platform="linux/arm/v7", user="u:p", timeout=5)
     )

@@ -208,12 +208,14 @@ def check_limits(timeout: float | None, max_blob_size: int) -> None:
     """Refuse a *timeout* or *max_blob_size* no fetch could work with.
 
     Raises:
-        InvalidArgument: *timeout* is not positive or *max_blob_size* negative.
+        InvalidArgument: *timeout* is not positive or *max_blob_size*
+            below 1: a limit that refuses every blob is a mistake, and a
+            silent "no limit" or "the default" would not be what was asked.
     """
     if timeout is not None and not timeout > 0:
         raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout}")
-    if max_blob_size < 0:
-        raise InvalidArgument(f"max blob size must not be negative, not {max_blob_size}")
+    if max_blob_size < 1:
+        raise InvalidArgument(f"max blob size must be at least 1 byte, not {max_blob_size}")
 
 
 def megabytes(n: int) -> str:

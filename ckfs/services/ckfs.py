@@ -52,7 +52,8 @@ _STATES = {
 
 
 def pull_options_from_proto(options: pb.PullOptions) -> PullOptions:
-    """A request's pull options; zero values mean ckfs's defaults.
+    """A request's pull options; zero values (absent ones for the optional
+    fields) mean ckfs's defaults.
 
     The registry configuration is the daemon's own (its root's defaults,
     `ckfs.provide`): hosts directories named by a client are refused, not
@@ -70,7 +71,8 @@ def pull_options_from_proto(options: pb.PullOptions) -> PullOptions:
         raise InvalidArgument(DAEMON_HOSTS_DIRS)
     defaults = PullOptions()
     timeout = options.timeout if options.HasField("timeout") else None
-    check_limits(timeout, options.max_blob_size)  # the local path's words exactly
+    size = options.max_blob_size if options.HasField("max_blob_size") else defaults.max_blob_size
+    check_limits(timeout, size)  # the local path's words exactly
     return PullOptions(
         platform=platforms.parse(options.platform) if options.platform else None,
         all_platforms=options.all_platforms,
@@ -79,7 +81,7 @@ def pull_options_from_proto(options: pb.PullOptions) -> PullOptions:
         user=options.user or None,
         max_concurrent=options.max_concurrent or defaults.max_concurrent,
         timeout=timeout,
-        max_blob_size=options.max_blob_size or defaults.max_blob_size,
+        max_blob_size=size,
     )
 
 

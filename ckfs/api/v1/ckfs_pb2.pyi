@@ -82,7 +82,9 @@ class PullOptions(_message.Message):
     timeout: _builtins.float
     """Seconds the whole pull may take; absent: no limit."""
     max_blob_size: _builtins.int
-    """The largest blob accepted; zero: ckfs's default."""
+    """The largest blob accepted, at least 1; absent: ckfs's default. Optional
+    so that 0 is refused as the CLI refuses it, not read as the default.
+    """
     @_builtins.property
     def hosts_dirs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Must be empty: ckfsd reads only its own registry configuration (its
@@ -102,14 +104,19 @@ class PullOptions(_message.Message):
         plain_http: _builtins.bool = ...,
         user: _builtins.str = ...,
         timeout: _builtins.float | None = ...,
-        max_blob_size: _builtins.int = ...,
+        max_blob_size: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_timeout", b"_timeout", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_blob_size", b"_max_blob_size", "_timeout", b"_timeout", "max_blob_size", b"max_blob_size", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_timeout", b"_timeout", "all_platforms", b"all_platforms", "hosts_dirs", b"hosts_dirs", "max_blob_size", b"max_blob_size", "max_concurrent", b"max_concurrent", "offline", b"offline", "plain_http", b"plain_http", "platform", b"platform", "timeout", b"timeout", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_blob_size", b"_max_blob_size", "_timeout", b"_timeout", "all_platforms", b"all_platforms", "hosts_dirs", b"hosts_dirs", "max_blob_size", b"max_blob_size", "max_concurrent", b"max_concurrent", "offline", b"offline", "plain_http", b"plain_http", "platform", b"platform", "timeout", b"timeout", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_blob_size: _TypeAlias = _typing.Literal["max_blob_size"]  # noqa: Y015
+    _WhichOneofArgType__max_blob_size: _TypeAlias = _typing.Literal["_max_blob_size", b"_max_blob_size"]  # noqa: Y015
     _WhichOneofReturnType__timeout: _TypeAlias = _typing.Literal["timeout"]  # noqa: Y015
     _WhichOneofArgType__timeout: _TypeAlias = _typing.Literal["_timeout", b"_timeout"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_blob_size) -> _WhichOneofReturnType__max_blob_size | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout) -> _WhichOneofReturnType__timeout | None: ...
 
 Global___PullOptions: _TypeAlias = PullOptions  # noqa: Y015
