@@ -63,7 +63,14 @@ from ckfs.snapshots import Kind, LayerDirs, Snapshotter
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["UnpackReport", "lock_path", "pull_and_unpack", "unpack"]
+__all__ = [
+    "UnpackReport",
+    "extract_snapshots",
+    "lock_path",
+    "pull_and_unpack",
+    "remove_leftover",
+    "unpack",
+]
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +118,31 @@ async def _layer_lock(lock_dir: Path, chain_id: Digest) -> AsyncIterator[None]:
         os.close(fd)
 
 
+def extract_snapshots(sn: Snapshotter) -> list[tuple[str, str]]:
+    """``(key, chain ID)`` of every extract snapshot on *sn*, the ID as written.
+
+    An unpack names its snapshot ``<EXTRACT_PREFIX><unique> <chain ID>``
+    (`_apply`); one whose unpack is gone is a leftover. Public so that
+    ckfsd's recovery finds them without knowing how keys are made.
+    """
+    infos = sn.walk([f'name~="^{EXTRACT_PREFIX}"'])
+    return [(info.name, info.name.rsplit(" ", 1)[-1]) for info in infos]
+
+
+def remove_leftover(sn: Snapshotter, key: str) -> bool:
+    """Remove extract snapshot *key* unless it went meanwhile; whether it was removed."""
+    log.info("removing leftover snapshot %r of an interrupted unpack", key)
+    with contextlib.suppress(NotFound, FailedPrecondition):
+        sn.remove(key)
+        return True
+    return False
+
+
 def _remove_leftovers(sn: Snapshotter, chain_id: Digest) -> None:
     """Remove extract snapshots of *chain_id* left by interrupted unpacks."""
-    for info in list(sn.walk([f'name~="^{EXTRACT_PREFIX}"'])):
-        if info.name.endswith(f" {chain_id}"):
-            log.info("removing leftover snapshot %r of an interrupted unpack", info.name)
-            with contextlib.suppress(NotFound, FailedPrecondition):
-                sn.remove(info.name)
+    for key, chain in extract_snapshots(sn):
+        if chain == str(chain_id):
+            remove_leftover(sn, key)
 
 
 def _apply_into(

@@ -25,12 +25,11 @@ from collections.abc import Iterator
 
 import snapshotters
 from ckfs.digest import Digest
-from ckfs.errors import FailedPrecondition, InvalidArgument, NotFound
+from ckfs.errors import InvalidArgument
 from ckfs.locks import try_lock
-from ckfs.rootfs import EXTRACT_PREFIX
 from ckfs.snapshots import Cleaner, Snapshotter
 from ckfs.state import State
-from ckfs.unpack import lock_path
+from ckfs.unpack import extract_snapshots, lock_path, remove_leftover
 
 __all__ = ["recover"]
 
@@ -78,12 +77,8 @@ def _unpack_lock(state: State, chain_id: str) -> Iterator[bool]:
 
 def _interrupted_unpacks(sn: Snapshotter, state: State) -> list[str]:
     removed = []
-    for info in list(sn.walk([f'name~="^{EXTRACT_PREFIX}"'])):
-        chain_id = info.name.rsplit(" ", 1)[-1]
+    for key, chain_id in extract_snapshots(sn):
         with _unpack_lock(state, chain_id) as free:
-            if not free:
-                continue
-            with contextlib.suppress(NotFound, FailedPrecondition):
-                sn.remove(info.name)
-                removed.append(info.name)
+            if free and remove_leftover(sn, key):
+                removed.append(key)
     return removed
