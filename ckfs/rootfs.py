@@ -26,6 +26,7 @@ __all__ = [
     "EXTRACT_PREFIX",
     "NotUnpacked",
     "check_depth",
+    "check_depth_within",
     "committed",
     "image_chain",
     "snapshot_on",
@@ -53,20 +54,29 @@ def check_depth(sn: Snapshotter, image: Descriptor, layers: int) -> None:
 
     Asked as soon as the layer count is known, before a layer is fetched
     or applied: overlay accepts such an image layer by layer and fails only
-    at the mount, after all the work.
+    at the mount, after all the work. Asks *sn* (a store call); with its
+    limit in hand, `check_depth_within`.
 
     Raises:
         FailedPrecondition: too many layers for *sn*. Not InvalidArgument:
             the image is valid and another snapshotter (or a state root
             with shorter paths) takes it.
     """
-    if not isinstance(sn, LayerLimit):
-        return
-    limit = sn.max_layers
+    if isinstance(sn, LayerLimit):
+        check_depth_within(sn.max_layers, sn.name, image, layers)
+
+
+def check_depth_within(limit: int | None, snapshotter: str, image: Descriptor, layers: int) -> None:
+    """`check_depth` against a *limit* read before (`ckfs.snapshots.max_layers`), from
+    code that must not call the store (a fetch's children callback on the loop).
+
+    Raises:
+        FailedPrecondition: *layers* is over *limit*.
+    """
     if limit is not None and layers > limit:
         raise FailedPrecondition(
-            f"image {image.digest} has {layers} layers; the {sn.name} snapshotter stacks at "
-            f"most {limit} here (use --snapshotter native)"
+            f"image {image.digest} has {layers} layers; the {snapshotter} snapshotter stacks "
+            f"at most {limit} here (use --snapshotter native)"
         )
 
 

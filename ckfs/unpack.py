@@ -55,10 +55,11 @@ from ckfs.remotes.walk import platform_children
 from ckfs.rootfs import (
     EXTRACT_PREFIX,
     check_depth,
+    check_depth_within,
     committed,
     image_chain,
 )
-from ckfs.snapshots import Kind, LayerDirs, Snapshotter
+from ckfs.snapshots import Kind, LayerDirs, Snapshotter, max_layers
 
 if TYPE_CHECKING:
     import httpx
@@ -376,7 +377,10 @@ class _Arrivals:
             self._done.setdefault(p.desc.digest, trio.Event()).set()
 
     async def wait(self, desc: Descriptor) -> None:
-        if not self.content.exists(desc.digest):
+        """Until *desc* is present. The store is asked in a worker thread (the
+        loop may serve a daemon's every RPC); an arrival reported meanwhile
+        has set the event already."""
+        if not await trio.to_thread.run_sync(self.content.exists, desc.digest):
             await self._done.setdefault(desc.digest, trio.Event()).wait()
 
 
@@ -411,13 +415,14 @@ async def pull_and_unpack(
     arrivals = _Arrivals(content)
     platform = options.platform
     follow = platform_children(platform, all_platforms=options.all_platforms)
+    limit = await trio.to_thread.run_sync(max_layers, sn)  # children() runs on the loop
 
     def children(desc: Descriptor, data: bytes) -> Sequence[Descriptor]:
         found = follow(desc, data)
         if mt.is_manifest(desc.media_type):
             # A manifest's children are its config, then its layers; none of
             # them is fetched before this returns.
-            check_depth(sn, desc, len(found) - 1)
+            check_depth_within(limit, snapshotter_name, desc, len(found) - 1)
         return found
 
     def events(p: BlobProgress) -> None:

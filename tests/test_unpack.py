@@ -28,7 +28,7 @@ from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
 from ckfs.errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound
 from ckfs.identity import chain_ids
-from ckfs.images.store import Image
+from ckfs.images.store import Image, ImageStore
 from ckfs.labels import GC_REF_CONTENT, GC_REF_SNAPSHOT, GC_ROOT, SNAPSHOT_REF
 from ckfs.mount import PAGE_SIZE, Mount, _compact_lowerdir
 from ckfs.options import PullOptions
@@ -693,3 +693,27 @@ async def test_pull_image_of_a_present_image_reports_every_blob_and_asks_nobody(
 
 def test_pull_options_never_show_the_credentials() -> None:
     assert "secret" not in repr(PullOptions(user="me:secret"))
+
+
+async def test_pull_and_unpack_reach_the_stores_only_from_worker_threads(env: Env) -> None:
+    """End to end, as ckfsd runs it on its loop: fetch (exists, status, free space,
+    GC labels, writers) and unpack, then a re-pull that finds everything present."""
+    layout = Layout(env.tmp / "pulled")
+    layout.image([BASE, APP])
+    registry = LayoutRegistry(layout)
+    content = cast(ContentStore, OffLoop(env.state.content))
+    images = cast(ImageStore, OffLoop(env.state.images))
+    for _ in range(2):
+        report = await pull_and_unpack(
+            reference.parse(DEEP),
+            content,
+            images,
+            cast(Snapshotter, OffLoop(env.sn)),
+            PullOptions(),
+            snapshotter_name=env.name,
+            lock_dir=env.state.lock_dir,
+            transport=httpx.MockTransport(registry.handle),
+        )
+        assert report.image is not None
+    assert any("/blobs/" in p for p in registry.paths)
+    assert env.names() == sorted(chain_of([BASE, APP]))

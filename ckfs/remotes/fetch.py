@@ -51,7 +51,7 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -277,7 +277,7 @@ async def fetch(
     )
     started = time.monotonic()
     report = FetchReport(target=target, blobs=run.blobs)
-    run.admit([target])
+    await run.admit([target])
     with unwrap_groups():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run.visit, target, nursery)
@@ -335,10 +335,10 @@ class _Fetch:
             if is_parent(desc):
                 data = await self._parent(p)
                 found = self.children(desc, data)
-                self.admit(found)
+                await self.admit(found)
                 for child in found:
                     nursery.start_soon(self.visit, child, nursery)
-            elif desc.media_type in mt.NONDISTRIBUTABLE and not self.content.exists(desc.digest):
+            elif desc.media_type in mt.NONDISTRIBUTABLE and not await self._exists(desc):
                 skip(p)
                 self._set(p, BlobState.SKIPPED, p.note)
             else:
@@ -350,14 +350,16 @@ class _Fetch:
 
     # -- limits -----------------------------------------------------------------------
 
-    def admit(self, descs: Sequence[Descriptor]) -> None:
+    async def admit(self, descs: Sequence[Descriptor]) -> None:
         """Refuse *descs* before any of them is requested if they cannot fit.
 
         Called with the target and with each manifest's or index's children
         as soon as they are known: the sizes their descriptors claim are
         checked one by one against the limits, and together, with what this
         fetch still has to write, against the free space. A pull that cannot
-        fit fails before it fills the disk, not after.
+        fit fails before it fills the disk, not after. The store is asked in
+        a worker thread (`_missing`); what this fetch has seen or reserved
+        meanwhile is checked again on return.
 
         Raises:
             InvalidArgument: one is over its size limit.
@@ -365,29 +367,41 @@ class _Fetch:
         """
         if self.remote is None:
             return
+        wanted = [
+            desc
+            for desc in descs
+            if desc.digest not in self.seen
+            and desc.digest not in self.reserved
+            and desc.media_type not in mt.NONDISTRIBUTABLE
+            and desc.media_type not in mt.SCHEMA1
+        ]
+        if not wanted:
+            return
+        missing, free = await trio.to_thread.run_sync(self._missing, wanted)
         need = 0
-        for desc in descs:
-            if (
-                desc.digest in self.seen
-                or desc.digest in self.reserved
-                or desc.media_type in mt.NONDISTRIBUTABLE
-                or desc.media_type in mt.SCHEMA1
-                or self.content.exists(desc.digest)
-            ):
+        for desc, resumable in missing:
+            if desc.digest in self.seen or desc.digest in self.reserved:
                 continue
             self._check_size(desc)
-            left = desc.size - self._resumable(desc)
+            left = desc.size - resumable
             self.reserved[desc.digest] = left
             need += left
         if need <= 0:
             return
-        free = self.content.free_bytes()
         total = self._outstanding()
         if free is not None and total > free:
             raise FailedPrecondition(
                 f"{self.ref}: the fetch needs {megabytes(total)} more, "
                 f"{megabytes(free)} free on {self.content.root}"
             )
+
+    def _missing(
+        self, descs: Sequence[Descriptor]
+    ) -> tuple[list[tuple[Descriptor, int]], int | None]:
+        """In a worker thread: which of *descs* are absent, with the bytes an
+        earlier fetch left in each one's ingest, and the free bytes."""
+        missing = [(d, self._resumable(d)) for d in descs if not self.content.exists(d.digest)]
+        return missing, self.content.free_bytes() if missing else None
 
     def _check_size(self, desc: Descriptor) -> None:
         kind = kind_of(desc)
@@ -403,7 +417,10 @@ class _Fetch:
             )
 
     def _resumable(self, desc: Descriptor) -> int:
-        """Bytes an earlier fetch left in *desc*'s ingest (they need no new space)."""
+        """Bytes an earlier fetch left in *desc*'s ingest (they need no new space).
+
+        Asks the store: in a worker thread.
+        """
         try:
             return min(self.content.status(ref_key(desc)).offset, desc.size)
         except NotFound:
@@ -432,6 +449,11 @@ class _Fetch:
             return contextlib.nullcontext()
         return self.slots
 
+    async def _exists(self, desc: Descriptor) -> bool:
+        """Whether *desc* is present, asked in a worker thread: a store call
+        blocks, and the loop may serve a daemon's every RPC."""
+        return await trio.to_thread.run_sync(self.content.exists, desc.digest)
+
     def _set(self, p: BlobProgress, state: BlobState, note: str = "") -> None:
         p.state = state
         p.note = note
@@ -448,7 +470,7 @@ class _Fetch:
         """The bytes of a manifest or index: local if present, else fetched and committed."""
         desc = p.desc
         writer = None
-        if not self.content.exists(desc.digest):
+        if not await self._exists(desc):
             if self.remote is None:
                 raise missing(self.ref, desc)
             writer = await self._writer(p)
@@ -460,10 +482,10 @@ class _Fetch:
                 limiter=self.hashing,
             )
             p.offset = len(data)
-            ensure_gc_labels(self.content, desc, data)
+            await trio.to_thread.run_sync(ensure_gc_labels, self.content, desc, data)
             self._set(p, BlobState.EXISTS)
             return data
-        with _kept_if_written(writer):
+        async with _kept_if_written(writer):
             assert self.remote is not None
             p.started = time.monotonic()
             self._set(p, BlobState.DOWNLOADING)
@@ -509,7 +531,7 @@ class _Fetch:
     async def _blob(self, p: BlobProgress) -> None:
         """Make a config, layer or other blob present."""
         desc = p.desc
-        if self.content.exists(desc.digest):
+        if await self._exists(desc):
             p.offset = desc.size
             self._set(p, BlobState.EXISTS)
             return
@@ -520,7 +542,7 @@ class _Fetch:
             writer = await self._writer(p)
             if writer is None:
                 break
-            with _kept_if_written(writer):
+            async with _kept_if_written(writer):
                 resumed = writer.offset > 0
                 try:
                     # The slot covers the network part only: while this blob
@@ -744,21 +766,21 @@ class _NotOpened(Exception):
         self.error = error
 
 
-@contextlib.contextmanager
-def _kept_if_written(writer: Writer) -> Iterator[Writer]:
+@contextlib.asynccontextmanager
+async def _kept_if_written(writer: Writer) -> AsyncIterator[Writer]:
     """Close *writer* on the way out, keeping its ingest only if it holds bytes.
 
     An ingest is kept so that the next fetch resumes it; one with nothing in
     it (a request that failed before its first byte) has nothing to resume
-    and would only be litter under ``ckfs content active``.
+    and would only be litter under ``ckfs content active``. Closing touches
+    the disk: a worker thread does it, shielded, so a cancelled fetch still
+    lets go of its refs.
     """
     try:
         yield writer
     finally:
-        if not writer.closed and writer.offset == 0:
-            writer.abort()
-        else:
-            writer.close()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_let_go, writer)
 
 
 # -- worker-thread helpers --------------------------------------------------------
@@ -782,6 +804,14 @@ def _open_writer(content: ContentStore, desc: Descriptor) -> Writer | None:
         writer.abort()
         return None
     return writer
+
+
+def _let_go(writer: Writer) -> None:
+    """`_kept_if_written`'s ending: abort an empty ingest, else close and keep it."""
+    if not writer.closed and writer.offset == 0:
+        writer.abort()
+    else:
+        writer.close()
 
 
 def _write_batch(writer: Writer, batch: list[bytes]) -> None:
