@@ -219,7 +219,7 @@ class Client:
         Raises:
             As `ckfs.provide.ensure_rootfs`.
         """
-        from ckfs.api.convert import mounts_from_proto
+        from ckfs.api.convert_types import mounts_from_proto
         from ckfs.api.v1 import ckfs_pb2
 
         request = ckfs_pb2.MountsRequest(
@@ -297,7 +297,7 @@ def pull_options(
 
 def summary_json(s: ckfs_pb2.PullSummary) -> dict[str, Any]:
     """A Pull's last event as `ckfs.pull.PullReport.to_json` gives it."""
-    from ckfs.api.convert import descriptor_from_proto
+    from ckfs.api.convert_types import descriptor_from_proto
 
     return {
         "event": "summary",
@@ -322,7 +322,7 @@ def _progress(
     Raises:
         InvalidArgument: a malformed descriptor or a state this client does not know.
     """
-    from ckfs.api.convert import descriptor_from_proto
+    from ckfs.api.convert_types import descriptor_from_proto
     from ckfs.api.v1 import ckfs_pb2
     from ckfs.errors import InvalidArgument
     from ckfs.progress import BlobProgress, BlobState

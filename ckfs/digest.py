@@ -10,7 +10,6 @@ text, but it can only be built through `Digest.parse`, which validates.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import IO, Protocol
 
@@ -96,6 +95,8 @@ class Digester:
     def __init__(self, algorithm: str = "sha256") -> None:
         if algorithm not in ALGORITHMS:
             raise InvalidArgument(f"unsupported digest algorithm {algorithm!r}")
+        import hashlib  # here: its OpenSSL start-up (~6 ms) is wasted on a ckfsd client
+
         self.algorithm = algorithm
         self._h = hashlib.new(algorithm)
 

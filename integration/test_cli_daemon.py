@@ -111,6 +111,7 @@ def test_rootfs_mount_gc_umount_through_ckfsd(
 HEAVY = ("trio", "httpx", "httpcore", "h11", "sqlite3", "snapshotters.base", "ckfs.content")
 HEAVY += ("ckfs.images", "ckfs.metadata.db", "ckfs.remotes.walk", "ckfs.state", "ckfs.unpack")
 HEAVY += ("snapshotters.overlay", "snapshotters.native", "snapshotters.storage")
+HEAVY += ("ckfs.api.convert", "ckfs.snapshots", "ckfs.api.services.snapshots")
 
 _PROBE = """
 import sys

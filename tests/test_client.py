@@ -137,6 +137,9 @@ def test_an_event_in_an_unknown_state_is_refused(state: int) -> None:
 #: What a client-only run must not load: the event loop, the HTTP stack, the stores.
 HEAVY = ("trio", "httpx", "httpcore", "sqlite3", "ckfs.content", "ckfs.images.store")
 HEAVY += ("ckfs.metadata.db", "ckfs.remotes.walk", "snapshotters", "ckfs.state")
+#: ... nor the service-level conversions and messages (`ckfs.api.convert_types` is enough).
+HEAVY += ("ckfs.api.convert", "ckfs.snapshots", "ckfs.api.services.content")
+HEAVY += ("ckfs.api.services.images", "ckfs.api.services.snapshots", "ckfs.mount")
 
 _PROBE = """
 import sys
