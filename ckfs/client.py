@@ -104,26 +104,36 @@ class Client:
         self.channel = channel
         self.address = address
         self._metadata = ((NAMESPACE_KEY, NAMESPACE),)
+        self._uuid: str | None = None
 
     @classmethod
     def connect(cls, address: str, *, timeout: float = CONNECT_TIMEOUT) -> Client:
-        """A client for the ckfsd at *address*, once its socket accepts.
+        """A client for the ckfsd at *address*, once it answers.
+
+        The readiness probe is an RPC with a deadline, the one `check_root`
+        needs anyway (`server_uuid`), not `grpc.channel_ready_future`:
+        that leaves grpc polling the channel's state in a thread, which
+        closing the channel then waits out (~0.2 s), and costs a
+        connection handshake before the first real call pays it again.
 
         Raises:
             Unavailable: the socket is missing or refuses, or the daemon did
-                not complete the connection within *timeout*.
+                not answer within *timeout*.
         """
         if address.startswith("unix:") or "://" not in address:
             _check_accepts(address)
         import grpc
 
-        channel = grpc.insecure_channel(_target(address), options=_CHANNEL_OPTIONS)
+        client = cls(grpc.insecure_channel(_target(address), options=_CHANNEL_OPTIONS), address)
         try:
-            grpc.channel_ready_future(channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            channel.close()
+            client.server_uuid(timeout=timeout)
+        except Unavailable:
+            client.close()
             raise Unavailable(f"ckfsd at {address} does not answer") from None
-        return cls(channel, address)
+        except BaseException:
+            client.close()
+            raise
+        return client
 
     def close(self) -> None:
         self.channel.close()
@@ -131,6 +141,25 @@ class Client:
     def call_options(self) -> dict[str, Any]:
         """Keyword arguments every stub call takes: the namespace metadata."""
         return {"metadata": self._metadata}
+
+    def server_uuid(self, *, timeout: float | None = None) -> str:
+        """The UUID of the state root the daemon serves (Introspection.Server), asked once.
+
+        Raises:
+            Unavailable: no answer (within *timeout*, if given).
+        """
+        if self._uuid is None:
+            from google.protobuf import empty_pb2
+
+            from ckfs.api.services.introspection.v1 import introspection_pb2_grpc
+
+            stub = introspection_pb2_grpc.IntrospectionStub(self.channel)
+            with rpc_errors():  # DEADLINE_EXCEEDED comes back as Unavailable
+                answer = stub.Server(
+                    empty_pb2.Empty(), timeout=timeout, wait_for_ready=True, **self.call_options()
+                )
+            self._uuid = answer.uuid
+        return self._uuid
 
     def check_root(self, root: Path) -> None:
         """Refuse a daemon that serves a state root other than *root*.
@@ -143,16 +172,10 @@ class Client:
         Raises:
             FailedPrecondition: *root* has no UUID or another one.
         """
-        from google.protobuf import empty_pb2
-
-        from ckfs.api.services.introspection.v1 import introspection_pb2_grpc
+        from ckfs.address import UUID_FILE
         from ckfs.errors import FailedPrecondition
 
-        stub = introspection_pb2_grpc.IntrospectionStub(self.channel)
-        with rpc_errors():
-            theirs = stub.Server(empty_pb2.Empty(), **self.call_options()).uuid
-        from ckfs.address import UUID_FILE
-
+        theirs = self.server_uuid()
         try:
             ours = (root / UUID_FILE).read_text().strip()
         except FileNotFoundError:

@@ -107,10 +107,9 @@ _CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 def clients(address: str) -> Iterator[Callable[[], Client]]:
     """Connections to *address*, each closed on exit.
 
-    Not `Client.connect`: its readiness wait leaves grpc polling the
-    channel's state, and closing such a channel waits out a 0.2 s poll;
-    a suite opens a client per test. The server is listening already, and
-    the first call connects.
+    Not `Client.connect`: its readiness probe is an RPC a suite does not
+    need per client. The server is listening already, and the first call
+    connects.
     """
     opened: list[Client] = []
 

@@ -97,6 +97,41 @@ def test_the_default_socket_is_used_only_for_a_daemon_of_the_default_root(
         found.close()
 
 
+def test_connect_probes_with_the_root_uuid_and_asks_it_once(tmp_path: Path) -> None:
+    """Readiness is Introspection.Server under a deadline (no channel_ready_future
+    polling thread to wait out at close), and check_root reuses its answer."""
+    from ckfs.api.services.introspection.v1 import introspection_pb2_grpc
+    from ckfs.services.introspection import IntrospectionService
+    from tests.remote_stores import serving
+
+    asked: list[str] = []
+
+    class Counting(IntrospectionService):
+        async def Server(self, request: object, call: object) -> object:
+            asked.append("Server")
+            return await super().Server(request, call)  # type: ignore[arg-type]
+
+    address = f"unix://{tmp_path}/ckfsd.sock"
+    add = introspection_pb2_grpc.add_IntrospectionServicer_to_server
+    with serving(tmp_path / "root", address, [(Counting, add)]):
+        daemon = client.Client.connect(address)
+        try:
+            assert asked == ["Server"]  # the probe
+            daemon.check_root(tmp_path / "root")
+            assert asked == ["Server"]  # its answer kept
+        finally:
+            daemon.close()
+
+
+def test_a_socket_that_accepts_but_never_answers_is_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "mute.sock"
+    with socket.socket(socket.AF_UNIX) as mute:
+        mute.bind(str(path))
+        mute.listen()  # the kernel completes connections; nobody speaks HTTP/2
+        with pytest.raises(errors.Unavailable, match=r"mute\.sock does not answer$"):
+            client.Client.connect(str(path), timeout=0.5)
+
+
 def test_pull_options_travel_as_typed() -> None:
     options = client.pull_options(platform="linux/arm64", timeout=None, max_concurrent=3)
     assert options.platform == "linux/arm64" and not options.HasField("timeout")
