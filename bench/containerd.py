@@ -21,20 +21,25 @@ snapshots, the container's rootfs prepared, mounted, run and removed. S is
 ``overlayfs`` (containerd's own snapshotter) or ``ckfs`` (the proxy: each
 snapshot call a gRPC call to ckfsd, the layers in ckfs's overlayfs store).
 Target: ckfs <= 1.0x overlayfs (the lazy snapshotter drives it lower).
-Under the figures: the RPCs ckfsd served in the last ckfs run and the sum
-of their durations from its log, ckfsd's own share of that run.
+Under the figures: each step's median apart, and the RPCs ckfsd served in
+the last ckfs run with the sum of their durations from its log, ckfsd's own
+share of that run. Each setup ends with ``sync``, so no run writes back the
+previous one's data.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import itertools
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -84,6 +89,8 @@ class Daemons:
         self.runs = itertools.count()
         self.ckfsd: Daemon | None = None
         self.log_start = 0  # where the ckfsd log stood after the warm-up
+        #: Seconds of each timed run's steps, by snapshotter and step.
+        self.phases: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
 
     def fresh(self, warmup: str, snapshotter: str) -> None:
         """Both daemons on empty roots, warmed by pulling and running *warmup*."""
@@ -96,6 +103,9 @@ class Daemons:
         self.ctr = ["ctr", "--address", str(sock)]
         self.pull_and_run(warmup, snapshotter, "cat", "/etc/os-release")
         self.log_start = self.ckfsd.log.stat().st_size
+        # The previous run's writes and removals reach the disk now, not
+        # during the next timed run.
+        run(["sync"])
 
     def served(self) -> tuple[int, float]:
         """RPCs ckfsd served since the warm-up and the sum of their durations (s)."""
@@ -107,11 +117,19 @@ class Daemons:
         ms = [float(m[3]) for m in map(RPC_LOG.search, lines) if m]
         return len(ms), sum(ms) / 1e3
 
-    def pull_and_run(self, ref: str, snapshotter: str, *command: str) -> None:
-        """``ctr images pull`` then ``ctr run --rm`` of *ref* on *snapshotter*."""
+    def pull_and_run(self, ref: str, snapshotter: str, *command: str, record: bool = False) -> None:
+        """``ctr images pull`` then ``ctr run --rm`` of *ref* on *snapshotter*.
+
+        With *record*, each step's time goes to `phases`.
+        """
         on = ["--snapshotter", snapshotter]
+        t0 = time.perf_counter()
         run([*self.ctr, "images", "pull", "--plain-http", *on, ref])
+        t1 = time.perf_counter()
         run([*self.ctr, "run", "--rm", *on, ref, f"bench-{next(self.runs)}", *command])
+        if record:
+            self.phases[snapshotter, "pull"].append(t1 - t0)
+            self.phases[snapshotter, "run"].append(time.perf_counter() - t1)
 
     def snapshots(self, snapshotter: str) -> int:
         """How many snapshots containerd lists on *snapshotter*."""
@@ -155,7 +173,7 @@ def main() -> None:
             {
                 s: (
                     functools.partial(daemons.fresh, warmup, s),
-                    functools.partial(daemons.pull_and_run, ref, s, COMMAND),
+                    functools.partial(daemons.pull_and_run, ref, s, COMMAND, record=True),
                 )
                 for s in ("overlayfs", PROXY)  # the proxy last: its daemons are checked
             },
@@ -178,6 +196,9 @@ def main() -> None:
         ],
         "<= 1.0x overlayfs",
     )
+    for (snapshotter, step), times_of in sorted(daemons.phases.items()):
+        what = "ctr images pull (fetch+unpack)" if step == "pull" else "ctr run --rm"
+        print(f"    {snapshotter:<10} {what:<30} {statistics.median(times_of):8.3f} s")
     print(f"  ckfsd in the last ckfs run: {rpcs} RPCs, {served:.3f} s served in all")
 
 
