@@ -165,6 +165,7 @@ def warm_daemons(ref: str, warmup: str, work: Path, repeat: int) -> dict[str, fl
         shutil.rmtree(root, ignore_errors=True)
         address[:] = [ckfsd.enter_context(running_ckfsd(root)).address]
         run(ckfs("pull", "-q", "--plain-http", warmup))
+        run(["sync"])  # the removed root's writes, now rather than in the timed run
 
     def fresh_containerd() -> None:
         ctd.close()
@@ -172,6 +173,7 @@ def warm_daemons(ref: str, warmup: str, work: Path, repeat: int) -> dict[str, fl
         shutil.rmtree(root, ignore_errors=True)
         ctr[:] = ["ctr", "--address", str(ctd.enter_context(containerd(root)))]
         run([*ctr, "content", "fetch", "--plain-http", warmup])
+        run(["sync"])
 
     def ckfs_pull() -> None:
         run(ckfs("pull", "-q", "--plain-http", ref))
