@@ -120,16 +120,18 @@ def test_mirror_from_hosts_toml_serves_the_blobs(
         FaultProxy(registry.host).running() as upstream,
         FaultProxy(mirror.host).running() as mirrored,
     ):
-        hosts = tmp_path / "certs.d" / f"127.0.0.1_{upstream.port}_"
+        # ckfsd reads only its own configuration (its root's certs.d); the
+        # CLI on its own reads the --hosts-dir it is given.
+        certs = tmp_path / "certs.d" if ckfs.address is None else ckfs.root / "certs.d"
+        hosts = certs / f"127.0.0.1_{upstream.port}_"
         hosts.mkdir(parents=True)
         (hosts / "hosts.toml").write_text(
             f'server = "http://{upstream.host}"\n\n'
             f'[host."http://{mirrored.host}"]\n'
             '  capabilities = ["pull", "resolve"]\n'
         )
-        _, summary = pull_json(
-            ckfs, "--hosts-dir", str(tmp_path / "certs.d"), f"{upstream.host}/{EXAMPLE_REPO}"
-        )
+        flags = ["--hosts-dir", str(certs)] if ckfs.address is None else []
+        _, summary = pull_json(ckfs, *flags, f"{upstream.host}/{EXAMPLE_REPO}")
     assert summary["fetched_blobs"] == 5
     blob_requests = mirrored.requests("/blobs/")
     assert len(blob_requests) == 4  # config and three layers
