@@ -502,3 +502,67 @@ async def test_deadlines_and_minimum_rate_on_real_connections(
         async with client.open_blob(ref, layer, offset=position) as stream:
             got += b"".join([c async for c in stream.aiter_chunks()])
         assert "sha256:" + hashlib.sha256(got).hexdigest() == layer.digest
+
+
+async def test_plain_blob_body_read_from_the_socket(
+    plain: tuple[Registry, Digest],
+    proxy: FaultProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A plain HTTP/1.1 body read past h11 is the same bytes, cuts and stalls included.
+
+    Through the fault proxy (real sockets, Content-Length framing): whole,
+    from an offset, cut mid-body (the position says where to resume) and
+    stalled mid-body (the request's read timeout still applies); the client
+    keeps working after each, since such a connection is closed, not pooled.
+    """
+    from ckfs.remotes import registry
+
+    direct: list[bool] = []
+    plain_socket = registry._plain_socket
+
+    def recording(response: object) -> object:
+        sock = plain_socket(response)  # type: ignore[arg-type]
+        direct.append(sock is not None)
+        return sock
+
+    monkeypatch.setattr(registry, "_plain_socket", recording)
+    data = os.urandom(6 << 20)
+    layer = plain[0].upload_blob(REPO, data)
+    ref = parse(f"{proxy.host}/{REPO}:1")
+    client = RegistryClient(
+        proxy.host,
+        hosts=load_hosts(proxy.host, hosts_dirs=[]),
+        credentials=anonymous(tmp_path),
+        read_timeout=0.5,
+        min_rate=0,
+    )
+    async with client:
+        async with client.open_blob(ref, layer) as stream:
+            assert b"".join([c async for c in stream.aiter_chunks()]) == data
+        assert direct == [True]
+        async with client.open_blob(ref, layer, offset=12345) as stream:
+            assert b"".join([c async for c in stream.aiter_chunks()]) == data[12345:]
+
+        proxy.add(Fault("cut", after=(3 << 20) + 7))
+        got = b""
+        async with client.open_blob(ref, layer) as stream:
+            with pytest.raises(Unavailable, match="stream ended at byte"):
+                async for chunk in stream.aiter_chunks():
+                    got += chunk
+            assert stream.position == len(got) == (3 << 20) + 7
+        async with client.open_blob(ref, layer, offset=len(got)) as stream:
+            got += b"".join([c async for c in stream.aiter_chunks()])
+        assert got == data
+
+        proxy.add(Fault("stall", after=(2 << 20) + 3))
+        start = trio.current_time()
+        async with client.open_blob(ref, layer) as stream:
+            with pytest.raises(Unavailable, match="ReadTimeout"):
+                async for _ in stream.aiter_chunks():
+                    pass
+        assert trio.current_time() - start < 3
+        desc = await client.resolve(ref)
+        assert children(desc, await client.fetch_manifest(ref, desc))
+    assert direct and all(direct)
