@@ -32,7 +32,7 @@ from ckfs.api.v1 import ckfs_pb2 as pb
 from ckfs.errors import InvalidArgument, NotFound, unwrap_groups
 from ckfs.options import DAEMON_HOSTS_DIRS, PullOptions
 from ckfs.reference import Reference
-from ckfs.services.snapshots import check_key
+from ckfs.services.checks import check_key
 
 if TYPE_CHECKING:
     from ckfs.gc import GCReport

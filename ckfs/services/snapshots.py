@@ -76,12 +76,7 @@ if TYPE_CHECKING:
     from ckfs.mount import Mount
     from ckfs.state import State
 
-__all__ = [
-    "PROXY",
-    "SnapshotsService",
-    # Re-exported for ckfs.services.ckfs until it imports ckfs.services.checks.
-    "check_key",
-]
+__all__ = ["PROXY", "SnapshotsService"]
 
 #: The proxy name the documented ``[proxy_plugins.ckfs]`` gives; unless
 #: configured otherwise, ckfs's default snapshotter (``snapshotters.DEFAULT``,
