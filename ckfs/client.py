@@ -82,7 +82,8 @@ def rpc_errors() -> Iterator[None]:
         # Every RpcError grpc raises is also a grpc.Call, which says the status.
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
         details = (e.details() if hasattr(e, "details") else None) or ""
-        cls = from_grpc_code(code.name) if code is not grpc.StatusCode.OK else CkfsError
+        ok = code is grpc.StatusCode.OK
+        cls = CkfsError if ok else from_grpc_code(code.name, details)
         raise cls(details or f"ckfsd answered {code.name}") from None
 
 

@@ -45,6 +45,26 @@ def test_a_status_without_details_names_its_code() -> None:
         raise _Failed(grpc.StatusCode.UNAVAILABLE, "")
 
 
+@pytest.mark.parametrize(
+    ("details", "cls"),
+    [
+        ("Concurrent RPC limit exceeded!", errors.Unavailable),
+        (
+            "SERVER: Received message larger than max (16777300 vs. 16777216)",
+            errors.InvalidArgument,
+        ),
+    ],
+    ids=["server full", "message too large"],
+)
+def test_resource_exhausted_is_told_apart_by_its_details(
+    details: str, cls: type[errors.CkfsError]
+) -> None:
+    """grpcio's two uses of the code: only a full server is worth trying again."""
+    with pytest.raises(errors.CkfsError) as caught, client.rpc_errors():
+        raise _Failed(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+    assert type(caught.value) is cls and str(caught.value) == details
+
+
 def test_a_named_daemon_that_is_not_there_fails_at_once(tmp_path: Path) -> None:
     started = time.monotonic()
     for address in (str(tmp_path / "none.sock"), f"unix://{tmp_path}/none.sock"):
