@@ -5,10 +5,12 @@ limits' defaults (blob size, time budget) for its help text without
 loading the stores.
 """
 
-#: Blobs transferred at once. Three keeps a fast local link busy while one
-#: blob is being committed (fsync) and stays polite to a remote registry;
-#: containerd's default is the same.
-DEFAULT_CONCURRENCY = 3
+#: Blobs transferred at once: skopeo's and podman's default (``ctr`` sets
+#: no limit; Docker and containerd's CRI take 3). With three, an image of
+#: four equal layers fetched its last one alone at the end: a cold pull of
+#: 234 MB through ckfsd from a local registry took 0.38 s, with six 0.33 s
+#: (medians of 8). Six stays polite to a remote registry.
+DEFAULT_CONCURRENCY = 6
 
 #: Largest blob a fetch accepts from a descriptor (``--max-blob-size``).
 #: Generous: the largest layers seen in the wild (CUDA, ML model images)
