@@ -29,7 +29,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ckfs.errors import CkfsError, Unavailable, from_grpc_code
 
@@ -65,6 +65,8 @@ PROBE_TIMEOUT = 0.5
 #: bridge's DEFAULT_NAMESPACE and NAMESPACE_KEY; that module loads trio.)
 NAMESPACE = "default"
 NAMESPACE_KEY = "containerd-namespace"
+
+_T = TypeVar("_T")
 
 
 @contextlib.contextmanager
@@ -142,6 +144,16 @@ class Client:
     def call_options(self) -> dict[str, Any]:
         """Keyword arguments every stub call takes: the namespace metadata."""
         return {"metadata": self._metadata}
+
+    def call(self, rpc: Callable[..., _T], request: object) -> _T:
+        """One unary *rpc* in the namespace, a failure raised as its ckfs error (`rpc_errors`)."""
+        with rpc_errors():
+            return rpc(request, **self.call_options())
+
+    def stream(self, rpc: Callable[..., Iterator[_T]], request: object) -> list[_T]:
+        """A server-streaming *rpc* read to its end: a stream fails while it is read."""
+        with rpc_errors():
+            return list(rpc(request, **self.call_options()))
 
     def server_uuid(self, *, timeout: float | None = None) -> str:
         """The UUID of the state root the daemon serves (Introspection.Server), asked once.
@@ -249,9 +261,7 @@ class Client:
         request = ckfs_pb2.MountsRequest(
             ref=ref, key=key, readonly=readonly, snapshotter=snapshotter, options=options
         )
-        with rpc_errors():
-            response = self._ckfs.Mounts(request, **self.call_options())
-            return mounts_from_proto(response.mounts)
+        return mounts_from_proto(self.call(self._ckfs.Mounts, request).mounts)
 
     def unmount(self, key: str, snapshotter: str = "") -> None:
         """Remove the snapshot *key* (from every snapshotter holding it, if none is named).
@@ -262,18 +272,14 @@ class Client:
         """
         from ckfs.api.v1 import ckfs_pb2
 
-        with rpc_errors():
-            self._ckfs.Unmount(
-                ckfs_pb2.UnmountRequest(key=key, snapshotter=snapshotter), **self.call_options()
-            )
+        self.call(self._ckfs.Unmount, ckfs_pb2.UnmountRequest(key=key, snapshotter=snapshotter))
 
     def gc(self, *, dry_run: bool, ingest_expiry: float | None) -> dict[str, Any]:
         """Collect through ckfsd; what ``ckfs gc --json`` prints."""
         from ckfs.api.v1 import ckfs_pb2
 
         request = ckfs_pb2.GCRequest(dry_run=dry_run, ingest_expiry=ingest_expiry)
-        with rpc_errors():
-            r = self._ckfs.GC(request, **self.call_options())
+        r = self.call(self._ckfs.GC, request)
         return {
             "dry_run": dry_run,
             "blobs": list(r.blobs),

@@ -24,8 +24,8 @@ import contextlib
 import dataclasses
 import io
 import queue
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.field_mask_pb2 import FieldMask
 
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 
 __all__ = ["RemoteContentStore", "RemoteReader", "RemoteWriter"]
 
-_T = TypeVar("_T")
-
 #: Marks the end of a Write stream's requests.
 _END = None
 
@@ -58,19 +56,10 @@ class RemoteContentStore:
     def __repr__(self) -> str:
         return f"RemoteContentStore(at {self._client.address})"
 
-    def _call(self, rpc: Callable[..., _T], request: object) -> _T:
-        with rpc_errors():
-            return rpc(request, **self._client.call_options())
-
-    def _stream(self, rpc: Callable[..., Iterator[_T]], request: object) -> list[_T]:
-        """A server stream, read to its end inside the error mapping."""
-        with rpc_errors():
-            return list(rpc(request, **self._client.call_options()))
-
     # -- blobs --------------------------------------------------------------------
 
     def info(self, dgst: Digest) -> Info:
-        reply = self._call(self._stub.Info, pb.InfoRequest(digest=str(dgst)))
+        reply = self._client.call(self._stub.Info, pb.InfoRequest(digest=str(dgst)))
         return convert.content_info_from_proto(reply.info)
 
     def exists(self, dgst: Digest) -> bool:
@@ -84,15 +73,15 @@ class RemoteContentStore:
         request = pb.UpdateRequest(
             info=convert.content_info_to_proto(info), update_mask=FieldMask(paths=list(fieldpaths))
         )
-        return convert.content_info_from_proto(self._call(self._stub.Update, request).info)
+        return convert.content_info_from_proto(self._client.call(self._stub.Update, request).info)
 
     def walk(self, filters: Sequence[str] = ()) -> Iterator[Info]:
         """Every blob matching *filters*, read before returning (a bad filter raises here)."""
-        replies = self._stream(self._stub.List, pb.ListContentRequest(filters=list(filters)))
+        replies = self._client.stream(self._stub.List, pb.ListContentRequest(filters=list(filters)))
         return iter([convert.content_info_from_proto(i) for r in replies for i in r.info])
 
     def delete(self, dgst: Digest) -> None:
-        self._call(self._stub.Delete, pb.DeleteContentRequest(digest=str(dgst)))
+        self._client.call(self._stub.Delete, pb.DeleteContentRequest(digest=str(dgst)))
 
     def reader(self, dgst: Digest) -> RemoteReader:
         """A random-access reader of blob *dgst* (NotFound at once if it is missing)."""
@@ -101,7 +90,7 @@ class RemoteContentStore:
     def read_range(self, dgst: Digest, offset: int, size: int) -> bytes:
         """*size* bytes of *dgst* from *offset* (fewer at the end); one Read stream."""
         request = pb.ReadContentRequest(digest=str(dgst), offset=offset, size=size)
-        return b"".join(r.data for r in self._stream(self._stub.Read, request))
+        return b"".join(r.data for r in self._client.stream(self._stub.Read, request))
 
     def read_all(self, dgst: Digest, *, limit: int | None = None) -> bytes:
         """The whole blob.
@@ -124,16 +113,16 @@ class RemoteContentStore:
         return RemoteWriter(self, ref, total, expected)
 
     def status(self, ref: str) -> Status:
-        reply = self._call(self._stub.Status, pb.StatusRequest(ref=ref))
+        reply = self._client.call(self._stub.Status, pb.StatusRequest(ref=ref))
         return convert.status_from_proto(reply.status)
 
     def list_statuses(self, filters: Sequence[str] = ()) -> list[Status]:
         request = pb.ListStatusesRequest(filters=list(filters))
-        reply = self._call(self._stub.ListStatuses, request)
+        reply = self._client.call(self._stub.ListStatuses, request)
         return [convert.status_from_proto(s) for s in reply.statuses]
 
     def abort(self, ref: str) -> None:
-        self._call(self._stub.Abort, pb.AbortRequest(ref=ref))
+        self._client.call(self._stub.Abort, pb.AbortRequest(ref=ref))
 
     def write_stream(self, requests: Iterator[pb.WriteContentRequest]) -> Any:
         """Open a Write stream fed by *requests*; its response iterator."""

@@ -5,7 +5,7 @@
 ``images`` commands take either store and print the same. Images become
 model objects only through `ckfs.api.convert` (a malformed answer is
 `InvalidArgument`); a failed RPC raises the `ckfs.errors` class of its
-status (`ckfs.client.rpc_errors`), with the daemon's message.
+status (`ckfs.client.Client.call`), with the daemon's message.
 
 Names are written by Pull (and containerd's clients through the service),
 not through this adapter. Light, as every client module: grpc and the
@@ -15,21 +15,18 @@ generated modules; the `Image` model loads with the first answer.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ckfs.api import convert
 from ckfs.api.services.images.v1 import images_pb2 as pb
 from ckfs.api.services.images.v1 import images_pb2_grpc
-from ckfs.client import rpc_errors
 
 if TYPE_CHECKING:
     from ckfs.client import Client
     from ckfs.images.store import Image
 
 __all__ = ["RemoteImageStore"]
-
-_T = TypeVar("_T")
 
 
 class RemoteImageStore:
@@ -42,19 +39,15 @@ class RemoteImageStore:
     def __repr__(self) -> str:
         return f"RemoteImageStore(at {self._client.address})"
 
-    def _call(self, rpc: Callable[..., _T], request: object) -> _T:
-        with rpc_errors():
-            return rpc(request, **self._client.call_options())
-
     def get(self, name: str) -> Image:
         """Raises: NotFound: no image has the name."""
         return convert.image_from_proto(
-            self._call(self._stub.Get, pb.GetImageRequest(name=name)).image
+            self._client.call(self._stub.Get, pb.GetImageRequest(name=name)).image
         )
 
     def list(self, filters: Sequence[str] = ()) -> list[Image]:
         """Raises: InvalidArgument: a malformed filter."""
-        reply = self._call(self._stub.List, pb.ListImagesRequest(filters=list(filters)))
+        reply = self._client.call(self._stub.List, pb.ListImagesRequest(filters=list(filters)))
         return [convert.image_from_proto(i) for i in reply.images]
 
     def tag(self, src: str, dst: str, *, force: bool = False) -> Image:
@@ -75,13 +68,13 @@ class RemoteImageStore:
             return source
         copy = convert.image_to_proto(dataclasses.replace(source, name=dst))
         try:
-            reply = self._call(self._stub.Create, pb.CreateImageRequest(image=copy))
+            reply = self._client.call(self._stub.Create, pb.CreateImageRequest(image=copy))
         except AlreadyExists:
             if not force:
                 raise
-            reply = self._call(self._stub.Update, pb.UpdateImageRequest(image=copy))
+            reply = self._client.call(self._stub.Update, pb.UpdateImageRequest(image=copy))
         return convert.image_from_proto(reply.image)
 
     def delete(self, name: str) -> None:
         """Raises: NotFound: no image has the name."""
-        self._call(self._stub.Delete, pb.DeleteImageRequest(name=name))
+        self._client.call(self._stub.Delete, pb.DeleteImageRequest(name=name))

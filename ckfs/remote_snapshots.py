@@ -7,7 +7,7 @@ then the CLI as a client) can take ckfsd's instead, and the wire cannot
 drift from the Python contract without the suite noticing. Messages become
 model objects only through `ckfs.api.convert`, which refuses a malformed
 answer as `InvalidArgument`; a failed RPC raises the `ckfs.errors` class of
-its status (`ckfs.client.rpc_errors`), which is what the local snapshotter
+its status (`ckfs.client.Client.call`), which is what the local snapshotter
 would have raised.
 
 Light, as every client module: grpc, the generated modules and the model
@@ -17,7 +17,6 @@ thread, as they do the local snapshotters' methods.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -26,7 +25,6 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from ckfs.api import convert
 from ckfs.api.services.snapshots.v1 import snapshots_pb2 as pb
 from ckfs.api.services.snapshots.v1 import snapshots_pb2_grpc
-from ckfs.client import rpc_errors
 from ckfs.errors import FailedPrecondition
 from ckfs.snapshots import Info, Usage
 
@@ -59,21 +57,14 @@ class RemoteSnapshotter:
     def __repr__(self) -> str:
         return f"RemoteSnapshotter({self.name!r} at {self._client.address})"
 
-    @contextlib.contextmanager
-    def _rpc(self) -> Iterator[dict[str, Any]]:
-        """The call options (namespace metadata); a failure inside raised as a ckfs error.
-
-        A stream fails while it is read, so its reading belongs inside too.
-        """
+    def _check_open(self) -> None:
         if self._closed:
             raise FailedPrecondition(f"snapshotter {self.name} is closed")
-        with rpc_errors():
-            yield self._client.call_options()
 
     def _call(self, rpc: Callable[..., _T], request: object) -> _T:
-        """One unary RPC."""
-        with self._rpc() as options:
-            return rpc(request, **options)
+        """One unary RPC, refused once closed."""
+        self._check_open()
+        return self._client.call(rpc, request)
 
     def stat(self, key: str) -> Info:
         reply = self._call(self._stub.Stat, pb.StatSnapshotRequest(snapshotter=self.name, key=key))
@@ -133,8 +124,8 @@ class RemoteSnapshotter:
         and the caller may change snapshots while iterating.
         """
         request = pb.ListSnapshotsRequest(snapshotter=self.name, filters=list(filters))
-        with self._rpc() as options:
-            replies = list(self._stub.List(request, **options))
+        self._check_open()
+        replies = self._client.stream(self._stub.List, request)
         return iter([convert.snapshot_info_from_proto(i) for reply in replies for i in reply.info])
 
     def close(self) -> None:
