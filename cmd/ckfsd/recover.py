@@ -19,7 +19,6 @@ recovery must not create state for a snapshotter nobody used.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator
 
@@ -32,8 +31,6 @@ from ckfs.state import State
 from ckfs.unpack import extract_snapshots, lock_path, remove_leftover
 
 __all__ = ["recover"]
-
-log = logging.getLogger(__name__)
 
 
 def recover(state: State) -> list[str]:
