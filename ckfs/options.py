@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from ckfs.descriptor import Platform
 
-__all__ = ["DAEMON_HOSTS_DIRS", "PullOptions"]
+__all__ = ["DAEMON_HOSTS_DIRS", "MAX_CONCURRENT", "PullOptions"]
 
 #: Why ckfsd refuses a request that names hosts directories, and the CLI a
 #: ``--hosts-dir`` on the way to ckfsd: root's daemon reading a hosts.toml a
@@ -29,6 +29,13 @@ DAEMON_HOSTS_DIRS = (
     "hosts directories: ckfsd uses its own registry configuration "
     "(<its root>/certs.d, /etc/containerd/certs.d); --no-daemon reads others"
 )
+
+#: The most transfers one pull may run at once. Each holds a connection, an
+#: open ingest with its lock and a buffer in ckfsd for as long as it runs,
+#: and the wire's uint32 would let one request ask for billions; past a few
+#: dozen a registry only throttles more (the default is 6). The CLI's
+#: ``--max-concurrent`` has the same bound, so both faces refuse alike.
+MAX_CONCURRENT = 64
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -48,7 +55,8 @@ class PullOptions:
         plain_http: plain HTTP when no hosts.toml says otherwise.
         user: ``user:password``, overriding Docker's ``config.json``. Left
             out of the repr, so a logged request never shows it.
-        max_concurrent: layers transferred at once.
+        max_concurrent: layers transferred at once (ckfsd takes at most
+            `MAX_CONCURRENT`).
         timeout: seconds the resolve, and each manifest and blob, may take
             with all retries and resumes; None for `ckfs.remotes.time_budget`.
         max_blob_size: refuse a blob whose descriptor claims more bytes,

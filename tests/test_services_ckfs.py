@@ -149,6 +149,7 @@ async def test_gc_keeps_the_image_and_its_snapshot_then_collects_when_gone(
         (pb.PullOptions(max_blob_size=-1), "at least 1 byte, not -1"),
         (pb.PullOptions(max_blob_size=0), "at least 1 byte, not 0"),
         (pb.PullOptions(timeout=float("nan")), "timeout"),
+        (pb.PullOptions(max_concurrent=2**32 - 1), "at most 64, not 4294967295"),
     ],
 )
 def test_pull_options_are_checked(options: pb.PullOptions, words: str) -> None:
@@ -161,6 +162,7 @@ def test_pull_options_zero_values_are_the_defaults() -> None:
 
     assert pull_options_from_proto(pb.PullOptions()) == PullOptions()
     assert pull_options_from_proto(pb.PullOptions(max_blob_size=1)).max_blob_size == 1
+    assert pull_options_from_proto(pb.PullOptions(max_concurrent=64)).max_concurrent == 64
     options = pull_options_from_proto(
         pb.PullOptions(platform="linux/arm/v7", user="u:p", timeout=5)
     )

@@ -30,7 +30,7 @@ from google.protobuf import empty_pb2
 from ckfs.api.convert import descriptor_to_proto, mounts_to_proto
 from ckfs.api.v1 import ckfs_pb2 as pb
 from ckfs.errors import InvalidArgument, NotFound, unwrap_groups
-from ckfs.options import DAEMON_HOSTS_DIRS, PullOptions
+from ckfs.options import DAEMON_HOSTS_DIRS, MAX_CONCURRENT, PullOptions
 from ckfs.reference import Reference
 from ckfs.services.checks import check_key
 
@@ -62,13 +62,17 @@ def pull_options_from_proto(options: pb.PullOptions) -> PullOptions:
 
     Raises:
         InvalidArgument: hosts directories; a malformed platform, a
-            negative size, a timeout that is not positive.
+            negative size, a timeout that is not positive, more than
+            `MAX_CONCURRENT` transfers at once.
     """
     from ckfs.images import platforms
     from ckfs.remotes.walk import check_limits
 
     if options.hosts_dirs:
         raise InvalidArgument(DAEMON_HOSTS_DIRS)
+    if options.max_concurrent > MAX_CONCURRENT:
+        what = f"max concurrent transfers must be at most {MAX_CONCURRENT}"
+        raise InvalidArgument(f"{what}, not {options.max_concurrent}")
     defaults = PullOptions()
     timeout = options.timeout if options.HasField("timeout") else None
     size = options.max_blob_size if options.HasField("max_blob_size") else defaults.max_blob_size

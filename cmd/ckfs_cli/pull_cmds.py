@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from ckfs.options import MAX_CONCURRENT
 from ckfs.remotes import DEFAULT_CONCURRENCY
 from ckfs_cli.app import App, human_size, skip_httpx_cli
 from ckfs_cli.options import apply, pass_app, pull_options, registry_options
@@ -40,7 +41,7 @@ def _pull_options(f: _F) -> _F:
                 ),
                 click.option(
                     "--max-concurrent",
-                    type=click.IntRange(min=1),
+                    type=click.IntRange(min=1, max=MAX_CONCURRENT),
                     default=DEFAULT_CONCURRENCY,
                     show_default=True,
                     help="Layers transferred at once "
