@@ -27,27 +27,19 @@ class App:
     """Per-invocation context: where the state is, which ckfsd, how to print."""
 
     def __init__(
-        self,
-        root: Path | None,
-        *,
-        address: str | None = None,
-        no_daemon: bool = False,
-        exit_fast: bool = False,
+        self, root: Path | None, *, address: str | None = None, no_daemon: bool = False
     ) -> None:
-        """Args:
-        root: ``--root``, if given.
-        address: ``--address`` / ``CKFS_ADDRESS``, if given.
-        no_daemon: ``--no-daemon``.
-        exit_fast: the process ends with ``os._exit`` after `close`
-            (`ckfs_cli.main._leave`), so the daemon's channel is left to the
-            kernel: grpc's orderly close joins its threads, ~150 ms, half
-            of a command through ckfsd.
+        """Nothing is opened yet: a store or a daemon only when a command asks.
+
+        Args:
+            root: ``--root``, if given.
+            address: ``--address`` / ``CKFS_ADDRESS``, if given.
+            no_daemon: ``--no-daemon``.
         """
         self._root = root
         self._state: State | None = None
         self._address = address
         self._no_daemon = no_daemon
-        self._exit_fast = exit_fast
         self._daemon: Client | None = _UNKNOWN
 
     @property
@@ -106,7 +98,7 @@ class App:
     def close(self) -> None:
         if self._state is not None:
             self._state.close()
-        if self._daemon is not _UNKNOWN and self._daemon is not None and not self._exit_fast:
+        if self._daemon is not _UNKNOWN and self._daemon is not None:
             self._daemon.close()
 
 

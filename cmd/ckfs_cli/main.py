@@ -24,8 +24,6 @@ from ckfs import __version__
 from ckfs_cli.app import App
 
 _debug = False
-#: Whether this run ends in `_leave` (the program, not a test calling `main`).
-_exit_fast = False
 
 #: Each command and where it lives, in the order ``ckfs --help`` lists them.
 _COMMANDS = {
@@ -91,9 +89,7 @@ def cli(
     _debug = debug
     if debug:
         _log_debug()
-    ctx.obj = App(
-        root, address=None if no_daemon else address, no_daemon=no_daemon, exit_fast=_exit_fast
-    )
+    ctx.obj = App(root, address=None if no_daemon else address, no_daemon=no_daemon)
     ctx.call_on_close(ctx.obj.close)
 
 
@@ -138,8 +134,6 @@ def main(argv: list[str] | None = None) -> None:
     Called as the program (no *argv*), it leaves through `_leave`; called
     with *argv* (tests, embedding) it raises `SystemExit` as usual.
     """
-    global _exit_fast
-    _exit_fast = argv is None
     code = _run(argv)
     if argv is None:
         _leave(code)
