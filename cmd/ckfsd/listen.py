@@ -11,7 +11,7 @@ by the kernel when the process dies however it dies:
 Each lock file holds the PID of its holder, so a refusal can name it.
 
 The socket appears atomically with its final mode: grpcio binds a temporary
-name in the same directory, the bridge chmods it to `SOCKET_MODE`, and a
+name in the same directory, `bind` chmods it to `SOCKET_MODE`, and a
 rename puts it in place, replacing a stale socket of a dead daemon in the
 same step. No client ever sees a socket with the wrong mode, or no socket
 between the old and the new. grpcio can only bind a path (its Python API
@@ -32,7 +32,17 @@ from typing import Any
 from ckfs.errors import FailedPrecondition, Unavailable
 from ckfs.locks import try_lock
 
-__all__ = ["SOCKET_MODE", "bind", "hold", "release", "remove_socket", "socket_answers"]
+__all__ = [
+    "SOCKET_DIR_MODE",
+    "SOCKET_MODE",
+    "bind",
+    "claim",
+    "hold",
+    "release",
+    "remove_socket",
+    "socket_answers",
+    "socket_lock",
+]
 
 #: Owner and group may connect, as containerd's socket: the daemon acts with
 #: root's rights on a root's behalf, so "others" must not reach it.
