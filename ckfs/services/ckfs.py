@@ -209,35 +209,26 @@ class CkfsService:
 
         Runs in the daemon's nursery and never raises but `trio.Cancelled`:
         the failure belongs to the RPC, which re-raises it for its client.
-        Events come from the loop's thread, or through the loop from a
-        worker thread, so they keep their order ahead of the outcome.
+        `ckfs.pull.pull` reports events on the loop's thread (its store
+        calls run in worker threads, its events do not), so they reach the
+        channel in order, ahead of the outcome.
         Between state changes, transferring blobs tick (`TICK`).
         """
         from ckfs.progress import BlobState
         from ckfs.provide import pull_image_async
 
-        token = trio.lowlevel.current_trio_token()
         moving: dict[int, BlobProgress] = {}
 
         def hand_over(item: pb.PullEvent | Exception) -> None:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 send.send_nowait(item)
 
-        def changed(p: BlobProgress, event: pb.PullEvent) -> None:
+        def on_event(p: BlobProgress) -> None:
             if p.state in (BlobState.DOWNLOADING, BlobState.RESUMING):
                 moving[id(p)] = p
             else:
                 moving.pop(id(p), None)
-            hand_over(event)
-
-        def on_event(p: BlobProgress) -> None:
-            event = _blob_event(p)
-            try:
-                trio.lowlevel.current_task()
-            except RuntimeError:  # a worker thread
-                token.run_sync_soon(changed, p, event)
-            else:
-                changed(p, event)
+            hand_over(_blob_event(p))
 
         with send, scope:
             try:
