@@ -25,7 +25,7 @@ from ckfs.filters import adaptor_for, parse_filters
 if TYPE_CHECKING:
     from ckfs.state import State
 
-__all__ = ["SNAPSHOTTER_PLUGIN", "UUID_FILE", "IntrospectionService", "server_uuid"]
+__all__ = ["SNAPSHOTTER_PLUGIN", "IntrospectionService", "server_uuid"]
 
 #: containerd's plugin type for snapshotters, which its clients filter on.
 SNAPSHOTTER_PLUGIN: Final = "io.containerd.snapshotter.v1"
