@@ -171,9 +171,9 @@ class _Backend:
     def update(self, name: str, labels: dict[str, str], paths: list[str]) -> Info:
         return self.present(self.sn.update(Info(kind=Kind.ACTIVE, name=name, labels=labels), paths))
 
-    def cleanup(self) -> None:
+    def cleanup(self, name: str) -> None:
         if not isinstance(self.sn, Cleaner):
-            raise Unimplemented("this snapshotter has nothing to clean up")
+            raise Unimplemented(f"snapshotter {name!r}: has nothing to clean up")
         self.sn.cleanup()
 
 
@@ -304,5 +304,6 @@ class SnapshotsService:
         return usage_to_proto(usage)
 
     async def Cleanup(self, request: pb.CleanupRequest, call: object) -> empty_pb2.Empty:
-        await self._run(request.snapshotter, lambda b: b.cleanup())
+        name = request.snapshotter
+        await self._run(name, lambda b: b.cleanup(name))
         return empty_pb2.Empty()
