@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CkfsService", "pull_options_from_proto"]
 
-#: BlobState names (`ckfs.remotes.walk.BlobState` values) to the wire enum.
+#: BlobState names (`ckfs.progress.BlobState` values) to the wire enum.
 _STATES = {
     name.lower(): value
     for name, value in pb.BlobState.items()
