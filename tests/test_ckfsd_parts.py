@@ -157,3 +157,30 @@ def test_every_service_module_has_one_service_class() -> None:
     found = service_classes()
     assert found, "not even the Snapshots service"
     assert len({cls for cls, _ in found}) == len(found)
+
+
+def test_ready_is_grpcs_http2_answer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real grpc server answers the readiness probe; a socket that accepts but
+    never speaks HTTP/2 does not, and the wait ends at its bound."""
+    from concurrent import futures
+
+    import grpc
+
+    from ckfsd import daemon
+
+    path = tmp_path / "grpc.sock"
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    server.add_insecure_port(f"unix://{path}")
+    server.start()
+    try:
+        daemon._wait_answers(path)
+    finally:
+        server.stop(None).wait()
+
+    mute = tmp_path / "mute.sock"
+    monkeypatch.setattr(daemon, "READY_TIMEOUT", 0.2)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(mute))
+        s.listen()  # accepts (the kernel's backlog), never answers
+        with pytest.raises(Unavailable, match=r"mute\.sock did not answer within"):
+            daemon._wait_answers(mute)

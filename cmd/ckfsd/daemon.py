@@ -8,8 +8,8 @@
 3. builds the grpc server (a bounded worker pool, the logging interceptor)
    and registers every service of `SERVICES` that exists, through the
    trio bridge (`ckfs.services.bridge`);
-4. binds the socket atomically, starts, and waits until a gRPC channel to
-   it is ready; only then does it say anything: ``READY=1`` on
+4. binds the socket atomically, starts, and waits until grpc's transport
+   answers on it (the HTTP/2 handshake); only then does it say anything: ``READY=1`` on
    ``--ready-fd``, sd_notify, one log line;
 5. waits for signals: SIGHUP reloads (calls ``reload`` on the services
    that have one; registry hosts.toml and credentials are read afresh by
@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -180,14 +181,51 @@ async def _reload(services: list[object]) -> None:
     log.info("reloaded configuration (SIGHUP)")
 
 
-def _wait_answers(address: str) -> None:
-    """Block until a gRPC channel to *address* is ready (a worker thread)."""
-    # A unix socket has no proxy: keep grpc from reading $http_proxy.
-    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+#: An HTTP/2 client's opening: the connection preface, then an empty
+#: SETTINGS frame (length 0, type 4, no flags, stream 0). RFC 9113 3.4.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+#: Type of the frame a live HTTP/2 server answers the preface with first.
+_H2_SETTINGS = 4
+
+
+def _wait_answers(path: Path) -> None:
+    """Block until grpc's transport answers on the socket *path* (a worker thread).
+
+    Ready means grpc's HTTP/2 server answers a connection with its SETTINGS
+    frame, the handshake every client's first call makes. Done on a plain
+    socket: ``grpc.channel_ready_future`` left a polling thread that closing
+    the channel waited out (~200 ms of every start), and an RPC as probe
+    would be the first line of the daemon's log, before it said it serves.
+
+    Raises:
+        Unavailable: no SETTINGS frame within `READY_TIMEOUT`.
+    """
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
         try:
-            grpc.channel_ready_future(channel).result(timeout=READY_TIMEOUT)
-        except grpc.FutureTimeoutError:
-            raise Unavailable(f"{address} did not answer within {READY_TIMEOUT:.0f}s") from None
+            if _settings_frame(path, deadline - time.monotonic()):
+                return
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            raise Unavailable(f"unix://{path} did not answer within {READY_TIMEOUT:.0f}s")
+        time.sleep(0.01)
+
+
+def _settings_frame(path: Path, timeout: float) -> bool:
+    """Whether the server on *path* answers the HTTP/2 preface with SETTINGS."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(max(timeout, 0.001))
+        s.connect(str(path))
+        s.sendall(_H2_PREFACE)
+        header = b""
+        while len(header) < 9:  # a frame header: length (3), type, flags, stream (4)
+            chunk = s.recv(9 - len(header))
+            if not chunk:
+                return False
+            header += chunk
+        return header[3] == _H2_SETTINGS
 
 
 def sd_notify(state: str) -> None:
@@ -289,7 +327,7 @@ async def serve(config: Config) -> None:
     ):
         leftovers = await trio.to_thread.run_sync(recover, state)
         async with _server(config, state, path) as services:
-            await trio.to_thread.run_sync(_wait_answers, f"unix://{path}")
+            await trio.to_thread.run_sync(_wait_answers, path)
             _say_ready(config.ready_fd)
             log.info(
                 "ckfsd %s serving %s on unix://%s (pid %d)",
