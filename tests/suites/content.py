@@ -675,7 +675,6 @@ class ContentStoreSuite:
         }
 
     def test_walk_filters(self, cs: ContentStore) -> None:
-        pytest.importorskip("ckfs.filters")
         blobs = [create_content(n) for n in (10, 20, 30)]
         for i, (b, d) in enumerate(blobs):
             write_blob(
@@ -721,7 +720,6 @@ class ContentStoreSuite:
             assert w.offset == 0  # a fresh ingest after abort
 
     def test_list_statuses_filters(self, cs: ContentStore) -> None:
-        pytest.importorskip("ckfs.filters")
         for ref in ("layer-1", "layer-2", "config"):
             with cs.writer(ref):
                 pass
