@@ -18,9 +18,10 @@ from ckfs import unpack
 from ckfs.address import SYSTEM_SOCKET, default_address, default_socket, socket_path
 from ckfs.digest import Digest
 from ckfs.errors import FailedPrecondition, InvalidArgument, Unavailable
+from ckfs.services.bridge import AddToServer, generated_handlers
 from ckfs.state import State
 from ckfsd import listen
-from ckfsd.daemon import service_classes
+from ckfsd.daemon import SERVICES
 from ckfsd.main import DEFAULT_GRACE, DEFAULT_WORKERS, load_config, resolve
 from ckfsd.recover import recover
 
@@ -152,11 +153,14 @@ def test_recover_removes_only_unlocked_extract_snapshots(tmp_path: Path) -> None
         state.close()
 
 
-def test_every_service_module_has_one_service_class() -> None:
-    """Each module of the table that exists gives the daemon exactly one class."""
-    found = service_classes()
-    assert found, "not even the Snapshots service"
-    assert len({cls for cls, _ in found}) == len(found)
+@pytest.mark.parametrize(("cls", "add_to_server"), SERVICES, ids=lambda x: x.__name__)
+def test_every_rpc_method_of_a_service_is_one_of_its_service(
+    cls: type, add_to_server: AddToServer
+) -> None:
+    """A misspelt method would leave its RPC UNIMPLEMENTED without a word."""
+    rpcs = {rpc for table in generated_handlers(add_to_server).values() for rpc in table}
+    methods = {name for name in vars(cls) if name[:1].isupper() and callable(vars(cls)[name])}
+    assert methods and methods <= rpcs, sorted(methods - rpcs)
 
 
 def test_ready_is_grpcs_http2_answer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

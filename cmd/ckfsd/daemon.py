@@ -6,7 +6,7 @@
    daemon on either is refused with one line naming the first one's PID;
 2. clears what a killed daemon left (`ckfsd.recover`);
 3. builds the grpc server (a bounded worker pool, the logging interceptor)
-   and registers every service of `SERVICES` that exists, through the
+   and registers every service of `SERVICES`, through the
    trio bridge (`ckfs.services.bridge`);
 4. binds the socket atomically, starts, and waits until grpc's transport
    answers on it (the HTTP/2 handshake); only then does it say anything: ``READY=1`` on
@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import logging
 import os
@@ -32,58 +31,50 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import Any
 
 import grpc
 import trio
 
 from ckfs import __version__
 from ckfs.address import socket_path
+from ckfs.api.services.content.v1 import content_pb2_grpc
+from ckfs.api.services.images.v1 import images_pb2_grpc
+from ckfs.api.services.introspection.v1 import introspection_pb2_grpc
+from ckfs.api.services.namespaces.v1 import namespaces_pb2_grpc
+from ckfs.api.services.snapshots.v1 import snapshots_pb2_grpc
+from ckfs.api.services.version.v1 import version_pb2_grpc
+from ckfs.api.v1 import ckfs_pb2_grpc
 from ckfs.errors import InvalidArgument, Unavailable
 from ckfs.safetext import message
-from ckfs.services.bridge import AddToServer, Bridge, LoggingInterceptor, generated_handlers
+from ckfs.services.bridge import AddToServer, Bridge, LoggingInterceptor
+from ckfs.services.ckfs import CkfsService
+from ckfs.services.content import ContentService
+from ckfs.services.images import ImagesService
+from ckfs.services.introspection import IntrospectionService
+from ckfs.services.namespaces import NamespacesService
+from ckfs.services.snapshots import SnapshotsService
+from ckfs.services.version import VersionService
 from ckfs.state import State
 from ckfsd import listen
 from ckfsd.main import Config
 from ckfsd.recover import recover
 
-__all__ = ["SERVICES", "register", "serve", "service_classes"]
+__all__ = ["SERVICES", "register", "serve"]
 
 log = logging.getLogger("ckfsd")
 
-#: The services ckfsd serves: the module under ckfs/services holding the
-#: async class, and the generated function that declares its RPCs. A module
-#: not written yet is skipped; its RPCs answer UNIMPLEMENTED. The class is
-#: the one in the module with methods named like the service's RPCs, made
-#: with the daemon's `ckfs.state.State` and, if its constructor takes one,
-#: ``nursery=`` the serving nursery (for work that outlives a call's task).
-SERVICES: tuple[tuple[str, str], ...] = (
-    (
-        "ckfs.services.snapshots",
-        "ckfs.api.services.snapshots.v1.snapshots_pb2_grpc:add_SnapshotsServicer_to_server",
-    ),
-    (
-        "ckfs.services.content",
-        "ckfs.api.services.content.v1.content_pb2_grpc:add_ContentServicer_to_server",
-    ),
-    (
-        "ckfs.services.images",
-        "ckfs.api.services.images.v1.images_pb2_grpc:add_ImagesServicer_to_server",
-    ),
-    (
-        "ckfs.services.namespaces",
-        "ckfs.api.services.namespaces.v1.namespaces_pb2_grpc:add_NamespacesServicer_to_server",
-    ),
-    (
-        "ckfs.services.version",
-        "ckfs.api.services.version.v1.version_pb2_grpc:add_VersionServicer_to_server",
-    ),
-    (
-        "ckfs.services.introspection",
-        "ckfs.api.services.introspection.v1.introspection_pb2_grpc:"
-        "add_IntrospectionServicer_to_server",
-    ),
-    ("ckfs.services.ckfs", "ckfs.api.v1.ckfs_pb2_grpc:add_CkfsServicer_to_server"),
+#: The services ckfsd serves, each with the generated function that declares
+#: its RPCs. Each class is made with the daemon's `ckfs.state.State` and, if
+#: its constructor takes one, ``nursery=`` the serving nursery (for work that
+#: outlives a call's task).
+SERVICES: tuple[tuple[type, AddToServer], ...] = (
+    (SnapshotsService, snapshots_pb2_grpc.add_SnapshotsServicer_to_server),
+    (ContentService, content_pb2_grpc.add_ContentServicer_to_server),
+    (ImagesService, images_pb2_grpc.add_ImagesServicer_to_server),
+    (NamespacesService, namespaces_pb2_grpc.add_NamespacesServicer_to_server),
+    (VersionService, version_pb2_grpc.add_VersionServicer_to_server),
+    (IntrospectionService, introspection_pb2_grpc.add_IntrospectionServicer_to_server),
+    (CkfsService, ckfs_pb2_grpc.add_CkfsServicer_to_server),
 )
 
 #: Largest message either way, as containerd's own server (16 MiB): a
@@ -107,58 +98,12 @@ _SERVER_OPTIONS = [
 ]
 
 
-def _import(name: str) -> Any:
-    """Module *name*, or None if it (not something it imports) is missing."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name != name:
-            raise
-        return None
-
-
-def _service_class(module: Any, rpcs: set[str]) -> type | None:
-    """The class defined in *module* that implements some of *rpcs*."""
-    candidates = [
-        cls
-        for _, cls in inspect.getmembers(module, inspect.isclass)
-        if cls.__module__ == module.__name__ and rpcs & set(vars(cls))
-    ]
-    if len(candidates) > 1:
-        names = ", ".join(c.__name__ for c in candidates)
-        raise TypeError(f"{module.__name__}: more than one service class ({names})")
-    return candidates[0] if candidates else None
-
-
-def service_classes() -> list[tuple[type, AddToServer]]:
-    """The service classes of `SERVICES` that exist, each with its registration.
-
-    Raises:
-        TypeError: a module holds no class, or more than one, implementing
-            its service's RPCs.
-    """
-    found: list[tuple[type, AddToServer]] = []
-    for module_name, add in SERVICES:
-        generated, _, add_name = add.partition(":")
-        module = _import(module_name)
-        if module is None:
-            log.debug("no %s: its RPCs answer UNIMPLEMENTED", module_name)
-            continue
-        add_to_server = getattr(importlib.import_module(generated), add_name)
-        rpcs = {rpc for table in generated_handlers(add_to_server).values() for rpc in table}
-        cls = _service_class(module, rpcs)
-        if cls is None:
-            raise TypeError(f"{module_name}: no class implements any of {sorted(rpcs)}")
-        found.append((cls, add_to_server))
-    return found
-
-
 def register(
     server: grpc.Server, bridge: Bridge, state: State, nursery: trio.Nursery
 ) -> list[object]:
-    """Serve every service of `SERVICES` that exists on *server*; the services."""
+    """Serve every service of `SERVICES` on *server*; the services."""
     services: list[object] = []
-    for cls, add_to_server in service_classes():
+    for cls, add_to_server in SERVICES:
         wants_nursery = "nursery" in inspect.signature(cls).parameters
         service = cls(state, nursery=nursery) if wants_nursery else cls(state)
         bridge.add(server, service, add_to_server)
