@@ -26,7 +26,7 @@ class VersionService:
     NAMESPACED = False
 
     def __init__(self, state: State | None = None) -> None:
-        pass
+        """*state*: taken as ckfsd makes every service; a version needs none."""
 
     async def Version(self, request: empty_pb2.Empty, call: object) -> pb.VersionResponse:
         return pb.VersionResponse(version=__version__, revision="")
