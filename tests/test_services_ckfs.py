@@ -199,7 +199,7 @@ async def test_transferring_blobs_tick_between_state_changes(autojump_clock: obj
     p = BlobProgress(desc=desc, kind="layer")
     sent: list[pb.PullEvent | Exception] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_ticks, {id(p): p}, sent.append)
+        nursery.start_soon(_ticks, {id(p): p}, sent.append, lambda: 0)
         p.offset = p.fetched = 40
         await trio.sleep(TICK * 1.5)
         await trio.sleep(TICK * 3)  # no bytes moved: no more ticks
@@ -207,6 +207,29 @@ async def test_transferring_blobs_tick_between_state_changes(autojump_clock: obj
         await trio.sleep(TICK)
         nursery.cancel_scope.cancel()
     assert [(e.blob.offset, e.blob.progress_only) for e in sent] == [(40, True), (70, True)]
+
+
+async def test_ticks_wait_while_the_client_is_behind(autojump_clock: object) -> None:
+    """A client that stops reading gets no more ticks queued, and the next once it reads."""
+    from ckfs.descriptor import Descriptor
+    from ckfs.digest import from_bytes
+    from ckfs.progress import BlobProgress
+    from ckfs.services.ckfs import MAX_QUEUED_TICKS, TICK, _ticks
+
+    desc = Descriptor(media_type="application/octet-stream", digest=from_bytes(b"x"), size=100)
+    p = BlobProgress(desc=desc, kind="layer")
+    sent: list[pb.PullEvent | Exception] = []
+    backlog = MAX_QUEUED_TICKS
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_ticks, {id(p): p}, sent.append, lambda: backlog)
+        for offset in range(10, 60, 10):
+            p.offset = offset
+            await trio.sleep(TICK)
+        assert sent == []
+        backlog = 0
+        await trio.sleep(TICK)
+        nursery.cancel_scope.cancel()
+    assert [e.blob.offset for e in sent] == [50]
 
 
 class _OffLoopState:

@@ -117,15 +117,26 @@ def _blob_event(p: BlobProgress, *, progress_only: bool = False) -> pb.PullEvent
     )
 
 
+#: Events a Pull's stream may hold unsent before ticks are skipped. State
+#: changes are always queued (a client needs each one, and a pull has a
+#: bounded number), ticks only while the client keeps up: one that stops
+#: reading costs a bounded queue, not one growing four times a second for
+#: every transferring blob for as long as the pull runs.
+MAX_QUEUED_TICKS = 64
+
+
 async def _ticks(
-    moving: dict[int, BlobProgress], hand_over: Callable[[pb.PullEvent], None]
+    moving: dict[int, BlobProgress],
+    hand_over: Callable[[pb.PullEvent], None],
+    queued: Callable[[], int],
 ) -> None:
-    """Every `TICK`, a progress-only event for each transferring blob that moved."""
+    """Every `TICK`, a progress-only event for each transferring blob that moved,
+    unless *queued* events number `MAX_QUEUED_TICKS` or more."""
     sent: dict[int, int] = {}
     while True:
         await trio.sleep(TICK)
         for key, p in moving.items():
-            if sent.get(key) != p.offset:
+            if sent.get(key) != p.offset and queued() < MAX_QUEUED_TICKS:
                 sent[key] = p.offset
                 hand_over(_blob_event(p, progress_only=True))
 
@@ -223,6 +234,9 @@ class CkfsService:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 send.send_nowait(item)
 
+        def queued() -> int:
+            return send.statistics().current_buffer_used
+
         def on_event(p: BlobProgress) -> None:
             if p.state in (BlobState.DOWNLOADING, BlobState.RESUMING):
                 moving[id(p)] = p
@@ -234,7 +248,7 @@ class CkfsService:
             try:
                 with unwrap_groups():
                     async with trio.open_nursery() as ticking:
-                        ticking.start_soon(_ticks, moving, hand_over)
+                        ticking.start_soon(_ticks, moving, hand_over, queued)
                         try:
                             report = await pull_image_async(
                                 self._state,
