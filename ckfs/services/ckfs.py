@@ -96,9 +96,10 @@ def _reference(ref: str) -> Reference:
     return reference.parse(ref)
 
 
-#: Seconds between progress ticks of a transferring blob: a little faster
-#: than the CLI's live display redraws (8/s) would need is wasted, slower
-#: makes its byte counts and rates visibly jump.
+#: Seconds between progress ticks of a transferring blob. The CLI's live
+#: display redraws 8 times a second; a tick every other redraw keeps its
+#: byte counts and rates moving, slower ones make them visibly jump, and one
+#: per redraw would double the events for a change nobody can read.
 TICK = 0.25
 
 
