@@ -20,6 +20,7 @@ import pytest
 from integration.conftest import Ckfs, need
 from integration.daemon import Daemon, running_ckfsd
 from integration.registry import EXAMPLE_REPO, Registry
+from snapshotters import NAMES
 
 
 @dataclass
@@ -127,3 +128,20 @@ def test_other_namespace_refused(served: Served) -> None:
     proc = served.ctr("--namespace", "k8s.io", "images", "ls", check=False)
     assert proc.returncode != 0
     assert b"default" in proc.stderr and b"failed precondition" in proc.stderr.lower()
+
+
+@pytest.mark.parametrize("snapshotter", NAMES)
+def test_snapshots_ls_and_tree(served: Served, snapshotter: str) -> None:
+    """``ctr snapshots --snapshotter X ls`` reads ckfs's own snapshots through Snapshots."""
+    served.ckfs.run("rootfs", "--snapshotter", snapshotter, "--key", "ctr-api", served.name)
+    listed = served.text("snapshots", "--snapshotter", snapshotter, "ls")
+    header, *rows = listed.splitlines()
+    assert header.split() == ["KEY", "PARENT", "KIND"]
+    kinds = {row.split()[0]: row.split()[-1] for row in rows}
+    assert kinds.pop("ctr-api") == "Active"
+    assert kinds and set(kinds.values()) == {"Committed"}  # the image's layers, by chain ID
+    assert all(key.startswith("sha256:") for key in kinds)
+    tree = served.text("snapshots", "--snapshotter", snapshotter, "tree")
+    assert "ctr-api" in tree
+    info = served.text("snapshots", "--snapshotter", snapshotter, "info", "ctr-api")
+    assert '"Kind": "Active"' in info and '"Parent": "sha256:' in info
