@@ -59,6 +59,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
@@ -125,16 +127,14 @@ def write_and_sync(layout: Path, dest: Path) -> None:
             os.close(fd)
 
 
-def pull_rpc(address: str, ref: str) -> Callable[[], None]:
-    """One ckfsd Pull RPC of *ref* on a channel opened once: the re-pull without a client process.
+def pull_rpc(channel: grpc.Channel, ref: str) -> Callable[[], None]:
+    """One ckfsd Pull RPC of *ref* on an open *channel*: the re-pull without a client process.
 
     The stream is read to its end, the summary last.
     """
-    import grpc
-
     from ckfs.api.v1 import ckfs_pb2, ckfs_pb2_grpc
 
-    stub = ckfs_pb2_grpc.CkfsStub(grpc.insecure_channel(address))
+    stub = ckfs_pb2_grpc.CkfsStub(channel)
     options = ckfs_pb2.PullOptions(plain_http=True)
     request = ckfs_pb2.PullRequest(ref=ref, register=True, options=options)
 
@@ -210,10 +210,11 @@ def warm_daemons(ref: str, warmup: str, work: Path, repeat: int) -> dict[str, fl
         )
         assert summary["fetched_blobs"] == 0, summary
         ctr_pull()  # registers and unpacks: the re-pulls find it all present
+        channel = ckfsd.enter_context(grpc.insecure_channel(address[0]))
         present = timed_turns(
             {
                 "ckfsd re-pull": (lambda: None, ckfs_pull),
-                "ckfsd re-pull rpc": (lambda: None, pull_rpc(address[0], ref)),
+                "ckfsd re-pull rpc": (lambda: None, pull_rpc(channel, ref)),
                 "ctr re-pull": (lambda: None, ctr_pull),
             },
             max(5, repeat),
