@@ -232,14 +232,21 @@ class Client:
 
         request = ckfs_pb2.PullRequest(ref=ref, register=register, options=options)
         blobs: dict[tuple[str, str], BlobProgress] = {}
+        summary: dict[str, Any] | None = None
         with rpc_errors():
+            # Read to the stream's end, not just to the summary: leaving
+            # earlier cancels the call, and ckfsd logs the pull as CANCELLED.
             for event in self._ckfs.Pull(request, **self.call_options()):
                 if event.HasField("summary"):
-                    return summary_json(event.summary)
+                    summary = summary_json(event.summary)
+                    continue
                 p = _progress(blobs, event.blob)
                 if not event.blob.progress_only:  # a tick only moves the bars
                     on_event(p)
-        raise Unavailable(f"ckfsd at {self.address} ended the pull of {ref} without a summary")
+        if summary is None:
+            what = f"ckfsd at {self.address} ended the pull of {ref} without a summary"
+            raise Unavailable(what)
+        return summary
 
     def mounts(
         self,

@@ -198,3 +198,25 @@ def test_a_hosts_dir_through_ckfsd_is_refused(
     ):
         assert remote.fails(*args) == f"ckfs: {DAEMON_HOSTS_DIRS}", args
     assert not any(r.startswith("/ckfs.v1.") for r in rpcs(daemon))
+
+
+def test_a_pull_read_to_its_end_is_logged_ok(registry: Registry, tmp_path: Path) -> None:
+    """The client reads the Pull stream past its summary: leaving early cancels the call.
+
+    The client is closed the moment `Client.pull` returns, as a ``ckfs``
+    process exits: had it stopped reading at the summary, the daemon would
+    still be finishing the stream and log the pull CANCELLED.
+    """
+    from ckfs.client import Client, pull_options
+
+    ref = f"{registry.host}/{EXAMPLE_REPO}"
+    with running_ckfsd(tmp_path / "root") as daemon:
+        for _ in range(4):  # the first fetches, the rest find it present
+            client = Client.connect(daemon.address)
+            try:
+                client.pull(ref, register=True, options=pull_options(), on_event=lambda p: None)
+            finally:
+                client.close()
+        log = daemon.log_text()
+    pulls = [line.split()[4:6] for line in log.splitlines() if "/Pull " in line]
+    assert pulls == [["/ckfs.v1.Ckfs/Pull", "OK"]] * 4, log
