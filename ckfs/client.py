@@ -110,8 +110,16 @@ class Client:
         self._uuid: str | None = None
 
     @classmethod
-    def connect(cls, address: str, *, timeout: float = CONNECT_TIMEOUT) -> Client:
+    def connect(
+        cls, address: str, *, timeout: float = CONNECT_TIMEOUT, probe: bool = True
+    ) -> Client:
         """A client for the ckfsd at *address*, once it answers.
+
+        Without *probe*, a unix socket that accepts a connection is enough:
+        the command's own RPC is the first call, and a re-pull of a present
+        image does not pay a round trip (and the Introspection modules) that
+        asked nothing it uses. Any other address is always probed, as
+        nothing else has reached it.
 
         The readiness probe is an RPC with a deadline, the one `check_root`
         needs anyway (`server_uuid`), not `grpc.channel_ready_future`:
@@ -123,11 +131,14 @@ class Client:
             Unavailable: the socket is missing or refuses, or the daemon did
                 not answer within *timeout*.
         """
-        if address.startswith("unix:") or "://" not in address:
+        unix = address.startswith("unix:") or "://" not in address
+        if unix:
             _check_accepts(address)
         import grpc
 
         client = cls(grpc.insecure_channel(_target(address), options=_CHANNEL_OPTIONS), address)
+        if unix and not probe:
+            return client
         try:
             client.server_uuid(timeout=timeout)
         except Unavailable:
@@ -385,6 +396,10 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     # A unix socket has no proxy; without this grpc reads proxy variables.
     ("grpc.enable_http_proxy", 0),
+    # A connection that never completes its handshake fails the call after
+    # CONNECT_TIMEOUT rather than grpc's 20 s: an unprobed command's first
+    # RPC (`Client.connect`) is what meets a daemon that accepts but is wedged.
+    ("grpc.min_reconnect_backoff_ms", int(CONNECT_TIMEOUT * 1000)),
 ]
 
 
@@ -404,7 +419,8 @@ def discover(address: str | None, *, root_given: bool, root: Path | None = None)
         FailedPrecondition: the daemon at *address* serves a root other than *root*.
     """
     if address:
-        client = Client.connect(address)
+        # Nothing to ask the daemon before the command without a root to check.
+        client = Client.connect(address, probe=root is not None)
         if root is not None:
             try:
                 client.check_root(root)

@@ -43,7 +43,6 @@ names the part that is wrong (domain, repository path, tag, digest, length).
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 
@@ -91,7 +90,13 @@ _IDENTIFIER = re.compile(r"[a-f0-9]{64}")
 
 
 def _q(s: str) -> str:
-    """Quote *s* for a message, escaping anything that could break the line."""
+    """Quote *s* for a message, escaping anything that could break the line.
+
+    json only here, on the error path: a valid reference is parsed on every
+    ``ckfs pull``, whose start-up the import would slow.
+    """
+    import json
+
     return json.dumps(s)
 
 

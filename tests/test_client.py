@@ -152,6 +152,28 @@ def test_a_socket_that_accepts_but_never_answers_is_unavailable(tmp_path: Path) 
             client.Client.connect(str(path), timeout=0.5)
 
 
+def test_a_named_daemon_without_a_root_to_check_is_not_probed(tmp_path: Path) -> None:
+    """The command's own RPC is the first; a wedged daemon still fails it within the bound."""
+    path = tmp_path / "mute.sock"
+    with socket.socket(socket.AF_UNIX) as mute:
+        mute.bind(str(path))
+        mute.listen()
+        daemon = client.discover(str(path), root_given=False)  # no probe: no wait
+        assert daemon is not None
+        started = time.monotonic()
+        try:
+            with pytest.raises(errors.Unavailable, match=r"mute\.sock"):
+                daemon.pull(
+                    "example.local/x",
+                    register=True,
+                    options=client.pull_options(),
+                    on_event=lambda p: None,
+                )
+        finally:
+            daemon.close()
+    assert time.monotonic() - started < client.CONNECT_TIMEOUT * 3  # not grpc's 20 s
+
+
 def test_pull_options_travel_as_typed() -> None:
     options = client.pull_options(platform="linux/arm64", timeout=None, max_concurrent=3)
     assert options.platform == "linux/arm64" and not options.HasField("timeout")

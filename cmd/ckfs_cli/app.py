@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -117,6 +116,8 @@ def skip_httpx_cli() -> None:
 
 def print_json(obj: Any) -> None:
     """Stable JSON for machines: two-space indent, keys in the order given."""
+    import json
+
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")
 

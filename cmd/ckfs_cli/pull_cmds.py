@@ -8,7 +8,6 @@ per state change, no animation; nothing with ``--quiet``.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -152,6 +151,8 @@ def _summary_line(summary: dict[str, Any]) -> str:
 
 
 def _emit(obj: dict[str, Any]) -> None:
+    import json
+
     sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
     sys.stdout.flush()
 
