@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from ckfs.descriptor import Platform
 
-__all__ = ["DAEMON_HOSTS_DIRS", "MAX_CONCURRENT", "PullOptions"]
+__all__ = ["DAEMON_HOSTS_DIRS", "DEFAULTS", "MAX_CONCURRENT", "PullOptions"]
 
 #: Why ckfsd refuses a request that names hosts directories, and the CLI a
 #: ``--hosts-dir`` on the way to ckfsd: root's daemon reading a hosts.toml a
@@ -72,3 +72,8 @@ class PullOptions:
     max_concurrent: int = DEFAULT_CONCURRENCY
     timeout: float | None = None
     max_blob_size: int = DEFAULT_MAX_BLOB_SIZE
+
+
+#: Every option at its default: a pull of this host's platform, online.
+#: Frozen, so one value serves as every function's default argument.
+DEFAULTS = PullOptions()

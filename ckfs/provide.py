@@ -29,7 +29,7 @@ import functools
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from ckfs.options import PullOptions
+from ckfs.options import DEFAULTS, PullOptions
 
 if TYPE_CHECKING:
     from ckfs.descriptor import Descriptor
@@ -52,16 +52,13 @@ __all__ = [
 #: On a rootfs snapshot: the image name it was made from (``ckfs snapshots ls``).
 IMAGE_LABEL = "ckfs.io/image"
 
-#: Every option at its default: a pull of this host's platform, online.
-_DEFAULTS = PullOptions()
-
 
 def pull_image(
     state: State,
     ref: Reference,
     *,
     register: bool = True,
-    options: PullOptions = _DEFAULTS,
+    options: PullOptions = DEFAULTS,
     on_event: OnEvent | None = None,
     transfer: contextlib.AbstractContextManager[Any] | None = None,
 ) -> PullReport:
@@ -114,7 +111,7 @@ async def pull_image_async(
     ref: Reference,
     *,
     register: bool = True,
-    options: PullOptions = _DEFAULTS,
+    options: PullOptions = DEFAULTS,
     on_event: OnEvent | None = None,
 ) -> PullReport:
     """`pull_image` for a caller on trio: `ckfs.pull.pull` with the root's hosts directories.
@@ -138,7 +135,7 @@ def ensure_rootfs(
     *,
     snapshotter: str,
     readonly: bool = False,
-    options: PullOptions = _DEFAULTS,
+    options: PullOptions = DEFAULTS,
     on_event: OnEvent | None = None,
 ) -> list[Mount]:
     """A new snapshot *key* on the image *ref*, in a process without an event loop.
@@ -191,7 +188,7 @@ async def ensure_rootfs_async(
     *,
     snapshotter: str,
     readonly: bool = False,
-    options: PullOptions = _DEFAULTS,
+    options: PullOptions = DEFAULTS,
     on_event: OnEvent | None = None,
 ) -> list[Mount]:
     """`ensure_rootfs` for a caller on trio (ckfsd's Mounts): the same steps on its loop.

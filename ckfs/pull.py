@@ -37,7 +37,7 @@ from ckfs.images import ImageStore
 from ckfs.images import manifest as manifests
 from ckfs.images.store import Image
 from ckfs.jsondoc import parse_object
-from ckfs.options import PullOptions
+from ckfs.options import DEFAULTS, PullOptions
 from ckfs.reference import Reference
 from ckfs.remotes import time_budget
 from ckfs.remotes.walk import (
@@ -56,9 +56,6 @@ if TYPE_CHECKING:
     from ckfs.remotes.walk import ChildrenFunc
 
 __all__ = ["PullOptions", "PullReport", "pull", "pull_local"]
-
-#: Every option at its default: a pull of this host's platform, online.
-_DEFAULTS = PullOptions()
 
 
 @dataclasses.dataclass
@@ -104,7 +101,7 @@ async def pull(
     ref: Reference,
     content: ContentStore,
     images: ImageStore,
-    options: PullOptions = _DEFAULTS,
+    options: PullOptions = DEFAULTS,
     *,
     register: bool = True,
     children: ChildrenFunc | None = None,
@@ -201,7 +198,7 @@ def pull_local(
     ref: Reference,
     content: ContentStore,
     images: ImageStore,
-    options: PullOptions = _DEFAULTS,
+    options: PullOptions = DEFAULTS,
     *,
     register: bool = True,
     hosts: Sequence[RegistryHost] | None = None,
