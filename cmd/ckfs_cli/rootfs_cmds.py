@@ -145,13 +145,14 @@ def umount_cmd(app: App, keep: bool, target: Path) -> None:
             pass
     else:
         for name in snapshotters.NAMES:
+            sn = app.snapshotter(name)
             try:
-                app.snapshotter(name).stat(key)
+                sn.stat(key)
             except NotFound:
                 continue
             owned = True
             if not keep:
-                app.snapshotter(name).remove(key)
+                sn.remove(key)
     if not was_mounted and not owned:
         raise NotFound(f"{target}: not mounted by ckfs")
 
