@@ -109,8 +109,9 @@ def _contents(app: App, image: Image) -> _Contents:
     from ckfs_cli.main import describe
 
     try:
-        size = img.size(blobs(app), image.target)
-        plats = [str(p) for p in img.platforms_of(blobs(app), image.target)]
+        store = blobs(app)
+        size = img.size(store, image.target)
+        plats = [str(p) for p in img.platforms_of(store, image.target)]
     except (CkfsError, OSError) as e:
         return _Contents(None, [], describe(e), isinstance(e, NotFound))
     return _Contents(size, plats, None, False)
@@ -171,8 +172,9 @@ def inspect(app: App, as_json: bool, platform: str | None, name: str) -> None:
     out = image_json(image)
     plat = platforms.parse(platform) if platform else None
     try:
-        mdesc, manifest = img.manifest(blobs(app), image.target, plat)
-        cfg = img.read_config(blobs(app), manifest)
+        store = blobs(app)
+        mdesc, manifest = img.manifest(store, image.target, plat)
+        cfg = img.read_config(store, manifest)
     except (CkfsError, OSError) as e:
         out["error"] = describe(e)
     else:
