@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -67,16 +68,19 @@ class App:
             self._state = State(self._root or default_root())
         return self._state
 
-    @property
+    @functools.cached_property
     def content(self) -> ContentStore | RemoteContentStore:
-        """The content store: ckfsd's (through its Content service) when one serves, else local."""
+        """The content store: ckfsd's (through its Content service) when one serves, else local.
+
+        Made once: a command reading many blobs or images shares one stub.
+        """
         if (daemon := self.daemon) is not None:
             from ckfs.remote_content import RemoteContentStore
 
             return RemoteContentStore(daemon)
         return self.state.content
 
-    @property
+    @functools.cached_property
     def images(self) -> ImageStore | RemoteImageStore:
         """The image store: ckfsd's (through its Images service) when one serves, else local."""
         if (daemon := self.daemon) is not None:
