@@ -141,14 +141,22 @@ disabled_plugins = {_toml_list(disabled)}
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # a hung `ctr version` raises too: leave no containerd behind
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + _START_TIMEOUT
         while True:
             if self.proc.poll() is not None:
                 raise AssertionError(f"containerd exited {self.proc.returncode}:\n{self.tail()}")
             if self.ctr("version", check=False, timeout=5).returncode == 0:
-                return self
+                return
             if time.monotonic() > deadline:
-                self.stop()
                 raise AssertionError(f"containerd not ready in {_START_TIMEOUT} s:\n{self.tail()}")
             time.sleep(0.1)
 
@@ -181,15 +189,19 @@ disabled_plugins = {_toml_list(disabled)}
 
     def stop(self) -> None:
         """Kill what tasks left running, then containerd (by PID); remove the sockets."""
-        if self.proc is not None and self.proc.poll() is None:
-            self._kill_tasks()
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.sockets, ignore_errors=True)
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                try:
+                    self._kill_tasks()  # a hung ctr raises: containerd must still stop
+                finally:
+                    self.proc.send_signal(signal.SIGTERM)
+                    try:
+                        self.proc.wait(_STOP_TIMEOUT)
+                    except subprocess.TimeoutExpired:
+                        self.proc.kill()
+                        self.proc.wait()
+        finally:
+            shutil.rmtree(self.sockets, ignore_errors=True)
 
     def _kill_tasks(self) -> None:
         """Delete every task a failed test left, so no shim outlives containerd."""
