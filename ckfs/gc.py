@@ -49,13 +49,14 @@ holds them (`ContentStore.expire_ingests`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from ckfs import mediatypes as mt
 from ckfs.content import ContentStore
+from ckfs.content import Info as BlobInfo
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
 from ckfs.errors import CkfsError, FailedPrecondition, InvalidArgument, NotFound
@@ -100,6 +101,7 @@ class GCReport:
 
 def _reachable(
     content: ContentStore,
+    stored: Sequence[BlobInfo],
     images: ImageStore,
     snapshots: Mapping[str, Mapping[str, Info]],
     errors: list[str],
@@ -109,14 +111,14 @@ def _reachable(
 
     Blobs and snapshots name each other by labels, so the two walks take
     turns until neither finds anything new.
+    *stored* is the content store's one walk, which the caller also
+    collects from: the store's labels are read once per gc.
     """
     seen: set[Digest] = set()
     keep: dict[str, set[str]] = {name: set() for name in snapshots}
     blobs = _image_roots(images, errors)
     blobs += [
-        (info.digest, None, f"blob {info.digest}")
-        for info in content.walk()
-        if GC_ROOT in info.labels
+        (info.digest, None, f"blob {info.digest}") for info in stored if GC_ROOT in info.labels
     ]
     snaps = [(sn, key) for sn, infos in snapshots.items() for key in infos if _is_root(infos[key])]
     sure = True
@@ -346,10 +348,11 @@ def collect(
     """
     report = GCReport()
     snapshots = {name: {i.name: i for i in sn.walk()} for name, sn in snapshotters.items()}
-    reachable, keep, sure = _reachable(content, images, snapshots, report.errors)
+    stored = list(content.walk())
+    reachable, keep, sure = _reachable(content, stored, images, snapshots, report.errors)
     if not sure:
         report.errors.append("content: no blob removed, as not every image could be read")
-    for info in list(content.walk()) if sure else []:
+    for info in stored if sure else []:
         if info.digest in reachable:
             continue
         if not dry_run:
