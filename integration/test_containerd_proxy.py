@@ -22,6 +22,7 @@ image ckfs holds unpacks it again, under containerd's own keys
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import threading
@@ -69,19 +70,20 @@ def make_containerd(
     Depends on ``mount_guard``, so whatever a failed run left mounted under
     containerd's state is detached after containerd stopped.
     """
-    started: list[Containerd] = []
+    started = 0
 
     def make(*, cri: bool = False, plain_http: str = "") -> Containerd:
-        c = Containerd(tmp_path / f"containerd{len(started)}", str(ckfsd.socket), cri=cri)
-        started.append(c)
+        nonlocal started
+        c = Containerd(tmp_path / f"containerd{started}", str(ckfsd.socket), cri=cri)
+        started += 1
+        stack.callback(c.stop)  # every one stopped, even when another's stop raises
         if plain_http:
             c.certs_d.mkdir(parents=True)
             c.plain_http(plain_http)
         return c.start()
 
-    yield make
-    for c in started:
-        c.stop()
+    with contextlib.ExitStack() as stack:
+        yield make
 
 
 def ckfs_snapshots(stub: snapshots_pb2_grpc.SnapshotsStub) -> dict[str, pb.Info]:
