@@ -75,9 +75,25 @@ def pull_image(
         transfer: entered around the full pull only (a display that
             redraws while bytes arrive has nothing to draw otherwise).
 
+    The collector's lock is held shared throughout, so a concurrent ``ckfs
+    gc`` cannot collect blobs committed before the name that keeps them.
+
     Raises:
         As `ckfs.pull.pull`.
     """
+    with state.gc_lock():
+        return _pull_image(state, ref, register, options, on_event, transfer)
+
+
+def _pull_image(
+    state: State,
+    ref: Reference,
+    register: bool,
+    options: PullOptions,
+    on_event: OnEvent | None,
+    transfer: contextlib.AbstractContextManager[Any] | None,
+) -> PullReport:
+    """`pull_image`'s body, with the collector's lock held."""
     from ckfs.pull import pull_local
 
     options = _with_hosts_dirs(state, options)
@@ -99,9 +115,7 @@ def pull_image(
         return report
     import trio
 
-    run = functools.partial(
-        pull_image_async, state, ref, register=register, options=options, on_event=on_event
-    )
+    run = functools.partial(_pull, state, ref, register, options, on_event)
     with transfer or contextlib.nullcontext():
         return trio.run(run)
 
@@ -120,6 +134,18 @@ async def pull_image_async(
     locally; a tag is resolved through the registry client (no blocking
     ``HEAD`` on the loop), and present blobs are not fetched again.
     """
+    async with _gc_lock_async(state):
+        return await _pull(state, ref, register, options, on_event)
+
+
+async def _pull(
+    state: State,
+    ref: Reference,
+    register: bool,
+    options: PullOptions,
+    on_event: OnEvent | None,
+) -> PullReport:
+    """`ckfs.pull.pull` on *state* with the root's hosts directories (lock held by the caller)."""
     from ckfs.pull import pull
 
     options = _with_hosts_dirs(state, options)
