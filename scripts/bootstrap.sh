@@ -10,9 +10,13 @@ cd "$(dirname "$0")/.."
 # fuse3 gives fusermount3; umoci/skopeo build and move test images;
 # docker-registry, runc and containerd are the real peers tests and
 # benchmarks talk to; busybox-static is the example image's userland;
-# debootstrap builds the Debian image runc runs in the tests.
+# debootstrap builds the Debian image runc runs in the tests; golang-go and
+# the estargz library's Debian sources build the test tree's eStargz
+# converter offline (integration/estargz), and stargz-snapshotter is the
+# reference lazy snapshotter the benchmarks compare against.
 PKGS=(gcc pkg-config fuse3 libfuse3-dev python3-dev python3-venv
       umoci skopeo docker-registry runc containerd busybox-static debootstrap
+      golang-go golang-github-containerd-stargz-snapshotter-dev stargz-snapshotter
       git ca-certificates)
 
 missing=()
