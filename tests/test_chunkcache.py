@@ -1,0 +1,178 @@
+"""ChunkCache: what goes in comes out intact, and what was damaged never does."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from ckfs.digest import Digest, from_bytes
+from ckfs.layerindex.cache import HEADER, MAGIC, CacheUsage, ChunkCache
+
+LAYER = from_bytes(b"layer one")
+OTHER = from_bytes(b"layer two")
+
+
+def _disk_only(tmp_path: Path) -> ChunkCache:
+    """A cache holding nothing in memory, so every get reads its file."""
+    return ChunkCache(tmp_path / "cache", memory_bytes=0)
+
+
+def test_round_trip_and_layout(tmp_path: Path) -> None:
+    cache = _disk_only(tmp_path)
+    key = ChunkCache.key("chunk", 0, 5, LAYER)
+    assert cache.get(LAYER, key) is None
+    cache.put(LAYER, key, b"hello")
+    assert cache.get(LAYER, key) == b"hello"
+    path = tmp_path / "cache" / LAYER.split(":")[1] / key
+    raw = path.read_bytes()
+    assert raw[:4] == MAGIC and raw[HEADER:] == b"hello"
+    assert os.listdir(path.parent) == [key]  # no temporary file left behind
+    assert cache.statistics() | {"memory_held": 0} == {
+        "hits": 1,
+        "memory_hits": 0,
+        "misses": 1,
+        "corrupt": 0,
+        "writes": 1,
+        "memory_held": 0,
+    }
+
+
+def test_key_depends_on_every_part() -> None:
+    key = ChunkCache.key("chunk", 1, 2)
+    assert len(key) == 32 and int(key, 16) >= 0
+    assert key == ChunkCache.key("chunk", 1, 2)
+    assert len({key, ChunkCache.key("chunk", 12), ChunkCache.key("chunk", 1, 3)}) == 3
+
+
+def test_empty_payload(tmp_path: Path) -> None:
+    cache = _disk_only(tmp_path)
+    cache.put(LAYER, "k", b"")
+    assert cache.get(LAYER, "k") == b""
+
+
+def _corrupt_flip(raw: bytes) -> bytes:
+    return raw[:-1] + bytes([raw[-1] ^ 1])
+
+
+def _corrupt_truncate(raw: bytes) -> bytes:
+    return raw[:-1]
+
+
+def _corrupt_extend(raw: bytes) -> bytes:
+    return raw + b"x"
+
+
+def _corrupt_magic(raw: bytes) -> bytes:
+    return b"XXXX" + raw[4:]
+
+
+def _corrupt_header_only(raw: bytes) -> bytes:
+    return raw[: HEADER - 3]
+
+
+def _corrupt_checksum(raw: bytes) -> bytes:
+    return raw[: HEADER - 1] + bytes([raw[HEADER - 1] ^ 0x80]) + raw[HEADER:]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _corrupt_flip,
+        _corrupt_truncate,
+        _corrupt_extend,
+        _corrupt_magic,
+        _corrupt_header_only,
+        _corrupt_checksum,
+    ],
+)
+def test_damaged_file_is_dropped_not_served(tmp_path: Path, damage: object) -> None:
+    cache = _disk_only(tmp_path)
+    payload = os.urandom(100_000)
+    cache.put(LAYER, "k", payload)
+    path = tmp_path / "cache" / LAYER.split(":")[1] / "k"
+    path.write_bytes(damage(path.read_bytes()))  # type: ignore[operator]
+    assert cache.get(LAYER, "k") is None
+    assert not path.exists()
+    stats = cache.statistics()
+    assert (stats["corrupt"], stats["misses"], stats["hits"]) == (1, 1, 0)
+    cache.put(LAYER, "k", payload)  # refetched by the caller
+    assert cache.get(LAYER, "k") == payload
+
+
+def test_memory_copy_serves_without_disk(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "cache", memory_bytes=1000)
+    cache.put(LAYER, "k", b"x" * 600)
+    assert cache.peek(LAYER, "k") == b"x" * 600
+    cache.put(LAYER, "j", b"y" * 600)  # evicts k from memory, not from disk
+    assert cache.peek(LAYER, "k") is None
+    assert cache.peek(LAYER, "j") == b"y" * 600
+    assert cache.statistics()["memory_held"] == 600
+    assert cache.get(LAYER, "k") == b"x" * 600  # from disk, back in memory
+    assert cache.peek(LAYER, "j") is None
+    assert cache.peek(OTHER, "k") is None
+
+
+def test_chunk_larger_than_memory_bound_is_not_held(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "cache", memory_bytes=10)
+    cache.put(LAYER, "k", b"z" * 11)
+    assert cache.peek(LAYER, "k") is None
+    assert cache.statistics()["memory_held"] == 0
+
+
+def test_remove_layer_layers_and_usage(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "cache")
+    assert cache.layers() == [] and cache.usage() == CacheUsage()
+    cache.put(LAYER, "a", b"1" * 10)
+    cache.put(LAYER, "b", b"2" * 20)
+    cache.put(OTHER, "a", b"3" * 30)
+    (tmp_path / "cache" / "not-a-layer").mkdir()
+    assert cache.layers() == sorted([LAYER, OTHER])
+    assert cache.usage(LAYER) == CacheUsage(size=30 + 2 * HEADER, files=2)
+    assert cache.usage() == CacheUsage(size=60 + 3 * HEADER, files=3)
+    cache.remove_layer(LAYER)
+    assert cache.layers() == [OTHER]
+    assert cache.peek(LAYER, "a") is None and cache.get(LAYER, "a") is None
+    assert cache.get(OTHER, "a") == b"3" * 30
+    assert cache.statistics()["memory_held"] == 30
+    cache.remove_layer(LAYER)  # again: nothing to do, no error
+
+
+def test_sha512_layer_directory_reads_back(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "cache")
+    layer = Digest.parse("sha512:" + "ab" * 64)
+    cache.put(layer, "k", b"v")
+    assert cache.layers() == [layer]
+
+
+def test_concurrent_writers_and_readers(tmp_path: Path) -> None:
+    """Readers never see a partial file while writers replace it."""
+    cache = _disk_only(tmp_path)
+    payloads = [bytes([i]) * 300_000 for i in range(4)]
+    cache.put(LAYER, "k", payloads[0])
+    seen: list[bytes | None] = []
+    errors: list[BaseException] = []
+
+    def write(i: int) -> None:
+        for _ in range(20):
+            cache.put(LAYER, "k", payloads[i])
+
+    def read() -> None:
+        try:
+            for _ in range(40):
+                seen.append(cache.get(LAYER, "k"))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    workers += [threading.Thread(target=read) for _ in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert not errors
+    assert seen and all(s in payloads for s in seen)
+    assert cache.statistics()["corrupt"] == 0
+    assert os.listdir(tmp_path / "cache" / LAYER.split(":")[1]) == ["k"]
