@@ -6,12 +6,13 @@ first. It knows nothing of the content store: it hands out verified
 manifest bytes and *unverified* blob streams; the caller hashes blobs while
 writing them (the content store refuses a commit whose digest differs).
 
-The three operations and what each trusts::
+The operations and what each trusts::
 
     resolve(ref)               tag/digest → Descriptor      hosts with "resolve"
                                                               (with "pull" for digests)
     fetch_manifest(ref, desc)  → bytes, digest verified     hosts with "pull"
     open_blob(ref, desc, ...)  → BlobStream, not verified   hosts with "pull"
+    read_range(ref, desc, o, n) → bytes, not verified       hosts with "pull"
 
 Resolving a tag is the one moment a registry is trusted: the digest it
 reports becomes the image's identity. That is why only hosts with the
@@ -47,9 +48,10 @@ Failure handling, per request, before any byte of a body is handed out:
 
 Once a blob stream has started nothing is retried here: a broken
 connection, or one slower than ``min_rate`` bytes/s over
-``low_speed_time`` seconds, raises `Unavailable` from
+``low_speed_time`` seconds (`TooSlow`), raises `Unavailable` from
 `BlobStream.aiter_chunks`, and the caller resumes with a new `open_blob`
-at the offset it reached (`BlobStream.position`).
+at the offset it reached (`BlobStream.position`). `read_range` returns
+bytes, not a stream, so it resumes a broken body itself.
 
 Errors (`ckfs.errors`, plus `ckfs.errors.Unauthorized`), each one
 line naming what and which registry host: `NotFound` (404), `Unauthorized`
@@ -155,6 +157,18 @@ MAX_ERROR_BODY = 64 << 10
 #: responses are not delayed by it.
 HTTP_READ_SIZE = 1 << 20
 
+#: Longest window one `RegistryClient.read_range` returns: it is held in
+#: memory whole. The lazy path reads chunks and spans of a few MiB (an
+#: eStargz TOC is larger but still far below this); a longer read is a bug
+#: or a hostile index, and `open_blob` streams anything that big anyway.
+MAX_RANGE = 64 << 20
+
+#: Times one `RegistryClient.read_range` asks again for the rest of a body
+#: that broke off or ended early, from the byte it reached. A request that
+#: fails before its body is retried by `_request` instead; this bounds
+#: connections that keep dropping mid-body, which a FUSE read waits on.
+RANGE_RESUMES = 3
+
 #: Statuses worth retrying on the upstream host: the server is overloaded,
 #: restarting or behind a failing proxy.
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -196,8 +210,10 @@ class BlobStream:
         host: str,
         on_bytes: Callable[[int], None],
         speed: SpeedLimit,
+        pooled: bool = False,
     ) -> None:
         self._response = response
+        self._pooled = pooled
         self._desc = desc
         self.offset = offset
         self.total = desc.size
@@ -213,7 +229,7 @@ class BlobStream:
             f"{self.offset}-{self.end} of {self.total}, at {self.position})"
         )
 
-    async def aiter_chunks(self) -> AsyncIterator[bytes]:
+    async def aiter_chunks(self) -> AsyncGenerator[bytes, None]:
         """Yield the stream's bytes as they arrive, in network-sized chunks.
 
         Each read waits at most until the end of the current speed window
@@ -229,14 +245,14 @@ class BlobStream:
         what = f"blob {self._desc.digest} from {self.host}"
         if self._response is None:
             return
-        chunks = _raw_body(self._response)
+        chunks = self._response.aiter_raw() if self._pooled else _raw_body(self._response)
         window_end, window_start = self._speed.deadline(), self.position
         try:
             while True:
                 with trio.CancelScope(deadline=window_end) as scope:
                     chunk = await anext(chunks, None)
                 if scope.cancelled_caught:
-                    raise Unavailable(
+                    raise TooSlow(
                         f"{what}: slower than {self._speed.min_rate:g} bytes/s for "
                         f"{self._speed.window:g} s at byte {self.position} of {self.total}"
                     )
@@ -361,8 +377,11 @@ class RegistryClient:
 
         Kinds: ``resolve`` (HEAD/GET of a tag or digest), ``manifest``,
         ``blob``, ``token`` (token server), ``url`` (a layer's external
-        URL); plus ``retry`` (repeats after failures), ``auth`` (repeats
-        after a 401), ``redirect`` (hops followed) and ``blob_bytes``.
+        URL), ``range`` (`read_range` GETs); plus ``retry`` (repeats after
+        failures), ``auth`` (repeats after a 401), ``redirect`` (hops
+        followed), ``resume`` (range bodies asked for again after breaking
+        off), ``range_ignored`` (range GETs answered with the whole blob) and
+        ``blob_bytes`` (blob and range bytes received).
         """
         return dict(self._stats)
 
@@ -539,6 +558,107 @@ class RegistryClient:
         finally:
             if stream._response is not None:
                 await stream._response.aclose()
+
+    async def read_range(self, ref: Reference, desc: Descriptor, offset: int, length: int) -> bytes:
+        """Bytes *offset* to *offset* + *length* of the blob *desc*: the lazy path's read.
+
+        One ``Range: bytes=<first>-<last>`` GET, read through httpx so its
+        connection goes back to the pool (`open_blob` bodies bypass h11 and
+        close theirs): a FUSE read pays for a request, not a connection, and
+        a cached token is reused. Authentication, retries, backoff, mirrors
+        and redirects are those of every blob GET (module docstring). A body
+        that breaks off or ends early is asked for again from the byte it
+        reached, at most `RANGE_RESUMES` times; a body slower than
+        ``min_rate`` is not (`TooSlow`). The caller's cancel scope bounds the
+        whole read.
+
+        A server that ignores the range (HTTP 200, the whole blob) is read up
+        to the window's end, the bytes before it discarded, and its
+        connection closed: correct, but as slow as the window is far into
+        the blob; ``range_ignored`` in `statistics` counts these. Refusing
+        would leave no lazy path at all on such a registry.
+
+        The bytes are *not* verified: a range cannot be checked against the
+        blob's digest. The caller checks them against what it trusts (an
+        eStargz chunk digest, a layer index span's sha256) before it serves
+        or caches them.
+
+        Args:
+            ref: The reference the blob belongs to (for the repository).
+            desc: The blob's descriptor; its size bounds the range.
+            offset: First byte wanted.
+            length: Bytes wanted, at most `MAX_RANGE`; 0 returns ``b""``
+                without a request.
+
+        Returns:
+            Exactly *length* bytes.
+
+        Raises:
+            InvalidArgument: the range is negative, outside the blob or
+                longer than `MAX_RANGE`; the server answered another range.
+            DataLoss: the server sent more than asked, or says the blob has
+                another size.
+            NotFound, Unauthorized, FailedPrecondition: as for `resolve`.
+            Unavailable: as for `resolve`; also a body that kept breaking
+                off, or one slower than ``min_rate`` (`TooSlow`).
+        """
+        self._check_ref(ref)
+        where = f"blob {desc.digest}"
+        end = offset + length
+        if offset < 0 or length < 0 or end > desc.size:
+            raise InvalidArgument(f"{where}: range {offset}+{length} outside its {desc.size} bytes")
+        if length > MAX_RANGE:
+            raise InvalidArgument(
+                f"{where}: range {offset}+{length} longer than the {MAX_RANGE} byte limit of a read"
+            )
+        parts: list[bytes] = []
+        got = 0
+
+        async def on(host: RegistryHost, last: bool) -> None:
+            nonlocal got
+            start = offset + got
+            response = await self._request(
+                host,
+                "GET",
+                f"{ref.path}/blobs/{desc.digest}",
+                kind="range",
+                scope=pull_scope(ref.path),
+                headers={"Range": f"bytes={start}-{end - 1}"},
+                last=last,
+                what=f"{where} of {ref.path} (bytes {start}-{end - 1})",
+            )
+            async with contextlib.aclosing(response):
+                stream = self._blob_stream(response, desc, start, end, host.host, pooled=True)
+                if response.status_code == 200:
+                    self._count("range_ignored")
+                chunks = stream.aiter_chunks()
+                try:
+                    async with contextlib.aclosing(chunks):
+                        async for chunk in chunks:
+                            # The chunk holds bytes [first, position) of the blob.
+                            first = stream.position - len(chunk)
+                            want = offset + got
+                            if stream.position > want:
+                                kept = chunk[max(0, want - first) : end - first]
+                                parts.append(kept)
+                                got += len(kept)
+                            if stream.position >= end and stream.end > end:
+                                break  # the whole blob came: stop at the window's end
+                except TooSlow:
+                    raise
+                except Unavailable as e:
+                    raise _BrokenOff(str(e)) from None
+
+        resumes = 0
+        while got < length:
+            try:
+                await self._on_hosts("pull", f"read {where}", on)
+            except _BrokenOff as e:
+                if resumes >= RANGE_RESUMES:
+                    raise Unavailable(f"{e} (gave up after {resumes} resumes)") from None
+                resumes += 1
+                self._count("resume")
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     # -- internals -----------------------------------------------------------------
 
@@ -800,7 +920,14 @@ class RegistryClient:
         return Descriptor(media_type=media_type, digest=actual, size=len(data))
 
     def _blob_stream(
-        self, response: httpx.Response, desc: Descriptor, offset: int, end: int, host: str
+        self,
+        response: httpx.Response,
+        desc: Descriptor,
+        offset: int,
+        end: int,
+        host: str,
+        *,
+        pooled: bool = False,
     ) -> BlobStream:
         where = f"blob {desc.digest} from {host}"
         start = 0
@@ -809,6 +936,10 @@ class RegistryClient:
             if m is None or int(m.group(1)) != offset:
                 got = response.headers.get("content-range", "none")
                 raise InvalidArgument(f"{where}: asked for bytes from {offset}, got range {got!r}")
+            if m.group(3) != "*" and int(m.group(3)) != desc.size:
+                raise DataLoss(
+                    f"{where}: server says the blob has {m.group(3)} bytes, not {desc.size}"
+                )
             start = offset
         else:
             if offset:
@@ -827,6 +958,7 @@ class RegistryClient:
             host=host,
             on_bytes=self._count_bytes,
             speed=self._speed,
+            pooled=pooled,
         )
 
     async def _open_urls(
@@ -863,6 +995,10 @@ class RegistryClient:
 
 
 # -- helpers --------------------------------------------------------------------
+
+
+class _BrokenOff(Unavailable):
+    """A range body broke off or ended early; `RegistryClient.read_range` resumes it."""
 
 
 class _SystemTrust:
