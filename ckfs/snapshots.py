@@ -26,16 +26,22 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ckfs.filters import Adaptor, adaptor_for
 from ckfs.metadata.fields import EPOCH
 from ckfs.mount import Mount
 
+if TYPE_CHECKING:
+    from ckfs.content import ContentStore
+    from ckfs.metadata.db import DB
+    from ckfs.options import PullOptions
+
 __all__ = [
     "Cleaner",
     "CleanupError",
     "Info",
+    "InitContext",
     "Kind",
     "LayerDirs",
     "LayerLimit",
@@ -299,6 +305,42 @@ class Snapshotter(Protocol):
         and stays open.
         """
         ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InitContext:
+    """What a snapshotter factory is given: containerd's ``plugin.InitContext``, for snapshotters.
+
+    The directory snapshotters need only `root` and `db`; a lazy one reads
+    layers from registries on demand and so needs the content store (for
+    manifests and locally pulled blobs), the registry options and a cache.
+    One value carries all of it so a new need is one field here and one
+    line where it is built (`ckfs.state.State.snapshotter`, the only place),
+    not a new constructor argument threaded through every caller.
+
+    There is no trio token or nursery: snapshotter methods are synchronous
+    (trio callers run them in a thread) and the FUSE loop runs in its own
+    process so that it outlives ckfsd; nothing here needs an event loop.
+
+    Attributes:
+        root: the ckfs state root; a snapshotter keeps its files under
+            ``<root>/snapshots/<name>/`` (and the lazy one its serving
+            process's under ``<root>/fuse/``).
+        db: the root's metadata database (the caller closes it).
+        content: opens the root's content store on first call (most
+            snapshotter uses never touch it, and it is not free to load).
+        registry: how to reach registries: hosts directories (the root's
+            defaults filled in), plain HTTP, explicit credentials.
+        cache_dir: where fetched layer chunks are cached (``<root>/cache``).
+        options: snapshotter-specific settings by name; empty by default.
+    """
+
+    root: Path
+    db: DB
+    content: Callable[[], ContentStore]
+    registry: PullOptions
+    cache_dir: Path
+    options: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 #: Told about a directory `Cleaner.cleanup` could not remove, and why.

@@ -20,7 +20,7 @@ from ckfs.metadata.db import DB
 if TYPE_CHECKING:
     from ckfs.content import ContentStore
     from ckfs.images import ImageStore
-    from ckfs.snapshots import Snapshotter
+    from ckfs.snapshots import InitContext, Snapshotter
 
 __all__ = ["State"]
 
@@ -52,13 +52,39 @@ class State:
     def lock_dir(self) -> Path:
         return self.root / "locks"
 
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
     def snapshotter(self, name: str) -> Snapshotter:
         """The snapshotter *name* on this root (InvalidArgument if unknown)."""
         if name not in self._snapshotters:
             import snapshotters
 
-            self._snapshotters[name] = snapshotters.get(name, self.root, self.db)
+            self._snapshotters[name] = snapshotters.get(name, self._init_context())
         return self._snapshotters[name]
+
+    def _init_context(self) -> InitContext:
+        """What a snapshotter factory gets: the one place it is built.
+
+        The registry options are the root's defaults, as `ckfs.provide`
+        pulls with: a snapshotter reading registries lazily reaches them
+        the way a pull on this root would.
+        """
+        import dataclasses
+
+        from ckfs.options import DEFAULTS
+        from ckfs.remotes.hosts import default_hosts_dirs
+        from ckfs.snapshots import InitContext
+
+        registry = dataclasses.replace(DEFAULTS, hosts_dirs=tuple(default_hosts_dirs(self.root)))
+        return InitContext(
+            root=self.root,
+            db=self.db,
+            content=lambda: self.content,
+            registry=registry,
+            cache_dir=self.cache_dir,
+        )
 
     @contextlib.contextmanager
     def gc_lock(self, *, exclusive: bool = False) -> Iterator[None]:

@@ -1,4 +1,4 @@
-"""Snapshotters by name: ``overlayfs``, ``native`` (and ``fuse``, the lazy one, later).
+"""Snapshotters by name: ``overlayfs``, ``native`` and ``fuse`` (the lazy one).
 
 `get` is the one way in, so the CLI, the daemon and the tests agree on
 names; `NAMES`, `DEFAULT` and `SUMMARIES` give the CLI its choices and help.
@@ -9,6 +9,12 @@ Importing this module costs nothing beyond the standard library: ``ckfs
 --help`` reads the names from here. Implementations are imported on first
 use: a FUSE snapshotter pulls in pyfuse3, which plain ``overlayfs`` users
 need not have.
+
+Each implementation class has a ``from_context`` class method taking the
+`ckfs.snapshots.InitContext`, as a containerd plugin's ``InitFn`` takes
+its ``InitContext``: the class's own constructor keeps the arguments it
+really needs, and the context is built in one place
+(`ckfs.state.State.snapshotter`).
 """
 
 from __future__ import annotations
@@ -17,14 +23,12 @@ import importlib
 from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
-    from ckfs.metadata.db import DB
-    from ckfs.snapshots import Snapshotter
+    from ckfs.snapshots import InitContext, Snapshotter
 
 __all__ = ["DEFAULT", "NAMES", "SUMMARIES", "get"]
 
-# name -> (module, class, one line for --help); the class takes (root, db).
+# name -> (module, class, one line for --help); the class's ``from_context``
+# takes an InitContext.
 _REGISTRY: dict[str, tuple[str, str, str]] = {
     "overlayfs": (
         "snapshotters.overlay",
@@ -35,6 +39,11 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
         "snapshotters.native",
         "NativeSnapshotter",
         "a bind-mounted full copy per snapshot, any depth",
+    ),
+    "fuse": (
+        "snapshotters.fuse.snapshotter",
+        "FuseSnapshotter",
+        "overlayfs over layers served lazily by ckfs's FUSE server",
     ),
 }
 
@@ -49,17 +58,16 @@ DEFAULT = "overlayfs"
 SUMMARIES: dict[str, str] = {name: entry[2] for name, entry in _REGISTRY.items()}
 
 
-def get(name: str, root: Path, db: DB) -> Snapshotter:
-    """Open the snapshotter *name* on the ckfs state *root*.
+def get(name: str, context: InitContext) -> Snapshotter:
+    """Open the snapshotter *name* on the ckfs state root of *context*.
 
     Args:
         name: one of `NAMES`.
-        root: the state root; the snapshotter keeps its files under
-            ``<root>/snapshots/<name>/``.
-        db: the root's metadata database (the caller closes it).
+        context: what the snapshotter may use (`ckfs.state.State.snapshotter`
+            builds it); it keeps its files under ``<root>/snapshots/<name>/``.
 
     Raises:
-        InvalidArgument: no snapshotter has that name, or *root* is
+        InvalidArgument: no snapshotter has that name, or its root is
             unusable for it (see the implementation).
     """
     try:
@@ -68,5 +76,5 @@ def get(name: str, root: Path, db: DB) -> Snapshotter:
         from ckfs.errors import InvalidArgument
 
         raise InvalidArgument(f"unknown snapshotter {name!r} (known: {', '.join(NAMES)})") from None
-    factory = getattr(importlib.import_module(module), cls)
-    return cast("Snapshotter", factory(root, db))
+    factory = getattr(importlib.import_module(module), cls).from_context
+    return cast("Snapshotter", factory(context))

@@ -14,12 +14,12 @@ import abc
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from ckfs.errors import InvalidArgument
 from ckfs.metadata.db import DB
 from ckfs.mount import Mount
-from ckfs.snapshots import CleanupError, Info, Kind, Usage
+from ckfs.snapshots import CleanupError, Info, InitContext, Kind, Usage
 from snapshotters.storage import MetaStore, Snapshot
 
 __all__ = ["DirectorySnapshotter"]
@@ -50,6 +50,11 @@ class DirectorySnapshotter(abc.ABC):
         if "," in str(path) or ":" in str(path):
             raise InvalidArgument(f"{path}: snapshot paths cannot contain ',' or ':'")
         self._store = MetaStore(db, self.name, path)
+
+    @classmethod
+    def from_context(cls, context: InitContext) -> Self:
+        """The registry's factory (`snapshotters.get`): a directory needs only root and db."""
+        return cls(context.root, context.db)
 
     def stat(self, key: str) -> Info:
         """`Snapshotter.stat`; raises `NotFound`."""

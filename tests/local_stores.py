@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import snapshotters
 from ckfs.content import ContentStore
 from ckfs.metadata.db import DB
+from ckfs.state import State
 
 if TYPE_CHECKING:
     from ckfs.snapshots import Snapshotter
@@ -45,18 +45,20 @@ def content_stores(root: Path) -> Iterator[Callable[[], ContentStore]]:
 
 @contextlib.contextmanager
 def snapshotter_factory(name: str, root: Path) -> Iterator[Callable[[], Snapshotter]]:
-    """The registered snapshotter *name* on *root*; every call opens another instance."""
-    opened: list[tuple[Snapshotter, DB]] = []
+    """The registered snapshotter *name* on *root*; every call opens another instance.
+
+    Each instance comes from a `State` of its own, the one place a
+    snapshotter's init context is built, as ckfs and ckfsd open them.
+    """
+    opened: list[State] = []
 
     def make() -> Snapshotter:
-        db = database(root)
-        sn = snapshotters.get(name, root, db)
-        opened.append((sn, db))
-        return sn
+        state = State(root)
+        opened.append(state)
+        return state.snapshotter(name)
 
     try:
         yield make
     finally:
-        for sn, db in reversed(opened):
-            sn.close()
-            db.close()
+        for state in reversed(opened):
+            state.close()

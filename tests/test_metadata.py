@@ -10,7 +10,6 @@ from typing import Protocol
 
 import pytest
 
-import snapshotters
 from ckfs import errors
 from ckfs import mediatypes as mt
 from ckfs.content.store import ContentStore, write_blob
@@ -23,6 +22,7 @@ from ckfs.metadata.fields import EPOCH, MAX_LABEL_SIZE, update_labels
 from ckfs.metadata.schema import MIGRATIONS
 from ckfs.snapshots import Info as SnapshotInfo
 from ckfs.snapshots import Kind
+from snapshotters.native import NativeSnapshotter
 
 
 def test_new_database_is_wal_and_current(tmp_path: Path) -> None:
@@ -116,7 +116,7 @@ def _image_store(root: Path, db: DB, seed: Mapping[str, str]) -> _LabelledStore:
 
 
 def _snapshot_store(root: Path, db: DB, seed: Mapping[str, str]) -> _LabelledStore:
-    sn = snapshotters.get("native", root / "root", db)  # no mounts: metadata only
+    sn = NativeSnapshotter(root / "root", db)  # no mounts: metadata only
     sn.prepare("k", labels=seed)
 
     class Adapter:

@@ -23,6 +23,7 @@ from ckfs import errors
 from ckfs.metadata.db import DB
 from ckfs.mount import Mount
 from ckfs.snapshots import Cleaner, Kind, Snapshotter
+from ckfs.state import State
 from snapshotters.native import NativeSnapshotter
 from snapshotters.overlay import OverlaySnapshotter, supports_index
 from snapshotters.storage import TEMP_PREFIX, MetaStore, disk_usage
@@ -34,15 +35,20 @@ DIRECTORY_SNAPSHOTTERS = ("overlayfs", "native")
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[DB]:
-    db = DB(tmp_path / "root" / "metadata.db")
-    yield db
-    db.close()
+def state(tmp_path: Path) -> Iterator[State]:
+    st = State(tmp_path / "root")
+    yield st
+    st.close()
+
+
+@pytest.fixture
+def db(state: State) -> DB:
+    return state.db
 
 
 @pytest.fixture(params=DIRECTORY_SNAPSHOTTERS)
-def snapshotter(request: pytest.FixtureRequest, tmp_path: Path, db: DB) -> Iterator[Snapshotter]:
-    sn = snapshotters.get(request.param, tmp_path / "root", db)
+def snapshotter(request: pytest.FixtureRequest, state: State) -> Iterator[Snapshotter]:
+    sn = state.snapshotter(request.param)
     yield sn
     sn.close()
 
@@ -56,18 +62,21 @@ def store_of(sn: Snapshotter) -> MetaStore:
 # -- registry ----------------------------------------------------------------------
 
 
-def test_registry_knows_its_names(tmp_path: Path, db: DB) -> None:
-    assert snapshotters.NAMES == ("overlayfs", "native")
+def test_registry_knows_its_names(state: State) -> None:
+    assert snapshotters.NAMES == ("overlayfs", "native", "fuse")
     with pytest.raises(errors.InvalidArgument):
-        snapshotters.get("aufs", tmp_path / "root", db)
+        state.snapshotter("aufs")
 
 
-def test_root_with_option_separators_is_refused(tmp_path: Path, db: DB) -> None:
+def test_root_with_option_separators_is_refused(tmp_path: Path) -> None:
     for name in snapshotters.NAMES:
-        with pytest.raises(errors.InvalidArgument):
-            snapshotters.get(name, tmp_path / "a,b", db)
-        with pytest.raises(errors.InvalidArgument):
-            snapshotters.get(name, tmp_path / "a:b", db)
+        for root in ("a,b", "a:b"):
+            state = State(tmp_path / root)
+            try:
+                with pytest.raises(errors.InvalidArgument):
+                    state.snapshotter(name)
+            finally:
+                state.close()
 
 
 def test_implements_the_optional_protocols(snapshotter: Snapshotter) -> None:
@@ -102,9 +111,9 @@ def test_remove_deletes_the_directory(snapshotter: Snapshotter) -> None:
     assert os.listdir(store_of(snapshotter).root) == []
 
 
-def test_snapshotters_have_separate_key_spaces(tmp_path: Path, db: DB) -> None:
-    overlay = snapshotters.get("overlayfs", tmp_path / "root", db)
-    native = snapshotters.get("native", tmp_path / "root", db)
+def test_snapshotters_have_separate_key_spaces(state: State) -> None:
+    overlay = state.snapshotter("overlayfs")
+    native = state.snapshotter("native")
     overlay.prepare("same")
     native.view("same")
     assert overlay.stat("same").kind is Kind.ACTIVE

@@ -1,0 +1,278 @@
+"""The lazy snapshotter: overlay snapshots whose lower layers may be FUSE directories.
+
+Everything an overlay snapshotter does, this one does the same way (it is
+`snapshotters.overlay.OverlaySnapshotter` under another name and directory,
+``<root>/snapshots/fuse``), so a layer that cannot be served lazily is
+pulled and unpacked into it as ever and stacks with the lazy ones. What it
+adds is `FuseSnapshotter.attach`: a committed snapshot whose content is a
+layer directory of the one FUSE mount of this root,
+``<root>/fuse/mnt/<algo>-<hex>``, served from the layer's index and fetched
+as it is read. Nothing of the layer is copied or unpacked.
+
+An attached snapshot's ``fs`` is a symlink to its layer directory, and its
+mounts name the symlink, not the directory:
+
+- the overlay mounts stay exactly overlay's (``lowerdir`` entries
+  ``<id>/fs`` once `ckfs.mount` makes them relative), so as many layers fit
+  one page of options as with overlay (`max_layers`); the FUSE directory
+  names, 71 characters each for sha256, would fit about 55;
+- the kernel follows the symlink (overlayfs looks ``lowerdir`` paths up,
+  as mount(2) does a bind's source, following links), and so does
+  `ckfs.archive.secure.RootDir`, which unpack opens `lower_dirs` with;
+- removal unlinks the symlink and never follows it
+  (`snapshotters.storage.remove_dir`): the layer directory belongs to the
+  serving process and other images may share it;
+- the snapshot says which layer it is by itself, in the directory the
+  metastore already keeps consistent (`layer`), rather than in a label a
+  caller may change.
+
+Merged views (``ckfs mount --merged``) are the serving process's too: a
+view is ``<root>/fuse/views/<name>.json`` naming the layers bottom to top,
+which it serves, whiteouts applied, as ``<root>/fuse/mnt/merged/<name>``.
+`FuseSnapshotter.write_view` writes one for a chain of attached snapshots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ckfs.digest import Digest
+from ckfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ckfs.metadata.db import DB
+from ckfs.snapshots import Info, Kind
+from snapshotters.overlay import OverlaySnapshotter
+
+__all__ = ["VIEW_NAME", "FuseSnapshotter", "layer_dirname", "parse_layer_dirname"]
+
+#: A merged view's name: one path component of the FUSE mount's ``merged/``
+#: directory and of a file name, so no separator, no dot first (no ``.``,
+#: ``..`` or hidden temporary file), and short enough for any file system.
+VIEW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+VIEW_SUFFIX = ".json"
+
+#: Prefix of an attach's short-lived active snapshot, before its commit.
+ATTACH_PREFIX = "attach-"
+
+
+def layer_dirname(digest: Digest) -> str:
+    """The name of *digest*'s directory in the FUSE mount: ``<algo>-<hex>``.
+
+    No ``:`` (a ``lowerdir`` separator) and no ``,`` (an option separator).
+    """
+    return f"{digest.algorithm}-{digest.hex}"
+
+
+def parse_layer_dirname(name: str) -> Digest:
+    """The layer digest `layer_dirname` made *name* from.
+
+    Raises:
+        InvalidArgument: *name* is no layer directory's name.
+    """
+    algorithm, sep, hexpart = name.partition("-")
+    if not sep:
+        raise InvalidArgument(f"{name!r}: not a layer directory name (<algorithm>-<hex>)")
+    return Digest.from_hex(algorithm, hexpart)
+
+
+class FuseSnapshotter(OverlaySnapshotter):
+    """Overlay snapshots under ``<root>/snapshots/fuse``, layers attachable lazily.
+
+    Args:
+        root: the ckfs state root.
+        db: its metadata database.
+    """
+
+    name = "fuse"
+
+    def __init__(self, root: Path, db: DB) -> None:
+        super().__init__(root, db)
+        #: The serving process's directory: its mountpoint and merged views.
+        self.fuse_dir = Path(os.path.abspath(root)) / "fuse"
+
+    @property
+    def mountpoint(self) -> Path:
+        """Where the serving process mounts its tree: one directory per layer."""
+        return self.fuse_dir / "mnt"
+
+    @property
+    def views_dir(self) -> Path:
+        return self.fuse_dir / "views"
+
+    def layer_dir(self, layer: str) -> Path:
+        """The FUSE directory serving *layer* (a digest).
+
+        Raises:
+            InvalidArgument: *layer* is not a digest.
+        """
+        return self.mountpoint / layer_dirname(Digest.parse(layer))
+
+    def attach(
+        self,
+        name: str,
+        layer: str,
+        parent: str = "",
+        labels: Mapping[str, str] | None = None,
+    ) -> Info:
+        """Commit *name* on *parent* as the lazily served *layer*, nothing copied.
+
+        The layer's directory must already be served (its index built and
+        the serving process running), so a snapshot that exists can be
+        mounted. The commit goes the way every commit does, through a
+        short-lived active snapshot ``attach-<random> <name>`` (a crash in
+        between leaves that behind for gc, as an interrupted unpack leaves
+        its extract snapshot); of two racing attaches of one name, one
+        commits and the other gets `AlreadyExists` and leaves nothing.
+
+        Args:
+            name: the committed snapshot's name, the layer's chain ID.
+            layer: the layer's digest (the compressed blob's, which names
+                its index and directory).
+            parent: the committed snapshot below it, or ``""``.
+            labels: kept on the committed snapshot (containerd's
+                ``containerd.io/snapshot.ref`` among them).
+
+        Returns:
+            The committed snapshot.
+
+        Raises:
+            AlreadyExists: *name* is taken.
+            NotFound: *parent* does not exist.
+            InvalidArgument: *layer* is not a digest, *parent* not committed,
+                *name* empty, a label too large.
+            FailedPrecondition: the layer's directory is not served.
+        """
+        if not name:
+            raise InvalidArgument("committed snapshot name must not be empty")
+        try:
+            self.stat(name)
+        except NotFound:
+            pass
+        else:
+            raise AlreadyExists(f"snapshot {name!r}: already exists")  # before any work
+        lower = self._served(Digest.parse(layer))
+        key = f"{ATTACH_PREFIX}{secrets.token_hex(8)} {name}"
+
+        def link(path: Path, kind: Kind, parent_ids: tuple[int, ...]) -> None:
+            os.symlink(lower, path / "fs")
+
+        self._store.create(Kind.ACTIVE, key, parent, None, link)
+        try:
+            self._store.commit(name, key, labels)
+        except BaseException:
+            self._store.remove(key)
+            raise
+        return self.stat(name)
+
+    def layer(self, key: str) -> Digest | None:
+        """The layer *key* was attached as, or None for a snapshot of its own files.
+
+        Raises:
+            NotFound: no such snapshot.
+        """
+        fs = self._fs(self._store.snapshot(key).id)
+        try:
+            target = os.readlink(fs)
+        except OSError:  # EINVAL: a directory, the usual snapshot
+            return None
+        return parse_layer_dirname(os.path.basename(target))
+
+    def chain_layers(self, parent: str) -> list[Digest]:
+        """The layers of *parent* and its ancestors, bottom first: a merged view's list.
+
+        Raises:
+            NotFound: no such snapshot.
+            FailedPrecondition: a snapshot in the chain is not attached
+                (its files are on this disk, not in the FUSE tree).
+        """
+        layers: list[Digest] = []
+        key = parent
+        while key:
+            layer = self.layer(key)
+            if layer is None:
+                raise FailedPrecondition(
+                    f"snapshot {key!r}: not a lazily attached layer; a merged view "
+                    f"needs every layer of {parent!r} attached"
+                )
+            layers.append(layer)
+            key = self.stat(key).parent
+        return layers[::-1]
+
+    def write_view(self, name: str, layers: Sequence[str]) -> Path:
+        """Publish *layers* (bottom first) as merged view *name*; where it is served.
+
+        The JSON file is replaced atomically, so the serving process reads
+        either the old list or the new one. The returned directory appears
+        once the serving process picks the file up.
+
+        Raises:
+            InvalidArgument: a bad view name or layer digest, or no layers.
+        """
+        path = self._view_file(name)
+        if not layers:
+            raise InvalidArgument(f"merged view {name!r}: no layers")
+        body = json.dumps({"layers": [Digest.parse(d) for d in layers]}, indent=1) + "\n"
+        self.views_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.views_dir)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return self.mountpoint / "merged" / name
+
+    def remove_view(self, name: str) -> None:
+        """Withdraw merged view *name*.
+
+        Raises:
+            InvalidArgument: a bad view name.
+            NotFound: no such view.
+        """
+        try:
+            os.unlink(self._view_file(name))
+        except FileNotFoundError:
+            raise NotFound(f"merged view {name!r}: not found") from None
+
+    def views(self) -> list[str]:
+        """The names of the merged views written, sorted."""
+        try:
+            names = os.listdir(self.views_dir)
+        except FileNotFoundError:
+            return []
+        stems = (n.removesuffix(VIEW_SUFFIX) for n in names if n.endswith(VIEW_SUFFIX))
+        return sorted(s for s in stems if VIEW_NAME.fullmatch(s))
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _served(self, layer: Digest) -> Path:
+        """*layer*'s FUSE directory, checked to be a directory now."""
+        path = self.layer_dir(layer)
+        try:
+            is_dir = path.is_dir()
+        except OSError as e:  # ENOTCONN: the serving process died
+            raise FailedPrecondition(f"layer {layer}: {path}: {e.strerror}") from e
+        if not is_dir:
+            raise FailedPrecondition(
+                f"layer {layer}: not served at {path} (no index, or the FUSE server is not running)"
+            )
+        return path
+
+    def _view_file(self, name: str) -> Path:
+        if not VIEW_NAME.fullmatch(name):
+            raise InvalidArgument(
+                f"merged view name {name!r}: letters, digits, '_', '.', '-' only, "
+                "not starting with '.', '_' or '-', at most 128"
+            )
+        return self.views_dir / f"{name}{VIEW_SUFFIX}"
