@@ -762,7 +762,8 @@ class RegistryClient:
             if response.history:
                 self._stats["redirect"] += len(response.history)
             status = response.status_code
-            _log.debug("%s %s -> %d", method, _safe_url(response.url), status)
+            if _log.isEnabledFor(logging.DEBUG):  # rebuilding the URL costs a range read ~10 %
+                _log.debug("%s %s -> %d", method, _safe_url(response.url), status)
             if status in ok:
                 return response
             same_origin = _origin(response.url) == _origin(request.url)
