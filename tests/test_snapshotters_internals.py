@@ -31,7 +31,7 @@ from tests.suites.snapshotter import commit_with, writable_dir
 
 #: The snapshotters whose snapshots are directories under the state root:
 #: the ones these white-box tests know how to look inside.
-DIRECTORY_SNAPSHOTTERS = ("overlayfs", "native")
+DIRECTORY_SNAPSHOTTERS = ("overlayfs", "native", "fuse")
 
 
 @pytest.fixture
