@@ -1085,7 +1085,7 @@ async def test_concurrent_requests_share_one_token(
     fake.auth = "bearer"
     async with client_for(fake, nocreds(tmp_path)) as client:
         await client.resolve(ref)  # learn the challenge
-        client._authorizer._tokens.clear()
+        client._engine.authorizer._tokens.clear()
         async with trio.open_nursery() as nursery:
             for b in blobs * 3:
                 d = Descriptor(mt.OCI_LAYER, from_bytes(b), len(b))

@@ -21,30 +21,11 @@ content by digest only and cannot repoint a tag), and why a ``HEAD`` that
 lacks ``Docker-Content-Digest`` or ``Content-Length`` is followed by a
 ``GET`` whose bytes ckfs hashes itself.
 
-Failure handling, per request, before any byte of a body is handed out:
-
-- 401 from the registry itself → the `Authorizer` learns the challenge and
-  the request is repeated with new credentials, until it has nothing new
-  to offer (`Unauthorized`). A 401 from a host a redirect led to (object
-  storage) is never taken for the registry's challenge: it is `Unavailable`
-  and no credential or token request goes its way.
-- connection errors, 408, 5xx → retried with exponential backoff and
-  jitter, but only on the last host: a failing mirror is skipped at once
-  (containerd's policy), the upstream is worth waiting for.
-- 429 → retried on any host after ``Retry-After`` or backoff.
-- waits: one request waits at most `MAX_RETRY_AFTER` seconds in all; a
-  ``Retry-After`` beyond that, or a wait that would end after the enclosing
-  trio deadline (the caller's budget), fails at once naming the
-  delay instead of sleeping.
-- time: each attempt must have its response headers, and any small body
-  read with them (manifest, error or token body), within
-  ``request_timeout`` seconds, however the bytes trickle; past it the
-  attempt is `Unavailable` and not repeated (a server that slow has had
-  its chance), nor is one silent for a whole ``read_timeout``.
-- redirect loops, redirects to URLs httpx cannot follow, and other answers
-  httpx refuses → `InvalidArgument`, not retried.
-- any other failure on a mirror → the next host; the last host's error is
-  the one raised, since the upstream's answer is authoritative.
+Every request goes through one `ckfs.remotes.requests.Engine`, which
+authenticates it (401 → new credentials), retries it (connection errors,
+408, 5xx and 429, with backoff, on the upstream host; mirrors are skipped
+at once), bounds its waits and its time, and maps failures to the errors
+below; its docstring has the rules.
 
 Once a blob stream has started nothing is retried here: a broken
 connection, or one slower than ``min_rate`` bytes/s over
@@ -61,31 +42,22 @@ oversized answers), `DataLoss` (bytes that do not match their digest),
 `FailedPrecondition` (the server's TLS certificate does not verify: a
 configuration problem, so it is not retried).
 
-Redirects are followed (registries send blob GETs to object storage);
-httpx drops ``Authorization`` when a redirect leaves the origin, so the
-registry's token never reaches the storage host. Every request asks for
-``Accept-Encoding: identity``: digests cover the stored bytes, and a server
-or CDN that compressed them in transit would break both verification and
-byte ranges.
+Redirects are followed (registries send blob GETs to object storage)
+without the registry's token; every request asks for
+``Accept-Encoding: identity`` (`ckfs.remotes.requests`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import logging
 import math
-import random
 import re
-import ssl
-import time
-from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from types import TracebackType
-from typing import TypeVar, cast
+from typing import cast
 from urllib.parse import urlsplit
 
-import httpcore
 import httpx
 import trio
 
@@ -96,66 +68,32 @@ from ckfs.errors import (
     CkfsError,
     DataLoss,
     InvalidArgument,
-    NotFound,
-    Unauthorized,
     Unavailable,
 )
 from ckfs.images.manifest import MAX_MANIFEST_SIZE, SCHEMA1_HINT, body_media_type
 from ckfs.jsondoc import parse_json
 from ckfs.reference import Reference
-from ckfs.remotes.auth import Authorizer, Credentials, pull_scope
+from ckfs.remotes.auth import Credentials, pull_scope
 from ckfs.remotes.bounds import (
     LOW_SPEED_TIME,
-    MAX_REDIRECTS,
     MIN_RATE,
     REQUEST_TIMEOUT,
-    Deadline,
     SpeedLimit,
     TooSlow,
     describe,
-    http_failure,
-    read_capped,
-    wait_to_retry,
 )
-from ckfs.remotes.hosts import USER_AGENT, RegistryHost, ssl_context
-from ckfs.safetext import printable
+from ckfs.remotes.hosts import RegistryHost
+from ckfs.remotes.requests import (
+    HTTP_READ_SIZE,
+    MAX_RETRY_AFTER,
+    Engine,
+    content_length,
+    read_limited,
+)
 
-__all__ = ["BlobStream", "RegistryClient"]
+__all__ = ["MAX_RANGE", "MAX_RETRY_AFTER", "RANGE_RESUMES", "BlobStream", "RegistryClient"]
 
 _log = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
-
-#: First retry delay in seconds; doubled each attempt up to `MAX_BACKOFF`.
-#: Short because most transient failures are a dropped keep-alive connection.
-BACKOFF_BASE = 0.1
-
-#: Longest wait between two attempts of one request, in seconds.
-MAX_BACKOFF = 10.0
-
-#: Longest wait, in seconds, between the attempts of one request in all
-#: (``Retry-After`` included): a registry asking for an hour should fail the
-#: pull at once with a clear error rather than hang it, and retries of a
-#: request must not add up to minutes before the caller's resumes multiply them.
-MAX_RETRY_AFTER = 60.0
-
-
-#: A request is repeated at most this many times for authentication (no
-#: credentials → token → refreshed token); beyond that something loops.
-MAX_AUTH_ROUNDS = 3
-
-#: Error bodies are read only this far for their message.
-MAX_ERROR_BODY = 64 << 10
-
-#: Bytes httpcore asks the socket for per read. Its default (64 KiB) makes
-#: every read cost a trio wakeup, an h11 event and a Python-level chunk:
-#: measured here against a local docker-registry, httpx on trio moved about
-#: 270 MB/s with 64 KiB reads and 1.1 GB/s with 1 MiB (curl: 1.3 GB/s).
-#: httpcore keeps the value as a class attribute of its HTTP/1.1
-#: connection, so it is raised process-wide (never lowered) when the first
-#: registry client is made; a read returns what the socket has, so small
-#: responses are not delayed by it.
-HTTP_READ_SIZE = 1 << 20
 
 #: Longest window one `RegistryClient.read_range` returns: it is held in
 #: memory whole. The lazy path reads chunks and spans of a few MiB (an
@@ -169,20 +107,9 @@ MAX_RANGE = 64 << 20
 #: connections that keep dropping mid-body, which a FUSE read waits on.
 RANGE_RESUMES = 3
 
-#: Statuses worth retrying on the upstream host: the server is overloaded,
-#: restarting or behind a failing proxy.
-_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-
 _HEADER_DIGEST = "docker-content-digest"
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)", re.ASCII)
-
-#: A header's decimal number (``str.isdigit`` would accept "²", which int() refuses).
-_NUMBER = re.compile(r"[0-9]{1,18}")
-
-#: Where `_request` leaves an attempt's `Deadline` on its response, so the
-#: body read with it shares the budget of its headers.
-_DEADLINE = "ckfs.deadline"
 
 
 class BlobStream:
@@ -292,8 +219,8 @@ class RegistryClient:
             ``dial_timeout`` overrides it).
         read_timeout: Seconds a read may stall before the request fails
             (httpx's 5 s default is too short for a busy registry's blobs).
-        retries: Extra attempts for a failing request (see the module
-            docstring for which failures).
+        retries: Extra attempts for a failing request (which failures:
+            `ckfs.remotes.requests`).
         request_timeout: Seconds one attempt may take for its response
             headers plus a small body read with them (manifest, error body,
             token), however slowly the bytes come; `REQUEST_TIMEOUT`.
@@ -323,36 +250,17 @@ class RegistryClient:
     ) -> None:
         self.ref_domain = ref_domain
         self.hosts = tuple(hosts)
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
-        self._retries = max(0, retries)
-        self._request_timeout = request_timeout
-        self._speed = SpeedLimit(max(0.0, min_rate), low_speed_time)
-        self._stats: Counter[str] = Counter()
-        self._random = random.Random()
-        _raise_read_size()
-        mounts: dict[str, httpx.AsyncBaseTransport | None] | None = None
-        if transport is None:
-            mounts = {}
-            for host in self.hosts:
-                if host.has_tls_config:
-                    mounts[f"https://{host.host}"] = httpx.AsyncHTTPTransport(
-                        verify=ssl_context(host)
-                    )
-        self._trust = _SystemTrust()
-        self._client = httpx.AsyncClient(
+        self._engine = Engine(
+            ref_domain,
+            hosts=hosts,
+            credentials=credentials,
             transport=transport,
-            mounts=mounts,
-            verify=self._trust.context,
-            event_hooks={"request": [self._trust.before]},
-            timeout=self._timeout(None),
-            follow_redirects=True,
-            max_redirects=MAX_REDIRECTS,
-            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries=retries,
+            request_timeout=request_timeout,
         )
-        self._authorizer = Authorizer(
-            credentials, self._client, on_request=self._count, request_timeout=request_timeout
-        )
+        self._speed = SpeedLimit(max(0.0, min_rate), low_speed_time)
 
     def __repr__(self) -> str:
         return f"RegistryClient({self.ref_domain!r}, hosts={[h.host for h in self.hosts]})"
@@ -370,7 +278,7 @@ class RegistryClient:
 
     async def aclose(self) -> None:
         """Close all connections. The client cannot be used afterwards."""
-        await self._client.aclose()
+        await self._engine.aclose()
 
     def statistics(self) -> dict[str, int]:
         """Requests made so far, by kind.
@@ -383,7 +291,7 @@ class RegistryClient:
         off), ``range_ignored`` (range GETs answered with the whole blob) and
         ``blob_bytes`` (blob and range bytes received).
         """
-        return dict(self._stats)
+        return dict(self._engine.stats)
 
     # -- the three operations ---------------------------------------------------
 
@@ -417,7 +325,7 @@ class RegistryClient:
         async def on(host: RegistryHost, last: bool) -> Descriptor:
             return await self._resolve_on(host, ref, obj, last)
 
-        return await self._on_hosts(capability, f"resolve {ref}", on)
+        return await self._engine.on_hosts(capability, f"resolve {ref}", on)
 
     async def fetch_manifest(self, ref: Reference, desc: Descriptor) -> bytes:
         """The bytes of the manifest or index *desc* describes, verified.
@@ -445,7 +353,7 @@ class RegistryClient:
 
         async def on(host: RegistryHost, last: bool) -> bytes:
             accept = ", ".join(dict.fromkeys([desc.media_type, *mt.MANIFEST_ACCEPT]))
-            response = await self._request(
+            response = await self._engine.request(
                 host,
                 "GET",
                 f"{ref.path}/manifests/{desc.digest}",
@@ -457,11 +365,11 @@ class RegistryClient:
             )
             async with contextlib.aclosing(response):
                 _check_header_digest(response, desc.digest, f"{where} from {host.host}")
-                data = await _read_limited(response, desc.size, f"{where} from {host.host}")
+                data = await read_limited(response, desc.size, f"{where} from {host.host}")
             _verify(data, desc, f"{where} from registry {host.host}")
             return data
 
-        return await self._on_hosts("pull", f"fetch {where}", on)
+        return await self._engine.on_hosts("pull", f"fetch {where}", on)
 
     def open_blob(
         self,
@@ -521,7 +429,7 @@ class RegistryClient:
                 offset=offset,
                 end=end,
                 host="-",
-                on_bytes=self._count_bytes,
+                on_bytes=self._engine.count_bytes,
                 speed=self._speed,
             )
             return
@@ -532,7 +440,7 @@ class RegistryClient:
             )
 
         async def on(host: RegistryHost, last: bool) -> BlobStream:
-            response = await self._request(
+            response = await self._engine.request(
                 host,
                 "GET",
                 f"{ref.path}/blobs/{desc.digest}",
@@ -552,7 +460,7 @@ class RegistryClient:
         if allow_urls and desc.urls:
             stream = await self._open_urls(desc, headers, offset, end)
         if stream is None:
-            stream = await self._on_hosts("pull", f"fetch {where}", on)
+            stream = await self._engine.on_hosts("pull", f"fetch {where}", on)
         try:
             yield stream
         finally:
@@ -566,7 +474,7 @@ class RegistryClient:
         connection goes back to the pool (`open_blob` bodies bypass h11 and
         close theirs): a FUSE read pays for a request, not a connection, and
         a cached token is reused. Authentication, retries, backoff, mirrors
-        and redirects are those of every blob GET (module docstring). A body
+        and redirects are those of every blob GET (`ckfs.remotes.requests`). A body
         that breaks off or ends early is asked for again from the byte it
         reached, at most `RANGE_RESUMES` times; a body slower than
         ``min_rate`` is not (`TooSlow`). The caller's cancel scope bounds the
@@ -617,7 +525,7 @@ class RegistryClient:
         async def on(host: RegistryHost, last: bool) -> None:
             nonlocal got
             start = offset + got
-            response = await self._request(
+            response = await self._engine.request(
                 host,
                 "GET",
                 f"{ref.path}/blobs/{desc.digest}",
@@ -630,7 +538,7 @@ class RegistryClient:
             async with contextlib.aclosing(response):
                 stream = self._blob_stream(response, desc, start, end, host.host, pooled=True)
                 if response.status_code == 200:
-                    self._count("range_ignored")
+                    self._engine.count("range_ignored")
                 chunks = stream.aiter_chunks()
                 try:
                     async with contextlib.aclosing(chunks):
@@ -652,12 +560,12 @@ class RegistryClient:
         resumes = 0
         while got < length:
             try:
-                await self._on_hosts("pull", f"read {where}", on)
+                await self._engine.on_hosts("pull", f"read {where}", on)
             except _BrokenOff as e:
                 if resumes >= RANGE_RESUMES:
                     raise Unavailable(f"{e} (gave up after {resumes} resumes)") from None
                 resumes += 1
-                self._count("resume")
+                self._engine.count("resume")
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     # -- internals -----------------------------------------------------------------
@@ -668,191 +576,6 @@ class RegistryClient:
                 f"reference {ref} is not on registry {self.ref_domain} (this client's)"
             )
 
-    def _count(self, kind: str) -> None:
-        self._stats[kind] += 1
-
-    def _count_bytes(self, n: int) -> None:
-        self._stats["blob_bytes"] += n
-
-    def _timeout(self, host: RegistryHost | None) -> httpx.Timeout:
-        connect = self._connect_timeout
-        if host is not None and host.dial_timeout is not None:
-            connect = host.dial_timeout
-        # No pool timeout: waiting for a free connection is what a parallel
-        # pull does by design, and trio cancellation bounds it if needed.
-        return httpx.Timeout(
-            connect=connect, read=self._read_timeout, write=self._read_timeout, pool=None
-        )
-
-    async def _on_hosts(
-        self,
-        capability: str,
-        what: str,
-        attempt: Callable[[RegistryHost, bool], Awaitable[_T]],
-    ) -> _T:
-        """Run *attempt* on each host able to *capability* until one succeeds."""
-        hosts = [h for h in self.hosts if h.can(capability)]
-        if not hosts:
-            raise NotFound(
-                f"cannot {what}: no host configured for registry {self.ref_domain} "
-                f"has the {capability!r} capability"
-            )
-        for i, host in enumerate(hosts):
-            last = i == len(hosts) - 1
-            try:
-                return await attempt(host, last)
-            except CkfsError as e:
-                if last:
-                    raise
-                _log.info("%s: %s; trying the next host", what, e)
-        raise AssertionError("unreachable")  # the last host's error was raised
-
-    async def _request(
-        self,
-        host: RegistryHost,
-        method: str,
-        path: str,
-        *,
-        kind: str,
-        scope: str,
-        headers: dict[str, str],
-        last: bool,
-        what: str,
-        ok: frozenset[int] = frozenset({200, 206}),
-    ) -> httpx.Response:
-        """Send one API request with authentication and retries.
-
-        Returns:
-            A response whose status is in *ok*, body not yet read; the
-            caller closes it.
-
-        Raises:
-            The mapped error for any other final status (see `_status_error`)
-            or for a transport failure.
-        """
-        url = f"{host.base_url}/{path}"
-        params = {"ns": host.mirror_of} if host.mirror_of else None
-        request_headers = host.header_fields()
-        request_headers.update(headers)
-        timeout = self._timeout(host)
-        attempt = 0
-        auth_rounds = 0
-        waited = 0.0
-        sent: str | None = None
-        while True:
-            try:
-                sent = await self._authorizer.authorization(host, scope)
-                self._count(kind)
-                request, response = await self._send(
-                    f"registry {host.host}",
-                    what,
-                    method,
-                    url,
-                    headers=request_headers,
-                    params=params,
-                    authorization=sent,
-                    timeout=timeout,
-                )
-            except Unavailable as e:
-                if not last or attempt >= self._retries or isinstance(e, TooSlow):
-                    raise
-                attempt += 1
-                waited = await self._wait(self._backoff(attempt), waited, str(e), attempt)
-                continue
-            if response.history:
-                self._stats["redirect"] += len(response.history)
-            status = response.status_code
-            if _log.isEnabledFor(logging.DEBUG):  # rebuilding the URL costs a range read ~10 %
-                _log.debug("%s %s -> %d", method, _safe_url(response.url), status)
-            if status in ok:
-                return response
-            same_origin = _origin(response.url) == _origin(request.url)
-            if status == 401 and same_origin and auth_rounds < MAX_AUTH_ROUNDS:
-                await response.aclose()
-                auth_rounds += 1
-                self._count("auth")
-                # reauthorize raises Unauthorized when nothing new is left to try;
-                # its fresh header is taken from the cache on the next round.
-                await self._authorizer.reauthorize(
-                    host, scope, response, sent, fresh=auth_rounds > 1
-                )
-                continue
-            retryable = status in _RETRY_STATUSES and (last or status == 429)
-            if retryable and attempt < self._retries:
-                attempt += 1
-                hinted = _retry_after(response) if status in (429, 503) else None
-                await response.aclose()
-                if hinted is None:
-                    why = f"{what}: HTTP {status} from registry {host.host}"
-                else:
-                    why = f"{what}: registry {host.host} asks to retry after {hinted:.0f} s"
-                    why += f" (HTTP {status})"
-                waited = await self._wait(hinted or self._backoff(attempt), waited, why, attempt)
-                continue
-            raise await _status_error(host, response, what, same_origin)
-
-    async def _send(
-        self,
-        server: str,
-        what: str,
-        method: str,
-        url: str,
-        *,
-        headers: dict[str, str],
-        params: dict[str, str] | None = None,
-        authorization: str | None = None,
-        timeout: httpx.Timeout | None = None,
-    ) -> tuple[httpx.Request, httpx.Response]:
-        """One attempt at *what* from *server* ("registry X"), up to its response headers.
-
-        The headers must come within `request_timeout`; the attempt's
-        `Deadline` travels on the response (`_DEADLINE`) for the body read
-        with it. A non-distributable layer's URLs go through here too, so
-        every request the client sends has the same bound.
-
-        Raises:
-            CkfsError: the `http_failure` for httpx's error, or `TooSlow`.
-        """
-        deadline = Deadline.after(self._request_timeout)
-        try:
-            request = self._client.build_request(
-                method, url, params=params, headers=headers, timeout=timeout or self._timeout(None)
-            )
-            if authorization is not None:
-                request.headers["Authorization"] = authorization
-            with deadline.enforce(f"{what}: response headers from {server}"):
-                response = await self._client.send(request, stream=True)
-        except (httpx.HTTPError, httpx.InvalidURL) as e:
-            raise http_failure(e, server, what) from None
-        response.extensions[_DEADLINE] = deadline
-        return request, response
-
-    async def _wait(self, delay: float, waited: float, why: str, attempt: int) -> float:
-        """Sleep *delay* before retry *attempt*, within the request's `MAX_RETRY_AFTER`.
-
-        Returns:
-            The seconds waited for this request so far, this wait included.
-
-        Raises:
-            Unavailable: the wait would take the request's waits past
-                `MAX_RETRY_AFTER` or end after the enclosing deadline; at
-                once, *why* naming what failed.
-        """
-        if waited + delay > MAX_RETRY_AFTER:
-            so_far = f", after {waited:.3g} s of waiting" if waited else ""
-            raise Unavailable(
-                f"{why}; ckfs waits at most {MAX_RETRY_AFTER:g} s per request{so_far}"
-            )
-        _log.debug("%s; retry %d in %.2fs", why, attempt, delay)
-        self._count("retry")
-        await wait_to_retry(delay, why)
-        return waited + delay
-
-    def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with jitter: many clients do not retry in step."""
-        ceiling = min(MAX_BACKOFF, BACKOFF_BASE * 2 ** (attempt - 1))
-        return self._random.uniform(ceiling / 2, ceiling)
-
     async def _resolve_on(
         self, host: RegistryHost, ref: Reference, obj: str, last: bool
     ) -> Descriptor:
@@ -860,7 +583,7 @@ class RegistryClient:
         accept = {"Accept": ", ".join(mt.MANIFEST_ACCEPT)}
         what = f"manifest {ref}"
         scope = pull_scope(ref.path)
-        response = await self._request(
+        response = await self._engine.request(
             host,
             "HEAD",
             path,
@@ -873,7 +596,7 @@ class RegistryClient:
         )
         await response.aclose()
         media_type = _media_type(response)
-        size = _content_length(response)
+        size = content_length(response)
         header_digest = _header_digest(response, f"{what} from {host.host}")
         if response.status_code == 200 and media_type in mt.SCHEMA1:
             raise InvalidArgument(f"{what} on registry {host.host}: {SCHEMA1_HINT}")
@@ -897,11 +620,11 @@ class RegistryClient:
 
         # HEAD was refused or incomplete: fetch the body and hash it ourselves.
         _log.debug("%s: HEAD gave no digest, size or media type; fetching it", what)
-        response = await self._request(
+        response = await self._engine.request(
             host, "GET", path, kind="resolve", scope=scope, headers=accept, last=last, what=what
         )
         async with contextlib.aclosing(response):
-            data = await _read_limited(
+            data = await read_limited(
                 response, MAX_MANIFEST_SIZE, f"{what} from {host.host}", oversize=True
             )
             media_type = _media_type(response)
@@ -946,7 +669,7 @@ class RegistryClient:
             if offset:
                 _log.debug("%s: server ignored the range; streaming from 0", where)
             end = desc.size
-        length = _content_length(response)
+        length = content_length(response)
         if length is not None and start + length > desc.size:
             raise DataLoss(
                 f"{where}: server announces {start + length} bytes, blob has {desc.size}"
@@ -957,7 +680,7 @@ class RegistryClient:
             offset=start,
             end=end,
             host=host,
-            on_bytes=self._count_bytes,
+            on_bytes=self._engine.count_bytes,
             speed=self._speed,
             pooled=pooled,
         )
@@ -973,9 +696,9 @@ class RegistryClient:
                 continue
             if parts.scheme not in ("http", "https"):
                 continue
-            self._count("url")
+            self._engine.count("url")
             try:
-                _, response = await self._send(
+                _, response = await self._engine.send(
                     parts.netloc, f"blob {desc.digest}", "GET", url, headers=headers
                 )
             except CkfsError as e:
@@ -1000,33 +723,6 @@ class RegistryClient:
 
 class _BrokenOff(Unavailable):
     """A range body broke off or ended early; `RegistryClient.read_range` resumes it."""
-
-
-class _SystemTrust:
-    """The system's CA certificates for hosts without TLS settings, loaded when first needed.
-
-    Loading the store costs 30-50 ms on a small machine, a tenth of a
-    re-pull, and a plain-HTTP registry (every loopback one) never uses it,
-    unless it redirects a blob to HTTPS storage: httpx runs `before` for
-    every request, redirects included, so the certificates are in place
-    before the first handshake. The store is the system's (Debian's
-    ca-certificates, or ``SSL_CERT_FILE``/``SSL_CERT_DIR``), as for
-    containerd, rather than the certifi bundle httpx would load.
-    """
-
-    def __init__(self) -> None:
-        # Verifies certificates and host names, as create_default_context would.
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        self._loaded = False
-        self._lock = trio.Lock()
-
-    async def before(self, request: httpx.Request) -> None:
-        if request.url.scheme != "https" or self._loaded:
-            return
-        async with self._lock:
-            if not self._loaded:
-                await trio.to_thread.run_sync(self.context.load_default_certs)
-                self._loaded = True
 
 
 async def _raw_body(response: httpx.Response) -> AsyncIterator[bytes]:
@@ -1058,7 +754,7 @@ async def _raw_body(response: httpx.Response) -> AsyncIterator[bytes]:
             async for chunk in raw:
                 yield chunk
             return
-        left = (_content_length(response) or 0) - len(first)
+        left = (content_length(response) or 0) - len(first)
         timeout = response.request.extensions.get("timeout", {}).get("read")
         while left > 0:
             try:
@@ -1080,7 +776,7 @@ def _plain_socket(response: httpx.Response) -> trio.socket.SocketType | None:
     """The socket under *response* if its body can be read from it unparsed, else None."""
     if response.http_version != "HTTP/1.1" or "transfer-encoding" in response.headers:
         return None
-    if _content_length(response) is None:
+    if content_length(response) is None:
         return None
     stream = response.extensions.get("network_stream")
     if stream is None or stream.get_extra_info("ssl_object") is not None:
@@ -1089,31 +785,9 @@ def _plain_socket(response: httpx.Response) -> trio.socket.SocketType | None:
     return sock if isinstance(sock, trio.socket.SocketType) else None
 
 
-def _raise_read_size() -> None:
-    """Apply `HTTP_READ_SIZE` to httpcore's HTTP/1.1 connections if it has the knob."""
-    connection = getattr(httpcore, "AsyncHTTP11Connection", None)
-    current = getattr(connection, "READ_NUM_BYTES", None)
-    if isinstance(current, int) and current < HTTP_READ_SIZE:
-        connection.READ_NUM_BYTES = HTTP_READ_SIZE  # type: ignore[union-attr]
-
-
-def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
-    return (url.scheme, url.host, url.port)
-
-
-def _safe_url(url: httpx.URL) -> str:
-    """The URL without its query: object-storage redirects carry signatures there."""
-    return str(url.copy_with(query=None))
-
-
 def _media_type(response: httpx.Response) -> str:
     value: str = response.headers.get("content-type", "")
     return value.split(";", 1)[0].strip().lower()
-
-
-def _content_length(response: httpx.Response) -> int | None:
-    value = response.headers.get("content-length", "").strip()
-    return int(value) if _NUMBER.fullmatch(value) else None
 
 
 def _header_digest(response: httpx.Response, where: str) -> Digest | None:
@@ -1130,37 +804,6 @@ def _check_header_digest(response: httpx.Response, expected: Digest, where: str)
     got = _header_digest(response, where)
     if got is not None and got.algorithm == expected.algorithm and got != expected:
         raise DataLoss(f"{where}: Docker-Content-Digest {got} does not match {expected}")
-
-
-def _deadline(response: httpx.Response) -> Deadline:
-    """The `Deadline` `RegistryClient._send` gave the response's attempt."""
-    deadline = response.extensions.get(_DEADLINE)
-    return deadline if isinstance(deadline, Deadline) else Deadline(float("inf"), float("inf"))
-
-
-async def _read_limited(
-    response: httpx.Response, limit: int, where: str, *, oversize: bool = False
-) -> bytes:
-    """Read a body of at most *limit* bytes, refusing more while it streams.
-
-    Args:
-        oversize: More than *limit* is `InvalidArgument` (a manifest over the
-            4 MiB cap) instead of `DataLoss` (more than the descriptor said).
-    """
-    announced = _content_length(response)
-    if announced is not None and announced > limit:
-        raise _too_big(where, announced, limit, oversize)
-    with _deadline(response).enforce(f"{where}: body"):
-        data = await read_capped(response, limit, where)
-    if len(data) > limit:
-        raise _too_big(where, len(data), limit, oversize)
-    return data
-
-
-def _too_big(where: str, n: int, limit: int, oversize: bool) -> CkfsError:
-    if oversize:
-        return InvalidArgument(f"{where}: more than the {limit} byte manifest limit")
-    return DataLoss(f"{where}: {n} bytes, more than the expected {limit}")
 
 
 def _verify(data: bytes, desc: Descriptor, where: str) -> None:
@@ -1189,60 +832,3 @@ def _sniff_media_type(declared: str, data: bytes, where: str) -> str:
             f"{where}: unknown media type {shown!r}, not an image manifest or index"
         )
     return media_type
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """``Retry-After`` in seconds (delta or HTTP date), as asked: the caller caps it."""
-    value = response.headers.get("retry-after", "").strip()
-    if not value:
-        return None
-    if value.isascii() and value.isdigit():
-        seconds = float(value)
-    else:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-            seconds = when.timestamp() - time.time()
-        except (TypeError, ValueError, OverflowError, IndexError):
-            return None
-    return max(0.0, min(seconds, 1e9))
-
-
-async def _error_detail(response: httpx.Response) -> str:
-    """The registry's own error code and message, one short line, if any."""
-    body = b""
-    try:
-        with _deadline(response).enforce("error body"):
-            body = await read_capped(response, MAX_ERROR_BODY, "error body")
-    except (Unavailable, httpx.StreamError):
-        pass  # the status alone still says what went wrong
-    finally:
-        await response.aclose()
-    try:
-        errors = parse_json(body, "error body").get("errors")
-        first = errors[0]
-        code, message = str(first.get("code", "")), str(first.get("message", ""))
-    except (CkfsError, AttributeError, TypeError, IndexError, KeyError):
-        return ""
-    text = (f"{code}: {message}" if code else message).strip()
-    return f" ({printable(text)})" if text else ""
-
-
-async def _status_error(
-    host: RegistryHost, response: httpx.Response, what: str, same_origin: bool
-) -> CkfsError:
-    status = response.status_code
-    detail = await _error_detail(response)
-    server = f"registry {host.host}" if same_origin else f"storage host {response.url.host}"
-    if not same_origin and status in (401, 403, 404):
-        # A redirect target (object storage) refused: its signed URL expired
-        # or the bucket is misconfigured; a fresh redirect may work.
-        return Unavailable(f"{what}: {server} answered HTTP {status} after a redirect{detail}")
-    if status == 404:
-        return NotFound(f"{what}: not found on {server}{detail}")
-    if status in (401, 403):
-        return Unauthorized(f"{what}: {server} denied access (HTTP {status}){detail}")
-    if status == 429:
-        return Unavailable(f"{what}: {server} is rate limiting requests (HTTP 429){detail}")
-    if status >= 500 or status == 408:
-        return Unavailable(f"{what}: {server} answered HTTP {status}{detail}")
-    return InvalidArgument(f"{what}: {server} answered HTTP {status}{detail}")
