@@ -1,0 +1,617 @@
+"""The FUSE mount's tree without FUSE: layer directories, merged views, inodes.
+
+One serving process per state root shows every indexed layer as a top-level
+directory named by its digest (`ckfs.layerindex.dirname`), which kernel
+overlayfs stacks as lowerdirs, and ``merged/<name>`` views that apply the
+layers' whiteouts and opaque directories themselves (no kernel overlay)::
+
+    /                         ROOT_INO
+    /merged/                  MERGED_INO
+    /merged/<view>/...        one view per <root>/fuse/views/<view>.json
+    /sha256-<hex>/...         one directory per layer index in the store
+
+Inode numbers are stable across restarts of the server: a layer's node keeps
+the index's ``fino`` (xxh3 of layer digest and path), a merged directory gets
+the same kind of hash of its view and path. A merged view's files are the
+layer's own inodes (the kernel sees them as hardlinks of the layer directory's
+entries, which they are: same bytes, same attributes); its directories are
+its own, since their children differ from any single layer's.
+
+The kernel refers to an inode by number until it forgets it, and counts every
+lookup reply (and every accepted readdirplus entry) as one reference. `Tree`
+keeps exactly those inodes, with those counts, and each layer index open while
+any of them points into it. Everything here is plain Python: `ops` is the thin
+pyfuse3 shell over it, and the tests drive it without FUSE or root.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ckfs.archive.entry import Kind
+from ckfs.digest import Digest
+from ckfs.errors import CkfsError, InvalidArgument, NotFound
+from ckfs.jsondoc import parse_object
+from ckfs.layerindex.model import FIRST_FINO, LayerIndex, Node, stable_ino
+from ckfs.layerindex.store import dirname, parse_dirname
+
+__all__ = [
+    "MERGED",
+    "MERGED_INO",
+    "RESERVED",
+    "ROOT_INO",
+    "Attr",
+    "Entry",
+    "Indexes",
+    "Inode",
+    "Layer",
+    "Listing",
+    "Reader",
+    "Tree",
+    "View",
+    "node_attr",
+]
+
+log = logging.getLogger(__name__)
+
+#: The mount's root (FUSE's ``FUSE_ROOT_ID``).
+ROOT_INO = 1
+#: The directory holding the merged views.
+MERGED_INO = 2
+#: Inode numbers below this are the server's own directories; layer indexes
+#: never hand them out (`ckfs.layerindex.model.stable_ino`).
+RESERVED = FIRST_FINO
+
+#: Name of the merged views' directory at the top; no layer dir looks like it.
+MERGED = "merged"
+
+#: Children read from a layer index per query while listing a directory: a
+#: few FUSE readdir replies' worth (each holds ~100 entries of 4 KiB).
+PAGE = 512
+
+#: Xattr names a layer may not show: overlayfs reads ``trusted.overlay.*`` on
+#: its lowerdirs as instructions (redirects, metacopy, opaque). Only the
+#: index's own opaque flag may produce one.
+OVERLAY_XATTR_PREFIX = "trusted.overlay."
+OPAQUE_XATTR = "trusted.overlay.opaque"
+
+_TYPES = {
+    Kind.FILE: stat.S_IFREG,
+    Kind.HARDLINK: stat.S_IFREG,
+    Kind.DIR: stat.S_IFDIR,
+    Kind.SYMLINK: stat.S_IFLNK,
+    Kind.CHAR: stat.S_IFCHR,
+    Kind.BLOCK: stat.S_IFBLK,
+    Kind.FIFO: stat.S_IFIFO,
+    # overlayfs's own whiteout: a character device 0/0.
+    Kind.WHITEOUT: stat.S_IFCHR,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """What ``stat`` shows for one inode; atime and ctime are the mtime."""
+
+    ino: int
+    #: st_mode: file type and permission bits (setuid, setgid, sticky too).
+    mode: int
+    nlink: int = 1
+    uid: int = 0
+    gid: int = 0
+    rdev: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+
+    @property
+    def blocks(self) -> int:
+        """512-byte blocks, as a sparse-free file of this size occupies."""
+        return (self.size + 511) // 512
+
+
+def node_attr(node: Node, ino: int | None = None) -> Attr:
+    """*node*'s attributes under inode *ino* (default: its stable ``fino``)."""
+    if node.kind == Kind.WHITEOUT:
+        # Exactly what overlayfs writes: no permissions, device 0/0.
+        return Attr(ino or node.fino, stat.S_IFCHR, 1, node.uid, node.gid, 0, 0, node.mtime_ns)
+    if node.kind == Kind.SYMLINK:
+        size = len(os.fsencode(node.link))
+    elif node.kind in (Kind.FILE, Kind.HARDLINK):
+        size = node.size
+    else:
+        size = 0
+    return Attr(
+        ino=ino or node.fino,
+        mode=_TYPES[node.kind] | (node.mode & 0o7777),
+        nlink=max(1, node.nlink),
+        uid=node.uid,
+        gid=node.gid,
+        rdev=node.rdev if node.kind in (Kind.CHAR, Kind.BLOCK) else 0,
+        size=size,
+        mtime_ns=node.mtime_ns,
+    )
+
+
+#: The server's own directories: root-owned, world-readable, never changing.
+_OWN_DIR_MODE = stat.S_IFDIR | 0o755
+
+
+class Indexes(Protocol):
+    """The layer indexes of a state root (`ckfs.layerindex.store.IndexStore`)."""
+
+    def get(self, digest: Digest) -> LayerIndex | None:
+        """*digest*'s index, opened; None if the layer has none."""
+        ...
+
+    def digests(self) -> Iterable[Digest]:
+        """Every layer with an index."""
+        ...
+
+
+class Reader(Protocol):
+    """Where a layer's file bytes come from (`snapshotters.fuse.data`)."""
+
+    async def read(self, node: Node, offset: int, size: int) -> bytes:
+        """Up to *size* bytes of *node*'s file from *offset*; short only at its end."""
+        ...
+
+
+class Layer:
+    """One open layer index, shared by every inode that points into it.
+
+    Attributes:
+        digest: the layer's digest.
+        index: its open index.
+        refs: known inodes pointing into it; at zero it is closed.
+    """
+
+    __slots__ = ("_reader", "digest", "index", "refs")
+
+    def __init__(self, digest: Digest, index: LayerIndex) -> None:
+        self.digest = digest
+        self.index = index
+        self.refs = 0
+        self._reader: Reader | None = None
+
+    def reader(self, make: Callable[[LayerIndex], Reader]) -> Reader:
+        """This layer's reader, made by *make* on first use."""
+        if self._reader is None:
+            self._reader = make(self.index)
+        return self._reader
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """One merged view: its name and its layers, top first."""
+
+    name: str
+    layers: tuple[Digest, ...]
+
+    @property
+    def key(self) -> str:
+        """What merged inode numbers hash: a view re-written with other layers
+        under the same name gets other inodes, so stale kernel caches miss."""
+        return self.name + "\0" + ",".join(self.layers)
+
+
+@dataclass(slots=True, eq=False)
+class Inode:
+    """One inode the kernel may refer to.
+
+    A layer's node has one ``(layer, node)`` pair in *stack*; a merged
+    directory has the directories it merges, top first, cut below the first
+    opaque one. The top-level directories have none.
+    """
+
+    ino: int
+    attr: Attr
+    stack: tuple[tuple[Layer, Node], ...] = ()
+    #: Set for a merged view's root and directories.
+    view: View | None = None
+    #: Path inside the view (merged directories only; "" is its root).
+    path: str = ""
+    #: References the kernel holds (lookups minus forgets).
+    lookups: int = 0
+
+    @property
+    def node(self) -> Node | None:
+        """The topmost node, None for the server's own directories."""
+        return self.stack[0][1] if self.stack else None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A directory entry as listed: its name, and the inode it leads to."""
+
+    name: str
+    inode: Inode
+
+
+class Listing:
+    """One open directory's entries, by offset (pyfuse3's readdir ``start_id``).
+
+    Layer directories page through the index; the others (root, ``merged/``,
+    merged directories) are listed once at opendir, so offsets stay valid
+    while the directory is read.
+    """
+
+    def __init__(self, tree: Tree, inode: Inode) -> None:
+        self._tree = tree
+        self._inode = inode
+        self._names: list[str] | None = None
+        if inode.view is not None or inode.ino in (ROOT_INO, MERGED_INO):
+            self._names = tree.names(inode)
+
+    def entries(self, offset: int) -> Iterator[tuple[int, Entry]]:
+        """Entries from *offset* on, each with the offset of the one after it.
+
+        The inodes are not counted: the caller calls `Tree.remember` for each
+        entry the kernel accepted.
+        """
+        if self._names is None:
+            yield from self._layer_entries(offset)
+            return
+        for i in range(offset, len(self._names)):
+            name = self._names[i]
+            try:
+                child = self._tree.child(self._inode, name)
+            except CkfsError as e:
+                # One broken view (or layer) must not hide its siblings.
+                log.warning(
+                    "listing %s: skipping %r: %s", self._tree.describe(self._inode.ino), name, e
+                )
+                continue
+            if child is not None:
+                yield i + 1, Entry(name, child)
+
+    def _layer_entries(self, offset: int) -> Iterator[tuple[int, Entry]]:
+        ((layer, node),) = self._inode.stack
+        while True:
+            page = layer.index.children(node.ino, offset, PAGE)
+            for child in page:
+                offset += 1
+                yield offset, Entry(child.name, self._tree.layer_inode(layer, child))
+            if len(page) < PAGE:
+                return
+
+
+class Tree:
+    """The whole mount's tree, over the layer indexes of one state root.
+
+    Args:
+        store: the root's layer indexes.
+        views: the directory of merged views' JSON files
+            (``<root>/fuse/views``).
+    """
+
+    def __init__(self, store: Indexes, views: Path) -> None:
+        self._store = store
+        self._views = views
+        self._layers: dict[Digest, Layer] = {}
+        root = Attr(ROOT_INO, _OWN_DIR_MODE)
+        merged = Attr(MERGED_INO, _OWN_DIR_MODE)
+        self._inodes: dict[int, Inode] = {
+            ROOT_INO: Inode(ROOT_INO, root, lookups=1),
+            MERGED_INO: Inode(MERGED_INO, merged, lookups=1),
+        }
+
+    # -- the kernel's references ------------------------------------------------
+
+    def inode(self, ino: int) -> Inode:
+        """The known inode *ino*.
+
+        Raises:
+            NotFound: the kernel was never told of *ino*, or forgot it.
+        """
+        try:
+            return self._inodes[ino]
+        except KeyError:
+            raise NotFound(f"inode {ino} is not known") from None
+
+    def lookup(self, parent: int, name: str) -> Inode:
+        """The entry *name* in directory *parent*, counted as one lookup.
+
+        Raises:
+            NotFound: no such entry, or *parent* is not known.
+            InvalidArgument: *parent* is not a directory.
+        """
+        child = self.child(self.inode(parent), name)
+        if child is None:
+            self.sweep()
+            raise NotFound(f"no entry {name!r} in inode {parent}")
+        return self.remember(child)
+
+    def remember(self, inode: Inode) -> Inode:
+        """Count one kernel reference to *inode* (a lookup or readdirplus reply).
+
+        Returns the registered inode: *inode* itself, or the one already
+        known under its number.
+        """
+        known = self._inodes.get(inode.ino)
+        if known is None:
+            known = self._inodes[inode.ino] = inode
+            for layer, _ in inode.stack:
+                layer.refs += 1
+        known.lookups += 1
+        return known
+
+    def forget(self, ino: int, n: int) -> None:
+        """The kernel dropped *n* references to *ino*; at zero it is gone.
+
+        The server's own directories are never dropped. An unknown *ino* is
+        ignored (forget has no reply to carry an error).
+        """
+        inode = self._inodes.get(ino)
+        if inode is None or ino < RESERVED:
+            return
+        inode.lookups -= n
+        if inode.lookups > 0:
+            return
+        if inode.lookups < 0:
+            log.warning(
+                "forget: inode %d forgotten %d times more than looked up", ino, -inode.lookups
+            )
+        del self._inodes[ino]
+        for layer, _ in inode.stack:
+            layer.refs -= 1
+        self.sweep()
+
+    def sweep(self) -> None:
+        """Close the layer indexes no known inode points into."""
+        for digest in [d for d, layer in self._layers.items() if layer.refs <= 0]:
+            layer = self._layers.pop(digest)
+            layer.index.close()
+
+    def statistics(self) -> dict[str, int]:
+        """Known inodes and open layer indexes (for logs and tests)."""
+        return {"inodes": len(self._inodes), "layers": len(self._layers)}
+
+    # -- reading ----------------------------------------------------------------
+
+    def child(self, parent: Inode, name: str) -> Inode | None:
+        """The inode *name* leads to in *parent*, not counted; None if absent.
+
+        Raises:
+            InvalidArgument: *parent* is not a directory.
+        """
+        if parent.ino == ROOT_INO:
+            return self._top(name)
+        if parent.ino == MERGED_INO:
+            return self._view_root(name)
+        if not stat.S_ISDIR(parent.attr.mode):
+            raise InvalidArgument(f"inode {parent.ino} is not a directory")
+        if parent.view is not None:
+            return self._merged_child(parent, name)
+        ((layer, node),) = parent.stack
+        child = layer.index.lookup(node.ino, name)
+        return None if child is None else self.layer_inode(layer, child)
+
+    def names(self, inode: Inode) -> list[str]:
+        """Every name in a directory that is not a layer's own, sorted."""
+        if inode.ino == ROOT_INO:
+            return [MERGED, *sorted(dirname(d) for d in self._store.digests())]
+        if inode.ino == MERGED_INO:
+            return sorted(self._view_names())
+        names: set[str] = set()
+        for layer, node in inode.stack:
+            offset = 0
+            while page := layer.index.children(node.ino, offset, PAGE):
+                names.update(child.name for child in page)
+                offset += len(page)
+                if len(page) < PAGE:
+                    break
+        return sorted(names, key=os.fsencode)
+
+    def opendir(self, ino: int) -> Listing:
+        """A listing of directory *ino*.
+
+        Raises:
+            NotFound: *ino* is not known.
+            InvalidArgument: it is not a directory.
+        """
+        inode = self.inode(ino)
+        if not stat.S_ISDIR(inode.attr.mode):
+            raise InvalidArgument(f"inode {ino} is not a directory")
+        return Listing(self, inode)
+
+    def readlink(self, ino: int) -> str:
+        """A symlink's target as written in the layer.
+
+        Raises:
+            NotFound: *ino* is not known.
+            InvalidArgument: it is not a symlink (readlink's EINVAL).
+        """
+        node = self.inode(ino).node
+        if node is None or node.kind != Kind.SYMLINK:
+            raise InvalidArgument(f"inode {ino} is not a symlink")
+        return node.link
+
+    def file(self, ino: int) -> tuple[Layer, Node]:
+        """The layer and node of regular file *ino*, for reading its bytes.
+
+        Raises:
+            NotFound: *ino* is not known.
+            InvalidArgument: it is not a regular file.
+        """
+        inode = self.inode(ino)
+        if not stat.S_ISREG(inode.attr.mode):
+            raise InvalidArgument(f"inode {ino} is not a regular file")
+        return inode.stack[0]
+
+    def xattrs(self, ino: int) -> dict[str, bytes]:
+        """Extended attributes of *ino*, as overlayfs should see them.
+
+        The layer's ``trusted.overlay.*`` attributes are dropped whatever the
+        index holds; an opaque directory of a layer gets
+        ``trusted.overlay.opaque=y``. Merged views show none of either: they
+        have applied them already.
+        """
+        inode = self.inode(ino)
+        if not inode.stack:
+            return {}
+        layer, node = inode.stack[0]
+        found = {
+            name: value
+            for name, value in layer.index.xattrs(node.ino).items()
+            if not name.startswith(OVERLAY_XATTR_PREFIX)
+        }
+        if node.opaque and inode.view is None:
+            found[OPAQUE_XATTR] = b"y"
+        return found
+
+    def describe(self, ino: int) -> str:
+        """Where *ino* is, for log lines: its layer (or view) and path."""
+        inode = self._inodes.get(ino)
+        if inode is None:
+            return f"unknown inode {ino}"
+        if inode.view is not None:
+            return f"view {inode.view.name} path /{inode.path}"
+        if not inode.stack:
+            return "/" if ino == ROOT_INO else f"/{MERGED}"
+        layer, node = inode.stack[0]
+        return f"layer {layer.digest} path /{self._path(layer, node)}"
+
+    # -- internals --------------------------------------------------------------
+
+    def layer_inode(self, layer: Layer, node: Node) -> Inode:
+        """The inode of a layer's node: the known one, or a new uncounted one."""
+        known = self._inodes.get(node.fino)
+        if known is not None:
+            return known
+        return Inode(node.fino, node_attr(node), ((layer, node),))
+
+    def _layer(self, digest: Digest) -> Layer | None:
+        """The open layer *digest*, opened now if needed; None if not indexed."""
+        layer = self._layers.get(digest)
+        if layer is None:
+            index = self._store.get(digest)
+            if index is None:
+                return None
+            layer = self._layers[digest] = Layer(digest, index)
+        return layer
+
+    def _top(self, name: str) -> Inode | None:
+        if name == MERGED:
+            return self._inodes[MERGED_INO]
+        try:
+            digest = parse_dirname(name)
+        except InvalidArgument:
+            return None
+        layer = self._layer(digest)
+        return None if layer is None else self.layer_inode(layer, layer.index.root())
+
+    def _view_names(self) -> Iterator[str]:
+        try:
+            files = os.listdir(self._views)
+        except FileNotFoundError:
+            return
+        for f in files:
+            # Hidden names are the writer's temporary files (atomic renames).
+            if f.endswith(".json") and not f.startswith("."):
+                yield f[: -len(".json")]
+
+    def _view(self, name: str) -> View | None:
+        """The view *name* as its file says now; None if there is no such file.
+
+        Raises:
+            InvalidArgument: the file is not ``{"layers": [digest, ...]}``.
+        """
+        if name.startswith(".") or "/" in name:
+            return None
+        path = self._views / f"{name}.json"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        doc = parse_object(data, str(path))
+        layers = doc.get("layers")
+        if not isinstance(layers, list) or not all(isinstance(d, str) for d in layers):
+            raise InvalidArgument(f"{path}: 'layers' is not a list of digests")
+        return View(name, tuple(Digest.parse(d) for d in reversed(layers)))
+
+    def _view_root(self, name: str) -> Inode | None:
+        view = self._view(name)
+        if view is None:
+            return None
+        dirs: list[tuple[Layer, Node]] = []
+        for digest in view.layers:
+            layer = self._layer(digest)
+            if layer is None:
+                self.sweep()
+                raise NotFound(f"view {name}: layer {digest} has no index")
+            dirs.append((layer, layer.index.root()))
+        return self._merged_dir(view, "", _cut_at_opaque(dirs))
+
+    def _merged_child(self, parent: Inode, name: str) -> Inode | None:
+        """*name* in a merged directory: overlayfs's rules, applied here.
+
+        The topmost layer having *name* decides: a whiteout hides it, a
+        non-directory is the answer; a directory merges with the directories
+        of the same name below it, down to (and including) the first opaque
+        one, and stops at anything else (a file or a whiteout hides
+        everything under it).
+        """
+        assert parent.view is not None
+        below = parent.stack
+        for i, (layer, dir_node) in enumerate(below):
+            node = layer.index.lookup(dir_node.ino, name)
+            if node is None:
+                continue
+            if node.kind not in _TYPES or node.kind == Kind.WHITEOUT:
+                return None
+            if node.kind != Kind.DIR:
+                return self.layer_inode(layer, node)
+            dirs = [(layer, node)]
+            for lower, lower_dir in below[i + 1 :]:
+                if dirs[-1][1].opaque:
+                    break
+                other = lower.index.lookup(lower_dir.ino, name)
+                if other is None:
+                    continue
+                if other.kind != Kind.DIR:
+                    break
+                dirs.append((lower, other))
+            path = f"{parent.path}/{name}" if parent.path else name
+            return self._merged_dir(parent.view, path, tuple(dirs))
+        return None
+
+    def _merged_dir(self, view: View, path: str, dirs: tuple[tuple[Layer, Node], ...]) -> Inode:
+        # The index's own rule, keyed by the view instead of a layer digest.
+        ino = stable_ino("view\0" + view.key, path)
+        known = self._inodes.get(ino)
+        if known is not None:
+            return known
+        # The top directory's attributes; nlink 1 says "not counted" (find
+        # and fts then do not guess subdirectories from it).
+        if dirs:
+            top = node_attr(dirs[0][1], ino)
+            attr = Attr(ino, top.mode, 1, top.uid, top.gid, 0, 0, top.mtime_ns)
+        else:  # a view of no layers: an empty directory
+            attr = Attr(ino, _OWN_DIR_MODE)
+        return Inode(ino, attr, dirs, view, path)
+
+    def _path(self, layer: Layer, node: Node) -> str:
+        parts: list[str] = []
+        seen = 0
+        while node.parent and node.ino != node.parent and seen < 4096:
+            parts.append(node.name)
+            try:
+                node = layer.index.node(node.parent)
+            except NotFound:
+                parts.append("?")
+                break
+            seen += 1
+        return "/".join(reversed(parts))
+
+
+def _cut_at_opaque(dirs: list[tuple[Layer, Node]]) -> tuple[tuple[Layer, Node], ...]:
+    """*dirs* (top first) down to and including the first opaque one."""
+    for i, (_, node) in enumerate(dirs):
+        if node.opaque:
+            return tuple(dirs[: i + 1])
+    return tuple(dirs)
