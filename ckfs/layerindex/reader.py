@@ -1,0 +1,668 @@
+"""The lazy data path: a file's bytes, fetched on first read, verified, cached.
+
+A `LayerReader` serves ``read(node, offset, size)`` for one layer from three
+places, cheapest first: the `ChunkCache`'s memory copies, its files (checked
+with xxh3), and the layer's blob through a `BlobSource` (a local file or the
+registry's ranged GET). Every byte from the blob is verified with sha256
+before it is served or cached; once cached it is trusted on its xxh3 alone.
+
+What a read fetches depends on the layer index's source:
+
+- ``estargz``: the file's chunks covering the range. Each chunk starts a gzip
+  member at ``blob_offset``; inflating it gives ``inner_offset`` bytes to skip
+  (several small files sharing one member), then the chunk's ``size`` bytes,
+  checked against its ``digest`` (the TOC's ``chunkDigest``).
+- ``tar``: the whole `Span` (about 1 MiB of the uncompressed blob) around the
+  range, checked against the span's sha256.
+- ``gzip-index``: not served here yet (needs the local blob's inflater).
+
+Neighbouring pieces a read needs are fetched with one ranged request
+(`COALESCE_GAP`, `MAX_REQUEST`). Concurrent reads needing one piece cause
+one fetch: the first read leads it, the others wait for its outcome (a
+*flight*), and a led fetch that is cancelled hands the piece to a waiter.
+Inflating and hashing run in worker threads (`trio.to_thread`) bounded by a
+`trio.CapacityLimiter`, so the event loop keeps serving other reads.
+
+Failures are per read: bytes that do not match their digest raise `DataLoss`
+and nothing is cached; the source's errors (`Unavailable` when the registry
+is down, ...) propagate to that read and to the reads waiting on its flight
+only. The next read of the piece tries again.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol, cast
+
+import trio
+from isal import isal_zlib
+
+from ckfs.descriptor import Descriptor
+from ckfs.digest import Digest
+from ckfs.errors import CkfsError, DataLoss, InvalidArgument, Unimplemented
+from ckfs.layerindex.cache import ChunkCache
+from ckfs.reference import Reference
+
+__all__ = [
+    "COALESCE_GAP",
+    "MAX_PIECE",
+    "MAX_REQUEST",
+    "BlobSource",
+    "LayerReader",
+    "LocalBlob",
+    "RemoteBlob",
+]
+
+log = logging.getLogger(__name__)
+
+#: Largest gap of unneeded blob bytes between two needed pieces that is still
+#: fetched in the same request: one more round trip costs more than 32 KiB on
+#: any link a registry is reached over.
+COALESCE_GAP = 32 << 10
+
+#: Longest single ranged request: the coalesced bytes are held in memory
+#: whole (and `RegistryClient.read_range` refuses more than 64 MiB).
+MAX_REQUEST = 16 << 20
+
+#: Largest piece (chunk plus the inner offset skipped before it, or span)
+#: served. eStargz writes 4 MiB chunks by default and tar spans are 1 MiB;
+#: an index naming more is hostile, and its file reads fail (`DataLoss`)
+#: instead of inflating gigabytes into memory. Its fetch stays below
+#: `RegistryClient.read_range`'s 64 MiB.
+MAX_PIECE = 32 << 20
+
+#: Chunk lists kept per reader, by inode: FUSE reads a file in 128 KiB
+#: pieces, and each would otherwise query the index for the same list.
+_CHUNK_LISTS = 64
+
+#: Gzip member header (10 bytes), the deflate end-of-stream slack, and how
+#: many output bytes one stored block may hold at least: with these,
+#: `_deflate_bound` is above what any deflate encoder needs to produce a
+#: member's first bytes (it chooses a stored block when coding would grow
+#: the data; each costs 5 bytes per up to 64 KiB, counted here per 16 KiB).
+_GZIP_SLACK = 1024
+_STORED_BLOCK = 16 << 10
+
+
+#: isal's inflate error (its stubs declare it an instance, not a class).
+_INFLATE_ERROR = cast(type[Exception], isal_zlib.error)
+
+
+class BlobSource(Protocol):
+    """Where a layer's blob bytes come from; exact ranges or an error."""
+
+    @property
+    def size(self) -> int:
+        """The blob's size in bytes."""
+        ...
+
+    async def read_range(self, offset: int, length: int) -> bytes:
+        """Exactly *length* bytes from *offset* (unverified)."""
+        ...
+
+
+class _Node(Protocol):
+    """What the reader needs of a layer index node (`ckfs.layerindex.model.Node`)."""
+
+    @property
+    def ino(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def data(self) -> int: ...
+
+
+class _Chunk(Protocol):
+    @property
+    def file_offset(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def blob_offset(self) -> int: ...
+    @property
+    def inner_offset(self) -> int: ...
+    @property
+    def digest(self) -> str: ...
+    @property
+    def comp_size(self) -> int: ...
+
+
+class _Span(Protocol):
+    @property
+    def comp_offset(self) -> int: ...
+    @property
+    def comp_size(self) -> int: ...
+    @property
+    def uncomp_offset(self) -> int: ...
+    @property
+    def uncomp_size(self) -> int: ...
+    @property
+    def sha256(self) -> str: ...
+
+
+class _Index(Protocol):
+    """What the reader needs of a `ckfs.layerindex.model.LayerIndex`."""
+
+    @property
+    def layer(self) -> Digest: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def blob_size(self) -> int: ...
+    def chunks(self, ino: int) -> Sequence[_Chunk]: ...
+    def spans(self) -> Sequence[_Span]: ...
+
+
+class _RangeClient(Protocol):
+    async def read_range(
+        self, ref: Reference, desc: Descriptor, offset: int, length: int
+    ) -> bytes: ...
+
+
+class LocalBlob:
+    """A blob in a local file (the content store, or a test's file).
+
+    Args:
+        path: the blob file; it must not change while read.
+        size: its size, if known (else taken from the file now).
+    """
+
+    def __init__(self, path: Path, size: int | None = None) -> None:
+        self.path = Path(path)
+        self._size = os.stat(self.path).st_size if size is None else size
+
+    def __repr__(self) -> str:
+        return f"LocalBlob({str(self.path)!r})"
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def read_range(self, offset: int, length: int) -> bytes:
+        """Exactly *length* bytes at *offset*, read in a worker thread.
+
+        Raises:
+            InvalidArgument: the range is negative or ends past `size`.
+            DataLoss: the file is shorter than it was.
+        """
+        _check_range(offset, length, self._size, self)
+        data = await trio.to_thread.run_sync(self._pread, offset, length)
+        if len(data) != length:
+            raise DataLoss(f"{self.path}: {len(data)} bytes at {offset}, expected {length}")
+        return data
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        with open(self.path, "rb", buffering=0) as f:
+            parts = []
+            while length:
+                part = os.pread(f.fileno(), length, offset)
+                if not part:
+                    break
+                parts.append(part)
+                offset += len(part)
+                length -= len(part)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class RemoteBlob:
+    """A blob in a registry, read by ranged GETs (`RegistryClient.read_range`).
+
+    Retries, backoff, token refresh and mirrors are the client's; what it
+    finally raises fails the one read that asked.
+    """
+
+    def __init__(self, client: _RangeClient, ref: Reference, desc: Descriptor) -> None:
+        self.client = client
+        self.ref = ref
+        self.desc = desc
+
+    def __repr__(self) -> str:
+        return f"RemoteBlob({self.ref}, {self.desc.digest})"
+
+    @property
+    def size(self) -> int:
+        return self.desc.size
+
+    async def read_range(self, offset: int, length: int) -> bytes:
+        """Exactly *length* bytes at *offset* of the blob, unverified."""
+        _check_range(offset, length, self.desc.size, self)
+        return await self.client.read_range(self.ref, self.desc, offset, length)
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """One verifiable unit of a read: an eStargz chunk or a tar span.
+
+    ``start`` and ``size`` place its bytes in the file (chunks) or in the
+    uncompressed layer stream (spans); ``comp_offset``..``comp_end`` is the
+    blob range to fetch (for a chunk an upper bound: its member may end
+    earlier, and `LayerReader` fetches more if it ends later).
+    """
+
+    key: str
+    start: int
+    size: int
+    comp_offset: int
+    comp_end: int
+    inner: int
+    digest: str
+    inflate: bool
+
+
+@dataclass(slots=True)
+class _Flight:
+    """The outcome of one led fetch, for the reads waiting on it."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+    error: CkfsError | None = None
+
+
+class _Short(Exception):
+    """The fetched bytes ended before the piece's member gave enough output."""
+
+
+class LayerReader:
+    """Serves file reads of one layer: cache first, else fetch and verify.
+
+    Args:
+        index: the layer's index (its ``source`` picks the method).
+        source: the layer's blob.
+        cache: where verified pieces are kept (shared by all layers).
+        limiter: bounds the worker threads inflating and hashing; by default
+            one per CPU, for this reader alone.
+    """
+
+    def __init__(
+        self,
+        index: _Index,
+        source: BlobSource,
+        cache: ChunkCache,
+        *,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
+        if index.source not in ("estargz", "tar"):
+            raise Unimplemented(f"layer {index.layer}: lazy reads of {index.source!r} layers")
+        if source.size != index.blob_size:
+            raise InvalidArgument(
+                f"layer {index.layer}: blob has {source.size} bytes, its index says "
+                f"{index.blob_size}"
+            )
+        self.index = index
+        self.source = source
+        self.cache = cache
+        self.layer = index.layer
+        self._limiter = limiter or trio.CapacityLimiter(os.cpu_count() or 1)
+        self._flights: dict[str, _Flight] = {}
+        self._chunk_lists: OrderedDict[int, list[_Piece]] = OrderedDict()
+        self._spans: list[_Piece] | None = None
+        self._stats = {
+            "hits": 0,
+            "misses": 0,
+            "joined": 0,
+            "fetched_bytes": 0,
+            "requests": 0,
+            "errors": 0,
+        }
+
+    def __repr__(self) -> str:
+        return f"LayerReader({self.layer}, {self.source!r})"
+
+    def statistics(self) -> dict[str, int]:
+        """Counters since this reader was made.
+
+        ``hits``: pieces served from the cache; ``misses``: pieces this reader
+        fetched; ``joined``: pieces a read waited for while another fetched
+        them; ``fetched_bytes`` and ``requests``: what the blob source was
+        asked for; ``errors``: fetches that failed (source error or bad bytes).
+        """
+        return dict(self._stats)
+
+    async def read(self, node: _Node, offset: int, size: int) -> bytes:
+        """Up to *size* bytes of *node*'s content from *offset* (short at its end).
+
+        Raises:
+            InvalidArgument: a negative offset or size.
+            DataLoss: the index places the bytes outside the blob or leaves
+                gaps, or the blob's bytes do not match their digests.
+            Unavailable, NotFound, ...: the blob source failed; this read only.
+        """
+        if offset < 0 or size < 0:
+            raise InvalidArgument(f"layer {self.layer}: read of inode {node.ino} at {offset}")
+        end = min(offset + size, node.size)
+        if end <= offset:
+            return b""
+        base = 0 if self.index.source == "estargz" else node.data
+        if base < 0:
+            raise DataLoss(f"layer {self.layer}: inode {node.ino} has no data offset")
+        pieces = self._covering(node, base + offset, base + end)
+        datas = await self._get(pieces)
+        return _assemble(pieces, datas, base + offset, base + end)
+
+    # -- which pieces ------------------------------------------------------
+
+    def _covering(self, node: _Node, start: int, end: int) -> list[_Piece]:
+        """The pieces holding bytes *start*..*end*, contiguous, in order.
+
+        Raises:
+            DataLoss: the pieces leave a gap or overlap there.
+        """
+        estargz = self.index.source == "estargz"
+        pieces = self._chunk_pieces(node) if estargz else self._span_pieces()
+        first = bisect.bisect_right(pieces, start, key=lambda p: p.start) - 1
+        chosen: list[_Piece] = []
+        pos = start
+        for p in pieces[max(first, 0) :]:
+            if pos >= end:
+                break
+            # The first piece holds *start*; each next one starts where the
+            # last ended (no gap, no overlap to cut around).
+            held = p.start <= pos < p.start + p.size if not chosen else p.start == pos
+            if not held:
+                raise DataLoss(
+                    f"layer {self.layer}: no verified piece holds byte {pos} of inode {node.ino}"
+                )
+            chosen.append(p)
+            pos = p.start + p.size
+        if pos < end:
+            raise DataLoss(f"layer {self.layer}: inode {node.ino} ends at {pos} in its pieces")
+        return chosen
+
+    def _chunk_pieces(self, node: _Node) -> list[_Piece]:
+        found = self._chunk_lists.get(node.ino)
+        if found is not None:
+            self._chunk_lists.move_to_end(node.ino)
+            return found
+        chunks = sorted(self.index.chunks(node.ino), key=lambda c: c.file_offset)
+        pieces = []
+        for i, c in enumerate(chunks):
+            comp_end = min(self._chunk_end(c, chunks[i + 1 : i + 2]), self.source.size)
+            self._check_piece(c.blob_offset, comp_end, c.size, c.inner_offset, node)
+            key = ChunkCache.key("chunk", c.blob_offset, c.inner_offset, c.size, c.digest)
+            pieces.append(
+                _Piece(
+                    key,
+                    start=c.file_offset,
+                    size=c.size,
+                    comp_offset=c.blob_offset,
+                    comp_end=comp_end,
+                    inner=c.inner_offset,
+                    digest=c.digest,
+                    inflate=True,
+                )
+            )
+        self._chunk_lists[node.ino] = pieces
+        if len(self._chunk_lists) > _CHUNK_LISTS:
+            self._chunk_lists.popitem(last=False)
+        return pieces
+
+    @staticmethod
+    def _chunk_end(c: _Chunk, following: Sequence[_Chunk]) -> int:
+        """Where to stop fetching chunk *c*: its member's end if the index
+        knows it, else the next chunk's member start, within a bound.
+
+        The bound (`_deflate_bound`) keeps a hostile index from making one
+        small read fetch the rest of the blob; a member that needs more than
+        it is fetched again, longer (`LayerReader._fetch_group`).
+        """
+        bound = c.blob_offset + _deflate_bound(c.inner_offset + c.size)
+        if c.comp_size > 0:
+            return min(c.blob_offset + c.comp_size, bound)
+        if following and following[0].blob_offset > c.blob_offset:
+            return min(following[0].blob_offset, bound)
+        return bound
+
+    def _span_pieces(self) -> list[_Piece]:
+        if self._spans is None:
+            spans = sorted(self.index.spans(), key=lambda s: s.uncomp_offset)
+            pieces = []
+            for s in spans:
+                if s.comp_offset != s.uncomp_offset or s.comp_size != s.uncomp_size:
+                    raise DataLoss(f"layer {self.layer}: tar span at {s.comp_offset} is not 1:1")
+                comp_end = s.comp_offset + s.comp_size
+                self._check_piece(s.comp_offset, comp_end, s.uncomp_size, 0, None)
+                key = ChunkCache.key("span", s.comp_offset, s.comp_size, s.sha256)
+                pieces.append(
+                    _Piece(
+                        key,
+                        start=s.uncomp_offset,
+                        size=s.uncomp_size,
+                        comp_offset=s.comp_offset,
+                        comp_end=comp_end,
+                        inner=0,
+                        digest=f"sha256:{s.sha256}",
+                        inflate=False,
+                    )
+                )
+            self._spans = pieces
+        return self._spans
+
+    def _check_piece(
+        self, offset: int, end: int, size: int, inner: int, node: _Node | None
+    ) -> None:
+        """Refuse a piece outside the blob, empty, or too large to inflate.
+
+        Raises:
+            DataLoss: so that reads of the file (or layer) fail, not the server.
+        """
+        if not (0 <= offset < end <= self.source.size) or not (
+            size > 0 and inner >= 0 and inner + size <= MAX_PIECE
+        ):
+            where = f"inode {node.ino}" if node else "the layer's spans"
+            raise DataLoss(
+                f"layer {self.layer}: {where} names {size} bytes (+{inner}) at blob offset "
+                f"{offset}, outside the {self.source.size}-byte blob, empty or too large"
+            )
+
+    # -- getting them ------------------------------------------------------
+
+    async def _get(self, pieces: list[_Piece]) -> dict[str, bytes]:
+        """Every piece's verified bytes: from memory, disk cache, or the blob."""
+        datas: dict[str, bytes] = {}
+        for p in pieces:
+            data = self.cache.peek(self.layer, p.key)
+            if data is not None:
+                datas[p.key] = data
+        missing = [p for p in pieces if p.key not in datas]
+        if missing:
+            found = await trio.to_thread.run_sync(self._from_disk, missing)
+            datas.update(found)
+        self._stats["hits"] += len(datas)
+        missing = [p for p in missing if p.key not in datas]
+        while missing:
+            missing = await self._fetch_or_join(missing, datas)
+        return datas
+
+    def _from_disk(self, pieces: list[_Piece]) -> dict[str, bytes]:
+        found = {}
+        for p in pieces:
+            data = self.cache.get(self.layer, p.key)
+            if data is not None:
+                found[p.key] = data
+        return found
+
+    async def _fetch_or_join(self, pieces: list[_Piece], datas: dict[str, bytes]) -> list[_Piece]:
+        """Fetch the pieces nobody is fetching, wait for the others.
+
+        Returns:
+            The pieces still missing: those whose leading read was cancelled.
+        """
+        unique = list({p.key: p for p in pieces}.values())
+        mine = [p for p in unique if p.key not in self._flights]
+        others = [(p, self._flights[p.key]) for p in unique if p.key in self._flights]
+        for p in mine:
+            self._flights[p.key] = _Flight()
+        try:
+            await self._fetch(mine, datas)
+        finally:
+            for p in mine:
+                led = self._flights.pop(p.key)
+                led.data = datas.get(p.key)
+                led.done.set()
+        again = []
+        self._stats["joined"] += len(others)
+        for p, flight in others:
+            await flight.done.wait()
+            if flight.data is not None:
+                datas[p.key] = flight.data
+            elif flight.error is not None:
+                raise type(flight.error)(*flight.error.args)
+            else:
+                again.append(p)
+        return again
+
+    async def _fetch(self, pieces: list[_Piece], datas: dict[str, bytes]) -> None:
+        """Fetch, verify and cache *pieces*, one request per coalesced group."""
+        for group in _coalesce(pieces):
+            try:
+                got = await self._fetch_group(group)
+            except CkfsError as e:
+                self._stats["errors"] += 1
+                for p in pieces:
+                    if p.key not in datas:
+                        self._flights[p.key].error = e
+                raise
+            datas.update(got)
+            self._stats["misses"] += len(group)
+
+    async def _fetch_group(self, group: list[_Piece]) -> dict[str, bytes]:
+        start = group[0].comp_offset
+        end = max(p.comp_end for p in group)
+        data = await self._read_source(start, end)
+        try:
+            return await trio.to_thread.run_sync(
+                self._verify_and_keep, group, data, start, limiter=self._limiter
+            )
+        except _Short:
+            pass
+        # A chunk's member runs past its bound: rare, so fetch each piece
+        # alone with its bound doubled until it fits or the blob ends.
+        got = {}
+        for p in group:
+            while True:
+                raw = await self._read_source(p.comp_offset, p.comp_end)
+                try:
+                    got.update(
+                        await trio.to_thread.run_sync(
+                            self._verify_and_keep, [p], raw, p.comp_offset, limiter=self._limiter
+                        )
+                    )
+                    break
+                except _Short:
+                    if p.comp_end >= self.source.size:
+                        raise DataLoss(
+                            f"layer {self.layer}: gzip member at blob offset {p.comp_offset} "
+                            "ends before its chunk"
+                        ) from None
+                    grown = p.comp_offset + 2 * (p.comp_end - p.comp_offset)
+                    p = replace(p, comp_end=min(grown, self.source.size, p.comp_offset + MAX_PIECE))
+        return got
+
+    async def _read_source(self, start: int, end: int) -> bytes:
+        self._stats["requests"] += 1
+        data = await self.source.read_range(start, end - start)
+        self._stats["fetched_bytes"] += len(data)
+        if len(data) != end - start:
+            raise DataLoss(
+                f"layer {self.layer}: blob source gave {len(data)} bytes at {start}, "
+                f"asked {end - start}"
+            )
+        return data
+
+    def _verify_and_keep(self, group: list[_Piece], data: bytes, start: int) -> dict[str, bytes]:
+        """In a worker thread: each piece's bytes, verified, then cached.
+
+        Raises:
+            DataLoss: a piece does not match its digest (nothing of the group
+                is cached then: it came from one response).
+            _Short: a chunk's member needs more bytes than were fetched.
+        """
+        out = {}
+        for p in group:
+            raw = memoryview(data)[p.comp_offset - start : p.comp_end - start]
+            out[p.key] = _inflate(p, raw, self.layer) if p.inflate else bytes(raw)
+            _verify(p, out[p.key], self.layer)
+        for p in group:
+            try:
+                self.cache.put(self.layer, p.key, out[p.key])
+            except OSError as e:
+                log.warning("layer %s: chunk cache write failed: %s", self.layer, e)
+        return out
+
+
+def _check_range(offset: int, length: int, size: int, source: object) -> None:
+    if offset < 0 or length < 0 or offset + length > size:
+        raise InvalidArgument(f"{source!r}: range {offset}+{length} outside its {size} bytes")
+
+
+def _deflate_bound(n: int) -> int:
+    """Compressed bytes enough for a gzip member's first *n* output bytes."""
+    return n + 5 * (n // _STORED_BLOCK + 1) + _GZIP_SLACK
+
+
+def _coalesce(pieces: list[_Piece]) -> list[list[_Piece]]:
+    """Pieces grouped into ranged requests: neighbours in the blob together."""
+    groups: list[list[_Piece]] = []
+    end = -1
+    for p in sorted(pieces, key=lambda p: p.comp_offset):
+        if (
+            groups
+            and p.comp_offset - end <= COALESCE_GAP
+            and max(end, p.comp_end) - groups[-1][0].comp_offset <= MAX_REQUEST
+        ):
+            groups[-1].append(p)
+            end = max(end, p.comp_end)
+        else:
+            groups.append([p])
+            end = p.comp_end
+    return groups
+
+
+def _inflate(p: _Piece, raw: memoryview, layer: Digest) -> bytes:
+    """The chunk's bytes out of the gzip member starting *raw*."""
+    want = p.inner + p.size
+    inflater = isal_zlib.decompressobj(wbits=31)
+    try:
+        out = inflater.decompress(raw, want)
+    except _INFLATE_ERROR as e:
+        raise DataLoss(
+            f"layer {layer}: gzip member at blob offset {p.comp_offset} does not inflate: {e}"
+        ) from None
+    if len(out) < want:
+        if inflater.eof:
+            raise DataLoss(
+                f"layer {layer}: gzip member at blob offset {p.comp_offset} holds "
+                f"{len(out)} bytes, its chunk needs {want}"
+            )
+        raise _Short
+    return out if p.inner == 0 else out[p.inner :]
+
+
+def _verify(p: _Piece, data: bytes, layer: Digest) -> None:
+    alg, _, expected = p.digest.partition(":")
+    if alg not in ("sha256", "sha512") or not expected:
+        raise DataLoss(f"layer {layer}: piece at blob offset {p.comp_offset} has no digest")
+    if hashlib.new(alg, data).hexdigest() != expected:
+        raise DataLoss(
+            f"layer {layer}: bytes at blob offset {p.comp_offset} do not match {p.digest}"
+        )
+
+
+def _assemble(pieces: list[_Piece], datas: dict[str, bytes], start: int, end: int) -> bytes:
+    """Bytes *start*..*end* cut from the pieces that hold them."""
+    if len(pieces) == 1:
+        p = pieces[0]
+        if start == p.start and end == p.start + p.size:
+            return datas[p.key]
+        return datas[p.key][start - p.start : end - p.start]
+    out = bytearray()
+    for p in pieces:
+        out += memoryview(datas[p.key])[max(start - p.start, 0) : min(end - p.start, p.size)]
+    return bytes(out)
