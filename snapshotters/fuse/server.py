@@ -1,0 +1,133 @@
+"""The FUSE serving process of one state root.
+
+    python -m snapshotters.fuse.server --root R [--detach]
+
+Mounts ``<root>/fuse/mnt`` read-only with every indexed layer as a top-level
+directory and the merged views under ``merged/`` (`snapshotters.fuse.tree`),
+and serves it until SIGTERM or SIGINT, when it unmounts and exits. It holds
+``<root>/fuse/server.lock`` for its whole life and writes its PID next to it
+(`snapshotters.fuse.process` documents the files); it logs to
+``<root>/fuse/server.log``. ``--detach`` forks into a new session first, so
+the process that started it can exit without taking it down.
+
+Mount options: ``allow_other`` (containers running as other users must reach
+the files), ``default_permissions`` (the kernel enforces the image's modes,
+so they read what the modes allow and nothing more), ``ro``. Never
+``max_read``: pyfuse3 3.5 fails the mount with it. The process never touches
+its own mountpoint from the event loop: a stat there would wait on itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from ckfs.layerindex.store import IndexStore
+from ckfs.locks import try_lock
+from snapshotters.fuse.data import readers
+from snapshotters.fuse.ops import Ops
+from snapshotters.fuse.process import ServerPaths, clean_mount
+from snapshotters.fuse.tree import Tree
+
+__all__ = ["OPTIONS", "main"]
+
+log = logging.getLogger("snapshotters.fuse.server")
+
+#: Mount options (module docstring); fsname and subtype name the mount in
+#: /proc/self/mountinfo as ``ckfs`` of type ``fuse.ckfs``.
+OPTIONS = frozenset({"fsname=ckfs", "subtype=ckfs", "allow_other", "default_permissions", "ro"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m snapshotters.fuse.server")
+    parser.add_argument("--root", required=True, type=Path, help="the ckfs state root")
+    parser.add_argument("--detach", action="store_true", help="fork into a new session first")
+    args = parser.parse_args(argv)
+    paths = ServerPaths(args.root.absolute())
+    for d in (paths.dir, paths.mnt, paths.views):
+        d.mkdir(parents=True, exist_ok=True)
+    if args.detach:
+        _detach()
+    lock = try_lock(paths.lock)
+    if lock is None:
+        print(f"ckfs fuse server: {paths.root} is served by another process", file=sys.stderr)
+        return 1
+    try:
+        _log_to(paths.log)
+        _write_pid(paths.pid)
+        clean_mount(paths)
+        _serve(paths)
+        # Only a clean exit removes the PID: a failed one leaves it, which
+        # tells a waiting starter that the server came and went.
+        paths.pid.unlink(missing_ok=True)
+        return 0
+    except Exception:
+        log.exception("fuse server for %s failed", paths.root)
+        return 1
+    finally:
+        os.close(lock)
+
+
+def _detach() -> None:
+    """Fork; the parent exits, the child starts a new session.
+
+    The starter's child exits at once, so the server is re-parented to init,
+    which reaps it whenever it dies.
+    """
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+
+
+def _log_to(path: Path) -> None:
+    logging.basicConfig(
+        filename=path,
+        level=logging.INFO,
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _write_pid(path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def _serve(paths: ServerPaths) -> None:
+    tree = Tree(IndexStore(paths.root), paths.views)
+    ops = Ops(tree, readers(paths.root))
+    pyfuse3.init(ops, str(paths.mnt), set(OPTIONS))
+    log.info("serving %s", paths.mnt)
+    try:
+        trio.run(_run)
+    finally:
+        # Unmount even after a crash of the loop: a mount without its server
+        # answers ENOTCONN to everyone until someone detaches it.
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s", paths.mnt)
+
+
+async def _run() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s: stopping", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+if __name__ == "__main__":
+    sys.exit(main())
