@@ -1,0 +1,979 @@
+"""One layer's tree, kept on disk as a read-only SQLite file.
+
+A lazy layer is served from an index, not from unpacked files: for every
+entry its attributes, and for every regular file where its bytes live in the
+blob. The index is built once per layer (from an eStargz TOC, a tar or a
+gzip seek pass) by `IndexWriter`, which applies the tree rules every source
+shares, and read by `LayerIndex` from the FUSE server's worker threads.
+
+Why SQLite, one file per layer: a 100k-entry layer must not live in the
+serving process's memory, lookups by (parent directory, name) and listings
+must stay O(log n) at a million entries, and a finished index is immutable,
+so it is written to a temporary file and renamed into place whole: a crash
+leaves either no index or a complete one. docs/layer-index.md documents the
+format.
+
+Tree rules, the same for every source (entries arrive in archive order):
+
+- missing parent directories are implied (0755, 0:0, mtime 0);
+- a later entry replaces an earlier one at the same path; a directory over
+  a directory only takes its attributes (its children stay); a directory
+  replaced by anything else drops its subtree;
+- a hardlink shares its target's node (same `Node.ino`, ``nlink`` counted);
+  a target missing from the layer, a directory or a whiteout refuses the
+  layer (it would name something outside the layer or something no
+  filesystem can link);
+- a whiteout is kept as a `Kind.WHITEOUT` node (served as the 0/0 character
+  device overlayfs reads) unless this layer put an entry at that path (a
+  whiteout only hides lower layers, which that entry hides anyway); an
+  entry replacing a whiteout stays, and a directory there becomes opaque,
+  since the lower one was deleted;
+- `Kind.OPAQUE` marks its directory opaque;
+- an entry below a non-directory (a file, or a symlink: paths are never
+  resolved through links) refuses the layer, as does changing the type of
+  the root; so do the `Limits`.
+
+Refusal is `BadLayer`: the caller falls back to the eager path, loudly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NamedTuple
+
+import xxhash
+
+from ckfs.archive.entry import Entry, Kind
+from ckfs.archive.secure import MAX_DEPTH
+from ckfs.digest import Digest
+from ckfs.errors import DataLoss, InvalidArgument, NotFound
+from ckfs.safetext import printable
+
+__all__ = [
+    "FIRST_FINO",
+    "FORMAT",
+    "LIMITS",
+    "ROOT",
+    "SOURCES",
+    "BadLayer",
+    "Chunk",
+    "IndexWriter",
+    "LayerIndex",
+    "Limits",
+    "Node",
+    "Span",
+    "iter_nodes",
+    "stable_ino",
+]
+
+log = logging.getLogger(__name__)
+
+#: Format version, in ``meta.format``. A reader refuses any other: an index
+#: is a cache, rebuilt from its blob rather than migrated.
+FORMAT = 1
+
+#: Local inode number of the layer root.
+ROOT = 1
+
+#: Where an index came from; `LayerIndex.source` is one of these.
+SOURCES = ("estargz", "gzip-index", "tar")
+
+#: Stable inode numbers (`Node.fino`) start here: the FUSE server numbers
+#: its own root and top-level directories below it.
+FIRST_FINO = 1 << 16
+
+_INT64 = (1 << 63) - 1
+_MAX_ID = (1 << 32) - 1
+
+#: Directory path → local inode cached while writing. Archives list a
+#: directory's entries together, so a small cache resolves nearly every
+#: parent; a miss walks the tree in SQLite, so a hostile archive with a
+#: million directories costs time, not memory.
+_DIR_CACHE = 1 << 14
+
+#: SQLite page cache of one open index, in KiB (negative: KiB, not pages).
+#: The serving process keeps many indexes open; the OS page cache serves
+#: the rest, so the process's memory stays flat however big the layer.
+_READ_CACHE_KIB = 1024
+
+#: Page cache while writing, in KiB: the staging table and its name index
+#: are hot for the whole build.
+_WRITE_CACHE_KIB = 32 << 10
+
+
+class BadLayer(InvalidArgument):
+    """The layer's tree cannot be indexed as it is: it is refused, whole."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what one layer may make the index hold.
+
+    entries counts nodes (implied directories included), so a few entries
+    with deep paths cannot imply millions of directories. depth matches the
+    eager applier's (`ckfs.archive.secure.MAX_DEPTH`); name and path are
+    Linux's NAME_MAX and PATH_MAX, in bytes.
+    """
+
+    entries: int = 2_000_000
+    depth: int = MAX_DEPTH
+    name: int = 255
+    path: int = 4096
+
+
+LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One directory entry of a layer with the attributes of its inode.
+
+    Hardlinks are several Nodes with one ``ino`` (and one ``fino``); the
+    names differ, the attributes are the inode's.
+    """
+
+    ino: int  # local inode number, ROOT for the root; hardlinks share it
+    parent: int  # ino of the directory holding it (0 for the root)
+    name: str  # one component, surrogate-escaped bytes; "" for the root
+    kind: Kind
+    mode: int  # permission bits only (0o7777)
+    uid: int
+    gid: int
+    size: int  # FILE: bytes; others 0 (a symlink's size is len(link) on the wire)
+    mtime_ns: int
+    rdev: int  # CHAR/BLOCK: os.makedev(major, minor)
+    link: str  # SYMLINK target as written
+    nlink: int  # names of this inode; directories: 2 + subdirectories
+    fino: int  # stable across rebuilds: see `stable_ino`
+    data: int  # offset of the bytes in the uncompressed tar stream; -1: see chunks
+    opaque: bool  # a directory hiding lower layers' contents
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Where bytes [file_offset, file_offset + size) of a file live (eStargz).
+
+    ``blob_offset`` is the compressed offset of the gzip member holding the
+    chunk, ``inner_offset`` its offset inside that member once inflated;
+    several chunks may share a member. ``digest`` is the chunk's sha256,
+    checked before its bytes are served. ``comp_size``: the member's
+    compressed length when the source knows it, else -1.
+    """
+
+    file_offset: int
+    size: int
+    blob_offset: int
+    inner_offset: int
+    digest: str
+    comp_size: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A verified window of the blob: ``comp_*`` in the blob as stored,
+    ``uncomp_*`` in the tar stream; ``sha256`` (hex) of the stored bytes.
+
+    For an uncompressed tar both are the same range; for gzip the span runs
+    between two seek checkpoints.
+    """
+
+    comp_offset: int
+    comp_size: int
+    uncomp_offset: int
+    uncomp_size: int
+    sha256: str
+
+
+def stable_ino(layer: str, path: str) -> int:
+    """The inode number *path* of *layer* has on every build and machine.
+
+    xxh3 of the digest and the canonical path, top bit cleared (st_ino is
+    signed in places) and never below `FIRST_FINO`.
+    """
+    key = f"{layer}\0{path}".encode("utf-8", "surrogateescape")
+    h = xxhash.xxh3_64_intdigest(key) & _INT64
+    return h if h >= FIRST_FINO else h + FIRST_FINO
+
+
+# -- schema -----------------------------------------------------------------
+
+# The staging table is what the writer edits. Its rowid is the inode number
+# for every row but extra hardlink names, which take negative rowids, so a
+# directory is found by rowid. Commit copies it sorted by (parent, name):
+# one directory's children are then consecutive rowids, and a listing at
+# any offset is one range scan (child0 + offset).
+_STAGING = """
+CREATE TABLE stage.nodes (
+    id INTEGER PRIMARY KEY, ino INTEGER NOT NULL, parent INTEGER NOT NULL,
+    name BLOB NOT NULL, kind INTEGER NOT NULL, mode INTEGER NOT NULL,
+    uid INTEGER NOT NULL, gid INTEGER NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, rdev INTEGER NOT NULL, link BLOB NOT NULL,
+    fino INTEGER NOT NULL, data INTEGER NOT NULL, opaque INTEGER NOT NULL);
+CREATE UNIQUE INDEX stage.nodes_name ON nodes(parent, name);
+CREATE TABLE stage.xattrs (ino INTEGER NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY (ino, name)) WITHOUT ROWID;
+CREATE TABLE stage.chunks (ino INTEGER NOT NULL, file_offset INTEGER NOT NULL,
+    size INTEGER NOT NULL, blob_offset INTEGER NOT NULL, inner_offset INTEGER NOT NULL,
+    digest TEXT NOT NULL, comp_size INTEGER NOT NULL,
+    PRIMARY KEY (ino, file_offset)) WITHOUT ROWID
+"""
+
+_FINAL = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE nodes (
+    ino INTEGER NOT NULL, parent INTEGER NOT NULL, name BLOB NOT NULL,
+    kind INTEGER NOT NULL, mode INTEGER NOT NULL, uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    rdev INTEGER NOT NULL, link BLOB NOT NULL, nlink INTEGER NOT NULL,
+    fino INTEGER NOT NULL, data INTEGER NOT NULL, opaque INTEGER NOT NULL,
+    child0 INTEGER NOT NULL, nchild INTEGER NOT NULL);
+CREATE TABLE xattrs (ino INTEGER NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY (ino, name)) WITHOUT ROWID;
+CREATE TABLE chunks (ino INTEGER NOT NULL, file_offset INTEGER NOT NULL,
+    size INTEGER NOT NULL, blob_offset INTEGER NOT NULL, inner_offset INTEGER NOT NULL,
+    digest TEXT NOT NULL, comp_size INTEGER NOT NULL,
+    PRIMARY KEY (ino, file_offset)) WITHOUT ROWID;
+CREATE TABLE spans (uncomp_offset INTEGER PRIMARY KEY, uncomp_size INTEGER NOT NULL,
+    comp_offset INTEGER NOT NULL, comp_size INTEGER NOT NULL, sha256 TEXT NOT NULL)
+"""
+
+_STAGED = "ino, parent, name, kind, mode, uid, gid, size, mtime_ns, rdev, link, fino, data, opaque"
+_NODE_COLUMNS = (
+    "ino, parent, name, kind, mode, uid, gid, size, mtime_ns, rdev, link, nlink, fino, data, opaque"
+)
+
+# Final rows in (parent, name) order; nlink: names per inode, and for a
+# directory 2 + its subdirectories; child0/nchild filled in afterwards.
+_COPY = f"""
+INSERT INTO nodes ({_NODE_COLUMNS}, child0, nchild)
+SELECT n.ino, n.parent, n.name, n.kind, n.mode, n.uid, n.gid, n.size, n.mtime_ns, n.rdev,
+       n.link,
+       CASE WHEN n.kind = {int(Kind.DIR)} THEN 2 + coalesce(d.n, 0) ELSE l.n END,
+       n.fino, n.data, n.opaque, 0, 0
+FROM stage.nodes n
+JOIN (SELECT ino, count(*) AS n FROM stage.nodes GROUP BY ino) AS l ON l.ino = n.ino
+LEFT JOIN (SELECT parent, count(*) AS n FROM stage.nodes WHERE kind = {int(Kind.DIR)}
+           GROUP BY parent) AS d ON d.parent = n.ino
+ORDER BY n.parent, n.name
+"""
+
+_CHILD_RANGES = f"""
+UPDATE nodes SET child0 = r.first, nchild = r.n
+FROM (SELECT parent, min(rowid) AS first, count(*) AS n FROM nodes GROUP BY parent) AS r
+WHERE nodes.ino = r.parent AND nodes.kind = {int(Kind.DIR)}
+"""
+
+
+def _enc(name: str) -> bytes:
+    """*name* as the bytes it came from (os.fsencode, without its overhead)."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def _dec(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _bad(what: str, path: str, why: str) -> BadLayer:
+    return BadLayer(f"{what}: entry {printable(path)!r}: {why}")
+
+
+def _check_int(value: int, lo: int, hi: int, field: str, what: str, path: str) -> int:
+    if not lo <= value <= hi:
+        raise _bad(what, path, f"{field} {value} out of range")
+    return value
+
+
+class _Row(NamedTuple):
+    id: int  # staging rowid
+    ino: int
+    kind: Kind
+
+
+class IndexWriter:
+    """Builds one layer's index in a temporary file; `commit` renames it in.
+
+    Use from one thread at a time (a source runs its whole build in one
+    ``trio.to_thread`` call). A context manager: leaving the block without
+    `commit` aborts, removing the temporary files.
+
+    Args:
+        path: where the finished index goes (its directory must exist).
+        layer: the layer's digest (compressed blob), for `Node.fino`.
+        source: one of `SOURCES`.
+        blob_size: the blob's size in bytes; chunks and spans must lie in it.
+        limits: bounds on the tree (`BadLayer` beyond them).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        layer: Digest,
+        source: str,
+        blob_size: int,
+        limits: Limits = LIMITS,
+    ) -> None:
+        if source not in SOURCES:
+            raise InvalidArgument(f"unknown layer index source {source!r}")
+        self.path = path
+        self.layer = Digest.parse(layer)
+        self.limits = limits
+        self.what = f"layer {self.layer}"
+        self._blob_size = blob_size
+        token = f"{os.getpid()}.{secrets.token_hex(4)}"
+        self._tmp = path.with_name(f".{path.name}.{token}.tmp")
+        self._stage = path.with_name(f".{path.name}.{token}.stage")
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            self._tmp, isolation_level=None, check_same_thread=False
+        )
+        self._next_ino = ROOT
+        self._next_link = -1
+        self._nodes = 0
+        self._span_end = 0
+        self._dirs: dict[str, int] = {}
+        self._meta: dict[str, str] = {
+            "format": str(FORMAT),
+            "layer": str(self.layer),
+            "source": source,
+            "blob_size": str(blob_size),
+        }
+        try:
+            self._setup()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _setup(self) -> None:
+        db = self._db
+        # Both files are scratch until commit renames one: no journal, no
+        # syncs (commit fsyncs once); a crash leaves a .tmp nobody reads.
+        db.execute("PRAGMA journal_mode=OFF")
+        db.execute("PRAGMA synchronous=OFF")
+        db.execute(f"PRAGMA cache_size=-{_WRITE_CACHE_KIB}")
+        db.execute("ATTACH DATABASE ? AS stage", (str(self._stage),))
+        db.execute("PRAGMA stage.journal_mode=OFF")
+        db.execute("PRAGMA stage.synchronous=OFF")
+        db.execute(f"PRAGMA stage.cache_size=-{_WRITE_CACHE_KIB}")
+        db.execute("BEGIN")
+        for stmt in (_STAGING + ";" + _FINAL).split(";"):
+            if stmt.strip():
+                db.execute(stmt)
+        self._insert(0, "", "", Kind.DIR, mode=0o755)
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise InvalidArgument(f"{self.what}: index writer already closed")
+        return self._conn
+
+    def __enter__(self) -> IndexWriter:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.abort()
+
+    # -- adding -------------------------------------------------------------
+
+    def add(self, entry: Entry, *, data: int = -1, chunks: Sequence[Chunk] = ()) -> None:
+        """Add *entry* under the tree rules (module docstring).
+
+        Args:
+            entry: the entry as interpreted by `ckfs.archive.entry`.
+            data: for a FILE, the offset of its bytes in the uncompressed
+                tar stream; -1 when *chunks* say where they are.
+            chunks: for a FILE, its chunks in file order, covering exactly
+                [0, size) within the blob.
+
+        Raises:
+            BadLayer: the entry breaks a tree rule or a limit.
+        """
+        path = entry.path
+        kind = entry.kind
+        self._check_path(path)
+        if path == "":
+            self._add_root(entry)
+            return
+        if kind == Kind.OPAQUE:
+            self._set_opaque(self._dir(path))
+            return
+        parent_path, _, name = path.rpartition("/")
+        parent = self._dir(parent_path)
+        if kind == Kind.WHITEOUT:
+            if self._row(parent, name) is None:
+                self._insert(parent, name, path, Kind.WHITEOUT, mode=0)
+            return
+        if kind == Kind.HARDLINK:
+            self._add_hardlink(entry, parent, name, self._row(parent, name))
+            return
+        try:
+            # Most paths are new: insert first, and only on a clash look.
+            ino = self._insert_entry(parent, name, entry, data=data, opaque=False)
+        except sqlite3.IntegrityError:
+            existing = self._row(parent, name)
+            if existing is None:
+                raise
+            if existing.kind == Kind.DIR and kind == Kind.DIR:
+                self._update_attrs(existing.ino, entry)
+                return
+            self._drop(existing)
+            opaque = kind == Kind.DIR and existing.kind == Kind.WHITEOUT
+            ino = self._insert_entry(parent, name, entry, data=data, opaque=opaque)
+        if chunks:
+            self._add_chunks(ino, entry, data, chunks)
+
+    def _add_root(self, entry: Entry) -> None:
+        if entry.kind == Kind.DIR:
+            self._update_attrs(ROOT, entry)
+        elif entry.kind == Kind.OPAQUE:
+            self._set_opaque(ROOT)
+        else:
+            raise _bad(self.what, "/", f"changes the layer root into a {entry.kind.name.lower()}")
+
+    def _set_opaque(self, ino: int) -> None:
+        self._db.execute("UPDATE stage.nodes SET opaque = 1 WHERE id = ?", (ino,))
+
+    def _add_hardlink(self, entry: Entry, parent: int, name: str, existing: _Row | None) -> None:
+        target = self._resolve(entry.link)
+        if target is None:
+            raise _bad(
+                self.what, entry.path, f"hardlink to {printable(entry.link)!r}, not in this layer"
+            )
+        if target.kind in (Kind.DIR, Kind.WHITEOUT):
+            why = f"hardlink to {target.kind.name.lower()} {printable(entry.link)!r}"
+            raise _bad(self.what, entry.path, why)
+        if existing is not None:
+            if existing.ino == target.ino:
+                return  # a link to itself, or to another name of the same inode
+            self._drop(existing)
+        self._count(entry.path)
+        # The new name copies the target's row: one inode, two names.
+        self._db.execute(
+            f"INSERT INTO stage.nodes (id, {_STAGED}) SELECT ?, ino, ?, ?, kind, mode, uid, "
+            "gid, size, mtime_ns, rdev, link, fino, data, opaque FROM stage.nodes WHERE id = ?",
+            (self._next_link, parent, _enc(name), target.id),
+        )
+        self._next_link -= 1
+
+    def _update_attrs(self, ino: int, entry: Entry) -> None:
+        self._db.execute(
+            "UPDATE stage.nodes SET mode = ?, uid = ?, gid = ?, mtime_ns = ? WHERE id = ?",
+            (*self._owner(entry), _clamp(entry.mtime_ns), ino),
+        )
+        self._db.execute("DELETE FROM stage.xattrs WHERE ino = ?", (ino,))
+        self._add_xattrs(ino, entry)
+
+    def _owner(self, entry: Entry) -> tuple[int, int, int]:
+        return (
+            entry.mode & 0o7777,
+            _check_int(entry.uid, 0, _MAX_ID, "uid", self.what, entry.path),
+            _check_int(entry.gid, 0, _MAX_ID, "gid", self.what, entry.path),
+        )
+
+    def _insert_entry(
+        self, parent: int, name: str, entry: Entry, *, data: int, opaque: bool
+    ) -> int:
+        path, kind = entry.path, entry.kind
+        size = 0
+        if kind == Kind.FILE:
+            if entry.sparse is not None:
+                raise _bad(self.what, path, "sparse files are not served lazily")
+            size = _check_int(entry.size, 0, _INT64, "size", self.what, path)
+            _check_int(data, -1, _INT64 - size, "data offset", self.what, path)
+        rdev = 0
+        if kind in (Kind.CHAR, Kind.BLOCK):
+            try:
+                rdev = os.makedev(entry.devmajor, entry.devminor)
+            except (OverflowError, ValueError):
+                raise _bad(self.what, path, "device numbers out of range") from None
+        if kind == Kind.SYMLINK and len(_enc(entry.link)) >= self.limits.path:
+            raise _bad(self.what, path, "symlink target too long")
+        mode, uid, gid = self._owner(entry)
+        ino = self._insert(
+            parent,
+            name,
+            path,
+            kind,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            size=size,
+            mtime_ns=_clamp(entry.mtime_ns),
+            rdev=rdev,
+            link=entry.link if kind == Kind.SYMLINK else "",
+            data=data if kind == Kind.FILE else -1,
+            opaque=opaque,
+        )
+        self._add_xattrs(ino, entry)
+        return ino
+
+    def _insert(
+        self,
+        parent: int,
+        name: str,
+        path: str,
+        kind: Kind,
+        *,
+        mode: int,
+        uid: int = 0,
+        gid: int = 0,
+        size: int = 0,
+        mtime_ns: int = 0,
+        rdev: int = 0,
+        link: str = "",
+        data: int = -1,
+        opaque: bool = False,
+    ) -> int:
+        ino = self._next_ino
+        self._db.execute(
+            f"INSERT INTO stage.nodes (id, {_STAGED}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                ino,
+                ino,
+                parent,
+                _enc(name),
+                int(kind),
+                mode,
+                uid,
+                gid,
+                size,
+                mtime_ns,
+                rdev,
+                _enc(link),
+                stable_ino(self.layer, path),
+                data,
+                int(opaque),
+            ),
+        )
+        self._next_ino += 1
+        self._count(path)
+        if kind == Kind.DIR:
+            self._cache_dir(path, ino)
+        return ino
+
+    def _count(self, path: str) -> None:
+        self._nodes += 1
+        if self._nodes > self.limits.entries:
+            raise _bad(self.what, path, f"more than {self.limits.entries} entries")
+
+    def _add_xattrs(self, ino: int, entry: Entry) -> None:
+        if entry.xattrs:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO stage.xattrs VALUES (?, ?, ?)",
+                [(ino, k, bytes(v)) for k, v in entry.xattrs],
+            )
+
+    def _add_chunks(self, ino: int, entry: Entry, data: int, chunks: Sequence[Chunk]) -> None:
+        path = entry.path
+        if entry.kind != Kind.FILE or data != -1:
+            raise _bad(self.what, path, "chunks for something other than a chunked file")
+        end = 0
+        for c in chunks:
+            at = f"chunk at {c.file_offset}"
+            if c.file_offset != end or c.size <= 0:
+                raise _bad(self.what, path, f"{at} leaves a gap or overlaps")
+            if not (0 <= c.blob_offset < self._blob_size and 0 <= c.inner_offset <= _INT64):
+                raise _bad(self.what, path, f"{at} outside the blob")
+            if c.comp_size != -1 and not 0 < c.comp_size <= self._blob_size - c.blob_offset:
+                raise _bad(self.what, path, f"{at} runs past the blob")
+            try:
+                Digest.parse(c.digest)
+            except InvalidArgument:
+                raise _bad(self.what, path, f"{at}: malformed digest") from None
+            end += c.size
+        if end != entry.size:
+            raise _bad(self.what, path, f"chunks cover {end} of {entry.size} bytes")
+        self._db.executemany(
+            "INSERT INTO stage.chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (ino, c.file_offset, c.size, c.blob_offset, c.inner_offset, c.digest, c.comp_size)
+                for c in chunks
+            ],
+        )
+
+    def add_span(self, span: Span) -> None:
+        """Record a verified window of the blob (spans come in stream order).
+
+        Raises:
+            BadLayer: the span leaves a gap, overlaps or leaves the blob.
+        """
+        s = span
+        if s.uncomp_offset != self._span_end or s.uncomp_size <= 0 or len(s.sha256) != 64:
+            raise BadLayer(f"{self.what}: span at {s.uncomp_offset} does not follow the last")
+        if not (s.comp_offset >= 0 and 0 <= s.comp_size <= self._blob_size - s.comp_offset):
+            raise BadLayer(f"{self.what}: span at {s.uncomp_offset} outside the blob")
+        self._span_end = s.uncomp_offset + s.uncomp_size
+        self._db.execute(
+            "INSERT INTO spans VALUES (?, ?, ?, ?, ?)",
+            (s.uncomp_offset, s.uncomp_size, s.comp_offset, s.comp_size, s.sha256),
+        )
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Record *key* (e.g. ``ref``, ``diff_id``) for `LayerIndex.meta`."""
+        self._meta[key] = value
+
+    # -- the tree in staging --------------------------------------------------
+
+    def _check_path(self, path: str) -> None:
+        """The limits, and the shape `normalize_path` promises (belt and braces)."""
+        if not path:
+            return
+        if len(path) * 4 >= self.limits.path and len(_enc(path)) >= self.limits.path:
+            raise _bad(self.what, path, "path too long")
+        parts = path.split("/")
+        if len(parts) > self.limits.depth:
+            raise _bad(self.what, path, f"deeper than {self.limits.depth} directories")
+        for part in parts:
+            if part in ("", ".", "..") or "\0" in part:
+                raise _bad(self.what, path, "not a normalized path")
+            if len(part) * 4 > self.limits.name and len(_enc(part)) > self.limits.name:
+                raise _bad(self.what, path, "name too long")
+
+    def _row(self, parent: int, name: str) -> _Row | None:
+        row = self._db.execute(
+            "SELECT id, ino, kind FROM stage.nodes WHERE parent = ? AND name = ?",
+            (parent, _enc(name)),
+        ).fetchone()
+        return None if row is None else _Row(row[0], row[1], Kind(row[2]))
+
+    def _resolve(self, path: str) -> _Row | None:
+        """The row at *path*, never through links; None if there is none."""
+        parent_path, _, name = path.rpartition("/")
+        parent = self._dirs.get(parent_path, ROOT if not parent_path else None)
+        if parent is None:
+            found = self._resolve(parent_path)
+            if found is None or found.kind != Kind.DIR:
+                return None
+            parent = found.ino
+        return self._row(parent, name)
+
+    def _dir(self, path: str) -> int:
+        """The directory at *path*, implying missing ones.
+
+        A whiteout in the way becomes an opaque directory (the layer
+        deleted what the lower layers had there, then made a new one).
+
+        Raises:
+            BadLayer: a component is not a directory.
+        """
+        cached = self._dirs.get(path)
+        if cached is not None:
+            return cached
+        if not path:
+            return ROOT
+        parts = path.split("/")
+        # The longest cached ancestor, then down one component at a time.
+        i = len(parts) - 1
+        while i > 0 and "/".join(parts[:i]) not in self._dirs:
+            i -= 1
+        ino = self._dirs["/".join(parts[:i])] if i else ROOT
+        for j in range(i, len(parts)):
+            sub = "/".join(parts[: j + 1])
+            row = self._row(ino, parts[j])
+            if row is not None and row.kind == Kind.DIR:
+                ino = row.ino
+                self._cache_dir(sub, ino)
+            elif row is None or row.kind == Kind.WHITEOUT:
+                if row is not None:
+                    self._drop(row)
+                ino = self._insert(ino, parts[j], sub, Kind.DIR, mode=0o755, opaque=row is not None)
+            else:
+                raise _bad(self.what, path, f"{printable(sub)!r} is a {row.kind.name.lower()}")
+        return ino
+
+    def _cache_dir(self, path: str, ino: int) -> None:
+        if len(self._dirs) >= _DIR_CACHE:
+            self._dirs.clear()
+        self._dirs[path] = ino
+
+    def _drop(self, row: _Row) -> None:
+        """Remove *row* and, for a directory, everything below it."""
+        if row.kind == Kind.DIR:
+            self._db.execute(
+                f"""WITH RECURSIVE sub(ino) AS (
+                    SELECT ? UNION ALL
+                    SELECT n.ino FROM stage.nodes n JOIN sub ON n.parent = sub.ino
+                    WHERE n.kind = {int(Kind.DIR)})
+                DELETE FROM stage.nodes WHERE parent IN sub""",
+                (row.ino,),
+            )
+            self._dirs.clear()
+        self._db.execute("DELETE FROM stage.nodes WHERE id = ?", (row.id,))
+
+    # -- finishing ------------------------------------------------------------
+
+    def commit(self) -> LayerIndex:
+        """Write the final tables, make the file durable and rename it in.
+
+        Returns:
+            The finished index, open.
+        """
+        db = self._db
+        db.execute(_COPY)
+        db.execute(_CHILD_RANGES)
+        # Inodes no name reaches any more (replaced, or under a dropped
+        # directory) take their xattrs and chunks with them.
+        for table in ("xattrs", "chunks"):
+            db.execute(
+                f"INSERT INTO {table} SELECT * FROM stage.{table} "
+                "WHERE ino IN (SELECT ino FROM stage.nodes)"
+            )
+        db.execute("CREATE UNIQUE INDEX nodes_name ON nodes(parent, name)")
+        db.execute("CREATE INDEX nodes_ino ON nodes(ino)")
+        self._unique_finos()
+        self._meta["count"] = str(db.execute("SELECT count(*) FROM nodes").fetchone()[0])
+        db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(self._meta.items()))
+        db.execute("COMMIT")
+        db.execute("DETACH DATABASE stage")
+        db.close()
+        self._conn = None
+        self._stage.unlink(missing_ok=True)
+        _fsync(self._tmp)
+        os.replace(self._tmp, self.path)
+        _fsync(self.path.parent)
+        return LayerIndex.open(self.path)
+
+    def _unique_finos(self) -> None:
+        """Give every inode its own `Node.fino`.
+
+        xxh3 is no defence against a layer crafted to collide: later inodes
+        of a clash take the next free number, so no two files of a layer
+        share a stable inode. The index is made only when there is a clash.
+        """
+        db = self._db
+        clashes = db.execute(
+            "SELECT fino FROM nodes GROUP BY fino HAVING count(DISTINCT ino) > 1"
+        ).fetchall()
+        if not clashes:
+            return
+        db.execute("CREATE INDEX nodes_fino ON nodes(fino)")
+        for (fino,) in clashes:
+            inos = db.execute(
+                "SELECT DISTINCT ino FROM nodes WHERE fino = ? ORDER BY ino", (fino,)
+            ).fetchall()
+            for (ino,) in inos[1:]:
+                new = fino
+                while db.execute("SELECT 1 FROM nodes WHERE fino = ?", (new,)).fetchone():
+                    new = new + 1 if new < _INT64 else FIRST_FINO
+                log.warning(
+                    "%s: stable inode %d clash: inode %d takes %d", self.what, fino, ino, new
+                )
+                db.execute("UPDATE nodes SET fino = ? WHERE ino = ?", (new, ino))
+        db.execute("DROP INDEX nodes_fino")
+
+    def abort(self) -> None:
+        """Drop everything written; idempotent (and a no-op after `commit`)."""
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+            self._tmp.unlink(missing_ok=True)
+            self._stage.unlink(missing_ok=True)
+
+
+def _clamp(ns: int) -> int:
+    """A time in SQLite's int64: times past year 2262 are cut there, not refused."""
+    return max(-_INT64, min(_INT64, ns))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- reading ------------------------------------------------------------------
+
+
+def _node(row: Sequence[Any]) -> Node:
+    return Node(
+        ino=row[0],
+        parent=row[1],
+        name=_dec(row[2]),
+        kind=Kind(row[3]),
+        mode=row[4],
+        uid=row[5],
+        gid=row[6],
+        size=row[7],
+        mtime_ns=row[8],
+        rdev=row[9],
+        link=_dec(row[10]),
+        nlink=row[11],
+        fino=row[12],
+        data=row[13],
+        opaque=bool(row[14]),
+    )
+
+
+class LayerIndex:
+    """A finished index, read-only; safe to use from any thread.
+
+    One SQLite connection behind a lock: each query takes microseconds, so
+    the lock costs less than a connection per worker thread would in memory.
+    The file is opened immutable (it never changes once renamed in), so
+    SQLite takes no file locks; removing it while open is fine.
+    """
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self._conn = conn
+        self._lock = threading.Lock()
+        meta = dict(self._all("SELECT key, value FROM meta"))
+        if meta.get("format") != str(FORMAT):
+            raise DataLoss(f"{path}: layer index format {meta.get('format')!r}, not {FORMAT}")
+        self._meta: dict[str, str] = meta
+        self.layer = Digest.parse(meta["layer"])
+        self.source = meta["source"]
+        self.blob_size = int(meta["blob_size"])
+        self.count = int(meta["count"])
+
+    @classmethod
+    def open(cls, path: Path) -> LayerIndex:
+        """Open the index at *path*.
+
+        Raises:
+            NotFound: no file there.
+            DataLoss: the file is not a layer index of this format.
+        """
+        if not path.is_file():
+            raise NotFound(f"layer index {path} not found")
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False
+        )
+        try:
+            conn.execute(f"PRAGMA cache_size=-{_READ_CACHE_KIB}")
+            return cls(path, conn)
+        except (sqlite3.Error, KeyError, ValueError) as e:
+            conn.close()
+            raise DataLoss(f"{path}: not a layer index: {e}") from None
+        except BaseException:
+            conn.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> LayerIndex:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchone()
+
+    def meta(self, key: str) -> str | None:
+        """A value the writer recorded with `IndexWriter.set_meta` (or None)."""
+        return self._meta.get(key)
+
+    def root(self) -> Node:
+        return self.node(ROOT)
+
+    def node(self, ino: int) -> Node:
+        """The node of local inode *ino* (a hardlinked one: its first name).
+
+        Raises:
+            NotFound: no such inode in this layer.
+        """
+        row = self._one(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE ino = ? LIMIT 1", (ino,))
+        if row is None:
+            raise NotFound(f"layer {self.layer}: no inode {ino}")
+        return _node(row)
+
+    def lookup(self, parent: int, name: str | bytes) -> Node | None:
+        """The entry *name* of directory *parent*, or None."""
+        raw = _enc(name) if isinstance(name, str) else name
+        row = self._one(
+            f"SELECT {_NODE_COLUMNS} FROM nodes WHERE parent = ? AND name = ?", (parent, raw)
+        )
+        return None if row is None else _node(row)
+
+    def children(self, ino: int, offset: int, limit: int) -> list[Node]:
+        """Entries *offset* .. *offset* + *limit* of directory *ino*, by name.
+
+        The order is stable (byte order of names), so an offset is a
+        position a listing can resume at; an offset past the end, or a
+        non-directory, gives an empty list.
+        """
+        row = self._one("SELECT child0, nchild FROM nodes WHERE ino = ? LIMIT 1", (ino,))
+        if row is None or offset >= row[1] or limit <= 0:
+            return []
+        first = row[0] + max(offset, 0)
+        last = row[0] + min(row[1], max(offset, 0) + limit) - 1
+        rows = self._all(
+            f"SELECT {_NODE_COLUMNS} FROM nodes WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
+            (first, last),
+        )
+        return [_node(r) for r in rows]
+
+    def iter_children(self, ino: int, batch: int = 1024) -> Iterator[Node]:
+        """Every entry of directory *ino*, fetched *batch* at a time."""
+        offset = 0
+        while page := self.children(ino, offset, batch):
+            yield from page
+            offset += len(page)
+
+    def xattrs(self, ino: int) -> dict[str, bytes]:
+        """The extended attributes of inode *ino* (name → value)."""
+        return {
+            k: bytes(v)
+            for k, v in self._all("SELECT name, value FROM xattrs WHERE ino = ?", (ino,))
+        }
+
+    def chunks(self, ino: int) -> list[Chunk]:
+        """The chunks of file *ino* in file order (empty unless chunked)."""
+        rows = self._all(
+            "SELECT file_offset, size, blob_offset, inner_offset, digest, comp_size "
+            "FROM chunks WHERE ino = ? ORDER BY file_offset",
+            (ino,),
+        )
+        return [Chunk(*r) for r in rows]
+
+    def spans(self) -> list[Span]:
+        """Every span, in stream order."""
+        return [Span(*r) for r in self._all(f"{_SPANS} ORDER BY uncomp_offset")]
+
+    def span_for(self, uncomp_offset: int) -> Span | None:
+        """The span holding byte *uncomp_offset* of the tar stream, or None."""
+        row = self._one(
+            f"{_SPANS} WHERE uncomp_offset <= ? ORDER BY uncomp_offset DESC LIMIT 1",
+            (uncomp_offset,),
+        )
+        if row is None or uncomp_offset >= row[2] + row[3]:
+            return None
+        return Span(*row)
+
+
+_SPANS = "SELECT comp_offset, comp_size, uncomp_offset, uncomp_size, sha256 FROM spans"
+
+
+def iter_nodes(index: LayerIndex, top: int = ROOT) -> Iterable[tuple[str, Node]]:
+    """(path, node) of every entry below *top*, depth first, for tests and tools."""
+    stack: list[tuple[str, int]] = [("", top)]
+    while stack:
+        prefix, ino = stack.pop()
+        for child in index.iter_children(ino):
+            path = f"{prefix}/{child.name}" if prefix else child.name
+            yield path, child
+            if child.kind == Kind.DIR:
+                stack.append((path, child.ino))
