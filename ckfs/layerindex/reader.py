@@ -39,7 +39,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import trio
 from isal import isal_zlib
@@ -48,7 +48,11 @@ from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
 from ckfs.errors import CkfsError, DataLoss, InvalidArgument, Unimplemented
 from ckfs.layerindex.cache import ChunkCache
-from ckfs.reference import Reference
+from ckfs.layerindex.model import Chunk, LayerIndex, Node
+
+if TYPE_CHECKING:
+    from ckfs.reference import Reference
+    from ckfs.remotes.registry import RegistryClient
 
 __all__ = [
     "COALESCE_GAP",
@@ -108,64 +112,6 @@ class BlobSource(Protocol):
         ...
 
 
-class _Node(Protocol):
-    """What the reader needs of a layer index node (`ckfs.layerindex.model.Node`)."""
-
-    @property
-    def ino(self) -> int: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def data(self) -> int: ...
-
-
-class _Chunk(Protocol):
-    @property
-    def file_offset(self) -> int: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def blob_offset(self) -> int: ...
-    @property
-    def inner_offset(self) -> int: ...
-    @property
-    def digest(self) -> str: ...
-    @property
-    def comp_size(self) -> int: ...
-
-
-class _Span(Protocol):
-    @property
-    def comp_offset(self) -> int: ...
-    @property
-    def comp_size(self) -> int: ...
-    @property
-    def uncomp_offset(self) -> int: ...
-    @property
-    def uncomp_size(self) -> int: ...
-    @property
-    def sha256(self) -> str: ...
-
-
-class _Index(Protocol):
-    """What the reader needs of a `ckfs.layerindex.model.LayerIndex`."""
-
-    @property
-    def layer(self) -> Digest: ...
-    @property
-    def source(self) -> str: ...
-    @property
-    def blob_size(self) -> int: ...
-    def chunks(self, ino: int) -> Sequence[_Chunk]: ...
-    def spans(self) -> Sequence[_Span]: ...
-
-
-class _RangeClient(Protocol):
-    async def read_range(
-        self, ref: Reference, desc: Descriptor, offset: int, length: int
-    ) -> bytes: ...
-
-
 class LocalBlob:
     """A blob in a local file (the content store, or a test's file).
 
@@ -218,7 +164,7 @@ class RemoteBlob:
     finally raises fails the one read that asked.
     """
 
-    def __init__(self, client: _RangeClient, ref: Reference, desc: Descriptor) -> None:
+    def __init__(self, client: RegistryClient, ref: Reference, desc: Descriptor) -> None:
         self.client = client
         self.ref = ref
         self.desc = desc
@@ -282,7 +228,7 @@ class LayerReader:
 
     def __init__(
         self,
-        index: _Index,
+        index: LayerIndex,
         source: BlobSource,
         cache: ChunkCache,
         *,
@@ -325,7 +271,7 @@ class LayerReader:
         """
         return dict(self._stats)
 
-    async def read(self, node: _Node, offset: int, size: int) -> bytes:
+    async def read(self, node: Node, offset: int, size: int) -> bytes:
         """Up to *size* bytes of *node*'s content from *offset* (short at its end).
 
         Raises:
@@ -348,7 +294,7 @@ class LayerReader:
 
     # -- which pieces ------------------------------------------------------
 
-    def _covering(self, node: _Node, start: int, end: int) -> list[_Piece]:
+    def _covering(self, node: Node, start: int, end: int) -> list[_Piece]:
         """The pieces holding bytes *start*..*end*, contiguous, in order.
 
         Raises:
@@ -375,7 +321,7 @@ class LayerReader:
             raise DataLoss(f"layer {self.layer}: inode {node.ino} ends at {pos} in its pieces")
         return chosen
 
-    def _chunk_pieces(self, node: _Node) -> list[_Piece]:
+    def _chunk_pieces(self, node: Node) -> list[_Piece]:
         found = self._chunk_lists.get(node.ino)
         if found is not None:
             self._chunk_lists.move_to_end(node.ino)
@@ -404,7 +350,7 @@ class LayerReader:
         return pieces
 
     @staticmethod
-    def _chunk_end(c: _Chunk, following: Sequence[_Chunk]) -> int:
+    def _chunk_end(c: Chunk, following: Sequence[Chunk]) -> int:
         """Where to stop fetching chunk *c*: its member's end if the index
         knows it, else the next chunk's member start, within a bound.
 
@@ -444,9 +390,7 @@ class LayerReader:
             self._spans = pieces
         return self._spans
 
-    def _check_piece(
-        self, offset: int, end: int, size: int, inner: int, node: _Node | None
-    ) -> None:
+    def _check_piece(self, offset: int, end: int, size: int, inner: int, node: Node | None) -> None:
         """Refuse a piece outside the blob, empty, or too large to inflate.
 
         Raises:

@@ -1,0 +1,546 @@
+"""LayerReader: lazy reads of eStargz-like and tar layers, verified and cached.
+
+The blobs are built here from real gzip members and real tar streams, the
+indexes by the real `IndexWriter`; the blob source is a real file
+(`LocalBlob`), wrapped by `Probe` to count, hold, fail or corrupt the ranges
+the reader asks for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import struct
+import tarfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from ckfs.archive.entry import Entry, Kind
+from ckfs.digest import from_bytes
+from ckfs.errors import CkfsError, DataLoss, InvalidArgument, Unavailable, Unimplemented
+from ckfs.layerindex import reader as reader_module
+from ckfs.layerindex.cache import ChunkCache
+from ckfs.layerindex.model import ROOT, Chunk, IndexWriter, LayerIndex, Node, Span
+from ckfs.layerindex.reader import COALESCE_GAP, LayerReader, LocalBlob
+
+CHUNK = 64 << 10
+
+
+def content(n: int, seed: int) -> bytes:
+    """*n* bytes that compress about as well as a binary: text and noise."""
+    rnd = random.Random(seed)
+    out = bytearray()
+    while len(out) < n:
+        out += rnd.randbytes(rnd.randrange(16, 200))
+        out += b"the quick brown fox %d jumps\n" % rnd.randrange(1000) * rnd.randrange(1, 20)
+    return bytes(out[:n])
+
+
+def gzip_member(data: bytes, *, level: int = 6, name: bytes = b"") -> bytes:
+    """One gzip member of *data*; *name* fills the header's FNAME field."""
+    header = struct.pack("<BBBBIBB", 0x1F, 0x8B, 8, 0x08 if name else 0, 0, 0, 255)
+    if name:
+        header += name + b"\0"
+    c = zlib.compressobj(level, zlib.DEFLATED, -15)
+    body = c.compress(data) + c.flush()
+    return header + body + struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF)
+
+
+@dataclass
+class Layer:
+    """A built blob, its index and the expected file contents."""
+
+    blob: Path
+    index: LayerIndex
+    files: dict[str, bytes]
+    members: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+
+    def node(self, name: str) -> Node:
+        node = self.index.lookup(ROOT, name)
+        assert node is not None
+        return node
+
+
+def build_estargz(
+    tmp: Path,
+    files: dict[str, bytes],
+    *,
+    shared: dict[str, bytes] | None = None,
+    sizes_known: bool = True,
+    level: int = 6,
+    name: bytes = b"",
+) -> Layer:
+    """An eStargz-shaped blob: a header member per file, one member per chunk,
+    small *shared* files in one member (inner offsets), a trailing TOC member.
+    """
+    blob = bytearray()
+    entries: list[tuple[Entry, list[Chunk]]] = []
+    members: dict[str, list[tuple[int, int]]] = {}
+    for path, data in files.items():
+        blob += gzip_member(b"H" * 512)
+        chunks = []
+        for off in range(0, len(data), CHUNK):
+            part = data[off : off + CHUNK]
+            member = gzip_member(part, level=level, name=name)
+            known = len(member) if sizes_known else -1
+            chunks.append(Chunk(off, len(part), len(blob), 0, from_bytes(part), known))
+            members.setdefault(path, []).append((len(blob), len(member)))
+            blob += member
+        entries.append((Entry(path, Kind.FILE, size=len(data)), chunks))
+    if shared:
+        start, payload = len(blob), b""
+        for path, data in shared.items():
+            chunk = Chunk(0, len(data), start, len(payload), from_bytes(data))
+            entries.append((Entry(path, Kind.FILE, size=len(data)), [chunk]))
+            payload += data + b"\0" * 7
+        blob += gzip_member(payload)
+    blob += gzip_member(b'{"version":1,"entries":[]}')
+    blob_path = tmp / "blob"
+    blob_path.write_bytes(blob)
+    layer = from_bytes(bytes(blob))
+    w = IndexWriter(tmp / "index.db", layer=layer, source="estargz", blob_size=len(blob))
+    with w:
+        for entry, chunks in entries:
+            w.add(entry, chunks=chunks)
+        index = w.commit()
+    return Layer(blob_path, index, {**files, **(shared or {})}, members)
+
+
+def build_tar(tmp: Path, files: dict[str, bytes], span: int = 1 << 20) -> Layer:
+    """An uncompressed tar layer with its spans of *span* bytes."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path, data in files.items():
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    blob = raw.getvalue()
+    blob_path = tmp / "blob"
+    blob_path.write_bytes(blob)
+    w = IndexWriter(tmp / "index.db", layer=from_bytes(blob), source="tar", blob_size=len(blob))
+    with w, tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        for m in tar:
+            w.add(Entry(m.name, Kind.FILE, size=m.size), data=m.offset_data)
+        for off in range(0, len(blob), span):
+            part = blob[off : off + span]
+            w.add_span(Span(off, len(part), off, len(part), hashlib.sha256(part).hexdigest()))
+        index = w.commit()
+    return Layer(blob_path, index, files)
+
+
+class Probe:
+    """A BlobSource in front of a real one: counts the ranges asked for,
+    and can hold them (``gate``), fail them (``fail``) or flip a byte in
+    what they return (``flip``: offset into the range).
+    """
+
+    def __init__(self, inner: LocalBlob) -> None:
+        self.inner = inner
+        self.calls: list[tuple[int, int]] = []
+        self.gate: trio.Event | None = None
+        self.fail: CkfsError | None = None
+        self.flip: int | None = None
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    async def read_range(self, offset: int, length: int) -> bytes:
+        self.calls.append((offset, length))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        data = await self.inner.read_range(offset, length)
+        if self.flip is not None:
+            i = min(self.flip, len(data) - 1)
+            data = data[:i] + bytes([data[i] ^ 0x55]) + data[i + 1 :]
+        return data
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> ChunkCache:
+    return ChunkCache(tmp_path / "cache", memory_bytes=0)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (bounded) until *condition* holds: tasks may be in worker threads,
+    which `trio.testing.wait_all_tasks_blocked` counts as blocked."""
+    with trio.fail_after(10):
+        while not condition():
+            await trio.sleep(0.001)
+
+
+def reader_for(layer: Layer, cache: ChunkCache) -> tuple[LayerReader, Probe]:
+    probe = Probe(LocalBlob(layer.blob))
+    return LayerReader(layer.index, probe, cache), probe
+
+
+def ranges(size: int, seed: int) -> Iterator[tuple[int, int]]:
+    rnd = random.Random(seed)
+    yield 0, size
+    yield size - 1, 10
+    yield size, 10
+    for _ in range(30):
+        yield rnd.randrange(size), rnd.randrange(1, 3 * CHUNK)
+
+
+# -- eStargz --------------------------------------------------------------
+
+
+async def test_estargz_reads_match_and_second_read_is_a_hit(
+    tmp_path: Path, cache: ChunkCache
+) -> None:
+    files = {"a": content(5 * CHUNK + 123, 1), "b": content(CHUNK, 2), "c": content(10, 3)}
+    layer = build_estargz(tmp_path, files, shared={"s1": b"small one", "s2": b"small two!"})
+    reader, probe = reader_for(layer, cache)
+    for name, data in layer.files.items():
+        for off, n in ranges(len(data), seed=len(name)):
+            assert await reader.read(layer.node(name), off, n) == data[off : off + n], (name, off)
+    fetched = len(probe.calls)
+    stats = reader.statistics()
+    assert stats["misses"] == 6 + 1 + 1 + 2  # every chunk fetched once
+    assert stats["fetched_bytes"] == sum(n for _, n in probe.calls)
+    for name, data in layer.files.items():
+        assert await reader.read(layer.node(name), 0, len(data)) == data
+    assert len(probe.calls) == fetched  # all from the cache now
+    assert reader.statistics()["hits"] > stats["hits"]
+
+
+async def test_cache_hits_are_not_hashed_with_sha256_again(
+    tmp_path: Path, cache: ChunkCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = content(3 * CHUNK, 4)
+    layer = build_estargz(tmp_path, {"f": data})
+    verified: list[object] = []
+    real = reader_module._verify
+
+    def counting(*args: Any) -> None:
+        verified.append(args)
+        real(*args)
+
+    monkeypatch.setattr(reader_module, "_verify", counting)
+    first, _ = reader_for(layer, cache)
+    assert await first.read(layer.node("f"), 0, len(data)) == data
+    assert len(verified) == 3
+    second, probe = reader_for(layer, cache)  # a fresh reader: only the disk cache
+    assert await second.read(layer.node("f"), 0, len(data)) == data
+    assert len(verified) == 3 and probe.calls == []
+    assert second.statistics()["hits"] == 3
+
+
+async def test_neighbouring_chunks_are_one_request(tmp_path: Path, cache: ChunkCache) -> None:
+    data = content(6 * CHUNK, 5)
+    layer = build_estargz(tmp_path, {"f": data})
+    reader, probe = reader_for(layer, cache)
+    assert (
+        await reader.read(layer.node("f"), CHUNK // 2, 3 * CHUNK)
+        == data[CHUNK // 2 : CHUNK // 2 + 3 * CHUNK]
+    )
+    members = layer.members["f"]
+    assert probe.calls == [(members[0][0], sum(n for _, n in members[:4]))]
+    # Chunks 0-3 are cached; reading 2-5 fetches 4 and 5 only, again as one.
+    assert await reader.read(layer.node("f"), 2 * CHUNK, 4 * CHUNK) == data[2 * CHUNK :]
+    assert probe.calls[1] == (members[4][0], members[4][1] + members[5][1])
+
+
+async def test_far_apart_chunks_are_separate_requests(tmp_path: Path, cache: ChunkCache) -> None:
+    files = {"a": content(CHUNK, 6), "big": content(CHUNK, 7) * 8, "b": content(CHUNK, 8)}
+    layer = build_estargz(tmp_path, files, level=0)  # stored: "big" keeps its size
+    reader, probe = reader_for(layer, cache)
+    await reader.read(layer.node("a"), 0, CHUNK)
+    await reader.read(layer.node("b"), 0, CHUNK)
+    assert len(probe.calls) == 2
+    gap = layer.members["b"][0][0] - sum(layer.members["a"][0])
+    assert gap > COALESCE_GAP
+
+
+async def test_unknown_member_sizes_use_next_chunk_and_a_bound(
+    tmp_path: Path, cache: ChunkCache
+) -> None:
+    data = content(3 * CHUNK + 7, 9)
+    layer = build_estargz(tmp_path, {"f": data}, sizes_known=False)
+    reader, probe = reader_for(layer, cache)
+    assert await reader.read(layer.node("f"), 0, len(data)) == data
+    # One request: chunk 0..2 end at the next member; the last at its bound.
+    assert len(probe.calls) == 1 and probe.calls[0][0] == layer.members["f"][0][0]
+
+
+async def test_member_longer_than_its_bound_is_fetched_again(
+    tmp_path: Path, cache: ChunkCache
+) -> None:
+    """A gzip header with a 4 KiB file name: the bound is too short; the
+    reader fetches the member again with a longer window and serves it."""
+    data = b"tiny"
+    layer = build_estargz(tmp_path, {"f": data}, sizes_known=False, name=b"n" * 4096)
+    reader, probe = reader_for(layer, cache)
+    assert await reader.read(layer.node("f"), 0, 4) == data
+    assert len(probe.calls) >= 2
+
+
+async def test_wrong_bytes_from_the_source_fail_and_cache_nothing(
+    tmp_path: Path, cache: ChunkCache
+) -> None:
+    data = content(2 * CHUNK, 10)
+    layer = build_estargz(tmp_path, {"f": data}, level=0)  # stored: a flipped byte inflates
+    reader, probe = reader_for(layer, cache)
+    probe.flip = 40
+    with pytest.raises(DataLoss):  # the member's CRC or the chunk's digest
+        await reader.read(layer.node("f"), 0, 10)
+    assert cache.usage().files == 0
+    assert reader.statistics()["errors"] == 1
+    probe.flip = None
+    assert await reader.read(layer.node("f"), 0, len(data)) == data
+
+
+async def test_garbage_instead_of_a_gzip_member_is_data_loss(
+    tmp_path: Path, cache: ChunkCache
+) -> None:
+    layer = build_estargz(tmp_path, {"f": content(CHUNK, 11)})
+    reader, probe = reader_for(layer, cache)
+    probe.flip = 0  # the gzip magic
+    with pytest.raises(DataLoss, match="does not inflate"):
+        await reader.read(layer.node("f"), 0, 10)
+    assert cache.usage().files == 0
+
+
+async def test_index_digest_that_does_not_match_is_data_loss(
+    tmp_path: Path, cache: ChunkCache
+) -> None:
+    data = content(100, 12)
+    blob = gzip_member(data)
+    (tmp_path / "blob").write_bytes(blob)
+    wrong = from_bytes(b"something else")
+    w = IndexWriter(
+        tmp_path / "index.db", layer=from_bytes(blob), source="estargz", blob_size=len(blob)
+    )
+    with w:
+        w.add(Entry("f", Kind.FILE, size=100), chunks=[Chunk(0, 100, 0, 0, wrong, len(blob))])
+        index = w.commit()
+    reader = LayerReader(index, LocalBlob(tmp_path / "blob"), cache)
+    node = index.lookup(ROOT, "f")
+    assert node is not None
+    with pytest.raises(DataLoss):
+        await reader.read(node, 0, 100)
+    assert cache.usage().files == 0
+
+
+async def test_member_shorter_than_its_chunk_is_data_loss(
+    tmp_path: Path, cache: ChunkCache
+) -> None:
+    blob = gzip_member(b"only eleven") + gzip_member(b"next")
+    (tmp_path / "blob").write_bytes(blob)
+    w = IndexWriter(
+        tmp_path / "index.db", layer=from_bytes(blob), source="estargz", blob_size=len(blob)
+    )
+    with w:
+        digest = from_bytes(b"only eleven" + b"\0" * 9)
+        w.add(Entry("f", Kind.FILE, size=20), chunks=[Chunk(0, 20, 0, 0, digest)])
+        index = w.commit()
+    reader = LayerReader(index, LocalBlob(tmp_path / "blob"), cache)
+    node = index.lookup(ROOT, "f")
+    assert node is not None
+    with pytest.raises(DataLoss, match="holds 11 bytes"):
+        await reader.read(node, 0, 20)
+
+
+async def test_registry_trouble_fails_that_read_only(tmp_path: Path, cache: ChunkCache) -> None:
+    files = {"a": content(CHUNK, 13), "b": content(CHUNK, 14)}
+    layer = build_estargz(tmp_path, files)
+    reader, probe = reader_for(layer, cache)
+    assert await reader.read(layer.node("a"), 0, CHUNK) == files["a"]
+    probe.fail = Unavailable("registry down")
+    with pytest.raises(Unavailable):
+        await reader.read(layer.node("b"), 0, 10)
+    assert await reader.read(layer.node("a"), 5, 10) == files["a"][5:15]  # cached: still fine
+    probe.fail = None
+    assert await reader.read(layer.node("b"), 0, CHUNK) == files["b"]
+
+
+async def test_corrupted_cache_file_is_refetched(tmp_path: Path, cache: ChunkCache) -> None:
+    data = content(CHUNK, 15)
+    layer = build_estargz(tmp_path, {"f": data})
+    reader, probe = reader_for(layer, cache)
+    assert await reader.read(layer.node("f"), 0, CHUNK) == data
+    (layer_dir,) = (tmp_path / "cache").iterdir()
+    (chunk_file,) = layer_dir.iterdir()
+    raw = bytearray(chunk_file.read_bytes())
+    raw[-100] ^= 1
+    chunk_file.write_bytes(raw)
+    assert await reader.read(layer.node("f"), 0, CHUNK) == data
+    assert len(probe.calls) == 2
+    assert cache.statistics()["corrupt"] == 1
+    assert await reader.read(layer.node("f"), 0, CHUNK) == data  # the refetched copy is good
+    assert len(probe.calls) == 2
+
+
+async def test_concurrent_reads_of_one_chunk_fetch_it_once(
+    tmp_path: Path, cache: ChunkCache
+) -> None:
+    data = content(2 * CHUNK, 16)
+    layer = build_estargz(tmp_path, {"f": data})
+    reader, probe = reader_for(layer, cache)
+    probe.gate = trio.Event()
+    results: list[bytes] = []
+
+    async def read(off: int) -> None:
+        results.append(await reader.read(layer.node("f"), off, 100))
+
+    async with trio.open_nursery() as nursery:
+        for off in range(0, 1000, 100):
+            nursery.start_soon(read, off)
+        await until(lambda: reader.statistics()["joined"] == 9)
+        probe.gate.set()
+    assert len(probe.calls) == 1
+    assert sorted(results) == sorted(data[o : o + 100] for o in range(0, 1000, 100))
+    assert reader.statistics()["joined"] == 9
+
+
+async def test_waiters_share_the_leaders_error(tmp_path: Path, cache: ChunkCache) -> None:
+    layer = build_estargz(tmp_path, {"f": content(CHUNK, 17)})
+    reader, probe = reader_for(layer, cache)
+    probe.gate = trio.Event()
+    probe.fail = Unavailable("registry down")
+    errors: list[BaseException] = []
+
+    async def read() -> None:
+        try:
+            await reader.read(layer.node("f"), 0, 10)
+        except Unavailable as e:
+            errors.append(e)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(read)
+        await until(lambda: reader.statistics()["joined"] == 2)
+        probe.gate.set()
+    assert len(errors) == 3 and len(probe.calls) == 1
+
+
+async def test_a_cancelled_leader_hands_the_fetch_to_a_waiter(
+    tmp_path: Path, cache: ChunkCache
+) -> None:
+    data = content(CHUNK, 18)
+    layer = build_estargz(tmp_path, {"f": data})
+    reader, probe = reader_for(layer, cache)
+    probe.gate = trio.Event()
+    got: list[bytes] = []
+
+    async def wait_and_read() -> None:
+        got.append(await reader.read(layer.node("f"), 0, 10))
+
+    async with trio.open_nursery() as nursery:
+        leader = trio.CancelScope()
+
+        async def lead() -> None:
+            with leader:
+                await reader.read(layer.node("f"), 0, 10)
+
+        nursery.start_soon(lead)
+        await until(lambda: len(probe.calls) == 1)
+        nursery.start_soon(wait_and_read)
+        await until(lambda: reader.statistics()["joined"] == 1)
+        leader.cancel()
+        await until(lambda: len(probe.calls) == 2)
+        probe.gate.set()
+    assert got == [data[:10]]
+    assert len(probe.calls) == 2
+
+
+async def test_reads_outside_the_file(tmp_path: Path, cache: ChunkCache) -> None:
+    layer = build_estargz(tmp_path, {"f": b"0123456789"})
+    reader, probe = reader_for(layer, cache)
+    node = layer.node("f")
+    assert await reader.read(node, 10, 5) == b""
+    assert await reader.read(node, 100, 5) == b""
+    assert await reader.read(node, 3, 0) == b""
+    assert await reader.read(node, 8, 100) == b"89"
+    with pytest.raises(InvalidArgument):
+        await reader.read(node, -1, 5)
+    assert len(probe.calls) == 1
+
+
+async def test_chunks_beyond_piece_bound_fail_the_file(tmp_path: Path, cache: ChunkCache) -> None:
+    """An inner offset no member could hold fails reads of that file, not more."""
+    blob = gzip_member(b"x" * 100) + gzip_member(b"y" * 100)
+    (tmp_path / "blob").write_bytes(blob)
+    w = IndexWriter(
+        tmp_path / "index.db", layer=from_bytes(blob), source="estargz", blob_size=len(blob)
+    )
+    with w:
+        huge = Chunk(0, 100, 0, 1 << 40, from_bytes(b"x" * 100))
+        w.add(Entry("bad", Kind.FILE, size=100), chunks=[huge])
+        good = Chunk(0, 100, len(blob) // 2, 0, from_bytes(b"y" * 100))
+        w.add(Entry("good", Kind.FILE, size=100), chunks=[good])
+        index = w.commit()
+    reader = LayerReader(index, LocalBlob(tmp_path / "blob"), cache)
+    bad, ok = index.lookup(ROOT, "bad"), index.lookup(ROOT, "good")
+    assert bad is not None and ok is not None
+    with pytest.raises(DataLoss, match="too large"):
+        await reader.read(bad, 0, 100)
+    assert await reader.read(ok, 0, 100) == b"y" * 100
+
+
+async def test_blob_size_must_match_the_index(tmp_path: Path, cache: ChunkCache) -> None:
+    layer = build_estargz(tmp_path, {"f": b"abc"})
+    with open(layer.blob, "ab") as f:
+        f.write(b"more")
+    with pytest.raises(InvalidArgument, match="its index says"):
+        LayerReader(layer.index, LocalBlob(layer.blob), cache)
+
+
+# -- tar ------------------------------------------------------------------
+
+
+async def test_tar_reads_whole_spans_verified(tmp_path: Path, cache: ChunkCache) -> None:
+    files = {"a": content(300_000, 20), "b": b"hello", "c": content(2_500_000, 21)}
+    layer = build_tar(tmp_path, files, span=256 << 10)
+    reader, probe = reader_for(layer, cache)
+    for name, data in files.items():
+        for off, n in ranges(len(data), seed=3):
+            assert await reader.read(layer.node(name), off, n) == data[off : off + n]
+    assert all(off % (256 << 10) == 0 for off, _ in probe.calls)
+    calls = len(probe.calls)
+    assert await reader.read(layer.node("c"), 0, 2_500_000) == files["c"]
+    assert len(probe.calls) == calls
+
+
+async def test_tar_wrong_bytes_fail(tmp_path: Path, cache: ChunkCache) -> None:
+    layer = build_tar(tmp_path, {"a": content(10_000, 22)})
+    reader, probe = reader_for(layer, cache)
+    probe.flip = 600
+    with pytest.raises(DataLoss, match="do not match"):
+        await reader.read(layer.node("a"), 0, 10)
+    assert cache.usage().files == 0
+
+
+async def test_unserved_source_is_refused(tmp_path: Path, cache: ChunkCache) -> None:
+    blob = b"\x1f\x8b" + b"\0" * 100
+    (tmp_path / "blob").write_bytes(blob)
+    w = IndexWriter(
+        tmp_path / "index.db", layer=from_bytes(blob), source="gzip-index", blob_size=len(blob)
+    )
+    with w:
+        index = w.commit()
+    with pytest.raises(Unimplemented):
+        LayerReader(index, LocalBlob(tmp_path / "blob"), cache)
+
+
+async def test_local_blob_bounds(tmp_path: Path) -> None:
+    (tmp_path / "b").write_bytes(b"0123456789")
+    blob = LocalBlob(tmp_path / "b")
+    assert blob.size == 10
+    assert await blob.read_range(2, 3) == b"234"
+    assert await blob.read_range(10, 0) == b""
+    with pytest.raises(InvalidArgument):
+        await blob.read_range(8, 3)
+    (tmp_path / "b").write_bytes(b"01234")  # shrank under us
+    with pytest.raises(DataLoss):
+        await blob.read_range(2, 5)
