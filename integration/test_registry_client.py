@@ -517,17 +517,17 @@ async def test_plain_blob_body_read_from_the_socket(
     stalled mid-body (the request's read timeout still applies); the client
     keeps working after each, since such a connection is closed, not pooled.
     """
-    from ckfs.remotes import registry
+    from ckfs.remotes import blobs
 
     direct: list[bool] = []
-    plain_socket = registry._plain_socket
+    plain_socket = blobs._plain_socket
 
     def recording(response: object) -> object:
         sock = plain_socket(response)  # type: ignore[arg-type]
         direct.append(sock is not None)
         return sock
 
-    monkeypatch.setattr(registry, "_plain_socket", recording)
+    monkeypatch.setattr(blobs, "_plain_socket", recording)
     data = os.urandom(6 << 20)
     layer = plain[0].upload_blob(REPO, data)
     ref = parse(f"{proxy.host}/{REPO}:1")
