@@ -13,7 +13,7 @@ from ckfs.archive.entry import Entry, Kind
 from ckfs.digest import Digest
 from ckfs.layerindex.model import LIMITS, Chunk, IndexWriter, LayerIndex, Limits
 
-__all__ = ["LAYER", "D", "Entry", "F", "Kind", "L", "build", "entries_of"]
+__all__ = ["LAYER", "D", "Entry", "F", "Item", "Kind", "L", "build", "entries_of"]
 
 LAYER = Digest.parse("sha256:" + "ab" * 32)
 

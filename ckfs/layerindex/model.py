@@ -458,11 +458,14 @@ class IndexWriter:
             self._drop(existing)
         self._count(entry.path)
         # The new name copies the target's row: one inode, two names.
-        self._db.execute(
+        copied = self._db.execute(
             f"INSERT INTO stage.nodes (id, {_STAGED}) SELECT ?, ino, ?, ?, kind, mode, uid, "
             "gid, size, mtime_ns, rdev, link, fino, data, opaque FROM stage.nodes WHERE id = ?",
             (self._next_link, parent, _enc(name), target.id),
-        )
+        ).rowcount
+        if not copied:
+            # What the link replaced held its target (x/y linked as x).
+            raise _bad(self.what, entry.path, "hardlink target inside what it replaces")
         self._next_link -= 1
 
     def _update_attrs(self, ino: int, entry: Entry) -> None:

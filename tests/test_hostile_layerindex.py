@@ -1,0 +1,239 @@
+"""Hostile trees given to the layer index: each gets a defined outcome.
+
+A layer's entries (from a tar, a gzip stream or an eStargz TOC) are as
+hostile as any archive: one path given twice with different types, links
+out of the layer or through symlinked directories, absurd nesting, sizes
+near 2**63, chunk maps with gaps and overlaps. The index either refuses the
+layer (`BadLayer`, so it falls back to the eager path, loudly) or builds a
+tree that means what an unpack would. Runs confined (``test_hostile``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ckfs.layerindex.model import ROOT, BadLayer, Chunk, Limits, iter_nodes
+from tests.layerindexes import D, Entry, F, Item, Kind, L, build, entries_of
+
+SHA = "sha256:" + "cd" * 32
+INT64 = (1 << 63) - 1
+
+
+def kinds(items: list[Item], tmp_path: Path) -> dict[str, str]:
+    return {p: k for p, (k, _) in entries_of(build(tmp_path / "i.db", items)).items()}
+
+
+# -- one path, several types ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("items", "want"),
+    [
+        ([F("x"), D("x")], {"x": "DIR"}),
+        ([D("x"), F("x/y"), F("x")], {"x": "FILE"}),
+        ([F("x"), Entry("x", Kind.SYMLINK, link="/etc")], {"x": "SYMLINK"}),
+        ([Entry("x", Kind.SYMLINK, link="d"), D("x"), F("x/y")], {"x": "DIR", "x/y": "FILE"}),
+        ([D("x"), F("x/y"), Entry("x", Kind.FIFO), D("x")], {"x": "DIR"}),
+        ([F("x"), Entry("x", Kind.WHITEOUT)], {"x": "FILE"}),
+        ([Entry("x", Kind.WHITEOUT), F("x")], {"x": "FILE"}),
+        ([F("a"), L("x", "a"), F("x")], {"a": "FILE", "x": "FILE"}),
+    ],
+)
+def test_one_path_several_types(tmp_path: Path, items: list[Item], want: dict[str, str]) -> None:
+    assert kinds(items, tmp_path) == want
+
+
+def test_dropped_subtree_leaves_no_reachable_inode(tmp_path: Path) -> None:
+    items: list[Item] = [F(f"d/{i}/f{j}") for i in range(30) for j in range(30)]
+    idx = build(tmp_path / "i.db", [*items, F("d"), D("d"), F("d/new")])
+    assert sorted(entries_of(idx)) == ["d", "d/new"]
+    assert idx.count == 3
+
+
+def test_hardlink_into_a_dropped_subtree_keeps_its_inode(tmp_path: Path) -> None:
+    idx = build(
+        tmp_path / "i.db",
+        [(F("d/f", 4, xattrs=(("user.k", b"v"),)), 512), L("h", "d/f"), F("d")],
+    )
+    h = idx.lookup(ROOT, "h")
+    assert h is not None and (h.size, h.data, h.nlink) == (4, 512, 1)
+    assert idx.xattrs(h.ino) == {"user.k": b"v"} and idx.node(h.ino) == h
+
+
+# -- links out of the layer, through links, to what cannot be linked -------------
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [L("x", "etc/shadow")],  # not in this layer (lower layers are not reachable)
+        [D("d"), L("x", "d")],  # a directory
+        [Entry("w", Kind.WHITEOUT), L("x", "w")],  # a whiteout
+        [Entry("s", Kind.SYMLINK, link="/etc"), L("x", "s/shadow")],  # through a symlink
+        [F("f"), L("x", "f/y")],  # below a file
+        [F("d/f"), F("d"), L("x", "d/f")],  # target dropped with its directory
+        [D("x"), Entry("x/y", Kind.CHAR), L("x", "x/y")],  # target inside what it replaces
+    ],
+)
+def test_bad_hardlinks(tmp_path: Path, items: list[Item]) -> None:
+    with pytest.raises(BadLayer, match="hardlink"):
+        build(tmp_path / "i.db", items)
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [Entry("lib", Kind.SYMLINK, link="/usr/lib"), F("lib/libc.so")],
+        [Entry("lib", Kind.SYMLINK, link="../../.."), F("lib/etc/passwd")],
+        [F("f"), F("f/g")],
+        [Entry("f", Kind.FIFO), D("f/g")],
+        [Entry("s", Kind.SYMLINK, link="/"), Entry("s", Kind.OPAQUE)],
+        [Entry("s", Kind.SYMLINK, link="/"), Entry("s/x", Kind.WHITEOUT)],
+    ],
+)
+def test_paths_below_non_directories_refuse_the_layer(tmp_path: Path, items: list[Item]) -> None:
+    with pytest.raises(BadLayer, match="is a"):
+        build(tmp_path / "i.db", items)
+
+
+@pytest.mark.parametrize("kind", [Kind.FILE, Kind.SYMLINK, Kind.WHITEOUT, Kind.FIFO])
+def test_root_keeps_its_type(tmp_path: Path, kind: Kind) -> None:
+    with pytest.raises(BadLayer, match="root"):
+        build(tmp_path / "i.db", [Entry("", kind, link="x")])
+
+
+@pytest.mark.parametrize(
+    "path", ["/etc/x", "a/../b", "../b", "a//b", "a/./b", "a/", ".", "a\0b", "x/.."]
+)
+def test_unnormalized_paths_are_refused(tmp_path: Path, path: str) -> None:
+    # ckfs.archive.entry cleans paths; the index checks the shape again.
+    with pytest.raises(BadLayer):
+        build(tmp_path / "i.db", [F(path)])
+
+
+# -- sizes and limits -----------------------------------------------------------
+
+
+def test_nesting_and_name_limits(tmp_path: Path) -> None:
+    limits = Limits(depth=40, name=20, path=200, entries=100)
+    ok = "/".join(["d"] * 40)
+    idx = build(tmp_path / "ok.db", [F(ok)], limits=limits)
+    assert len(list(iter_nodes(idx))) == 40
+    for bad, why in [
+        ("/".join(["d"] * 41), "deeper"),
+        ("x" * 21, "name too long"),
+        ("/".join(["abcdefghij"] * 19), "path too long"),
+    ]:
+        with pytest.raises(BadLayer, match=why):
+            build(tmp_path / "bad.db", [F(bad)], limits=limits)
+    with pytest.raises(BadLayer, match="name too long"):
+        build(tmp_path / "bad.db", [F("é" * 11)], limits=limits)  # 22 bytes
+
+
+def test_entry_limit_counts_implied_directories(tmp_path: Path) -> None:
+    limits = Limits(entries=50)
+    build(tmp_path / "ok.db", [F("/".join(["d"] * 48) + "/f")], limits=limits)
+    with pytest.raises(BadLayer, match="more than 50 entries"):
+        build(tmp_path / "bad.db", [F("/".join(["d"] * 50) + "/f")], limits=limits)
+    with pytest.raises(BadLayer, match="more than 50 entries"):
+        build(tmp_path / "bad.db", [F(f"f{i}") for i in range(50)], limits=limits)
+    # Replacing one path over and over counts too: the work is bounded.
+    with pytest.raises(BadLayer, match="more than 50 entries"):
+        build(tmp_path / "bad.db", [F("x")] * 60, limits=limits)
+
+
+def test_default_depth_matches_the_applier(tmp_path: Path) -> None:
+    build(tmp_path / "ok.db", [F("/".join(["d"] * 512))])
+    with pytest.raises(BadLayer, match="deeper"):
+        build(tmp_path / "bad.db", [F("/".join(["d"] * 513))])
+
+
+@pytest.mark.parametrize(
+    ("entry", "data"),
+    [
+        (F("f", 1 << 63), 0),
+        (F("f", -1), 0),
+        (F("f", INT64), 1),  # the end does not fit an int64
+        (F("f", 10), -2),
+        (F("f", 10, uid=1 << 32), 0),
+        (F("f", 10, gid=-1), 0),
+        (Entry("c", Kind.CHAR, devmajor=1 << 40), -1),
+        (Entry("s", Kind.SYMLINK, link="x" * 4096), -1),
+        (F("f", 10, sparse=((0, 5),)), 0),
+    ],
+)
+def test_out_of_range_fields(tmp_path: Path, entry: Entry, data: int) -> None:
+    with pytest.raises(BadLayer):
+        build(tmp_path / "i.db", [(entry, data)])
+
+
+def test_extreme_values_that_fit(tmp_path: Path) -> None:
+    idx = build(
+        tmp_path / "i.db",
+        [
+            (F("big", INT64), 0),
+            (F("late", 1, mtime_ns=1 << 80), 0),  # clamped, not refused
+            (F("early", 1, mtime_ns=-(1 << 80)), 0),
+            (F("ids", 1, uid=(1 << 32) - 2, gid=(1 << 32) - 2), 0),
+        ],
+    )
+    big, late, early = (idx.lookup(ROOT, n) for n in ("big", "late", "early"))
+    assert big is not None and big.size == INT64
+    assert late is not None and late.mtime_ns == INT64
+    assert early is not None and early.mtime_ns == -INT64
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [Chunk(0, 5, 0, 0, SHA), Chunk(6, 5, 0, 0, SHA)],  # gap
+        [Chunk(0, 6, 0, 0, SHA), Chunk(5, 5, 0, 0, SHA)],  # overlap
+        [Chunk(1, 10, 0, 0, SHA)],  # does not start at 0
+        [Chunk(0, 5, 0, 0, SHA)],  # short of the size
+        [Chunk(0, 20, 0, 0, SHA)],  # past the size
+        [Chunk(0, 0, 0, 0, SHA), Chunk(0, 10, 0, 0, SHA)],  # empty chunk
+        [Chunk(0, 10, 1000, 0, SHA)],  # past the blob
+        [Chunk(0, 10, -1, 0, SHA)],
+        [Chunk(0, 10, 0, -1, SHA)],
+        [Chunk(0, 10, 0, 1 << 63, SHA)],
+        [Chunk(0, 10, 900, 0, SHA, 200)],  # its member runs past the blob
+        [Chunk(0, 10, 0, 0, "sha256:zz")],
+        [Chunk(0, 10, 0, 0, "md5:" + "0" * 32)],
+    ],
+)
+def test_bad_chunk_maps(tmp_path: Path, chunks: list[Chunk]) -> None:
+    with pytest.raises(BadLayer, match="chunk"):
+        build(tmp_path / "i.db", [(F("f", 10), chunks)], blob_size=1000, source="estargz")
+
+
+def test_chunks_only_for_chunked_files(tmp_path: Path) -> None:
+    with pytest.raises(BadLayer, match="chunks for"):
+        build(tmp_path / "i.db", [(D("d"), [Chunk(0, 1, 0, 0, SHA)])], source="estargz")
+
+
+# -- names ----------------------------------------------------------------------
+
+
+def test_undecodable_and_control_names_round_trip(tmp_path: Path) -> None:
+    raw = b"caf\xe9\x1b[31m\n"
+    name = raw.decode("utf-8", "surrogateescape")
+    idx = build(tmp_path / "i.db", [F(name), Entry("l", Kind.SYMLINK, link=name)])
+    node = idx.lookup(ROOT, raw)
+    assert node is not None and node.name == name and idx.lookup(ROOT, name) == node
+    link = idx.lookup(ROOT, "l")
+    assert link is not None and link.link.encode("utf-8", "surrogateescape") == raw
+
+
+def test_messages_are_printable(tmp_path: Path) -> None:
+    with pytest.raises(BadLayer) as e:
+        build(tmp_path / "i.db", [L("\x1b]0;pwned\x07", "\x1b[2J")])
+    assert "\x1b" not in str(e.value) and "\x07" not in str(e.value)
+
+
+def test_wide_and_deep_replacements_stay_bounded(tmp_path: Path) -> None:
+    # A directory 500 deep, replaced by a file: the drop walks it in SQL.
+    deep = "/".join(["d"] * 500)
+    idx = build(tmp_path / "i.db", [F(deep), *[F(f"d/w{i}") for i in range(2000)], F("d")])
+    assert sorted(entries_of(idx)) == ["d"]
