@@ -267,6 +267,27 @@ def test_invalid_owner_is_refused(root: Path) -> None:
         apply(root, F("f", uid=1 << 33), same_owner=True)
 
 
+def test_invalid_owner_is_refused_even_when_owners_are_not_kept(root: Path) -> None:
+    """The entry rules (`ckfs.archive.entry`) are the same for every reader."""
+    with pytest.raises(InvalidArgument, match=r"'f'.*owner"):
+        apply(root, F("f", uid=-1), same_owner=False)
+
+
+def test_capability_the_kernel_would_refuse_is_refused(root: Path) -> None:
+    v1 = bytes.fromhex("000000010020000000000000")
+    with pytest.raises(InvalidArgument, match=r"'f'.*security\.capability"):
+        apply(root, F("f", xattrs={"security.capability": v1}))
+
+
+def test_xattrs_outside_linux_namespaces_are_ignored(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        apply(root, F("f", xattrs={"os2.ea": b"1", "user.kept": b"2"}))
+    assert os.getxattr(root / "f", "user.kept") == b"2"
+    assert "'os2.ea' ignored" in caplog.text
+
+
 def test_mtimes_dirs_after_children(root: Path) -> None:
     apply(
         root,

@@ -2,7 +2,8 @@
 
 The public surface is small: `open_layer` for the uncompressed stream,
 `apply_layer` with its `ApplyOptions` and `ApplyResult`. The modules behind
-it are `compression`, `apply`, `secure` (chrooted path resolution) and
+it are `compression`, `apply`, `entry` (what one tar entry means, shared
+with the lazy layer indexes), `secure` (chrooted path resolution) and
 `whiteouts`.
 """
 

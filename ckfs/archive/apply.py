@@ -6,7 +6,10 @@ directory, hashing the uncompressed stream on the way so the caller learns
 (or checks) the diff ID in the same pass. It runs synchronously; callers run it in
 ``trio.to_thread.run_sync`` and decompression runs on one more thread.
 
-What a layer says is never trusted (see `ckfs.archive.secure`):
+What a layer says is never trusted. What each entry means (its cleaned
+path, kind, owner, mode, times, links, filtered xattrs, whiteout markers)
+is decided by `ckfs.archive.entry`, the rules the lazy layer indexes share;
+acting on it is done here, through `ckfs.archive.secure`:
 
 - every name is cleaned as if chrooted at root and every parent directory is
   opened component by component, symlinks re-rooted at root, the last
@@ -43,20 +46,12 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal, Protocol, cast
+from typing import BinaryIO, Literal, Protocol
 
 from ckfs.archive import whiteouts
 from ckfs.archive.compression import open_layer
-from ckfs.archive.secure import (
-    MAX_DEPTH,
-    MakeDir,
-    RootDir,
-    SymlinkLoop,
-    TooDeep,
-    clean_parts,
-    join,
-    remove_all,
-)
+from ckfs.archive.entry import DEFAULT_MAX_ENTRY_SIZE, Entry, Kind, SkipEntry, from_tarinfo
+from ckfs.archive.secure import MakeDir, RootDir, SymlinkLoop, TooDeep, join, remove_all
 from ckfs.archive.tarstream import TarStream
 from ckfs.digest import Digest
 from ckfs.errors import CkfsError, DataLoss, InvalidArgument
@@ -64,11 +59,6 @@ from ckfs.errors import CkfsError, DataLoss, InvalidArgument
 __all__ = ["DEFAULT_MAX_ENTRY_SIZE", "ApplyOptions", "ApplyResult", "apply_layer"]
 
 log = logging.getLogger(__name__)
-
-#: Largest entry accepted by default. Bigger than any file a real image
-#: ships, small enough that one hostile header cannot ask for a disk's worth
-#: (sparse files count their apparent size).
-DEFAULT_MAX_ENTRY_SIZE = 64 << 30
 
 #: Bytes copied per read of file data: large reads keep the per-call Python
 #: cost negligible next to the kernel's copy.
@@ -89,8 +79,6 @@ _KEEP_XATTRS = (*whiteouts.OVERLAY_XATTRS, "security.selinux")
 _O_NEWFILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-_XATTR_PREFIX = "SCHILY.xattr."
-_MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "unchanged" to chown
 
 
 @dataclass(frozen=True)
@@ -229,10 +217,6 @@ class _DirTimes:
         self.mode = mode
 
 
-class _Skip(Exception):
-    """This entry is skipped; the message says why (logged as a warning)."""
-
-
 class _Applier:
     """One layer being applied to one root; see the module docstring."""
 
@@ -291,7 +275,7 @@ class _Applier:
         for member in tar.members():
             try:
                 self._entry(member, tar.read, tar.next_header)
-            except _Skip as e:
+            except SkipEntry as e:
                 log.warning("%s: %r skipped: %s", self.what, member.name, e)
             except CkfsError:
                 raise
@@ -306,57 +290,32 @@ class _Applier:
         self._finish()
 
     def _entry(self, m: tarfile.TarInfo, read: _Reader, next_header: int) -> None:
-        name = m.name
-        size = m.size
-        if size > self.max_size or size < 0:
-            raise InvalidArgument(
-                f"{self.what}: entry {name!r} is {size} bytes, over the limit of {self.max_size}"
-            )
-        parts = clean_parts(name)
-        if len(parts) > MAX_DEPTH:
-            raise InvalidArgument(f"{self.what}: entry {name[:100]!r}...: nested too deep")
-        if not parts:
-            if not m.isdir():
-                raise InvalidArgument(
-                    f"{self.what}: entry {name!r} would change the type of the root "
-                    "directory: refusing a malicious layer"
-                )
-            self._dir_meta(self.root.fd, ".", "", m, created=False)
+        e = from_tarinfo(m, what=self.what, max_size=self.max_size)
+        kind = e.kind
+        if kind is Kind.WHITEOUT or kind is Kind.OPAQUE:
+            self._whiteout(e)
             return
+        if not e.path:
+            self._dir_meta(self.root.fd, ".", "", e, created=False)
+            return
+        if (kind is Kind.CHAR or kind is Kind.BLOCK) and not self.devices:
+            raise SkipEntry("device nodes are not allowed here")
+        parts = e.parts
         base = parts[-1]
-        if base.startswith(whiteouts.PREFIX):
-            self._whiteout(parts, m)
-            return
-        if m.isreg():
-            kind = "file"
-        elif m.isdir():
-            kind = "dir"
-        elif m.issym():
-            kind = "symlink"
-        elif m.islnk():
-            kind = "hardlink"
-        elif m.ischr() or m.isblk():
-            if not self.devices:
-                raise _Skip("device nodes are not allowed here")
-            kind = "node"
-        elif m.isfifo():
-            kind = "node"
-        else:
-            raise _Skip(f"unsupported entry type {m.type!r}")
         pfd, preal = self._parent(parts, self._make_dir)
         real = join(preal, base)
         self._touch(pfd, preal)
-        if kind == "file":
-            self._file(pfd, base, m, read, next_header)
-        elif kind == "dir":
-            self._dir(pfd, base, real, m)
-        elif kind == "symlink":
-            self._symlink(pfd, base, m)
-        elif kind == "hardlink":
-            if not self._hardlink(pfd, base, real, m):
+        if kind is Kind.FILE:
+            self._file(pfd, base, e, m.offset_data, read, next_header)
+        elif kind is Kind.DIR:
+            self._dir(pfd, base, real, e)
+        elif kind is Kind.SYMLINK:
+            self._symlink(pfd, base, e)
+        elif kind is Kind.HARDLINK:
+            if not self._hardlink(pfd, base, real, e):
                 return
         else:
-            self._node(pfd, base, m)
+            self._node(pfd, base, e)
         self._mark(real)
 
     def _parent(self, parts: list[str], make_dir: MakeDir | None) -> tuple[int, str]:
@@ -365,7 +324,7 @@ class _Applier:
         except (SymlinkLoop, TooDeep) as e:
             raise InvalidArgument(f"{self.what}: entry {'/'.join(parts)!r}: {e.strerror}") from None
         except (FileNotFoundError, NotADirectoryError) as e:
-            raise _Skip(f"parent {e.filename!r} is not a directory") from None
+            raise SkipEntry(f"parent {e.filename!r} is not a directory") from None
 
     def _mark(self, real: str) -> None:
         upper = self.upper
@@ -391,7 +350,7 @@ class _Applier:
     # -- entry kinds --------------------------------------------------------
 
     def _file(
-        self, pfd: int, base: str, m: tarfile.TarInfo, read: _Reader, next_header: int
+        self, pfd: int, base: str, e: Entry, data_start: int, read: _Reader, next_header: int
     ) -> None:
         try:
             fd = os.open(base, _O_NEWFILE, 0o600, dir_fd=pfd)
@@ -401,14 +360,12 @@ class _Applier:
             self._clear(pfd, base)
             fd = os.open(base, _O_NEWFILE, 0o600, dir_fd=pfd)
         try:
-            # typeshed says bytes; tarfile stores [(offset, length), ...].
-            sparse = cast("list[tuple[int, int]] | None", m.sparse)
-            if sparse is not None:
-                self._copy_sparse(fd, m, sparse, read, next_header)
-            elif m.size:
-                self._copy(fd, m.size, read, m.name)
-            self._meta_fd(fd, m)
-            os.utime(fd, ns=_times(m))
+            if e.sparse is not None:
+                self._copy_sparse(fd, e, e.sparse, data_start, next_header, read)
+            elif e.size:
+                self._copy(fd, e.size, read, e.path)
+            self._meta_fd(fd, e)
+            os.utime(fd, ns=(e.atime_ns, e.mtime_ns))
         finally:
             os.close(fd)
 
@@ -428,26 +385,23 @@ class _Applier:
     def _copy_sparse(
         self,
         fd: int,
-        m: tarfile.TarInfo,
-        sparse: list[tuple[int, int]],
-        read: _Reader,
+        e: Entry,
+        sparse: tuple[tuple[int, int], ...],
+        data_start: int,
         next_header: int,
+        read: _Reader,
     ) -> None:
         # The stored data is the non-hole parts back to back; write each at
-        # its offset and leave the gaps as holes.
-        stored = 0
-        for offset, length in sparse:
-            if offset < 0 or length < 0 or offset + length > m.size:
-                raise InvalidArgument(f"{self.what}: entry {m.name!r}: sparse map out of range")
-            stored += length
-        if stored > next_header - m.offset_data:
-            raise InvalidArgument(f"{self.what}: entry {m.name!r}: sparse map beyond its data")
+        # its offset and leave the gaps as holes. The entry checked that each
+        # part lies inside the file; whether the tar holds them is known here.
+        if sum(length for _, length in sparse) > next_header - data_start:
+            raise InvalidArgument(f"{self.what}: entry {e.path!r}: sparse map beyond its data")
         for offset, length in sparse:
             os.lseek(fd, offset, os.SEEK_SET)
-            self._copy(fd, length, read, m.name)
-        os.ftruncate(fd, m.size)
+            self._copy(fd, length, read, e.path)
+        os.ftruncate(fd, e.size)
 
-    def _dir(self, pfd: int, base: str, real: str, m: tarfile.TarInfo) -> None:
+    def _dir(self, pfd: int, base: str, real: str, e: Entry) -> None:
         created = True
         try:
             os.mkdir(base, 0o700, dir_fd=pfd)
@@ -458,60 +412,52 @@ class _Applier:
             else:
                 self._clear(pfd, base)
                 os.mkdir(base, 0o700, dir_fd=pfd)
-        self._dir_meta(pfd, base, real, m, created=created)
+        self._dir_meta(pfd, base, real, e, created=created)
 
-    def _dir_meta(
-        self, pfd: int, base: str, real: str, m: tarfile.TarInfo, *, created: bool
-    ) -> None:
+    def _dir_meta(self, pfd: int, base: str, real: str, e: Entry, *, created: bool) -> None:
         fd = os.open(base, _O_DIR, dir_fd=pfd)
         try:
-            xattrs = self._xattrs(m)
             if not created:
-                self._drop_xattrs(fd, {k for k, _ in xattrs})
-            deferred = self._meta_fd(fd, m, xattrs=xattrs, is_dir=True)
+                self._drop_xattrs(fd, {k for k, _ in e.xattrs})
+            deferred = self._meta_fd(fd, e, is_dir=True)
             if self.overlay and real in self.whited:
                 # This layer deleted the lowers' entry, then made a new
                 # directory: nothing below may show through it.
                 self._replaces_whiteout(fd, real)
-            atime, mtime = _times(m)
-            self.dirs[real] = _DirTimes(os.fstat(fd).st_ino, atime, mtime, deferred)
+            self.dirs[real] = _DirTimes(os.fstat(fd).st_ino, e.atime_ns, e.mtime_ns, deferred)
         finally:
             os.close(fd)
 
-    def _symlink(self, pfd: int, base: str, m: tarfile.TarInfo) -> None:
-        if not m.linkname:
-            raise _Skip("symlink with an empty target")
+    def _symlink(self, pfd: int, base: str, e: Entry) -> None:
         try:
-            os.symlink(m.linkname, base, dir_fd=pfd)
+            os.symlink(e.link, base, dir_fd=pfd)
         except FileExistsError:
             self._clear(pfd, base)
-            os.symlink(m.linkname, base, dir_fd=pfd)
-        self._meta_at(pfd, base, m, chmod=False)
+            os.symlink(e.link, base, dir_fd=pfd)
+        self._meta_at(pfd, base, e, chmod=False)
 
-    def _node(self, pfd: int, base: str, m: tarfile.TarInfo) -> None:
-        if m.isfifo():
+    def _node(self, pfd: int, base: str, e: Entry) -> None:
+        if e.kind is Kind.FIFO:
             kind, dev = stat.S_IFIFO, 0
         else:
-            kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
-            dev = os.makedev(m.devmajor, m.devminor)
+            kind = stat.S_IFCHR if e.kind is Kind.CHAR else stat.S_IFBLK
+            dev = os.makedev(e.devmajor, e.devminor)
         try:
             os.mknod(base, kind | 0o600, dev, dir_fd=pfd)
         except FileExistsError:
             self._clear(pfd, base)
             os.mknod(base, kind | 0o600, dev, dir_fd=pfd)
-        self._meta_at(pfd, base, m, chmod=True)
+        self._meta_at(pfd, base, e, chmod=True)
 
-    def _hardlink(self, pfd: int, base: str, real: str, m: tarfile.TarInfo) -> bool:
-        """Link ``pfd/base`` to the entry's target; False if skipped."""
-        tparts = clean_parts(m.linkname)
-        if not tparts:
-            raise InvalidArgument(f"{self.what}: entry {m.name!r}: hardlink to the root directory")
+    def _hardlink(self, pfd: int, base: str, real: str, e: Entry) -> bool:
+        """Link ``pfd/base`` to the entry's target (never root); False if skipped."""
+        tparts = e.link.split("/")
         tname = tparts[-1]
         try:
             tfd, tparent = self.root.open_dir(tparts[:-1])
-        except (SymlinkLoop, TooDeep) as e:
+        except (SymlinkLoop, TooDeep) as err:
             raise InvalidArgument(
-                f"{self.what}: entry {m.name!r}: link target: {e.strerror}"
+                f"{self.what}: entry {e.path!r}: link target: {err.strerror}"
             ) from None
         except (FileNotFoundError, NotADirectoryError):
             tfd, tparent = -1, ""
@@ -523,20 +469,20 @@ class _Applier:
                 except FileNotFoundError:
                     st = None
             if st is not None and self.overlay and whiteouts.is_whiteout(st):
-                raise _Skip(f"hardlink target {m.linkname!r} was deleted by this layer")
+                raise SkipEntry(f"hardlink target {e.link!r} was deleted by this layer")
             if st is None and self.lowers:
                 if tfd >= 0:
                     os.close(tfd)
                     tfd = -1
-                found = self._copy_up(tparts, m)
+                found = self._copy_up(tparts, e)
                 if found is not None:
                     tfd, tparent = found
                     st = os.lstat(tname, dir_fd=tfd)
             if st is None:
-                raise _Skip(f"hardlink target {m.linkname!r} does not exist")
+                raise SkipEntry(f"hardlink target {e.link!r} does not exist")
             if stat.S_ISDIR(st.st_mode):
                 raise InvalidArgument(
-                    f"{self.what}: entry {m.name!r}: hardlink to directory {m.linkname!r}"
+                    f"{self.what}: entry {e.path!r}: hardlink to directory {e.link!r}"
                 )
             if join(tparent, tname) == real:
                 return True  # a link to itself: already there
@@ -547,8 +493,8 @@ class _Applier:
                 try:
                     os.link(tname, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
                 except FileNotFoundError:
-                    raise _Skip(
-                        f"hardlink target {m.linkname!r} was inside what it replaced"
+                    raise SkipEntry(
+                        f"hardlink target {e.link!r} was inside what it replaced"
                     ) from None
             return True
         finally:
@@ -557,31 +503,27 @@ class _Applier:
 
     # -- whiteouts -----------------------------------------------------------
 
-    def _whiteout(self, parts: list[str], m: tarfile.TarInfo) -> None:
-        try:
-            parsed = whiteouts.parse(parts[-1])
-        except InvalidArgument as e:
-            raise InvalidArgument(f"{self.what}: entry {m.name!r}: {e}") from None
-        if parsed is None:  # pragma: no cover - callers check the prefix
-            return
-        kind, target = parsed
-        if kind == "meta":
-            raise _Skip("reserved whiteout name")
+    def _whiteout(self, e: Entry) -> None:
+        """A deletion: `Kind.WHITEOUT` of ``e.path``, `Kind.OPAQUE` of its children."""
+        parts = e.parts
+        opaque = e.kind is Kind.OPAQUE
         # Overlay mode may create the directory holding the marker, but only
         # if a lower has it: a whiteout must not make new directories appear.
         make_dir = self._make_lower_dir if self.overlay else None
         try:
-            pfd, preal = self.root.resolve(parts[:-1], make_dir)
-        except (SymlinkLoop, TooDeep) as e:
-            raise InvalidArgument(f"{self.what}: entry {m.name!r}: {e.strerror}") from None
+            pfd, preal = self.root.resolve(parts if opaque else parts[:-1], make_dir)
+        except (SymlinkLoop, TooDeep) as err:
+            raise InvalidArgument(f"{self.what}: entry {e.path!r}: {err.strerror}") from None
         except (FileNotFoundError, NotADirectoryError):
             # Nothing to delete in: the directory is gone, or this layer
             # replaced it with a file (umoci 0.4.7 writes such layers).
-            log.debug("%s: whiteout %r is moot", self.what, m.name)
+            log.debug("%s: whiteout of %r is moot", self.what, e.path)
             return
-        if kind == "opaque":
+        if opaque:
             self._opaque(pfd, preal)
-        elif self.overlay:
+            return
+        target = parts[-1]
+        if self.overlay:
             self._overlay_whiteout(pfd, preal, target)
         else:
             self._touch(pfd, preal)
@@ -736,7 +678,7 @@ class _Applier:
         finally:
             os.close(pfd)
 
-    def _copy_up(self, tparts: list[str], m: tarfile.TarInfo) -> tuple[int, str] | None:
+    def _copy_up(self, tparts: list[str], e: Entry) -> tuple[int, str] | None:
         """Copy a hardlink target that only a lower has into the upper dir.
 
         Returns:
@@ -753,12 +695,12 @@ class _Applier:
                 return None
             if stat.S_ISDIR(st.st_mode):
                 raise InvalidArgument(
-                    f"{self.what}: entry {m.name!r}: hardlink to directory {m.linkname!r}"
+                    f"{self.what}: entry {e.path!r}: hardlink to directory {e.link!r}"
                 )
             try:
                 ufd, ureal = self.root.open_dir(tparts[:-1], self._make_dir)
-            except (FileNotFoundError, NotADirectoryError) as e:
-                raise _Skip(f"cannot copy up {m.linkname!r}: {e.filename!r} in the way") from None
+            except (FileNotFoundError, NotADirectoryError) as err:
+                raise SkipEntry(f"cannot copy up {e.link!r}: {err.filename!r} in the way") from None
             try:
                 self._touch(ufd, ureal)
                 self._copy_node(lfd, ufd, tname, st)
@@ -795,10 +737,12 @@ class _Applier:
             os.mknod(name, stat.S_IFIFO | 0o600, 0, dir_fd=ufd)
         elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
             if not self.devices:
-                raise _Skip("hardlink target is a device node; device nodes are not allowed here")
+                raise SkipEntry(
+                    "hardlink target is a device node; device nodes are not allowed here"
+                )
             os.mknod(name, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=ufd)
         else:
-            raise _Skip("hardlink target is a socket")
+            raise SkipEntry("hardlink target is a socket")
         if self.same_owner:
             os.chown(name, st.st_uid, st.st_gid, dir_fd=ufd, follow_symlinks=False)
         if not stat.S_ISLNK(st.st_mode):
@@ -807,36 +751,7 @@ class _Applier:
 
     # -- metadata ----------------------------------------------------------------
 
-    def _xattrs(self, m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
-        pax = m.pax_headers
-        if not pax:
-            return []
-        out = []
-        for key, value in pax.items():
-            if key.startswith(_XATTR_PREFIX):
-                name = key[len(_XATTR_PREFIX) :]
-                if whiteouts.is_overlay_xattr(name):
-                    log.warning("%s: %r: overlayfs xattr %r ignored", self.what, m.name, name)
-                    continue
-                # tarfile decoded the value as UTF-8 with surrogateescape:
-                # this gives back the exact bytes (capabilities are binary).
-                out.append((name, value.encode("utf-8", "surrogateescape")))
-        return out
-
-    def _ids(self, m: tarfile.TarInfo) -> tuple[int, int]:
-        uid, gid = m.uid, m.gid
-        if not (0 <= uid <= _MAX_ID and 0 <= gid <= _MAX_ID):
-            raise InvalidArgument(f"{self.what}: entry {m.name!r}: invalid owner {uid}:{gid}")
-        return uid, gid
-
-    def _meta_fd(
-        self,
-        fd: int,
-        m: tarfile.TarInfo,
-        *,
-        xattrs: list[tuple[str, bytes]] | None = None,
-        is_dir: bool = False,
-    ) -> int | None:
+    def _meta_fd(self, fd: int, e: Entry, *, is_dir: bool = False) -> int | None:
         """Owner, mode and xattrs through an open descriptor, in that order.
 
         chown clears setuid/setgid and file capabilities, so the mode comes
@@ -846,16 +761,15 @@ class _Applier:
             A directory mode left to `_finish` (see `_chmod_dir`), else None.
         """
         if self.same_owner:
-            uid, gid = self._ids(m)
-            os.fchown(fd, uid, gid)
-        mode = m.mode & 0o7777
+            os.fchown(fd, e.uid, e.gid)
+        mode = e.mode
         deferred = None
         if is_dir:
             deferred = self._chmod_dir(fd, mode)
         else:
             os.fchmod(fd, mode)
-        for name, value in self._xattrs(m) if xattrs is None else xattrs:
-            self._setxattr(fd, name, value, m)
+        for name, value in e.xattrs:
+            self._setxattr(fd, name, value, e)
         return deferred
 
     def _chmod_dir(self, fd: int, mode: int) -> int | None:
@@ -871,47 +785,47 @@ class _Applier:
         os.fchmod(fd, 0o700)
         return mode
 
-    def _meta_at(self, pfd: int, base: str, m: tarfile.TarInfo, *, chmod: bool) -> None:
+    def _meta_at(self, pfd: int, base: str, e: Entry, *, chmod: bool) -> None:
         """Owner, mode, xattrs and times of a symlink or node, by name."""
         if self.same_owner:
-            uid, gid = self._ids(m)
-            os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False)
+            os.chown(base, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
         if chmod:
             # A node this entry just created: nothing to follow.
-            os.chmod(base, m.mode & 0o7777, dir_fd=pfd)
-        xattrs = self._xattrs(m)
-        if xattrs:
+            os.chmod(base, e.mode, dir_fd=pfd)
+        if e.xattrs:
             # No *at form of setxattr: go through an O_PATH descriptor, whose
             # /proc magic link reaches the inode itself, symlink or not.
             fd = os.open(base, _O_PATH, dir_fd=pfd)
             try:
-                for name, value in xattrs:
-                    self._setxattr(f"/proc/self/fd/{fd}", name, value, m)
+                for name, value in e.xattrs:
+                    self._setxattr(f"/proc/self/fd/{fd}", name, value, e)
             finally:
                 os.close(fd)
-        self._utime_at(pfd, base, _times(m), m)
+        self._utime_at(pfd, base, e)
 
-    def _utime_at(self, pfd: int, base: str, times: tuple[int, int], m: tarfile.TarInfo) -> None:
+    def _utime_at(self, pfd: int, base: str, e: Entry) -> None:
         try:
-            os.utime(base, ns=times, dir_fd=pfd, follow_symlinks=False)
-        except (OverflowError, OSError) as e:
-            if isinstance(e, OSError) and e.errno != errno.EINVAL:
+            os.utime(base, ns=(e.atime_ns, e.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+        except (OverflowError, OSError) as err:
+            if isinstance(err, OSError) and err.errno != errno.EINVAL:
                 raise
-            log.warning("%s: %r: time not set: %s", self.what, m.name, e)
+            log.warning("%s: %r: time not set: %s", self.what, e.path, err)
 
-    def _setxattr(self, target: int | str, name: str, value: bytes, m: tarfile.TarInfo) -> None:
+    def _setxattr(self, target: int | str, name: str, value: bytes, e: Entry) -> None:
         try:
             os.setxattr(target, name, value)
-        except OSError as e:
-            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+        except OSError as err:
+            if err.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
                 if not self._xattr_warned:
-                    log.warning("%s: %r: xattrs not supported under root: %s", self.what, m.name, e)
+                    log.warning(
+                        "%s: %r: xattrs not supported under root: %s", self.what, e.path, err
+                    )
                     self._xattr_warned = True
                 return
-            if e.errno == errno.EPERM and (not self.privileged or name.startswith("user.")):
+            if err.errno == errno.EPERM and (not self.privileged or name.startswith("user.")):
                 # Unprivileged (security.*, trusted.*), or user.* on a
                 # symlink or device, which the kernel refuses to everyone.
-                log.warning("%s: %r: xattr %r not set: %s", self.what, m.name, name, e.strerror)
+                log.warning("%s: %r: xattr %r not set: %s", self.what, e.path, name, err.strerror)
                 return
             raise
 
@@ -970,27 +884,6 @@ class _Applier:
                 if isinstance(e, OSError) and e.errno != errno.EINVAL:
                     raise
                 log.warning("%s: %r: directory time not set: %s", self.what, real, e)
-
-
-def _times(m: tarfile.TarInfo) -> tuple[int, int]:
-    """(atime, mtime) in nanoseconds; PAX times keep their full precision."""
-    pax = m.pax_headers
-    mtime = _ns(pax["mtime"]) if pax and "mtime" in pax else None
-    if mtime is None:
-        mtime = (
-            int(m.mtime * 1_000_000_000) if isinstance(m.mtime, float) else m.mtime * 1_000_000_000
-        )
-    atime = _ns(pax["atime"]) if pax and "atime" in pax else None
-    return (mtime if atime is None else atime), mtime
-
-
-def _ns(value: str) -> int | None:
-    sign = -1 if value.startswith("-") else 1
-    sec, _, frac = value.lstrip("-").partition(".")
-    try:
-        return sign * (int(sec) * 1_000_000_000 + int((frac + "000000000")[:9]))
-    except ValueError:
-        return None
 
 
 def _copy_fd(src: int, dst: int, size: int) -> None:
