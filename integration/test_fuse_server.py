@@ -1,0 +1,264 @@
+"""The FUSE serving process, mounted for real (root, /dev/fuse, overlayfs).
+
+Layers are uncompressed tars in the content store with their indexes; the
+real server (`snapshotters.fuse.server`, started detached by
+`snapshotters.fuse.process.ensure_server`) serves them, and every test
+stops it by its PID at teardown (and `mount_guard` detaches anything left).
+Checked: the layer directories stack as kernel overlayfs lowerdirs with
+whiteouts and opaque directories honoured and writes landing in the upper
+dir; attributes equal those of the same layer applied to disk by the eager
+applier; hardlinks share an inode; inode numbers survive a restart; a
+``kill -9`` of the server is detected and recovered; merged views; EROFS;
+modes enforced for other users.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import signal
+import stat
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ckfs.archive.apply import ApplyOptions, apply_layer
+from ckfs.archive.entry import Kind, SkipEntry, from_tarinfo
+from ckfs.digest import Digest, from_bytes
+from ckfs.layerindex.store import IndexStore, dirname
+from ckfs.mount import Mount, is_mountpoint, is_stale
+from integration.mounts import MountGuard
+from snapshotters.fuse.process import ServerPaths, ensure_server, server_pid, stop_server
+from tests import treecmp
+from tests.tarbuild import B, C, D, F, H, L, P, W, tar
+
+pytestmark = [pytest.mark.root]
+
+CAP = b"\x01\x00\x00\x02" + b"\x00" * 16  # security.capability v2, no bits
+
+#: Every kind of entry a layer may hold, setuid/setgid/sticky, owners,
+#: xattrs, hardlinks; every directory explicit (implied ones have no times).
+BASE = [
+    D("bin", mode=0o755),
+    F("bin/su", b"#!/bin/sh\necho su\n", mode=0o4755, uid=0, gid=0),
+    F("bin/sg", b"sg", mode=0o2711, uid=1000, gid=50),
+    H("bin/su-link", "bin/su"),
+    L("bin/sh", "busybox"),
+    F("bin/ping", b"ping", mode=0o755, xattrs={"security.capability": CAP}),
+    D("tmp", mode=0o1777),
+    D("dev", mode=0o755),
+    C("dev/null", 1, 3),
+    B("dev/loop0", 7, 0),
+    P("dev/fifo", mode=0o600),
+    D("etc", mode=0o755),
+    F("etc/a", b"A1"),
+    F("etc/b", b"B"),
+    F("etc/secret", b"root only", mode=0o600),
+    F("etc/big", os.urandom(300_000)),
+    D("opq", mode=0o755),
+    F("opq/old", b"old"),
+    D("home", mode=0o755, uid=1000, gid=1000),
+    F("home/note", b"note", uid=1000, gid=1000, xattrs={"user.k": b"v"}),
+]
+
+TOP = [
+    D("etc", mode=0o755),
+    F("etc/a", b"A2"),
+    W("etc/.wh.b"),
+    W("etc/.wh.gone"),  # in no layer below: stays a whiteout in one merged tar
+    D("opq", mode=0o700),
+    W("opq/.wh..wh..opq"),
+    F("opq/new", b"new"),
+]
+
+
+def add_layer(root: Path, raw: bytes) -> Digest:
+    """Store the tar *raw* as a layer blob with its index; its digest.
+
+    The index is built here the way the tar index source does: entries by
+    `from_tarinfo`, each file's data offset from the tar header.
+    """
+    digest = from_bytes(raw)
+    blob = root / "content" / "blobs" / digest.algorithm / digest.hex
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(raw)
+    with IndexStore(root).writer(digest, source="tar", blob_size=len(raw)) as w:
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+            for m in tf:
+                try:
+                    entry = from_tarinfo(m)
+                except SkipEntry:
+                    continue
+                w.add(entry, data=m.offset_data if entry.kind == Kind.FILE else -1)
+        w.commit().close()
+    return digest
+
+
+@pytest.fixture
+def root(tmp_path: Path, mount_guard: MountGuard) -> Iterator[Path]:
+    """A state root whose server is stopped (by PID) at teardown."""
+    r = tmp_path / "root"
+    r.mkdir()
+    yield r
+    stop_server(r)
+    assert not is_mountpoint(ServerPaths(r).mnt)
+
+
+def test_layers_stack_as_overlay_lowerdirs(root: Path, mount_guard: MountGuard) -> None:
+    base = add_layer(root, tar(*BASE))
+    top = add_layer(root, tar(*TOP))
+    mnt = ensure_server(root)
+    work, upper = root.parent / "work", root.parent / "upper"
+    work.mkdir()
+    upper.mkdir()
+    lower = f"{mnt / dirname(top)}:{mnt / dirname(base)}"
+    options = (f"lowerdir={lower}", f"upperdir={upper}", f"workdir={work}", "index=off")
+    target = mount_guard.mount([Mount("overlay", "overlay", "", options)], root.parent / "rootfs")
+
+    assert (target / "etc/a").read_bytes() == b"A2"
+    assert not (target / "etc/b").exists()
+    assert sorted(os.listdir(target / "etc")) == ["a", "big", "secret"]
+    assert os.listdir(target / "opq") == ["new"]
+    assert stat.S_IMODE(os.lstat(target / "opq").st_mode) == 0o700
+    assert (target / "bin/su").read_bytes() == b"#!/bin/sh\necho su\n"
+    assert (target / "etc/big").read_bytes() == (mnt / dirname(base) / "etc/big").read_bytes()
+
+    # Writes go to the upper directory; the layers do not change.
+    (target / "etc/new").write_text("written")
+    (target / "etc/a").write_text("changed")
+    os.unlink(target / "bin/sg")
+    assert (upper / "etc/new").read_text() == "written"
+    assert (upper / "etc/a").read_text() == "changed"
+    assert stat.S_ISCHR(os.lstat(upper / "bin/sg").st_mode)
+    assert (mnt / dirname(top) / "etc/a").read_bytes() == b"A2"
+    assert (mnt / dirname(base) / "bin/sg").exists()
+    mount_guard.unmount(target)
+
+
+def test_attributes_equal_the_applied_layer(root: Path, tmp_path: Path) -> None:
+    raw = tar(*BASE, *TOP)  # one layer with whiteout and opaque markers too
+    digest = add_layer(root, raw)
+    applied = tmp_path / "applied"
+    applied.mkdir()
+    apply_layer(
+        applied,
+        io.BytesIO(raw),
+        media_type=None,
+        diff_id=None,
+        options=ApplyOptions(whiteouts="overlay"),
+    )
+    served = ensure_server(root) / dirname(digest)
+    # The root's attributes are the mount's, not the layer's; mtimes count,
+    # except a whiteout's (the applier makes it now; nothing reads it).
+    ours, theirs = treecmp.snapshot(served), treecmp.snapshot(applied)
+    treecmp.assert_same(ours, theirs, ignore=(), paths=lambda p: p not in (".", "etc/gone"))
+    treecmp.assert_same(ours, theirs, paths=lambda p: p == "etc/gone")
+    su, link = os.lstat(served / "bin/su"), os.lstat(served / "bin/su-link")
+    on_disk = os.lstat(applied / "bin/su")
+    assert su.st_ino == link.st_ino and su.st_nlink == link.st_nlink == 2
+    assert (su.st_mode, su.st_size, su.st_blocks) == (on_disk.st_mode, on_disk.st_size, 1)
+    null = os.lstat(served / "dev/null")
+    assert null.st_rdev == os.makedev(1, 3) == os.lstat(applied / "dev/null").st_rdev
+    # Directories count their subdirectories, as on disk.
+    assert os.lstat(served / "etc").st_nlink == os.lstat(applied / "etc").st_nlink
+    # The whiteout is overlayfs's; the opaque directory carries its xattr.
+    wh = os.lstat(served / "etc/gone")
+    assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
+    assert os.getxattr(served / "opq", "trusted.overlay.opaque") == b"y"
+    assert os.getxattr(served / "bin/ping", "security.capability") == CAP
+    with pytest.raises(OSError) as e:
+        os.getxattr(served / "bin/su", "user.none")
+    assert e.value.errno == errno.ENODATA
+
+
+def test_read_only_and_modes_enforced(root: Path) -> None:
+    digest = add_layer(root, tar(*BASE))
+    layer = ensure_server(root) / dirname(digest)
+    for attempt in (
+        lambda: os.open(layer / "etc/a", os.O_WRONLY),
+        lambda: os.open(layer / "etc/new", os.O_WRONLY | os.O_CREAT, 0o644),
+        lambda: os.unlink(layer / "etc/a"),
+        lambda: os.mkdir(layer / "d"),
+        lambda: os.chmod(layer / "etc/a", 0o777),
+        lambda: os.setxattr(layer / "etc/a", "user.x", b"1"),
+    ):
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno == errno.EROFS
+    # allow_other + default_permissions: another user reads what the modes
+    # allow. It gets the layer directory as an open descriptor: the test's
+    # temporary directories above it are root's alone.
+    fd = os.open(layer, os.O_PATH | os.O_DIRECTORY)
+    try:
+        as_user = ["setpriv", "--reuid=1234", "--regid=1234", "--clear-groups", "cat"]
+
+        def cat(path: str) -> subprocess.CompletedProcess[bytes]:
+            where = f"/proc/self/fd/{fd}/{path}"
+            return subprocess.run([*as_user, where], capture_output=True, pass_fds=(fd,))
+
+        ok = cat("etc/a")
+        assert ok.returncode == 0 and ok.stdout == b"A1", ok.stderr
+        denied = cat("etc/secret")
+        assert denied.returncode != 0 and b"Permission denied" in denied.stderr
+    finally:
+        os.close(fd)
+
+
+def test_merged_view(root: Path) -> None:
+    base = add_layer(root, tar(*BASE))
+    top = add_layer(root, tar(*TOP))
+    views = ServerPaths(root).views
+    views.mkdir(parents=True)
+    (views / "img.json").write_text(json.dumps({"layers": [base, top]}))
+    mnt = ensure_server(root)
+    view = mnt / "merged" / "img"
+    assert (view / "etc/a").read_bytes() == b"A2"
+    assert sorted(os.listdir(view / "etc")) == ["a", "big", "secret"]
+    assert os.listdir(view / "opq") == ["new"]
+    assert os.listxattr(view / "opq") == []
+    # A view's file is its layer's inode; its directories are its own.
+    assert os.lstat(view / "bin/su").st_ino == os.lstat(mnt / dirname(base) / "bin/su").st_ino
+    assert os.lstat(view / "etc").st_ino != os.lstat(mnt / dirname(base) / "etc").st_ino
+
+
+def inode_numbers(mnt: Path, digest: Digest) -> dict[str, int]:
+    layer = mnt / dirname(digest)
+    return {str(p.relative_to(layer)): os.lstat(p).st_ino for p in sorted(layer.rglob("*"))}
+
+
+def test_inode_numbers_survive_a_restart(root: Path) -> None:
+    digest = add_layer(root, tar(*BASE))
+    mnt = ensure_server(root)
+    before = inode_numbers(mnt, digest)
+    first = server_pid(ServerPaths(root))
+    assert stop_server(root)
+    mnt = ensure_server(root)
+    assert server_pid(ServerPaths(root)) != first
+    assert inode_numbers(mnt, digest) == before
+    assert len(set(before.values())) == len(before) - 1  # su and su-link
+
+
+def test_kill_9_is_detected_and_recovered(root: Path) -> None:
+    digest = add_layer(root, tar(*BASE))
+    paths = ServerPaths(root)
+    mnt = ensure_server(root)
+    pid = server_pid(paths)
+    assert pid and ensure_server(root) == mnt and server_pid(paths) == pid  # adopted
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while server_pid(paths) is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert is_stale(mnt)
+    with pytest.raises(OSError) as e:
+        os.listdir(mnt / dirname(digest))
+    assert e.value.errno == errno.ENOTCONN
+    assert ensure_server(root) == mnt
+    assert server_pid(paths) not in (None, pid)
+    assert not is_stale(mnt)
+    assert (mnt / dirname(digest) / "etc/a").read_bytes() == b"A1"
