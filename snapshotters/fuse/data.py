@@ -1,27 +1,47 @@
 """Where the serving process gets a layer's file bytes.
 
-`readers` picks a `Reader` per open layer index. Until the lazy data path
-(``ckfs.layerindex.reader.LayerReader``: ranged fetches, chunk cache,
-verification) is wired in, the one source served is an uncompressed tar
-layer whose blob is in the local content store: a file's bytes sit at its
-node's ``data`` offset in the blob, which is verified by digest when it was
-committed and read-only since.
+`Readers` picks one `Reader` per open layer index, by the index's source and
+whether the layer's blob is in the root's content store:
+
+- ``tar`` with the blob local: read straight from the blob at each file's
+  data offset (`LocalTarReader`). The blob was verified by digest when it
+  was committed and is read-only since, so copying its bytes into the chunk
+  cache would only double the disk used.
+- ``estargz`` (local or not) and ``tar`` in a registry: the lazy data path,
+  `ckfs.layerindex.reader.LayerReader` (ranged fetches, sha256 checks, the
+  chunk cache under ``<root>/cache``). A remote layer's index names where to
+  fetch it in its meta: ``ref`` (a reference of the repository holding the
+  layer) and optionally ``media_type``. Registries are reached as a pull on
+  this root would (its hosts directories and Docker credentials).
+- anything else (``gzip-index``, for now): every read fails, saying why.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
+from ckfs import mediatypes
 from ckfs.content.fsutil import pread_exact
-from ckfs.errors import DataLoss, Unimplemented
+from ckfs.descriptor import Descriptor
+from ckfs.errors import DataLoss, FailedPrecondition, Unimplemented
+from ckfs.layerindex.cache import ChunkCache
 from ckfs.layerindex.model import LayerIndex, Node
+from ckfs.layerindex.reader import BlobSource, LayerReader, LocalBlob, RemoteBlob
+from ckfs.reference import parse
 from snapshotters.fuse.tree import Reader
 
-__all__ = ["LocalTarReader", "readers"]
+if TYPE_CHECKING:
+    from ckfs.remotes.registry import RegistryClient
+
+__all__ = ["LocalTarReader", "Readers"]
+
+#: What a remote layer's media type is taken to be when its index does not
+#: say: only the range reads use it, and they do not depend on it.
+DEFAULT_MEDIA_TYPE = mediatypes.OCI_LAYER_GZIP
 
 
 class LocalTarReader:
@@ -54,25 +74,83 @@ class LocalTarReader:
             raise DataLoss(f"{self.blob}: ends before offset {offset + size}")
         return data
 
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
 
 class _Unserved:
-    """The reader of a layer whose source is not served yet: every read fails."""
+    """The reader of a layer that cannot be read: every read fails, saying why."""
 
-    def __init__(self, why: str) -> None:
-        self.why = why
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
     async def read(self, node: Node, offset: int, size: int) -> bytes:
-        raise Unimplemented(self.why)
+        raise self.error
 
 
-def readers(root: Path) -> Callable[[LayerIndex], Reader]:
-    """The reader factory for the state root *root*."""
-    blobs = root / "content" / "blobs"
+class Readers:
+    """Makes the `Reader` of each layer the server opens (module docstring).
 
-    def make(index: LayerIndex) -> Reader:
-        blob = blobs / index.layer.algorithm / index.layer.hex
-        if index.source == "tar" and blob.exists():
+    Args:
+        root: the ckfs state root.
+        cache: the chunk cache; default ``<root>/cache``.
+    """
+
+    def __init__(self, root: Path, *, cache: ChunkCache | None = None) -> None:
+        self.root = root
+        self.cache = cache or ChunkCache(root / "cache")
+        self._clients: dict[str, RegistryClient] = {}
+        self._limiter = trio.CapacityLimiter(os.cpu_count() or 1)
+
+    def __call__(self, index: LayerIndex) -> Reader:
+        try:
+            return self._make(index)
+        except (Unimplemented, FailedPrecondition, DataLoss) as e:
+            return _Unserved(e)
+
+    def _make(self, index: LayerIndex) -> Reader:
+        layer = index.layer
+        blob = self.root / "content" / "blobs" / layer.algorithm / layer.hex
+        local = blob.is_file()
+        if index.source == "tar" and local:
             return LocalTarReader(blob)
-        return _Unserved(f"layer {index.layer}: {index.source} layers are not served yet")
+        if index.source not in ("tar", "estargz"):
+            raise Unimplemented(f"layer {layer}: {index.source} layers are not served yet")
+        source: BlobSource = LocalBlob(blob) if local else self._remote(index)
+        return LayerReader(index, source, self.cache, limiter=self._limiter)
 
-    return make
+    def _remote(self, index: LayerIndex) -> RemoteBlob:
+        where = index.meta("ref")
+        if not where:
+            raise FailedPrecondition(
+                f"layer {index.layer}: not in the content store and its index names no registry"
+            )
+        ref = parse(where)
+        desc = Descriptor(
+            media_type=index.meta("media_type") or DEFAULT_MEDIA_TYPE,
+            digest=index.layer,
+            size=index.blob_size,
+        )
+        return RemoteBlob(self._client(ref.domain), ref, desc)
+
+    def _client(self, domain: str) -> RegistryClient:
+        """One client per registry, shared by its layers (connections, tokens)."""
+        client = self._clients.get(domain)
+        if client is None:
+            from ckfs.remotes.auth import Credentials
+            from ckfs.remotes.hosts import default_hosts_dirs, load_hosts
+            from ckfs.remotes.registry import RegistryClient
+
+            hosts = load_hosts(domain, hosts_dirs=default_hosts_dirs(self.root))
+            client = self._clients[domain] = RegistryClient(
+                domain, hosts=hosts, credentials=Credentials(None)
+            )
+        return client
+
+    async def aclose(self) -> None:
+        """Close the registry clients' connections."""
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()

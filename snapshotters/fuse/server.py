@@ -31,7 +31,7 @@ import trio
 
 from ckfs.layerindex.store import IndexStore
 from ckfs.locks import try_lock
-from snapshotters.fuse.data import readers
+from snapshotters.fuse.data import Readers
 from snapshotters.fuse.ops import Ops
 from snapshotters.fuse.process import ServerPaths, clean_mount
 from snapshotters.fuse.tree import Tree
@@ -102,11 +102,12 @@ def _write_pid(path: Path) -> None:
 
 def _serve(paths: ServerPaths) -> None:
     tree = Tree(IndexStore(paths.root), paths.views)
-    ops = Ops(tree, readers(paths.root))
+    readers = Readers(paths.root)
+    ops = Ops(tree, readers)
     pyfuse3.init(ops, str(paths.mnt), set(OPTIONS))
     log.info("serving %s", paths.mnt)
     try:
-        trio.run(_run)
+        trio.run(_run, readers)
     finally:
         # Unmount even after a crash of the loop: a mount without its server
         # answers ENOTCONN to everyone until someone detaches it.
@@ -114,11 +115,15 @@ def _serve(paths: ServerPaths) -> None:
         log.info("unmounted %s", paths.mnt)
 
 
-async def _run() -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal)
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
+async def _run(readers: Readers) -> None:
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await readers.aclose()
 
 
 async def _stop_on_signal() -> None:

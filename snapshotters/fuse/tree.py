@@ -184,6 +184,13 @@ class Layer:
             self._reader = make(self.index)
         return self._reader
 
+    def close(self) -> None:
+        """Close the index, and the reader if it holds anything to close."""
+        close = getattr(self._reader, "close", None)
+        if callable(close):
+            close()
+        self.index.close()
+
 
 @dataclass(frozen=True, slots=True)
 class View:
@@ -364,8 +371,7 @@ class Tree:
     def sweep(self) -> None:
         """Close the layer indexes no known inode points into."""
         for digest in [d for d, layer in self._layers.items() if layer.refs <= 0]:
-            layer = self._layers.pop(digest)
-            layer.index.close()
+            self._layers.pop(digest).close()
 
     def statistics(self) -> dict[str, int]:
         """Known inodes and open layer indexes (for logs and tests)."""
