@@ -730,8 +730,10 @@ def _tarinfo(record: dict[str, Any], kind: str) -> tarfile.TarInfo:
     info.linkname = _text(record, "linkName")
     info.devmajor = _int(record, "devMajor")
     info.devminor = _int(record, "devMinor")
-    xattrs = record.get("xattrs") or {}
-    if not isinstance(xattrs, dict):
+    xattrs = record.get("xattrs")
+    if xattrs is None:
+        xattrs = {}
+    elif not isinstance(xattrs, dict):
         raise TypeError("xattrs is not an object")
     pax: dict[str, str] = {}
     for name, value in xattrs.items():
