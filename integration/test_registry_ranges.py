@@ -172,6 +172,39 @@ async def test_redirect_keeps_the_range(proxy: FaultProxy, blob: Blob, tmp_path:
     assert storage[0].status == 206
 
 
+async def test_cancelled_read_leaves_the_client_working(
+    proxy: FaultProxy, blob: Blob, tmp_path: Path
+) -> None:
+    """A read cancelled mid-body (a FUSE request interrupted) costs its connection only."""
+    _, desc, data = blob
+    ref = parse(f"{proxy.host}/{REPO}:1")
+    proxy.add(Fault("stall", after=1000))
+    async with client_for(proxy.host, tmp_path) as client:
+        with trio.move_on_after(0.5) as scope:
+            await client.read_range(ref, desc, 0, 65536)
+        assert scope.cancelled_caught
+        assert await client.read_range(ref, desc, 0, 65536) == data[:65536]
+
+
+async def test_concurrent_reads(blob: Blob, tmp_path: Path) -> None:
+    """Many reads at once, as FUSE issues them: each gets its own bytes."""
+    reg, desc, data = blob
+    ref = parse(f"{reg.host}/{REPO}:1")
+    rng = random.Random(7)
+    windows = [(rng.randrange(0, BLOB_SIZE - 65536), rng.randrange(1, 65536)) for _ in range(64)]
+    got: dict[int, bytes] = {}
+
+    async def read(i: int, offset: int, length: int) -> None:
+        got[i] = await client.read_range(ref, desc, offset, length)
+
+    async with client_for(reg.host, tmp_path) as client:
+        async with trio.open_nursery() as nursery:
+            for i, (offset, length) in enumerate(windows):
+                nursery.start_soon(read, i, offset, length)
+        assert client.statistics()["range"] == len(windows)
+    assert [got[i] for i in range(len(windows))] == [data[o:][:n] for o, n in windows]
+
+
 @pytest.fixture(scope="module")
 def token_registry(
     tmp_path_factory: pytest.TempPathFactory,

@@ -7,6 +7,7 @@ real registry and real sockets are in integration/test_registry_ranges.py.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import httpx
@@ -103,15 +104,20 @@ async def test_other_registry_refused(fake: FakeRegistry, layer: Layer, tmp_path
 
 
 async def test_range_ignored_reads_only_the_window(
-    fake: FakeRegistry, layer: Layer, tmp_path: Path
+    fake: FakeRegistry, layer: Layer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A 200 with the whole blob: the window is cut out of it, the rest never read."""
     ref, desc = layer
     fake.ignore_range = True
     async with client_for(fake, nocreds(tmp_path)) as client:
-        assert await client.read_range(ref, desc, 4000, 300) == LAYER[4000:4300]
-        assert await client.read_range(ref, desc, 0, len(LAYER)) == LAYER
+        with caplog.at_level(logging.WARNING, logger="ckfs.remotes.blobs"):
+            assert await client.read_range(ref, desc, 4000, 300) == LAYER[4000:4300]
+            assert await client.read_range(ref, desc, 0, len(LAYER)) == LAYER
         stats = client.statistics()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"registry host {REGISTRY} ignores Range requests: each lazy read downloads "
+        "its blob from the start up to the bytes it needs"
+    ]
     assert stats["range_ignored"] == 2
     # The fake sends 4096-byte chunks: reading stopped in the one holding byte 4299.
     assert stats["blob_bytes"] == 8192 + len(LAYER)

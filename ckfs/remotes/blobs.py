@@ -56,7 +56,7 @@ MAX_RANGE = 64 << 20
 
 #: Times one `RegistryClient.read_range` asks again for the rest of a body
 #: that broke off or ended early, from the byte it reached. A request that
-#: fails before its body is retried by `_request` instead; this bounds
+#: fails before its body is retried by `Engine.request` instead; this bounds
 #: connections that keep dropping mid-body, which a FUSE read waits on.
 RANGE_RESUMES = 3
 
@@ -239,7 +239,7 @@ class Blobs:
             async with contextlib.aclosing(response):
                 stream = self._stream(response, desc, start, end, host.host, pooled=True)
                 if response.status_code == 200:
-                    self._engine.count("range_ignored")
+                    self._ignored_range(host)
                 chunks = stream.aiter_chunks()
                 try:
                     async with contextlib.aclosing(chunks):
@@ -268,6 +268,16 @@ class Blobs:
                 resumes += 1
                 self._engine.count("resume")
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _ignored_range(self, host: RegistryHost) -> None:
+        """Count a range answered with the whole blob; say so once, it makes lazy reads slow."""
+        self._engine.count("range_ignored")
+        if self._engine.stats["range_ignored"] == 1:
+            _log.warning(
+                "registry host %s ignores Range requests: each lazy read downloads "
+                "its blob from the start up to the bytes it needs",
+                host.host,
+            )
 
     async def _get(
         self,
