@@ -85,6 +85,8 @@ async def test_registry_honours_ranges(proxy: FaultProxy, blob: Blob, tmp_path: 
         for offset, length in [*WINDOWS, (0, BLOB_SIZE)]:
             assert await client.read_range(ref, desc, offset, length) == data[offset:][:length]
         stats = client.statistics()
+        # One connection served them all: range bodies go back to the pool.
+        assert len(client._engine._client._transport._pool.connections) == 1  # type: ignore[attr-defined]
     seen = proxy.requests()
     assert [s.headers.get("range") for s in seen] == [
         f"bytes={o}-{o + n - 1}" for o, n in [*WINDOWS, (0, BLOB_SIZE)]
