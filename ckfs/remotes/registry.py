@@ -169,7 +169,7 @@ class RegistryClient:
         """
         return dict(self._engine.stats)
 
-    # -- the three operations ---------------------------------------------------
+    # -- the operations ------------------------------------------------------------
 
     async def resolve(self, ref: Reference) -> Descriptor:
         """The descriptor of the manifest or index *ref* names.
@@ -290,17 +290,18 @@ class RegistryClient:
         connection goes back to the pool (`open_blob` bodies bypass h11 and
         close theirs): a FUSE read pays for a request, not a connection, and
         a cached token is reused. Authentication, retries, backoff, mirrors
-        and redirects are those of every blob GET (`ckfs.remotes.requests`). A body
-        that breaks off or ends early is asked for again from the byte it
-        reached, at most `RANGE_RESUMES` times; a body slower than
-        ``min_rate`` is not (`TooSlow`). The caller's cancel scope bounds the
-        whole read.
+        and redirects are those of every blob GET (`ckfs.remotes.requests`).
+        A body that breaks off or ends early is asked for again from the
+        byte it reached, at most `RANGE_RESUMES` times; a body slower than
+        ``min_rate`` is not (`TooSlow`). The caller's cancel scope bounds
+        the whole read.
 
         A server that ignores the range (HTTP 200, the whole blob) is read up
         to the window's end, the bytes before it discarded, and its
         connection closed: correct, but as slow as the window is far into
-        the blob; ``range_ignored`` in `statistics` counts these. Refusing
-        would leave no lazy path at all on such a registry.
+        the blob; ``range_ignored`` in `statistics` counts these, and the
+        first is logged as a warning naming the host. Refusing would leave
+        no lazy path at all on such a registry.
 
         The bytes are *not* verified: a range cannot be checked against the
         blob's digest. The caller checks them against what it trusts (an
