@@ -28,7 +28,8 @@ filters, which in 3.11 miss the 2024–25 path-escape fixes) are never called.
 
 Whiteouts are applied in one of two forms (`ckfs.archive.whiteouts`):
 ``delete`` for a full copy of the parent, ``overlay`` for an overlayfs upper
-directory above *lowers*.
+directory above *lowers*, which are only read (`ckfs.archive.lowers`: the
+overlay lookup rules, and copy-up of hardlink targets).
 
 Error policy: what makes the result wrong or the input hostile raises
 `InvalidArgument` naming the entry (the caller discards the directory);
@@ -51,6 +52,7 @@ from typing import BinaryIO, Literal, Protocol
 from ckfs.archive import whiteouts
 from ckfs.archive.compression import open_layer
 from ckfs.archive.entry import DEFAULT_MAX_ENTRY_SIZE, Entry, Kind, SkipEntry, from_tarinfo
+from ckfs.archive.lowers import Lowers, copy_node, copy_xattrs
 from ckfs.archive.secure import MakeDir, RootDir, SymlinkLoop, TooDeep, join, remove_all
 from ckfs.archive.tarstream import TarStream
 from ckfs.digest import Digest
@@ -235,14 +237,13 @@ class _Applier:
             privileged and not in_user_namespace() if options.devices is None else options.devices
         )
         self.root = RootDir(root)
-        self.lowers: list[RootDir] = []
+        self.lowers = Lowers(())
         try:
             if os.path.samestat(os.fstat(self.root.fd), os.stat("/")):
                 # A caller's bug, not a layer's: whiteouts and opaque markers
                 # would delete the host's own files.
                 raise InvalidArgument("refusing to apply a layer to the host's /")
-            for p in options.lowers:
-                self.lowers.append(RootDir(p))
+            self.lowers = Lowers(options.lowers)
         except BaseException:
             self.close()
             raise
@@ -260,8 +261,7 @@ class _Applier:
 
     def close(self) -> None:
         self.root.close()
-        for lower in self.lowers:
-            lower.close()
+        self.lowers.close()
 
     def __enter__(self) -> _Applier:
         return self
@@ -601,7 +601,7 @@ class _Applier:
             raise
         try:
             if lower is None and self.lowers:
-                lower = self._lower_dir(real)
+                lower = self.lowers.open_dir(real)
             if lower is None:
                 uid = gid = 0
                 mode = 0o755
@@ -611,7 +611,7 @@ class _Applier:
                 try:
                     uid, gid, mode = lst.st_uid, lst.st_gid, stat.S_IMODE(lst.st_mode)
                     times = (lst.st_atime_ns, lst.st_mtime_ns)
-                    self._copy_xattrs(lfd, fd)
+                    copy_xattrs(lfd, fd, self.what)
                 finally:
                     os.close(lfd)
             if self.same_owner:
@@ -633,50 +633,10 @@ class _Applier:
         """`_make_dir`, but only for directories some lower has."""
         if existing is not None:
             return self._make_dir(pfd, name, real, existing)
-        lower = self._lower_dir(real)
+        lower = self.lowers.open_dir(real)
         if lower is None:
             return False
         return self._make_dir(pfd, name, real, None, lower=lower)
-
-    def _in_lowers(self, parts: list[str]) -> tuple[int, os.stat_result] | None:
-        """The first lower holding *parts*: its parent's descriptor and the entry's lstat.
-
-        The caller closes the descriptor. A lower in which a parent component
-        is not a directory hides the ones below, as in the overlay mount.
-        """
-        for lower in self.lowers:
-            try:
-                pfd, _ = lower.open_dir(parts[:-1])
-            except FileNotFoundError:
-                continue
-            except (NotADirectoryError, SymlinkLoop, TooDeep):
-                return None
-            try:
-                return pfd, os.lstat(parts[-1], dir_fd=pfd)
-            except FileNotFoundError:
-                os.close(pfd)
-            except BaseException:
-                os.close(pfd)
-                raise
-        return None
-
-    def _lower_dir(self, real: str) -> tuple[os.stat_result, int] | None:
-        """The first lower's directory at *real*: its stat and an open descriptor.
-
-        A lower holding a whiteout or a non-directory there hides the ones
-        below, as in the overlay mount.
-        """
-        parts = real.split("/")
-        found = self._in_lowers(parts)
-        if found is None:
-            return None
-        pfd, st = found
-        try:
-            if not stat.S_ISDIR(st.st_mode):
-                return None
-            return st, os.open(parts[-1], _O_DIR, dir_fd=pfd)
-        finally:
-            os.close(pfd)
 
     def _copy_up(self, tparts: list[str], e: Entry) -> tuple[int, str] | None:
         """Copy a hardlink target that only a lower has into the upper dir.
@@ -685,7 +645,7 @@ class _Applier:
             The upper parent directory (caller closes) and its real path, or
             None if no lower has the target.
         """
-        found = self._in_lowers(tparts)
+        found = self.lowers.find(tparts)
         if found is None:
             return None
         lfd, st = found
@@ -703,7 +663,15 @@ class _Applier:
                 raise SkipEntry(f"cannot copy up {e.link!r}: {err.filename!r} in the way") from None
             try:
                 self._touch(ufd, ureal)
-                self._copy_node(lfd, ufd, tname, st)
+                copy_node(
+                    lfd,
+                    ufd,
+                    tname,
+                    st,
+                    same_owner=self.same_owner,
+                    devices=self.devices,
+                    what=self.what,
+                )
             except BaseException:
                 os.close(ufd)
                 raise
@@ -711,43 +679,6 @@ class _Applier:
             return ufd, ureal
         finally:
             os.close(lfd)
-
-    def _copy_node(self, lfd: int, ufd: int, name: str, st: os.stat_result) -> None:
-        """Copy a non-directory with its metadata from a lower into upper."""
-        mode = stat.S_IMODE(st.st_mode)
-        if stat.S_ISREG(st.st_mode):
-            src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=lfd)
-            try:
-                dst = os.open(name, _O_NEWFILE, 0o600, dir_fd=ufd)
-                try:
-                    _copy_fd(src, dst, st.st_size)
-                    if self.same_owner:
-                        os.fchown(dst, st.st_uid, st.st_gid)
-                    os.fchmod(dst, mode)
-                    self._copy_xattrs(src, dst)
-                    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-                finally:
-                    os.close(dst)
-            finally:
-                os.close(src)
-            return
-        if stat.S_ISLNK(st.st_mode):
-            os.symlink(os.readlink(name, dir_fd=lfd), name, dir_fd=ufd)
-        elif stat.S_ISFIFO(st.st_mode):
-            os.mknod(name, stat.S_IFIFO | 0o600, 0, dir_fd=ufd)
-        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-            if not self.devices:
-                raise SkipEntry(
-                    "hardlink target is a device node; device nodes are not allowed here"
-                )
-            os.mknod(name, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=ufd)
-        else:
-            raise SkipEntry("hardlink target is a socket")
-        if self.same_owner:
-            os.chown(name, st.st_uid, st.st_gid, dir_fd=ufd, follow_symlinks=False)
-        if not stat.S_ISLNK(st.st_mode):
-            os.chmod(name, mode, dir_fd=ufd)
-        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=ufd, follow_symlinks=False)
 
     # -- metadata ----------------------------------------------------------------
 
@@ -844,19 +775,6 @@ class _Applier:
                 except OSError as e:
                     log.warning("%s: xattr %r not removed: %s", self.what, name, e.strerror)
 
-    def _copy_xattrs(self, src: int, dst: int) -> None:
-        try:
-            names = os.listxattr(src)
-        except OSError:
-            return
-        for name in names:
-            if whiteouts.is_overlay_xattr(name):
-                continue
-            try:
-                os.setxattr(dst, name, os.getxattr(src, name))
-            except OSError as e:
-                log.warning("%s: xattr %r not copied up: %s", self.what, name, e.strerror)
-
     def _finish(self) -> None:
         """Set directory times (and deferred modes) once their children exist.
 
@@ -884,18 +802,3 @@ class _Applier:
                 if isinstance(e, OSError) and e.errno != errno.EINVAL:
                     raise
                 log.warning("%s: %r: directory time not set: %s", self.what, real, e)
-
-
-def _copy_fd(src: int, dst: int, size: int) -> None:
-    """Copy *size* bytes between files in the kernel (reflink or sendfile)."""
-    done = 0
-    while done < size:
-        try:
-            n = os.copy_file_range(src, dst, size - done)
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            n = os.sendfile(dst, src, None, size - done)
-        if n == 0:
-            break
-        done += n
