@@ -53,9 +53,10 @@ if TYPE_CHECKING:
     import httpx
 
     from ckfs.remotes.hosts import RegistryHost
+    from ckfs.remotes.registry import RegistryClient
     from ckfs.remotes.walk import ChildrenFunc
 
-__all__ = ["PullOptions", "PullReport", "pull", "pull_local"]
+__all__ = ["PullOptions", "PullReport", "client_for", "pull", "pull_local"]
 
 
 @dataclasses.dataclass
@@ -165,16 +166,10 @@ async def pull(
             return local
 
     # Imported here so that pulls served from local state never load trio or httpx.
-    from ckfs.remotes.auth import Credentials
     from ckfs.remotes.bounds import Deadline
     from ckfs.remotes.fetch import fetch
-    from ckfs.remotes.hosts import load_hosts
-    from ckfs.remotes.registry import RegistryClient
 
-    hosts = load_hosts(ref.domain, hosts_dirs=o.hosts_dirs, plain_http=o.plain_http)
-    async with RegistryClient(
-        ref.domain, hosts=hosts, credentials=Credentials(o.user), transport=transport
-    ) as client:
+    async with client_for(ref, o, transport=transport) as client:
         budget = Deadline.after(time_budget(0, o.timeout))
         gave_up = f"{ref}: resolving gave up after {seconds_text(budget.seconds)} s (--timeout)"
         with budget.raising(lambda: Unavailable(gave_up)):
@@ -192,6 +187,24 @@ async def pull(
         )
     finish = functools.partial(_finish, network=True, started=started)
     return await trio.to_thread.run_sync(finish, ref, images, report, register)
+
+
+def client_for(
+    ref: Reference, options: PullOptions, *, transport: httpx.AsyncBaseTransport | None = None
+) -> RegistryClient:
+    """A registry client for *ref*'s registry as *options* configure it (hosts, credentials).
+
+    Every path that talks to a registry for a pull builds its client here,
+    so mirrors, plain HTTP and credentials are read the same way.
+    """
+    from ckfs.remotes.auth import Credentials
+    from ckfs.remotes.hosts import load_hosts
+    from ckfs.remotes.registry import RegistryClient
+
+    hosts = load_hosts(ref.domain, hosts_dirs=options.hosts_dirs, plain_http=options.plain_http)
+    return RegistryClient(
+        ref.domain, hosts=hosts, credentials=Credentials(options.user), transport=transport
+    )
 
 
 def pull_local(

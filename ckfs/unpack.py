@@ -67,10 +67,16 @@ if TYPE_CHECKING:
 __all__ = [
     "UnpackReport",
     "extract_snapshots",
+    "label_config",
+    "layer_lock",
     "lock_path",
+    "present_below",
+    "provided",
     "pull_and_unpack",
     "remove_leftover",
+    "remove_leftovers",
     "unpack",
+    "unpack_layer",
 ]
 
 log = logging.getLogger(__name__)
@@ -103,7 +109,7 @@ def lock_path(lock_dir: Path, chain_id: Digest) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def _layer_lock(lock_dir: Path, chain_id: Digest) -> AsyncIterator[None]:
+async def layer_lock(lock_dir: Path, chain_id: Digest) -> AsyncIterator[None]:
     """Hold the unpack lock of one chain ID, across processes.
 
     flock is polled rather than blocked on in a thread so that waiting stays
@@ -139,7 +145,7 @@ def remove_leftover(sn: Snapshotter, key: str) -> bool:
     return False
 
 
-def _remove_leftovers(sn: Snapshotter, chain_id: Digest) -> None:
+def remove_leftovers(sn: Snapshotter, chain_id: Digest) -> None:
     """Remove extract snapshots of *chain_id* left by interrupted unpacks."""
     for key, chain in extract_snapshots(sn):
         if chain == str(chain_id):
@@ -171,7 +177,7 @@ def _apply_into(
         apply_layer(target, f, media_type=layer.media_type, diff_id=diff_id, options=options)
 
 
-async def _unpack_layer(
+async def unpack_layer(
     sn: Snapshotter,
     content: ContentStore,
     layer: Descriptor,
@@ -182,7 +188,7 @@ async def _unpack_layer(
     """Apply *layer* and commit it as *chain_id*.
 
     The extract snapshot carries `SNAPSHOT_REF`, so a remote snapshotter
-    may answer its prepare with AlreadyExists (see `_provided`); the layer
+    may answer its prepare with AlreadyExists (see `provided`); the layer
     blob is looked for only after the prepare, as such a snapshotter needs
     no blob.
     """
@@ -204,7 +210,7 @@ async def _unpack_layer(
         raise
 
 
-def _provided(sn: Snapshotter, chain_id: Digest, refused: AlreadyExists) -> None:
+def provided(sn: Snapshotter, chain_id: Digest, refused: AlreadyExists) -> None:
     """Check that an AlreadyExists from preparing or committing *chain_id* means "present".
 
     As containerd's unpacker: a remote snapshotter answers the prepare so
@@ -262,7 +268,7 @@ def _discard(sn: Snapshotter, key: str, mounts: Sequence[Mount]) -> None:
         log.warning("cannot remove snapshot %r: %s", key, e)
 
 
-def _present_below(sn: Snapshotter, chain: Sequence[Digest]) -> int:
+def present_below(sn: Snapshotter, chain: Sequence[Digest]) -> int:
     """How many layers from the bottom are committed already.
 
     Walks down from the top: usually everything is there and one stat answers.
@@ -273,7 +279,7 @@ def _present_below(sn: Snapshotter, chain: Sequence[Digest]) -> int:
     return have
 
 
-def _label_config(
+def label_config(
     content: ContentStore, config: Digest, label: str, chain: Sequence[Digest]
 ) -> None:
     """Point the image config's gc label at the top snapshot, unless it does already."""
@@ -326,26 +332,26 @@ async def unpack(
     layers, diff_ids = manifest.layers, config.diff_ids
     report = UnpackReport(chain_id=chain[-1])
 
-    report.present = await trio.to_thread.run_sync(_present_below, sn, chain)
+    report.present = await trio.to_thread.run_sync(present_below, sn, chain)
     for i in range(report.present, len(chain)):
         parent = str(chain[i - 1]) if i else ""
         if arrival is not None:
             await arrival(layers[i])
-        async with _layer_lock(lock_dir, chain[i]):
+        async with layer_lock(lock_dir, chain[i]):
             if await trio.to_thread.run_sync(committed, sn, str(chain[i])):
                 report.present += 1  # another unpack applied it while we waited
                 continue
-            await trio.to_thread.run_sync(_remove_leftovers, sn, chain[i])
+            await trio.to_thread.run_sync(remove_leftovers, sn, chain[i])
             try:
-                await _unpack_layer(sn, content, layers[i], diff_ids[i], chain[i], parent)
+                await unpack_layer(sn, content, layers[i], diff_ids[i], chain[i], parent)
             except AlreadyExists as e:
-                await trio.to_thread.run_sync(_provided, sn, chain[i], e)
+                await trio.to_thread.run_sync(provided, sn, chain[i], e)
                 report.present += 1
             else:
                 report.applied.append(chain[i])
 
     await trio.to_thread.run_sync(
-        _label_config, content, manifest.config.digest, gc_snapshot_label(snapshotter_name), chain
+        label_config, content, manifest.config.digest, gc_snapshot_label(snapshotter_name), chain
     )
     report.seconds = time.monotonic() - started
     return report

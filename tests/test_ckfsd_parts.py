@@ -140,7 +140,7 @@ def test_recover_removes_only_unlocked_extract_snapshots(tmp_path: Path) -> None
 
         async def recover_while_unpacking() -> list[str]:
             # The lock an unpack really takes, so both sides name the same file.
-            async with unpack._layer_lock(state.lock_dir, held):
+            async with unpack.layer_lock(state.lock_dir, held):
                 return recover(state)
 
         removed = trio.run(recover_while_unpacking)
