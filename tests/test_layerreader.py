@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import random
 import struct
 import tarfile
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from ckfs.archive.entry import Entry, Kind
 from ckfs.digest import from_bytes
@@ -544,3 +546,71 @@ async def test_local_blob_bounds(tmp_path: Path) -> None:
     (tmp_path / "b").write_bytes(b"01234")  # shrank under us
     with pytest.raises(DataLoss):
         await blob.read_range(2, 5)
+
+
+# -- read-ahead -----------------------------------------------------------
+
+
+async def sequential_reader(
+    layer: Layer, cache: ChunkCache, nursery: trio.Nursery
+) -> tuple[LayerReader, Probe]:
+    probe = Probe(LocalBlob(layer.blob))
+    return LayerReader(layer.index, probe, cache, nursery=nursery), probe
+
+
+async def test_sequential_reads_fetch_ahead_within_the_bound(
+    tmp_path: Path, cache: ChunkCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reader_module, "READAHEAD", 2 * CHUNK)
+    data = content(6 * CHUNK, 30)
+    layer = build_estargz(tmp_path, {"f": data, "g": content(CHUNK, 31)})
+    node = layer.node("f")
+    members = layer.members["f"]
+    async with trio.open_nursery() as nursery:
+        reader, probe = await sequential_reader(layer, cache, nursery)
+        assert await reader.read(node, 0, 4096) == data[:4096]
+        assert await reader.read(node, 4096, 4096) == data[4096:8192]  # sequential
+        await until(lambda: len(probe.calls) == 2)
+        assert probe.calls[1] == (members[1][0], members[1][1] + members[2][1])
+        calls = len(probe.calls)
+        assert await reader.read(node, 8192, 3 * CHUNK) == data[8192 : 8192 + 3 * CHUNK]
+        # Chunk 3 was needed and is fetched now; read-ahead moves on to 4 and 5.
+        await until(lambda: len(probe.calls) == calls + 2)
+        assert await reader.read(node, 8192 + 3 * CHUNK, 6 * CHUNK) == data[8192 + 3 * CHUNK :]
+        await trio.testing.wait_all_tasks_blocked()
+    assert len(probe.calls) == calls + 2  # nothing past the file's end ("g" not fetched)
+    fetched = sorted(probe.calls)  # every member of "f" exactly once, some coalesced
+    assert fetched[0][0] == members[0][0] and sum(n for _, n in fetched) == sum(
+        n for _, n in members
+    )
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(fetched))
+
+
+async def test_random_reads_do_not_fetch_ahead(tmp_path: Path, cache: ChunkCache) -> None:
+    data = content(6 * CHUNK, 32)
+    layer = build_estargz(tmp_path, {"f": data})
+    node = layer.node("f")
+    async with trio.open_nursery() as nursery:
+        reader, probe = await sequential_reader(layer, cache, nursery)
+        for off in (3 * CHUNK, 0, 5 * CHUNK + 10, CHUNK):
+            assert await reader.read(node, off, 100) == data[off : off + 100]
+        await trio.testing.wait_all_tasks_blocked()
+    assert len(probe.calls) == 4
+
+
+async def test_failed_read_ahead_leaves_the_error_to_the_read(
+    tmp_path: Path, cache: ChunkCache
+) -> None:
+    data = content(4 * CHUNK, 33)
+    layer = build_estargz(tmp_path, {"f": data})
+    node = layer.node("f")
+    async with trio.open_nursery() as nursery:
+        reader, probe = await sequential_reader(layer, cache, nursery)
+        assert await reader.read(node, 0, 100) == data[:100]
+        probe.fail = Unavailable("registry down")
+        assert await reader.read(node, 100, 100) == data[100:200]  # cached; starts read-ahead
+        await until(lambda: reader.statistics()["errors"] == 1)
+        with pytest.raises(Unavailable):
+            await reader.read(node, CHUNK, 100)
+        probe.fail = None
+        assert await reader.read(node, CHUNK, 3 * CHUNK) == data[CHUNK:]

@@ -28,7 +28,7 @@ Recently used chunks are also held in memory (bounded by ``memory_bytes``):
 FUSE reads a 4 MiB chunk as thirty-two 128 KiB reads, and re-reading and
 re-checking the whole file for each would cost more than the read itself.
 
-All methods except `peek` and `statistics` do file I/O and block: call them
+All methods except `peek`, `holds` and `statistics` do file I/O and block: call them
 through `trio.to_thread`. They are safe to call from several threads at once.
 """
 
@@ -124,6 +124,11 @@ class ChunkCache:
                 self._stats["hits"] += 1
                 self._stats["memory_hits"] += 1
             return data
+
+    def holds(self, layer: Digest, key: str) -> bool:
+        """Whether the chunk is held in memory (no counters touched)."""
+        with self._lock:
+            return (layer, key) in self._memory
 
     def get(self, layer: Digest, key: str) -> bytes | None:
         """The chunk stored under *key* for *layer*, or None (a miss).

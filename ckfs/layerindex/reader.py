@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import logging
 import os
 from collections import OrderedDict
@@ -58,6 +59,7 @@ __all__ = [
     "COALESCE_GAP",
     "MAX_PIECE",
     "MAX_REQUEST",
+    "READAHEAD",
     "BlobSource",
     "LayerReader",
     "LocalBlob",
@@ -81,6 +83,11 @@ MAX_REQUEST = 16 << 20
 #: instead of inflating gigabytes into memory. Its fetch stays below
 #: `RegistryClient.read_range`'s 64 MiB.
 MAX_PIECE = 32 << 20
+
+#: Bytes fetched ahead of a sequential reader: two default eStargz chunks,
+#: so the next one is ready while the current one is served, and the
+#: memory it holds stays well inside the chunk cache's memory bound.
+READAHEAD = 8 << 20
 
 #: Chunk lists kept per reader, by inode: FUSE reads a file in 128 KiB
 #: pieces, and each would otherwise query the index for the same list.
@@ -224,6 +231,11 @@ class LayerReader:
         cache: where verified pieces are kept (shared by all layers).
         limiter: bounds the worker threads inflating and hashing; by default
             one per CPU, for this reader alone.
+        nursery: where read-ahead runs: with one, a file read sequentially
+            has its next pieces (`READAHEAD` bytes) fetched in the
+            background, so fetching, inflating and hashing overlap with
+            serving on another core; without, reads fetch only what they
+            need.
     """
 
     def __init__(
@@ -233,6 +245,7 @@ class LayerReader:
         cache: ChunkCache,
         *,
         limiter: trio.CapacityLimiter | None = None,
+        nursery: trio.Nursery | None = None,
     ) -> None:
         if index.source not in ("estargz", "tar"):
             raise Unimplemented(f"layer {index.layer}: lazy reads of {index.source!r} layers")
@@ -249,6 +262,8 @@ class LayerReader:
         self._flights: dict[str, _Flight] = {}
         self._chunk_lists: OrderedDict[int, list[_Piece]] = OrderedDict()
         self._spans: list[_Piece] | None = None
+        self._nursery = nursery
+        self._ends: OrderedDict[int, tuple[int, int]] = OrderedDict()
         self._stats = {
             "hits": 0,
             "misses": 0,
@@ -288,38 +303,92 @@ class LayerReader:
         base = 0 if self.index.source == "estargz" else node.data
         if base < 0:
             raise DataLoss(f"layer {self.layer}: inode {node.ino} has no data offset")
-        pieces = self._covering(node, base + offset, base + end)
-        datas = await self._get(pieces)
-        return _assemble(pieces, datas, base + offset, base + end)
+        pieces, first, last = self._covering(node, base + offset, base + end)
+        if self._nursery is not None and self._sequential(node.ino, offset, end, last):
+            self._read_ahead(pieces, last, base + node.size)
+        chosen = pieces[first:last]
+        if len(chosen) == 1:  # the common case, served without a thread hop
+            data = self.cache.peek(self.layer, chosen[0].key)
+            if data is not None:
+                self._stats["hits"] += 1
+                return _assemble(chosen, {chosen[0].key: data}, base + offset, base + end)
+        datas = await self._get(chosen)
+        return _assemble(chosen, datas, base + offset, base + end)
 
     # -- which pieces ------------------------------------------------------
 
-    def _covering(self, node: Node, start: int, end: int) -> list[_Piece]:
-        """The pieces holding bytes *start*..*end*, contiguous, in order.
+    def _covering(self, node: Node, start: int, end: int) -> tuple[list[_Piece], int, int]:
+        """The pieces of *node*'s file (or stream), and the slice of them
+        holding bytes *start*..*end*, contiguous, in order.
 
         Raises:
             DataLoss: the pieces leave a gap or overlap there.
         """
         estargz = self.index.source == "estargz"
         pieces = self._chunk_pieces(node) if estargz else self._span_pieces()
-        first = bisect.bisect_right(pieces, start, key=lambda p: p.start) - 1
-        chosen: list[_Piece] = []
+        first = max(bisect.bisect_right(pieces, start, key=lambda p: p.start) - 1, 0)
         pos = start
-        for p in pieces[max(first, 0) :]:
-            if pos >= end:
-                break
+        last = first
+        while pos < end and last < len(pieces):
+            p = pieces[last]
             # The first piece holds *start*; each next one starts where the
             # last ended (no gap, no overlap to cut around).
-            held = p.start <= pos < p.start + p.size if not chosen else p.start == pos
+            held = p.start <= pos < p.start + p.size if last == first else p.start == pos
             if not held:
                 raise DataLoss(
                     f"layer {self.layer}: no verified piece holds byte {pos} of inode {node.ino}"
                 )
-            chosen.append(p)
             pos = p.start + p.size
+            last += 1
         if pos < end:
             raise DataLoss(f"layer {self.layer}: inode {node.ino} ends at {pos} in its pieces")
-        return chosen
+        return pieces, first, last
+
+    def _sequential(self, ino: int, offset: int, end: int, last: int) -> bool:
+        """Whether to read ahead after this read of *ino*: it continues the
+        last read (remembered for a few inodes) and reached pieces up to
+        *last*, further than when read-ahead last ran (reads inside one
+        piece need not look again)."""
+        previous = self._ends.pop(ino, None)
+        if previous is not None and previous[0] == offset:
+            ahead = previous[1] != last
+            self._ends[ino] = (end, last)
+        else:
+            ahead = False
+            self._ends[ino] = (end, -1)
+        if len(self._ends) > _CHUNK_LISTS:
+            self._ends.popitem(last=False)
+        return ahead
+
+    def _read_ahead(self, pieces: list[_Piece], after: int, limit: int) -> None:
+        """Fetch up to `READAHEAD` bytes of the pieces from index *after* in
+        the background, stopping at the file's end (*limit*)."""
+        assert self._nursery is not None
+        wanted = []
+        total = 0
+        for p in itertools.islice(pieces, after, None):
+            if total >= READAHEAD or p.start >= limit:
+                break
+            total += p.size
+            if p.key not in self._flights and not self.cache.holds(self.layer, p.key):
+                wanted.append(p)
+        if wanted:
+            # Claimed now, not when the task first runs: the reads that
+            # follow (memory hits that never yield) must see them in flight.
+            self._claim(wanted)
+            try:
+                self._nursery.start_soon(self._prefetch, wanted)
+            except BaseException:
+                self._settle(wanted, {})
+                raise
+
+    async def _prefetch(self, pieces: list[_Piece]) -> None:
+        """Read-ahead's task, leading *pieces*' flights: errors are for the
+        reads waiting on them to report."""
+        try:
+            await self._lead(pieces, {})
+        except CkfsError as e:
+            log.debug("layer %s: read-ahead failed: %s", self.layer, e)
 
     def _chunk_pieces(self, node: Node) -> list[_Piece]:
         found = self._chunk_lists.get(node.ino)
@@ -414,14 +483,10 @@ class LayerReader:
             data = self.cache.peek(self.layer, p.key)
             if data is not None:
                 datas[p.key] = data
-        missing = [p for p in pieces if p.key not in datas]
-        if missing:
-            found = await trio.to_thread.run_sync(self._from_disk, missing)
-            datas.update(found)
         self._stats["hits"] += len(datas)
-        missing = [p for p in missing if p.key not in datas]
+        missing = [p for p in pieces if p.key not in datas]
         while missing:
-            missing = await self._fetch_or_join(missing, datas)
+            missing = await self._load_or_join(missing, datas)
         return datas
 
     def _from_disk(self, pieces: list[_Piece]) -> dict[str, bytes]:
@@ -432,8 +497,9 @@ class LayerReader:
                 found[p.key] = data
         return found
 
-    async def _fetch_or_join(self, pieces: list[_Piece], datas: dict[str, bytes]) -> list[_Piece]:
-        """Fetch the pieces nobody is fetching, wait for the others.
+    async def _load_or_join(self, pieces: list[_Piece], datas: dict[str, bytes]) -> list[_Piece]:
+        """Load the pieces nobody is loading (disk cache, else the blob);
+        wait for the others.
 
         Returns:
             The pieces still missing: those whose leading read was cancelled.
@@ -441,15 +507,8 @@ class LayerReader:
         unique = list({p.key: p for p in pieces}.values())
         mine = [p for p in unique if p.key not in self._flights]
         others = [(p, self._flights[p.key]) for p in unique if p.key in self._flights]
-        for p in mine:
-            self._flights[p.key] = _Flight()
-        try:
-            await self._fetch(mine, datas)
-        finally:
-            for p in mine:
-                led = self._flights.pop(p.key)
-                led.data = datas.get(p.key)
-                led.done.set()
+        self._claim(mine)
+        await self._lead(mine, datas)
         again = []
         self._stats["joined"] += len(others)
         for p, flight in others:
@@ -461,6 +520,29 @@ class LayerReader:
             else:
                 again.append(p)
         return again
+
+    def _claim(self, pieces: list[_Piece]) -> None:
+        """Open a flight for each of *pieces* (none may be in flight)."""
+        for p in pieces:
+            self._flights[p.key] = _Flight()
+
+    def _settle(self, pieces: list[_Piece], datas: dict[str, bytes]) -> None:
+        """Close *pieces*' flights with what *datas* holds for them."""
+        for p in pieces:
+            led = self._flights.pop(p.key)
+            led.data = datas.get(p.key)
+            led.done.set()
+
+    async def _lead(self, pieces: list[_Piece], datas: dict[str, bytes]) -> None:
+        """Load claimed *pieces* into *datas*: disk cache, else the blob."""
+        try:
+            if pieces:
+                found = await trio.to_thread.run_sync(self._from_disk, pieces)
+                datas.update(found)
+                self._stats["hits"] += len(found)
+                await self._fetch([p for p in pieces if p.key not in found], datas)
+        finally:
+            self._settle(pieces, datas)
 
     async def _fetch(self, pieces: list[_Piece], datas: dict[str, bytes]) -> None:
         """Fetch, verify and cache *pieces*, one request per coalesced group."""
