@@ -2,6 +2,8 @@
 
 - Fixture plugins register here: pytest accepts ``pytest_plugins`` only in
   the top-level conftest (a nested one breaks ``pytest .``).
+- A FUSE serving process a test started (``<root>/fuse/`` under its
+  ``tmp_path``) is stopped by its PID when the test ends, also on failure.
 - Tests that feed the layer applier hostile archives as root run confined
   (see `tests.confine`): everything but the temp directory is read-only for
   them, so a containment bug fails the test instead of damaging the machine.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +60,26 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
     (REPO / ".hypothesis").mkdir(exist_ok=True)
     confined(writable, fn, **args)
     return True
+
+
+#: Where a state root under a test's tmp_path keeps its FUSE server's lock.
+_SERVER_LOCKS = ("fuse/server.lock", "*/fuse/server.lock", "*/*/fuse/server.lock")
+
+
+@pytest.fixture(autouse=True)
+def _no_fuse_server_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Stop the FUSE servers a test's ckfs roots started, by their pid files' PIDs.
+
+    A lazy mount starts a serving process that outlives its starter on
+    purpose; in a test it must not outlive the test.
+    """
+    yield
+    if "tmp_path" not in request.fixturenames:
+        return
+    tmp: Path = request.getfixturevalue("tmp_path")
+    locks = [lock for pattern in _SERVER_LOCKS for lock in tmp.glob(pattern)]
+    if locks:
+        from snapshotters.fuse.process import stop_server
+
+        for lock in locks:
+            stop_server(lock.parent.parent)
