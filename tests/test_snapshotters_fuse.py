@@ -24,7 +24,9 @@ from ckfs.gc import collect
 from ckfs.mount import Mount
 from ckfs.snapshots import Kind, LayerDirs
 from ckfs.state import State
+from ckfs.unpack import provided
 from snapshotters.fuse.snapshotter import (
+    LAYER_DIGEST,
     FuseSnapshotter,
     layer_dirname,
     parse_layer_dirname,
@@ -251,3 +253,66 @@ def test_a_merged_view_of_an_attached_chain(sn: FuseSnapshotter) -> None:
     sn.attach("chain-b", LAYER_B, "chain-a")
     sn.write_view("img", sn.chain_layers("chain-b"))
     assert json.loads((sn.views_dir / "img.json").read_text()) == {"layers": [LAYER_A, LAYER_B]}
+
+
+def test_the_state_builds_one_init_context_for_every_factory(state: State) -> None:
+    context = state._init_context()
+    assert (context.root, context.db) == (state.root, state.db)
+    assert context.cache_dir == state.root / "cache"
+    assert context.registry.hosts_dirs[0] == state.root / "certs.d"
+    assert "content" not in vars(state)  # opened only when a snapshotter asks
+    assert context.content() is state.content
+    assert context.options == {}
+
+
+def extract_labels(chain_id: str, layer: str) -> dict[str, str]:
+    """What containerd's unpacker and the CRI put on a layer's extract snapshot."""
+    return {REF: chain_id, LAYER_DIGEST: layer, "containerd.io/snapshot/cri.image-ref": "x/y:1"}
+
+
+def test_a_prepare_naming_a_served_layer_attaches_it(sn: FuseSnapshotter) -> None:
+    """containerd's remote snapshot protocol: AlreadyExists, the chain ID committed."""
+    serve(sn, LAYER_A)
+    serve(sn, LAYER_B)
+    labels = extract_labels("chain-a", LAYER_A)
+    with pytest.raises(errors.AlreadyExists) as refused:
+        sn.prepare("extract-1 chain-a", "", labels)
+    assert "lazily" in str(refused.value)
+    info = sn.stat("chain-a")
+    assert (info.kind, info.parent, dict(info.labels)) == (Kind.COMMITTED, "", labels)
+    assert sn.layer("chain-a") == LAYER_A
+    with pytest.raises(errors.NotFound):
+        sn.stat("extract-1 chain-a")
+    # Asked again (a second pull of the image): the same answer, nothing new.
+    with pytest.raises(errors.AlreadyExists):
+        sn.prepare("extract-2 chain-a", "", labels)
+    with pytest.raises(errors.AlreadyExists):
+        sn.prepare("extract-3 chain-b", "chain-a", extract_labels("chain-b", LAYER_B))
+    assert sn.chain_layers("chain-b") == [LAYER_A, LAYER_B]
+    assert [i.name for i in sn.walk()] == ["chain-a", "chain-b"]
+
+
+def test_unpack_takes_an_attached_layer_as_provided(sn: FuseSnapshotter) -> None:
+    chain_id = from_bytes(b"chain")
+    serve(sn, LAYER_A)
+    with pytest.raises(errors.AlreadyExists) as refused:
+        sn.prepare("extract", "", extract_labels(chain_id, LAYER_A))
+    provided(sn, chain_id, refused.value)  # no error: the unpacker moves on
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {},
+        {REF: "chain-a"},
+        {LAYER_DIGEST: str(LAYER_A)},
+        extract_labels("chain-a", "sha256:not-a-digest"),
+        extract_labels("chain-a", str(LAYER_B)),  # not served
+    ],
+)
+def test_other_prepares_are_overlays(sn: FuseSnapshotter, labels: dict[str, str]) -> None:
+    serve(sn, LAYER_A)
+    (m,) = sn.prepare("extract", "", labels)
+    assert m.type == "bind"
+    assert sn.stat("extract").kind is Kind.ACTIVE
+    assert [i.name for i in sn.walk()] == ["extract"]

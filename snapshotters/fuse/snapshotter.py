@@ -45,11 +45,13 @@ from pathlib import Path
 
 from ckfs.digest import Digest
 from ckfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ckfs.labels import SNAPSHOT_REF
 from ckfs.metadata.db import DB
+from ckfs.mount import Mount
 from ckfs.snapshots import Info, Kind
 from snapshotters.overlay import OverlaySnapshotter
 
-__all__ = ["VIEW_NAME", "FuseSnapshotter", "layer_dirname", "parse_layer_dirname"]
+__all__ = ["LAYER_DIGEST", "VIEW_NAME", "FuseSnapshotter", "layer_dirname", "parse_layer_dirname"]
 
 #: A merged view's name: one path component of the FUSE mount's ``merged/``
 #: directory and of a file name, so no separator, no dot first (no ``.``,
@@ -57,6 +59,11 @@ __all__ = ["VIEW_NAME", "FuseSnapshotter", "layer_dirname", "parse_layer_dirname
 VIEW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 VIEW_SUFFIX = ".json"
+
+#: Snapshot label the CRI puts on an extract snapshot beside `SNAPSHOT_REF`:
+#: the digest of the layer to be committed (stargz-snapshotter's protocol),
+#: which names the layer's index and FUSE directory.
+LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 
 #: Prefix of an attach's short-lived active snapshot, before its commit.
 ATTACH_PREFIX = "attach-"
@@ -157,7 +164,13 @@ class FuseSnapshotter(OverlaySnapshotter):
             pass
         else:
             raise AlreadyExists(f"snapshot {name!r}: already exists")  # before any work
-        lower = self._served(Digest.parse(layer))
+        digest = Digest.parse(layer)
+        lower = self._served(digest)
+        if lower is None:
+            raise FailedPrecondition(
+                f"layer {digest}: not served at {self.layer_dir(digest)} "
+                "(no index, or the FUSE server is not running)"
+            )
         key = f"{ATTACH_PREFIX}{secrets.token_hex(8)} {name}"
 
         def link(path: Path, kind: Kind, parent_ids: tuple[int, ...]) -> None:
@@ -170,6 +183,34 @@ class FuseSnapshotter(OverlaySnapshotter):
             self._store.remove(key)
             raise
         return self.stat(name)
+
+    def prepare(
+        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> list[Mount]:
+        """`Snapshotter.prepare`, or `AlreadyExists` once the layer is attached lazily.
+
+        containerd's remote snapshotter protocol: an unpacker prepares each
+        layer's extract snapshot with `SNAPSHOT_REF` naming the chain ID it
+        will commit, and the CRI adds the layer's digest (`LAYER_DIGEST`).
+        When that layer is served, it is attached under the chain ID (the
+        labels kept) and the prepare answers AlreadyExists, so the unpacker
+        neither downloads nor applies it (`ckfs.unpack.provided` checks the
+        chain ID is committed). Without both labels, or for a layer not
+        served, this is overlay's prepare.
+
+        Raises:
+            AlreadyExists: *key* is taken, or the layer is now attached.
+            FailedPrecondition: the FUSE mount answers with an error.
+            (and what overlay's prepare raises)
+        """
+        lazy = self._lazy_layer(labels)
+        if lazy is None:
+            return super().prepare(key, parent, labels)
+        name, layer = lazy
+        # Attached by an earlier prepare: present all the same.
+        with contextlib.suppress(AlreadyExists):
+            self.attach(name, layer, parent, labels)
+        raise AlreadyExists(f"snapshot {name!r}: already exists (layer {layer}, lazily)")
 
     def layer(self, key: str) -> Digest | None:
         """The layer *key* was attached as, or None for a snapshot of its own files.
@@ -256,18 +297,29 @@ class FuseSnapshotter(OverlaySnapshotter):
 
     # -- helpers ---------------------------------------------------------------
 
-    def _served(self, layer: Digest) -> Path:
-        """*layer*'s FUSE directory, checked to be a directory now."""
+    def _served(self, layer: Digest) -> Path | None:
+        """*layer*'s FUSE directory if it is one now, else None.
+
+        Raises:
+            FailedPrecondition: the mount answers with an error (ENOTCONN:
+                the serving process died and must be recovered).
+        """
         path = self.layer_dir(layer)
         try:
-            is_dir = path.is_dir()
-        except OSError as e:  # ENOTCONN: the serving process died
+            return path if path.is_dir() else None
+        except OSError as e:
             raise FailedPrecondition(f"layer {layer}: {path}: {e.strerror}") from e
-        if not is_dir:
-            raise FailedPrecondition(
-                f"layer {layer}: not served at {path} (no index, or the FUSE server is not running)"
-            )
-        return path
+
+    def _lazy_layer(self, labels: Mapping[str, str] | None) -> tuple[str, Digest] | None:
+        """The chain ID and served layer an extract snapshot's labels name, if both."""
+        name, layer = (labels or {}).get(SNAPSHOT_REF), (labels or {}).get(LAYER_DIGEST)
+        if not name or not layer:
+            return None
+        try:
+            digest = Digest.parse(layer)
+        except InvalidArgument:
+            return None  # no layer ckfs could serve: an ordinary prepare
+        return (name, digest) if self._served(digest) else None
 
     def _view_file(self, name: str) -> Path:
         if not VIEW_NAME.fullmatch(name):
