@@ -129,6 +129,9 @@ _OFFSET_FIELD = re.compile(rb"[0-9a-fA-F]{16}STARGZ")
 _SUBFIELD = b"SG" + (22).to_bytes(2, "little")
 _GZIP_FEXTRA = b"\x1f\x8b\x08\x04"
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+#: Entries held back at most while a file's last member has no known end
+#: (a large file followed by thousands of empty files, links and dirs).
+_MAX_WAITING = 4096
 #: Skipped entries are logged one by one up to this many, then counted.
 _SKIPS_LOGGED = 10
 
@@ -564,8 +567,11 @@ class _Layout:
     """TOC records in, (entry, chunks) out, in TOC order.
 
     A chunk's compressed length is only known when the next member starts
-    (the next data record with a greater offset) or at the TOC: entries wait
-    in a queue until every chunk they hold has its end.
+    (the next data record with a greater offset) or at the TOC: a file whose
+    last member is still open waits, and the entries after it wait behind
+    it (the tree rules depend on the order). At most `_MAX_WAITING` wait;
+    beyond that the file goes out with that member's length unknown (-1),
+    which the data path reads through a bounded window.
     """
 
     def __init__(self, toc_offset: int, limits: TocLimits, what: str) -> None:
@@ -576,7 +582,8 @@ class _Layout:
         self._file: _Pending | None = None  # the file whose chunk records may follow
         self._member = -1  # offset of the last member a chunk lives in
         self._inner_end = 0  # end of the last chunk inside that member
-        self._ends: dict[int, int] = {}  # member offset -> next member's offset
+        #: (member offset, next member's offset) in blob order, for waiting chunks.
+        self._ends: deque[tuple[int, int]] = deque()
         self._index = -1
         self._skipped = 0
 
@@ -600,7 +607,7 @@ class _Layout:
     def finish(self) -> Iterator[tuple[Entry, tuple[Chunk, ...]]]:
         self._close_file()
         if self._member >= 0:
-            self._ends[self._member] = self._toc_offset
+            self._ends.append((self._member, self._toc_offset))
         self._member = _INT64
         yield from self._flush()
         if self._skipped > _SKIPS_LOGGED:
@@ -624,7 +631,8 @@ class _Layout:
         if entry is not None and entry.path in HIDDEN:
             entry = None
         pending = _Pending(entry)
-        self._queue.append(pending)
+        if entry is not None:
+            self._queue.append(pending)
         if kind == "reg" and _int(record, "size") > 0:
             pending.size = _int(record, "size")
             pending.digest = _text(record, "digest")
@@ -653,8 +661,8 @@ class _Layout:
         if offset < self._member or (offset == self._member and inner < self._inner_end):
             raise self._bad(record, f"chunk at blob offset {offset}+{inner} overlaps the last")
         if offset > self._member:
-            if self._member >= 0:
-                self._ends[self._member] = offset
+            if self._member >= 0 and self._queue:
+                self._ends.append((self._member, offset))
             self._member = offset
         self._inner_end = inner + size
         file.chunks.append((start, size, offset, inner, _text(record, "chunkDigest")))
@@ -675,13 +683,23 @@ class _Layout:
         queue = self._queue
         while queue and queue[0] is not self._file:
             chunks = queue[0].chunks
-            if chunks and chunks[-1][2] >= self._member:
+            if chunks and chunks[-1][2] >= self._member and len(queue) <= _MAX_WAITING:
                 return  # its last member's end is not known yet
             pending = queue.popleft()
-            if pending.entry is not None:
-                yield pending.entry, self._chunks(pending)
+            assert pending.entry is not None
+            yield pending.entry, self._chunks(pending)
         if not queue:
-            self._ends = {}
+            self._ends.clear()
+
+    def _end(self, member: int) -> int:
+        """Where the member at *member* ends, -1 if not known yet.
+
+        Asked in blob order, so members before *member* are forgotten.
+        """
+        ends = self._ends
+        while ends and ends[0][0] < member:
+            ends.popleft()
+        return ends[0][1] if ends and ends[0][0] == member else -1
 
     def _chunks(self, pending: _Pending) -> tuple[Chunk, ...]:
         assert pending.entry is not None
@@ -689,8 +707,9 @@ class _Layout:
             return ()  # a whiteout written as a file: its bytes mean nothing
         out = []
         for start, size, offset, inner, digest in pending.chunks:
-            comp = self._ends[offset] - offset
-            if inner + size > comp * MAX_INFLATION:
+            end = self._end(offset)
+            comp = end - offset if end >= 0 else -1
+            if end >= 0 and inner + size > comp * MAX_INFLATION:
                 raise BadLayer(
                     f"{self._what}: TOC: {pending.name()}: chunk at {start} asks for "
                     f"{inner + size} bytes from a {comp}-byte member"
