@@ -25,12 +25,7 @@ from ckfs.mount import Mount
 from ckfs.snapshots import Kind, LayerDirs
 from ckfs.state import State
 from ckfs.unpack import provided
-from snapshotters.fuse.snapshotter import (
-    LAYER_DIGEST,
-    FuseSnapshotter,
-    layer_dirname,
-    parse_layer_dirname,
-)
+from snapshotters.fuse.snapshotter import LAYER_DIGEST, FuseSnapshotter
 from tests.suites.snapshotter import GC_ROOT, commit_with
 
 LAYER_A = from_bytes(b"layer a")
@@ -63,16 +58,6 @@ def serve(sn: FuseSnapshotter, layer: Digest, files: dict[str, str] | None = Non
 
 def ids_under(sn: FuseSnapshotter) -> list[str]:
     return sorted(os.listdir(sn._store.root))
-
-
-def test_layer_dirname_round_trips_and_carries_no_option_separator() -> None:
-    name = layer_dirname(LAYER_A)
-    assert name == f"sha256-{LAYER_A.hex}"
-    assert ":" not in name and "," not in name
-    assert parse_layer_dirname(name) == LAYER_A
-    for bad in ("sha256", "sha256-xyz", "md5-" + "0" * 32, "sha256:" + LAYER_A.hex):
-        with pytest.raises(errors.InvalidArgument):
-            parse_layer_dirname(bad)
 
 
 def test_the_context_gives_the_state_roots_paths(state: State, sn: FuseSnapshotter) -> None:

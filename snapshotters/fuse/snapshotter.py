@@ -51,7 +51,7 @@ from ckfs.mount import Mount
 from ckfs.snapshots import Info, Kind
 from snapshotters.overlay import OverlaySnapshotter
 
-__all__ = ["LAYER_DIGEST", "VIEW_NAME", "FuseSnapshotter", "layer_dirname", "parse_layer_dirname"]
+__all__ = ["LAYER_DIGEST", "VIEW_NAME", "FuseSnapshotter"]
 
 #: A merged view's name: one path component of the FUSE mount's ``merged/``
 #: directory and of a file name, so no separator, no dot first (no ``.``,
@@ -67,26 +67,6 @@ LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 
 #: Prefix of an attach's short-lived active snapshot, before its commit.
 ATTACH_PREFIX = "attach-"
-
-
-def layer_dirname(digest: Digest) -> str:
-    """The name of *digest*'s directory in the FUSE mount: ``<algo>-<hex>``.
-
-    No ``:`` (a ``lowerdir`` separator) and no ``,`` (an option separator).
-    """
-    return f"{digest.algorithm}-{digest.hex}"
-
-
-def parse_layer_dirname(name: str) -> Digest:
-    """The layer digest `layer_dirname` made *name* from.
-
-    Raises:
-        InvalidArgument: *name* is no layer directory's name.
-    """
-    algorithm, sep, hexpart = name.partition("-")
-    if not sep:
-        raise InvalidArgument(f"{name!r}: not a layer directory name (<algorithm>-<hex>)")
-    return Digest.from_hex(algorithm, hexpart)
 
 
 class FuseSnapshotter(OverlaySnapshotter):
@@ -119,7 +99,12 @@ class FuseSnapshotter(OverlaySnapshotter):
         Raises:
             InvalidArgument: *layer* is not a digest.
         """
-        return self.mountpoint / layer_dirname(Digest.parse(layer))
+        # Here: the index format's module (sqlite, xxhash, the archive's entry
+        # rules) costs ~40 ms to load, which listing or removing snapshots
+        # never needs.
+        from ckfs.layerindex import dirname
+
+        return self.mountpoint / dirname(Digest.parse(layer))
 
     def attach(
         self,
@@ -223,7 +208,9 @@ class FuseSnapshotter(OverlaySnapshotter):
             target = os.readlink(fs)
         except OSError:  # EINVAL: a directory, the usual snapshot
             return None
-        return parse_layer_dirname(os.path.basename(target))
+        from ckfs.layerindex import parse_dirname  # as in layer_dir
+
+        return parse_dirname(os.path.basename(target))
 
     def chain_layers(self, parent: str) -> list[Digest]:
         """The layers of *parent* and its ancestors, bottom first: a merged view's list.
