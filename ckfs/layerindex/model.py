@@ -44,7 +44,7 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -54,6 +54,7 @@ import xxhash
 
 from ckfs.archive.entry import Entry, Kind
 from ckfs.archive.secure import MAX_DEPTH
+from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
 from ckfs.errors import DataLoss, InvalidArgument, NotFound
 from ckfs.safetext import printable
@@ -351,6 +352,27 @@ class IndexWriter:
         except BaseException:
             self.abort()
             raise
+
+    @classmethod
+    def for_layer(
+        cls,
+        path: Path,
+        desc: Descriptor,
+        *,
+        source: str,
+        meta: Mapping[str, str] | None = None,
+        limits: Limits = LIMITS,
+    ) -> IndexWriter:
+        """A writer for the layer *desc*, with *meta* (``ref``, ...) recorded."""
+        writer = cls(path, layer=desc.digest, source=source, blob_size=desc.size, limits=limits)
+        writer.set_meta("media_type", desc.media_type)
+        for key, value in (meta or {}).items():
+            writer.set_meta(key, value)
+        return writer
+
+    @property
+    def blob_size(self) -> int:
+        return self._blob_size
 
     def _setup(self) -> None:
         db = self._db
