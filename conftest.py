@@ -73,10 +73,13 @@ def _no_fuse_server_left(request: pytest.FixtureRequest) -> Iterator[None]:
     A lazy mount starts a serving process that outlives its starter on
     purpose; in a test it must not outlive the test.
     """
-    yield
+    # Asked for before the test (not after): tmp_path is then torn down after
+    # this fixture, not before it.
     if "tmp_path" not in request.fixturenames:
+        yield
         return
     tmp: Path = request.getfixturevalue("tmp_path")
+    yield
     locks = [lock for pattern in _SERVER_LOCKS for lock in tmp.glob(pattern)]
     if locks:
         from snapshotters.fuse.process import stop_server
