@@ -63,7 +63,7 @@ import re
 import tarfile
 import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -189,6 +189,7 @@ async def index_estargz(
     desc: Descriptor,
     path: Path,
     *,
+    meta: Mapping[str, str] | None = None,
     limits: TocLimits = TOC_LIMITS,
     tree_limits: Limits = LIMITS,
 ) -> LayerIndex:
@@ -198,6 +199,7 @@ async def index_estargz(
         read_range: the blob's range reader.
         desc: the layer descriptor (digest, size, annotations).
         path: where the index file goes (its directory must exist).
+        meta: kept in the index's meta (where the layer can be fetched).
         limits: bounds on the TOC.
         tree_limits: bounds on the tree, for the index writer.
 
@@ -227,7 +229,7 @@ async def index_estargz(
         raise BadLayer(f"{what}: TOC of {toc_size} bytes, over the limit of {limits.compressed}")
     toc = await read_range(footer.toc_offset, toc_size)
     return await trio.to_thread.run_sync(
-        lambda: build_index(toc, expected, desc, footer, path, limits, tree_limits)
+        lambda: build_index(toc, expected, desc, footer, path, limits, tree_limits, meta)
     )
 
 
@@ -298,6 +300,7 @@ def build_index(
     path: Path,
     limits: TocLimits = TOC_LIMITS,
     tree_limits: Limits = LIMITS,
+    meta: Mapping[str, str] | None = None,
 ) -> LayerIndex:
     """Verify the TOC member *toc*, then index its entries into *path*.
 
@@ -306,8 +309,8 @@ def build_index(
     """
     what = f"layer {desc.digest}"
     verify_toc(toc, expected, limits, what=what)
-    with IndexWriter(
-        path, layer=desc.digest, source="estargz", blob_size=desc.size, limits=tree_limits
+    with IndexWriter.for_layer(
+        path, desc, source="estargz", meta=meta, limits=tree_limits
     ) as writer:
         writer.set_meta("toc_digest", str(expected))
         writer.set_meta("toc_offset", str(footer.toc_offset))
