@@ -61,7 +61,7 @@ def ids_under(sn: FuseSnapshotter) -> list[str]:
 
 
 def test_the_context_gives_the_state_roots_paths(state: State, sn: FuseSnapshotter) -> None:
-    assert sn.mountpoint == state.root / "fuse" / "mnt"
+    assert sn.server.mnt == state.root / "fuse" / "mnt"
     assert sn.layer_dir(LAYER_A) == state.root / "fuse" / "mnt" / f"sha256-{LAYER_A.hex}"
     assert isinstance(sn, LayerDirs)
 
@@ -202,12 +202,12 @@ def test_gc_collects_unreferenced_attached_layers_only(state: State, sn: FuseSna
 def test_merged_views_are_written_atomically_as_json(sn: FuseSnapshotter) -> None:
     assert sn.views() == []
     path = sn.write_view("my-view.1", [LAYER_A, LAYER_B])
-    assert path == sn.mountpoint / "merged" / "my-view.1"
-    file = sn.views_dir / "my-view.1.json"
+    assert path == sn.server.mnt / "merged" / "my-view.1"
+    file = sn.server.views / "my-view.1.json"
     assert json.loads(file.read_text()) == {"layers": [LAYER_A, LAYER_B]}
     sn.write_view("my-view.1", [LAYER_B])
     assert json.loads(file.read_text()) == {"layers": [LAYER_B]}
-    assert sorted(os.listdir(sn.views_dir)) == ["my-view.1.json"]  # no temporary left
+    assert sorted(os.listdir(sn.server.views)) == ["my-view.1.json"]  # no temporary left
     assert sn.views() == ["my-view.1"]
     sn.remove_view("my-view.1")
     assert sn.views() == []
@@ -237,7 +237,7 @@ def test_a_merged_view_of_an_attached_chain(sn: FuseSnapshotter) -> None:
     sn.attach("chain-a", LAYER_A)
     sn.attach("chain-b", LAYER_B, "chain-a")
     sn.write_view("img", sn.chain_layers("chain-b"))
-    assert json.loads((sn.views_dir / "img.json").read_text()) == {"layers": [LAYER_A, LAYER_B]}
+    assert json.loads((sn.server.views / "img.json").read_text()) == {"layers": [LAYER_A, LAYER_B]}
 
 
 def test_the_state_builds_one_init_context_for_every_factory(state: State) -> None:

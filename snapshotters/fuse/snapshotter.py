@@ -49,6 +49,7 @@ from ckfs.labels import SNAPSHOT_REF
 from ckfs.metadata.db import DB
 from ckfs.mount import Mount
 from ckfs.snapshots import Info, Kind
+from snapshotters.fuse.process import ServerPaths
 from snapshotters.overlay import OverlaySnapshotter
 
 __all__ = ["LAYER_DIGEST", "VIEW_NAME", "FuseSnapshotter"]
@@ -81,17 +82,19 @@ class FuseSnapshotter(OverlaySnapshotter):
 
     def __init__(self, root: Path, db: DB) -> None:
         super().__init__(root, db)
-        #: The serving process's directory: its mountpoint and merged views.
-        self.fuse_dir = Path(os.path.abspath(root)) / "fuse"
+        #: The serving process's files: its mountpoint (one directory per
+        #: layer) and the merged views' JSON files among them.
+        self.server = ServerPaths(Path(os.path.abspath(root)))
 
-    @property
-    def mountpoint(self) -> Path:
-        """Where the serving process mounts its tree: one directory per layer."""
-        return self.fuse_dir / "mnt"
+    def serve(self) -> None:
+        """Make sure this root's FUSE server runs (`ckfs.lazy.Attacher`): adopt or start it.
 
-    @property
-    def views_dir(self) -> Path:
-        return self.fuse_dir / "views"
+        Raises:
+            Unavailable: it did not come up (the message quotes its log).
+        """
+        from snapshotters.fuse.process import ensure_server
+
+        ensure_server(self.server.root)
 
     def layer_dir(self, layer: str) -> Path:
         """The FUSE directory serving *layer* (a digest).
@@ -104,7 +107,7 @@ class FuseSnapshotter(OverlaySnapshotter):
         # never needs.
         from ckfs.layerindex import dirname
 
-        return self.mountpoint / dirname(Digest.parse(layer))
+        return self.server.mnt / dirname(Digest.parse(layer))
 
     def attach(
         self,
@@ -247,8 +250,8 @@ class FuseSnapshotter(OverlaySnapshotter):
         if not layers:
             raise InvalidArgument(f"merged view {name!r}: no layers")
         body = json.dumps({"layers": [Digest.parse(d) for d in layers]}, indent=1) + "\n"
-        self.views_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.views_dir)
+        self.server.views.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.server.views)
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(body)
@@ -259,7 +262,9 @@ class FuseSnapshotter(OverlaySnapshotter):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        return self.mountpoint / "merged" / name
+        from snapshotters.fuse.tree import MERGED  # as ckfs.layerindex in layer_dir
+
+        return self.server.mnt / MERGED / name
 
     def remove_view(self, name: str) -> None:
         """Withdraw merged view *name*.
@@ -276,7 +281,7 @@ class FuseSnapshotter(OverlaySnapshotter):
     def views(self) -> list[str]:
         """The names of the merged views written, sorted."""
         try:
-            names = os.listdir(self.views_dir)
+            names = os.listdir(self.server.views)
         except FileNotFoundError:
             return []
         stems = (n.removesuffix(VIEW_SUFFIX) for n in names if n.endswith(VIEW_SUFFIX))
@@ -314,4 +319,4 @@ class FuseSnapshotter(OverlaySnapshotter):
                 f"merged view name {name!r}: letters, digits, '_', '.', '-' only, "
                 "not starting with '.', '_' or '-', at most 128"
             )
-        return self.views_dir / f"{name}{VIEW_SUFFIX}"
+        return self.server.views / f"{name}{VIEW_SUFFIX}"
