@@ -8,6 +8,7 @@ markers and the merged views' whiteout and opaque rules.
 
 from __future__ import annotations
 
+import itertools
 import json
 import stat
 from collections.abc import Sequence
@@ -205,6 +206,25 @@ def test_listing_pages_and_resumes(store: IndexStore, views: Path) -> None:
         tree.inode(entry.inode.ino)
     assert tree.remember(entry.inode).lookups == 1
     assert tree.lookup(d_ino, entry.name).lookups == 2
+
+
+def test_listing_is_kept_for_the_next_one(store: IndexStore, views: Path) -> None:
+    digest = layer(store, "again", [f(f"d/{i:03}") for i in range(300)] + [f("d/z", size=7)])
+    tree = Tree(store, views)
+    d_ino = walk(tree, f"{dirname(digest)}/d").ino
+    first = tree.opendir(d_ino)
+    part = list(itertools.islice(first.entries(0), 100))
+    assert tree.inode(d_ino).children is None  # not read to its end yet
+    rest = list(first.entries(100))
+    kept = tree.inode(d_ino).children
+    assert kept is not None and [n for n, _ in kept] == [
+        n for _, e in part + rest for n in [e.name]
+    ]
+    # Known children come back as the same inodes; the others from the index.
+    z = tree.lookup(d_ino, "z")
+    again = dict((e.name, e.inode) for _, e in tree.opendir(d_ino).entries(0))
+    assert again["z"] is z and again["000"].attr == part[0][1].inode.attr
+    assert [nxt for nxt, _ in tree.opendir(d_ino).entries(299)] == [300, 301]
 
 
 def write_view(views: Path, name: str, layers: Sequence[Digest]) -> None:

@@ -25,9 +25,9 @@ import pyfuse3
 
 from ckfs.errors import CkfsError, NotFound, to_errno
 from ckfs.layerindex.model import LayerIndex, Node
-from snapshotters.fuse.tree import ROOT_INO, Attr, Layer, Listing, Reader, Tree
+from snapshotters.fuse.tree import ROOT_INO, Attr, Inode, Layer, Listing, Reader, Tree
 
-__all__ = ["BLOCK_SIZE", "TIMEOUT", "Ops", "entry_attributes"]
+__all__ = ["BLOCK_SIZE", "ROOT_ATTR_TIMEOUT", "TIMEOUT", "Ops", "entry_attributes", "reply"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,13 @@ log = logging.getLogger(__name__)
 #: a layer directory ever changes; the top level only gains and loses whole
 #: layers, and a removed layer's index stays open while anything refers to it.
 TIMEOUT = 86400.0
+
+#: Seconds the kernel may keep the root's attributes. Short, so that a
+#: ``stat`` of the mountpoint soon reaches the server again and answers
+#: ENOTCONN once it is dead (`ckfs.mount.is_stale`; with cached attributes
+#: the kernel answers for it). Not 0: every path walk through the root checks
+#: its permission (default_permissions) and would then cost a request.
+ROOT_ATTR_TIMEOUT = 1.0
 
 #: st_blksize and statfs's block size: the page size, the unit the kernel
 #: reads and caches in.
@@ -48,19 +55,20 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
-def entry_attributes(attr: Attr) -> pyfuse3.EntryAttributes:
-    """*attr* as pyfuse3 replies it, with the long timeouts.
+def reply(inode: Inode) -> pyfuse3.EntryAttributes:
+    """*inode*'s attributes as pyfuse3 replies them, built once per inode."""
+    if inode.reply is None:
+        inode.reply = entry_attributes(inode.attr)
+    return cast(pyfuse3.EntryAttributes, inode.reply)
 
-    Except the root's attributes: they are never cached, so a ``stat`` of
-    the mountpoint always reaches the server, and answers ENOTCONN once it
-    is dead (`ckfs.mount.is_stale`; with cached attributes the kernel would
-    answer for it).
-    """
+
+def entry_attributes(attr: Attr) -> pyfuse3.EntryAttributes:
+    """*attr* as pyfuse3 replies it, with the long timeouts (the root's short)."""
     e = pyfuse3.EntryAttributes()
     e.st_ino = pyfuse3.InodeT(attr.ino)
     e.generation = 0
     e.entry_timeout = TIMEOUT
-    e.attr_timeout = 0 if attr.ino == ROOT_INO else TIMEOUT
+    e.attr_timeout = ROOT_ATTR_TIMEOUT if attr.ino == ROOT_INO else TIMEOUT
     e.st_mode = pyfuse3.ModeT(attr.mode)
     e.st_nlink = attr.nlink
     e.st_uid = attr.uid
@@ -155,8 +163,7 @@ class Ops(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        inode = self.tree.lookup(parent_inode, os.fsdecode(name))
-        return entry_attributes(inode.attr)
+        return reply(self.tree.lookup(parent_inode, os.fsdecode(name)))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # No reply to carry an error: log, and never raise (see _guarded).
@@ -168,7 +175,7 @@ class Ops(pyfuse3.Operations):
 
     @_guarded("inode")
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return entry_attributes(self.tree.inode(inode).attr)
+        return reply(self.tree.inode(inode))
 
     @_guarded("inode")
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -184,7 +191,7 @@ class Ops(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         _, listing = self._dirs[fh]
         for next_id, entry in listing.entries(start_id):
-            attrs = entry_attributes(entry.inode.attr)
+            attrs = reply(entry.inode)
             if not pyfuse3.readdir_reply(token, os.fsencode(entry.name), attrs, next_id):
                 return
             # Accepted readdirplus entries count as lookups in the kernel.

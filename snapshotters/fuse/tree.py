@@ -75,6 +75,10 @@ MERGED = "merged"
 #: few FUSE readdir replies' worth (each holds ~100 entries of 4 KiB).
 PAGE = 512
 
+#: Largest directory whose listing `Inode.children` keeps (about 100 bytes
+#: an entry); bigger ones are paged from the index every time.
+CACHED_CHILDREN = 10_000
+
 #: Xattr names a layer may not show: overlayfs reads ``trusted.overlay.*`` on
 #: its lowerdirs as instructions (redirects, metacopy, opaque). Only the
 #: index's own opaque flag may produce one.
@@ -224,6 +228,12 @@ class Inode:
     path: str = ""
     #: References the kernel holds (lookups minus forgets).
     lookups: int = 0
+    #: A layer directory's (name, inode number) list, once listed whole:
+    #: listing it again (the kernel caches no readdir replies) then costs no
+    #: query and no new Node for the children it knows.
+    children: list[tuple[str, int]] | None = None
+    #: The pyfuse3 shell's reply for this inode, built once (`ops`).
+    reply: object = None
 
     @property
     def node(self) -> Node | None:
@@ -251,6 +261,8 @@ class Listing:
         self._tree = tree
         self._inode = inode
         self._names: list[str] | None = None
+        # A layer directory's listing as read so far, while read in order.
+        self._collected: list[tuple[str, int]] | None = []
         if inode.view is not None or inode.ino in (ROOT_INO, MERGED_INO):
             self._names = tree.names(inode)
 
@@ -278,13 +290,38 @@ class Listing:
 
     def _layer_entries(self, offset: int) -> Iterator[tuple[int, Entry]]:
         ((layer, node),) = self._inode.stack
+        listed = self._inode.children
+        if listed is not None:
+            for i in range(offset, len(listed)):
+                name, ino = listed[i]
+                child = self._tree.known(ino)
+                if child is None:
+                    found = layer.index.lookup(node.ino, name)
+                    if found is None:  # an index never changes: cannot happen
+                        continue
+                    child = self._tree.layer_inode(layer, found)
+                yield i + 1, Entry(name, child)
+            return
         while True:
             page = layer.index.children(node.ino, offset, PAGE)
-            for child in page:
+            for found in page:
+                self._collect(offset, found)
                 offset += 1
-                yield offset, Entry(child.name, self._tree.layer_inode(layer, child))
+                yield offset, Entry(found.name, self._tree.layer_inode(layer, found))
             if len(page) < PAGE:
+                if self._collected is not None and len(self._collected) == offset:
+                    self._inode.children = self._collected
                 return
+
+    def _collect(self, offset: int, child: Node) -> None:
+        """Add *child*, at *offset*, to the listing kept for next time."""
+        collected = self._collected
+        if collected is None or offset < len(collected):
+            return  # not collecting, or read again after a rewind
+        if offset > len(collected) or offset >= CACHED_CHILDREN:
+            self._collected = None  # a seek past a gap, or too big to keep
+            return
+        collected.append((child.name, child.fino))
 
 
 class Tree:
@@ -332,6 +369,10 @@ class Tree:
             self.sweep()
             raise NotFound(f"no entry {name!r} in inode {parent}")
         return self.remember(child)
+
+    def known(self, ino: int) -> Inode | None:
+        """The inode *ino* if the kernel holds a reference to it."""
+        return self._inodes.get(ino)
 
     def remember(self, inode: Inode) -> Inode:
         """Count one kernel reference to *inode* (a lookup or readdirplus reply).
