@@ -10,14 +10,25 @@ tree that means what an unpack would. Runs confined (``test_hostile``).
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import random
 from pathlib import Path
 
 import pytest
 
-from ckfs.layerindex.model import ROOT, BadLayer, Chunk, Limits, iter_nodes
+from ckfs.descriptor import Descriptor
+from ckfs.digest import Digest
+from ckfs.errors import DataLoss, InvalidArgument
+from ckfs.layerindex.gzindex import index_gzip
+from ckfs.layerindex.model import ROOT, BadLayer, Chunk, LayerIndex, Limits, iter_nodes
+from ckfs.layerindex.tarindex import index_tar
+from tests import tarbuild as tb
 from tests.layerindexes import D, Entry, F, Item, Kind, L, build, entries_of
 
 SHA = "sha256:" + "cd" * 32
+TAR = "application/vnd.oci.image.layer.v1.tar"
+TGZ = "application/vnd.oci.image.layer.v1.tar+gzip"
 INT64 = (1 << 63) - 1
 
 
@@ -237,3 +248,88 @@ def test_wide_and_deep_replacements_stay_bounded(tmp_path: Path) -> None:
     deep = "/".join(["d"] * 500)
     idx = build(tmp_path / "i.db", [F(deep), *[F(f"d/w{i}") for i in range(2000)], F("d")])
     assert sorted(entries_of(idx)) == ["d"]
+
+
+# -- hostile and damaged streams, through the tar and gzip sources ---------------------
+
+
+def _desc(data: bytes, media_type: str) -> Descriptor:
+    return Descriptor(media_type, Digest("sha256:" + hashlib.sha256(data).hexdigest()), len(data))
+
+
+def _index(tmp_path: Path, raw: bytes, codec: str) -> None:
+    """Index *raw* (a tar) stored with *codec*; the output dir must stay empty on failure."""
+    blob = gzip.compress(raw) if codec == "gzip" else raw
+    path = tmp_path / "blob"
+    path.write_bytes(blob)
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    try:
+        if codec == "gzip":
+            index_gzip(path, _desc(blob, TGZ), out / "index.db")
+        else:
+            index_tar(path, _desc(blob, TAR), out / "index.db")
+    finally:
+        assert list(out.iterdir()) == [] or (out / "index.db").exists()
+
+
+@pytest.mark.parametrize("codec", ["tar", "gzip"])
+@pytest.mark.parametrize(
+    ("entries", "error"),
+    [
+        ([tb.F("./", b"x")], "root"),
+        ([tb.D("a", mode=0o755), tb.H("x", "../../etc/shadow")], "not in this layer"),
+        ([tb.L("lib", "/usr/lib"), tb.F("lib/libc.so", b"x")], "is a symlink"),
+        ([tb.F("f", b"x"), tb.F("f/g", b"y")], "is a file"),
+        ([tb.D("d", mode=0o755), tb.F("d/x", b"1"), tb.F("d", b"2"), tb.H("h", "d/x")], "hardlink"),
+    ],
+)
+def test_hostile_tars_refuse_the_layer(
+    tmp_path: Path, codec: str, entries: list[tb.Entry], error: str
+) -> None:
+    raw = tb.tar(*entries)
+    with pytest.raises(BadLayer, match=error):
+        _index(tmp_path, raw, codec)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("codec", ["tar", "gzip"])
+def test_dotdot_paths_stay_in_the_layer(tmp_path: Path, codec: str) -> None:
+    raw = tb.tar(tb.F("../../etc/passwd", b"x"), tb.F("/abs/../y", b"y"))
+    _index(tmp_path, raw, codec)
+    idx = LayerIndex.open(tmp_path / "out" / "index.db")
+    assert sorted(entries_of(idx)) == ["etc", "etc/passwd", "y"]
+
+
+def test_truncated_tar_keeps_nothing(tmp_path: Path) -> None:
+    raw = tb.tar(tb.F("a", b"x" * 5000), tb.F("b", b"y" * 5000))[:3000]
+    with pytest.raises((InvalidArgument, DataLoss)):
+        _index(tmp_path, raw, "tar")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("where", [0.1, 0.5, 0.9, -5])
+def test_damaged_gzip_keeps_nothing(tmp_path: Path, where: float) -> None:
+    raw = tb.tar(*[tb.F(f"f{i}", random.Random(i).randbytes(3000)) for i in range(20)])
+    blob = bytearray(gzip.compress(raw))
+    at = int(len(blob) * where) if where > 0 else len(blob) + int(where)
+    blob[at] ^= 0x55
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(blob))
+    out = tmp_path / "out"
+    out.mkdir()
+    # The digest is of the damaged bytes: only the inflate can notice.
+    with pytest.raises((InvalidArgument, DataLoss, BadLayer)):
+        index_gzip(path, _desc(bytes(blob), TGZ), out / "index.db")
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("data", [b"", b"not gzip" * 100, gzip.compress(b"not a tar" * 100)])
+def test_not_a_gzip_tar(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(InvalidArgument):
+        index_gzip(path, _desc(data, TGZ), out / "index.db")
+    assert list(out.iterdir()) == []

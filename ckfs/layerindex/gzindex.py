@@ -123,8 +123,6 @@ def _inflate(
     blob: Path, writer: IndexWriter, gzidx: Path, diff_id: Digest | None
 ) -> list[tuple[int, int]]:
     """Read the entries, export the checkpoints to *gzidx*; their (uncomp, comp) offsets."""
-    from indexed_gzip import ZranError
-
     with open(blob, "rb") as raw, _open(fileobj=raw) as gz:
         stream = TarStream(gz, diff_id.algorithm if diff_id else "sha256", what=writer.what)
         try:
@@ -132,8 +130,9 @@ def _inflate(
             # Reading to the end builds every checkpoint on the way:
             # build_full_index would inflate it all again for the same ones.
             stream.drain()
-        except ZranError as e:
-            # Not gzip, a damaged deflate stream, a bad CRC or size.
+        except OSError as e:
+            # Not gzip, a damaged deflate stream, a bad CRC or size (zran's
+            # errors reach io.BufferedReader as negative lengths: OSError).
             raise InvalidArgument(f"{writer.what}: not a whole gzip stream: {e}") from None
         got = stream.digest()
         if diff_id is not None and got != diff_id:
@@ -248,12 +247,12 @@ class Inflater:
         size = max(0, min(size, self.size - offset))
         if size == 0:
             return b""
-        from indexed_gzip import NotCoveredError, ZranError
+        from indexed_gzip import NotCoveredError
 
         with self._lock:
             try:
                 data: bytes = self._gz.pread(size, offset)
-            except (ZranError, NotCoveredError) as e:
+            except (OSError, NotCoveredError) as e:
                 raise DataLoss(f"{self.what}: inflating at {offset}: {e}") from None
         if len(data) != size:
             raise DataLoss(f"{self.what}: {len(data)} bytes inflated at {offset}, not {size}")
