@@ -96,6 +96,19 @@ async def test_registry_honours_ranges(proxy: FaultProxy, blob: Blob, tmp_path: 
     assert "range_ignored" not in stats and "retry" not in stats
 
 
+async def test_idle_connection_kept_between_bursts(blob: Blob, tmp_path: Path) -> None:
+    """Reads seconds apart reuse one connection (httpx alone drops it after 5 s idle)."""
+    reg, desc, data = blob
+    ref = parse(f"{reg.host}/{REPO}:1")
+    async with client_for(reg.host, tmp_path) as client:
+        pool = client._engine._client._transport._pool  # type: ignore[attr-defined]
+        assert await client.read_range(ref, desc, 0, READ) == data[:READ]
+        (first,) = pool.connections
+        await trio.sleep(6)
+        assert await client.read_range(ref, desc, READ, READ) == data[READ:][:READ]
+        assert pool.connections == [first]
+
+
 async def test_cut_mid_range_resumed(proxy: FaultProxy, blob: Blob, tmp_path: Path) -> None:
     _, desc, data = blob
     ref = parse(f"{proxy.host}/{REPO}:1")

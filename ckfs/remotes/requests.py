@@ -117,8 +117,23 @@ HTTP_READ_SIZE = 1 << 20
 #: restarting or behind a failing proxy.
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
+#: Seconds an idle connection is kept for the next request. Lazy (FUSE)
+#: reads come in bursts seconds apart; httpx's 5 s default made each burst
+#: pay a new connection (a TCP and TLS handshake: tens of ms to a remote
+#: registry, more than the read). Half of the shortest idle timeout common
+#: in front of registries (60 s, cloud load balancers), so the server rarely
+#: closes one first; when it does, httpcore sees the socket closed before
+#: reusing it, and a request lost in that race is retried like any
+#: dropped connection.
+KEEPALIVE_EXPIRY = 30.0
+
 #: A header's decimal number (``str.isdigit`` would accept "²", which int() refuses).
 _NUMBER = re.compile(r"[0-9]{1,18}")
+
+#: httpx's connection limits (100 at once, 20 kept idle) with `KEEPALIVE_EXPIRY`.
+_LIMITS = httpx.Limits(
+    max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY
+)
 
 #: Where `Engine.request` leaves an attempt's `Deadline` on its response, so the
 #: body read with it shares the budget of its headers.
@@ -170,7 +185,7 @@ class Engine:
             for host in self.hosts:
                 if host.has_tls_config:
                     mounts[f"https://{host.host}"] = httpx.AsyncHTTPTransport(
-                        verify=ssl_context(host)
+                        verify=ssl_context(host), limits=_LIMITS
                     )
         self._trust = _SystemTrust()
         self._client = httpx.AsyncClient(
@@ -179,6 +194,7 @@ class Engine:
             verify=self._trust.context,
             event_hooks={"request": [self._trust.before]},
             timeout=self._timeout(None),
+            limits=_LIMITS,
             follow_redirects=True,
             max_redirects=MAX_REDIRECTS,
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
