@@ -61,6 +61,10 @@ class PullOptions:
             with all retries and resumes; None for `ckfs.remotes.time_budget`.
         max_blob_size: refuse a blob whose descriptor claims more bytes,
             before downloading it.
+        lazy: ``ckfs pull --lazy``: fetch no layer that can be read by
+            range (eStargz, uncompressed tar) and index every layer
+            (`ckfs.lazy.pull_lazy`); mounts with the ``fuse`` snapshotter
+            are lazy whatever this says.
     """
 
     platform: Platform | None = None
@@ -72,6 +76,7 @@ class PullOptions:
     max_concurrent: int = DEFAULT_CONCURRENCY
     timeout: float | None = None
     max_blob_size: int = DEFAULT_MAX_BLOB_SIZE
+    lazy: bool = False
 
 
 #: Every option at its default: a pull of this host's platform, online.

@@ -47,6 +47,7 @@ __all__ = [
     "ensure_rootfs_async",
     "pull_image",
     "pull_image_async",
+    "with_hosts_dirs",
 ]
 
 #: On a rootfs snapshot: the image name it was made from (``ckfs snapshots ls``).
@@ -96,7 +97,11 @@ def _pull_image(
     """`pull_image`'s body, with the collector's lock held."""
     from ckfs.pull import pull_local
 
-    options = _with_hosts_dirs(state, options)
+    options = with_hosts_dirs(state, options)
+    if options.lazy:  # indexes are built even for an image whose blobs are all here
+        import trio
+
+        return trio.run(_pull, state, ref, register, options, on_event)
     hosts = None
     if not (options.user or options.offline or ref.digest):
         from ckfs.remotes.hosts import load_hosts
@@ -145,10 +150,19 @@ async def _pull(
     options: PullOptions,
     on_event: OnEvent | None,
 ) -> PullReport:
-    """`ckfs.pull.pull` on *state* with the root's hosts directories (lock held by the caller)."""
+    """`ckfs.pull.pull` on *state* with the root's hosts directories (lock held by the caller).
+
+    A lazy pull (``options.lazy``) goes through `ckfs.lazy.pull_lazy`.
+    """
     from ckfs.pull import pull
 
-    options = _with_hosts_dirs(state, options)
+    if options.lazy:
+        from ckfs.lazy import pull_lazy
+
+        report, _ = await pull_lazy(state, ref, options, register=register, on_event=on_event)
+        return report
+
+    options = with_hosts_dirs(state, options)
     return await pull(
         ref, state.content, state.images, options, register=register, on_event=on_event
     )
@@ -237,7 +251,7 @@ async def ensure_rootfs_async(
         )
 
 
-def _with_hosts_dirs(state: State, options: PullOptions) -> PullOptions:
+def with_hosts_dirs(state: State, options: PullOptions) -> PullOptions:
     """*options* with the root's default ``certs.d`` directories when it names none."""
     if options.hosts_dirs:
         return options
@@ -285,13 +299,22 @@ def _snapshot_if_unpacked(
     name = str(ref)
     try:
         image = state.images.get(name)
-        img.tree(state.content, image.target, name=name)
+        if not _attaches(sn):  # a lazy image lacks layer blobs by design
+            img.tree(state.content, image.target, name=name)
     except NotFound:
         return None, None
     try:
         return image.target, _snapshot(state, sn, ref, image.target, key, readonly, options)
     except NotUnpacked:
         return image.target, None
+    except NotFound:  # a lazy image's manifest or config went: pull again
+        return None, None
+
+
+def _attaches(sn: Snapshotter) -> bool:
+    from ckfs.lazy import Attacher
+
+    return isinstance(sn, Attacher)
 
 
 async def _unpack_or_pull(
@@ -303,8 +326,21 @@ async def _unpack_or_pull(
     options: PullOptions,
     on_event: OnEvent | None,
 ) -> Descriptor:
-    """Unpack the present image *found*, or pull and unpack *ref*; the image's target."""
+    """Unpack the present image *found*, or pull and unpack *ref*; the image's target.
+
+    A snapshotter that attaches layers lazily gets the image pulled without
+    its eStargz layers and attached (`ckfs.lazy`) instead.
+    """
     from ckfs.unpack import pull_and_unpack, unpack
+
+    if _attaches(sn):
+        from ckfs.lazy import attach_image, pull_lazy
+
+        if found is None:
+            report, _ = await pull_lazy(state, ref, options, on_event=on_event)
+            found = report.target
+        await attach_image(state, sn, ref, found, snapshotter_name=snapshotter, options=options)
+        return found
 
     if found is not None:
         await unpack(
@@ -321,7 +357,7 @@ async def _unpack_or_pull(
         state.content,
         state.images,
         sn,
-        _with_hosts_dirs(state, options),
+        with_hosts_dirs(state, options),
         snapshotter_name=snapshotter,
         lock_dir=state.lock_dir,
         on_event=on_event,

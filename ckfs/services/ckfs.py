@@ -86,6 +86,7 @@ def pull_options_from_proto(options: pb.PullOptions) -> PullOptions:
         max_concurrent=options.max_concurrent or defaults.max_concurrent,
         timeout=timeout,
         max_blob_size=size,
+        lazy=options.lazy,
     )
 
 

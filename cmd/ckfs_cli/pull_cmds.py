@@ -61,6 +61,12 @@ def _pull_options(f: _F) -> _F:
 
 @click.command("pull")
 @_pull_options
+@click.option(
+    "--lazy",
+    is_flag=True,
+    help="Index the layers instead of fetching those read by range (eStargz, "
+    "uncompressed tar): mounts and containerd then fetch file contents as they are read.",
+)
 @pass_app
 def pull_cmd(app: App, /, **opts: Any) -> None:
     """Pull REF from its registry: fetch what is missing, then name it.
@@ -70,6 +76,7 @@ def pull_cmd(app: App, /, **opts: Any) -> None:
       ckfs pull --plain-http 127.0.0.1:5000/busybox:latest
       ckfs pull --platform linux/arm64 docker.io/library/alpine
       ckfs pull --offline alpine@sha256:…      # no network: all must be here
+      ckfs pull --lazy registry.local/app:esgz  # layer indexes, no eStargz layer bytes
     """
     _run(app, register=True, **opts)
 

@@ -49,7 +49,7 @@ from ckfs.labels import SNAPSHOT_REF
 from ckfs.metadata.db import DB
 from ckfs.mount import Mount
 from ckfs.snapshots import Info, Kind
-from snapshotters.fuse.process import ServerPaths
+from snapshotters.fuse.process import ServerPaths, ensure_server
 from snapshotters.overlay import OverlaySnapshotter
 
 __all__ = ["LAYER_DIGEST", "VIEW_NAME", "FuseSnapshotter"]
@@ -59,6 +59,7 @@ __all__ = ["LAYER_DIGEST", "VIEW_NAME", "FuseSnapshotter"]
 #: ``..`` or hidden temporary file), and short enough for any file system.
 VIEW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
+#: A merged view's file in the views directory: ``<name>.json``.
 VIEW_SUFFIX = ".json"
 
 #: Snapshot label the CRI puts on an extract snapshot beside `SNAPSHOT_REF`:
@@ -92,8 +93,6 @@ class FuseSnapshotter(OverlaySnapshotter):
         Raises:
             Unavailable: it did not come up (the message quotes its log).
         """
-        from snapshotters.fuse.process import ensure_server
-
         ensure_server(self.server.root)
 
     def layer_dir(self, layer: str) -> Path:

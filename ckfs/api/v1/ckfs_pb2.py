@@ -26,7 +26,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from ckfs.api.types import types_pb2 as ckfs_dot_api_dot_types_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63kfs/api/v1/ckfs.proto\x12\x07\x63kfs.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1a\x63kfs/api/types/types.proto\"\xe5\x01\n\x0bPullOptions\x12\x10\n\x08platform\x18\x01 \x01(\t\x12\x15\n\rall_platforms\x18\x02 \x01(\x08\x12\x0f\n\x07offline\x18\x03 \x01(\x08\x12\x16\n\x0emax_concurrent\x18\x04 \x01(\r\x12\x12\n\nhosts_dirs\x18\x05 \x03(\t\x12\x12\n\nplain_http\x18\x06 \x01(\x08\x12\x0c\n\x04user\x18\x07 \x01(\t\x12\x14\n\x07timeout\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rmax_blob_size\x18\t \x01(\x03H\x01\x88\x01\x01\x42\n\n\x08_timeoutB\x10\n\x0e_max_blob_size\"S\n\x0bPullRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x10\n\x08register\x18\x02 \x01(\x08\x12%\n\x07options\x18\x03 \x01(\x0b\x32\x14.ckfs.v1.PullOptions\"\xb4\x01\n\tBlobEvent\x12!\n\x05state\x18\x01 \x01(\x0e\x32\x12.ckfs.v1.BlobState\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x30\n\ndescriptor\x18\x03 \x01(\x0b\x32\x1c.containerd.types.Descriptor\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0f\n\x07\x66\x65tched\x18\x05 \x01(\x03\x12\x0c\n\x04note\x18\x06 \x01(\t\x12\x15\n\rprogress_only\x18\x07 \x01(\x08\"\xfa\x01\n\x0bPullSummary\x12\x11\n\treference\x18\x01 \x01(\t\x12\x11\n\x04name\x18\x02 \x01(\tH\x00\x88\x01\x01\x12,\n\x06target\x18\x03 \x01(\x0b\x32\x1c.containerd.types.Descriptor\x12\r\n\x05\x62lobs\x18\x04 \x01(\x03\x12\x15\n\rfetched_blobs\x18\x05 \x01(\x03\x12\x15\n\rfetched_bytes\x18\x06 \x01(\x03\x12\x15\n\rskipped_blobs\x18\x07 \x01(\x03\x12\x18\n\x10nondistributable\x18\x08 \x03(\t\x12\x0f\n\x07network\x18\t \x01(\x08\x12\x0f\n\x07seconds\x18\n \x01(\x01\x42\x07\n\x05_name\"a\n\tPullEvent\x12\"\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x12.ckfs.v1.BlobEventH\x00\x12\'\n\x07summary\x18\x02 \x01(\x0b\x32\x14.ckfs.v1.PullSummaryH\x00\x42\x07\n\x05\x65vent\"w\n\rMountsRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x10\n\x08readonly\x18\x03 \x01(\x08\x12\x13\n\x0bsnapshotter\x18\x04 \x01(\t\x12%\n\x07options\x18\x05 \x01(\x0b\x32\x14.ckfs.v1.PullOptions\"G\n\x0eMountsResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06mounts\x18\x02 \x03(\x0b\x32\x17.containerd.types.Mount\"2\n\x0eUnmountRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bsnapshotter\x18\x02 \x01(\t\"J\n\tGCRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x1a\n\ringest_expiry\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_ingest_expiry\"\x1c\n\x0cSnapshotKeys\x12\x0c\n\x04keys\x18\x01 \x03(\t\"\xf6\x01\n\nGCResponse\x12\r\n\x05\x62lobs\x18\x01 \x03(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x35\n\tsnapshots\x18\x03 \x03(\x0b\x32\".ckfs.v1.GCResponse.SnapshotsEntry\x12\x13\n\x0b\x64irectories\x18\x04 \x03(\t\x12\x0e\n\x06\x65rrors\x18\x05 \x03(\t\x12\x0f\n\x07ingests\x18\x06 \x03(\t\x12\x14\n\x0cingest_bytes\x18\x07 \x01(\x03\x1aG\n\x0eSnapshotsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.ckfs.v1.SnapshotKeys:\x02\x38\x01*\x92\x01\n\tBlobState\x12\x1a\n\x16\x42LOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\n\n\x06\x45XISTS\x10\x02\x12\x0b\n\x07WAITING\x10\x03\x12\x0c\n\x08RESUMING\x10\x04\x12\x0f\n\x0b\x44OWNLOADING\x10\x05\x12\x0c\n\x08VERIFIED\x10\x06\x12\x0b\n\x07SKIPPED\x10\x07\x12\n\n\x06\x46\x41ILED\x10\x08\x32\xe0\x01\n\x04\x43kfs\x12\x32\n\x04Pull\x12\x14.ckfs.v1.PullRequest\x1a\x12.ckfs.v1.PullEvent0\x01\x12\x39\n\x06Mounts\x12\x16.ckfs.v1.MountsRequest\x1a\x17.ckfs.v1.MountsResponse\x12:\n\x07Unmount\x12\x17.ckfs.v1.UnmountRequest\x1a\x16.google.protobuf.Empty\x12-\n\x02GC\x12\x12.ckfs.v1.GCRequest\x1a\x13.ckfs.v1.GCResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63kfs/api/v1/ckfs.proto\x12\x07\x63kfs.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1a\x63kfs/api/types/types.proto\"\xf3\x01\n\x0bPullOptions\x12\x10\n\x08platform\x18\x01 \x01(\t\x12\x15\n\rall_platforms\x18\x02 \x01(\x08\x12\x0f\n\x07offline\x18\x03 \x01(\x08\x12\x16\n\x0emax_concurrent\x18\x04 \x01(\r\x12\x12\n\nhosts_dirs\x18\x05 \x03(\t\x12\x12\n\nplain_http\x18\x06 \x01(\x08\x12\x0c\n\x04user\x18\x07 \x01(\t\x12\x14\n\x07timeout\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rmax_blob_size\x18\t \x01(\x03H\x01\x88\x01\x01\x12\x0c\n\x04lazy\x18\n \x01(\x08\x42\n\n\x08_timeoutB\x10\n\x0e_max_blob_size\"S\n\x0bPullRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x10\n\x08register\x18\x02 \x01(\x08\x12%\n\x07options\x18\x03 \x01(\x0b\x32\x14.ckfs.v1.PullOptions\"\xb4\x01\n\tBlobEvent\x12!\n\x05state\x18\x01 \x01(\x0e\x32\x12.ckfs.v1.BlobState\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x30\n\ndescriptor\x18\x03 \x01(\x0b\x32\x1c.containerd.types.Descriptor\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0f\n\x07\x66\x65tched\x18\x05 \x01(\x03\x12\x0c\n\x04note\x18\x06 \x01(\t\x12\x15\n\rprogress_only\x18\x07 \x01(\x08\"\xfa\x01\n\x0bPullSummary\x12\x11\n\treference\x18\x01 \x01(\t\x12\x11\n\x04name\x18\x02 \x01(\tH\x00\x88\x01\x01\x12,\n\x06target\x18\x03 \x01(\x0b\x32\x1c.containerd.types.Descriptor\x12\r\n\x05\x62lobs\x18\x04 \x01(\x03\x12\x15\n\rfetched_blobs\x18\x05 \x01(\x03\x12\x15\n\rfetched_bytes\x18\x06 \x01(\x03\x12\x15\n\rskipped_blobs\x18\x07 \x01(\x03\x12\x18\n\x10nondistributable\x18\x08 \x03(\t\x12\x0f\n\x07network\x18\t \x01(\x08\x12\x0f\n\x07seconds\x18\n \x01(\x01\x42\x07\n\x05_name\"a\n\tPullEvent\x12\"\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x12.ckfs.v1.BlobEventH\x00\x12\'\n\x07summary\x18\x02 \x01(\x0b\x32\x14.ckfs.v1.PullSummaryH\x00\x42\x07\n\x05\x65vent\"w\n\rMountsRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x10\n\x08readonly\x18\x03 \x01(\x08\x12\x13\n\x0bsnapshotter\x18\x04 \x01(\t\x12%\n\x07options\x18\x05 \x01(\x0b\x32\x14.ckfs.v1.PullOptions\"G\n\x0eMountsResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06mounts\x18\x02 \x03(\x0b\x32\x17.containerd.types.Mount\"2\n\x0eUnmountRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bsnapshotter\x18\x02 \x01(\t\"J\n\tGCRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x1a\n\ringest_expiry\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_ingest_expiry\"\x1c\n\x0cSnapshotKeys\x12\x0c\n\x04keys\x18\x01 \x03(\t\"\xf6\x01\n\nGCResponse\x12\r\n\x05\x62lobs\x18\x01 \x03(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x35\n\tsnapshots\x18\x03 \x03(\x0b\x32\".ckfs.v1.GCResponse.SnapshotsEntry\x12\x13\n\x0b\x64irectories\x18\x04 \x03(\t\x12\x0e\n\x06\x65rrors\x18\x05 \x03(\t\x12\x0f\n\x07ingests\x18\x06 \x03(\t\x12\x14\n\x0cingest_bytes\x18\x07 \x01(\x03\x1aG\n\x0eSnapshotsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.ckfs.v1.SnapshotKeys:\x02\x38\x01*\x92\x01\n\tBlobState\x12\x1a\n\x16\x42LOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\n\n\x06\x45XISTS\x10\x02\x12\x0b\n\x07WAITING\x10\x03\x12\x0c\n\x08RESUMING\x10\x04\x12\x0f\n\x0b\x44OWNLOADING\x10\x05\x12\x0c\n\x08VERIFIED\x10\x06\x12\x0b\n\x07SKIPPED\x10\x07\x12\n\n\x06\x46\x41ILED\x10\x08\x32\xe0\x01\n\x04\x43kfs\x12\x32\n\x04Pull\x12\x14.ckfs.v1.PullRequest\x1a\x12.ckfs.v1.PullEvent0\x01\x12\x39\n\x06Mounts\x12\x16.ckfs.v1.MountsRequest\x1a\x17.ckfs.v1.MountsResponse\x12:\n\x07Unmount\x12\x17.ckfs.v1.UnmountRequest\x1a\x16.google.protobuf.Empty\x12-\n\x02GC\x12\x12.ckfs.v1.GCRequest\x1a\x13.ckfs.v1.GCResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,32 +35,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GCRESPONSE_SNAPSHOTSENTRY']._loaded_options = None
   _globals['_GCRESPONSE_SNAPSHOTSENTRY']._serialized_options = b'8\001'
-  _globals['_BLOBSTATE']._serialized_start=1546
-  _globals['_BLOBSTATE']._serialized_end=1692
+  _globals['_BLOBSTATE']._serialized_start=1560
+  _globals['_BLOBSTATE']._serialized_end=1706
   _globals['_PULLOPTIONS']._serialized_start=93
-  _globals['_PULLOPTIONS']._serialized_end=322
-  _globals['_PULLREQUEST']._serialized_start=324
-  _globals['_PULLREQUEST']._serialized_end=407
-  _globals['_BLOBEVENT']._serialized_start=410
-  _globals['_BLOBEVENT']._serialized_end=590
-  _globals['_PULLSUMMARY']._serialized_start=593
-  _globals['_PULLSUMMARY']._serialized_end=843
-  _globals['_PULLEVENT']._serialized_start=845
-  _globals['_PULLEVENT']._serialized_end=942
-  _globals['_MOUNTSREQUEST']._serialized_start=944
-  _globals['_MOUNTSREQUEST']._serialized_end=1063
-  _globals['_MOUNTSRESPONSE']._serialized_start=1065
-  _globals['_MOUNTSRESPONSE']._serialized_end=1136
-  _globals['_UNMOUNTREQUEST']._serialized_start=1138
-  _globals['_UNMOUNTREQUEST']._serialized_end=1188
-  _globals['_GCREQUEST']._serialized_start=1190
-  _globals['_GCREQUEST']._serialized_end=1264
-  _globals['_SNAPSHOTKEYS']._serialized_start=1266
-  _globals['_SNAPSHOTKEYS']._serialized_end=1294
-  _globals['_GCRESPONSE']._serialized_start=1297
-  _globals['_GCRESPONSE']._serialized_end=1543
-  _globals['_GCRESPONSE_SNAPSHOTSENTRY']._serialized_start=1472
-  _globals['_GCRESPONSE_SNAPSHOTSENTRY']._serialized_end=1543
-  _globals['_CKFS']._serialized_start=1695
-  _globals['_CKFS']._serialized_end=1919
+  _globals['_PULLOPTIONS']._serialized_end=336
+  _globals['_PULLREQUEST']._serialized_start=338
+  _globals['_PULLREQUEST']._serialized_end=421
+  _globals['_BLOBEVENT']._serialized_start=424
+  _globals['_BLOBEVENT']._serialized_end=604
+  _globals['_PULLSUMMARY']._serialized_start=607
+  _globals['_PULLSUMMARY']._serialized_end=857
+  _globals['_PULLEVENT']._serialized_start=859
+  _globals['_PULLEVENT']._serialized_end=956
+  _globals['_MOUNTSREQUEST']._serialized_start=958
+  _globals['_MOUNTSREQUEST']._serialized_end=1077
+  _globals['_MOUNTSRESPONSE']._serialized_start=1079
+  _globals['_MOUNTSRESPONSE']._serialized_end=1150
+  _globals['_UNMOUNTREQUEST']._serialized_start=1152
+  _globals['_UNMOUNTREQUEST']._serialized_end=1202
+  _globals['_GCREQUEST']._serialized_start=1204
+  _globals['_GCREQUEST']._serialized_end=1278
+  _globals['_SNAPSHOTKEYS']._serialized_start=1280
+  _globals['_SNAPSHOTKEYS']._serialized_end=1308
+  _globals['_GCRESPONSE']._serialized_start=1311
+  _globals['_GCRESPONSE']._serialized_end=1557
+  _globals['_GCRESPONSE_SNAPSHOTSENTRY']._serialized_start=1486
+  _globals['_GCRESPONSE_SNAPSHOTSENTRY']._serialized_end=1557
+  _globals['_CKFS']._serialized_start=1709
+  _globals['_CKFS']._serialized_end=1933
 # @@protoc_insertion_point(module_scope)

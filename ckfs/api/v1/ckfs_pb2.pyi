@@ -68,6 +68,7 @@ class PullOptions(_message.Message):
     USER_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     MAX_BLOB_SIZE_FIELD_NUMBER: _builtins.int
+    LAZY_FIELD_NUMBER: _builtins.int
     platform: _builtins.str
     """"os/arch[/variant]"; empty: the daemon's host platform."""
     all_platforms: _builtins.bool
@@ -84,6 +85,10 @@ class PullOptions(_message.Message):
     max_blob_size: _builtins.int
     """The largest blob accepted, at least 1; absent: ckfs's default. Optional
     so that 0 is refused as the CLI refuses it, not read as the default.
+    """
+    lazy: _builtins.bool
+    """`ckfs pull --lazy`: layers readable by range (eStargz, uncompressed
+    tar) are indexed, not fetched; every layer gets its index.
     """
     @_builtins.property
     def hosts_dirs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -105,10 +110,11 @@ class PullOptions(_message.Message):
         user: _builtins.str = ...,
         timeout: _builtins.float | None = ...,
         max_blob_size: _builtins.int | None = ...,
+        lazy: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_blob_size", b"_max_blob_size", "_timeout", b"_timeout", "max_blob_size", b"max_blob_size", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_blob_size", b"_max_blob_size", "_timeout", b"_timeout", "all_platforms", b"all_platforms", "hosts_dirs", b"hosts_dirs", "max_blob_size", b"max_blob_size", "max_concurrent", b"max_concurrent", "offline", b"offline", "plain_http", b"plain_http", "platform", b"platform", "timeout", b"timeout", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_blob_size", b"_max_blob_size", "_timeout", b"_timeout", "all_platforms", b"all_platforms", "hosts_dirs", b"hosts_dirs", "lazy", b"lazy", "max_blob_size", b"max_blob_size", "max_concurrent", b"max_concurrent", "offline", b"offline", "plain_http", b"plain_http", "platform", b"platform", "timeout", b"timeout", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_blob_size: _TypeAlias = _typing.Literal["max_blob_size"]  # noqa: Y015
     _WhichOneofArgType__max_blob_size: _TypeAlias = _typing.Literal["_max_blob_size", b"_max_blob_size"]  # noqa: Y015

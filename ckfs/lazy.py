@@ -1,0 +1,433 @@
+"""Images attached lazily: layer indexes instead of unpacked layers.
+
+The lazy counterpart of `ckfs.unpack`. An image is made ready for the
+``fuse`` snapshotter in three steps:
+
+1. **Pull lazily** (`pull_lazy`): manifests, config and every layer that
+   cannot be read by range are fetched as a normal pull would; eStargz
+   layers (those carrying a TOC digest annotation) and uncompressed tars
+   are not: their bytes arrive as files are read.
+2. **Index** (`index_layers`): each layer gets an index (`ckfs.layerindex`),
+   best source first: an eStargz TOC by two range reads, an uncompressed
+   tar's headers in one streamed pass, a gzip seek index built in one pass
+   over the local blob.
+   A layer nothing can index (a zstd layer, a damaged or hostile TOC) is
+   left for the eager path, and the caller is told (never silently).
+3. **Attach** (`attach_image`): missing chain IDs are committed as snapshots
+   whose lower directory is the layer's directory in the FUSE server's
+   tree, in order, under the same per-chain-ID locks as an unpack; layers
+   without an index are fetched and applied eagerly into the same chain.
+
+Indexes are shared by every image holding a layer and kept under
+``<root>/layers``; an index already there is reused without any network.
+Each index records where its bytes can be fetched (``ref`` in its meta),
+which the serving process reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import trio
+
+from ckfs import mediatypes as mt
+from ckfs.digest import Digest
+from ckfs.errors import CkfsError, NotFound
+from ckfs.labels import SNAPSHOT_REF
+from ckfs.options import DEFAULTS, PullOptions
+
+if TYPE_CHECKING:
+    from ckfs.content import ContentStore
+    from ckfs.descriptor import Descriptor, Platform
+    from ckfs.layerindex.model import LayerIndex
+    from ckfs.layerindex.store import IndexStore
+    from ckfs.progress import BlobProgress
+    from ckfs.pull import PullReport
+    from ckfs.reference import Reference
+    from ckfs.remotes.registry import RegistryClient
+    from ckfs.remotes.walk import ChildrenFunc
+    from ckfs.snapshots import Info, Snapshotter
+    from ckfs.state import State
+
+__all__ = [
+    "ESTARGZ",
+    "GZIP",
+    "TAR",
+    "AttachReport",
+    "Attacher",
+    "LayerPlan",
+    "attach_image",
+    "index_layers",
+    "lazy_children",
+    "pull_lazy",
+    "source_of",
+]
+
+log = logging.getLogger(__name__)
+
+#: Index sources, as `ckfs.layerindex.model.SOURCES` names them.
+ESTARGZ, GZIP, TAR = "estargz", "gzip-index", "tar"
+
+#: Sources read from the registry as files are read: a lazy pull skips their blobs.
+_BY_RANGE = frozenset({ESTARGZ, TAR})
+
+#: What a layer falls back to when nothing indexes it.
+EAGER = "eager"
+
+#: Layers indexed at once: each holds a registry connection (eStargz) or a
+#: core inflating (gzip); more than the cores only queue.
+INDEX_CONCURRENCY = 4
+
+
+@runtime_checkable
+class Attacher(Protocol):
+    """A snapshotter that commits layers served from elsewhere (``fuse``)."""
+
+    def serve(self) -> None:
+        """Make sure the layer directories are served (start the FUSE server)."""
+
+    def attach(
+        self, name: str, layer: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> Info:
+        """Commit *name* on *parent* as the served *layer*; `AlreadyExists` if taken."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """How one layer of an image is provided."""
+
+    #: The layer's descriptor (its compressed blob).
+    desc: Descriptor
+    #: ``estargz``, ``gzip-index``, ``tar``, or ``eager`` (not indexable).
+    source: str
+    #: Why the layer is eager, for the user; empty otherwise.
+    why: str = ""
+
+
+@dataclasses.dataclass
+class AttachReport:
+    """What `attach_image` did."""
+
+    chain_id: Digest
+    #: Every layer of the image, bottom first, with its source.
+    layers: list[LayerPlan] = dataclasses.field(default_factory=list)
+    #: Chain IDs attached (lazy) and applied (eager fallback) by this call.
+    attached: list[Digest] = dataclasses.field(default_factory=list)
+    applied: list[Digest] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def fallbacks(self) -> list[LayerPlan]:
+        return [p for p in self.layers if p.source == EAGER]
+
+
+def source_of(desc: Descriptor) -> str:
+    """The index source *desc* would get, judged by its media type and annotations."""
+    from ckfs.layerindex.estargz import TOC_DIGEST_ANNOTATION
+
+    if TOC_DIGEST_ANNOTATION in (desc.annotations or {}):
+        return ESTARGZ
+    compression = mt.LAYERS.get(desc.media_type)
+    if compression == "gzip":
+        return GZIP
+    if compression == "none":
+        return TAR
+    return EAGER
+
+
+def lazy_children(platform: Platform | None = None, *, all_platforms: bool = False) -> ChildrenFunc:
+    """`ckfs.remotes.walk.platform_children` without the layers read by range.
+
+    eStargz and uncompressed tar layers are indexed from the registry
+    (`index_layers`) and their bytes fetched as files are read.
+    """
+    from ckfs.remotes.walk import platform_children
+
+    follow = platform_children(platform, all_platforms=all_platforms)
+
+    def children(desc: Descriptor, data: bytes) -> Sequence[Descriptor]:
+        found = follow(desc, data)
+        if not mt.is_manifest(desc.media_type):
+            return found
+        return [d for d in found if not (mt.is_layer(d.media_type) and source_of(d) in _BY_RANGE)]
+
+    return children
+
+
+async def pull_lazy(
+    state: State,
+    ref: Reference,
+    options: PullOptions = DEFAULTS,
+    *,
+    register: bool = True,
+    on_event: Callable[[BlobProgress], None] | None = None,
+) -> tuple[PullReport, list[LayerPlan]]:
+    """Pull *ref* without its eStargz layers' bytes, then index every layer.
+
+    ``ckfs pull --lazy``: afterwards the image mounts (and containerd
+    attaches its layers) with no layer download.
+
+    Returns:
+        The pull's report and each layer's plan, bottom first.
+
+    Raises:
+        As `ckfs.pull.pull`; a layer that cannot be indexed is not an error
+        (its plan says ``eager``, and its blob was pulled).
+    """
+    from ckfs.provide import with_hosts_dirs
+    from ckfs.pull import pull
+
+    report = await pull(
+        ref,
+        state.content,
+        state.images,
+        with_hosts_dirs(state, options),
+        register=register,
+        children=lazy_children(options.platform, all_platforms=options.all_platforms),
+        on_event=on_event,
+    )
+    plans = await index_layers(state, ref, report.target, options)
+    return report, plans
+
+
+async def index_layers(
+    state: State, ref: Reference, target: Descriptor, options: PullOptions = DEFAULTS
+) -> list[LayerPlan]:
+    """An index for each layer of *target* that can have one; each layer's plan.
+
+    Present indexes are reused. eStargz layers are read by range from
+    *ref*'s registry; other layers are indexed from their local blobs (a
+    lazy pull fetched them). Runs up to `INDEX_CONCURRENCY` layers at once.
+
+    Raises:
+        NotFound: the manifest, config or a non-eStargz layer blob is missing.
+        Unavailable: the registry cannot be reached for an eStargz layer.
+    """
+    from ckfs.rootfs import image_chain
+
+    manifest, config, _ = await trio.to_thread.run_sync(
+        image_chain, state.content, target, options.platform
+    )
+    plans: list[LayerPlan | None] = [None] * len(manifest.layers)
+    limiter = trio.CapacityLimiter(INDEX_CONCURRENCY)
+    async with _Remote(state, ref, options) as remote:
+
+        async def one(i: int, desc: Descriptor) -> None:
+            async with limiter:
+                plans[i] = await _index_one(state, desc, config.diff_ids[i], remote)
+
+        async with trio.open_nursery() as nursery:
+            for i, desc in enumerate(manifest.layers):
+                nursery.start_soon(one, i, desc)
+    return [p for p in plans if p is not None]
+
+
+async def _index_one(state: State, desc: Descriptor, diff_id: Digest, remote: _Remote) -> LayerPlan:
+    """Index *desc* unless it is already; its plan. A refused layer's plan is eager."""
+    from ckfs.layerindex.model import BadLayer
+    from ckfs.layerindex.store import IndexStore
+
+    store = IndexStore(state.root)
+    source = source_of(desc)
+    if source == EAGER:
+        return LayerPlan(desc, EAGER, f"{desc.media_type} layers cannot be read lazily")
+    existing = await trio.to_thread.run_sync(store.get, desc.digest)
+    if existing is not None:
+        plan = LayerPlan(desc, existing.source)
+        existing.close()
+        return plan
+    meta = {"ref": str(remote.ref), "media_type": desc.media_type}
+    try:
+        index = await _build(state, store, source, desc, diff_id, meta, remote)
+    except BadLayer as e:
+        log.warning("layer %s: not indexed, unpacked eagerly: %s", desc.digest, e)
+        return LayerPlan(desc, EAGER, str(e))
+    index.close()
+    return LayerPlan(desc, source)
+
+
+async def _build(
+    state: State,
+    store: IndexStore,
+    source: str,
+    desc: Descriptor,
+    diff_id: Digest,
+    meta: Mapping[str, str],
+    remote: _Remote,
+) -> LayerIndex:
+    """Build *desc*'s index from *source* (raises `BadLayer` when it refuses).
+
+    eStargz layers are read by range, uncompressed tars streamed from the
+    registry once (their spans' digests recorded for later range reads)
+    unless the blob is here already; gzip layers are indexed from their
+    local blob, which a lazy pull fetched.
+    """
+    path = store.path(desc.digest)
+    await trio.to_thread.run_sync(lambda: path.parent.mkdir(parents=True, exist_ok=True))
+    if source == ESTARGZ:
+        from ckfs.layerindex.estargz import index_estargz
+
+        client = await remote.client()
+
+        async def read_range(offset: int, length: int) -> bytes:
+            return await client.read_range(remote.ref, desc, offset, length)
+
+        return await index_estargz(read_range, desc, path, meta=meta)
+    local = await trio.to_thread.run_sync(_local_blob, state.content, desc)
+    if source == TAR:
+        from ckfs.layerindex.tarindex import index_tar, index_tar_stream
+
+        if local is not None:
+            return await trio.to_thread.run_sync(
+                functools.partial(index_tar, local, desc, path, meta=meta)
+            )
+        client = await remote.client()
+        async with client.open_blob(remote.ref, desc) as stream:
+            return await index_tar_stream(stream.aiter_chunks(), desc, path, meta=meta)
+    from ckfs.layerindex.gzindex import index_gzip
+
+    if local is None:
+        raise NotFound(f"layer {desc.digest} is not in the content store; pull it first")
+    return await trio.to_thread.run_sync(
+        functools.partial(index_gzip, local, desc, path, meta=meta, diff_id=diff_id)
+    )
+
+
+def _local_blob(content: ContentStore, desc: Descriptor) -> Path | None:
+    try:
+        return content.path(desc.digest)
+    except NotFound:
+        return None
+
+
+class _Remote:
+    """A registry client for *ref*, opened on first use only (most layers need none)."""
+
+    def __init__(self, state: State, ref: Reference, options: PullOptions) -> None:
+        self.state, self.ref, self.options = state, ref, options
+        self._client: RegistryClient | None = None
+        self._lock = trio.Lock()
+
+    async def client(self) -> RegistryClient:
+        async with self._lock:
+            if self._client is None:
+                from ckfs.provide import with_hosts_dirs
+                from ckfs.pull import client_for
+
+                options = with_hosts_dirs(self.state, self.options)
+                self._client = await client_for(self.ref, options).__aenter__()
+            return self._client
+
+    async def __aenter__(self) -> _Remote:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            with trio.CancelScope(shield=True):
+                await self._client.aclose()
+
+
+async def attach_image(
+    state: State,
+    sn: Snapshotter,
+    ref: Reference,
+    target: Descriptor,
+    *,
+    snapshotter_name: str,
+    options: PullOptions = DEFAULTS,
+) -> AttachReport:
+    """Make every layer of *target* a committed snapshot of *sn*, lazily where possible.
+
+    Indexes are built first (all layers at once), then chain IDs missing
+    from *sn* are attached bottom up; an eager layer's blob is pulled if
+    missing and applied in place, stacked with the lazy ones.
+
+    Raises:
+        FailedPrecondition: *sn* cannot attach, or has too few layers for
+            the image, or the FUSE server cannot start.
+        As `index_layers` and `ckfs.unpack.unpack` for eager layers.
+    """
+    from ckfs.errors import AlreadyExists, FailedPrecondition
+    from ckfs.labels import gc_snapshot_label
+    from ckfs.rootfs import check_depth, committed, image_chain
+    from ckfs.unpack import (
+        label_config,
+        layer_lock,
+        present_below,
+        provided,
+        remove_leftovers,
+        unpack_layer,
+    )
+
+    if not isinstance(sn, Attacher):
+        raise FailedPrecondition(f"snapshotter {snapshotter_name!r} cannot attach layers lazily")
+    started = time.monotonic()
+    manifest, config, chain = await trio.to_thread.run_sync(
+        image_chain, state.content, target, options.platform
+    )
+    await trio.to_thread.run_sync(check_depth, sn, target, len(chain))
+    report = AttachReport(chain_id=chain[-1])
+    present = await trio.to_thread.run_sync(present_below, sn, chain)
+    report.layers = await index_layers(state, ref, target, options)
+    if present < len(chain):
+        await trio.to_thread.run_sync(sn.serve)
+    for i in range(present, len(chain)):
+        plan, parent = report.layers[i], str(chain[i - 1]) if i else ""
+        async with layer_lock(state.lock_dir, chain[i]):
+            if await trio.to_thread.run_sync(committed, sn, str(chain[i])):
+                continue
+            await trio.to_thread.run_sync(remove_leftovers, sn, chain[i])
+            if plan.source == EAGER:
+                await _fetch_blob(state, ref, plan.desc, options)
+                await unpack_layer(
+                    sn, state.content, plan.desc, config.diff_ids[i], chain[i], parent
+                )
+                report.applied.append(chain[i])
+                continue
+            labels = {SNAPSHOT_REF: str(chain[i])}
+            try:
+                await trio.to_thread.run_sync(
+                    sn.attach, str(chain[i]), str(plan.desc.digest), parent, labels
+                )
+            except AlreadyExists as e:
+                await trio.to_thread.run_sync(provided, sn, chain[i], e)
+            else:
+                report.attached.append(chain[i])
+    await trio.to_thread.run_sync(
+        label_config,
+        state.content,
+        manifest.config.digest,
+        gc_snapshot_label(snapshotter_name),
+        chain,
+    )
+    report.seconds = time.monotonic() - started
+    return report
+
+
+async def _fetch_blob(state: State, ref: Reference, desc: Descriptor, options: PullOptions) -> None:
+    """Bring the one blob *desc* into the content store (an eager layer of a lazy pull)."""
+    if await trio.to_thread.run_sync(state.content.exists, desc.digest):
+        return
+    from ckfs.provide import with_hosts_dirs
+    from ckfs.pull import pull
+    from ckfs.remotes.walk import platform_children
+
+    follow = platform_children(options.platform, all_platforms=options.all_platforms)
+    options = with_hosts_dirs(state, options)
+
+    def only(parent: Descriptor, data: bytes) -> Sequence[Descriptor]:
+        found = follow(parent, data)
+        if mt.is_manifest(parent.media_type):
+            return [d for d in found if d.digest == desc.digest]
+        return found
+
+    try:
+        await pull(ref, state.content, state.images, options, register=False, children=only)
+    except CkfsError as e:
+        raise type(e)(f"layer {desc.digest} (not indexable, fetched whole): {e}") from e
