@@ -9,6 +9,7 @@ tar header, then one member per chunk (`CHUNK` bytes), and a TOC member last.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import random
@@ -18,11 +19,22 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckfs import mediatypes as mt
 from ckfs.archive.entry import Entry, Kind
+from ckfs.descriptor import Descriptor
 from ckfs.digest import from_bytes
 from ckfs.layerindex.model import ROOT, Chunk, IndexWriter, LayerIndex, Node, Span
 
-__all__ = ["CHUNK", "Layer", "build_estargz", "build_tar", "content", "gzip_member"]
+__all__ = [
+    "CHUNK",
+    "Layer",
+    "build_estargz",
+    "build_gzip",
+    "build_tar",
+    "content",
+    "gzip_member",
+    "tar_bytes",
+]
 
 CHUNK = 64 << 10
 
@@ -107,15 +119,20 @@ def build_estargz(
     return Layer(blob_path, index, {**files, **(shared or {})}, members)
 
 
-def build_tar(tmp: Path, files: dict[str, bytes], span: int = 1 << 20) -> Layer:
-    """An uncompressed tar layer with its spans of *span* bytes."""
+def tar_bytes(files: dict[str, bytes]) -> bytes:
+    """A PAX tar stream of regular *files*, in order."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for path, data in files.items():
             info = tarfile.TarInfo(path)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    blob = raw.getvalue()
+    return raw.getvalue()
+
+
+def build_tar(tmp: Path, files: dict[str, bytes], span: int = 1 << 20) -> Layer:
+    """An uncompressed tar layer with its spans of *span* bytes."""
+    blob = tar_bytes(files)
     blob_path = tmp / "blob"
     blob_path.write_bytes(blob)
     w = IndexWriter(tmp / "index.db", layer=from_bytes(blob), source="tar", blob_size=len(blob))
@@ -127,3 +144,15 @@ def build_tar(tmp: Path, files: dict[str, bytes], span: int = 1 << 20) -> Layer:
             w.add_span(Span(off, len(part), off, len(part), hashlib.sha256(part).hexdigest()))
         index = w.commit()
     return Layer(blob_path, index, files)
+
+
+def build_gzip(tmp: Path, files: dict[str, bytes]) -> Layer:
+    """A plain gzip layer indexed by `ckfs.layerindex.gzindex` (checkpoints
+    every `gzindex.SPACING` bytes of the tar stream)."""
+    from ckfs.layerindex.gzindex import index_gzip
+
+    blob = gzip.compress(tar_bytes(files), compresslevel=1, mtime=0)
+    blob_path = tmp / "blob"
+    blob_path.write_bytes(blob)
+    desc = Descriptor(mt.OCI_LAYER_GZIP, from_bytes(blob), len(blob))
+    return Layer(blob_path, index_gzip(blob_path, desc, tmp / "index.db"), files)

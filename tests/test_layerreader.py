@@ -25,7 +25,15 @@ from ckfs.layerindex import reader as reader_module
 from ckfs.layerindex.cache import ChunkCache
 from ckfs.layerindex.model import ROOT, Chunk, IndexWriter
 from ckfs.layerindex.reader import COALESCE_GAP, LayerReader, LocalBlob
-from tests.chunkedblobs import CHUNK, Layer, build_estargz, build_tar, content, gzip_member
+from tests.chunkedblobs import (
+    CHUNK,
+    Layer,
+    build_estargz,
+    build_gzip,
+    build_tar,
+    content,
+    gzip_member,
+)
 
 
 class Probe:
@@ -414,16 +422,31 @@ async def test_tar_wrong_bytes_fail(tmp_path: Path, cache: ChunkCache) -> None:
     assert cache.usage().files == 0
 
 
-async def test_unserved_source_is_refused(tmp_path: Path, cache: ChunkCache) -> None:
-    blob = b"\x1f\x8b" + b"\0" * 100
-    (tmp_path / "blob").write_bytes(blob)
-    w = IndexWriter(
-        tmp_path / "index.db", layer=from_bytes(blob), source="gzip-index", blob_size=len(blob)
-    )
-    with w:
-        index = w.commit()
-    with pytest.raises(Unimplemented):
-        LayerReader(index, LocalBlob(tmp_path / "blob"), cache)
+# -- gzip (seek index over the local blob) ---------------------------------
+
+
+async def test_gzip_index_reads_inflate_from_checkpoints_and_cache(
+    tmp_path: Path, cache: ChunkCache
+) -> None:
+    files = {"a": content(9 << 20, 40), "b": b"tiny", "c": content(300_000, 41)}
+    layer = build_gzip(tmp_path, files)
+    assert len(layer.index.spans()) >= 3
+    reader = LayerReader(layer.index, LocalBlob(layer.blob), cache)
+    for name, data in files.items():
+        for off, n in ranges(len(data), seed=5):
+            assert await reader.read(layer.node(name), off, n) == data[off : off + n]
+    stats = reader.statistics()
+    assert stats["misses"] == len(layer.index.spans())  # each span inflated once
+    assert await reader.read(layer.node("a"), 0, 9 << 20) == files["a"]
+    assert reader.statistics()["misses"] == stats["misses"]
+    reader.close()
+    assert await reader.read(layer.node("c"), 5, 5) == files["c"][5:10]  # reopens if needed
+
+
+async def test_gzip_index_needs_the_local_blob(tmp_path: Path, cache: ChunkCache) -> None:
+    layer = build_gzip(tmp_path, {"a": b"x"})
+    with pytest.raises(Unimplemented, match="local blob"):
+        LayerReader(layer.index, Probe(LocalBlob(layer.blob)), cache)
 
 
 async def test_local_blob_bounds(tmp_path: Path) -> None:

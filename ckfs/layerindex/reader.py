@@ -36,6 +36,7 @@ import hashlib
 import itertools
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -52,6 +53,7 @@ from ckfs.layerindex.cache import ChunkCache
 from ckfs.layerindex.model import Chunk, LayerIndex, Node
 
 if TYPE_CHECKING:
+    from ckfs.layerindex.gzindex import Inflater
     from ckfs.reference import Reference
     from ckfs.remotes.registry import RegistryClient
 
@@ -206,7 +208,7 @@ class _Piece:
     comp_end: int
     inner: int
     digest: str
-    inflate: bool
+    kind: str  # "member" (gzip member, eStargz), "raw" (tar), "gzip" (gzip-index span)
 
 
 @dataclass(slots=True)
@@ -247,8 +249,12 @@ class LayerReader:
         limiter: trio.CapacityLimiter | None = None,
         nursery: trio.Nursery | None = None,
     ) -> None:
-        if index.source not in ("estargz", "tar"):
+        if index.source not in ("estargz", "tar", "gzip-index"):
             raise Unimplemented(f"layer {index.layer}: lazy reads of {index.source!r} layers")
+        if index.source == "gzip-index" and not isinstance(source, LocalBlob):
+            raise Unimplemented(
+                f"layer {index.layer}: gzip-index layers are read from a local blob"
+            )
         if source.size != index.blob_size:
             raise InvalidArgument(
                 f"layer {index.layer}: blob has {source.size} bytes, its index says "
@@ -260,6 +266,8 @@ class LayerReader:
         self.layer = index.layer
         self._limiter = limiter or trio.CapacityLimiter(os.cpu_count() or 1)
         self._flights: dict[str, _Flight] = {}
+        self._inflater: Inflater | None = None
+        self._inflater_lock = threading.Lock()
         self._chunk_lists: OrderedDict[int, list[_Piece]] = OrderedDict()
         self._spans: list[_Piece] | None = None
         self._nursery = nursery
@@ -410,7 +418,7 @@ class LayerReader:
                     comp_end=comp_end,
                     inner=c.inner_offset,
                     digest=c.digest,
-                    inflate=True,
+                    kind="member",
                 )
             )
         self._chunk_lists[node.ino] = pieces
@@ -438,12 +446,15 @@ class LayerReader:
         if self._spans is None:
             spans = sorted(self.index.spans(), key=lambda s: s.uncomp_offset)
             pieces = []
+            kind = "gzip" if self.index.source == "gzip-index" else "raw"
             for s in spans:
-                if s.comp_offset != s.uncomp_offset or s.comp_size != s.uncomp_size:
+                if kind == "raw" and (
+                    s.comp_offset != s.uncomp_offset or s.comp_size != s.uncomp_size
+                ):
                     raise DataLoss(f"layer {self.layer}: tar span at {s.comp_offset} is not 1:1")
                 comp_end = s.comp_offset + s.comp_size
                 self._check_piece(s.comp_offset, comp_end, s.uncomp_size, 0, None)
-                key = ChunkCache.key("span", s.comp_offset, s.comp_size, s.sha256)
+                key = ChunkCache.key(kind, s.uncomp_offset, s.uncomp_size, s.comp_offset, s.sha256)
                 pieces.append(
                     _Piece(
                         key,
@@ -453,7 +464,7 @@ class LayerReader:
                         comp_end=comp_end,
                         inner=0,
                         digest=f"sha256:{s.sha256}",
-                        inflate=False,
+                        kind=kind,
                     )
                 )
             self._spans = pieces
@@ -559,6 +570,12 @@ class LayerReader:
             self._stats["misses"] += len(group)
 
     async def _fetch_group(self, group: list[_Piece]) -> dict[str, bytes]:
+        if group[0].kind == "gzip":
+            self._stats["requests"] += 1
+            self._stats["fetched_bytes"] += group[-1].comp_end - group[0].comp_offset
+            return await trio.to_thread.run_sync(
+                self._inflate_and_keep, group, limiter=self._limiter
+            )
         start = group[0].comp_offset
         end = max(p.comp_end for p in group)
         data = await self._read_source(start, end)
@@ -591,6 +608,41 @@ class LayerReader:
                     p = replace(p, comp_end=min(grown, self.source.size, p.comp_offset + MAX_PIECE))
         return got
 
+    def _inflate_and_keep(self, group: list[_Piece]) -> dict[str, bytes]:
+        """In a worker thread: a gzip-index layer's spans, inflated from the
+        local blob at their checkpoints, then cached.
+
+        The blob was verified against its digest when it entered the content
+        store and the checkpoints are checked against the index
+        (`ckfs.layerindex.gzindex.open_inflater`); what comes out is what
+        the verified blob holds.
+        """
+        start = group[0].start
+        end = group[-1].start + group[-1].size
+        data = self._open_inflater().read(start, end - start)
+        if len(data) != end - start:
+            raise DataLoss(f"layer {self.layer}: gzip stream ends before {end}")
+        out = {p.key: data[p.start - start : p.start - start + p.size] for p in group}
+        self._keep(group, out)
+        return out
+
+    def _open_inflater(self) -> Inflater:
+        from ckfs.layerindex.gzindex import open_inflater
+
+        with self._inflater_lock:
+            if self._inflater is None:
+                assert isinstance(self.source, LocalBlob)
+                self._inflater = open_inflater(self.index, self.source.path)
+            return self._inflater
+
+    def close(self) -> None:
+        """Release what the reader holds open (a gzip layer's inflater);
+        blocking, but brief. Reads after this reopen it."""
+        with self._inflater_lock:
+            if self._inflater is not None:
+                self._inflater.close()
+                self._inflater = None
+
     async def _read_source(self, start: int, end: int) -> bytes:
         self._stats["requests"] += 1
         data = await self.source.read_range(start, end - start)
@@ -613,14 +665,18 @@ class LayerReader:
         out = {}
         for p in group:
             raw = memoryview(data)[p.comp_offset - start : p.comp_end - start]
-            out[p.key] = _inflate(p, raw, self.layer) if p.inflate else bytes(raw)
+            out[p.key] = _inflate(p, raw, self.layer) if p.kind == "member" else bytes(raw)
             _verify(p, out[p.key], self.layer)
+        self._keep(group, out)
+        return out
+
+    def _keep(self, group: list[_Piece], out: dict[str, bytes]) -> None:
+        """Cache verified pieces; a failed write (disk full) fails no read."""
         for p in group:
             try:
                 self.cache.put(self.layer, p.key, out[p.key])
             except OSError as e:
                 log.warning("layer %s: chunk cache write failed: %s", self.layer, e)
-        return out
 
 
 def _check_range(offset: int, length: int, size: int, source: object) -> None:
