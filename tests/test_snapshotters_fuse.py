@@ -301,3 +301,33 @@ def test_other_prepares_are_overlays(sn: FuseSnapshotter, labels: dict[str, str]
     assert m.type == "bind"
     assert sn.stat("extract").kind is Kind.ACTIVE
     assert [i.name for i in sn.walk()] == ["extract"]
+
+
+async def test_containerd_through_the_proxy_finds_an_attached_layer(
+    state: State, sn: FuseSnapshotter
+) -> None:
+    """ckfsd's Snapshots service with its proxy name on ``fuse``, as containerd drives it.
+
+    containerd's metadata layer prepares the extract snapshot under its own
+    key, takes AlreadyExists as "the remote snapshotter has it", then Lists
+    by the chain ID label on the parent and adopts what it finds.
+    """
+    from ckfs.api.services.snapshots.v1 import snapshots_pb2 as pb
+    from ckfs.services.snapshots import SnapshotsService
+
+    service = SnapshotsService(state, proxies={"ckfs": "fuse"})
+    chain_id = str(from_bytes(b"chain"))
+    serve(sn, LAYER_A)
+    request = pb.PrepareSnapshotRequest(
+        snapshotter="ckfs",
+        key=f"default/7/extract-1 {chain_id}",
+        labels=extract_labels(chain_id, LAYER_A),
+    )
+    with pytest.raises(errors.AlreadyExists):
+        await service.Prepare(request, None)
+    listing = pb.ListSnapshotsRequest(
+        snapshotter="ckfs", filters=[f'labels."{REF}"=={chain_id},parent==""']
+    )
+    found = [i.name async for r in service.List(listing, None) for i in r.info]
+    assert found == [chain_id]
+    assert sn.layer(chain_id) == LAYER_A
