@@ -14,7 +14,8 @@ What a read fetches depends on the layer index's source:
   checked against its ``digest`` (the TOC's ``chunkDigest``).
 - ``tar``: the whole `Span` (about 1 MiB of the uncompressed blob) around the
   range, checked against the span's sha256.
-- ``gzip-index``: not served here yet (needs the local blob's inflater).
+- ``gzip-index`` (local blob only): the spans covering the range, inflated
+  from their checkpoints.
 
 Neighbouring pieces a read needs are fetched with one ranged request
 (`COALESCE_GAP`, `MAX_REQUEST`). Concurrent reads needing one piece cause

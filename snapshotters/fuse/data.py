@@ -13,9 +13,9 @@ whether the layer's blob is in the root's content store:
   fetch it in its meta: ``ref`` (a reference of the repository holding the
   layer) and optionally ``media_type``. Registries are reached as a pull on
   this root would (its hosts directories and Docker credentials).
-- ``gzip-index`` with the blob local: inflated from the checkpoint nearest
-  each read (`LocalGzipReader`). A gzip layer without its local blob (a gc
-  took it) cannot be read: every read fails, saying why.
+- ``gzip-index`` with the blob local: the same `LayerReader`, which inflates
+  spans from the checkpoint nearest each read and caches them. A gzip layer
+  without its local blob cannot be read: every read fails, saying why.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from ckfs.content.fsutil import pread_exact
 from ckfs.descriptor import Descriptor
 from ckfs.errors import DataLoss, FailedPrecondition, Unimplemented
 from ckfs.layerindex.cache import ChunkCache
-from ckfs.layerindex.gzindex import Inflater, open_inflater
 from ckfs.layerindex.model import LayerIndex, Node
 from ckfs.layerindex.reader import BlobSource, LayerReader, LocalBlob, RemoteBlob
 from ckfs.reference import parse
@@ -40,7 +39,7 @@ from snapshotters.fuse.tree import Reader
 if TYPE_CHECKING:
     from ckfs.remotes.registry import RegistryClient
 
-__all__ = ["LocalGzipReader", "LocalTarReader", "Readers"]
+__all__ = ["LocalTarReader", "Readers"]
 
 #: What a remote layer's media type is taken to be when its index does not
 #: say: only the range reads use it, and they do not depend on it.
@@ -83,44 +82,6 @@ class LocalTarReader:
             self._fd = None
 
 
-class LocalGzipReader:
-    """File bytes of a gzip layer, inflated from its local blob (`ckfs.layerindex.gzindex`).
-
-    The checkpoints are loaded on the first read, in a worker thread; each
-    read inflates from the nearest checkpoint before it (a few MiB at most)
-    in a worker thread, so the loop keeps serving other layers meanwhile.
-
-    Args:
-        index: the layer's index (source ``gzip-index``).
-        blob: the layer's blob in the content store.
-    """
-
-    def __init__(self, index: LayerIndex, blob: Path) -> None:
-        self.index = index
-        self.blob = blob
-        self._inflater: Inflater | None = None
-        self._opening = trio.Lock()
-
-    async def read(self, node: Node, offset: int, size: int) -> bytes:
-        """*size* bytes of *node* from *offset* (the caller clips to its size).
-
-        Raises:
-            DataLoss: *node* has no data offset, the checkpoints do not match
-                the index, or the blob no longer inflates.
-        """
-        if node.data < 0:
-            raise DataLoss(f"{self.blob}: {node.name!r} has no offset in the tar stream")
-        async with self._opening:
-            if self._inflater is None:
-                self._inflater = await trio.to_thread.run_sync(open_inflater, self.index, self.blob)
-        return await trio.to_thread.run_sync(self._inflater.read, node.data + offset, size)
-
-    def close(self) -> None:
-        if self._inflater is not None:
-            self._inflater.close()
-            self._inflater = None
-
-
 class _Unserved:
     """The reader of a layer that cannot be read: every read fails, saying why."""
 
@@ -157,11 +118,9 @@ class Readers:
         local = blob.is_file()
         if index.source == "tar" and local:
             return LocalTarReader(blob)
-        if index.source == "gzip-index":
-            if not local:
-                raise FailedPrecondition(f"layer {layer}: gzip blob {blob} is gone; pull it again")
-            return LocalGzipReader(index, blob)
-        if index.source not in ("tar", "estargz"):
+        if index.source == "gzip-index" and not local:
+            raise FailedPrecondition(f"layer {layer}: gzip blob {blob} is gone; pull it again")
+        if index.source not in ("tar", "estargz", "gzip-index"):
             raise Unimplemented(f"layer {layer}: {index.source} layers are not served yet")
         source: BlobSource = LocalBlob(blob) if local else self._remote(index)
         return LayerReader(index, source, self.cache, limiter=self._limiter)
