@@ -76,6 +76,11 @@ class BlobStream:
         end: The offset one past the last byte this stream will deliver.
         host: The host serving it (``host:port``), for messages.
         position: The offset of the next byte `aiter_chunks` will yield.
+
+    *pooled* reads the body through httpx, so the connection goes back to
+    the pool (range reads: a small window wants its connection again);
+    otherwise a plain-HTTP body is read from the socket (`_raw_body`:
+    cheaper for a whole layer, and the connection is closed).
     """
 
     def __init__(
