@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-pytest_plugins = ["integration.mounts", "integration.registry"]
+pytest_plugins = ["integration.mounts", "integration.registry", "integration.estargz"]
 
 REPO = Path(__file__).resolve().parent
 
