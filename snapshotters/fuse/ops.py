@@ -25,9 +25,9 @@ import pyfuse3
 
 from ckfs.errors import CkfsError, NotFound, to_errno
 from ckfs.layerindex.model import LayerIndex, Node
-from snapshotters.fuse.tree import ROOT_INO, Attr, Inode, Layer, Listing, Reader, Tree
+from snapshotters.fuse.tree import ROOT_INO, Attr, Layer, Listing, Reader, Tree
 
-__all__ = ["BLOCK_SIZE", "ROOT_ATTR_TIMEOUT", "TIMEOUT", "Ops", "entry_attributes", "reply"]
+__all__ = ["BLOCK_SIZE", "ROOT_ATTR_TIMEOUT", "TIMEOUT", "Ops", "entry_attributes"]
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,6 @@ NAME_MAX = 255
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
-
-def reply(inode: Inode) -> pyfuse3.EntryAttributes:
-    """*inode*'s attributes as pyfuse3 replies them, built once per inode."""
-    if inode.reply is None:
-        inode.reply = entry_attributes(inode.attr)
-    return cast(pyfuse3.EntryAttributes, inode.reply)
 
 
 def entry_attributes(attr: Attr) -> pyfuse3.EntryAttributes:
@@ -163,7 +156,7 @@ class Ops(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return reply(self.tree.lookup(parent_inode, os.fsdecode(name)))
+        return entry_attributes(self.tree.lookup(parent_inode, os.fsdecode(name)).attr)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # No reply to carry an error: log, and never raise (see _guarded).
@@ -175,7 +168,7 @@ class Ops(pyfuse3.Operations):
 
     @_guarded("inode")
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return reply(self.tree.inode(inode))
+        return entry_attributes(self.tree.inode(inode).attr)
 
     @_guarded("inode")
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -191,7 +184,7 @@ class Ops(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         _, listing = self._dirs[fh]
         for next_id, entry in listing.entries(start_id):
-            attrs = reply(entry.inode)
+            attrs = entry_attributes(entry.inode.attr)
             if not pyfuse3.readdir_reply(token, os.fsencode(entry.name), attrs, next_id):
                 return
             # Accepted readdirplus entries count as lookups in the kernel.

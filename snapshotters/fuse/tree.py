@@ -214,14 +214,18 @@ class View:
 class Inode:
     """One inode the kernel may refer to.
 
-    A layer's node has one ``(layer, node)`` pair in *stack*; a merged
-    directory has the directories it merges, top first, cut below the first
-    opaque one. The top-level directories have none.
+    A layer's node is its *layer* and *local* inode number there: the node
+    itself stays in the index (`load`), so the kernel holding a whole
+    layer's inodes costs the server a few hundred bytes each. A merged
+    directory keeps the directories it merges in *merged*, top first, cut
+    below the first opaque one. The server's own directories have neither.
     """
 
     ino: int
     attr: Attr
-    stack: tuple[tuple[Layer, Node], ...] = ()
+    layer: Layer | None = None
+    local: int = 0
+    merged: tuple[tuple[Layer, Node], ...] = ()
     #: Set for a merged view's root and directories.
     view: View | None = None
     #: Path inside the view (merged directories only; "" is its root).
@@ -232,13 +236,21 @@ class Inode:
     #: listing it again (the kernel caches no readdir replies) then costs no
     #: query and no new Node for the children it knows.
     children: list[tuple[str, int]] | None = None
-    #: The pyfuse3 shell's reply for this inode, built once (`ops`).
-    reply: object = None
 
-    @property
-    def node(self) -> Node | None:
-        """The topmost node, None for the server's own directories."""
-        return self.stack[0][1] if self.stack else None
+    def layers(self) -> list[Layer]:
+        """The layers this inode keeps open."""
+        return [self.layer] if self.layer is not None else [layer for layer, _ in self.merged]
+
+    def load(self) -> tuple[Layer, Node] | None:
+        """The layer and node behind this inode (a merged directory: its top
+        one); None for the server's own directories.
+
+        Raises:
+            NotFound: the index lost the node (it cannot: indexes never change).
+        """
+        if self.layer is not None:
+            return self.layer, self.layer.index.node(self.local)
+        return self.merged[0] if self.merged else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,21 +301,22 @@ class Listing:
                 yield i + 1, Entry(name, child)
 
     def _layer_entries(self, offset: int) -> Iterator[tuple[int, Entry]]:
-        ((layer, node),) = self._inode.stack
+        layer, local = self._inode.layer, self._inode.local
+        assert layer is not None
         listed = self._inode.children
         if listed is not None:
             for i in range(offset, len(listed)):
                 name, ino = listed[i]
                 child = self._tree.known(ino)
                 if child is None:
-                    found = layer.index.lookup(node.ino, name)
+                    found = layer.index.lookup(local, name)
                     if found is None:  # an index never changes: cannot happen
                         continue
                     child = self._tree.layer_inode(layer, found)
                 yield i + 1, Entry(name, child)
             return
         while True:
-            page = layer.index.children(node.ino, offset, PAGE)
+            page = layer.index.children(local, offset, PAGE)
             for found in page:
                 self._collect(offset, found)
                 offset += 1
@@ -383,7 +396,7 @@ class Tree:
         known = self._inodes.get(inode.ino)
         if known is None:
             known = self._inodes[inode.ino] = inode
-            for layer, _ in inode.stack:
+            for layer in inode.layers():
                 layer.refs += 1
         known.lookups += 1
         return known
@@ -405,7 +418,7 @@ class Tree:
                 "forget: inode %d forgotten %d times more than looked up", ino, -inode.lookups
             )
         del self._inodes[ino]
-        for layer, _ in inode.stack:
+        for layer in inode.layers():
             layer.refs -= 1
         self.sweep()
 
@@ -434,9 +447,9 @@ class Tree:
             raise InvalidArgument(f"inode {parent.ino} is not a directory")
         if parent.view is not None:
             return self._merged_child(parent, name)
-        ((layer, node),) = parent.stack
-        child = layer.index.lookup(node.ino, name)
-        return None if child is None else self.layer_inode(layer, child)
+        assert parent.layer is not None
+        child = parent.layer.index.lookup(parent.local, name)
+        return None if child is None else self.layer_inode(parent.layer, child)
 
     def names(self, inode: Inode) -> list[str]:
         """Every name in a directory that is not a layer's own, sorted."""
@@ -445,7 +458,7 @@ class Tree:
         if inode.ino == MERGED_INO:
             return sorted(self._view_names())
         names: set[str] = set()
-        for layer, node in inode.stack:
+        for layer, node in inode.merged:
             offset = 0
             while page := layer.index.children(node.ino, offset, PAGE):
                 names.update(child.name for child in page)
@@ -473,10 +486,11 @@ class Tree:
             NotFound: *ino* is not known.
             InvalidArgument: it is not a symlink (readlink's EINVAL).
         """
-        node = self.inode(ino).node
-        if node is None or node.kind != Kind.SYMLINK:
+        inode = self.inode(ino)
+        found = inode.load() if stat.S_ISLNK(inode.attr.mode) else None
+        if found is None:
             raise InvalidArgument(f"inode {ino} is not a symlink")
-        return node.link
+        return found[1].link
 
     def file(self, ino: int) -> tuple[Layer, Node]:
         """The layer and node of regular file *ino*, for reading its bytes.
@@ -486,9 +500,10 @@ class Tree:
             InvalidArgument: it is not a regular file.
         """
         inode = self.inode(ino)
-        if not stat.S_ISREG(inode.attr.mode):
+        found = inode.load() if stat.S_ISREG(inode.attr.mode) else None
+        if found is None:
             raise InvalidArgument(f"inode {ino} is not a regular file")
-        return inode.stack[0]
+        return found
 
     def xattrs(self, ino: int) -> dict[str, bytes]:
         """Extended attributes of *ino*, as overlayfs should see them.
@@ -499,9 +514,10 @@ class Tree:
         have applied them already.
         """
         inode = self.inode(ino)
-        if not inode.stack:
+        top = inode.load()
+        if top is None:
             return {}
-        layer, node = inode.stack[0]
+        layer, node = top
         found = {
             name: value
             for name, value in layer.index.xattrs(node.ino).items()
@@ -518,9 +534,10 @@ class Tree:
             return f"unknown inode {ino}"
         if inode.view is not None:
             return f"view {inode.view.name} path /{inode.path}"
-        if not inode.stack:
+        top = inode.load()
+        if top is None:
             return "/" if ino == ROOT_INO else f"/{MERGED}"
-        layer, node = inode.stack[0]
+        layer, node = top
         return f"layer {layer.digest} path /{self._path(layer, node)}"
 
     # -- internals --------------------------------------------------------------
@@ -530,7 +547,7 @@ class Tree:
         known = self._inodes.get(node.fino)
         if known is not None:
             return known
-        return Inode(node.fino, node_attr(node), ((layer, node),))
+        return Inode(node.fino, node_attr(node), layer, node.ino)
 
     def _layer(self, digest: Digest) -> Layer | None:
         """The open layer *digest*, opened now if needed; None if not indexed."""
@@ -604,7 +621,7 @@ class Tree:
         everything under it).
         """
         assert parent.view is not None
-        below = parent.stack
+        below = parent.merged
         for i, (layer, dir_node) in enumerate(below):
             node = layer.index.lookup(dir_node.ino, name)
             if node is None:
@@ -640,7 +657,7 @@ class Tree:
             attr = Attr(ino, top.mode, 1, top.uid, top.gid, 0, 0, top.mtime_ns)
         else:  # a view of no layers: an empty directory
             attr = Attr(ino, _OWN_DIR_MODE)
-        return Inode(ino, attr, dirs, view, path)
+        return Inode(ino, attr, merged=dirs, view=view, path=path)
 
     def _path(self, layer: Layer, node: Node) -> str:
         parts: list[str] = []
