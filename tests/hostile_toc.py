@@ -86,15 +86,20 @@ class _Members:
     def __init__(self) -> None:
         self.out = io.BytesIO()
         self._z: Any = None
+        self.start = 0  # where the open member starts
+        self.inner = 0  # bytes written into it
 
     def tell(self) -> int:
+        """Close the open member; the offset the next one starts at."""
         self.close()
         return self.out.tell()
 
     def write(self, data: bytes) -> None:
         if self._z is None:
             self._z = zlib.compressobj(9, zlib.DEFLATED, 31)
+            self.start, self.inner = self.out.tell(), 0
         self.out.write(self._z.compress(data))
+        self.inner += len(data)
 
     def close(self) -> None:
         if self._z is not None:
@@ -129,6 +134,7 @@ def estargz(
     items: list[Item],
     *,
     chunk: int = CHUNK,
+    pack: int = 0,
     landmark: bool = True,
     tamper: Tamper | None = None,
     toc_json: bytes | None = None,
@@ -137,13 +143,17 @@ def estargz(
     toc_digest: str | None = None,
     annotate: bool = True,
 ) -> Layer:
-    """Lay *items* out as an eStargz blob (module docstring)."""
+    """Lay *items* out as an eStargz blob (module docstring).
+
+    Files smaller than *pack* bytes share the open member (``innerOffset``),
+    as newer upstream writers pack small files.
+    """
     members = _Members()
     entries: list[Record] = []
     if landmark:
         items = [F(LANDMARK, b"\x0f"), *items]
     for item in items:
-        entries.extend(_write(members, item, chunk))
+        entries.extend(_write(members, item, chunk, pack))
     members.write(b"\0" * 1024)
     toc_offset = members.tell()
     if tamper is not None:
@@ -167,7 +177,7 @@ def estargz(
     return Layer(blob, toc_offset, entries, desc)
 
 
-def _write(members: _Members, item: Item, chunk: int) -> Iterator[Record]:
+def _write(members: _Members, item: Item, chunk: int, pack: int) -> Iterator[Record]:
     """Write *item*'s tar header and data; yield its TOC records."""
     record = dict(item.record)
     info = tarfile.TarInfo(str(record["name"]))
@@ -184,6 +194,13 @@ def _write(members: _Members, item: Item, chunk: int) -> Iterator[Record]:
     data = item.data
     record.setdefault("size", len(data))
     record.setdefault("digest", "sha256:" + hashlib.sha256(data).hexdigest())
+    if len(data) < pack:
+        members.write(b"")
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        record.update(offset=members.start, innerOffset=members.inner, chunkDigest=digest)
+        members.write(data + b"\0" * (-len(data) % 512))
+        yield record
+        return
     for start in range(0, len(data), chunk):
         piece = data[start : start + chunk]
         fields = {
@@ -230,11 +247,11 @@ def _chunks_of(entries: list[Record], name: str) -> list[Record]:
     return [e for e in entries if e["name"] == name and ("offset" in e or e["type"] == "chunk")]
 
 
-def chunk_field(name: str, index: int, **fields: Any) -> Tamper:
-    """A tamper hook setting *fields* on chunk *index* of file *name*."""
+def chunk_field(file: str, index: int, **fields: Any) -> Tamper:
+    """A tamper hook setting *fields* on chunk *index* of *file*."""
 
     def tamper(entries: list[Record]) -> None:
-        _chunks_of(entries, name)[index].update(fields)
+        _chunks_of(entries, file)[index].update(fields)
 
     return tamper
 

@@ -276,6 +276,22 @@ def test_chunk_past_the_blob_end_is_refused(where: Path) -> None:
     refused(layer, where, "not before the TOC")
 
 
+def test_chunk_naming_another_file_is_refused(where: Path) -> None:
+    refused(estargz(h.files(), tamper=h.chunk_field("d/f1", 1, name="d/f0")), where, "another")
+
+
+def test_small_files_sharing_a_member_read_back(where: Path, tmp_path: Path) -> None:
+    """Newer upstream writers pack small files into one member (innerOffset)."""
+    items = [F("big", os.urandom(2 * CHUNK + 5))] + [
+        F(f"s{i}", bytes([i]) * (100 + i)) for i in range(1, 6)
+    ]
+    layer = estargz(items, pack=1024)
+    assert len({e.get("offset") for e in layer.entries if e["name"].startswith("s")}) == 1
+    idx = index(layer, where)
+    for item in items:
+        assert read(idx, layer, tmp_path / "cache", item.record["name"]) == item.data
+
+
 def test_chunk_without_a_file_is_refused(where: Path) -> None:
     def tamper(entries: list[Record]) -> list[Record]:
         return [{"name": "x", "type": "chunk", "offset": 10, "chunkDigest": "sha256:" + "0" * 64}]

@@ -71,7 +71,7 @@ from typing import Any
 
 import trio
 
-from ckfs.archive.entry import BadEntry, Entry, Kind, SkipEntry, from_tarinfo
+from ckfs.archive.entry import BadEntry, Entry, Kind, SkipEntry, from_tarinfo, normalize_path
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
 from ckfs.errors import DataLoss, FailedPrecondition, InvalidArgument
@@ -560,6 +560,7 @@ class _Pending:
     chunks: list[tuple[int, int, int, int, str]] = field(default_factory=list)
     size: int = 0
     digest: str = ""  # the file's whole digest, for a single-chunk file
+    raw: str = ""  # its name as the TOC spells it
 
     def name(self) -> str:
         """The entry's path for messages."""
@@ -597,6 +598,7 @@ class _Layout:
         try:
             kind = _text(record, "type")
             if kind == "chunk":
+                self._check_chunk_name(record)
                 self._chunk(record)
             else:
                 self._close_file()
@@ -639,6 +641,7 @@ class _Layout:
         if kind == "reg" and _int(record, "size") > 0:
             pending.size = _int(record, "size")
             pending.digest = _text(record, "digest")
+            pending.raw = _text(record, "name")
             self._file = pending
             self._chunk(record)
 
@@ -669,6 +672,17 @@ class _Layout:
             self._member = offset
         self._inner_end = inner + size
         file.chunks.append((start, size, offset, inner, _text(record, "chunkDigest")))
+
+    def _check_chunk_name(self, record: dict[str, Any]) -> None:
+        """A chunk record names the file it continues (upstream writes it so)."""
+        name = _text(record, "name")
+        file = self._file
+        if (
+            file is not None
+            and name != file.raw
+            and (normalize_path(name, what=self._what) != normalize_path(file.raw, what=self._what))
+        ):
+            raise self._bad(record, f"a chunk of another file than {printable(file.raw)!r}")
 
     def _close_file(self) -> None:
         """The open file has all its chunks: each needs a digest to be served."""
