@@ -306,3 +306,18 @@ def tar_member(raw: bytes, name: str) -> bytes:
         f = tf.extractfile(name)
         assert f is not None
         return f.read()
+
+
+def test_a_failing_read_is_eio_and_the_mount_lives(root: Path) -> None:
+    broken = add_layer(root, tar(F("lost", b"bytes"), F("also", b"more")))
+    fine = add_layer(root, tar(F("kept", b"kept")))
+    mnt = ensure_server(root)
+    # The blob is cut short under the server.
+    os.truncate(root / "content" / "blobs" / broken.algorithm / broken.hex, 100)
+    with pytest.raises(OSError) as e:
+        (mnt / dirname(broken) / "lost").read_bytes()
+    assert e.value.errno == errno.EIO
+    assert (mnt / dirname(fine) / "kept").read_bytes() == b"kept"
+    assert os.listdir(mnt / dirname(broken)) == ["also", "lost"]
+    log = ServerPaths(root).log.read_text()
+    assert f"read layer {broken} path /lost: " in log

@@ -80,13 +80,15 @@ def _erofs() -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EROFS)
 
 
-def _guarded(what: str) -> Callable[[F], F]:
+def _guarded(what: str, *, failed: int | None = None) -> Callable[[F], F]:
     """Wrap a handler so nothing but `pyfuse3.FUSEError` leaves it.
 
     Args:
         what: how the handler's first argument names its object: ``"inode"``,
             ``"file"`` (a file handle), ``"dir"`` (a directory handle) or
             ``""`` (none), for the log line.
+        failed: the errno of every ckfs error but NotFound, instead of the
+            error's own (`ckfs.errors.to_errno`).
     """
 
     def wrap(fn: F) -> F:
@@ -100,7 +102,7 @@ def _guarded(what: str) -> Callable[[F], F]:
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
             except CkfsError as e:
                 log.warning("%s %s: %s", fn.__name__, self.where(what, args), e)
-                raise pyfuse3.FUSEError(to_errno(e)) from None
+                raise pyfuse3.FUSEError(failed or to_errno(e)) from None
             except Exception:
                 log.exception("%s %s: unexpected error", fn.__name__, self.where(what, args))
                 raise pyfuse3.FUSEError(errno.EIO) from None
@@ -236,7 +238,10 @@ class Ops(pyfuse3.Operations):
         # across opens.
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 
-    @_guarded("file")
+    # A read that fails is EIO whatever the cause (registry down: EAGAIN
+    # would read as "try again at once"; a layer not served: EOPNOTSUPP as
+    # "this file cannot be read"): the log line says which.
+    @_guarded("file", failed=errno.EIO)
     async def read(self, fh: int, off: int, size: int) -> bytes:
         _, layer, node = self._files[fh]
         if off >= node.size or size <= 0:
