@@ -5,8 +5,10 @@ Plain directories stand where the serving process serves layers
 character-device whiteouts, ``trusted.overlay.opaque``) as the FUSE tree
 presents them: what these check is the snapshotter's half, that its mounts
 stack such directories as the kernel expects and never write to or delete
-them. The FUSE server's half is tested with it; the acceptance suites bind
-``fuse`` like every registered snapshotter.
+them. At the end the same over the real serving process, with layers
+indexed as ``integration/test_fuse_server.py`` indexes them: attach, a
+container's overlay, a merged view, and a dead server refused loudly. The
+acceptance suites bind ``fuse`` like every registered snapshotter.
 """
 
 from __future__ import annotations
@@ -14,18 +16,26 @@ from __future__ import annotations
 import errno
 import io
 import os
+import signal
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from ckfs import errors
 from ckfs import mediatypes as mt
 from ckfs.archive.apply import ApplyOptions, apply_layer
 from ckfs.digest import Digest, from_bytes
+from ckfs.labels import SNAPSHOT_REF
+from ckfs.mount import is_mountpoint, is_stale
 from ckfs.state import State
 from integration.mounts import MountGuard
-from snapshotters.fuse.snapshotter import FuseSnapshotter
+from integration.test_fuse_server import BASE, TOP, add_layer
+from snapshotters.fuse.process import server_pid, stop_server
+from snapshotters.fuse.snapshotter import LAYER_DIGEST, FuseSnapshotter
+from tests.tarbuild import tar
 
 pytestmark = [pytest.mark.root]
 
@@ -202,3 +212,82 @@ def test_many_attached_layers_fit_one_mount(
         assert (target / "f0").read_text() == "0"
     finally:
         mount_guard.unmount(target)
+
+
+# -- over the real serving process -------------------------------------------------
+
+
+@pytest.fixture
+def served(tmp_path: Path, mount_guard: MountGuard) -> Iterator[FuseSnapshotter]:
+    """The fuse snapshotter of a root whose FUSE server is stopped (by PID) at teardown."""
+    root = tmp_path / "root"
+    state = State(root)
+    sn = state.snapshotter("fuse")
+    assert isinstance(sn, FuseSnapshotter)
+    try:
+        yield sn
+    finally:
+        state.close()
+        stop_server(root)
+        assert not is_mountpoint(sn.server.mnt)
+
+
+def test_a_container_over_layers_the_server_serves(
+    served: FuseSnapshotter, tmp_path: Path, mount_guard: MountGuard
+) -> None:
+    """Attach indexed layers, run a container's overlay on them, view them merged."""
+    sn = served
+    base = add_layer(sn.server.root, tar(*BASE))
+    top = add_layer(sn.server.root, tar(*TOP))
+    sn.serve()
+    sn.attach("chain-base", base)
+    sn.attach("chain-top", top, "chain-base")
+
+    target = mount_guard.mount(sn.prepare("container", "chain-top"), tmp_path / "rootfs")
+    try:
+        assert (target / "etc/a").read_bytes() == b"A2"
+        assert sorted(os.listdir(target / "etc")) == ["a", "big", "secret"]
+        assert os.listdir(target / "opq") == ["new"]
+        assert os.stat(target / "bin/su").st_mode & 0o7777 == 0o4755
+        (target / "etc/new").write_text("written")
+        os.unlink(target / "bin/sg")
+    finally:
+        mount_guard.unmount(target)
+    upper = sn.upper_dir("container")
+    assert (upper / "etc/new").read_text() == "written"
+    assert os.stat(upper / "bin/sg").st_rdev == os.makedev(0, 0)
+
+    view = sn.write_view("img", sn.chain_layers("chain-top"))
+    assert sorted(os.listdir(view / "etc")) == ["a", "big", "secret"]
+    assert (view / "etc/a").read_bytes() == b"A2"
+
+    for key in ("container", "chain-top", "chain-base"):
+        sn.remove(key)
+    assert (sn.layer_dir(base) / "bin/sg").exists()  # served still, for other images
+
+
+def test_a_dead_server_is_refused_loudly_then_served_again(served: FuseSnapshotter) -> None:
+    """ENOTCONN: attach and a remote-snapshot prepare fail clearly, never fall back silently."""
+    sn = served
+    layer = add_layer(sn.server.root, tar(*BASE))
+    sn.serve()
+    pid = server_pid(sn.server)
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    # Stale (ENOTCONN) and its lock released: a dying server can abort its
+    # connection before its lock goes, and ensure_server would adopt it.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (
+        is_stale(sn.server.mnt) and server_pid(sn.server) is None
+    ):
+        time.sleep(0.05)
+    with pytest.raises(errors.FailedPrecondition, match="not connected"):
+        sn.attach("chain", layer)
+    labels = {SNAPSHOT_REF: "chain", LAYER_DIGEST: str(layer)}
+    with pytest.raises(errors.FailedPrecondition, match="not connected"):
+        sn.prepare("extract chain", "", labels)
+    assert list(sn.walk()) == []
+    sn.serve()  # adopts nothing, detaches the dead mount, serves again
+    with pytest.raises(errors.AlreadyExists):
+        sn.prepare("extract chain", "", labels)
+    assert sn.layer("chain") == layer
