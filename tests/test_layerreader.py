@@ -20,7 +20,14 @@ import trio.testing
 
 from ckfs.archive.entry import Entry, Kind
 from ckfs.digest import from_bytes
-from ckfs.errors import CkfsError, DataLoss, InvalidArgument, Unavailable, Unimplemented
+from ckfs.errors import (
+    CkfsError,
+    DataLoss,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    Unimplemented,
+)
 from ckfs.layerindex import reader as reader_module
 from ckfs.layerindex.cache import ChunkCache
 from ckfs.layerindex.model import ROOT, Chunk, IndexWriter
@@ -184,6 +191,33 @@ async def test_member_longer_than_its_bound_is_fetched_again(
     reader, probe = reader_for(layer, cache)
     assert await reader.read(layer.node("f"), 0, 4) == data
     assert len(probe.calls) >= 2
+
+
+async def test_member_past_every_bound_is_data_loss(
+    tmp_path: Path, cache: ChunkCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window stops growing at MAX_PIECE: the read fails, it does not loop."""
+    layer = build_estargz(tmp_path, {"f": b"tiny"}, sizes_known=False, name=b"n" * 8192)
+    monkeypatch.setattr(reader_module, "MAX_PIECE", 4096)
+    reader, probe = reader_for(layer, cache)
+    with pytest.raises(DataLoss, match="ends before its chunk"):
+        await reader.read(layer.node("f"), 0, 4)
+    assert probe.calls[-1][1] == 4096
+
+
+async def test_unwritable_cache_still_serves(tmp_path: Path, cache: ChunkCache) -> None:
+    """A cache entry that cannot be read or replaced (a directory in its
+    place) is a miss, and the read is served from the fetch."""
+    data = content(CHUNK, 34)
+    layer = build_estargz(tmp_path, {"f": data})
+    reader, probe = reader_for(layer, cache)
+    assert await reader.read(layer.node("f"), 0, CHUNK) == data
+    (layer_dir,) = (tmp_path / "cache").iterdir()
+    (chunk_file,) = layer_dir.iterdir()
+    chunk_file.unlink()
+    (chunk_file / "sub").mkdir(parents=True)
+    assert await reader.read(layer.node("f"), 0, CHUNK) == data
+    assert len(probe.calls) == 2
 
 
 async def test_wrong_bytes_from_the_source_fail_and_cache_nothing(
@@ -460,6 +494,9 @@ async def test_local_blob_bounds(tmp_path: Path) -> None:
     (tmp_path / "b").write_bytes(b"01234")  # shrank under us
     with pytest.raises(DataLoss):
         await blob.read_range(2, 5)
+    (tmp_path / "b").unlink()  # gone (a gc)
+    with pytest.raises(NotFound, match="reading"):
+        await blob.read_range(0, 1)
 
 
 # -- read-ahead -----------------------------------------------------------

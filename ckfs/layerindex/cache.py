@@ -35,6 +35,7 @@ through `trio.to_thread`. They are safe to call from several threads at once.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -50,6 +51,8 @@ from ckfs.digest import ALGORITHMS, Digest
 from ckfs.errors import InvalidArgument
 
 __all__ = ["HEADER", "MAGIC", "MEMORY_BYTES", "CacheUsage", "ChunkCache"]
+
+log = logging.getLogger(__name__)
 
 #: Identifies a cache file of this layout; a different magic is treated as
 #: corruption (dropped and refetched), so a future layout needs no migration.
@@ -143,6 +146,9 @@ class ChunkCache:
         try:
             data = _read_checked(path)
         except FileNotFoundError:
+            data, corrupt = None, False
+        except OSError as e:  # unreadable: a miss; the fetch's put replaces it
+            log.warning("chunk cache %s: %s", path, e)
             data, corrupt = None, False
         else:
             corrupt = data is None

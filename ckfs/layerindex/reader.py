@@ -33,6 +33,7 @@ only. The next read of the piece tries again.
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
 import itertools
 import logging
@@ -49,7 +50,7 @@ from isal import isal_zlib
 
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
-from ckfs.errors import CkfsError, DataLoss, InvalidArgument, Unimplemented
+from ckfs.errors import CkfsError, DataLoss, InvalidArgument, Unimplemented, from_errno
 from ckfs.layerindex.cache import ChunkCache
 from ckfs.layerindex.model import Chunk, LayerIndex, Node
 
@@ -147,9 +148,14 @@ class LocalBlob:
         Raises:
             InvalidArgument: the range is negative or ends past `size`.
             DataLoss: the file is shorter than it was.
+            NotFound, CkfsError: the file is gone, or reading it failed (by
+                errno: `ckfs.errors.from_errno`).
         """
         _check_range(offset, length, self._size, self)
-        data = await trio.to_thread.run_sync(self._pread, offset, length)
+        try:
+            data = await trio.to_thread.run_sync(self._pread, offset, length)
+        except OSError as e:
+            raise from_errno(e.errno or errno.EIO, f"reading {self.path}") from e
         if len(data) != length:
             raise DataLoss(f"{self.path}: {len(data)} bytes at {offset}, expected {length}")
         return data
@@ -580,34 +586,32 @@ class LayerReader:
         start = group[0].comp_offset
         end = max(p.comp_end for p in group)
         data = await self._read_source(start, end)
-        try:
-            return await trio.to_thread.run_sync(
-                self._verify_and_keep, group, data, start, limiter=self._limiter
-            )
-        except _Short:
-            pass
-        # A chunk's member runs past its bound: rare, so fetch each piece
-        # alone with its bound doubled until it fits or the blob ends.
-        got = {}
-        for p in group:
-            while True:
-                raw = await self._read_source(p.comp_offset, p.comp_end)
-                try:
-                    got.update(
-                        await trio.to_thread.run_sync(
-                            self._verify_and_keep, [p], raw, p.comp_offset, limiter=self._limiter
-                        )
-                    )
-                    break
-                except _Short:
-                    if p.comp_end >= self.source.size:
-                        raise DataLoss(
-                            f"layer {self.layer}: gzip member at blob offset {p.comp_offset} "
-                            "ends before its chunk"
-                        ) from None
-                    grown = p.comp_offset + 2 * (p.comp_end - p.comp_offset)
-                    p = replace(p, comp_end=min(grown, self.source.size, p.comp_offset + MAX_PIECE))
+        got, short = await trio.to_thread.run_sync(
+            self._verify_and_keep, group, data, start, limiter=self._limiter
+        )
+        for p in short:
+            got.update(await self._fetch_longer(p))
         return got
+
+    async def _fetch_longer(self, p: _Piece) -> dict[str, bytes]:
+        """A chunk whose member runs past its fetched window (rare): fetched
+        alone, the window doubled until the chunk inflates whole, or the
+        blob or `MAX_PIECE` ends (`DataLoss`)."""
+        while True:
+            grown = p.comp_offset + 2 * (p.comp_end - p.comp_offset)
+            grown = min(grown, self.source.size, p.comp_offset + MAX_PIECE)
+            if grown <= p.comp_end:
+                raise DataLoss(
+                    f"layer {self.layer}: gzip member at blob offset {p.comp_offset} "
+                    "ends before its chunk"
+                )
+            p = replace(p, comp_end=grown)
+            raw = await self._read_source(p.comp_offset, p.comp_end)
+            got, short = await trio.to_thread.run_sync(
+                self._verify_and_keep, [p], raw, p.comp_offset, limiter=self._limiter
+            )
+            if not short:
+                return got
 
     def _inflate_and_keep(self, group: list[_Piece]) -> dict[str, bytes]:
         """In a worker thread: a gzip-index layer's spans, inflated from the
@@ -655,21 +659,31 @@ class LayerReader:
             )
         return data
 
-    def _verify_and_keep(self, group: list[_Piece], data: bytes, start: int) -> dict[str, bytes]:
+    def _verify_and_keep(
+        self, group: list[_Piece], data: bytes, start: int
+    ) -> tuple[dict[str, bytes], list[_Piece]]:
         """In a worker thread: each piece's bytes, verified, then cached.
+
+        Returns:
+            The verified pieces' bytes, and the chunks whose gzip member
+            needs more bytes than *data* holds.
 
         Raises:
             DataLoss: a piece does not match its digest (nothing of the group
                 is cached then: it came from one response).
-            _Short: a chunk's member needs more bytes than were fetched.
         """
         out = {}
+        short = []
         for p in group:
             raw = memoryview(data)[p.comp_offset - start : p.comp_end - start]
-            out[p.key] = _inflate(p, raw, self.layer) if p.kind == "member" else bytes(raw)
+            try:
+                out[p.key] = _inflate(p, raw, self.layer) if p.kind == "member" else bytes(raw)
+            except _Short:
+                short.append(p)
+                continue
             _verify(p, out[p.key], self.layer)
-        self._keep(group, out)
-        return out
+        self._keep([p for p in group if p.key in out], out)
+        return out, short
 
     def _keep(self, group: list[_Piece], out: dict[str, bytes]) -> None:
         """Cache verified pieces; a failed write (disk full) fails no read."""
