@@ -309,6 +309,10 @@ class LayerReader:
             DataLoss: the index places the bytes outside the blob or leaves
                 gaps, or the blob's bytes do not match their digests.
             Unavailable, NotFound, ...: the blob source failed; this read only.
+
+        Cancellation: a cancelled read caches nothing half done; a fetch it
+        led is taken over by a read waiting on it (or by the next read).
+        Its worker thread, if one is running, finishes first.
         """
         if offset < 0 or size < 0:
             raise InvalidArgument(f"layer {self.layer}: read of inode {node.ino} at {offset}")
