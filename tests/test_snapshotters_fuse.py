@@ -104,6 +104,22 @@ def test_attached_layers_stack_and_prepare_as_overlay_lowers(sn: FuseSnapshotter
     assert sn.chain_layers("chain-b") == [LAYER_A, LAYER_B]
 
 
+def test_attached_layers_are_what_gc_keeps_indexed(sn: FuseSnapshotter) -> None:
+    assert sn.attached_layers() == set()
+    serve(sn, LAYER_A)
+    serve(sn, LAYER_B)
+    sn.attach("chain-a", LAYER_A)
+    sn.attach("chain-b", LAYER_B, "chain-a")
+    sn.attach("again-a", LAYER_A)
+    commit_with(sn, "eager", "chain-b", files={"x": "y"})
+    sn.prepare("container", "eager")
+    assert sn.attached_layers() == {LAYER_A, LAYER_B}
+    sn.remove("container")
+    sn.remove("eager")
+    sn.remove("chain-b")
+    assert sn.attached_layers() == {LAYER_A}
+
+
 def test_the_upper_dir_takes_the_attached_roots_owner_and_mode(sn: FuseSnapshotter) -> None:
     lower = serve(sn, LAYER_A)
     os.chmod(lower, 0o750)

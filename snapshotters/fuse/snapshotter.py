@@ -214,6 +214,25 @@ class FuseSnapshotter(OverlaySnapshotter):
 
         return parse_dirname(os.path.basename(target))
 
+    def attached_layers(self) -> set[Digest]:
+        """Every layer a snapshot directory here links: what gc must keep indexed.
+
+        Read from the directories, not the rows, so a directory a crash left
+        without its row counts too until `cleanup` removes it: keeping an
+        index a little long is harmless, dropping one a mount still reads
+        is not.
+        """
+        from ckfs.layerindex import parse_dirname  # as in layer_dir
+
+        layers: set[Digest] = set()
+        for entry in os.listdir(self._store.root):
+            try:
+                target = os.readlink(self._store.root / entry / "fs")
+                layers.add(parse_dirname(os.path.basename(target)))
+            except (OSError, InvalidArgument):
+                continue  # a snapshot of its own files, or not ours
+        return layers
+
     def chain_layers(self, parent: str) -> list[Digest]:
         """The layers of *parent* and its ancestors, bottom first: a merged view's list.
 
