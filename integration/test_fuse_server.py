@@ -282,6 +282,31 @@ def test_kill_9_is_detected_and_recovered(root: Path) -> None:
     assert (mnt / dirname(digest) / "etc/a").read_bytes() == b"A1"
 
 
+def test_a_dying_server_is_waited_for(root: Path) -> None:
+    """A killed server's connection can go before its lock: not adopted."""
+    digest = add_layer(root, tar(*BASE))
+    paths = ServerPaths(root)
+    mnt = ensure_server(root)
+    pid = server_pid(paths)
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not (is_stale(mnt) and server_pid(paths) is None) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # The dead server's lock, held a little longer (by flock(1) here).
+    holder = subprocess.Popen(["flock", str(paths.lock), "sleep", "1"])
+    try:
+        while server_pid(paths) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server_pid(paths) == pid  # looks alive: locked, its PID on file
+        assert ensure_server(root) == mnt
+        assert holder.poll() == 0  # waited for the lock to go
+    finally:
+        holder.wait()
+    assert server_pid(paths) not in (None, pid)
+    assert (mnt / dirname(digest) / "etc/a").read_bytes() == b"A1"
+
+
 def test_remote_layer_is_read_lazily_and_cached(
     root: Path, registry_factory: Callable[..., Registry]
 ) -> None:

@@ -125,11 +125,12 @@ def ensure_server(root: Path, *, timeout: float = START_TIMEOUT) -> Path:
     paths = ServerPaths(root)
     paths.dir.mkdir(parents=True, exist_ok=True)
     with _held(paths.start_lock):
-        if server_pid(paths) is not None:
-            return _wait_mounted(paths, time.monotonic() + timeout)
+        deadline = time.monotonic() + timeout
+        if server_pid(paths) is not None and not _dying(paths, deadline):
+            return _wait_mounted(paths, deadline)
         clean_mount(paths)
         _start(paths, timeout)
-        return _wait_mounted(paths, time.monotonic() + timeout)
+        return _wait_mounted(paths, deadline)
 
 
 def stop_server(root: Path, *, timeout: float = STOP_TIMEOUT) -> bool:
@@ -185,6 +186,23 @@ def clean_mount(paths: ServerPaths) -> bool:
         unmount(paths.mnt, lazy=True)
         detached = True
     return detached
+
+
+def _dying(paths: ServerPaths, deadline: float) -> bool:
+    """Whether the server holding the lock is dying: its mount answers ENOTCONN.
+
+    A killed process's files are released in no fixed order: its FUSE
+    connection may be gone while its lock is still held. Such a server is
+    waited for until its lock goes.
+
+    Raises:
+        Unavailable: the lock is still held at *deadline*.
+    """
+    if not (is_mountpoint(paths.mnt) and is_stale(paths.mnt)):
+        return False
+    if not _wait_gone(paths, deadline):
+        raise Unavailable(f"{paths.mnt}: dead (ENOTCONN), but its server still holds its lock")
+    return True
 
 
 def _fstype(where: Path) -> str:
