@@ -33,6 +33,7 @@ __all__ = [
     "build_tar",
     "content",
     "gzip_member",
+    "hand_made",
     "tar_bytes",
 ]
 
@@ -117,6 +118,19 @@ def build_estargz(
             w.add(entry, chunks=chunks)
         index = w.commit()
     return Layer(blob_path, index, {**files, **(shared or {})}, members)
+
+
+def hand_made(tmp: Path, blob: bytes, files: dict[str, tuple[int, list[Chunk]]]) -> Layer:
+    """An eStargz-shaped layer whose chunks the test writes itself: *files*
+    maps a name to its size and chunks (which may lie about the blob)."""
+    blob_path = tmp / "blob"
+    blob_path.write_bytes(blob)
+    w = IndexWriter(tmp / "index.db", layer=from_bytes(blob), source="estargz", blob_size=len(blob))
+    with w:
+        for name, (size, chunks) in files.items():
+            w.add(Entry(name, Kind.FILE, size=size), chunks=chunks)
+        index = w.commit()
+    return Layer(blob_path, index, {})
 
 
 def tar_bytes(files: dict[str, bytes]) -> bytes:

@@ -18,7 +18,6 @@ import pytest
 import trio
 import trio.testing
 
-from ckfs.archive.entry import Entry, Kind
 from ckfs.digest import from_bytes
 from ckfs.errors import (
     CkfsError,
@@ -30,7 +29,7 @@ from ckfs.errors import (
 )
 from ckfs.layerindex import reader as reader_module
 from ckfs.layerindex.cache import ChunkCache
-from ckfs.layerindex.model import ROOT, Chunk, IndexWriter
+from ckfs.layerindex.model import Chunk
 from ckfs.layerindex.reader import COALESCE_GAP, LayerReader, LocalBlob
 from tests.chunkedblobs import (
     CHUNK,
@@ -40,6 +39,7 @@ from tests.chunkedblobs import (
     build_tar,
     content,
     gzip_member,
+    hand_made,
 )
 
 
@@ -251,19 +251,11 @@ async def test_index_digest_that_does_not_match_is_data_loss(
 ) -> None:
     data = content(100, 12)
     blob = gzip_member(data)
-    (tmp_path / "blob").write_bytes(blob)
     wrong = from_bytes(b"something else")
-    w = IndexWriter(
-        tmp_path / "index.db", layer=from_bytes(blob), source="estargz", blob_size=len(blob)
-    )
-    with w:
-        w.add(Entry("f", Kind.FILE, size=100), chunks=[Chunk(0, 100, 0, 0, wrong, len(blob))])
-        index = w.commit()
-    reader = LayerReader(index, LocalBlob(tmp_path / "blob"), cache)
-    node = index.lookup(ROOT, "f")
-    assert node is not None
+    layer = hand_made(tmp_path, blob, {"f": (100, [Chunk(0, 100, 0, 0, wrong, len(blob))])})
+    reader, _ = reader_for(layer, cache)
     with pytest.raises(DataLoss):
-        await reader.read(node, 0, 100)
+        await reader.read(layer.node("f"), 0, 100)
     assert cache.usage().files == 0
 
 
@@ -271,19 +263,11 @@ async def test_member_shorter_than_its_chunk_is_data_loss(
     tmp_path: Path, cache: ChunkCache
 ) -> None:
     blob = gzip_member(b"only eleven") + gzip_member(b"next")
-    (tmp_path / "blob").write_bytes(blob)
-    w = IndexWriter(
-        tmp_path / "index.db", layer=from_bytes(blob), source="estargz", blob_size=len(blob)
-    )
-    with w:
-        digest = from_bytes(b"only eleven" + b"\0" * 9)
-        w.add(Entry("f", Kind.FILE, size=20), chunks=[Chunk(0, 20, 0, 0, digest)])
-        index = w.commit()
-    reader = LayerReader(index, LocalBlob(tmp_path / "blob"), cache)
-    node = index.lookup(ROOT, "f")
-    assert node is not None
+    digest = from_bytes(b"only eleven" + b"\0" * 9)
+    layer = hand_made(tmp_path, blob, {"f": (20, [Chunk(0, 20, 0, 0, digest)])})
+    reader, _ = reader_for(layer, cache)
     with pytest.raises(DataLoss, match="holds 11 bytes"):
-        await reader.read(node, 0, 20)
+        await reader.read(layer.node("f"), 0, 20)
 
 
 async def test_registry_trouble_fails_that_read_only(tmp_path: Path, cache: ChunkCache) -> None:
@@ -405,22 +389,13 @@ async def test_reads_outside_the_file(tmp_path: Path, cache: ChunkCache) -> None
 async def test_chunks_beyond_piece_bound_fail_the_file(tmp_path: Path, cache: ChunkCache) -> None:
     """An inner offset no member could hold fails reads of that file, not more."""
     blob = gzip_member(b"x" * 100) + gzip_member(b"y" * 100)
-    (tmp_path / "blob").write_bytes(blob)
-    w = IndexWriter(
-        tmp_path / "index.db", layer=from_bytes(blob), source="estargz", blob_size=len(blob)
-    )
-    with w:
-        huge = Chunk(0, 100, 0, 1 << 40, from_bytes(b"x" * 100))
-        w.add(Entry("bad", Kind.FILE, size=100), chunks=[huge])
-        good = Chunk(0, 100, len(blob) // 2, 0, from_bytes(b"y" * 100))
-        w.add(Entry("good", Kind.FILE, size=100), chunks=[good])
-        index = w.commit()
-    reader = LayerReader(index, LocalBlob(tmp_path / "blob"), cache)
-    bad, ok = index.lookup(ROOT, "bad"), index.lookup(ROOT, "good")
-    assert bad is not None and ok is not None
+    huge = Chunk(0, 100, 0, 1 << 40, from_bytes(b"x" * 100))
+    good = Chunk(0, 100, len(blob) // 2, 0, from_bytes(b"y" * 100))
+    layer = hand_made(tmp_path, blob, {"bad": (100, [huge]), "good": (100, [good])})
+    reader, _ = reader_for(layer, cache)
     with pytest.raises(DataLoss, match="too large"):
-        await reader.read(bad, 0, 100)
-    assert await reader.read(ok, 0, 100) == b"y" * 100
+        await reader.read(layer.node("bad"), 0, 100)
+    assert await reader.read(layer.node("good"), 0, 100) == b"y" * 100
 
 
 async def test_blob_size_must_match_the_index(tmp_path: Path, cache: ChunkCache) -> None:

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import xxhash
 
+from ckfs.content.fsutil import pread_exact
 from ckfs.digest import ALGORITHMS, Digest
 from ckfs.errors import InvalidArgument
 
@@ -262,28 +263,12 @@ def _read_checked(path: Path) -> bytes | None:
         magic, flags, length, checksum = _HEADER.unpack(header)
         if magic != MAGIC or flags != 0 or os.fstat(fd).st_size != HEADER + length:
             return None
-        data = _pread_all(fd, length, HEADER)
+        data = pread_exact(fd, length, HEADER)
     finally:
         os.close(fd)
-    if data is None or xxhash.xxh3_128_digest(data) != checksum:
+    if len(data) != length or xxhash.xxh3_128_digest(data) != checksum:
         return None
     return data
-
-
-def _pread_all(fd: int, length: int, offset: int) -> bytes | None:
-    """Exactly *length* bytes at *offset*, or None if the file is shorter."""
-    data = os.pread(fd, length, offset)
-    if len(data) == length:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < length:
-        more = os.pread(fd, length - got, offset + got)
-        if not more:
-            return None
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
 
 
 def _write_all(fd: int, data: bytes) -> None:

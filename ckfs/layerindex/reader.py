@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 import trio
 from isal import isal_zlib
 
+from ckfs.content.fsutil import pread_exact
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
 from ckfs.errors import CkfsError, DataLoss, InvalidArgument, Unimplemented, from_errno
@@ -161,16 +162,11 @@ class LocalBlob:
         return data
 
     def _pread(self, offset: int, length: int) -> bytes:
-        with open(self.path, "rb", buffering=0) as f:
-            parts = []
-            while length:
-                part = os.pread(f.fileno(), length, offset)
-                if not part:
-                    break
-                parts.append(part)
-                offset += len(part)
-                length -= len(part)
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return pread_exact(fd, length, offset)
+        finally:
+            os.close(fd)
 
 
 class RemoteBlob:
@@ -418,20 +414,18 @@ class LayerReader:
         pieces = []
         for i, c in enumerate(chunks):
             comp_end = min(self._chunk_end(c, chunks[i + 1 : i + 2]), self.source.size)
-            self._check_piece(c.blob_offset, comp_end, c.size, c.inner_offset, node)
             key = ChunkCache.key("chunk", c.blob_offset, c.inner_offset, c.size, c.digest)
-            pieces.append(
-                _Piece(
-                    key,
-                    start=c.file_offset,
-                    size=c.size,
-                    comp_offset=c.blob_offset,
-                    comp_end=comp_end,
-                    inner=c.inner_offset,
-                    digest=c.digest,
-                    kind="member",
-                )
+            piece = _Piece(
+                key,
+                c.file_offset,
+                c.size,
+                c.blob_offset,
+                comp_end,
+                c.inner_offset,
+                c.digest,
+                "member",
             )
+            pieces.append(self._checked(piece, node))
         self._chunk_lists[node.ino] = pieces
         if len(self._chunk_lists) > _CHUNK_LISTS:
             self._chunk_lists.popitem(last=False)
@@ -444,7 +438,7 @@ class LayerReader:
 
         The bound (`_deflate_bound`) keeps a hostile index from making one
         small read fetch the rest of the blob; a member that needs more than
-        it is fetched again, longer (`LayerReader._fetch_group`).
+        it is fetched again, longer (`LayerReader._fetch_longer`).
         """
         bound = c.blob_offset + _deflate_bound(c.inner_offset + c.size)
         if c.comp_size > 0:
@@ -463,38 +457,32 @@ class LayerReader:
                     s.comp_offset != s.uncomp_offset or s.comp_size != s.uncomp_size
                 ):
                     raise DataLoss(f"layer {self.layer}: tar span at {s.comp_offset} is not 1:1")
-                comp_end = s.comp_offset + s.comp_size
-                self._check_piece(s.comp_offset, comp_end, s.uncomp_size, 0, None)
                 key = ChunkCache.key(kind, s.uncomp_offset, s.uncomp_size, s.comp_offset, s.sha256)
-                pieces.append(
-                    _Piece(
-                        key,
-                        start=s.uncomp_offset,
-                        size=s.uncomp_size,
-                        comp_offset=s.comp_offset,
-                        comp_end=comp_end,
-                        inner=0,
-                        digest=f"sha256:{s.sha256}",
-                        kind=kind,
-                    )
+                end = s.comp_offset + s.comp_size
+                digest = f"sha256:{s.sha256}"
+                piece = _Piece(
+                    key, s.uncomp_offset, s.uncomp_size, s.comp_offset, end, 0, digest, kind
                 )
+                pieces.append(self._checked(piece, None))
             self._spans = pieces
         return self._spans
 
-    def _check_piece(self, offset: int, end: int, size: int, inner: int, node: Node | None) -> None:
-        """Refuse a piece outside the blob, empty, or too large to inflate.
+    def _checked(self, p: _Piece, node: Node | None) -> _Piece:
+        """*p*, unless it lies outside the blob, is empty, or is too large to
+        inflate.
 
         Raises:
             DataLoss: so that reads of the file (or layer) fail, not the server.
         """
-        if not (0 <= offset < end <= self.source.size) or not (
-            size > 0 and inner >= 0 and inner + size <= MAX_PIECE
+        if not (0 <= p.comp_offset < p.comp_end <= self.source.size) or not (
+            p.size > 0 and p.inner >= 0 and p.inner + p.size <= MAX_PIECE
         ):
             where = f"inode {node.ino}" if node else "the layer's spans"
             raise DataLoss(
-                f"layer {self.layer}: {where} names {size} bytes (+{inner}) at blob offset "
-                f"{offset}, outside the {self.source.size}-byte blob, empty or too large"
+                f"layer {self.layer}: {where} names {p.size} bytes (+{p.inner}) at blob offset "
+                f"{p.comp_offset}, outside the {self.source.size}-byte blob, empty or too large"
             )
+        return p
 
     # -- getting them ------------------------------------------------------
 
