@@ -164,6 +164,11 @@ def test_whiteouts_opaque_and_overlay_xattrs(store: IndexStore, views: Path) -> 
     cap = walk(tree, f"{base}/cap")
     assert tree.xattrs(cap.ino) == {"security.capability": b"\x01\x02", "user.k": b"v"}
     assert tree.xattrs(walk(tree, base).ino) == {}
+    assert tree.xattr(opq.ino, OPAQUE_XATTR) == b"y"
+    assert tree.xattr(cap.ino, "security.capability") == b"\x01\x02"
+    for ino in (opq.ino, cap.ino):
+        assert tree.xattr(ino, "trusted.overlay.metacopy") is None
+    assert tree.xattr(cap.ino, OPAQUE_XATTR) is None
 
 
 def test_forget_is_exact_and_closes_layers(store: IndexStore, views: Path) -> None:

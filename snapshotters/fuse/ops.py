@@ -18,6 +18,7 @@ import errno
 import functools
 import logging
 import os
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
@@ -94,6 +95,7 @@ def _guarded(what: str, *, failed: int | None = None) -> Callable[[F], F]:
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         async def handler(self: Ops, *args: Any) -> Any:
+            self.requests[fn.__name__] += 1
             try:
                 return await fn(self, *args)
             except pyfuse3.FUSEError:
@@ -133,6 +135,8 @@ class Ops(pyfuse3.Operations):
         self._files: dict[int, tuple[int, Layer, Node]] = {}
         self._dirs: dict[int, tuple[int, Listing]] = {}
         self._next_fh = 1
+        #: Requests served, by handler name (forgets by inodes forgotten).
+        self.requests: Counter[str] = Counter()
 
     def where(self, what: str, args: Sequence[Any]) -> str:
         """The object a request was about, for log lines (never raises)."""
@@ -161,6 +165,7 @@ class Ops(pyfuse3.Operations):
         return entry_attributes(self.tree.lookup(parent_inode, os.fsdecode(name)).attr)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        self.requests["forget"] += len(inode_list)
         # No reply to carry an error: log, and never raise (see _guarded).
         for ino, n in inode_list:
             try:
@@ -200,7 +205,7 @@ class Ops(pyfuse3.Operations):
 
     @_guarded("inode")
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        value = self.tree.xattrs(inode).get(os.fsdecode(name))
+        value = self.tree.xattr(inode, os.fsdecode(name))
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value

@@ -109,6 +109,7 @@ def _serve(paths: ServerPaths) -> None:
     try:
         trio.run(_run, readers)
     finally:
+        log.info("requests served: %s", dict(ops.requests.most_common()))
         # Unmount even after a crash of the loop: a mount without its server
         # answers ENOTCONN to everyone until someone detaches it.
         pyfuse3.close(unmount=True)

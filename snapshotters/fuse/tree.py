@@ -527,6 +527,22 @@ class Tree:
             found[OPAQUE_XATTR] = b"y"
         return found
 
+    def xattr(self, ino: int, name: str) -> bytes | None:
+        """One extended attribute of *ino* (`xattrs`), None if it has none.
+
+        overlayfs asks every lower file for ``trusted.overlay.metacopy`` (and
+        directories for more): those are answered without reading the index.
+
+        Raises:
+            NotFound: *ino* is not known.
+        """
+        inode = self.inode(ino)
+        if name.startswith(OVERLAY_XATTR_PREFIX) and (
+            name != OPAQUE_XATTR or not stat.S_ISDIR(inode.attr.mode) or inode.view is not None
+        ):
+            return None
+        return self.xattrs(ino).get(name)
+
     def describe(self, ino: int) -> str:
         """Where *ino* is, for log lines: its layer (or view) and path."""
         inode = self._inodes.get(ino)
