@@ -492,3 +492,91 @@ def test_any_name_gives_a_clean_path_or_a_defined_outcome(
     assert all(p not in ("", ".", "..") for p in e.parts)
     if e.kind is Kind.WHITEOUT:
         assert e.path
+
+
+def test_lone_surrogates_are_no_names() -> None:
+    """A TOC's JSON can spell text no bytes stand for; a tar cannot."""
+    for built in (F("a/\ud800"), L("l", "\udbff"), H("h", "x\ud800")):
+        with pytest.raises(BadEntry, match="lone surrogate"):
+            entry(built)
+    with pytest.raises(BadEntry, match="lone surrogate"):
+        entry(F("f", xattrs={}, pax={"SCHILY.xattr.user.\ud800": "v"}))
+    with pytest.raises(BadEntry, match=r"user\.x"):
+        entry(F("f", pax={"SCHILY.xattr.user.x": "\ud800"}))
+
+
+_anyint = st.one_of(
+    st.integers(min_value=-(1 << 70), max_value=1 << 70),
+    st.sampled_from([0, -1, MAX_ID, MAX_ID + 1, (1 << 63) - 1, 4095, 4096, 1 << 20]),
+)
+_text = st.text(st.characters(codec=None, blacklist_categories=()), max_size=20)
+_pax = st.dictionaries(
+    st.one_of(
+        st.sampled_from(["mtime", "atime", "comment"]),
+        st.builds(
+            lambda n: "SCHILY.xattr." + n,
+            st.one_of(
+                _text,
+                st.sampled_from(
+                    ["user.a", "security.capability", "trusted.overlay.opaque", "user.", "x.y"]
+                ),
+            ),
+        ),
+    ),
+    st.one_of(_text, st.sampled_from(["1.5", "-3", "inf", "nan", "1e9", "99999999999999999999"])),
+    max_size=4,
+)
+
+
+@given(
+    name=st.one_of(_text, st.lists(_component, max_size=6).map("/".join)),
+    type_=st.sampled_from(
+        [
+            tarfile.REGTYPE,
+            tarfile.DIRTYPE,
+            tarfile.SYMTYPE,
+            tarfile.LNKTYPE,
+            tarfile.CHRTYPE,
+            tarfile.BLKTYPE,
+            tarfile.FIFOTYPE,
+            b"Q",
+        ]
+    ),
+    link=_text,
+    nums=st.tuples(_anyint, _anyint, _anyint, _anyint, _anyint, _anyint),
+    mtime=st.one_of(_anyint, st.floats(allow_nan=True, allow_infinity=True)),
+    pax=_pax,
+)
+@settings(max_examples=600, deadline=None)
+def test_any_header_gives_an_entry_within_the_rules_or_a_defined_outcome(
+    name: str,
+    type_: bytes,
+    link: str,
+    nums: tuple[int, int, int, int, int, int],
+    mtime: float,
+    pax: dict[str, str],
+) -> None:
+    m = tarfile.TarInfo(name)
+    m.type = type_
+    m.linkname = link
+    m.uid, m.gid, m.mode, m.size, m.devmajor, m.devminor = nums
+    m.mtime = mtime
+    m.pax_headers = pax
+    try:
+        e = from_tarinfo(m)
+    except (BadEntry, SkipEntry):
+        return
+    for p in e.parts:
+        assert p not in ("", ".", "..") and "\0" not in p
+        assert len(p.encode("utf-8", "surrogateescape")) <= NAME_MAX
+    assert 0 <= e.uid <= MAX_ID and 0 <= e.gid <= MAX_ID and 0 <= e.mode <= 0o7777
+    assert 0 <= e.size <= (1 << 36)
+    assert 0 <= e.devmajor < 1 << 12 and 0 <= e.devminor < 1 << 20
+    if e.kind is Kind.HARDLINK:
+        assert e.link and not e.link.startswith("/") and ".." not in e.link.split("/")
+    if e.kind is Kind.SYMLINK:
+        assert 0 < len(e.link.encode("utf-8", "surrogateescape")) < PATH_MAX
+    for xname, value in e.xattrs:
+        assert xname.startswith(("security.", "system.", "trusted.", "user."))
+        assert not xname.startswith(("trusted.overlay.", "user.overlay."))
+        assert isinstance(value, bytes) and len(value) <= 64 << 10

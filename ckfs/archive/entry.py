@@ -10,9 +10,10 @@ layer cannot disagree about what an entry means:
   ``..`` stops at the top, a leading ``/`` is ignored, ``.`` and empty
   components vanish, so ``/../etc/x`` and ``a/../etc/x`` both name
   ``etc/x``. This is what containerd, umoci and the applier do, and what
-  keeps a lazy tree identical to an unpacked one. A NUL byte, a component
-  longer than `NAME_MAX` bytes or nesting deeper than `MAX_DEPTH` is refused
-  (the kernel would refuse the first two anyway). The total length is not
+  keeps a lazy tree identical to an unpacked one. A NUL byte, a lone
+  surrogate (text no bytes stand for), a component longer than `NAME_MAX`
+  bytes or nesting deeper than `MAX_DEPTH` is refused (the kernel could not
+  take the first three anyway). The total length is not
   bounded here: the applier walks by descriptors and handles any; an index
   may bound it.
 - **Root** (``./``) may only be a directory: changing its type is refused,
@@ -217,14 +218,28 @@ def _clean(name: str) -> str:
     """`normalize_path`, raising ValueError with the reason."""
     if "\0" in name:
         raise ValueError("embedded null byte")
+    size = _encoded_len(name)
     parts = clean_parts(name)
     if len(parts) > MAX_DEPTH:
         raise ValueError("nested too deep")
-    if len(name) > _SHORT:
+    if size > NAME_MAX:
         for p in parts:
-            if len(p) > _SHORT and len(p.encode("utf-8", "surrogateescape")) > NAME_MAX:
+            if len(p) > _SHORT and _encoded_len(p) > NAME_MAX:
                 raise ValueError(f"a name is longer than {NAME_MAX} bytes")
     return "/".join(parts)
+
+
+def _encoded_len(text: str) -> int:
+    """Length of *text* as the bytes a syscall gets; ValueError if it has none.
+
+    Names read from a tar carry undecodable bytes as surrogate escapes and
+    encode back to them; a lone surrogate from elsewhere (a TOC's JSON
+    ``\\ud800``) is no file name at all.
+    """
+    try:
+        return len(text.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:
+        raise ValueError("not a valid file name (a lone surrogate)") from None
 
 
 def _shown(name: str) -> str:
@@ -348,7 +363,7 @@ def _symlink_target(target: str) -> str:
         raise SkipEntry("symlink with an empty target")
     if "\0" in target:
         raise ValueError("embedded null byte in the link target")
-    if len(target) >= PATH_MAX // 4 and len(target.encode("utf-8", "surrogateescape")) >= PATH_MAX:
+    if _encoded_len(target) >= PATH_MAX:
         raise ValueError(f"link target of {PATH_MAX} bytes or more")
     return target
 
@@ -389,7 +404,10 @@ def _xattrs(m: tarfile.TarInfo, what: str) -> tuple[tuple[str, bytes], ...]:
             continue
         # tarfile decoded the value as UTF-8 with surrogateescape: this
         # gives back the exact bytes (capabilities are binary).
-        value = text.encode("utf-8", "surrogateescape")
+        try:
+            value = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise ValueError(f"xattr {name!r}: value is not bytes a tar holds") from None
         _check_xattr(name, value)
         out.append((name, value))
     return tuple(out)
@@ -397,10 +415,9 @@ def _xattrs(m: tarfile.TarInfo, what: str) -> tuple[tuple[str, bytes], ...]:
 
 def _check_xattr(name: str, value: bytes) -> None:
     """Refuse what ``setxattr`` refuses everywhere (EINVAL, ERANGE, E2BIG)."""
-    raw = name.encode("utf-8", "surrogateescape")
-    if b"\0" in raw or name in _XATTR_NAMESPACES:
+    if "\0" in name or name in _XATTR_NAMESPACES:
         raise ValueError(f"invalid xattr name {name!r}")
-    if len(raw) > _XATTR_NAME_MAX:
+    if _encoded_len(name) > _XATTR_NAME_MAX:
         raise ValueError(f"xattr name longer than {_XATTR_NAME_MAX} bytes")
     if len(value) > _XATTR_SIZE_MAX:
         raise ValueError(f"xattr {name!r} larger than {_XATTR_SIZE_MAX} bytes")
