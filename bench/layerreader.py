@@ -24,6 +24,7 @@ content is three quarters random bytes and a quarter text, like
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -31,12 +32,12 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
-from isal import isal_zlib
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -65,29 +66,31 @@ def content(size: int) -> bytes:
 
 
 def member(data: bytes) -> bytes:
-    c = isal_zlib.compressobj(2, isal_zlib.DEFLATED, 31)
+    """A gzip member as the upstream writer (Go's compress/gzip, default
+    level) makes it: incompressible stretches go into stored blocks."""
+    c = zlib.compressobj(6, zlib.DEFLATED, 31)
     return c.compress(data) + c.flush()
 
 
 def build(work: Path) -> tuple[Path, LayerIndex, bytes]:
-    """The blob (cached across runs under .bench/), its index, the content."""
+    """The blob and its members' sizes (cached across runs under .bench/),
+    its index, the content."""
     data = content(SIZE)
-    blob = CACHE / "layerreader-256m.esgz"
+    blob = CACHE / "layerreader-256m-z6.esgz"
+    sizes_file = blob.with_suffix(".sizes.json")
     CACHE.mkdir(exist_ok=True)
-    chunks = []
-    if not blob.exists():
-        tmp = blob.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
+    if not sizes_file.exists():
+        sizes = []
+        with open(blob, "wb") as f:
             for off in range(0, SIZE, CHUNK):
-                f.write(member(data[off : off + CHUNK]))
-        os.replace(tmp, blob)
+                sizes.append(f.write(member(data[off : off + CHUNK])))
+        sizes_file.write_text(json.dumps(sizes))
+    sizes = json.loads(sizes_file.read_text())
+    chunks = []
     offset = 0
-    with open(blob, "rb") as f:
-        for off in range(0, SIZE, CHUNK):
-            part = data[off : off + CHUNK]
-            m = len(member(part))
-            chunks.append(Chunk(off, len(part), offset, 0, from_bytes(part), m))
-            offset += m
+    for off, m in zip(range(0, SIZE, CHUNK), sizes, strict=True):
+        chunks.append(Chunk(off, CHUNK, offset, 0, from_bytes(data[off : off + CHUNK]), m))
+        offset += m
     size = blob.stat().st_size
     w = IndexWriter(work / "index.db", layer=from_bytes(b"bench"), source="estargz", blob_size=size)
     with w:
