@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         d.mkdir(parents=True, exist_ok=True)
     if args.detach:
         _detach()
+    # Until the loop listens for it, SIGTERM still unmounts on its way out.
+    signal.signal(signal.SIGTERM, _exit)
     lock = try_lock(paths.lock)
     if lock is None:
         print(f"ckfs fuse server: {paths.root} is served by another process", file=sys.stderr)
@@ -73,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         os.close(lock)
+
+
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(f"{signal.Signals(signum).name} while starting")
 
 
 def _detach() -> None:
