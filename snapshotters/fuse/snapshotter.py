@@ -280,7 +280,12 @@ class FuseSnapshotter(OverlaySnapshotter):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        # Durable like the mount records that name it, so a view a reboot
+        # interrupts is still there to serve when the mount is recovered.
+        from ckfs.content.fsutil import fsync_dir
         from snapshotters.fuse.tree import MERGED  # as ckfs.layerindex in layer_dir
+
+        fsync_dir(self.server.views)
 
         return self.server.mnt / MERGED / name
 
