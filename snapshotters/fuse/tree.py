@@ -420,7 +420,10 @@ class Tree:
         del self._inodes[ino]
         for layer in inode.layers():
             layer.refs -= 1
-        self.sweep()
+            # Only this inode's layers: a forget per inode of a big walk
+            # must not scan every open layer.
+            if layer.refs <= 0 and self._layers.get(layer.digest) is layer:
+                self._layers.pop(layer.digest).close()
 
     def sweep(self) -> None:
         """Close the layer indexes no known inode points into."""
