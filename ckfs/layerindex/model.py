@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -93,6 +94,9 @@ SOURCES = ("estargz", "gzip-index", "tar")
 FIRST_FINO = 1 << 16
 
 _INT64 = (1 << 63) - 1
+
+#: An empty, ``.`` or ``..`` component, or a NUL: what no normalized path has.
+_UNNORMAL = re.compile(r"(?:^|/)\.{0,2}(?:/|$)|\0")
 _MAX_ID = (1 << 32) - 1
 
 #: Directory path → local inode cached while writing. Archives list a
@@ -248,6 +252,7 @@ CREATE TABLE spans (uncomp_offset INTEGER PRIMARY KEY, uncomp_size INTEGER NOT N
 """
 
 _STAGED = "ino, parent, name, kind, mode, uid, gid, size, mtime_ns, rdev, link, fino, data, opaque"
+_INSERT = f"INSERT INTO stage.nodes (id, {_STAGED}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 _NODE_COLUMNS = (
     "ino, parent, name, kind, mode, uid, gid, size, mtime_ns, rdev, link, nlink, fino, data, opaque"
 )
@@ -285,12 +290,6 @@ def _dec(raw: bytes) -> str:
 
 def _bad(what: str, path: str, why: str) -> BadLayer:
     return BadLayer(f"{what}: entry {printable(path)!r}: {why}")
-
-
-def _check_int(value: int, lo: int, hi: int, field: str, what: str, path: str) -> int:
-    if not lo <= value <= hi:
-        raise _bad(what, path, f"{field} {value} out of range")
-    return value
 
 
 class _Row(NamedTuple):
@@ -389,7 +388,7 @@ class IndexWriter:
         for stmt in (_STAGING + ";" + _FINAL).split(";"):
             if stmt.strip():
                 db.execute(stmt)
-        self._insert(0, "", "", Kind.DIR, mode=0o755)
+        self._insert(0, "", "", Kind.DIR)
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -433,7 +432,7 @@ class IndexWriter:
         parent = self._dir(parent_path)
         if kind == Kind.WHITEOUT:
             if self._row(parent, name) is None:
-                self._insert(parent, name, path, Kind.WHITEOUT, mode=0)
+                self._insert(parent, name, path, Kind.WHITEOUT)
             return
         if kind == Kind.HARDLINK:
             self._add_hardlink(entry, parent, name, self._row(parent, name))
@@ -499,69 +498,38 @@ class IndexWriter:
         self._add_xattrs(ino, entry)
 
     def _owner(self, entry: Entry) -> tuple[int, int, int]:
-        return (
-            entry.mode & 0o7777,
-            _check_int(entry.uid, 0, _MAX_ID, "uid", self.what, entry.path),
-            _check_int(entry.gid, 0, _MAX_ID, "gid", self.what, entry.path),
-        )
+        uid, gid = entry.uid, entry.gid
+        if not (0 <= uid <= _MAX_ID and 0 <= gid <= _MAX_ID):
+            raise _bad(self.what, entry.path, f"owner {uid}:{gid} out of range")
+        return entry.mode & 0o7777, uid, gid
 
     def _insert_entry(
         self, parent: int, name: str, entry: Entry, *, data: int, opaque: bool
     ) -> int:
         path, kind = entry.path, entry.kind
+        mode, uid, gid = self._owner(entry)
         size = 0
+        rdev = 0
+        link = ""
         if kind == Kind.FILE:
+            size = entry.size
             if entry.sparse is not None:
                 raise _bad(self.what, path, "sparse files are not served lazily")
-            size = _check_int(entry.size, 0, _INT64, "size", self.what, path)
-            _check_int(data, -1, _INT64 - size, "data offset", self.what, path)
-        rdev = 0
-        if kind in (Kind.CHAR, Kind.BLOCK):
-            try:
-                rdev = os.makedev(entry.devmajor, entry.devminor)
-            except (OverflowError, ValueError):
-                raise _bad(self.what, path, "device numbers out of range") from None
-        if kind == Kind.SYMLINK and len(_enc(entry.link)) >= self.limits.path:
-            raise _bad(self.what, path, "symlink target too long")
-        mode, uid, gid = self._owner(entry)
-        ino = self._insert(
-            parent,
-            name,
-            path,
-            kind,
-            mode=mode,
-            uid=uid,
-            gid=gid,
-            size=size,
-            mtime_ns=_clamp(entry.mtime_ns),
-            rdev=rdev,
-            link=entry.link if kind == Kind.SYMLINK else "",
-            data=data if kind == Kind.FILE else -1,
-            opaque=opaque,
-        )
-        self._add_xattrs(ino, entry)
-        return ino
-
-    def _insert(
-        self,
-        parent: int,
-        name: str,
-        path: str,
-        kind: Kind,
-        *,
-        mode: int,
-        uid: int = 0,
-        gid: int = 0,
-        size: int = 0,
-        mtime_ns: int = 0,
-        rdev: int = 0,
-        link: str = "",
-        data: int = -1,
-        opaque: bool = False,
-    ) -> int:
+            if not (0 <= size <= _INT64 and -1 <= data <= _INT64 - size):
+                raise _bad(self.what, path, f"size {size} at {data} out of range")
+        else:
+            data = -1
+            if kind == Kind.SYMLINK:
+                link = entry.link
+                if len(_enc(link)) >= self.limits.path:
+                    raise _bad(self.what, path, "symlink target too long")
+            elif kind == Kind.CHAR or kind == Kind.BLOCK:
+                try:
+                    rdev = os.makedev(entry.devmajor, entry.devminor)
+                except (OverflowError, ValueError):
+                    raise _bad(self.what, path, "device numbers out of range") from None
         ino = self._next_ino
-        self._db.execute(
-            f"INSERT INTO stage.nodes (id, {_STAGED}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        self._put(
             (
                 ino,
                 ino,
@@ -572,19 +540,55 @@ class IndexWriter:
                 uid,
                 gid,
                 size,
-                mtime_ns,
+                _clamp(entry.mtime_ns),
                 rdev,
                 _enc(link),
                 stable_ino(self.layer, path),
                 data,
                 int(opaque),
             ),
+            path,
         )
-        self._next_ino += 1
-        self._count(path)
+        if kind == Kind.DIR:
+            self._cache_dir(path, ino)
+        if entry.xattrs:
+            self._add_xattrs(ino, entry)
+        return ino
+
+    def _insert(
+        self, parent: int, name: str, path: str, kind: Kind, *, opaque: bool = False
+    ) -> int:
+        """A node with default attributes: an implied directory (0755) or a whiteout."""
+        ino = self._next_ino
+        mode = 0o755 if kind == Kind.DIR else 0
+        self._put(
+            (
+                ino,
+                ino,
+                parent,
+                _enc(name),
+                int(kind),
+                mode,
+                0,
+                0,
+                0,
+                0,
+                0,
+                b"",
+                stable_ino(self.layer, path),
+                -1,
+                int(opaque),
+            ),
+            path,
+        )
         if kind == Kind.DIR:
             self._cache_dir(path, ino)
         return ino
+
+    def _put(self, row: tuple[Any, ...], path: str) -> None:
+        self._db.execute(_INSERT, row)
+        self._next_ino += 1
+        self._count(path)
 
     def _count(self, path: str) -> None:
         self._nodes += 1
@@ -653,16 +657,17 @@ class IndexWriter:
         """The limits, and the shape `normalize_path` promises (belt and braces)."""
         if not path:
             return
-        if len(path) * 4 >= self.limits.path and len(_enc(path)) >= self.limits.path:
+        limits = self.limits
+        if len(path) * 4 >= limits.path and len(_enc(path)) >= limits.path:
             raise _bad(self.what, path, "path too long")
-        parts = path.split("/")
-        if len(parts) > self.limits.depth:
-            raise _bad(self.what, path, f"deeper than {self.limits.depth} directories")
-        for part in parts:
-            if part in ("", ".", "..") or "\0" in part:
-                raise _bad(self.what, path, "not a normalized path")
-            if len(part) * 4 > self.limits.name and len(_enc(part)) > self.limits.name:
-                raise _bad(self.what, path, "name too long")
+        if path.count("/") >= limits.depth:
+            raise _bad(self.what, path, f"deeper than {limits.depth} directories")
+        if _UNNORMAL.search(path):
+            raise _bad(self.what, path, "not a normalized path")
+        if len(path) * 4 > limits.name:  # else no name in it can be too long
+            for part in path.split("/"):
+                if len(part) * 4 > limits.name and len(_enc(part)) > limits.name:
+                    raise _bad(self.what, path, "name too long")
 
     def _row(self, parent: int, name: str) -> _Row | None:
         row = self._db.execute(
@@ -711,7 +716,7 @@ class IndexWriter:
             elif row is None or row.kind == Kind.WHITEOUT:
                 if row is not None:
                     self._drop(row)
-                ino = self._insert(ino, parts[j], sub, Kind.DIR, mode=0o755, opaque=row is not None)
+                ino = self._insert(ino, parts[j], sub, Kind.DIR, opaque=row is not None)
             else:
                 raise _bad(self.what, path, f"{printable(sub)!r} is a {row.kind.name.lower()}")
         return ino
@@ -746,15 +751,15 @@ class IndexWriter:
         db = self._db
         db.execute(_COPY)
         db.execute(_CHILD_RANGES)
+        db.execute("CREATE UNIQUE INDEX nodes_name ON nodes(parent, name)")
+        db.execute("CREATE INDEX nodes_ino ON nodes(ino)")
         # Inodes no name reaches any more (replaced, or under a dropped
         # directory) take their xattrs and chunks with them.
         for table in ("xattrs", "chunks"):
             db.execute(
-                f"INSERT INTO {table} SELECT * FROM stage.{table} "
-                "WHERE ino IN (SELECT ino FROM stage.nodes)"
+                f"INSERT INTO {table} SELECT * FROM stage.{table} AS x "
+                "WHERE EXISTS (SELECT 1 FROM nodes WHERE nodes.ino = x.ino)"
             )
-        db.execute("CREATE UNIQUE INDEX nodes_name ON nodes(parent, name)")
-        db.execute("CREATE INDEX nodes_ino ON nodes(ino)")
         self._unique_finos()
         self._meta["count"] = str(db.execute("SELECT count(*) FROM nodes").fetchone()[0])
         db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(self._meta.items()))
@@ -777,7 +782,7 @@ class IndexWriter:
         """
         db = self._db
         clashes = db.execute(
-            "SELECT fino FROM nodes GROUP BY fino HAVING count(DISTINCT ino) > 1"
+            "SELECT fino FROM nodes GROUP BY fino HAVING min(ino) != max(ino)"
         ).fetchall()
         if not clashes:
             return
