@@ -21,6 +21,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -346,3 +347,28 @@ def test_a_failing_read_is_eio_and_the_mount_lives(root: Path) -> None:
     assert os.listdir(mnt / dirname(broken)) == ["also", "lost"]
     log = ServerPaths(root).log.read_text()
     assert f"read layer {broken} path /lost: " in log
+
+
+def test_the_server_outlives_its_starter(root: Path) -> None:
+    digest = add_layer(root, tar(*BASE))
+    starter = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; "
+            "from snapshotters.fuse.process import ensure_server; "
+            "print(ensure_server(Path(sys.argv[1])))",
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    mnt = Path(starter.stdout.strip())
+    assert (mnt / dirname(digest) / "etc/a").read_bytes() == b"A1"
+    pid = server_pid(ServerPaths(root))
+    assert pid
+    # Its starter has exited; it leads its own session, and is adopted.
+    assert os.getsid(pid) == pid != os.getsid(0)
+    assert ensure_server(root) == mnt and server_pid(ServerPaths(root)) == pid
