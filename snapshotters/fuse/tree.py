@@ -71,8 +71,9 @@ RESERVED = FIRST_FINO
 #: Name of the merged views' directory at the top; no layer dir looks like it.
 MERGED = "merged"
 
-#: Children read from a layer index per query while listing a directory: a
-#: few FUSE readdir replies' worth (each holds ~100 entries of 4 KiB).
+#: Children read from a layer index per query while listing a directory:
+#: a dozen or more readdirplus replies' worth (a 4 KiB reply holds a few
+#: dozen entries with their attributes).
 PAGE = 512
 
 #: Largest directory whose listing `Inode.children` keeps (about 100 bytes
