@@ -333,3 +333,23 @@ def test_not_a_gzip_tar(tmp_path: Path, data: bytes) -> None:
     with pytest.raises(InvalidArgument):
         index_gzip(path, _desc(data, TGZ), out / "index.db")
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        F("bad\ud800name"),  # a lone surrogate no bytes stand for
+        Entry("l", Kind.SYMLINK, link="\udfff"),
+        F("x", xattrs=(("user.\ud800", b"v"),)),
+    ],
+)
+def test_unstorable_text_refuses_the_layer(tmp_path: Path, entry: Entry) -> None:
+    with pytest.raises(BadLayer):
+        build(tmp_path / "i.db", [entry])
+
+
+def test_xattr_names_keep_their_bytes(tmp_path: Path) -> None:
+    name = b"user.caf\xe9".decode("utf-8", "surrogateescape")
+    idx = build(tmp_path / "i.db", [F("x", xattrs=((name, b"\xff"),))])
+    node = idx.lookup(ROOT, "x")
+    assert node is not None and idx.xattrs(node.ino) == {name: b"\xff"}

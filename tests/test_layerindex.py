@@ -243,6 +243,7 @@ def test_spans(tmp_path: Path) -> None:
         Span(0, 10, 0, 10, "0"),  # not a sha256
         Span(90, 20, 0, 10, "0" * 64),  # past the blob
         Span(-1, 1, 0, 10, "0" * 64),
+        Span(0, 10, 0, 1 << 70, "0" * 64),  # more than SQLite holds
     ],
 )
 def test_bad_spans(tmp_path: Path, span: Span) -> None:

@@ -95,6 +95,8 @@ FIRST_FINO = 1 << 16
 
 _INT64 = (1 << 63) - 1
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
 #: An empty, ``.`` or ``..`` component, or a NUL: what no normalized path has.
 _UNNORMAL = re.compile(r"(?:^|/)\.{0,2}(?:/|$)|\0")
 _MAX_ID = (1 << 32) - 1
@@ -224,7 +226,7 @@ CREATE TABLE stage.nodes (
     mtime_ns INTEGER NOT NULL, rdev INTEGER NOT NULL, link BLOB NOT NULL,
     fino INTEGER NOT NULL, data INTEGER NOT NULL, opaque INTEGER NOT NULL);
 CREATE UNIQUE INDEX stage.nodes_name ON nodes(parent, name);
-CREATE TABLE stage.xattrs (ino INTEGER NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL,
+CREATE TABLE stage.xattrs (ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY (ino, name)) WITHOUT ROWID;
 CREATE TABLE stage.chunks (ino INTEGER NOT NULL, file_offset INTEGER NOT NULL,
     size INTEGER NOT NULL, blob_offset INTEGER NOT NULL, inner_offset INTEGER NOT NULL,
@@ -241,7 +243,7 @@ CREATE TABLE nodes (
     rdev INTEGER NOT NULL, link BLOB NOT NULL, nlink INTEGER NOT NULL,
     fino INTEGER NOT NULL, data INTEGER NOT NULL, opaque INTEGER NOT NULL,
     child0 INTEGER NOT NULL, nchild INTEGER NOT NULL);
-CREATE TABLE xattrs (ino INTEGER NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL,
+CREATE TABLE xattrs (ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY (ino, name)) WITHOUT ROWID;
 CREATE TABLE chunks (ino INTEGER NOT NULL, file_offset INTEGER NOT NULL,
     size INTEGER NOT NULL, blob_offset INTEGER NOT NULL, inner_offset INTEGER NOT NULL,
@@ -419,6 +421,14 @@ class IndexWriter:
         Raises:
             BadLayer: the entry breaks a tree rule or a limit.
         """
+        try:
+            self._add(entry, data, chunks)
+        except (UnicodeEncodeError, OverflowError) as e:
+            # Text no bytes stand for (a lone surrogate a JSON TOC can
+            # spell), or an integer SQLite cannot hold.
+            raise _bad(self.what, entry.path, f"cannot be stored: {e}") from None
+
+    def _add(self, entry: Entry, data: int, chunks: Sequence[Chunk]) -> None:
         path = entry.path
         kind = entry.kind
         self._check_path(path)
@@ -599,7 +609,7 @@ class IndexWriter:
         if entry.xattrs:
             self._db.executemany(
                 "INSERT OR REPLACE INTO stage.xattrs VALUES (?, ?, ?)",
-                [(ino, k, bytes(v)) for k, v in entry.xattrs],
+                [(ino, _enc(k), bytes(v)) for k, v in entry.xattrs],
             )
 
     def _add_chunks(self, ino: int, entry: Entry, data: int, chunks: Sequence[Chunk]) -> None:
@@ -637,10 +647,12 @@ class IndexWriter:
             BadLayer: the span leaves a gap, overlaps or leaves the blob.
         """
         s = span
-        if s.uncomp_offset != self._span_end or s.uncomp_size <= 0 or len(s.sha256) != 64:
+        if s.uncomp_offset != self._span_end or not 0 < s.uncomp_size <= _INT64 - s.uncomp_offset:
             raise BadLayer(f"{self.what}: span at {s.uncomp_offset} does not follow the last")
         if not (s.comp_offset >= 0 and 0 <= s.comp_size <= self._blob_size - s.comp_offset):
             raise BadLayer(f"{self.what}: span at {s.uncomp_offset} outside the blob")
+        if not _SHA256_HEX.fullmatch(s.sha256):
+            raise BadLayer(f"{self.what}: span at {s.uncomp_offset}: {s.sha256!r} is no sha256")
         self._span_end = s.uncomp_offset + s.uncomp_size
         self._db.execute(
             "INSERT INTO spans VALUES (?, ?, ?, ?, ?)",
@@ -966,7 +978,7 @@ class LayerIndex:
     def xattrs(self, ino: int) -> dict[str, bytes]:
         """The extended attributes of inode *ino* (name → value)."""
         return {
-            k: bytes(v)
+            _dec(k): bytes(v)
             for k, v in self._all("SELECT name, value FROM xattrs WHERE ino = ?", (ino,))
         }
 
