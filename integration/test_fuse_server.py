@@ -25,16 +25,17 @@ import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator
-from hashlib import sha256
 from pathlib import Path
 
 import pytest
 
+from ckfs import mediatypes
 from ckfs.archive.apply import ApplyOptions, apply_layer
-from ckfs.archive.entry import Kind, SkipEntry, from_tarinfo
+from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest, from_bytes
-from ckfs.layerindex.model import Span
+from ckfs.layerindex.model import IndexWriter
 from ckfs.layerindex.store import IndexStore, dirname
+from ckfs.layerindex.tarindex import build_tar_index
 from ckfs.mount import Mount, is_mountpoint, is_stale
 from integration.mounts import MountGuard
 from integration.registry import Registry
@@ -82,38 +83,27 @@ TOP = [
 ]
 
 
-#: Span size of the remote layer's index: small, so one small file's read
-#: fetches a fraction of the blob.
+#: Span size of the layers' indexes: small, so one small file's read from a
+#: registry fetches a fraction of the blob.
 SPAN = 64 << 10
 
 
 def add_layer(root: Path, raw: bytes, *, ref: str = "") -> Digest:
-    """Index the tar *raw* as a layer; its digest.
+    """Index the tar *raw* as a layer (ckfs's tar index source); its digest.
 
     The blob goes into the content store, or with *ref* (where a registry
-    holds it) stays out, with spans in the index to verify ranged reads. The
-    index is built here the way the tar index source does: entries by
-    `from_tarinfo`, each file's data offset from the tar header.
+    holds it) stays out, to be read by range.
     """
     digest = from_bytes(raw)
     if not ref:
         blob = root / "content" / "blobs" / digest.algorithm / digest.hex
         blob.parent.mkdir(parents=True, exist_ok=True)
         blob.write_bytes(raw)
-    with IndexStore(root).writer(digest, source="tar", blob_size=len(raw)) as w:
-        if ref:
-            w.set_meta("ref", ref)
-            for start in range(0, len(raw), SPAN):
-                part = raw[start : start + SPAN]
-                w.add_span(Span(start, len(part), start, len(part), sha256(part).hexdigest()))
-        with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
-            for m in tf:
-                try:
-                    entry = from_tarinfo(m)
-                except SkipEntry:
-                    continue
-                w.add(entry, data=m.offset_data if entry.kind == Kind.FILE else -1)
-        w.commit().close()
+    path = IndexStore(root).path(digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    desc = Descriptor(mediatypes.OCI_LAYER, digest, len(raw))
+    writer = IndexWriter.for_layer(path, desc, source="tar", meta={"ref": ref} if ref else None)
+    build_tar_index(io.BytesIO(raw), writer, span=SPAN).close()
     return digest
 
 
