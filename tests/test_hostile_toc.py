@@ -461,6 +461,22 @@ def test_toc_tar_entry_with_another_name(where: Path) -> None:
     refused(layer, where, "not stargz.index.json")
 
 
+def test_a_big_toc_is_fetched_in_pieces(where: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ckfs.layerindex.estargz as module
+
+    monkeypatch.setattr(module, "_MAX_READ", 1000)
+    layer = h.many_entries(300)
+    asked: list[int] = []
+
+    async def read_range(offset: int, length: int) -> bytes:
+        asked.append(length)
+        return await layer.read_range(offset, length)
+
+    toc_size = len(layer.blob) - 51 - layer.toc_offset
+    trio.run(index_estargz, read_range, layer.desc, where / "index.db")
+    assert asked[0] == 51 and sum(asked[1:]) == toc_size and max(asked[1:]) == 1000
+
+
 # -- a million entries -------------------------------------------------------------
 
 

@@ -93,6 +93,7 @@ __all__ = [
     "build_index",
     "index_estargz",
     "parse_footer",
+    "toc_digest",
     "toc_records",
     "verify_toc",
 ]
@@ -120,6 +121,10 @@ HIDDEN = frozenset({TOC_NAME, ".prefetch.landmark", ".no.prefetch.landmark"})
 MAX_INFLATION = 1032
 
 _INT64 = (1 << 63) - 1
+#: Longest single range read: a big TOC (tens of MB for a million entries)
+#: is fetched in pieces, each well inside what one registry read accepts
+#: (`ckfs.remotes.blobs.MAX_RANGE`) and retried on its own.
+_MAX_READ = 16 << 20
 _TAR_BLOCK = 512
 #: Compressed bytes handed to zlib per call, and most inflated bytes taken
 #: back per call: memory per step stays small however the TOC inflates.
@@ -227,10 +232,20 @@ async def index_estargz(
     toc_size = desc.size - footer.size - footer.toc_offset
     if toc_size > limits.compressed:
         raise BadLayer(f"{what}: TOC of {toc_size} bytes, over the limit of {limits.compressed}")
-    toc = await read_range(footer.toc_offset, toc_size)
+    toc = await _read(read_range, footer.toc_offset, toc_size)
     return await trio.to_thread.run_sync(
         lambda: build_index(toc, expected, desc, footer, path, limits, tree_limits, meta)
     )
+
+
+async def _read(read_range: ReadRange, offset: int, length: int) -> bytes:
+    """*length* bytes from *offset*, in requests of at most `_MAX_READ`."""
+    if length <= _MAX_READ:
+        return await read_range(offset, length)
+    pieces = []
+    for start in range(offset, offset + length, _MAX_READ):
+        pieces.append(await read_range(start, min(_MAX_READ, offset + length - start)))
+    return b"".join(pieces)
 
 
 def toc_digest(desc: Descriptor) -> Digest:
