@@ -37,6 +37,7 @@ _COMMANDS = {
     "umount": "rootfs_cmds:umount_cmd",
     "rootfs": "rootfs_cmds:rootfs_cmd",
     "bundle": "rootfs_cmds:bundle_cmd",
+    "mounts": "mounts_cmds:mounts",
     "gc": "rootfs_cmds:gc_cmd",
     "snapshots": "snapshot_cmds:snapshots",
 }

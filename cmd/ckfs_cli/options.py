@@ -52,15 +52,21 @@ def snapshotter_option(f: _F) -> _F:
     (`snapshotters.get`), as one line and exit status 1 like every other
     error, and the same way through ckfsd.
     """
+    return snapshotter_option_defaulting(DEFAULT_SNAPSHOTTER)(f)
+
+
+def snapshotter_option_defaulting(default: str) -> Callable[[_F], _F]:
+    """`snapshotter_option` with another default (``ckfs mount``'s is fuse)."""
     kinds = "; ".join(f"{name}: {snapshotters.SUMMARIES[name]}" for name in snapshotters.NAMES)
-    return click.option(
+    option = click.option(
         "--snapshotter",
         "-s",
         metavar=f"[{'|'.join(snapshotters.NAMES)}]",
-        default=DEFAULT_SNAPSHOTTER,
+        default=default,
         show_default=True,
         help=f"Snapshotter ({kinds}).",
-    )(f)
+    )
+    return option
 
 
 class _Quantity(click.ParamType[float]):

@@ -8,13 +8,13 @@ and ``gc`` sees it as in use.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from ckfs.rootfs import mount_key
 from ckfs_cli.app import App, human_size, print_json, print_mounts, skip_httpx_cli
 from ckfs_cli.images_cmds import blobs, normalize
 from ckfs_cli.options import (
@@ -23,14 +23,12 @@ from ckfs_cli.options import (
     pull_options,
     registry_options,
     snapshotter_option,
+    snapshotter_option_defaulting,
 )
 
 if TYPE_CHECKING:
     from ckfs.mount import Mount
-
-
-def mount_key(target: Path) -> str:
-    return f"mount:{os.path.abspath(target)}"
+    from snapshotters.fuse.snapshotter import FuseSnapshotter
 
 
 def _rootfs(
@@ -72,53 +70,91 @@ def _remove(app: App, snapshotter: str, key: str) -> None:
 
 
 def _mount(
-    app: App, ref: str, target: Path, snapshotter: str, ro: bool, flags: dict[str, Any]
+    app: App,
+    ref: str,
+    target: Path,
+    snapshotter: str,
+    ro: bool,
+    flags: dict[str, Any],
+    *,
+    merged: bool = False,
 ) -> str:
-    """Pull, unpack, prepare and mount; returns the snapshot key.
+    """Pull, unpack (or attach), prepare and mount; returns the snapshot key.
 
     The mount itself is always this process's: it runs as the caller, in
-    the caller's mount namespace, also when ckfsd made the snapshot.
+    the caller's mount namespace, also when ckfsd made the snapshot. A lazy
+    mount is labelled with the FUSE server it stands on, so ``ckfs mounts
+    recover`` knows to remount it if that server dies; a *merged* one is a
+    read-only bind of one FUSE tree of the whole image, no overlay.
 
     Raises:
-        FailedPrecondition: *target* is already a mountpoint or has a snapshot.
+        FailedPrecondition: *target* is already a mountpoint or has a
+            snapshot; *merged* with another snapshotter than fuse, or with a
+            layer that could not be attached lazily.
     """
     from ckfs import mount as mountlib
     from ckfs.errors import AlreadyExists, FailedPrecondition
 
     key = mount_key(target)
+    if merged and snapshotter != "fuse":
+        raise FailedPrecondition("--merged needs the fuse snapshotter")
     if mountlib.is_mountpoint(target):
         raise FailedPrecondition(f"{target} is already a mountpoint; ckfs umount it first")
     try:
-        mounts = _rootfs(app, ref, snapshotter, key, ro, flags)
+        mounts = _rootfs(app, ref, snapshotter, key, ro or merged, flags)
     except AlreadyExists:
         raise FailedPrecondition(
             f"{target} already has a ckfs snapshot ({snapshotter}); run `ckfs umount {target}`"
         ) from None
     try:
+        lazy = fuse_snapshotter(app) if snapshotter == "fuse" else None
+        if lazy is not None and merged:
+            from snapshotters.fuse.recover import merged_mounts
+
+            mounts = merged_mounts(lazy, key)
         target.mkdir(parents=True, exist_ok=True)
         mountlib.mount_all(mounts, target)
+        if lazy is not None:
+            from snapshotters.fuse.recover import label_served
+
+            label_served(lazy, key)
     except BaseException:
+        if mountlib.is_mountpoint(target):
+            mountlib.unmount_all(target)
         _remove(app, snapshotter, key)
         raise
     return key
 
 
 @click.command("mount")
-@snapshotter_option
+@snapshotter_option_defaulting("fuse")
 @click.option("--ro", is_flag=True, help="Mount a read-only view.")
+@click.option(
+    "--merged",
+    is_flag=True,
+    help="One read-only FUSE tree of the whole image, whiteouts applied by ckfs "
+    "(no overlayfs; fuse only).",
+)
 @registry_options
 @click.argument("ref")
 @click.argument("target", type=click.Path(file_okay=False, path_type=Path))
 @pass_app
-def mount_cmd(app: App, /, snapshotter: str, ro: bool, ref: str, target: Path, **opts: Any) -> None:
-    """Mount the image REF at TARGET: pull and unpack only what is missing.
+def mount_cmd(
+    app: App, /, snapshotter: str, ro: bool, merged: bool, ref: str, target: Path, **opts: Any
+) -> None:
+    """Mount the image REF at TARGET: fetch only what is missing, lazily by default.
+
+    With the fuse snapshotter (the default) the layers are attached, not
+    unpacked: file contents are fetched as they are read. overlayfs and
+    native pull and unpack the whole image first.
 
     \b
     Examples:
       ckfs mount docker.io/stevvooe/foo /mnt/rootfs
+      ckfs mount --merged docker.io/stevvooe/foo /mnt/debug
       ckfs mount --ro --snapshotter native example.local/ckfs/busybox /mnt/x
     """
-    key = _mount(app, ref, target, snapshotter, ro, opts)
+    key = _mount(app, ref, target, snapshotter, ro, opts, merged=merged)
     click.echo(f"mounted {ref} at {target} ({snapshotter} snapshot {key!r})", err=True)
 
 
@@ -136,6 +172,8 @@ def umount_cmd(app: App, keep: bool, target: Path) -> None:
     was_mounted = mountlib.is_mountpoint(target)
     if was_mounted:
         mountlib.unmount_all(target)
+    if not keep:
+        _remove_view(app, key)
     owned = False
     if (daemon := app.daemon) is not None and not keep:
         try:
@@ -155,6 +193,28 @@ def umount_cmd(app: App, keep: bool, target: Path) -> None:
                 sn.remove(key)
     if not was_mounted and not owned:
         raise NotFound(f"{target}: not mounted by ckfs")
+
+
+def fuse_snapshotter(app: App) -> FuseSnapshotter:
+    """The root's fuse snapshotter, opened here also when ckfsd serves the root.
+
+    Merged views and the served-by labels are files and labels of the
+    root this process can reach itself (the mount is this process's too).
+    """
+    from snapshotters.fuse.snapshotter import FuseSnapshotter
+
+    sn = app.state.snapshotter("fuse")
+    assert isinstance(sn, FuseSnapshotter)
+    return sn
+
+
+def _remove_view(app: App, key: str) -> None:
+    """Withdraw the merged view of the mount *key*, if it had one (``mount --merged``)."""
+    from snapshotters.fuse.recover import view_name
+
+    sn = fuse_snapshotter(app)
+    if view_name(key) in sn.views():
+        sn.remove_view(view_name(key))
 
 
 @click.command("rootfs")
