@@ -17,10 +17,14 @@ inflate. The spans of the index are the compressed ranges between
 checkpoints, with the sha256 of each, so that a later issue can publish
 the index and let other machines fetch and check one span at a time.
 
-indexed_gzip was picked over rapidgzip for being a maintained wrapper of
-zlib's own zran technique with a documented export format, small wheels
-and a pread that is safe across threads; rapidgzip's parallel inflate
-would win on whole-file reads, which the lazy path does not do.
+indexed_gzip against rapidgzip 0.16, measured on a 74 MB layer (243 MB
+tar) with 4 MiB spacing on this two-core machine: rapidgzip built its
+index with about a third less CPU (0.55 s against 0.85 s) and served
+random 4 KiB reads alike (5.9 against 7.6 ms median, both inflating about
+2 MiB on average); the exports are the same size. indexed_gzip is kept:
+its GZIDX format is zlib's zran, documented and stable, which a published
+index needs, and the build is a small part of a first mount next to the
+blob's download.
 """
 
 from __future__ import annotations
