@@ -362,3 +362,23 @@ def test_the_server_outlives_its_starter(root: Path) -> None:
     # Its starter has exited; it leads its own session, and is adopted.
     assert os.getsid(pid) == pid != os.getsid(0)
     assert ensure_server(root) == mnt and server_pid(ServerPaths(root)) == pid
+
+
+def test_setuid_runs_setuid_through_overlay(root: Path, mount_guard: MountGuard) -> None:
+    """The FUSE mount is nosuid (libfuse's default); exec checks overlay's mount."""
+    digest = add_layer(root, tar(F("id", Path("/usr/bin/id").read_bytes(), mode=0o4755)))
+    mnt = ensure_server(root)
+    work, upper = root.parent / "work", root.parent / "upper"
+    work.mkdir()
+    upper.mkdir()
+    options = (f"lowerdir={mnt / dirname(digest)}", f"upperdir={upper}", f"workdir={work}")
+    target = mount_guard.mount([Mount("overlay", "overlay", "", options)], root.parent / "rootfs")
+    fd = os.open(target, os.O_PATH | os.O_DIRECTORY)
+    try:
+        as_user = ["setpriv", "--reuid=1234", "--regid=1234", "--clear-groups"]
+        run = [*as_user, f"/proc/self/fd/{fd}/id"]
+        out = subprocess.run(run, capture_output=True, text=True, pass_fds=(fd,), check=True)
+    finally:
+        os.close(fd)
+    assert "uid=1234" in out.stdout and "euid=0(root)" in out.stdout
+    mount_guard.unmount(target)
