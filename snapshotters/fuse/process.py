@@ -105,9 +105,11 @@ class ServerPaths:
 def ensure_server(root: Path, *, timeout: float = START_TIMEOUT) -> Path:
     """The mountpoint of *root*'s live FUSE server, started if needed.
 
-    A live server is adopted. A dead one's mount (ENOTCONN) is detached and
-    a new server mounts at the same path. A new server runs detached: it
-    outlives the caller.
+    A live server is adopted (one holding its lock while its mount already
+    answers ENOTCONN is dying: it is waited for). A dead one's mount is
+    detached and a new server mounts at the same path. A new server runs
+    detached: it outlives the caller. The ENOTCONN check is a ``stat`` of the
+    mountpoint: a live server that answers nothing blocks it.
 
     Args:
         root: the ckfs state root.
