@@ -37,9 +37,8 @@ from ckfs import mediatypes
 from ckfs.archive.apply import ApplyOptions, apply_layer
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest, from_bytes
-from ckfs.layerindex.model import IndexWriter
 from ckfs.layerindex.store import IndexStore, dirname
-from ckfs.layerindex.tarindex import build_tar_index
+from ckfs.layerindex.tarindex import index_tar
 from ckfs.mount import Mount, mount_all, unmount_all
 from snapshotters.fuse.process import ServerPaths, ensure_server, server_pid, stop_server
 
@@ -72,9 +71,7 @@ def add_layer(root: Path, raw: bytes) -> Digest:
     blob.write_bytes(raw)
     path = IndexStore(root).path(digest)
     path.parent.mkdir(parents=True, exist_ok=True)
-    desc = Descriptor(mediatypes.OCI_LAYER, digest, len(raw))
-    with open(blob, "rb") as f:
-        build_tar_index(f, IndexWriter.for_layer(path, desc, source="tar")).close()
+    index_tar(blob, Descriptor(mediatypes.OCI_LAYER, digest, len(raw)), path).close()
     return digest
 
 
