@@ -306,6 +306,7 @@ class Client:
             "directories": list(r.directories),
             "ingests": list(r.ingests),
             "ingest_bytes": r.ingest_bytes,
+            "layers": list(r.layers),
             "errors": list(r.errors),
         }
 

@@ -53,6 +53,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from ckfs import mediatypes as mt
 from ckfs.content import ContentStore
@@ -97,6 +98,31 @@ class GCReport:
     #: Refs of the stale ingests removed, and the bytes they held.
     ingests: list[str] = field(default_factory=list)
     ingest_bytes: int = 0
+    #: Layers whose index and cached chunks were removed (lazy layers no
+    #: image names and no snapshot attaches).
+    layers: list[Digest] = field(default_factory=list)
+
+    def to_json(self, *, dry_run: bool) -> dict[str, object]:
+        """What ``ckfs gc --json`` prints, from here or through ckfsd alike."""
+        return {
+            "dry_run": dry_run,
+            "blobs": [str(d) for d in self.blobs],
+            "bytes": self.bytes,
+            "snapshots": dict(sorted(self.snapshots.items())),
+            "directories": self.directories,
+            "ingests": self.ingests,
+            "ingest_bytes": self.ingest_bytes,
+            "layers": [str(d) for d in self.layers],
+            "errors": self.errors,
+        }
+
+
+@runtime_checkable
+class LayerHolder(Protocol):
+    """A snapshotter whose snapshots read lazily served layers (``fuse``)."""
+
+    def attached_layers(self) -> set[Digest]:
+        """Every layer one of its snapshots reads: their indexes must stay."""
 
 
 def _reachable(
@@ -105,9 +131,11 @@ def _reachable(
     images: ImageStore,
     snapshots: Mapping[str, Mapping[str, Info]],
     errors: list[str],
+    named: set[Digest],
 ) -> tuple[set[Digest], dict[str, set[str]], bool]:
     """Blobs and snapshots (by snapshotter) reachable from the roots, and
-    whether the blobs are the whole truth.
+    whether the blobs are the whole truth. *named* gets every digest a
+    reachable blob names, present or not (a lazy image's layers are not).
 
     Blobs and snapshots name each other by labels, so the two walks take
     turns until neither finds anything new.
@@ -123,7 +151,7 @@ def _reachable(
     snaps = [(sn, key) for sn, infos in snapshots.items() for key in infos if _is_root(infos[key])]
     sure = True
     while blobs or snaps:
-        refs, walked = _walk_content(content, blobs, seen, errors)
+        refs, walked = _walk_content(content, blobs, seen, errors, named)
         sure = sure and walked
         snaps += refs
         blobs = _walk_snapshots(snapshots, snaps, keep)
@@ -164,7 +192,11 @@ def _blob_refs(labels: Mapping[str, str], owner: str) -> list[_Todo]:
 
 
 def _walk_content(
-    content: ContentStore, todo: list[_Todo], seen: set[Digest], errors: list[str]
+    content: ContentStore,
+    todo: list[_Todo],
+    seen: set[Digest],
+    errors: list[str],
+    named: set[Digest],
 ) -> tuple[list[tuple[str, str]], bool]:
     """Add to *seen* the blobs reachable from *todo*; the (snapshotter, key)
     pairs their labels keep, and whether every blob could be read.
@@ -179,6 +211,7 @@ def _walk_content(
     sure = True
     while todo:
         digest, media_type, owner = todo.pop()
+        named.add(digest)
         if digest in seen:
             continue
         try:
@@ -331,6 +364,7 @@ def collect(
     *,
     dry_run: bool = False,
     ingest_expiry: float | None = DEFAULT_INGEST_EXPIRY,
+    layer_root: Path | None = None,
 ) -> GCReport:
     """Remove what nothing reachable needs; the caller holds the gc lock exclusively.
 
@@ -341,6 +375,9 @@ def collect(
         dry_run: only report.
         ingest_expiry: remove ingests not written to for this many seconds
             (those a live writer holds stay); None keeps them all.
+        layer_root: the state root whose layer indexes (``layers/``) and
+            chunk cache (``cache/``) to collect: a layer no reachable
+            manifest names and no snapshot attaches loses both.
 
     Returns:
         What was (or would be) removed, and in ``errors`` one line for each
@@ -349,7 +386,8 @@ def collect(
     report = GCReport()
     snapshots = {name: {i.name: i for i in sn.walk()} for name, sn in snapshotters.items()}
     stored = list(content.walk())
-    reachable, keep, sure = _reachable(content, stored, images, snapshots, report.errors)
+    named: set[Digest] = set()
+    reachable, keep, sure = _reachable(content, stored, images, snapshots, report.errors, named)
     if not sure:
         report.errors.append("content: no blob removed, as not every image could be read")
     for info in stored if sure else []:
@@ -373,6 +411,11 @@ def collect(
         if not dry_run and isinstance(sn, Cleaner):
             report.directories.extend(sn.cleanup(on_error=_noting(errors)))
         report.errors.extend(f"{name}: {e}" for e in errors)
+    if layer_root is not None and sure:
+        attached = set().union(
+            *(sn.attached_layers() for sn in snapshotters.values() if isinstance(sn, LayerHolder))
+        )
+        _collect_layers(layer_root, named | attached, dry_run, report)
     if ingest_expiry is not None:
         before = datetime.now(UTC) - timedelta(seconds=ingest_expiry)
         try:
@@ -384,6 +427,25 @@ def collect(
             report.ingests.append(st.ref)
             report.ingest_bytes += st.offset
     return report
+
+
+def _collect_layers(root: Path, keep: set[Digest], dry_run: bool, report: GCReport) -> None:
+    """Remove the index and cached chunks of every layer not in *keep*."""
+    from ckfs.layerindex.cache import ChunkCache
+    from ckfs.layerindex.store import IndexStore
+
+    indexes, cache = IndexStore(root), ChunkCache(root / "cache")
+    for digest in sorted(set(indexes.digests()) | set(cache.layers())):
+        if digest in keep:
+            continue
+        if not dry_run:
+            try:
+                indexes.remove(digest)
+                cache.remove_layer(digest)
+            except (CkfsError, OSError) as e:
+                report.errors.append(f"layer {digest}: {_reason(e)}")
+                continue
+        report.layers.append(digest)
 
 
 def _noting(out: list[str]) -> CleanupError:

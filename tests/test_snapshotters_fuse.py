@@ -215,6 +215,35 @@ def test_gc_collects_unreferenced_attached_layers_only(state: State, sn: FuseSna
     assert (lower / "kept").read_text() == "x"
 
 
+def test_gc_removes_the_index_and_chunks_of_layers_nothing_needs(
+    state: State, sn: FuseSnapshotter
+) -> None:
+    from ckfs.archive.entry import Entry
+    from ckfs.archive.entry import Kind as EntryKind
+    from ckfs.layerindex.cache import ChunkCache
+    from ckfs.layerindex.store import IndexStore
+
+    indexes, cache = IndexStore(state.root), ChunkCache(state.root / "cache")
+    layer_c = from_bytes(b"layer c")
+    for layer in (LAYER_A, LAYER_B, layer_c):
+        writer = indexes.writer(layer, source="tar", blob_size=0)
+        writer.add(Entry("", EntryKind.DIR, mode=0o755))
+        writer.commit().close()
+        cache.put(layer, cache.key("span", 0), b"bytes")
+    serve(sn, LAYER_A)
+    serve(sn, LAYER_B)
+    sn.attach("chain-a", LAYER_A, labels=GC_ROOT)  # kept: a rooted snapshot attaches it
+    sn.attach("chain-b", LAYER_B)  # collected with its snapshot
+
+    dry = collect(state.content, state.images, {"fuse": sn}, dry_run=True, layer_root=state.root)
+    assert dry.layers == [layer_c] and indexes.get(layer_c) is not None
+    report = collect(state.content, state.images, {"fuse": sn}, layer_root=state.root)
+    assert report.errors == [] and report.snapshots == {"fuse": ["chain-b"]}
+    assert sorted(report.layers) == sorted([LAYER_B, layer_c])
+    assert indexes.digests() == [LAYER_A]
+    assert cache.layers() == [LAYER_A]
+
+
 def test_merged_views_are_written_atomically_as_json(sn: FuseSnapshotter) -> None:
     assert sn.views() == []
     path = sn.write_view("my-view.1", [LAYER_A, LAYER_B])

@@ -170,6 +170,7 @@ def _gc_response(report: GCReport) -> pb.GCResponse:
         errors=report.errors,
         ingests=report.ingests,
         ingest_bytes=report.ingest_bytes,
+        layers=[str(d) for d in report.layers],
     )
 
 
@@ -337,5 +338,6 @@ class CkfsService:
                 state.images,
                 {n: state.snapshotter(n) for n in snapshotters.NAMES},
                 dry_run=dry_run,
+                layer_root=state.root,
                 **({} if ingest_expiry is None else {"ingest_expiry": ingest_expiry}),
             )

@@ -342,18 +342,10 @@ def _collect_here(app: App, dry_run: bool, ingest_expiry: float | None) -> dict[
             state.images,
             {n: state.snapshotter(n) for n in snapshotters.NAMES},
             dry_run=dry_run,
+            layer_root=state.root,
             **({} if ingest_expiry is None else {"ingest_expiry": ingest_expiry}),
         )
-    return {
-        "dry_run": dry_run,
-        "blobs": [str(d) for d in report.blobs],
-        "bytes": report.bytes,
-        "snapshots": dict(sorted(report.snapshots.items())),
-        "directories": report.directories,
-        "ingests": report.ingests,
-        "ingest_bytes": report.ingest_bytes,
-        "errors": report.errors,
-    }
+    return report.to_json(dry_run=dry_run)
 
 
 def _print_gc(report: dict[str, Any]) -> None:
@@ -367,6 +359,8 @@ def _print_gc(report: dict[str, Any]) -> None:
             click.echo(f"{verb} snapshot {sn}/{escape(n)}")
     for ref in report["ingests"]:
         click.echo(f"{verb} ingest {escape(ref)}")
+    for d in report["layers"]:
+        click.echo(f"{verb} layer index {d}")
     if ingests := report["ingests"]:
         size = human_size(report["ingest_bytes"])
         click.echo(f"{verb} {len(ingests)} stale ingests ({size})", err=True)

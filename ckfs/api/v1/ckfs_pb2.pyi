@@ -450,6 +450,7 @@ class GCResponse(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     INGESTS_FIELD_NUMBER: _builtins.int
     INGEST_BYTES_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
     bytes: _builtins.int
     """Bytes of the removed blobs."""
     ingest_bytes: _builtins.int
@@ -469,6 +470,10 @@ class GCResponse(_message.Message):
     def ingests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Refs of the stale ingests removed, and the bytes they held."""
 
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Lazy layers whose index and cached chunks were removed."""
+
     def __init__(
         self,
         *,
@@ -479,10 +484,11 @@ class GCResponse(_message.Message):
         errors: _abc.Iterable[_builtins.str] | None = ...,
         ingests: _abc.Iterable[_builtins.str] | None = ...,
         ingest_bytes: _builtins.int = ...,
+        layers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs", b"blobs", "bytes", b"bytes", "directories", b"directories", "errors", b"errors", "ingest_bytes", b"ingest_bytes", "ingests", b"ingests", "snapshots", b"snapshots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs", b"blobs", "bytes", b"bytes", "directories", b"directories", "errors", b"errors", "ingest_bytes", b"ingest_bytes", "ingests", b"ingests", "layers", b"layers", "snapshots", b"snapshots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
