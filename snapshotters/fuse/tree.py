@@ -237,6 +237,10 @@ class Inode:
     #: listing it again (the kernel caches no readdir replies) then costs no
     #: query and no new Node for the children it knows.
     children: list[tuple[str, int]] | None = None
+    #: A symlink's target: the kernel caches none (pyfuse3 does not ask it
+    #: to), so every path walk through a link (``/lib`` -> ``usr/lib``)
+    #: reads it again.
+    link: str | None = None
 
     def layers(self) -> list[Layer]:
         """The layers this inode keeps open."""
@@ -491,10 +495,9 @@ class Tree:
             InvalidArgument: it is not a symlink (readlink's EINVAL).
         """
         inode = self.inode(ino)
-        found = inode.load() if stat.S_ISLNK(inode.attr.mode) else None
-        if found is None:
+        if inode.link is None:
             raise InvalidArgument(f"inode {ino} is not a symlink")
-        return found[1].link
+        return inode.link
 
     def file(self, ino: int) -> tuple[Layer, Node]:
         """The layer and node of regular file *ino*, for reading its bytes.
@@ -567,7 +570,8 @@ class Tree:
         known = self._inodes.get(node.fino)
         if known is not None:
             return known
-        return Inode(node.fino, node_attr(node), layer, node.ino)
+        link = node.link if node.kind == Kind.SYMLINK else None
+        return Inode(node.fino, node_attr(node), layer, node.ino, link=link)
 
     def _layer(self, digest: Digest) -> Layer | None:
         """The open layer *digest*, opened now if needed; None if not indexed."""
