@@ -52,6 +52,7 @@ __all__ = [
     "esgzconv",
     "estargz_image",
     "estargz_layout",
+    "write_layout",
 ]
 
 #: Where `estargz_image` lives in the session's registry.
@@ -155,6 +156,16 @@ def estargz_layout(
 ) -> tuple[Path, list[Converted]]:
     """An OCI layout at *root* of one image (tag ``latest``) of *layers*
     (tars) converted to eStargz; returns it and the converted layers."""
+    converted = [
+        convert(t, root.parent / f"conv{i}", chunk_size=chunk_size) for i, t in enumerate(layers)
+    ]
+    write_layout(root, [(c.descriptor(), c.blob, c.diff_id) for c in converted])
+    return root, converted
+
+
+def write_layout(root: Path, layers: list[tuple[Descriptor, bytes, str]]) -> Path:
+    """An OCI layout at *root* of one image (tag ``latest``) of *layers*:
+    (descriptor, blob, diff ID) each, bottom first, written as given."""
     blobs = root / "blobs" / "sha256"
     blobs.mkdir(parents=True)
     (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
@@ -164,15 +175,14 @@ def estargz_layout(
         (blobs / digest).write_bytes(data)
         return {"digest": f"sha256:{digest}", "size": len(data)}
 
-    converted = [
-        convert(t, root.parent / f"conv{i}", chunk_size=chunk_size) for i, t in enumerate(layers)
-    ]
+    for _, blob, _ in layers:
+        put(blob)
     config = json.dumps(
         {
             "architecture": "amd64",
             "os": "linux",
             "config": {"Cmd": ["/bin/sh"]},
-            "rootfs": {"type": "layers", "diff_ids": [c.diff_id for c in converted]},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id for _, _, diff_id in layers]},
         }
     ).encode()
     manifest = json.dumps(
@@ -180,7 +190,7 @@ def estargz_layout(
             "schemaVersion": 2,
             "mediaType": mt.OCI_MANIFEST,
             "config": {"mediaType": mt.OCI_CONFIG, **put(config)},
-            "layers": [{**c.descriptor().to_json(), **put(c.blob)} for c in converted],
+            "layers": [desc.to_json() for desc, _, _ in layers],
         }
     ).encode()
     index = {
@@ -194,7 +204,7 @@ def estargz_layout(
         ],
     }
     (root / "index.json").write_text(json.dumps(index))
-    return root, converted
+    return root
 
 
 #: A v2 ``security.capability`` granting cap_net_raw (bit 13), effective.
