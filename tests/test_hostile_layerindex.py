@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -353,3 +354,25 @@ def test_xattr_names_keep_their_bytes(tmp_path: Path) -> None:
     idx = build(tmp_path / "i.db", [F("x", xattrs=((name, b"\xff"),))])
     node = idx.lookup(ROOT, "x")
     assert node is not None and idx.xattrs(node.ino) == {name: b"\xff"}
+
+
+#: Wall-time bound for the thrashing layer below: it takes about a second;
+#: resolving parents by walking 500 levels on every entry took over 30.
+THRASH_BOUND = 20.0
+
+
+def test_deep_paths_and_drops_cost_no_walk_per_entry(tmp_path: Path) -> None:
+    # 40 paths 500 deep (more directories than any cache holds), entries
+    # cycling through them, and directories replaced by files in between
+    # (which invalidates what is cached): each entry must still cost a
+    # lookup or two, not a walk from the root.
+    deep = ["/".join([f"p{k}"] + ["d"] * 499) for k in range(40)]
+    items: list[Item] = []
+    for i in range(10_000):
+        items.append(F(f"{deep[i % 40]}/f{i}"))
+        if i % 3 == 0:
+            items += [F(f"q{i}/x"), F(f"q{i}")]
+    t = time.monotonic()
+    idx = build(tmp_path / "i.db", items)
+    assert time.monotonic() - t < THRASH_BOUND
+    assert idx.count == 1 + 40 * 500 + 10_000 + 3334

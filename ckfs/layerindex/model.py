@@ -101,11 +101,12 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _UNNORMAL = re.compile(r"(?:^|/)\.{0,2}(?:/|$)|\0")
 _MAX_ID = (1 << 32) - 1
 
-#: Directory path → local inode cached while writing. Archives list a
-#: directory's entries together, so a small cache resolves nearly every
-#: parent; a miss walks the tree in SQLite, so a hostile archive with a
-#: million directories costs time, not memory.
-_DIR_CACHE = 1 << 14
+#: Characters of directory paths cached in memory while writing (path →
+#: inode). Archives list a directory's entries together, so a small cache
+#: resolves nearly every parent; a miss is one lookup in the staging
+#: table of directories, so a hostile archive with a million directories,
+#: or paths 512 deep, costs neither memory nor a walk per entry.
+_DIR_CACHE_CHARS = 1 << 20
 
 #: SQLite page cache of one open index, in KiB (negative: KiB, not pages).
 #: The serving process keeps many indexes open; the OS page cache serves
@@ -226,6 +227,7 @@ CREATE TABLE stage.nodes (
     mtime_ns INTEGER NOT NULL, rdev INTEGER NOT NULL, link BLOB NOT NULL,
     fino INTEGER NOT NULL, data INTEGER NOT NULL, opaque INTEGER NOT NULL);
 CREATE UNIQUE INDEX stage.nodes_name ON nodes(parent, name);
+CREATE TABLE stage.dirs (path BLOB PRIMARY KEY, ino INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE stage.xattrs (ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY (ino, name)) WITHOUT ROWID;
 CREATE TABLE stage.chunks (ino INTEGER NOT NULL, file_offset INTEGER NOT NULL,
@@ -342,6 +344,7 @@ class IndexWriter:
         self._nodes = 0
         self._span_end = 0
         self._dirs: dict[str, int] = {}
+        self._dir_chars = 0
         self._meta: dict[str, str] = {
             "format": str(FORMAT),
             "layer": str(self.layer),
@@ -457,7 +460,7 @@ class IndexWriter:
             if existing.kind == Kind.DIR and kind == Kind.DIR:
                 self._update_attrs(existing.ino, entry)
                 return
-            self._drop(existing)
+            self._drop(existing, path)
             opaque = kind == Kind.DIR and existing.kind == Kind.WHITEOUT
             ino = self._insert_entry(parent, name, entry, data=data, opaque=opaque)
         if chunks:
@@ -486,7 +489,7 @@ class IndexWriter:
         if existing is not None:
             if existing.ino == target.ino:
                 return  # a link to itself, or to another name of the same inode
-            self._drop(existing)
+            self._drop(existing, entry.path)
         self._count(entry.path)
         # The new name copies the target's row: one inode, two names.
         copied = self._db.execute(
@@ -560,7 +563,7 @@ class IndexWriter:
             path,
         )
         if kind == Kind.DIR:
-            self._cache_dir(path, ino)
+            self._add_dir(path, ino)
         if entry.xattrs:
             self._add_xattrs(ino, entry)
         return ino
@@ -592,7 +595,7 @@ class IndexWriter:
             path,
         )
         if kind == Kind.DIR:
-            self._cache_dir(path, ino)
+            self._add_dir(path, ino)
         return ino
 
     def _put(self, row: tuple[Any, ...], path: str) -> None:
@@ -676,10 +679,13 @@ class IndexWriter:
             raise _bad(self.what, path, f"deeper than {limits.depth} directories")
         if _UNNORMAL.search(path):
             raise _bad(self.what, path, "not a normalized path")
-        if len(path) * 4 > limits.name:  # else no name in it can be too long
-            for part in path.split("/"):
-                if len(part) * 4 > limits.name and len(_enc(part)) > limits.name:
-                    raise _bad(self.what, path, "name too long")
+        # Four bytes a character at most: short names need no encoding.
+        if len(path) * 4 > limits.name:
+            parts = path.split("/")
+            if max(map(len, parts)) * 4 > limits.name:
+                for part in parts:
+                    if len(_enc(part)) > limits.name:
+                        raise _bad(self.what, path, "name too long")
 
     def _row(self, parent: int, name: str) -> _Row | None:
         row = self._db.execute(
@@ -691,13 +697,20 @@ class IndexWriter:
     def _resolve(self, path: str) -> _Row | None:
         """The row at *path*, never through links; None if there is none."""
         parent_path, _, name = path.rpartition("/")
-        parent = self._dirs.get(parent_path, ROOT if not parent_path else None)
-        if parent is None:
-            found = self._resolve(parent_path)
-            if found is None or found.kind != Kind.DIR:
-                return None
-            parent = found.ino
-        return self._row(parent, name)
+        parent = self._known_dir(parent_path)
+        return None if parent is None else self._row(parent, name)
+
+    def _known_dir(self, path: str) -> int | None:
+        """The directory at *path* if there is one: the cache, else one lookup."""
+        ino = self._dirs.get(path)
+        if ino is None:
+            row = self._db.execute(
+                "SELECT ino FROM stage.dirs WHERE path = ?", (_enc(path),)
+            ).fetchone()
+            if row is not None:
+                ino = row[0]
+                self._cache(path, ino)
+        return ino
 
     def _dir(self, path: str) -> int:
         """The directory at *path*, implying missing ones.
@@ -708,38 +721,46 @@ class IndexWriter:
         Raises:
             BadLayer: a component is not a directory.
         """
-        cached = self._dirs.get(path)
-        if cached is not None:
-            return cached
-        if not path:
-            return ROOT
+        ino = self._known_dir(path)
+        if ino is not None:
+            return ino
+        # The nearest directory above, then down, making what is missing:
+        # each lookup that misses stands for a node made (or the refusal),
+        # so a deep path costs its depth once, not on every entry.
         parts = path.split("/")
-        # The longest cached ancestor, then down one component at a time.
         i = len(parts) - 1
-        while i > 0 and "/".join(parts[:i]) not in self._dirs:
+        while i > 0 and (ino := self._known_dir("/".join(parts[:i]))) is None:
             i -= 1
-        ino = self._dirs["/".join(parts[:i])] if i else ROOT
+        if i == 0:
+            ino = ROOT
+        assert ino is not None
         for j in range(i, len(parts)):
             sub = "/".join(parts[: j + 1])
             row = self._row(ino, parts[j])
-            if row is not None and row.kind == Kind.DIR:
-                ino = row.ino
-                self._cache_dir(sub, ino)
-            elif row is None or row.kind == Kind.WHITEOUT:
+            if row is None or row.kind == Kind.WHITEOUT:
                 if row is not None:
-                    self._drop(row)
+                    self._drop(row, sub)
                 ino = self._insert(ino, parts[j], sub, Kind.DIR, opaque=row is not None)
+            elif row.kind == Kind.DIR:
+                ino = row.ino  # known to nodes but not to dirs: cannot happen
+                self._add_dir(sub, ino)
             else:
                 raise _bad(self.what, path, f"{printable(sub)!r} is a {row.kind.name.lower()}")
         return ino
 
-    def _cache_dir(self, path: str, ino: int) -> None:
-        if len(self._dirs) >= _DIR_CACHE:
+    def _add_dir(self, path: str, ino: int) -> None:
+        self._db.execute("INSERT OR REPLACE INTO stage.dirs VALUES (?, ?)", (_enc(path), ino))
+        self._cache(path, ino)
+
+    def _cache(self, path: str, ino: int) -> None:
+        self._dir_chars += len(path)
+        if self._dir_chars > _DIR_CACHE_CHARS:
             self._dirs.clear()
+            self._dir_chars = len(path)
         self._dirs[path] = ino
 
-    def _drop(self, row: _Row) -> None:
-        """Remove *row* and, for a directory, everything below it."""
+    def _drop(self, row: _Row, path: str) -> None:
+        """Remove *row* (at *path*) and, for a directory, everything below it."""
         if row.kind == Kind.DIR:
             self._db.execute(
                 f"""WITH RECURSIVE sub(ino) AS (
@@ -749,7 +770,14 @@ class IndexWriter:
                 DELETE FROM stage.nodes WHERE parent IN sub""",
                 (row.ino,),
             )
+            # '/' is 0x2f and '0' 0x30: the range holds exactly what is below.
+            raw = _enc(path)
+            self._db.execute(
+                "DELETE FROM stage.dirs WHERE path = ? OR (path > ? AND path < ?)",
+                (raw, raw + b"/", raw + b"0"),
+            )
             self._dirs.clear()
+            self._dir_chars = 0
         self._db.execute("DELETE FROM stage.nodes WHERE id = ?", (row.id,))
 
     # -- finishing ------------------------------------------------------------
