@@ -11,6 +11,8 @@ independent source), file contents included.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from ckfs.layerindex.estargz import TOC_DIGEST_ANNOTATION, index_estargz
 from ckfs.layerindex.model import Kind, LayerIndex, Node, iter_nodes
 from ckfs.layerindex.reader import LayerReader, RemoteBlob
 from ckfs.layerindex.tarindex import index_tar
-from ckfs.reference import parse
+from ckfs.reference import Reference, parse
 from ckfs.remotes.auth import Credentials
 from ckfs.remotes.hosts import load_hosts
 from ckfs.remotes.registry import RegistryClient
@@ -34,16 +36,24 @@ from integration.estargz import EstargzImage
 pytestmark = pytest.mark.slow
 
 
-def client_for(host: str, tmp_path: Path) -> RegistryClient:
-    hosts = load_hosts(host, hosts_dirs=[])
+@dataclass
+class Pulled:
+    """A client of the image's registry, the image's reference and its layers."""
+
+    client: RegistryClient
+    ref: Reference
+    layers: list[Descriptor]
+
+
+@pytest.fixture
+async def pulled(estargz_image: EstargzImage, tmp_path: Path) -> AsyncIterator[Pulled]:
+    host = estargz_image.registry.host
     credentials = Credentials(config_file=tmp_path / "none.json", env={"PATH": ""})
-    return RegistryClient(host, hosts=hosts, credentials=credentials)
-
-
-async def manifest_layers(client: RegistryClient, image: EstargzImage) -> list[Descriptor]:
-    ref = parse(image.ref)
-    manifest = json.loads(await client.fetch_manifest(ref, await client.resolve(ref)))
-    return [Descriptor.from_json(d) for d in manifest["layers"]]
+    client = RegistryClient(host, hosts=load_hosts(host, hosts_dirs=[]), credentials=credentials)
+    ref = parse(estargz_image.ref)
+    async with client:
+        manifest = json.loads(await client.fetch_manifest(ref, await client.resolve(ref)))
+        yield Pulled(client, ref, [Descriptor.from_json(d) for d in manifest["layers"]])
 
 
 def shape(index: LayerIndex) -> dict[str, tuple[Any, ...]]:
@@ -61,38 +71,34 @@ def shape(index: LayerIndex) -> dict[str, tuple[Any, ...]]:
 
 
 async def test_upstream_estargz_layers_index_by_range_reads_as_their_tars(
-    estargz_image: EstargzImage, tmp_path: Path
+    estargz_image: EstargzImage, pulled: Pulled, tmp_path: Path
 ) -> None:
-    image = estargz_image
-    client = client_for(image.registry.host, tmp_path)
-    ref = parse(image.ref)
-    async with client:
-        layers = await manifest_layers(client, image)
-        assert [d.digest for d in layers] == [c.descriptor().digest for c in image.layers]
-        assert all(TOC_DIGEST_ANNOTATION in d.annotations for d in layers), "skopeo dropped them"
-        for i, (desc, tar_bytes) in enumerate(zip(layers, image.tars, strict=True)):
-            asked: list[int] = []
+    image, client, ref, layers = estargz_image, pulled.client, pulled.ref, pulled.layers
+    assert [d.digest for d in layers] == [c.descriptor().digest for c in image.layers]
+    assert all(TOC_DIGEST_ANNOTATION in d.annotations for d in layers), "skopeo dropped them"
+    for i, (desc, tar_bytes) in enumerate(zip(layers, image.tars, strict=True)):
+        asked: list[int] = []
 
-            async def read_range(
-                offset: int, length: int, desc: Descriptor = desc, asked: list[int] = asked
-            ) -> bytes:
-                asked.append(length)
-                return await client.read_range(ref, desc, offset, length)
+        async def read_range(
+            offset: int, length: int, desc: Descriptor = desc, asked: list[int] = asked
+        ) -> bytes:
+            asked.append(length)
+            return await client.read_range(ref, desc, offset, length)
 
-            lazy = await index_estargz(read_range, desc, tmp_path / f"estargz{i}.db")
-            assert len(asked) == 2, "footer and TOC, one request each"
-            tar_path = tmp_path / f"layer{i}.tar"
-            tar_path.write_bytes(tar_bytes)
-            tar_desc = Descriptor(mt.OCI_LAYER, from_bytes(tar_bytes), len(tar_bytes))
-            eager = await trio.to_thread.run_sync(
-                index_tar, tar_path, tar_desc, tmp_path / f"tar{i}.db"
-            )
-            assert shape(lazy) == shape(eager), f"layer {i}"
-            await same_contents(lazy, eager, RemoteBlob(client, ref, desc), tar_path, tmp_path)
-            print(
-                f"layer {i}: {lazy.count} entries, {desc.size} bytes, indexed with "
-                f"{sum(asked)} bytes in 2 range reads"
-            )
+        lazy = await index_estargz(read_range, desc, tmp_path / f"estargz{i}.db")
+        assert len(asked) == 2, "footer and TOC, one request each"
+        tar_path = tmp_path / f"layer{i}.tar"
+        tar_path.write_bytes(tar_bytes)
+        tar_desc = Descriptor(mt.OCI_LAYER, from_bytes(tar_bytes), len(tar_bytes))
+        eager = await trio.to_thread.run_sync(
+            index_tar, tar_path, tar_desc, tmp_path / f"tar{i}.db"
+        )
+        assert shape(lazy) == shape(eager), f"layer {i}"
+        await same_contents(lazy, eager, RemoteBlob(client, ref, desc), tar_path, tmp_path)
+        print(
+            f"layer {i}: {lazy.count} entries, {desc.size} bytes, indexed with "
+            f"{sum(asked)} bytes in 2 range reads"
+        )
 
 
 async def same_contents(
@@ -108,21 +114,13 @@ async def same_contents(
         assert got == data[n.data : n.data + n.size], path
 
 
-async def test_reading_a_small_file_fetches_a_small_part(
-    estargz_image: EstargzImage, tmp_path: Path
-) -> None:
-    image = estargz_image
-    client = client_for(image.registry.host, tmp_path)
-    ref = parse(image.ref)
-    async with client:
-        desc = (await manifest_layers(client, image))[0]
-        blob = RemoteBlob(client, ref, desc)
-        index = await index_estargz(blob.read_range, desc, tmp_path / "index.db")
-        reader = LayerReader(index, blob, ChunkCache(tmp_path / "cache"))
-        nodes = dict(iter_nodes(index))
-        assert await reader.read(nodes["etc/os-release"], 0, 4096) == (
-            b'NAME="ckfs test"\nID=ckfs\n'
-        )
-        fetched = reader.statistics()["fetched_bytes"]
-        print(f"read of etc/os-release fetched {fetched} of {desc.size} bytes")
-        assert fetched < desc.size * 0.05
+async def test_reading_a_small_file_fetches_a_small_part(pulled: Pulled, tmp_path: Path) -> None:
+    desc = pulled.layers[0]
+    blob = RemoteBlob(pulled.client, pulled.ref, desc)
+    index = await index_estargz(blob.read_range, desc, tmp_path / "index.db")
+    reader = LayerReader(index, blob, ChunkCache(tmp_path / "cache"))
+    nodes = dict(iter_nodes(index))
+    assert await reader.read(nodes["etc/os-release"], 0, 4096) == (b'NAME="ckfs test"\nID=ckfs\n')
+    fetched = reader.statistics()["fetched_bytes"]
+    print(f"read of etc/os-release fetched {fetched} of {desc.size} bytes")
+    assert fetched < desc.size * 0.05
