@@ -75,7 +75,12 @@ class Layer:
     entries: list[Record] = field(repr=False)
     desc: Descriptor
 
+    @property
+    def size(self) -> int:
+        return len(self.blob)
+
     async def read_range(self, offset: int, length: int) -> bytes:
+        """The `ckfs.layerindex.reader.BlobSource` side of a layer."""
         assert offset >= 0 and offset + length <= len(self.blob), (offset, length)
         return self.blob[offset : offset + length]
 

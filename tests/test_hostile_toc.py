@@ -69,21 +69,8 @@ def node(idx: LayerIndex, path: str) -> Node:
     return found
 
 
-class Source:
-    """The blob as a `BlobSource` that counts what it is asked for."""
-
-    def __init__(self, layer: Layer) -> None:
-        self.layer = layer
-        self.size = len(layer.blob)
-        self.asked = 0
-
-    async def read_range(self, offset: int, length: int) -> bytes:
-        self.asked += length
-        return await self.layer.read_range(offset, length)
-
-
 def read(idx: LayerIndex, layer: Layer, cache: Path, path: str) -> bytes:
-    reader = LayerReader(idx, Source(layer), ChunkCache(cache))
+    reader = LayerReader(idx, layer, ChunkCache(cache))
     n = node(idx, path)
     return trio.run(reader.read, n, 0, n.size + 1)
 
