@@ -21,6 +21,7 @@ from ckfs.archive.entry import Kind
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
 from ckfs.errors import DataLoss, InvalidArgument
+from ckfs.layerindex import gzindex
 from ckfs.layerindex.gzindex import SPACING, index_gzip, open_inflater
 from ckfs.layerindex.model import ROOT, IndexWriter, LayerIndex, iter_nodes
 from ckfs.layerindex.store import GZIDX_NAME
@@ -246,3 +247,19 @@ def test_gzip_mismatch_keeps_nothing(tmp_path: Path, damage: str) -> None:
     with pytest.raises(DataLoss):
         index_gzip(path, desc, out / "index.db", diff_id=diff_id)
     assert list(out.iterdir()) == []
+
+
+def test_gzip_checkpoints_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Windows are held in memory: a big layer (or a bomb) gets wider spacing.
+    monkeypatch.setattr(gzindex, "SPACING", 64 << 10)
+    monkeypatch.setattr(gzindex, "MAX_CHECKPOINTS", 4)
+    data = random.Random(3).randbytes(1 << 20)
+    raw = tb.tar(tb.F("data", data))
+    blob = gzip.compress(raw, compresslevel=1)
+    index = index_gzip(blob_file(tmp_path, blob), desc_of(blob, TGZ), tmp_path / "index.db")
+    assert index.meta("spacing") == str(-(-len(raw) // 4))
+    assert 2 <= len(index.spans()) <= 5
+    node = index.lookup(ROOT, "data")
+    assert node is not None
+    with open_inflater(index, tmp_path / "blob") as inflater:
+        assert inflater.read(node.data, len(data)) == data

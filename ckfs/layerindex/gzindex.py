@@ -60,6 +60,12 @@ log = logging.getLogger(__name__)
 #: the memory of a process serving it).
 SPACING = 4 << 20
 
+#: Most checkpoints one layer gets: zran holds every window in memory,
+#: while building and in a process serving the layer, so a layer bigger
+#: than 8 GiB (or a gzip bomb) gets wider spacing rather than more memory
+#: (at most 64 MiB of windows).
+MAX_CHECKPOINTS = 2048
+
 #: Bytes of history kept per checkpoint: deflate's whole window, so any
 #: checkpoint can resume inflating.
 WINDOW = 32 << 10
@@ -74,13 +80,13 @@ BUFFER = 64 << 10
 _CHUNK = 1 << 20
 
 
-def _open(**kw: Any) -> Any:
+def _open(spacing: int = SPACING, **kw: Any) -> Any:
     # Imported here: indexed_gzip is a compiled extension only the gzip
     # path needs.
     from indexed_gzip import IndexedGzipFile
 
     return IndexedGzipFile(
-        spacing=SPACING,
+        spacing=spacing,
         window_size=WINDOW,
         readbuf_size=READBUF,
         buffer_size=BUFFER,
@@ -115,7 +121,6 @@ def build_gzip_index(
         points = _inflate(blob, writer, tmp, diff_id)
         _add_spans(blob, writer, points)
         writer.set_meta("gzidx_sha256", _sha256(tmp))
-        writer.set_meta("spacing", str(SPACING))
         _fsync(tmp)
         os.replace(tmp, gzidx)
         return writer.commit()
@@ -128,36 +133,39 @@ def build_gzip_index(
 def _inflate(
     blob: Path, writer: IndexWriter, gzidx: Path, diff_id: Digest | None
 ) -> list[tuple[int, int]]:
-    """Record the checkpoints in *gzidx* and the entries in *writer*; span bounds.
+    """Record the entries in *writer* and the checkpoints in *gzidx*; span bounds.
 
     Two inflating passes over the local file, both at zlib's speed or
-    better: zran's own (``build_full_index``) for the checkpoints, then the
-    eager path's isal reader for the tar. Reading the tar out of
+    better: the eager path's isal reader for the tar (first: a refused
+    layer fails fast, and the size it finds sets the spacing), then zran's
+    own (``build_full_index``) for the checkpoints. Reading the tar out of
     `indexed_gzip` instead would be one pass, but its reads restart from
     the last checkpoint on every call: 3.4x slower than zlib with 1 MiB
     reads, 35x with 64 KiB ones (measured on a 91 MB layer).
     """
-    with open(blob, "rb") as raw, _open(fileobj=raw) as gz:
-        try:
-            gz.build_full_index()
-            usize = int(gz.seek(0, io.SEEK_END))
-        except OSError as e:
-            # Not gzip, a damaged deflate stream, a bad CRC or size (zran's
-            # errors reach io.BufferedReader as negative lengths: OSError).
-            raise InvalidArgument(f"{writer.what}: not a whole gzip stream: {e}") from None
-        gz.export_index(filename=str(gzidx))
-        points = [(int(u), int(c)) for u, c in gz.seek_points()]
     with open(blob, "rb") as raw, open_layer(raw) as tar:
         stream = TarStream(tar, diff_id.algorithm if diff_id else "sha256", what=writer.what)
         add_members(stream, writer)
         stream.drain()
-    if stream.size != usize:
-        raise DataLoss(f"{writer.what}: inflates to {stream.size} bytes and to {usize}")
     got = stream.digest()
     if diff_id is not None and got != diff_id:
         raise DataLoss(f"{writer.what}: uncompressed digest {got}, not {diff_id}")
+    spacing = max(SPACING, -(-stream.size // MAX_CHECKPOINTS))
+    with open(blob, "rb") as raw, _open(spacing, fileobj=raw) as gz:
+        try:
+            gz.build_full_index()
+            usize = int(gz.seek(0, io.SEEK_END))
+        except OSError as e:
+            # A damaged deflate stream, a bad CRC or size (zran's errors
+            # reach io.BufferedReader as negative lengths: OSError).
+            raise InvalidArgument(f"{writer.what}: not a whole gzip stream: {e}") from None
+        gz.export_index(filename=str(gzidx))
+        points = [(int(u), int(c)) for u, c in gz.seek_points()]
+    if stream.size != usize:
+        raise DataLoss(f"{writer.what}: inflates to {stream.size} bytes and to {usize}")
     writer.set_meta("diff_id", str(got))
     writer.set_meta("uncompressed_size", str(usize))
+    writer.set_meta("spacing", str(spacing))
     return _boundaries(points, usize, writer.blob_size)
 
 
