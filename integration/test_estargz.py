@@ -26,11 +26,13 @@ from ckfs.layerindex.cache import ChunkCache
 from ckfs.layerindex.estargz import TOC_DIGEST_ANNOTATION, index_estargz
 from ckfs.layerindex.model import Kind, LayerIndex, Node, iter_nodes
 from ckfs.layerindex.reader import LayerReader, RemoteBlob
+from ckfs.layerindex.store import IndexStore
 from ckfs.layerindex.tarindex import index_tar
 from ckfs.reference import Reference, parse
 from ckfs.remotes.auth import Credentials
 from ckfs.remotes.hosts import load_hosts
 from ckfs.remotes.registry import RegistryClient
+from integration.conftest import Ckfs
 from integration.estargz import EstargzImage
 
 pytestmark = pytest.mark.slow
@@ -124,3 +126,14 @@ async def test_reading_a_small_file_fetches_a_small_part(pulled: Pulled, tmp_pat
     fetched = reader.statistics()["fetched_bytes"]
     print(f"read of etc/os-release fetched {fetched} of {desc.size} bytes")
     assert fetched < desc.size * 0.05
+
+
+def test_lazy_pull_indexes_every_upstream_layer(estargz_image: EstargzImage, ckfs: Ckfs) -> None:
+    """``ckfs pull --lazy`` of the image: each layer's index built from its TOC."""
+    ckfs.run("pull", "--lazy", "--plain-http", estargz_image.ref)
+    for layer in estargz_image.layers:
+        digest = layer.descriptor().digest
+        index = IndexStore(ckfs.root).get(digest)
+        assert index is not None, digest
+        assert index.source == "estargz" and index.meta("toc_digest") == layer.toc_digest
+        index.close()
