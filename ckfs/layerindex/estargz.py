@@ -12,8 +12,9 @@ blob could). The TOC is trusted only through the layer descriptor's
 `TOC_DIGEST_ANNOTATION` (sha256 of the uncompressed TOC JSON), which the
 manifest's digest covers: a layer without it is `NotEstargz` (the caller
 falls back to a non-lazy source), and a TOC whose JSON does not match it is
-`DataLoss` before a byte of it is parsed. The footer only says where to
-look: a lying footer ends in a TOC that fails that check. Each chunk's
+`DataLoss` before a byte of the JSON is parsed. The footer only says where to
+look: a lying footer finds no TOC member there (`BadLayer`) or one that fails
+that check. Each chunk's
 ``chunkDigest`` is kept in the index and checked by the data path before the
 chunk is served or cached.
 
