@@ -26,9 +26,13 @@ which the serving process reads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -63,9 +67,11 @@ __all__ = [
     "Attacher",
     "LayerPlan",
     "attach_image",
+    "chain_layer",
     "index_layers",
     "lazy_children",
     "pull_lazy",
+    "record_chains",
     "source_of",
 ]
 
@@ -79,6 +85,12 @@ _BY_RANGE = frozenset({ESTARGZ, TAR})
 
 #: What a layer falls back to when nothing indexes it.
 EAGER = "eager"
+
+#: Under ``<root>/layers``: one file per chain ID of an indexed image, naming
+#: the layer that completes it (`record_chains`). containerd's unpacker
+#: prepares a layer naming only its chain ID; this is how the fuse
+#: snapshotter tells which served layer that is.
+CHAINS_DIR = "chains"
 
 #: Layers indexed at once: each holds a registry connection (eStargz) or a
 #: core inflating (gzip); more than the cores only queue.
@@ -211,7 +223,7 @@ async def index_layers(
     """
     from ckfs.rootfs import image_chain
 
-    manifest, config, _ = await trio.to_thread.run_sync(
+    manifest, config, chain = await trio.to_thread.run_sync(
         image_chain, state.content, target, options.platform
     )
     plans: list[LayerPlan | None] = [None] * len(manifest.layers)
@@ -225,7 +237,60 @@ async def index_layers(
         async with trio.open_nursery() as nursery:
             for i, desc in enumerate(manifest.layers):
                 nursery.start_soon(one, i, desc)
-    return [p for p in plans if p is not None]
+    done = [p for p in plans if p is not None]
+    await trio.to_thread.run_sync(record_chains, state.root, chain, done)
+    return done
+
+
+def record_chains(root: Path, chain: Sequence[Digest], plans: Sequence[LayerPlan]) -> None:
+    """Remember, for each chain ID of *chain* served lazily, its layer and parent chain.
+
+    containerd's unpacker (CRI's pull, nerdctl) prepares each layer with
+    only ``containerd.io/snapshot.ref=<chainID>``; `chain_layer` answers
+    which indexed layer that is, so the fuse snapshotter attaches it
+    instead of letting containerd download and unpack it. A chain ID names
+    its whole chain of diff IDs, so the record holds for any image that has
+    it; eager layers get none (nothing serves them).
+    """
+    from ckfs.layerindex import dirname
+
+    where = root / "layers" / CHAINS_DIR
+    where.mkdir(parents=True, exist_ok=True)
+    for i, (chain_id, plan) in enumerate(zip(chain, plans, strict=True)):
+        if plan.source == EAGER:
+            continue
+        record = {"layer": str(plan.desc.digest), "parent": str(chain[i - 1]) if i else ""}
+        body = json.dumps(record).encode()
+        path = where / dirname(chain_id)
+        with contextlib.suppress(OSError):
+            if path.read_bytes() == body:
+                continue
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=where)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+def chain_layer(root: Path, chain_id: str) -> tuple[Digest, str] | None:
+    """The layer completing *chain_id* and its parent chain ID, if `record_chains` knows it."""
+    from ckfs.errors import InvalidArgument
+    from ckfs.jsondoc import parse_object
+    from ckfs.layerindex import dirname
+
+    try:
+        path = root / "layers" / CHAINS_DIR / dirname(Digest.parse(chain_id))
+        record = parse_object(path.read_bytes(), str(path))
+        parent = record["parent"]
+        if not isinstance(parent, str):
+            return None
+        return Digest.parse(record["layer"]), parent
+    except (OSError, InvalidArgument, KeyError, TypeError):
+        return None
 
 
 async def _index_one(state: State, desc: Descriptor, diff_id: Digest, remote: _Remote) -> LayerPlan:

@@ -76,12 +76,20 @@ if TYPE_CHECKING:
     from ckfs.mount import Mount
     from ckfs.state import State
 
-__all__ = ["PROXY", "SnapshotsService"]
+__all__ = ["LAZY_PROXY", "PROXY", "SnapshotsService"]
 
 #: The proxy name the documented ``[proxy_plugins.ckfs]`` gives; unless
 #: configured otherwise, ckfs's default snapshotter (``snapshotters.DEFAULT``,
 #: overlayfs as containerd's own default) serves it.
 PROXY = "ckfs"
+
+#: The proxy name of lazy pulls (``[proxy_plugins.ckfs-lazy]``): the ``fuse``
+#: snapshotter serves it, so containerd's unpacker finds every layer of an
+#: image ckfs indexed (``ckfs pull --lazy``, or the CRI's layer-digest label)
+#: attached instead of downloading it. A second name rather than `PROXY` on
+#: fuse: images containerd already unpacked through `PROXY` live in
+#: overlayfs, and layers ``ckfs pull`` unpacked there are adopted from it.
+LAZY_PROXY = "ckfs-lazy"
 
 _T = TypeVar("_T")
 
@@ -200,7 +208,7 @@ class SnapshotsService:
     Args:
         state: the state root whose snapshotters serve the requests.
         proxies: proxy name → ckfs snapshotter name (default: `PROXY` →
-            ckfs's default snapshotter); requests naming a proxy get
+            ckfs's default snapshotter, `LAZY_PROXY` → ``fuse``); requests naming a proxy get
             containerd's semantics described in the module docstring.
     """
 
@@ -213,7 +221,7 @@ class SnapshotsService:
         if proxies is None:
             import snapshotters  # the core names no implementation at import time
 
-            proxies = {PROXY: snapshotters.DEFAULT}
+            proxies = {PROXY: snapshotters.DEFAULT, LAZY_PROXY: "fuse"}
         self._proxies = dict(proxies)
         self._backends: dict[str, _Backend] = {}
         self._opening = trio.Lock()

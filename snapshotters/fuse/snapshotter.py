@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -53,6 +54,8 @@ from snapshotters.fuse.process import ServerPaths, ensure_server
 from snapshotters.overlay import OverlaySnapshotter
 
 __all__ = ["LAYER_DIGEST", "VIEW_NAME", "FuseSnapshotter"]
+
+log = logging.getLogger(__name__)
 
 #: A merged view's name: one path component of the FUSE mount's ``merged/``
 #: directory and of a file name, so no separator, no dot first (no ``.``,
@@ -190,7 +193,7 @@ class FuseSnapshotter(OverlaySnapshotter):
             FailedPrecondition: the FUSE mount answers with an error.
             (and what overlay's prepare raises)
         """
-        lazy = self._lazy_layer(labels)
+        lazy = self._lazy_layer(labels, parent)
         if lazy is None:
             return super().prepare(key, parent, labels)
         name, layer = lazy
@@ -325,16 +328,50 @@ class FuseSnapshotter(OverlaySnapshotter):
         except OSError as e:
             raise FailedPrecondition(f"layer {layer}: {path}: {e.strerror}") from e
 
-    def _lazy_layer(self, labels: Mapping[str, str] | None) -> tuple[str, Digest] | None:
-        """The chain ID and served layer an extract snapshot's labels name, if both."""
+    def _lazy_layer(
+        self, labels: Mapping[str, str] | None, parent: str
+    ) -> tuple[str, Digest] | None:
+        """The chain ID and served layer an extract snapshot's labels name, if any.
+
+        The layer is the CRI's `LAYER_DIGEST` label, or, without it (containerd's
+        unpacker elsewhere labels the chain ID only), the layer an indexed image
+        recorded for that chain ID on the same parent (`ckfs.lazy.chain_layer`).
+        """
         name, layer = (labels or {}).get(SNAPSHOT_REF), (labels or {}).get(LAYER_DIGEST)
-        if not name or not layer:
+        if not name:
             return None
+        if not layer:
+            from ckfs.lazy import chain_layer  # only on this path: it loads trio
+
+            known = chain_layer(self.server.root, name)
+            if known is None or known[1] != parent:
+                return None
+            layer = str(known[0])
         try:
             digest = Digest.parse(layer)
         except InvalidArgument:
             return None  # no layer ckfs could serve: an ordinary prepare
+        self._serve_indexed(digest)
         return (name, digest) if self._served(digest) else None
+
+    def _serve_indexed(self, layer: Digest) -> None:
+        """Start the FUSE server if *layer* has an index but nothing serves it yet.
+
+        ``ckfs pull --lazy`` indexes an image without starting the server;
+        containerd's first prepare of one of its layers does. A server that
+        cannot start leaves the prepare an ordinary one (logged).
+        """
+        from ckfs.errors import Unavailable
+        from ckfs.layerindex.store import IndexStore
+
+        # A dead server's mount raises here (FailedPrecondition), as ever:
+        # recovering it is `ckfs mounts recover`'s, which remounts its overlays too.
+        if self._served(layer) or not IndexStore(self.server.root).path(layer).is_file():
+            return
+        try:
+            self.serve()
+        except Unavailable as e:
+            log.warning("layer %s: not attached lazily, the FUSE server fails: %s", layer, e)
 
     def _view_file(self, name: str) -> Path:
         if not VIEW_NAME.fullmatch(name):
