@@ -380,6 +380,7 @@ def test_record_over_the_limit_is_refused(where: Path) -> None:
         (b'{"version": 1, "entries": [{"name": "a", "type": "dir", "uid": -1}]}', "uid"),
         (b'{"version": 1, "entries": [{"name": 7, "type": "dir"}]}', "name"),
         (b'{"version": 1, "entries": [{"name": "\xff", "type": "dir"}]}', "UTF-8"),
+        (b'{"version": 1, "entries": [{"name": "a\\ud800", "type": "dir"}]}', "surrogate"),
         (b'{"version": 1, "entries": [' + b"9" * 5000 + b"]}", "number too long"),
         (b'{"version": 1, "entries": []} {}', "after the document"),
         (b'{"version": 1, "entries": [{"name": "a", "type": "dir"}', "expected"),
