@@ -371,6 +371,7 @@ def test_record_over_the_limit_is_refused(where: Path) -> None:
     [
         (b"not json", "TOC JSON"),
         (b'{"version": 2, "entries": []}', "version"),
+        (b'{"version": true, "entries": []}', "version"),
         (b'{"entries": []}', "no version"),
         (b'{"version": 1, "entries": [], "entries": []}', "new key"),
         (b'{"version": 1, "entries": [1]}', "not an object"),

@@ -472,7 +472,8 @@ class _TocParser:
             if key == "entries":
                 yield from self._entries()
             elif key == "version":
-                if self._value() != 1:
+                version = self._value()
+                if type(version) is not int or version != 1:
                     raise self._bad("unknown TOC version (want 1)")
             else:
                 self._value()  # unknown fields are ignored, as upstream does
