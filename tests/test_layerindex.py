@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ckfs.digest import Digest
-from ckfs.errors import DataLoss, InvalidArgument, NotFound
+from ckfs.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from ckfs.layerindex import dirname, model, parse_dirname
 from ckfs.layerindex.model import (
     FIRST_FINO,
@@ -370,3 +370,17 @@ def test_store_treats_a_damaged_index_as_missing(tmp_path: Path) -> None:
     store.path(LAYER).parent.mkdir(parents=True)
     store.path(LAYER).write_bytes(b"\0" * 4096)
     assert store.get(LAYER) is None
+
+
+def test_closed_or_damaged_index_fails_the_call(tmp_path: Path) -> None:
+    idx = build(tmp_path / "i.db", [F(f"d/f{i}") for i in range(5000)])
+    idx.close()
+    with pytest.raises(FailedPrecondition):
+        idx.lookup(ROOT, "d")
+    idx = LayerIndex.open(tmp_path / "i.db")
+    size = (tmp_path / "i.db").stat().st_size
+    with open(tmp_path / "i.db", "r+b") as f:  # every page but the first
+        f.seek(4096)
+        f.write(b"\xa5" * (size - 4096))
+    with pytest.raises(DataLoss):
+        list(iter_nodes(idx))

@@ -57,7 +57,7 @@ from ckfs.archive.entry import Entry, Kind
 from ckfs.archive.secure import MAX_DEPTH
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
-from ckfs.errors import DataLoss, InvalidArgument, NotFound
+from ckfs.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from ckfs.safetext import printable
 
 __all__ = [
@@ -945,12 +945,23 @@ class LayerIndex:
         self.close()
 
     def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        with self._lock:
+        with self._lock, self._translated():
             return self._conn.execute(sql, params).fetchall()
 
     def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
-        with self._lock:
+        with self._lock, self._translated():
             return self._conn.execute(sql, params).fetchone()
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """SQLite's errors as ckfs's: a server thread reading an index that
+        was closed under it, or damaged on disk, fails that one call."""
+        try:
+            yield
+        except sqlite3.ProgrammingError as e:
+            raise FailedPrecondition(f"layer index {self.path}: {e}") from None
+        except sqlite3.DatabaseError as e:
+            raise DataLoss(f"layer index {self.path}: {e}") from None
 
     def meta(self, key: str) -> str | None:
         """A value the writer recorded with `IndexWriter.set_meta` (or None)."""
