@@ -315,6 +315,15 @@ def test_remote_layer_is_read_lazily_and_cached(
     # The rest of the tree reads back whole, from registry or cache.
     for path in ("bin/su", "home/note", "bin/sg"):
         assert (layer / path).read_bytes() == tar_member(raw, path)
+    # The server's counters for `ckfs mounts ls`, written while they change
+    # and when it stops.
+    stats = ServerPaths(root).stats
+    deadline = time.monotonic() + 10
+    while not stats.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop_server(root)
+    counters = json.loads(stats.read_text())["layers"][str(digest)]
+    assert 0 < counters["fetched"] <= len(raw) and counters["misses"] >= 2
 
 
 def tar_member(raw: bytes, name: str) -> bytes:

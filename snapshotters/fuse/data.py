@@ -29,6 +29,7 @@ import trio
 from ckfs import mediatypes
 from ckfs.content.fsutil import pread_exact
 from ckfs.descriptor import Descriptor
+from ckfs.digest import Digest
 from ckfs.errors import DataLoss, FailedPrecondition, Unimplemented
 from ckfs.layerindex.cache import ChunkCache
 from ckfs.layerindex.model import LayerIndex, Node
@@ -92,6 +93,28 @@ class _Unserved:
         raise self.error
 
 
+class _Counted:
+    """A `LayerReader` whose counters add up into its layer's totals.
+
+    A layer's reader goes when the kernel forgets the layer's last inode;
+    its counts stay in the totals, which last as long as the server.
+    """
+
+    def __init__(self, inner: LayerReader, totals: dict[str, int]) -> None:
+        self.inner = inner
+        self.totals = totals
+        self._seen: dict[str, int] = {}
+
+    async def read(self, node: Node, offset: int, size: int) -> bytes:
+        try:
+            return await self.inner.read(node, offset, size)
+        finally:
+            now = self.inner.statistics()
+            for key, value in now.items():
+                self.totals[key] = self.totals.get(key, 0) + value - self._seen.get(key, 0)
+            self._seen = now
+
+
 class Readers:
     """Makes the `Reader` of each layer the server opens (module docstring).
 
@@ -105,6 +128,7 @@ class Readers:
         self.cache = cache or ChunkCache(root / "cache")
         self._clients: dict[str, RegistryClient] = {}
         self._limiter = trio.CapacityLimiter(os.cpu_count() or 1)
+        self._totals: dict[Digest, dict[str, int]] = {}
 
     def __call__(self, index: LayerIndex) -> Reader:
         try:
@@ -123,7 +147,13 @@ class Readers:
         if index.source not in ("tar", "estargz", "gzip-index"):
             raise Unimplemented(f"layer {layer}: {index.source} layers are not served yet")
         source: BlobSource = LocalBlob(blob) if local else self._remote(index)
-        return LayerReader(index, source, self.cache, limiter=self._limiter)
+        reader = LayerReader(index, source, self.cache, limiter=self._limiter)
+        return _Counted(reader, self._totals.setdefault(layer, {}))
+
+    def statistics(self) -> dict[Digest, dict[str, int]]:
+        """Each lazily read layer's `LayerReader.statistics`, summed since the
+        server started (``fetched_bytes``, ``hits``, ``misses``, ...)."""
+        return {digest: dict(totals) for digest, totals in self._totals.items()}
 
     def _remote(self, index: LayerIndex) -> RemoteBlob:
         where = index.meta("ref")

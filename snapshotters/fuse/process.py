@@ -10,6 +10,7 @@ under ``<root>/fuse/``::
     fuse/server.lock    flock held by the live server for its whole life
     fuse/server.pid     its PID (written while it holds the lock)
     fuse/server.log     its log (stdout and stderr too)
+    fuse/stats.json     lazily read layers' counters: {"layers": {digest: {"fetched", ...}}}
     fuse/start.lock     flock held by a starter, so two never race
     fuse/views/         merged views, <name>.json
 
@@ -92,6 +93,10 @@ class ServerPaths:
     @property
     def log(self) -> Path:
         return self.dir / "server.log"
+
+    @property
+    def stats(self) -> Path:
+        return self.dir / "stats.json"
 
     @property
     def start_lock(self) -> Path:

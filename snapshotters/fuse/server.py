@@ -20,6 +20,7 @@ its own mountpoint from the event loop: a stat there would wait on itself.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from ckfs.digest import Digest
 from ckfs.layerindex.store import IndexStore
 from ckfs.locks import try_lock
 from snapshotters.fuse.data import Readers
@@ -39,6 +41,11 @@ from snapshotters.fuse.tree import Tree
 __all__ = ["OPTIONS", "main"]
 
 log = logging.getLogger("snapshotters.fuse.server")
+
+#: Seconds between writes of the layers' read counters (for ``ckfs mounts
+#: ls``) while they change: often enough for a person watching, rare enough
+#: to cost nothing.
+STATS_INTERVAL = 2.0
 
 #: Mount options (module docstring); fsname and subtype name the mount in
 #: /proc/self/mountinfo as ``ckfs`` of type ``fuse.ckfs``.
@@ -113,7 +120,7 @@ def _serve(paths: ServerPaths) -> None:
     pyfuse3.init(ops, str(paths.mnt), set(OPTIONS))
     log.info("serving %s", paths.mnt)
     try:
-        trio.run(_run, readers)
+        trio.run(_run, paths, readers)
     finally:
         log.info("requests served: %s", dict(ops.requests.most_common()))
         # Unmount even after a crash of the loop: a mount without its server
@@ -122,15 +129,40 @@ def _serve(paths: ServerPaths) -> None:
         log.info("unmounted %s", paths.mnt)
 
 
-async def _run(readers: Readers) -> None:
+async def _run(paths: ServerPaths, readers: Readers) -> None:
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal)
+            nursery.start_soon(_keep_stats, paths, readers)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await readers.aclose()
+            await trio.to_thread.run_sync(_write_stats, paths.stats, readers.statistics())
+
+
+async def _keep_stats(paths: ServerPaths, readers: Readers) -> None:
+    """Write the layers' read counters to `ServerPaths.stats` when they change."""
+    written: object = None
+    while True:
+        await trio.sleep(STATS_INTERVAL)
+        now = readers.statistics()
+        if now != written:
+            await trio.to_thread.run_sync(_write_stats, paths.stats, now)
+            written = now
+
+
+def _write_stats(path: Path, layers: dict[Digest, dict[str, int]]) -> None:
+    """``{"layers": {digest: {"fetched", "hits", "misses", ...}}}``, atomically."""
+    doc = {
+        "layers": {
+            str(digest): {"fetched": c.get("fetched_bytes", 0), **c} for digest, c in layers.items()
+        }
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(doc, sort_keys=True))
+    os.replace(tmp, path)
 
 
 async def _stop_on_signal() -> None:
