@@ -164,13 +164,14 @@ def report(title: str, rows: list[tuple[str, float]], target: str) -> None:
 
 
 @contextlib.contextmanager
-def containerd(work: Path, proxy: str = "") -> Iterator[Path]:
+def containerd(work: Path, proxy: str = "", name: str = PROXY) -> Iterator[Path]:
     """Debian's containerd on a private root, state and socket; yields the socket.
 
     A minimal config: no CRI plugin (it would start a network and image
     service nobody asks for here), logs only errors. With *proxy* (a ckfsd
     socket path), ckfsd serves the snapshotter ``ckfs`` through
-    ``[proxy_plugins.ckfs]``, beside containerd's own. The daemon is stopped
+    ``[proxy_plugins.ckfs]``, beside containerd's own (*name* renames it:
+    another remote snapshotter on that socket). The daemon is stopped
     by its PID when the block ends.
     """
     work.mkdir(parents=True, exist_ok=True)
@@ -185,7 +186,7 @@ def containerd(work: Path, proxy: str = "") -> Iterator[Path]:
         f'[ttrpc]\n  address = "{sock}.ttrpc"\n'
         '[debug]\n  level = "error"\n'
         + (
-            f"[proxy_plugins]\n  [proxy_plugins.{PROXY}]\n"
+            f"[proxy_plugins]\n  [proxy_plugins.{name}]\n"
             f'    type = "snapshot"\n    address = "{proxy}"\n'
             if proxy
             else ""
