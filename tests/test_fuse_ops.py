@@ -142,17 +142,27 @@ async def test_a_failing_read_is_eio_and_logged_with_layer_and_path(
     assert f"read layer {digest} path /dir/file: {message}" in caplog.text
 
 
-async def test_a_bug_anywhere_is_eio(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_bug_anywhere_is_eio(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ops, top = ops_over(tmp_path, Serving())
     dir_attrs = await look(ops, f"{top}/dir")
-    # Pull the index out from under the tree: every query now raises
-    # sqlite3.ProgrammingError, which no handler expects.
     inode = ops.tree.inode(dir_attrs.st_ino)
     assert inode.layer is not None
-    inode.layer.index.close()
+
+    def bug(*args: object) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(inode.layer.index, "lookup", bug)
     with caplog.at_level(logging.WARNING), pytest.raises(pyfuse3.FUSEError) as e:
         await ops.lookup(dir_attrs.st_ino, b"file", CTX)
     assert e.value.errno == errno.EIO
-    assert "lookup" in caplog.text and "unexpected error" in caplog.text
+    assert f"lookup layer {top.replace('-', ':', 1)} path /dir: unexpected error" in caplog.text
+    # An index closed under the tree fails its queries: EIO too.
+    monkeypatch.undo()
+    inode.layer.index.close()
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.lookup(dir_attrs.st_ino, b"file", CTX)
+    assert e.value.errno == errno.EIO
     # forget has no reply: it never raises, whatever happens.
     await ops.forget([(dir_attrs.st_ino, 1), (424242, 3)])

@@ -5,7 +5,8 @@ reader) and its answer into pyfuse3's types; the model is tested without
 FUSE. Every handler is wrapped (`_guarded`): pyfuse3 ends its main loop on
 any exception other than `pyfuse3.FUSEError`, leaving a dead mount for every
 container on it, so a bug becomes EIO for that one request plus a log line
-naming the layer and path, and a ckfs error becomes its errno.
+naming the layer and path; so does any ckfs error but NotFound (ENOENT) and
+InvalidArgument (EINVAL).
 
 The content never changes (a layer's index is immutable), so entries and
 attributes are cached by the kernel for `TIMEOUT` and open files keep their
@@ -24,7 +25,7 @@ from typing import Any, TypeVar, cast
 
 import pyfuse3
 
-from ckfs.errors import CkfsError, NotFound, to_errno
+from ckfs.errors import CkfsError, InvalidArgument, NotFound
 from ckfs.layerindex.model import LayerIndex, Node
 from snapshotters.fuse.tree import ROOT_INO, Attr, Layer, Listing, Reader, Tree
 
@@ -81,15 +82,19 @@ def _erofs() -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EROFS)
 
 
-def _guarded(what: str, *, failed: int | None = None) -> Callable[[F], F]:
+def _guarded(what: str) -> Callable[[F], F]:
     """Wrap a handler so nothing but `pyfuse3.FUSEError` leaves it.
+
+    NotFound is ENOENT and InvalidArgument EINVAL (what the request asked
+    for is not there, or not of its kind); any other failure is EIO, logged
+    with the object's layer and path: a registry that is down (EAGAIN would
+    read as "try again at once"), a layer not served, bad bytes, an index
+    closed or damaged under the server.
 
     Args:
         what: how the handler's first argument names its object: ``"inode"``,
             ``"file"`` (a file handle), ``"dir"`` (a directory handle) or
             ``""`` (none), for the log line.
-        failed: the errno of every ckfs error but NotFound, instead of the
-            error's own (`ckfs.errors.to_errno`).
     """
 
     def wrap(fn: F) -> F:
@@ -102,9 +107,11 @@ def _guarded(what: str, *, failed: int | None = None) -> Callable[[F], F]:
                 raise
             except NotFound:
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
+            except InvalidArgument:
+                raise pyfuse3.FUSEError(errno.EINVAL) from None
             except CkfsError as e:
                 log.warning("%s %s: %s", fn.__name__, self.where(what, args), e)
-                raise pyfuse3.FUSEError(failed or to_errno(e)) from None
+                raise pyfuse3.FUSEError(errno.EIO) from None
             except Exception:
                 log.exception("%s %s: unexpected error", fn.__name__, self.where(what, args))
                 raise pyfuse3.FUSEError(errno.EIO) from None
@@ -243,10 +250,7 @@ class Ops(pyfuse3.Operations):
         # across opens.
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 
-    # A read that fails is EIO whatever the cause (registry down: EAGAIN
-    # would read as "try again at once"; a layer not served: EOPNOTSUPP as
-    # "this file cannot be read"): the log line says which.
-    @_guarded("file", failed=errno.EIO)
+    @_guarded("file")
     async def read(self, fh: int, off: int, size: int) -> bytes:
         _, layer, node = self._files[fh]
         if off >= node.size or size <= 0:
