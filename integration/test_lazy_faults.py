@@ -1,0 +1,347 @@
+"""Faults under a lazy rootfs, with real parts (issue 10, "Tests with real parts").
+
+Each test mounts an image with ``ckfs mount`` (the fuse snapshotter: an
+overlay over the FUSE server's layer directories) from a real
+docker-registry, then breaks one thing and reads through the mount:
+
+- the registry stops: what was read stays readable (the chunk cache),
+  the rest fails with EIO and the server's log names the layer and path,
+  the mount stays up, and the same reads work once the registry is back;
+  a plain gzip image's reads are local (its blob was pulled to index it)
+  and keep working;
+- a chunk's bytes are wrong on the wire (`integration.faultproxy`): EIO,
+  never the wrong bytes, nothing cached;
+- a cache file is damaged on disk: refetched, correct;
+- the serving process is killed with SIGKILL: ``ckfs mounts recover``
+  brings the rootfs back at its target.
+
+The kernel's page cache would answer repeated reads itself (the server
+opens files with ``keep_cache``), so every read here first drops the file's
+cached pages (`posix_fadvise` ``DONTNEED``, which overlayfs passes down to
+the FUSE file): each read reaches the server.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import io
+import json
+import os
+import signal
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from ckfs.mount import is_mountpoint
+from integration.conftest import Ckfs
+from integration.estargz import CHUNK_SIZE, EstargzImage
+from integration.faultproxy import Fault, FaultProxy
+from integration.mounts import MountGuard
+from integration.registry import EXAMPLE_REPO, Registry
+from snapshotters.fuse.process import ServerPaths, server_pid
+
+pytestmark = [pytest.mark.root]
+
+#: Where the tests push their images in their own registries.
+REPO = "ckfs/lazy-faults:latest"
+
+#: A file of `estargz_image` spanning several chunks (`CHUNK_SIZE` each),
+#: in its bottom layer.
+BIG = "usr/share/big.bin"
+
+#: Seconds an uncached read is given to reach the server before cached ones
+#: are read beside it. A failing registry read retries for about 2 s
+#: (`ckfs.remotes.requests`' backoff) before its EIO.
+_RETRYING = 0.3
+
+#: Seconds a killed server may take to be gone (reaped by init).
+_GONE_TIMEOUT = 10.0
+
+
+def layer_files(tars: list[bytes]) -> dict[str, bytes]:
+    """The regular files of an image of layer *tars* (bottom first), as a
+    container sees them: whiteouts and opaque directories applied, a later
+    non-directory entry replacing an earlier one (a directory with its contents)."""
+    files: dict[str, bytes] = {}
+
+    def drop(path: str) -> None:
+        for name in [n for n in files if n == path or n.startswith(path + "/")]:
+            del files[name]
+
+    for data in tars:
+        # umoci ends a layer's tar after the last file's bytes, without
+        # padding or end blocks; tarfile wants both.
+        data += bytes(-len(data) % 512 + 1024)
+        with tarfile.open(fileobj=io.BytesIO(data)) as t:
+            members = t.getmembers()
+            opaque = {
+                os.path.dirname(os.path.normpath(m.name))
+                for m in members
+                if os.path.basename(m.name) == ".wh..wh..opq"
+            }
+            for d in opaque:
+                for name in [n for n in files if n.startswith(d + "/")]:
+                    del files[name]
+            for m in members:
+                path = os.path.normpath(m.name)
+                base = os.path.basename(path)
+                if base.startswith(".wh."):
+                    if base != ".wh..wh..opq":
+                        drop(os.path.join(os.path.dirname(path), base.removeprefix(".wh.")))
+                    continue
+                if m.isdir():  # merges with a directory below, replaces a file
+                    files.pop(path, None)
+                    continue
+                drop(path)
+                if m.isfile():
+                    f = t.extractfile(m)
+                    assert f is not None
+                    files[path] = f.read()
+                elif m.islnk():
+                    files[path] = files[os.path.normpath(m.linkname)]
+    return files
+
+
+def layout_tars(layout: Path) -> list[bytes]:
+    """The layer tars of an OCI layout's image (gzip layers), bottom first."""
+    blobs = layout / "blobs" / "sha256"
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_bytes())
+    return [
+        gzip.decompress((blobs / layer["digest"].split(":")[1]).read_bytes())
+        for layer in manifest["layers"]
+    ]
+
+
+def read(path: Path, offset: int = 0, size: int = -1) -> bytes:
+    """*size* bytes of *path* from *offset* (-1: to the end), through the
+    server: the file's pages are dropped from the page cache first."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if size < 0:
+            size = os.fstat(fd).st_size - offset
+        out = bytearray()
+        while len(out) < size:
+            got = os.pread(fd, size - len(out), offset + len(out))
+            if not got:
+                break
+            out += got
+        return bytes(out)
+    finally:
+        os.close(fd)
+
+
+def read_fails(path: Path, offset: int = 0, size: int = 4096) -> int:
+    """The errno of a read of *path* that must fail."""
+    with pytest.raises(OSError) as failed:
+        read(path, offset, size)
+    return failed.value.errno or 0
+
+
+def server_log(root: Path) -> str:
+    return ServerPaths(root).log.read_text(errors="replace")
+
+
+def cache_files(root: Path, layer: str) -> dict[str, bytes]:
+    """The chunk cache's files of *layer* (a digest), by name."""
+    where = root / "cache" / layer.split(":", 1)[1]
+    if not where.is_dir():
+        return {}
+    return {p.name: p.read_bytes() for p in where.iterdir() if not p.name.startswith(".")}
+
+
+def kill_server(root: Path) -> int:
+    """SIGKILL the root's FUSE server (by its pid file's PID); wait until it is gone."""
+    pid = server_pid(ServerPaths(root))
+    assert pid is not None, "no FUSE server runs for the root"
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + _GONE_TIMEOUT
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, f"FUSE server {pid} still there after SIGKILL"
+        time.sleep(0.05)
+    return pid
+
+
+def mounts_ls(ckfs: Ckfs) -> dict[str, dict[str, object]]:
+    """``ckfs mounts ls --json``, by target."""
+    return {m["target"]: m for m in json.loads(ckfs.run("mounts", "ls", "--json").stdout)}
+
+
+@pytest.fixture
+def lazy(ckfs: Ckfs, mount_guard: MountGuard, tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``ckfs mount REF`` (lazy: the fuse snapshotter) at a target under
+    the test's directory; unmounted at the end (the guard detaches it if
+    the test failed first, the suite's fixture stops the FUSE server)."""
+    targets: list[Path] = []
+
+    def mount(ref: str) -> Path:
+        target = tmp_path / f"rootfs{len(targets)}"
+        ckfs.run("mount", ref, str(target))
+        targets.append(target)
+        return target
+
+    yield mount
+    for target in targets:
+        if is_mountpoint(target):
+            ckfs.run("umount", str(target), check=False)
+
+
+def test_registry_stopped_after_mount(
+    estargz_image: EstargzImage,
+    registry_factory: Callable[..., Registry],
+    lazy: Callable[[str], Path],
+    ckfs: Ckfs,
+) -> None:
+    """Cached reads go on, uncached ones fail alone (EIO, logged with layer
+    and path), the mount survives, and reads work again after a restart."""
+    registry = registry_factory()
+    registry.push(estargz_image.layout, REPO)
+    target = lazy(f"{registry.host}/{REPO}")
+    want = layer_files(estargz_image.tars)
+    base, top = (str(c.descriptor().digest) for c in estargz_image.layers[::2])
+    assert read(target / "etc/os-release") == want["etc/os-release"]
+    assert read(target / BIG, 0, CHUNK_SIZE) == want[BIG][:CHUNK_SIZE]
+
+    server = server_pid(ServerPaths(ckfs.root))
+
+    registry.stop()
+    with ThreadPoolExecutor(1) as pool:
+        # An uncached read waits out the client's retries (seconds) before
+        # its EIO; reads of cached bytes are answered meanwhile.
+        failing = pool.submit(read_fails, target / "app/run.sh")
+        time.sleep(_RETRYING)
+        assert read(target / "etc/os-release") == want["etc/os-release"]
+        assert read(target / BIG, 0, CHUNK_SIZE) == want[BIG][:CHUNK_SIZE]
+        assert not failing.done(), "the read failed without waiting for retries"
+        assert failing.result() == errno.EIO
+    assert read_fails(target / BIG, 4 * CHUNK_SIZE) == errno.EIO
+    log = server_log(ckfs.root)
+    assert f"layer {top} path /app/run.sh" in log, log[-2000:]
+    assert f"layer {base} path /{BIG}" in log, log[-2000:]
+    # The mount is up: listed, cached bytes still served, the tree walks.
+    assert sorted(os.listdir(target / "app")) == ["run.sh"]
+    assert mounts_ls(ckfs)[str(target)]["state"] == "mounted"
+    assert server_pid(ServerPaths(ckfs.root)) == server
+
+    registry.start()
+    assert read(target / "app/run.sh") == want["app/run.sh"]
+    assert read(target / BIG) == want[BIG]
+    assert read(target / "etc/os-release") == want["etc/os-release"]
+
+
+def test_gzip_image_reads_are_local(
+    example_layout: Path,
+    registry_factory: Callable[..., Registry],
+    lazy: Callable[[str], Path],
+    ckfs: Ckfs,
+) -> None:
+    """A plain gzip image is indexed over its pulled blob: with the registry
+    gone, every file still reads, and reads what the layers hold."""
+    registry = registry_factory()
+    registry.push(example_layout, EXAMPLE_REPO)
+    target = lazy(f"{registry.host}/{EXAMPLE_REPO}")
+    registry.stop()
+    layers = mounts_ls(ckfs)[str(target)]["layers"]
+    assert isinstance(layers, list)
+    assert {layer["source"] for layer in layers} == {"gzip-index"}, layers
+    want = layer_files(layout_tars(example_layout))
+    got = {
+        os.path.relpath(os.path.join(d, f), target): read(Path(d) / f)
+        for d, _, files in os.walk(target)
+        for f in files
+        if os.path.isfile(os.path.join(d, f)) and not os.path.islink(os.path.join(d, f))
+    }
+    assert got == want
+
+
+def test_wrong_bytes_for_a_chunk(
+    estargz_image: EstargzImage, lazy: Callable[[str], Path], ckfs: Ckfs
+) -> None:
+    """A chunk whose bytes are wrong on the wire: EIO (logged), never the
+    wrong bytes, nothing cached; the right bytes read and cache afterwards."""
+    base = str(estargz_image.layers[0].descriptor().digest)
+    want = layer_files(estargz_image.tars)
+    with FaultProxy(estargz_image.registry.host).running() as proxy:
+        target = lazy(f"{proxy.host}/{estargz_image.repo_tag}")
+        before = cache_files(ckfs.root, base)
+        proxy.clear()
+        proxy.add(Fault("corrupt", path=f"/blobs/{base}", times=-1))
+        assert read_fails(target / BIG, CHUNK_SIZE) == errno.EIO
+        assert read_fails(target / BIG, 0, len(want[BIG])) == errno.EIO
+        corrupted = [s for s in proxy.requests(base) if s.fault == "corrupt"]
+        assert corrupted, proxy.seen
+        assert cache_files(ckfs.root, base) == before
+        log = server_log(ckfs.root)
+        # Flipped bytes inside a gzip member fail its CRC before the
+        # chunk's sha256 is even reached; either check makes it DataLoss.
+        assert f"layer {base} path /{BIG}" in log, log[-2000:]
+        assert "does not inflate" in log or "do not match" in log, log[-2000:]
+
+        proxy.clear()
+        assert read(target / BIG) == want[BIG]
+        assert len(cache_files(ckfs.root, base)) > len(before)
+
+
+def test_corrupt_cache_file_is_refetched(
+    estargz_image: EstargzImage, lazy: Callable[[str], Path], ckfs: Ckfs
+) -> None:
+    """Cache files damaged on disk are dropped and fetched again, never served.
+
+    The server keeps recent chunks in memory too, so the damaged files are
+    read from disk by the next server: this one is killed (a crash, the
+    usual way a cache file is torn) and ``ckfs mounts recover`` starts it.
+    """
+    base = str(estargz_image.layers[0].descriptor().digest)
+    want = layer_files(estargz_image.tars)
+    with FaultProxy(estargz_image.registry.host).running() as proxy:
+        target = lazy(f"{proxy.host}/{estargz_image.repo_tag}")
+        assert read(target / BIG) == want[BIG]
+        cached = cache_files(ckfs.root, base)
+        assert len(cached) >= len(want[BIG]) // CHUNK_SIZE, cached.keys()
+        kill_server(ckfs.root)
+        where = ckfs.root / "cache" / base.split(":", 1)[1]
+        for i, (name, data) in enumerate(sorted(cached.items())):
+            damaged = bytearray(data)
+            if i % 2:
+                damaged[-1] ^= 0x01  # a flipped bit in the payload
+            else:
+                del damaged[len(damaged) // 2 :]  # a torn write
+            (where / name).write_bytes(bytes(damaged))
+        ckfs.run("mounts", "recover")
+        proxy.clear()
+
+        assert read(target / BIG) == want[BIG]
+        assert len(proxy.requests(base)) >= 1
+        assert proxy.body_bytes(base) >= len(want[BIG])
+        assert cache_files(ckfs.root, base) == cached
+
+
+def test_serving_process_killed(
+    estargz_image: EstargzImage, lazy: Callable[[str], Path], ckfs: Ckfs
+) -> None:
+    """``kill -9`` of the FUSE server leaves a dead rootfs (ENOTCONN, listed
+    as stale); ``ckfs mounts recover`` mounts it again at its target."""
+    target = lazy(estargz_image.ref)
+    want = layer_files(estargz_image.tars)
+    assert read(target / "etc/os-release") == want["etc/os-release"]
+    names = sorted(os.listdir(target))
+    killed = kill_server(ckfs.root)
+
+    with pytest.raises(OSError) as dead:
+        os.listdir(target / "usr")
+    assert dead.value.errno == errno.ENOTCONN
+    assert mounts_ls(ckfs)[str(target)]["state"] == "stale"
+
+    recovered = ckfs.run("mounts", "recover")
+    assert f"remounted {target}" in recovered.stderr
+    assert server_pid(ServerPaths(ckfs.root)) not in (None, killed)
+    assert mounts_ls(ckfs)[str(target)]["state"] == "mounted"
+    assert sorted(os.listdir(target)) == names
+    for path, data in want.items():
+        assert read(target / path) == data, path
