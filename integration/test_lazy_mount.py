@@ -268,13 +268,19 @@ def test_zstd_layers_fall_back_loudly(
     """No index for zstd: each layer is unpacked eagerly, said on stderr and by ``mounts ls``."""
     target = tmp_path / "rootfs"
     proc = ckfs.run("mount", images.ref("zstd"), str(target))
-    assert "eager" in proc.stderr and "zstd" in proc.stderr, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "unpacked eagerly" in line]
+    assert len(said) == images.layers and all("zstd" in line for line in said), proc.stderr
     assert sources(ckfs, target) == ["eager"] * images.layers
     try:
         mounted = treecmp.snapshot(target)
     finally:
         umount(ckfs, target, mount_guard)
     assert_lazy_tree(images, reference, mounted, fresh_root=True)
+
+    # A merged view is one FUSE tree: it cannot hold unpacked layers.
+    refused = ckfs.fails("mount", "--merged", images.ref("zstd"), str(target))
+    assert "merged view" in refused, refused
+    assert not is_mountpoint(target) and mounts_ls(ckfs) == []
 
 
 def test_estargz_small_read_fetches_little(

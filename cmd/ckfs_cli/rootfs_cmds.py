@@ -123,7 +123,31 @@ def _mount(
             mountlib.unmount_all(target)
         _remove(app, snapshotter, key)
         raise
+    if lazy is not None:
+        _say_eager(app, lazy, ref, flags)
     return key
+
+
+def _say_eager(app: App, sn: FuseSnapshotter, ref: str, flags: dict[str, Any]) -> None:
+    """Name on stderr each layer of *ref* that is not lazy (unpacked instead), never silently.
+
+    Read from the root's own records after the mount, so every mount says
+    it (not only the one that unpacked the layer), also through ckfsd.
+    """
+    from ckfs.lazy import EAGER, source_of
+    from ckfs.rootfs import image_chain
+
+    image = app.state.images.get(normalize(ref))
+    manifest, _, chain = image_chain(
+        app.state.content, image.target, pull_options(**flags).platform
+    )
+    for desc, chain_id in zip(manifest.layers, chain, strict=True):
+        if sn.layer(str(chain_id)) is not None:
+            continue
+        why = "cannot be read lazily" if source_of(desc) == EAGER else "its index was refused"
+        click.echo(
+            f"ckfs: layer {desc.digest} ({desc.media_type}) {why}: unpacked eagerly", err=True
+        )
 
 
 @click.command("mount")
