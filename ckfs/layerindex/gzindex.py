@@ -121,7 +121,6 @@ def build_gzip_index(
         points = _inflate(blob, writer, tmp, diff_id)
         _add_spans(blob, writer, points)
         writer.set_meta("gzidx_sha256", _sha256(tmp))
-        _fsync(tmp)
         os.replace(tmp, gzidx)
         return writer.commit()
     except BaseException:
@@ -159,7 +158,10 @@ def _inflate(
             # A damaged deflate stream, a bad CRC or size (zran's errors
             # reach io.BufferedReader as negative lengths: OSError).
             raise InvalidArgument(f"{writer.what}: not a whole gzip stream: {e}") from None
-        gz.export_index(filename=str(gzidx))
+        with open(gzidx, "wb") as f:
+            gz.export_index(fileobj=f)
+            f.flush()
+            os.fsync(f.fileno())
         points = [(int(u), int(c)) for u, c in gz.seek_points()]
     if stream.size != usize:
         raise DataLoss(f"{writer.what}: inflates to {stream.size} bytes and to {usize}")
@@ -235,14 +237,6 @@ def _sha256(path: Path) -> str:
         while data := f.read(_CHUNK):
             h.update(data)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Inflater:

@@ -541,29 +541,21 @@ class IndexWriter:
                     rdev = os.makedev(entry.devmajor, entry.devminor)
                 except (OverflowError, ValueError):
                     raise _bad(self.what, path, "device numbers out of range") from None
-        ino = self._next_ino
-        self._put(
-            (
-                ino,
-                ino,
-                parent,
-                _enc(name),
-                int(kind),
-                mode,
-                uid,
-                gid,
-                size,
-                _clamp(entry.mtime_ns),
-                rdev,
-                _enc(link),
-                stable_ino(self.layer, path),
-                data,
-                int(opaque),
-            ),
+        ino = self._put(
+            parent,
+            name,
             path,
+            kind,
+            mode,
+            uid,
+            gid,
+            size,
+            _clamp(entry.mtime_ns),
+            rdev,
+            link,
+            data,
+            opaque,
         )
-        if kind == Kind.DIR:
-            self._add_dir(path, ino)
         if entry.xattrs:
             self._add_xattrs(ino, entry)
         return ino
@@ -572,36 +564,51 @@ class IndexWriter:
         self, parent: int, name: str, path: str, kind: Kind, *, opaque: bool = False
     ) -> int:
         """A node with default attributes: an implied directory (0755) or a whiteout."""
-        ino = self._next_ino
         mode = 0o755 if kind == Kind.DIR else 0
-        self._put(
-            (
-                ino,
-                ino,
-                parent,
-                _enc(name),
-                int(kind),
-                mode,
-                0,
-                0,
-                0,
-                0,
-                0,
-                b"",
-                stable_ino(self.layer, path),
-                -1,
-                int(opaque),
-            ),
-            path,
-        )
-        if kind == Kind.DIR:
-            self._add_dir(path, ino)
-        return ino
+        return self._put(parent, name, path, kind, mode, 0, 0, 0, 0, 0, "", -1, opaque)
 
-    def _put(self, row: tuple[Any, ...], path: str) -> None:
+    def _put(
+        self,
+        parent: int,
+        name: str,
+        path: str,
+        kind: Kind,
+        mode: int,
+        uid: int,
+        gid: int,
+        size: int,
+        mtime_ns: int,
+        rdev: int,
+        link: str,
+        data: int,
+        opaque: bool,
+    ) -> int:
+        """Insert one node (positional: this runs for every entry)."""
+        ino = self._next_ino
+        fino = stable_ino(self.layer, path)
+        row = (
+            ino,
+            ino,
+            parent,
+            _enc(name),
+            int(kind),
+            mode,
+            uid,
+            gid,
+            size,
+            mtime_ns,
+            rdev,
+            _enc(link),
+            fino,
+            data,
+            int(opaque),
+        )
         self._db.execute(_INSERT, row)
         self._next_ino += 1
         self._count(path)
+        if kind == Kind.DIR:
+            self._add_dir(path, ino)
+        return ino
 
     def _count(self, path: str) -> None:
         self._nodes += 1
