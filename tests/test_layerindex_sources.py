@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from ckfs.archive.entry import Kind
 from ckfs.descriptor import Descriptor
@@ -263,3 +264,21 @@ def test_gzip_checkpoints_are_bounded(tmp_path: Path, monkeypatch: pytest.Monkey
     assert node is not None
     with open_inflater(index, tmp_path / "blob") as inflater:
         assert inflater.read(node.data, len(data)) == data
+
+
+async def test_tar_stream_cancelled_keeps_nothing(tmp_path: Path) -> None:
+    raw = layer_tar()
+    desc = desc_of(raw, TAR)
+
+    async def stalls() -> AsyncIterator[bytes]:
+        yield raw[:1024]
+        await trio.sleep_forever()
+        yield b""  # pragma: no cover
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with trio.fail_after(30):  # a hang fails here, not the whole run
+        with trio.move_on_after(0.2) as scope:
+            await index_tar_stream(stalls(), desc, out / "index.db")
+    assert scope.cancelled_caught
+    assert list(out.iterdir()) == []
