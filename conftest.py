@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +67,40 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
 _SERVER_LOCKS = ("fuse/server.lock", "*/fuse/server.lock", "*/*/fuse/server.lock")
 
 
+#: Where a state root under a test's tmp_path keeps its ckfsd's lock (PID inside).
+_DAEMON_LOCKS = ("locks/ckfsd", "*/locks/ckfsd", "*/*/locks/ckfsd")
+
+
+def _stop_daemon(lock: Path, grace: float = 15.0) -> None:
+    """SIGTERM the ckfsd holding *lock* (by the PID in it), SIGKILL after *grace*."""
+    import signal
+    import time
+
+    from ckfs.locks import try_lock
+
+    fd = try_lock(lock)
+    if fd is not None:  # nobody holds it: no daemon
+        os.close(fd)
+        return
+    pid = int(lock.read_text())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            deadline += grace
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """Whether *pid* runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 @pytest.fixture(autouse=True)
 def _no_fuse_server_left(request: pytest.FixtureRequest) -> Iterator[None]:
     """Stop the FUSE servers a test's ckfs roots started, by their pid files' PIDs.
@@ -80,6 +115,9 @@ def _no_fuse_server_left(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     tmp: Path = request.getfixturevalue("tmp_path")
     yield
+    # ckfsds ``ckfs mount`` started in the background (ckfs.client.start_daemon) first.
+    for lock in (lock for pattern in _DAEMON_LOCKS for lock in tmp.glob(pattern)):
+        _stop_daemon(lock)
     locks = [lock for pattern in _SERVER_LOCKS for lock in tmp.glob(pattern)]
     if locks:
         from snapshotters.fuse.process import stop_server

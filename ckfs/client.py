@@ -12,11 +12,20 @@ Finding a daemon (`discover`):
   command fails with `Unavailable` saying where it looked: a user who named
   a daemon does not want a silent local fallback; with a root named too,
   the daemon must serve that root (`Client.check_root`);
-- otherwise the default socket (`ckfs.address`) is probed, only for the
-  default state root and only if the socket file exists (so a machine
-  without ckfsd pays no grpc import at all), with a short connect timeout;
-  no answer, or a daemon serving another root than the default one (told
-  by the root's UUID, `Client.check_root`), means the local path.
+- otherwise the root's socket is probed: for the default state root the
+  default socket (`ckfs.address`), for a root named by ``--root`` /
+  ``CKFS_ROOT`` the socket a ckfsd started for it listens on
+  (`root_address`, ``<root>/ckfsd.sock``); only if the socket file exists
+  (so a machine without ckfsd pays no grpc import at all), with a short
+  connect timeout; no answer, or a daemon serving another root (told by
+  the root's UUID, `Client.check_root`), means the local path.
+
+Starting a daemon (`start_daemon`): ``ckfs mount`` of a lazy image wants a
+long-lived process behind its mount (the serving process is detached
+anyway, but indexes, caches and containerd's calls belong to ckfsd), so
+when none answers for the root it starts one in the background, logging to
+``<root>/ckfsd.log`` and listening on the root's socket, and goes on
+through it once it answers.
 
 Errors: a gRPC status comes back as the `ckfs.errors` class of its code
 (`ckfs.errors.from_grpc_code`) with the server's one-line message, so
@@ -46,7 +55,9 @@ __all__ = [
     "Client",
     "discover",
     "pull_options",
+    "root_address",
     "rpc_errors",
+    "start_daemon",
     "summary_json",
 ]
 
@@ -65,6 +76,23 @@ PROBE_TIMEOUT = 0.5
 #: bridge's DEFAULT_NAMESPACE and NAMESPACE_KEY; that module loads trio.)
 NAMESPACE = "default"
 NAMESPACE_KEY = "containerd-namespace"
+
+#: Seconds a ckfsd started by `start_daemon` may take to answer: interpreter
+#: start and grpc import take about a second, the recovery of a root with
+#: lazy mounts (starting the FUSE server) a few more on a loaded machine.
+START_TIMEOUT = 60.0
+
+#: The socket's name in a root, for a ckfsd started on a root named by
+#: ``--root`` / ``CKFS_ROOT``.
+ROOT_SOCKET = "ckfsd.sock"
+
+#: The log of a ckfsd started by `start_daemon`, in its root.
+ROOT_LOG = "ckfsd.log"
+
+#: Longest unix socket path (``sun_path`` less its NUL), less the room
+#: ckfsd's atomic bind needs for its temporary name beside it
+#: (``.<name>.<pid>.tmp``).
+_SOCKET_PATH_MAX = 107 - 20
 
 _T = TypeVar("_T")
 
@@ -429,20 +457,25 @@ def discover(address: str | None, *, root_given: bool, root: Path | None = None)
                 client.close()
                 raise
         return client
-    if root_given:
-        return None
     from ckfs.address import default_address, default_root
+
+    if root_given:
+        return None if root is None else _probe(root_address(root), root)
+    return _probe(default_address(), default_root())
+
+
+def _probe(address: str, root: Path) -> Client | None:
+    """The ckfsd at *address* if it answers and serves *root*, else None."""
     from ckfs.errors import FailedPrecondition
 
-    default = default_address()
-    if not _accepts(default):
+    if not _accepts(address):
         return None
     try:
-        client = Client.connect(default, timeout=PROBE_TIMEOUT)
+        client = Client.connect(address, timeout=PROBE_TIMEOUT)
     except Unavailable:
         return None
     try:
-        client.check_root(default_root())
+        client.check_root(root)
     except (FailedPrecondition, Unavailable):
         client.close()  # another root's daemon: never act on it unasked
         return None
@@ -450,6 +483,112 @@ def discover(address: str | None, *, root_given: bool, root: Path | None = None)
         client.close()
         raise
     return client
+
+
+def root_address(root: Path) -> str:
+    """Where a ckfsd started for the root *root* (named by ``--root``) listens.
+
+    ``<root>/ckfsd.sock``: found from the root alone, by every command on
+    it. A root whose path leaves no room for a socket name (unix socket
+    paths are short) gets one named after its path's hash instead, beside
+    this user's default socket.
+    """
+    import hashlib
+
+    from ckfs.address import default_socket
+
+    path = Path(os.path.abspath(root)) / ROOT_SOCKET
+    if len(os.fsencode(path)) > _SOCKET_PATH_MAX:
+        name = hashlib.sha256(os.fsencode(path.parent)).hexdigest()[:16]
+        path = default_socket().parent / "roots" / f"{name}.sock"
+    return f"unix://{path}"
+
+
+def start_daemon(root: Path, *, root_given: bool, timeout: float = START_TIMEOUT) -> Client:
+    """Start a ckfsd for *root* in the background and connect to it once it answers.
+
+    The daemon runs in a session of its own (it outlives this command, as
+    the FUSE server does), its output appended to ``<root>/ckfsd.log``; it
+    listens on the root's socket: the default one for the default root,
+    `root_address` for a root the user named (*root_given*). It says it is
+    ready on a pipe (``--ready-fd``). If another command started one at the
+    same moment, ours exits (the root is taken) and theirs is used.
+
+    Raises:
+        Unavailable: no daemon answered within *timeout* (the message
+            quotes the log's last line).
+    """
+    import select
+    import subprocess
+    import sys
+    import time
+
+    from ckfs.address import default_address
+
+    address = root_address(root) if root_given else default_address()
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / ROOT_LOG
+    deadline = time.monotonic() + timeout
+    read_fd, write_fd = os.pipe()
+    try:
+        with log.open("ab") as out:
+            command = [sys.executable, "-m", "ckfsd", "--root", str(root), "--address", address]
+            subprocess.Popen(
+                [*command, "--ready-fd", str(write_fd)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+                cwd="/",
+            )
+        os.close(write_fd)
+        write_fd = -1
+        ready = select.select([read_fd], [], [], timeout)[0] and os.read(read_fd, 64)
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)
+    while True:
+        try:
+            client = Client.connect(address, timeout=max(deadline - time.monotonic(), 0.1))
+        except Unavailable:
+            # Ours failed; wait only while another daemon holds the root
+            # (one started by a command racing this one, not ready yet).
+            if ready or time.monotonic() >= deadline or not _root_taken(root):
+                raise Unavailable(
+                    f"ckfsd for {root} did not start: {_last_line(log)} (see {log})"
+                ) from None
+            time.sleep(0.1)
+            continue
+        try:
+            client.check_root(root)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+
+def _root_taken(root: Path) -> bool:
+    """Whether a live process holds *root*'s ckfsd lock, by the PID in it.
+
+    Read, not tried: taking the lock even for a moment could refuse the
+    very daemon being waited for.
+    """
+    try:
+        pid = int((root / "locks" / "ckfsd").read_text())
+    except (OSError, ValueError):
+        return False
+    return pid > 0 and os.path.exists(f"/proc/{pid}")
+
+
+def _last_line(path: Path) -> str:
+    """The last line of the log *path*, for an error message."""
+    try:
+        lines = path.read_bytes()[-4096:].decode(errors="replace").strip().splitlines()
+    except OSError as e:
+        return e.strerror or str(e)
+    return lines[-1] if lines else "no output"
 
 
 def _accepts(address: str) -> bool:

@@ -54,10 +54,30 @@ class App:
             if not self._no_daemon:
                 from ckfs.client import discover
 
-                root_given = self._root is not None or "CKFS_ROOT" in os.environ
-                root = self._root or (Path(os.environ["CKFS_ROOT"]) if root_given else None)
-                self._daemon = discover(self._address, root_given=root_given, root=root)
+                root = self._given_root()
+                self._daemon = discover(self._address, root_given=root is not None, root=root)
         return self._daemon
+
+    def start_daemon(self) -> None:
+        """Go through a ckfsd from now on, started in the background if none answers.
+
+        For ``ckfs mount`` (lazy): nothing with ``--no-daemon`` or
+        ``--address`` (a named daemon answers or the command fails).
+        """
+        if self._no_daemon or self._address or self.daemon is not None:
+            return
+        from ckfs.address import default_root
+        from ckfs.client import start_daemon
+
+        root = self._given_root()
+        self._daemon = start_daemon(root or default_root(), root_given=root is not None)
+
+    def _given_root(self) -> Path | None:
+        """``--root`` / ``CKFS_ROOT``, None for the default root."""
+        if self._root is not None:
+            return self._root
+        env = os.environ.get("CKFS_ROOT")
+        return Path(env) if env else None
 
     @property
     def state(self) -> State:

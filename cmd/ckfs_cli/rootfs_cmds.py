@@ -169,8 +169,10 @@ def mount_cmd(
     """Mount the image REF at TARGET: fetch only what is missing, lazily by default.
 
     With the fuse snapshotter (the default) the layers are attached, not
-    unpacked: file contents are fetched as they are read. overlayfs and
-    native pull and unpack the whole image first.
+    unpacked: file contents are fetched as they are read, and a ckfsd is
+    started in the background for the root if none answers (its log:
+    ROOT/ckfsd.log; not with --no-daemon). overlayfs and native pull and
+    unpack the whole image first.
 
     \b
     Examples:
@@ -178,6 +180,8 @@ def mount_cmd(
       ckfs mount --merged docker.io/stevvooe/foo /mnt/debug
       ckfs mount --ro --snapshotter native example.local/ckfs/busybox /mnt/x
     """
+    if snapshotter == "fuse":
+        app.start_daemon()  # a lazy mount wants ckfsd behind it (ckfs.client.start_daemon)
     key = _mount(app, ref, target, snapshotter, ro, opts, merged=merged)
     click.echo(f"mounted {ref} at {target} ({snapshotter} snapshot {key!r})", err=True)
 

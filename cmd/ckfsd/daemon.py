@@ -4,7 +4,9 @@
 
 1. holds the root's lock and the socket's (`ckfsd.listen`): a second
    daemon on either is refused with one line naming the first one's PID;
-2. clears what a killed daemon left (`ckfsd.recover`);
+2. clears what a killed daemon left (`ckfsd.recover`), and brings back
+   lazy mounts whose FUSE server died (`ckfsd.recover.recover_fuse`; a
+   live server, which outlives ckfsd, is adopted as it is);
 3. builds the grpc server (a bounded worker pool, the logging interceptor)
    and registers every service of `SERVICES`, through the
    trio bridge (`ckfs.services.bridge`);
@@ -57,7 +59,7 @@ from ckfs.services.version import VersionService
 from ckfs.state import State
 from ckfsd import listen
 from ckfsd.main import Config
-from ckfsd.recover import recover
+from ckfsd.recover import recover, recover_fuse
 
 __all__ = ["SERVICES", "register", "serve"]
 
@@ -271,6 +273,7 @@ async def serve(config: Config) -> None:
         _places(config) as (state, path),
     ):
         leftovers = await trio.to_thread.run_sync(recover, state)
+        lazy = await trio.to_thread.run_sync(recover_fuse, state)
         async with _server(config, state, path) as services:
             await trio.to_thread.run_sync(_wait_answers, path)
             _say_ready(config.ready_fd)
@@ -283,6 +286,8 @@ async def serve(config: Config) -> None:
             )
             for what in leftovers:
                 log.info("removed %s, left by an interrupted daemon", what)
+            for what in lazy:
+                log.info("fuse: %s", what)
             async for signum in signals:
                 if signum != signal.SIGHUP:
                     log.info("%s received", signal.Signals(signum).name)

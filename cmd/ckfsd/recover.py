@@ -14,23 +14,33 @@ A ckfsd killed with SIGKILL mid-pull or mid-unpack leaves:
 
 Only snapshotters that have a directory under the root are opened: a
 recovery must not create state for a snapshotter nobody used.
+
+Lazy mounts (`recover_fuse`): the FUSE server outlives ckfsd, so a restarted
+ckfsd normally finds it serving and every mount on it healthy. If the server
+died too (a reboot, a crash), the start is where it comes back: the server
+is started again and each ``ckfs mount`` made on the dead one is remounted
+at its target (`snapshotters.fuse.recover.recover`, what ``ckfs mounts
+recover`` runs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
 import snapshotters
 from ckfs.digest import Digest
-from ckfs.errors import InvalidArgument
+from ckfs.errors import CkfsError, InvalidArgument
 from ckfs.locks import try_lock
 from ckfs.snapshots import Cleaner, Snapshotter
 from ckfs.state import State
 from ckfs.unpack import extract_snapshots, lock_path, remove_leftover
 
-__all__ = ["recover"]
+__all__ = ["recover", "recover_fuse"]
+
+log = logging.getLogger("ckfsd")
 
 
 def recover(state: State) -> list[str]:
@@ -79,3 +89,35 @@ def _interrupted_unpacks(sn: Snapshotter, state: State) -> list[str]:
             if free and remove_leftover(sn, key):
                 removed.append(key)
     return removed
+
+
+def recover_fuse(state: State) -> list[str]:
+    """Bring back the lazy mounts of *state* whose FUSE server died; what was done.
+
+    Runs only when the fuse snapshotter has something standing on the FUSE
+    mount (a ``ckfs mount``, or a layer attached for containerd), so a root
+    that never went lazy starts no server. A failure is logged, not raised:
+    ckfsd serves either way, and ``ckfs mounts recover`` can try again.
+    Runs in a worker thread (it may wait for the server to mount).
+    """
+    if not (state.root / "snapshots" / "fuse").is_dir():
+        return []
+    from ckfs.rootfs import mount_target
+    from snapshotters.fuse.recover import recover as recover_mounts
+    from snapshotters.fuse.snapshotter import FuseSnapshotter
+
+    sn = state.snapshotter("fuse")
+    assert isinstance(sn, FuseSnapshotter)
+    mounts = any(mount_target(info.name) is not None for info in sn.walk())
+    if not mounts and not sn.attached_layers():
+        return []
+    try:
+        report = recover_mounts(sn)
+    except (CkfsError, OSError) as e:
+        log.error("fuse: recovery failed: %s", e)
+        return []
+    done = ["started the FUSE server"] if report.started else []
+    done += [f"remounted {target}" for target in report.remounted]
+    for target, why in report.failed:
+        log.error("fuse: cannot remount %s: %s", target, why)
+    return done
