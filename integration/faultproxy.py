@@ -35,7 +35,7 @@ import trio
 __all__ = ["Fault", "FaultProxy", "Seen"]
 
 FaultKind = Literal[
-    "cut", "stall", "corrupt", "status", "ignore_range", "redirect", "delay", "trickle"
+    "cut", "stall", "corrupt", "replace", "status", "ignore_range", "redirect", "delay", "trickle"
 ]
 
 #: Headers that describe one hop, not the message; never forwarded.
@@ -65,6 +65,9 @@ class Fault:
         stall: send *after* body bytes, then stop sending (until the proxy stops);
             `FaultProxy.stalled` is set when it happens.
         corrupt: flip one byte of the body (same length, wrong digest).
+        replace: send *body* instead of the body's first ``len(body)`` bytes
+            (same length: well-formed bytes with the wrong content, such as
+            a valid gzip member of other data).
         status: answer *status* (with ``Retry-After: retry_after`` if given)
             instead of forwarding.
         ignore_range: forward without the Range header, so the registry
@@ -87,6 +90,7 @@ class Fault:
     status: int = 500
     retry_after: str | None = None
     seconds: float = 0.0
+    body: bytes = b""
 
 
 @dataclasses.dataclass
@@ -322,6 +326,7 @@ class FaultProxy:
             await send(h11.Response(status_code=response.status_code, headers=out))
             limit = fault.after if fault is not None and fault.kind in ("cut", "stall") else None
             flip = fault is not None and fault.kind == "corrupt"
+            patch = fault.body if fault is not None and fault.kind == "replace" else b""
             if fault is not None and fault.kind == "trickle":
                 await self._trickle(send, response, fault, seen)
                 return True
@@ -330,6 +335,9 @@ class FaultProxy:
                     mutable = bytearray(chunk)
                     mutable[len(mutable) // 2] ^= 0xFF
                     chunk, flip = bytes(mutable), False
+                if seen.body_bytes < len(patch):
+                    over = patch[seen.body_bytes : seen.body_bytes + len(chunk)]
+                    chunk = over + chunk[len(over) :]
                 if limit is not None and seen.body_bytes + len(chunk) >= limit:
                     rest = chunk[: limit - seen.body_bytes]
                     if rest:

@@ -23,6 +23,7 @@ the FUSE file): each read reaches the server.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gzip
 import io
@@ -260,32 +261,54 @@ def test_gzip_image_reads_are_local(
     assert got == want
 
 
+#: The file of `estargz_image` each wrong-bytes case reads, and the bottom-up
+#: number of its layer.
+RUN_SH, TOP = "app/run.sh", 2
+
+#: Wrong bytes for a chunk: ``(layer, file, offset read, fault, what the
+#: server's log says)``. A flipped byte inside a gzip member fails its CRC
+#: before the chunk's sha256 is reached; a whole valid member of other
+#: bytes (its CRC right) only the sha256 (the TOC's ``chunkDigest``) refuses.
+WRONG = {
+    "flipped byte": (0, BIG, CHUNK_SIZE, Fault("corrupt", times=-1), "does not inflate"),
+    "valid member, other bytes": (
+        TOP,
+        RUN_SH,
+        0,
+        Fault("replace", times=-1, body=gzip.compress(b"#!/bin/sh\necho HI\n", mtime=0)),
+        "do not match",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", WRONG, ids=list(WRONG))
 def test_wrong_bytes_for_a_chunk(
-    estargz_image: EstargzImage, lazy: Callable[[str], Path], ckfs: Ckfs
+    case: str, estargz_image: EstargzImage, lazy: Callable[[str], Path], ckfs: Ckfs
 ) -> None:
     """A chunk whose bytes are wrong on the wire: EIO (logged), never the
     wrong bytes, nothing cached; the right bytes read and cache afterwards."""
-    base = str(estargz_image.layers[0].descriptor().digest)
-    want = layer_files(estargz_image.tars)
+    number, path, offset, fault, said = WRONG[case]
+    layer = str(estargz_image.layers[number].descriptor().digest)
+    want = layer_files(estargz_image.tars)[path]
+    if fault.body:  # the forged member holds other bytes of the same length
+        forged = gzip.decompress(fault.body)
+        assert len(forged) == len(want) and forged != want
     with FaultProxy(estargz_image.registry.host).running() as proxy:
         target = lazy(f"{proxy.host}/{estargz_image.repo_tag}")
-        before = cache_files(ckfs.root, base)
+        before = cache_files(ckfs.root, layer)
         proxy.clear()
-        proxy.add(Fault("corrupt", path=f"/blobs/{base}", times=-1))
-        assert read_fails(target / BIG, CHUNK_SIZE) == errno.EIO
-        assert read_fails(target / BIG, 0, len(want[BIG])) == errno.EIO
-        corrupted = [s for s in proxy.requests(base) if s.fault == "corrupt"]
-        assert corrupted, proxy.seen
-        assert cache_files(ckfs.root, base) == before
+        proxy.add(dataclasses.replace(fault, path=f"/blobs/{layer}"))
+        assert read_fails(target / path, offset) == errno.EIO
+        assert read_fails(target / path, 0, len(want)) == errno.EIO
+        assert [s for s in proxy.requests(layer) if s.fault == fault.kind], proxy.seen
+        assert cache_files(ckfs.root, layer) == before
         log = server_log(ckfs.root)
-        # Flipped bytes inside a gzip member fail its CRC before the
-        # chunk's sha256 is even reached; either check makes it DataLoss.
-        assert f"layer {base} path /{BIG}" in log, log[-2000:]
-        assert "does not inflate" in log or "do not match" in log, log[-2000:]
+        assert f"layer {layer} path /{path}: layer {layer}: " in log, log[-2000:]
+        assert said in log, log[-2000:]
 
         proxy.clear()
-        assert read(target / BIG) == want[BIG]
-        assert len(cache_files(ckfs.root, base)) > len(before)
+        assert read(target / path) == want
+        assert len(cache_files(ckfs.root, layer)) > len(before)
 
 
 def test_corrupt_cache_file_is_refetched(
