@@ -36,6 +36,7 @@ import os
 import stat
 import subprocess
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -45,7 +46,7 @@ import pytest
 
 from ckfs.mount import is_mountpoint, mountinfo
 from integration.conftest import Ckfs, need, skopeo
-from integration.estargz import estargz_layout
+from integration.estargz import CHUNK_SIZE, estargz_layout
 from integration.faultproxy import FaultProxy
 from integration.mounts import MountGuard
 from integration.registry import Registry, recompressed_layout
@@ -73,6 +74,9 @@ int main(void) {
 #: Random bytes in the image (incompressible): enough that one small file's
 #: fetch is measured against an image of some size, as real ones are.
 BIG = 3 << 20
+
+#: Seconds to wait for the FUSE server's counters (it writes them every 2 s).
+STATS_WAIT = 10.0
 
 #: Share of the eStargz image a cold mount plus one small read may fetch.
 SMALL_READ_SHARE = 0.05
@@ -246,8 +250,8 @@ def test_lazy_tree_equals_umoci_unpack(
 ) -> None:
     target = tmp_path / "rootfs"
     merged = ["--merged"] if mode == "merged" else []
-    ckfs.run("mount", *merged, images.ref(variant), str(target))
-    assert is_mountpoint(target)
+    proc = ckfs.run("mount", *merged, images.ref(variant), str(target))
+    assert is_mountpoint(target) and "eagerly" not in proc.stderr, proc.stderr
     assert sources(ckfs, target) == [SOURCES[variant]] * images.layers
     try:
         mounted = treecmp.snapshot(target)
@@ -300,13 +304,31 @@ def test_estargz_small_read_fetches_little(
     fetched = sum(s.body_bytes for s in proxy.seen)
     size = images.sizes["estargz"]
     assert fetched < SMALL_READ_SHARE * size, (at_mount, fetched, size)
-    assert 0 < fetched - at_mount < 64 << 10  # one chunk of a few bytes, compressed
+    assert 0 < fetched - at_mount < CHUNK_SIZE  # the file's own (compressed) chunk
     assert sources(ckfs, target) == ["estargz"] * images.layers
     try:
         mounted = treecmp.snapshot(target)
+        # After the mount every blob byte the proxy sent was fetched by the
+        # FUSE server's reads, and its counters (``mounts ls``) say so.
+        served = sum(s.body_bytes for s in proxy.seen) - at_mount
+        counted = served_fetched(ckfs, target, served)
     finally:
         umount(ckfs, target, mount_guard)
+    assert counted == served
     assert_lazy_tree(images, reference, mounted, fresh_root=True, seconds=True)
+
+
+def served_fetched(ckfs: Ckfs, target: Path, expect: int) -> int:
+    """Bytes the FUSE server says it fetched for the mount at *target*, once they
+    reach *expect* or `STATS_WAIT` seconds passed (it writes its counters every
+    `snapshotters.fuse.server.STATS_INTERVAL` seconds)."""
+    deadline = time.monotonic() + STATS_WAIT
+    while True:
+        (mount,) = [m for m in mounts_ls(ckfs) if m["target"] == str(target)]
+        fetched = int(sum(layer.get("fetched", 0) for layer in mount["layers"]))
+        if fetched >= expect or time.monotonic() > deadline:
+            return fetched
+        time.sleep(0.2)
 
 
 def _upper(target: Path) -> Path:
@@ -339,6 +361,8 @@ def test_overlay_writes_land_in_upper_and_deletions_hold(
     assert _is_whiteout(upper / "usr/bin/ping") and _is_whiteout(upper / "usr/lib")
     assert not (target / "usr/bin/ping").exists() and not (target / "usr/lib").exists()
     assert sorted(os.listdir(target / "usr/bin")) == ["tool"]
+    served = [d for d in (ckfs.root / "fuse/mnt").iterdir() if (d / "usr/bin/ping").exists()]
+    assert len(served) == 1  # the first layer's, still there
     umount(ckfs, target, mount_guard)
 
     # The served layers were not written through: a new mount is pristine.
