@@ -29,11 +29,19 @@ def _read(content: ContentStore, desc: Descriptor) -> manifests.Index | manifest
     return manifests.parse(desc, data)
 
 
-def tree(content: ContentStore, target: Descriptor, *, name: str = "") -> list[Descriptor]:
+def tree(
+    content: ContentStore,
+    target: Descriptor,
+    *,
+    name: str = "",
+    missing_layers: list[Descriptor] | None = None,
+) -> list[Descriptor]:
     """Every present blob under *target*, parents before children.
 
     An index may lack some platforms (a pull takes only the host's); a
-    manifest's config and layers are required.
+    manifest's config and layers are required, except that with
+    *missing_layers* a missing layer is appended there instead (a lazily
+    pulled image has only its layers' indexes).
 
     Raises:
         NotFound: the target, or a config or layer of a present manifest, is
@@ -47,6 +55,9 @@ def tree(content: ContentStore, target: Descriptor, *, name: str = "") -> list[D
         if desc.digest in seen:
             continue
         if not content.exists(desc.digest):
+            if missing_layers is not None and mt.is_layer(desc.media_type):
+                missing_layers.append(desc)
+                continue
             if required:
                 raise NotFound(
                     f"image {name or target.digest}: blob {desc.digest} ({desc.media_type}) "

@@ -19,6 +19,7 @@ from ckfs_cli.options import pass_app
 
 if TYPE_CHECKING:
     from ckfs.content import ContentStore
+    from ckfs.descriptor import Descriptor
     from ckfs.images.store import Image
 
 
@@ -84,19 +85,30 @@ def ls(app: App, as_json: bool, quiet: bool, filters: tuple[str, ...]) -> None:
 class _Contents:
     """What ``images ls`` reads of one image's content, or why it could not."""
 
-    def __init__(self, size: int | None, platforms: list[str], error: str | None, missing: bool):
+    def __init__(
+        self,
+        size: int | None,
+        platforms: list[str],
+        error: str | None,
+        missing: bool,
+        lazy: int = 0,
+    ):
         self.size = size
         self.platforms = platforms
         self.error = error
         self.missing = missing
+        #: Layers here only as indexes (``ckfs pull --lazy``, lazy mounts).
+        self.lazy = lazy
 
     def size_text(self) -> str:
         if self.size is not None:
-            return human_size(self.size)
+            return human_size(self.size) + (f" ({self.lazy} lazy)" if self.lazy else "")
         return "(incomplete)" if self.missing else "(error)"
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {"size": self.size, "platforms": self.platforms}
+        if self.lazy:
+            out["lazy_layers"] = self.lazy
         if self.error is not None:
             out["error"] = self.error
         return out
@@ -110,11 +122,24 @@ def _contents(app: App, image: Image) -> _Contents:
 
     try:
         store = blobs(app)
-        size = img.size(store, image.target)
+        missing: list[Descriptor] = []
+        size = sum(d.size for d in img.tree(store, image.target, missing_layers=missing))
         plats = [str(p) for p in img.platforms_of(store, image.target)]
+        if unindexed := [d for d in missing if not _indexed(app, d)]:
+            raise NotFound(
+                f"image {image.name}: blob {unindexed[0].digest} "
+                f"({unindexed[0].media_type}) is missing"
+            )
     except (CkfsError, OSError) as e:
         return _Contents(None, [], describe(e), isinstance(e, NotFound))
-    return _Contents(size, plats, None, False)
+    return _Contents(size, plats, None, False, lazy=len(missing))
+
+
+def _indexed(app: App, layer: Descriptor) -> bool:
+    """Whether *layer* has a layer index on the root (lazy: its blob is not needed)."""
+    from ckfs.layerindex.store import IndexStore
+
+    return IndexStore(app.state.root).path(layer.digest).is_file()
 
 
 def blobs(app: App) -> ContentStore:
