@@ -25,11 +25,14 @@ from pathlib import Path
 
 from integration.conftest import need
 
-__all__ = ["PROXY", "Containerd", "cri_pull"]
+__all__ = ["LAZY_PROXY", "PROXY", "Containerd", "cri_pull"]
 
 #: The proxy plugin's name: what ``ctr --snapshotter`` takes and what
 #: containerd sends ckfsd in every request's ``snapshotter`` field.
 PROXY = "ckfs"
+
+#: The second proxy plugin on the same ckfsd: its lazy snapshotter (fuse).
+LAZY_PROXY = "ckfs-lazy"
 
 #: Seconds containerd may take to answer ``ctr version`` after start.
 _START_TIMEOUT = 30.0
@@ -63,9 +66,12 @@ class Containerd:
         proxy_address: the ckfsd socket (a path) serving ckfs's Snapshots.
     """
 
-    def __init__(self, base: Path, proxy_address: str, *, cri: bool = False) -> None:
+    def __init__(
+        self, base: Path, proxy_address: str, *, cri: bool = False, cri_snapshotter: str = PROXY
+    ) -> None:
         self.base = base
         self.cri = cri
+        self.cri_snapshotter = cri_snapshotter
         self.proxy_address = proxy_address.removeprefix("unix://")
         self.sockets = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
         self.address = str(self.sockets / "containerd.sock")
@@ -98,6 +104,9 @@ disabled_plugins = {_toml_list(disabled)}
   [proxy_plugins.{PROXY}]
     type = "snapshot"
     address = "{self.proxy_address}"
+  [proxy_plugins.{LAZY_PROXY}]
+    type = "snapshot"
+    address = "{self.proxy_address}"
 """
             + (self._cri_config() if self.cri else "")
         )
@@ -107,7 +116,7 @@ disabled_plugins = {_toml_list(disabled)}
         return f"""
 [plugins."{_CRI}"]
   [plugins."{_CRI}".containerd]
-    snapshotter = "{PROXY}"
+    snapshotter = "{self.cri_snapshotter}"
   [plugins."{_CRI}".registry]
     config_path = "{self.certs_d}"
   [plugins."{_CRI}".cni]
