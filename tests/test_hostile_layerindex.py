@@ -13,10 +13,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import random
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
@@ -376,3 +379,108 @@ def test_deep_paths_and_drops_cost_no_walk_per_entry(tmp_path: Path) -> None:
     idx = build(tmp_path / "i.db", items)
     assert time.monotonic() - t < THRASH_BOUND
     assert idx.count == 1 + 40 * 500 + 10_000 + 3334
+
+
+# -- the tree rules against a model of them, on random entry sequences ----------------
+
+
+class Model:
+    """The tree rules of `ckfs.layerindex.model`, on a dict: path → [kind, inode, opaque]."""
+
+    def __init__(self) -> None:
+        self.tree: dict[str, list[object]] = {"": [Kind.DIR, 0, False]}
+        self.inodes = 0
+
+    def _new(self, path: str, kind: Kind, opaque: bool = False) -> None:
+        self.inodes += 1
+        self.tree[path] = [kind, self.inodes, opaque]
+
+    def _drop(self, path: str) -> None:
+        for p in [p for p in self.tree if p == path or p.startswith(path + "/")]:
+            del self.tree[p]
+
+    def _dir(self, path: str) -> None:
+        parts = path.split("/") if path else []
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            node = self.tree.get(sub)
+            if node is None or node[0] == Kind.WHITEOUT:
+                self._new(sub, Kind.DIR, opaque=node is not None)
+            elif node[0] != Kind.DIR:
+                raise BadLayer(sub)
+
+    def add(self, path: str, kind: Kind, link: str = "") -> None:
+        if path == "":
+            if kind == Kind.OPAQUE:
+                self.tree[""][2] = True
+            elif kind != Kind.DIR:
+                raise BadLayer("root")
+            return
+        if kind == Kind.OPAQUE:
+            self._dir(path)
+            self.tree[path][2] = True
+            return
+        self._dir(path.rpartition("/")[0])
+        old = self.tree.get(path)
+        if kind == Kind.WHITEOUT:
+            if old is None:
+                self._new(path, kind)
+            return
+        if kind == Kind.HARDLINK:
+            target = self.tree.get(link)
+            if target is None or target[0] in (Kind.DIR, Kind.WHITEOUT):
+                raise BadLayer(link)
+            if old is not None and old[1] == target[1]:
+                return
+            if old is not None:
+                self._drop(path)
+                if link not in self.tree:
+                    raise BadLayer(link)
+            self.tree[path] = list(target)
+            return
+        if old is not None and old[0] == Kind.DIR and kind == Kind.DIR:
+            return
+        if old is not None:
+            self._drop(path)
+        self._new(
+            path, kind, opaque=kind == Kind.DIR and old is not None and old[0] == Kind.WHITEOUT
+        )
+
+
+_NAMES = st.sampled_from(["a", "b", "c"])
+_PATHS = st.lists(_NAMES, max_size=3).map("/".join)
+_KINDS = st.sampled_from(
+    [Kind.FILE, Kind.DIR, Kind.SYMLINK, Kind.HARDLINK, Kind.FIFO, Kind.WHITEOUT, Kind.OPAQUE]
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(_PATHS, _KINDS, _PATHS), max_size=12))
+def test_tree_rules_match_their_model(steps: list[tuple[str, Kind, str]]) -> None:
+    model = Model()
+    entries = []
+    refused = False
+    for path, kind, link in steps:
+        if kind == Kind.HARDLINK and not link:
+            continue  # the entry rules refuse hardlinks to the root before us
+        entries.append(Entry(path, kind, link=link if kind == Kind.HARDLINK else "x"))
+        try:
+            model.add(path, kind, link)
+        except BadLayer:
+            refused = True
+            break
+    with tempfile.TemporaryDirectory() as d:
+        if refused:
+            with pytest.raises(BadLayer):
+                build(Path(d) / "i.db", entries)
+            return
+        idx = build(Path(d) / "i.db", entries)
+        got = {p: n for p, n in iter_nodes(idx)}
+        assert set(got) == set(model.tree) - {""}
+        inodes: dict[object, int] = {}
+        for p, n in got.items():
+            kind, inode, opaque = model.tree[p]
+            assert (n.kind, n.opaque) == (kind, opaque), p
+            assert inodes.setdefault(inode, n.ino) == n.ino, p  # one inode, one ino
+        assert len(set(inodes.values())) == len(inodes)  # and the other way round
+        assert idx.root().opaque == model.tree[""][2]
