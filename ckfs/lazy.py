@@ -311,7 +311,7 @@ async def _index_one(state: State, desc: Descriptor, diff_id: Digest, remote: _R
     try:
         index = await _build(state, store, source, desc, diff_id, meta, remote)
     except BadLayer as e:
-        log.warning("%s; unpacking it eagerly", e)
+        log.info("%s; unpacking it eagerly", e)  # the CLI says it (every mount, either face)
         return LayerPlan(desc, EAGER, str(e))
     index.close()
     return LayerPlan(desc, source)
