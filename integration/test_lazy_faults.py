@@ -27,6 +27,7 @@ import dataclasses
 import errno
 import gzip
 import io
+import itertools
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import pytest
 
+from ckfs.layerindex.cache import HEADER
 from ckfs.mount import is_mountpoint
 from integration.conftest import Ckfs
 from integration.estargz import CHUNK_SIZE, EstargzImage
@@ -45,6 +47,7 @@ from integration.faultproxy import Fault, FaultProxy
 from integration.mounts import MountGuard
 from integration.registry import EXAMPLE_REPO, Registry
 from snapshotters.fuse.process import ServerPaths, server_pid
+from snapshotters.fuse.server import STATS_INTERVAL
 
 pytestmark = [pytest.mark.root]
 
@@ -174,6 +177,36 @@ def mounts_ls(ckfs: Ckfs) -> dict[str, dict[str, object]]:
     return {m["target"]: m for m in json.loads(ckfs.run("mounts", "ls", "--json").stdout)}
 
 
+def wait_counters(
+    ckfs: Ckfs, target: Path, layer: str, ready: Callable[[dict[str, int]], bool]
+) -> dict[str, int]:
+    """The read counters ``ckfs mounts ls`` shows for *layer* of the mount at
+    *target*, once *ready* accepts them (the server writes them every
+    `STATS_INTERVAL` seconds while they change)."""
+    deadline = time.monotonic() + 3 * STATS_INTERVAL
+    while True:
+        layers = mounts_ls(ckfs)[str(target)]["layers"]
+        assert isinstance(layers, list)
+        counters = next(x for x in layers if x["digest"] == layer)
+        if ready(counters):
+            return dict(counters)
+        assert time.monotonic() < deadline, counters
+        time.sleep(0.2)
+
+
+def _flip_last(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 0x01])
+
+
+#: Ways a chunk cache file gets damaged: a flipped bit in its payload, a
+#: torn write (cut short), a header that is not the cache's.
+DAMAGE: tuple[Callable[[bytes], bytes], ...] = (
+    _flip_last,
+    lambda data: data[: len(data) // 2],
+    lambda data: b"XXXX" + data[4:],
+)
+
+
 @pytest.fixture
 def lazy(ckfs: Ckfs, mount_guard: MountGuard, tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     """``ckfs mount REF`` (lazy: the fuse snapshotter) at a target under
@@ -229,6 +262,10 @@ def test_registry_stopped_after_mount(
     assert sorted(os.listdir(target / "app")) == ["run.sh"]
     assert mounts_ls(ckfs)[str(target)]["state"] == "mounted"
     assert server_pid(ServerPaths(ckfs.root)) == server
+    # The cached reads reached the server (not the page cache) and were
+    # served by the chunk cache: counted as hits, shown by ``mounts ls``.
+    counted = wait_counters(ckfs, target, base, lambda c: c.get("hits", 0) > 0)
+    assert counted["misses"] >= 1 and counted["fetched"] > 0, counted
 
     registry.start()
     assert read(target / "app/run.sh") == want["app/run.sh"]
@@ -329,20 +366,21 @@ def test_corrupt_cache_file_is_refetched(
         assert len(cached) >= len(want[BIG]) // CHUNK_SIZE, cached.keys()
         kill_server(ckfs.root)
         where = ckfs.root / "cache" / base.split(":", 1)[1]
-        for i, (name, data) in enumerate(sorted(cached.items())):
-            damaged = bytearray(data)
-            if i % 2:
-                damaged[-1] ^= 0x01  # a flipped bit in the payload
-            else:
-                del damaged[len(damaged) // 2 :]  # a torn write
-            (where / name).write_bytes(bytes(damaged))
+        intact, *damaged = sorted(cached)
+        for name, damage in zip(damaged, itertools.cycle(DAMAGE), strict=False):
+            (where / name).write_bytes(damage(cached[name]))
+        inodes = {name: (where / name).stat().st_ino for name in cached}
         ckfs.run("mounts", "recover")
         proxy.clear()
 
         assert read(target / BIG) == want[BIG]
-        assert len(proxy.requests(base)) >= 1
-        assert proxy.body_bytes(base) >= len(want[BIG])
+        # Each damaged file was refetched and replaced whole (a new file);
+        # the intact one was served as it is.
         assert cache_files(ckfs.root, base) == cached
+        assert (where / intact).stat().st_ino == inodes[intact]
+        assert all((where / name).stat().st_ino != inodes[name] for name in damaged)
+        refetched = sum(len(cached[name]) - HEADER for name in damaged)
+        assert proxy.body_bytes(base) >= refetched  # random bytes: stored, not smaller
 
 
 def test_serving_process_killed(
