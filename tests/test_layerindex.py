@@ -384,3 +384,18 @@ def test_closed_or_damaged_index_fails_the_call(tmp_path: Path) -> None:
         f.write(b"\xa5" * (size - 4096))
     with pytest.raises(DataLoss):
         list(iter_nodes(idx))
+
+
+def test_store_sweeps_what_dead_writers_left(tmp_path: Path) -> None:
+    store = IndexStore(tmp_path)
+    d = store.layer_dir(LAYER)
+    d.mkdir(parents=True)
+    dead = 2**22 + 7  # above Linux's PID_MAX_LIMIT: no process has it
+    gone = [d / f".index.db.{dead}.0123abcd.tmp", d / f".index.gzidx.{dead}.0123abcd.tmp"]
+    live = d / f".index.db.{os.getpid()}.0123abcd.stage"
+    for f in [*gone, live]:
+        f.write_bytes(b"x")
+    with store.writer(LAYER, source="tar", blob_size=1) as w:
+        assert not any(f.exists() for f in gone) and live.exists()
+        w.abort()
+    assert live.exists()

@@ -34,7 +34,6 @@ import io
 import itertools
 import logging
 import os
-import secrets
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,7 +45,7 @@ from ckfs.archive.tarstream import TarStream
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest, Digester
 from ckfs.errors import DataLoss, InvalidArgument
-from ckfs.layerindex.model import LIMITS, IndexWriter, LayerIndex, Limits, Span
+from ckfs.layerindex.model import LIMITS, IndexWriter, LayerIndex, Limits, Span, scratch
 from ckfs.layerindex.store import GZIDX_NAME
 from ckfs.layerindex.tarindex import add_members
 
@@ -116,7 +115,7 @@ def build_gzip_index(
         DataLoss: *blob* does not match the layer's digest or size, or the
             tar stream does not match *diff_id*.
     """
-    tmp = gzidx.with_name(f".{gzidx.name}.{secrets.token_hex(4)}.tmp")
+    tmp = scratch(gzidx, "tmp")
     try:
         points = _inflate(blob, writer, tmp, diff_id)
         _add_spans(blob, writer, points)

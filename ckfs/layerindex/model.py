@@ -65,6 +65,7 @@ __all__ = [
     "FORMAT",
     "LIMITS",
     "ROOT",
+    "SCRATCH",
     "SOURCES",
     "BadLayer",
     "Chunk",
@@ -74,7 +75,9 @@ __all__ = [
     "Node",
     "Span",
     "iter_nodes",
+    "scratch",
     "stable_ino",
+    "sweep",
 ]
 
 log = logging.getLogger(__name__)
@@ -199,6 +202,49 @@ class Span:
     uncomp_offset: int
     uncomp_size: int
     sha256: str
+
+
+#: A scratch file's name: ``.<final name>.<pid>.<random>.<what>``.
+SCRATCH = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[0-9a-f]{8}\.(?P<what>tmp|stage)")
+
+
+def scratch(path: Path, what: str) -> Path:
+    """A fresh scratch file beside *path*, named after it and this process.
+
+    The PID in the name lets a later writer remove what a dead one left
+    (`sweep`).
+    """
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{what}")
+
+
+def sweep(directory: Path) -> int:
+    """Remove the scratch files writers that died left in *directory*.
+
+    A crash mid-build leaves its temporary files (`scratch`);
+    nobody reads them, but they hold disk space. Files of live processes
+    (another build of the same layer) are left alone.
+
+    Returns:
+        How many were removed.
+    """
+    removed = 0
+    for entry in directory.iterdir():
+        m = SCRATCH.fullmatch(entry.name)
+        if m is None or _alive(int(m["pid"])):
+            continue
+        entry.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
 
 
 def stable_ino(layer: str, path: str) -> int:
@@ -333,9 +379,9 @@ class IndexWriter:
         self.limits = limits
         self.what = f"layer {self.layer}"
         self._blob_size = blob_size
-        token = f"{os.getpid()}.{secrets.token_hex(4)}"
-        self._tmp = path.with_name(f".{path.name}.{token}.tmp")
-        self._stage = path.with_name(f".{path.name}.{token}.stage")
+        sweep(path.parent)
+        self._tmp = scratch(path, "tmp")
+        self._stage = scratch(path, "stage")
         self._conn: sqlite3.Connection | None = sqlite3.connect(
             self._tmp, isolation_level=None, check_same_thread=False
         )
