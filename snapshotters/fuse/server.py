@@ -12,7 +12,10 @@ the process that started it can exit without taking it down.
 
 Mount options: ``allow_other`` (containers running as other users must reach
 the files), ``default_permissions`` (the kernel enforces the image's modes,
-so they read what the modes allow and nothing more), ``ro``. Never
+so they read what the modes allow and nothing more), ``ro``, and ``suid``
+and ``dev`` (libfuse mounts ``nosuid,nodev`` otherwise): a ``--merged``
+rootfs is a bind of a directory in this mount and must run the image's
+setuid binaries and use its device nodes as an overlay rootfs does. Never
 ``max_read``: pyfuse3 3.5 fails the mount with it. The process never touches
 its own mountpoint from the event loop: a stat there would wait on itself.
 """
@@ -49,7 +52,9 @@ STATS_INTERVAL = 2.0
 
 #: Mount options (module docstring); fsname and subtype name the mount in
 #: /proc/self/mountinfo as ``ckfs`` of type ``fuse.ckfs``.
-OPTIONS = frozenset({"fsname=ckfs", "subtype=ckfs", "allow_other", "default_permissions", "ro"})
+OPTIONS = frozenset(
+    {"fsname=ckfs", "subtype=ckfs", "allow_other", "default_permissions", "ro", "suid", "dev"}
+)
 
 
 def main(argv: list[str] | None = None) -> int:
