@@ -576,9 +576,14 @@ def is_stale(path: Path | str) -> bool:
     The kernel answers every request on such a mount with ``ENOTCONN``
     ("Transport endpoint is not connected") until it is unmounted;
     ``auto_unmount`` does not help after ``kill -9``.
+
+    Asked with statfs, not stat: the kernel may answer a stat from the
+    root's cached attributes for a while after the server died (see
+    ``snapshotters.fuse.ops.ROOT_ATTR_TIMEOUT``), but sends every statfs
+    to the server, so a dead one shows at once.
     """
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False
