@@ -23,6 +23,7 @@ the FUSE file): each read reaches the server.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import errno
 import gzip
@@ -46,6 +47,7 @@ from integration.estargz import CHUNK_SIZE, EstargzImage
 from integration.faultproxy import Fault, FaultProxy
 from integration.mounts import MountGuard
 from integration.registry import EXAMPLE_REPO, Registry
+from integration.tokenserver import TokenServer
 from snapshotters.fuse.process import ServerPaths, server_pid
 from snapshotters.fuse.server import STATS_INTERVAL
 
@@ -53,6 +55,9 @@ pytestmark = [pytest.mark.root]
 
 #: Where the tests push their images in their own registries.
 REPO = "ckfs/lazy-faults:latest"
+
+#: Who may pull from the token-protected registry.
+TOKEN_USER, TOKEN_PASSWORD = "lazy-reader", "s3cret-tok"
 
 #: A file of `estargz_image` spanning several chunks (`CHUNK_SIZE` each),
 #: in its bottom layer.
@@ -271,6 +276,43 @@ def test_registry_stopped_after_mount(
     assert read(target / "app/run.sh") == want["app/run.sh"]
     assert read(target / BIG) == want[BIG]
     assert read(target / "etc/os-release") == want["etc/os-release"]
+
+
+def test_token_refreshed_during_reads(
+    estargz_image: EstargzImage,
+    lazy: Callable[[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A private registry behind a token server: the FUSE server reads with
+    the user's Docker credentials, and when the registry stops taking its
+    token (a 401 mid-mount), it gets a new one and the read succeeds."""
+    tokens = TokenServer(users={TOKEN_USER: TOKEN_PASSWORD}, anonymous_pull=False).start()
+    registry = Registry(
+        tmp_path / "token-registry", extra_config=tokens.registry_config(tmp_path / "ca.pem")
+    )
+    try:
+        registry.start()
+        registry.push(estargz_image.layout, REPO, creds=(TOKEN_USER, TOKEN_PASSWORD))
+        auth = base64.b64encode(f"{TOKEN_USER}:{TOKEN_PASSWORD}".encode()).decode()
+        docker = tmp_path / "docker"
+        docker.mkdir()
+        (docker / "config.json").write_text(json.dumps({"auths": {registry.host: {"auth": auth}}}))
+        # Inherited by the ckfs commands, the ckfsd they start and its FUSE server.
+        monkeypatch.setenv("DOCKER_CONFIG", str(docker))
+        target = lazy(f"{registry.host}/{REPO}")
+        want = layer_files(estargz_image.tars)
+        tokens.requests.clear()
+        tokens.stale_tokens = 1  # the server's first token dies at the registry in seconds
+        assert read(target / "etc/os-release") == want["etc/os-release"]
+        time.sleep(tokens.grace + 1)
+        assert read(target / "app/run.sh") == want["app/run.sh"]
+        assert read(target / BIG) == want[BIG]
+        # The first challenge, then the 401 of the stale token: one new token.
+        assert [r.user for r in tokens.requests] == [TOKEN_USER, TOKEN_USER], tokens.requests
+    finally:
+        registry.stop()
+        tokens.stop()
 
 
 def test_gzip_image_reads_are_local(
