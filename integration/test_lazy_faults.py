@@ -390,6 +390,32 @@ def test_wrong_bytes_for_a_chunk(
         assert len(cache_files(ckfs.root, layer)) > len(before)
 
 
+#: Registry trouble a read rides out: each fault (on the blob requests of
+#: one file's layer, bottom-up number) and that file.
+TRANSIENT = [
+    (Fault("status", status=503, times=2), 2, RUN_SH),
+    (Fault("status", status=429, retry_after="1", times=1), 1, "etc/os-release"),
+    (Fault("cut", after=1000, times=1), 0, BIG),
+]
+
+
+def test_transient_registry_trouble_retried(
+    estargz_image: EstargzImage, lazy: Callable[[str], Path]
+) -> None:
+    """5xx answers, a 429 with Retry-After, a connection cut mid-body: the
+    read waits, tries again and returns the right bytes."""
+    want = layer_files(estargz_image.tars)
+    with FaultProxy(estargz_image.registry.host).running() as proxy:
+        target = lazy(f"{proxy.host}/{estargz_image.repo_tag}")
+        for fault, number, path in TRANSIENT:
+            layer = str(estargz_image.layers[number].descriptor().digest)
+            proxy.clear()
+            proxy.add(dataclasses.replace(fault, path=f"/blobs/{layer}"))
+            assert read(target / path) == want[path], fault
+            seen = [s.fault for s in proxy.requests(layer)]
+            assert seen[-1] is None and seen.count(fault.kind) == fault.times, (fault, seen)
+
+
 def test_corrupt_cache_file_is_refetched(
     estargz_image: EstargzImage, lazy: Callable[[str], Path], ckfs: Ckfs
 ) -> None:
