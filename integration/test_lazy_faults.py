@@ -9,8 +9,12 @@ docker-registry, then breaks one thing and reads through the mount:
   the mount stays up, and the same reads work once the registry is back;
   a plain gzip image's reads are local (its blob was pulled to index it)
   and keep working;
-- a chunk's bytes are wrong on the wire (`integration.faultproxy`): EIO,
-  never the wrong bytes, nothing cached;
+- the registry answers 503 or 429, or cuts a body short: the read retries
+  and succeeds; a private registry's token stops being taken: the server
+  gets a new one with the user's Docker credentials;
+- a chunk's bytes are wrong on the wire (`integration.faultproxy`): a
+  flipped byte or a whole valid gzip member of other bytes: EIO, never the
+  wrong bytes, nothing cached;
 - a cache file is damaged on disk: refetched, correct;
 - the serving process is killed with SIGKILL: ``ckfs mounts recover``
   brings the rootfs back at its target.
