@@ -51,6 +51,7 @@ from integration.estargz import CHUNK_SIZE, EstargzImage
 from integration.faultproxy import Fault, FaultProxy
 from integration.mounts import MountGuard
 from integration.registry import EXAMPLE_REPO, Registry
+from integration.test_containerd_lazy import layout_layer_tars
 from integration.tokenserver import TokenServer
 from snapshotters.fuse.process import ServerPaths, server_pid
 from snapshotters.fuse.server import STATS_INTERVAL
@@ -118,17 +119,6 @@ def layer_files(tars: list[bytes]) -> dict[str, bytes]:
                 elif m.islnk():
                     files[path] = files[os.path.normpath(m.linkname)]
     return files
-
-
-def layout_tars(layout: Path) -> list[bytes]:
-    """The layer tars of an OCI layout's image (gzip layers), bottom first."""
-    blobs = layout / "blobs" / "sha256"
-    index = json.loads((layout / "index.json").read_text())
-    manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_bytes())
-    return [
-        gzip.decompress((blobs / layer["digest"].split(":")[1]).read_bytes())
-        for layer in manifest["layers"]
-    ]
 
 
 def read(path: Path, offset: int = 0, size: int = -1) -> bytes:
@@ -334,7 +324,7 @@ def test_gzip_image_reads_are_local(
     layers = mounts_ls(ckfs)[str(target)]["layers"]
     assert isinstance(layers, list)
     assert {layer["source"] for layer in layers} == {"gzip-index"}, layers
-    want = layer_files(layout_tars(example_layout))
+    want = layer_files(layout_layer_tars(example_layout))
     got = {
         os.path.relpath(os.path.join(d, f), target): read(Path(d) / f)
         for d, _, files in os.walk(target)
