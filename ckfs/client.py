@@ -504,7 +504,7 @@ def root_address(root: Path) -> str:
     return f"unix://{path}"
 
 
-def start_daemon(root: Path, *, root_given: bool, timeout: float = START_TIMEOUT) -> Client:
+def start_daemon(root: Path, *, root_given: bool, timeout: float = START_TIMEOUT) -> Client | None:
     """Start a ckfsd for *root* in the background and connect to it once it answers.
 
     The daemon runs in a session of its own (it outlives this command, as
@@ -512,7 +512,10 @@ def start_daemon(root: Path, *, root_given: bool, timeout: float = START_TIMEOUT
     listens on the root's socket: the default one for the default root,
     `root_address` for a root the user named (*root_given*). It says it is
     ready on a pipe (``--ready-fd``). If another command started one at the
-    same moment, ours exits (the root is taken) and theirs is used.
+    same moment, ours exits (the root is taken) and theirs is used. If a
+    ckfsd serves the root on another socket (one the user started with its
+    own ``--address``, not named to this command), None: the local path,
+    as without any daemon.
 
     Raises:
         Unavailable: no daemon answered within *timeout* (the message
@@ -553,14 +556,18 @@ def start_daemon(root: Path, *, root_given: bool, timeout: float = START_TIMEOUT
         try:
             client = Client.connect(address, timeout=max(deadline - time.monotonic(), 0.1))
         except Unavailable:
-            # Ours failed; wait only while another daemon holds the root
-            # (one started by a command racing this one, not ready yet).
-            if ready or time.monotonic() >= deadline or not _root_taken(root):
-                raise Unavailable(
-                    f"ckfsd for {root} did not start: {_last_line(log)} (see {log})"
-                ) from None
-            time.sleep(0.1)
-            continue
+            # Ours failed. Another daemon holding the root and this socket is
+            # one a racing command started: wait for it. One holding the
+            # root only listens elsewhere: not ours to find.
+            if not ready and _held(root / "locks" / "ckfsd"):
+                if not _held(_socket_lock(address)):
+                    return None
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+            raise Unavailable(
+                f"ckfsd for {root} did not start: {_last_line(log)} (see {log})"
+            ) from None
         try:
             client.check_root(root)
         except BaseException:
@@ -569,17 +576,25 @@ def start_daemon(root: Path, *, root_given: bool, timeout: float = START_TIMEOUT
         return client
 
 
-def _root_taken(root: Path) -> bool:
-    """Whether a live process holds *root*'s ckfsd lock, by the PID in it.
+def _held(lock: Path) -> bool:
+    """Whether a live process holds the ckfsd lock *lock*, by the PID in it.
 
     Read, not tried: taking the lock even for a moment could refuse the
     very daemon being waited for.
     """
     try:
-        pid = int((root / "locks" / "ckfsd").read_text())
+        pid = int(lock.read_text())
     except (OSError, ValueError):
         return False
     return pid > 0 and os.path.exists(f"/proc/{pid}")
+
+
+def _socket_lock(address: str) -> Path:
+    """The lock a ckfsd listening on *address* holds (``ckfsd.listen.socket_lock``)."""
+    from ckfs.address import socket_path
+
+    path = socket_path(address)
+    return path.with_name(f".{path.name}.lock")
 
 
 def _last_line(path: Path) -> str:
