@@ -237,6 +237,19 @@ def umount(ckfs: Ckfs, target: Path, guard: MountGuard) -> None:
     assert guard.leftovers() == [str(ckfs.root / "fuse/mnt")]
 
 
+def walk(
+    ckfs: Ckfs, guard: MountGuard, ref: str, tmp_path: Path, *flags: str
+) -> tuple[str, list[str], dict[str, treecmp.Node]]:
+    """``ckfs mount`` *ref*, then its stderr, its layers' sources and its tree; unmounted."""
+    target = tmp_path / "rootfs"
+    proc = ckfs.run("mount", *flags, ref, str(target))
+    try:
+        assert is_mountpoint(target)
+        return proc.stderr, sources(ckfs, target), treecmp.snapshot(target)
+    finally:
+        umount(ckfs, target, guard)
+
+
 @pytest.mark.parametrize("mode", ["overlay", "merged"])
 @pytest.mark.parametrize("variant", ["gzip", "tar", "estargz"])
 def test_lazy_tree_equals_umoci_unpack(
@@ -248,15 +261,9 @@ def test_lazy_tree_equals_umoci_unpack(
     mount_guard: MountGuard,
     tmp_path: Path,
 ) -> None:
-    target = tmp_path / "rootfs"
     merged = ["--merged"] if mode == "merged" else []
-    proc = ckfs.run("mount", *merged, images.ref(variant), str(target))
-    assert is_mountpoint(target) and "eagerly" not in proc.stderr, proc.stderr
-    assert sources(ckfs, target) == [SOURCES[variant]] * images.layers
-    try:
-        mounted = treecmp.snapshot(target)
-    finally:
-        umount(ckfs, target, mount_guard)
+    said, layers, mounted = walk(ckfs, mount_guard, images.ref(variant), tmp_path, *merged)
+    assert "eagerly" not in said and layers == [SOURCES[variant]] * images.layers, said
     assert_lazy_tree(
         images, reference, mounted, fresh_root=mode == "overlay", seconds=variant == "estargz"
     )
@@ -271,18 +278,14 @@ def test_zstd_layers_fall_back_loudly(
     tmp_path: Path,
 ) -> None:
     """No index for zstd: each layer is unpacked eagerly, said on stderr and by ``mounts ls``."""
-    target = tmp_path / "rootfs"
-    proc = ckfs.run("mount", images.ref("zstd"), str(target))
-    said = [line for line in proc.stderr.splitlines() if "unpacked eagerly" in line]
-    assert len(said) == images.layers and all("zstd" in line for line in said), proc.stderr
-    assert sources(ckfs, target) == ["eager"] * images.layers
-    try:
-        mounted = treecmp.snapshot(target)
-    finally:
-        umount(ckfs, target, mount_guard)
+    said, layers, mounted = walk(ckfs, mount_guard, images.ref("zstd"), tmp_path)
+    eager = [line for line in said.splitlines() if "unpacked eagerly" in line]
+    assert len(eager) == images.layers and all("zstd" in line for line in eager), said
+    assert layers == ["eager"] * images.layers
     assert_lazy_tree(images, reference, mounted, fresh_root=True)
 
     # A merged view is one FUSE tree: it cannot hold unpacked layers.
+    target = tmp_path / "rootfs"
     refused = ckfs.fails("mount", "--merged", images.ref("zstd"), str(target))
     assert "merged view" in refused, refused
     assert not is_mountpoint(target) and mounts_ls(ckfs) == []
