@@ -25,6 +25,7 @@ from ckfs.layerindex.model import (
     Span,
     iter_nodes,
     stable_ino,
+    through_lower_links,
 )
 from ckfs.layerindex.store import IndexStore
 from tests.layerindexes import LAYER, D, Entry, F, Kind, L, build, entries_of
@@ -399,3 +400,43 @@ def test_store_sweeps_what_dead_writers_left(tmp_path: Path) -> None:
         assert not any(f.exists() for f in gone) and live.exists()
         w.abort()
     assert live.exists()
+
+
+def test_implied_directories_and_paths(tmp_path: Path) -> None:
+    idx = build(tmp_path / "i.db", [F("a/b/c"), D("a"), L("h", "a/b/c")])
+    a = idx.lookup(ROOT, "a")
+    assert a is not None and not a.implied  # made explicit by its own entry
+    b = idx.lookup(a.ino, "b")
+    assert b is not None and b.implied and idx.path_of(b.ino) == "a/b"
+    assert idx.implied_dirs() == ["a/b"]
+    assert idx.path_of(ROOT) == ""
+    h = idx.lookup(ROOT, "h")
+    assert h is not None and idx.path_of(h.ino) in ("h", "a/b/c")  # one of its names
+    with pytest.raises(NotFound):
+        idx.path_of(10**9)
+
+
+@pytest.mark.parametrize(
+    ("upper", "lower", "want"),
+    [
+        ([F("lib/x")], [Entry("lib", Kind.SYMLINK, link="usr/lib")], "lib"),
+        ([F("usr/lib/x/y")], [D("usr"), Entry("usr/lib", Kind.SYMLINK, link="/lib")], "usr/lib"),
+        ([F("etc/x")], [F("etc")], "etc"),
+        ([D("lib"), F("lib/x")], [Entry("lib", Kind.SYMLINK, link="usr/lib")], None),
+        ([F("lib/x")], [D("lib")], None),
+        ([F("lib/x")], [Entry("lib", Kind.WHITEOUT)], None),
+        ([F("lib/x")], [F("other")], None),
+    ],
+)
+def test_paths_through_lower_links(
+    tmp_path: Path, upper: list[Entry], lower: list[Entry], want: str | None
+) -> None:
+    top = build(tmp_path / "top.db", upper)
+    below = [build(tmp_path / "empty.db", []), build(tmp_path / "low.db", lower)]
+    assert through_lower_links(top, below) == want
+
+
+def test_through_lower_links_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model, "MAX_IMPLIED_CHECKS", 1)
+    top = build(tmp_path / "top.db", [F("a/x"), F("b/x")])
+    assert through_lower_links(top, [build(tmp_path / "low.db", [])]) == "b"

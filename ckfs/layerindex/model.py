@@ -64,6 +64,7 @@ __all__ = [
     "FIRST_FINO",
     "FORMAT",
     "LIMITS",
+    "MAX_IMPLIED_CHECKS",
     "ROOT",
     "SCRATCH",
     "SOURCES",
@@ -78,6 +79,7 @@ __all__ = [
     "scratch",
     "stable_ino",
     "sweep",
+    "through_lower_links",
 ]
 
 log = logging.getLogger(__name__)
@@ -169,6 +171,7 @@ class Node:
     fino: int  # stable across rebuilds: see `stable_ino`
     data: int  # offset of the bytes in the uncompressed tar stream; -1: see chunks
     opaque: bool  # a directory hiding lower layers' contents
+    implied: bool = False  # a directory only named as a parent: see `through_lower_links`
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +276,8 @@ CREATE TABLE stage.nodes (
     name BLOB NOT NULL, kind INTEGER NOT NULL, mode INTEGER NOT NULL,
     uid INTEGER NOT NULL, gid INTEGER NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, rdev INTEGER NOT NULL, link BLOB NOT NULL,
-    fino INTEGER NOT NULL, data INTEGER NOT NULL, opaque INTEGER NOT NULL);
+    fino INTEGER NOT NULL, data INTEGER NOT NULL, opaque INTEGER NOT NULL,
+    implied INTEGER NOT NULL);
 CREATE UNIQUE INDEX stage.nodes_name ON nodes(parent, name);
 CREATE TABLE stage.dirs (path BLOB PRIMARY KEY, ino INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE stage.xattrs (ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
@@ -292,7 +296,7 @@ CREATE TABLE nodes (
     gid INTEGER NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
     rdev INTEGER NOT NULL, link BLOB NOT NULL, nlink INTEGER NOT NULL,
     fino INTEGER NOT NULL, data INTEGER NOT NULL, opaque INTEGER NOT NULL,
-    child0 INTEGER NOT NULL, nchild INTEGER NOT NULL);
+    implied INTEGER NOT NULL, child0 INTEGER NOT NULL, nchild INTEGER NOT NULL);
 CREATE TABLE xattrs (ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY (ino, name)) WITHOUT ROWID;
 CREATE TABLE chunks (ino INTEGER NOT NULL, file_offset INTEGER NOT NULL,
@@ -303,10 +307,14 @@ CREATE TABLE spans (uncomp_offset INTEGER PRIMARY KEY, uncomp_size INTEGER NOT N
     comp_offset INTEGER NOT NULL, comp_size INTEGER NOT NULL, sha256 TEXT NOT NULL)
 """
 
-_STAGED = "ino, parent, name, kind, mode, uid, gid, size, mtime_ns, rdev, link, fino, data, opaque"
-_INSERT = f"INSERT INTO stage.nodes (id, {_STAGED}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+_STAGED = (
+    "ino, parent, name, kind, mode, uid, gid, size, mtime_ns, rdev, link, fino, data, opaque, "
+    "implied"
+)
+_INSERT = f"INSERT INTO stage.nodes (id, {_STAGED}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 _NODE_COLUMNS = (
-    "ino, parent, name, kind, mode, uid, gid, size, mtime_ns, rdev, link, nlink, fino, data, opaque"
+    "ino, parent, name, kind, mode, uid, gid, size, mtime_ns, rdev, link, nlink, fino, data, "
+    "opaque, implied"
 )
 
 # Final rows in (parent, name) order; nlink: names per inode, and for a
@@ -316,7 +324,7 @@ INSERT INTO nodes ({_NODE_COLUMNS}, child0, nchild)
 SELECT n.ino, n.parent, n.name, n.kind, n.mode, n.uid, n.gid, n.size, n.mtime_ns, n.rdev,
        n.link,
        CASE WHEN n.kind = {int(Kind.DIR)} THEN 2 + coalesce(d.n, 0) ELSE l.n END,
-       n.fino, n.data, n.opaque, 0, 0
+       n.fino, n.data, n.opaque, n.implied, 0, 0
 FROM stage.nodes n
 JOIN (SELECT ino, count(*) AS n FROM stage.nodes GROUP BY ino) AS l ON l.ino = n.ino
 LEFT JOIN (SELECT parent, count(*) AS n FROM stage.nodes WHERE kind = {int(Kind.DIR)}
@@ -542,7 +550,8 @@ class IndexWriter:
         # The new name copies the target's row: one inode, two names.
         copied = self._db.execute(
             f"INSERT INTO stage.nodes (id, {_STAGED}) SELECT ?, ino, ?, ?, kind, mode, uid, "
-            "gid, size, mtime_ns, rdev, link, fino, data, opaque FROM stage.nodes WHERE id = ?",
+            "gid, size, mtime_ns, rdev, link, fino, data, opaque, implied FROM stage.nodes "
+            "WHERE id = ?",
             (self._next_link, parent, _enc(name), target.id),
         ).rowcount
         if not copied:
@@ -552,7 +561,8 @@ class IndexWriter:
 
     def _update_attrs(self, ino: int, entry: Entry) -> None:
         self._db.execute(
-            "UPDATE stage.nodes SET mode = ?, uid = ?, gid = ?, mtime_ns = ? WHERE id = ?",
+            "UPDATE stage.nodes SET mode = ?, uid = ?, gid = ?, mtime_ns = ?, implied = 0 "
+            "WHERE id = ?",
             (*self._owner(entry), _clamp(entry.mtime_ns), ino),
         )
         self._db.execute("DELETE FROM stage.xattrs WHERE ino = ?", (ino,))
@@ -612,8 +622,9 @@ class IndexWriter:
         self, parent: int, name: str, path: str, kind: Kind, *, opaque: bool = False
     ) -> int:
         """A node with default attributes: an implied directory (0755) or a whiteout."""
+        implied = kind == Kind.DIR and path != ""
         mode = 0o755 if kind == Kind.DIR else 0
-        return self._put(parent, name, path, kind, mode, 0, 0, 0, 0, 0, "", -1, opaque)
+        return self._put(parent, name, path, kind, mode, 0, 0, 0, 0, 0, "", -1, opaque, implied)
 
     def _put(
         self,
@@ -630,6 +641,7 @@ class IndexWriter:
         link: str,
         data: int,
         opaque: bool,
+        implied: bool = False,
     ) -> int:
         """Insert one node (positional: this runs for every entry)."""
         ino = self._next_ino
@@ -650,6 +662,7 @@ class IndexWriter:
             fino,
             data,
             int(opaque),
+            int(implied),
         )
         self._db.execute(_INSERT, row)
         self._next_ino += 1
@@ -939,6 +952,7 @@ def _node(row: Sequence[Any]) -> Node:
         fino=row[12],
         data=row[13],
         opaque=bool(row[14]),
+        implied=bool(row[15]),
     )
 
 
@@ -1026,7 +1040,8 @@ class LayerIndex:
         return self.node(ROOT)
 
     def node(self, ino: int) -> Node:
-        """The node of local inode *ino* (a hardlinked one: its first name).
+        """The node of local inode *ino* (a hardlinked one: one of its names,
+        always the same one).
 
         Raises:
             NotFound: no such inode in this layer.
@@ -1069,6 +1084,29 @@ class LayerIndex:
             yield from page
             offset += len(page)
 
+    def path_of(self, ino: int) -> str:
+        """The path of inode *ino* ("" for the root; for a hardlink, the name
+        `node` gives).
+
+        For messages and checks, not the hot path: one query per level.
+
+        Raises:
+            NotFound: no such inode in this layer.
+        """
+        names: list[str] = []
+        while ino != ROOT:
+            row = self._one("SELECT parent, name FROM nodes WHERE ino = ? LIMIT 1", (ino,))
+            if row is None:
+                raise NotFound(f"layer {self.layer}: no inode {ino}")
+            ino = row[0]
+            names.append(_dec(row[1]))
+        return "/".join(reversed(names))
+
+    def implied_dirs(self) -> list[str]:
+        """Paths of the directories the layer only names as parents, shallow first."""
+        inos = [r[0] for r in self._all("SELECT ino FROM nodes WHERE implied = 1")]
+        return sorted((self.path_of(i) for i in inos), key=lambda p: (p.count("/"), p))
+
     def xattrs(self, ino: int) -> dict[str, bytes]:
         """The extended attributes of inode *ino* (name → value)."""
         return {
@@ -1101,6 +1139,50 @@ class LayerIndex:
 
 
 _SPANS = "SELECT comp_offset, comp_size, uncomp_offset, uncomp_size, sha256 FROM spans"
+
+
+#: Implied directories `through_lower_links` checks; past this many it
+#: answers the next one unchecked, so a layer of a million implied
+#: directories costs bounded time (and is served eagerly).
+MAX_IMPLIED_CHECKS = 100_000
+
+
+def through_lower_links(index: LayerIndex, lowers: Sequence[LayerIndex]) -> str | None:
+    """A path *index* puts below what a lower layer has as a non-directory.
+
+    A layer may hold ``lib/x`` without a ``lib/`` entry while a lower layer
+    has ``lib`` as a symlink (a usrmerge ``lib -> usr/lib``). Unpacked over
+    the lowers, ``x`` lands in ``usr/lib`` through the link; served as its
+    own overlayfs lower, the layer's implied ``lib`` directory would hide
+    the lower link instead, and the two trees would differ. Such a layer
+    is served eagerly: this finds one (an explicit directory entry means
+    the layer replaces the link, the same both ways).
+
+    Conservative: a lower's whiteouts and opaque directories above are not
+    followed, so a link a middle layer deleted still counts.
+
+    Args:
+        index: the layer to attach.
+        lowers: the layers below it, in any order.
+
+    Returns:
+        The first implied directory of *index* that goes through a lower
+        non-directory, or None when there is none.
+    """
+    for checked, path in enumerate(index.implied_dirs()):
+        if checked >= MAX_IMPLIED_CHECKS:
+            return path
+        parts = path.split("/")
+        for lower in lowers:
+            ino = ROOT
+            for part in parts:
+                node = lower.lookup(ino, part)
+                if node is None or node.kind == Kind.WHITEOUT:
+                    break
+                if node.kind != Kind.DIR:
+                    return path
+                ino = node.ino
+    return None
 
 
 def iter_nodes(index: LayerIndex, top: int = ROOT) -> Iterable[tuple[str, Node]]:
