@@ -385,15 +385,18 @@ def test_deep_paths_and_drops_cost_no_walk_per_entry(tmp_path: Path) -> None:
 
 
 class Model:
-    """The tree rules of `ckfs.layerindex.model`, on a dict: path → [kind, inode, opaque]."""
+    """The tree rules of `ckfs.layerindex.model` on a dict.
+
+    path → [kind, inode, opaque, implied].
+    """
 
     def __init__(self) -> None:
-        self.tree: dict[str, list[object]] = {"": [Kind.DIR, 0, False]}
+        self.tree: dict[str, list[object]] = {"": [Kind.DIR, 0, False, False]}
         self.inodes = 0
 
-    def _new(self, path: str, kind: Kind, opaque: bool = False) -> None:
+    def _new(self, path: str, kind: Kind, opaque: bool = False, implied: bool = False) -> None:
         self.inodes += 1
-        self.tree[path] = [kind, self.inodes, opaque]
+        self.tree[path] = [kind, self.inodes, opaque, implied]
 
     def _drop(self, path: str) -> None:
         for p in [p for p in self.tree if p == path or p.startswith(path + "/")]:
@@ -405,7 +408,7 @@ class Model:
             sub = "/".join(parts[:i])
             node = self.tree.get(sub)
             if node is None or node[0] == Kind.WHITEOUT:
-                self._new(sub, Kind.DIR, opaque=node is not None)
+                self._new(sub, Kind.DIR, opaque=node is not None, implied=True)
             elif node[0] != Kind.DIR:
                 raise BadLayer(sub)
 
@@ -439,6 +442,7 @@ class Model:
             self.tree[path] = list(target)
             return
         if old is not None and old[0] == Kind.DIR and kind == Kind.DIR:
+            old[3] = False  # an entry of its own now
             return
         if old is not None:
             self._drop(path)
@@ -479,8 +483,8 @@ def test_tree_rules_match_their_model(steps: list[tuple[str, Kind, str]]) -> Non
         assert set(got) == set(model.tree) - {""}
         inodes: dict[object, int] = {}
         for p, n in got.items():
-            kind, inode, opaque = model.tree[p]
-            assert (n.kind, n.opaque) == (kind, opaque), p
+            kind, inode, opaque, implied = model.tree[p]
+            assert (n.kind, n.opaque, n.implied) == (kind, opaque, implied), p
             assert inodes.setdefault(inode, n.ino) == n.ino, p  # one inode, one ino
         assert len(set(inodes.values())) == len(inodes)  # and the other way round
         assert idx.root().opaque == model.tree[""][2]
