@@ -19,10 +19,11 @@ Tree rules, the same for every source (entries arrive in archive order):
 - a later entry replaces an earlier one at the same path; a directory over
   a directory only takes its attributes (its children stay); a directory
   replaced by anything else drops its subtree;
-- a hardlink shares its target's node (same `Node.ino`, ``nlink`` counted);
-  a target missing from the layer, a directory or a whiteout refuses the
-  layer (it would name something outside the layer or something no
-  filesystem can link);
+- a hardlink shares its target's node (same `Node.ino`, ``nlink`` counted),
+  whatever the target is but a directory, as link(2) and the eager applier
+  allow; a target missing from the layer, a directory, a whiteout, or one
+  inside what the link replaces refuses the layer (it would name something
+  outside the layer, or something no filesystem can link);
 - a whiteout is kept as a `Kind.WHITEOUT` node (served as the 0/0 character
   device overlayfs reads) unless this layer put an entry at that path (a
   whiteout only hides lower layers, which that entry hides anyway); an
@@ -30,8 +31,10 @@ Tree rules, the same for every source (entries arrive in archive order):
   since the lower one was deleted;
 - `Kind.OPAQUE` marks its directory opaque;
 - an entry below a non-directory (a file, or a symlink: paths are never
-  resolved through links) refuses the layer, as does changing the type of
-  the root; so do the `Limits`.
+  resolved through links) refuses the layer, as do changing the type of
+  the root, sparse files (their bytes are not one run of the tar), chunk
+  maps that do not tile their file inside the blob, and the `Limits`.
+  (Paths below a *lower* layer's symlink: `through_lower_links`.)
 
 Refusal is `BadLayer`: the caller falls back to the eager path, loudly.
 """
