@@ -536,7 +536,7 @@ def start_daemon(root: Path, *, root_given: bool, timeout: float = START_TIMEOUT
     try:
         with log.open("ab") as out:
             command = [sys.executable, "-m", "ckfsd", "--root", str(root), "--address", address]
-            subprocess.Popen(
+            daemon = subprocess.Popen(
                 [*command, "--ready-fd", str(write_fd)],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -548,6 +548,9 @@ def start_daemon(root: Path, *, root_given: bool, timeout: float = START_TIMEOUT
         os.close(write_fd)
         write_fd = -1
         ready = select.select([read_fd], [], [], timeout)[0] and os.read(read_fd, 64)
+        if not ready:  # reaped, so its PID in the locks it held reads as gone
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                daemon.wait(timeout=5)
     finally:
         os.close(read_fd)
         if write_fd >= 0:
