@@ -197,6 +197,7 @@ def build_spec(
     args: Sequence[str] = (),
     hostname: str = "ckfs",
     readonly: bool = False,
+    no_new_privileges: bool = False,
 ) -> dict[str, Any]:
     """A runtime-spec ``config.json`` for running *config*'s image.
 
@@ -208,6 +209,10 @@ def build_spec(
         args: replaces the image's cmd, as ``docker run IMAGE ARGS`` does.
         hostname: the container's hostname.
         readonly: mount the root filesystem read-only.
+        no_new_privileges: set ``noNewPrivileges``, so setuid binaries in the
+            image do not gain privileges. Off by default, as containerd and
+            Docker run containers: an image's setuid programs (su, ping,
+            sudo) work for its non-root users. ``runc spec`` turns it on.
 
     Raises:
         InvalidArgument: nothing to run (no entrypoint, cmd or args), or an
@@ -231,7 +236,7 @@ def build_spec(
             "cwd": config.working_dir or "/",
             "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": True,
+            "noNewPrivileges": no_new_privileges,
         },
         "root": {"path": root_path, "readonly": readonly},
         "hostname": hostname,

@@ -276,8 +276,14 @@ def rootfs_cmd(
 
 
 @click.command("bundle")
-@snapshotter_option
+@snapshotter_option_defaulting("fuse")
 @click.option("--ro", is_flag=True, help="Read-only root filesystem.")
+@click.option(
+    "--no-new-privileges",
+    is_flag=True,
+    help="Setuid binaries in the image gain no privileges (off by default, as in "
+    "containerd and Docker; `runc spec` turns it on).",
+)
 @registry_options
 @click.argument("ref")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
@@ -288,6 +294,7 @@ def bundle_cmd(
     /,
     snapshotter: str,
     ro: bool,
+    no_new_privileges: bool,
     ref: str,
     directory: Path,
     args: tuple[str, ...],
@@ -308,7 +315,9 @@ def bundle_cmd(
     try:
         image = app.images.get(normalize(ref))
         config = img.config(blobs(app), image.target, options.platform)
-        spec = build_spec(config, rootfs=rootfs, args=args, readonly=ro)
+        spec = build_spec(
+            config, rootfs=rootfs, args=args, readonly=ro, no_new_privileges=no_new_privileges
+        )
         tmp = directory / "config.json.tmp"
         tmp.write_text(json.dumps(spec, indent=2) + "\n")
         tmp.replace(directory / "config.json")
