@@ -169,7 +169,8 @@ def test_mount_equals_umoci_unpack(
 
     ckfs.run("umount", str(target))
     assert not is_mountpoint(target)
-    assert mount_guard.leftovers() == []
+    # The FUSE server outlives the mounts it serves (conftest stops it).
+    assert [m for m in mount_guard.leftovers() if m != str(ckfs.root / "fuse/mnt")] == []
     if not ro:
         # The committed layers were not written through: a new mount is pristine.
         ckfs.run("mount", "--snapshotter", snapshotter, ref, str(target))

@@ -8,14 +8,16 @@ another method of the same object is using.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from ckfs.digest import CHUNK, Digester
 
-__all__ = ["fsync_dir", "hash_fd", "pread_exact", "start_writeback"]
+__all__ = ["fsync_dir", "hash_fd", "pread_exact", "replace_file", "start_writeback"]
 
 
 def hash_fd(fd: int, algorithm: str, limit: int | None = None) -> tuple[Digester, int]:
@@ -72,6 +74,27 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Make *data* the content of *path* atomically and durably.
+
+    A small state file another process may read at any moment (a merged
+    view, an override record): it sees the old content or the new one,
+    never a part, and a power loss keeps one of them.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
 
 
 #: ``sync_file_range(2)`` flag: start writing back the dirty pages of the

@@ -106,6 +106,11 @@ class ServerPaths:
     def views(self) -> Path:
         return self.dir / "views"
 
+    @property
+    def chains(self) -> Path:
+        """Override records of variant layer directories (`snapshotters.fuse.overrides`)."""
+        return self.dir / "chains"
+
 
 def ensure_server(root: Path, *, timeout: float = START_TIMEOUT) -> Path:
     """The mountpoint of *root*'s live FUSE server, started if needed.

@@ -119,7 +119,7 @@ def _write_pid(path: Path) -> None:
 
 
 def _serve(paths: ServerPaths) -> None:
-    tree = Tree(IndexStore(paths.root), paths.views)
+    tree = Tree(IndexStore(paths.root), paths.views, paths.chains)
     readers = Readers(paths.root)
     ops = Ops(tree, readers)
     pyfuse3.init(ops, str(paths.mnt), set(OPTIONS))

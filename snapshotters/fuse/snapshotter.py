@@ -40,9 +40,10 @@ import logging
 import os
 import re
 import secrets
-import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckfs.digest import Digest
 from ckfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -52,6 +53,10 @@ from ckfs.mount import Mount
 from ckfs.snapshots import Info, Kind
 from snapshotters.fuse.process import ServerPaths, ensure_server
 from snapshotters.overlay import OverlaySnapshotter
+
+if TYPE_CHECKING:
+    from ckfs.snapshots import CleanupError
+    from snapshotters.fuse.overrides import Lower
 
 __all__ = ["LAYER_DIGEST", "VIEW_NAME", "FuseSnapshotter"]
 
@@ -72,6 +77,10 @@ LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 
 #: Prefix of an attach's short-lived active snapshot, before its commit.
 ATTACH_PREFIX = "attach-"
+
+#: Seconds an override record nothing links yet is kept by `FuseSnapshotter.cleanup`:
+#: far longer than an attach takes from writing it to committing the snapshot.
+RECORD_GRACE = 3600.0
 
 
 class FuseSnapshotter(OverlaySnapshotter):
@@ -122,8 +131,11 @@ class FuseSnapshotter(OverlaySnapshotter):
 
         The layer's directory must already be served (its index built and
         the serving process running), so a snapshot that exists can be
-        mounted. The commit goes the way every commit does, through a
-        short-lived active snapshot ``attach-<random> <name>`` (a crash in
+        mounted. When directories the layer only implies get other
+        attributes from the layers of *parent* (`snapshotters.fuse.overrides`),
+        the snapshot links a variant directory showing those instead. The
+        commit goes the way every commit does, through a short-lived active
+        snapshot ``attach-<random> <name>`` (a crash in
         between leaves that behind for gc, as an interrupted unpack leaves
         its extract snapshot); of two racing attaches of one name, one
         commits and the other gets `AlreadyExists` and leaves nothing.
@@ -161,6 +173,7 @@ class FuseSnapshotter(OverlaySnapshotter):
                 f"layer {digest}: not served at {self.layer_dir(digest)} "
                 "(no index, or the FUSE server is not running)"
             )
+        lower = self._variant(digest, parent) or lower
         key = f"{ATTACH_PREFIX}{secrets.token_hex(8)} {name}"
 
         def link(path: Path, kind: Kind, parent_ids: tuple[int, ...]) -> None:
@@ -213,9 +226,9 @@ class FuseSnapshotter(OverlaySnapshotter):
             target = os.readlink(fs)
         except OSError:  # EINVAL: a directory, the usual snapshot
             return None
-        from ckfs.layerindex import parse_dirname  # as in layer_dir
+        from snapshotters.fuse.overrides import split_name  # as ckfs.layerindex in layer_dir
 
-        return parse_dirname(os.path.basename(target))
+        return split_name(os.path.basename(target))[0]
 
     def attached_layers(self) -> set[Digest]:
         """Every layer a snapshot directory here links: what gc must keep indexed.
@@ -225,16 +238,20 @@ class FuseSnapshotter(OverlaySnapshotter):
         index a little long is harmless, dropping one a mount still reads
         is not.
         """
-        from ckfs.layerindex import parse_dirname  # as in layer_dir
+        from snapshotters.fuse.overrides import split_name  # as ckfs.layerindex in layer_dir
 
-        layers: set[Digest] = set()
+        return {split_name(name)[0] for name in self._linked()}
+
+    def _linked(self) -> set[str]:
+        """The names of the FUSE directories the snapshot directories here link."""
+        names: set[str] = set()
         for entry in os.listdir(self._store.root):
             try:
                 target = os.readlink(self._store.root / entry / "fs")
-                layers.add(parse_dirname(os.path.basename(target)))
-            except (OSError, InvalidArgument):
-                continue  # a snapshot of its own files, or not ours
-        return layers
+            except OSError:
+                continue  # a snapshot of its own files
+            names.add(os.path.basename(target))
+        return names
 
     def chain_layers(self, parent: str) -> list[Digest]:
         """The layers of *parent* and its ancestors, bottom first: a merged view's list.
@@ -272,24 +289,12 @@ class FuseSnapshotter(OverlaySnapshotter):
             raise InvalidArgument(f"merged view {name!r}: no layers")
         body = json.dumps({"layers": [Digest.parse(d) for d in layers]}, indent=1) + "\n"
         self.server.views.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.server.views)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
         # Durable like the mount records that name it, so a view a reboot
         # interrupts is still there to serve when the mount is recovered.
-        from ckfs.content.fsutil import fsync_dir
+        from ckfs.content.fsutil import replace_file
         from snapshotters.fuse.tree import MERGED  # as ckfs.layerindex in layer_dir
 
-        fsync_dir(self.server.views)
-
+        replace_file(path, body.encode())
         return self.server.mnt / MERGED / name
 
     def remove_view(self, name: str) -> None:
@@ -313,7 +318,105 @@ class FuseSnapshotter(OverlaySnapshotter):
         stems = (n.removesuffix(VIEW_SUFFIX) for n in names if n.endswith(VIEW_SUFFIX))
         return sorted(s for s in stems if VIEW_NAME.fullmatch(s))
 
+    def cleanup(self, on_error: CleanupError | None = None) -> list[str]:
+        """`Cleaner.cleanup`, and the override records no snapshot links any more.
+
+        A record written in the last `RECORD_GRACE` seconds stays: an
+        attach writes it before it creates the snapshot that links it.
+        """
+        removed = super().cleanup(on_error)
+        from snapshotters.fuse.overrides import record_path  # as ckfs.layerindex in layer_dir
+
+        linked = {record_path(self.server.chains, n).name for n in self._linked()}
+        try:
+            records = os.listdir(self.server.chains)
+        except FileNotFoundError:
+            return removed
+        young = time.time() - RECORD_GRACE
+        for name in sorted(set(records) - linked):
+            path = self.server.chains / name
+            try:
+                if path.lstat().st_mtime > young:
+                    continue
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                if on_error is None:
+                    log.warning("cleanup: cannot remove %s: %s", path, e)
+                else:
+                    on_error(path, e)
+                continue
+            removed.append(str(path))
+        return removed
+
     # -- helpers ---------------------------------------------------------------
+
+    def _variant(self, layer: Digest, parent: str) -> Path | None:
+        """The variant directory *layer* is to be read through on *parent*, if any.
+
+        None when every implied directory of the layer keeps the defaults
+        on that chain: the shared directory is right.
+
+        Raises:
+            FailedPrecondition: the variant is not served (the FUSE mount
+                answers with an error).
+        """
+        from ckfs.layerindex.store import IndexStore
+        from snapshotters.fuse import overrides
+
+        if not parent:
+            return None
+        index = IndexStore(self.server.root).get(layer)
+        if index is None:
+            return None  # served, so indexed: a race with gc at worst
+        with contextlib.ExitStack() as stack:
+            stack.callback(index.close)
+            paths = overrides.implied_paths(index)
+            if not paths:
+                return None
+            dirs = overrides.resolve(paths, self._lowers(parent, stack))
+        if not dirs:
+            return None
+        record = overrides.Record(layer, dirs)
+        overrides.write_record(self.server.chains, record)
+        path = self.server.mnt / record.name
+        try:
+            if path.is_dir():
+                return path
+        except OSError as e:
+            raise FailedPrecondition(f"layer {layer}: {path}: {e.strerror}") from e
+        raise FailedPrecondition(f"layer {layer}: variant {path} is not served")
+
+    def _lowers(self, parent: str, stack: contextlib.ExitStack) -> list[Lower]:
+        """The layers of *parent* and its ancestors, top first, to resolve against.
+
+        An attached layer without an index (removed under it) ends the
+        list: what it hid is unknown, so the defaults stay.
+        """
+        from ckfs.layerindex.store import IndexStore
+        from snapshotters.fuse import overrides
+
+        store = IndexStore(self.server.root)
+        lowers: list[Lower] = []
+        key = parent
+        while key:
+            fs = self._fs(self._store.snapshot(key).id)
+            try:
+                name = os.path.basename(os.readlink(fs))
+            except OSError:
+                lowers.append(overrides.DirLower(fs))  # unpacked: its own files
+            else:
+                digest, variant = overrides.split_name(name)
+                index = store.get(digest)
+                if index is None:
+                    log.warning("snapshot %r: layer %s has no index", key, digest)
+                    break
+                stack.callback(index.close)
+                record = overrides.read_record(self.server.chains, name) if variant else None
+                lowers.append(overrides.IndexLower(index, record))
+            key = self.stat(key).parent
+        return lowers
 
     def _served(self, layer: Digest) -> Path | None:
         """*layer*'s FUSE directory if it is one now, else None.

@@ -9,10 +9,14 @@ layers' whiteouts and opaque directories themselves (no kernel overlay)::
     /merged/                  MERGED_INO
     /merged/<view>/...        one view per <root>/fuse/views/<view>.json
     /sha256-<hex>/...         one directory per layer index in the store
+    /sha256-<hex>.<key>/...   a variant of one: the same index, its implied
+                              directories showing what <root>/fuse/chains/
+                              <variant>.json says (`snapshotters.fuse.overrides`)
 
 Inode numbers are stable across restarts of the server: a layer's node keeps
-the index's ``fino`` (xxh3 of layer digest and path), a merged directory gets
-the same kind of hash of its view and path. A merged view's files are the
+the index's ``fino`` (xxh3 of layer digest and path), a variant's node a hash
+of that and the variant's key, a merged directory the same kind of hash of
+its view and path. A merged view's files are the
 layer's own inodes (the kernel sees them as hardlinks of the layer directory's
 entries, which they are: same bytes, same attributes); its directories are
 its own, since their children differ from any single layer's.
@@ -29,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -39,7 +43,8 @@ from ckfs.digest import Digest
 from ckfs.errors import CkfsError, InvalidArgument, NotFound
 from ckfs.jsondoc import parse_object
 from ckfs.layerindex.model import FIRST_FINO, LayerIndex, Node, stable_ino
-from ckfs.layerindex.store import dirname, parse_dirname
+from ckfs.layerindex.store import dirname
+from snapshotters.fuse.overrides import DirAttrs, Record, read_record, salted_ino, split_name
 
 __all__ = [
     "MERGED",
@@ -169,19 +174,54 @@ class Reader(Protocol):
 class Layer:
     """One open layer index, shared by every inode that points into it.
 
+    A variant of a layer (`snapshotters.fuse.overrides`) is a Layer of its
+    own over the same index file: its implied directories show *dirs*, and
+    its inodes are numbered apart from the shared directory's.
+
     Attributes:
         digest: the layer's digest.
         index: its open index.
         refs: known inodes pointing into it; at zero it is closed.
+        name: its top-level directory's name.
+        variant: the variant's key, or None for the shared directory.
+        dirs: local inode → the attributes a variant shows for it.
     """
 
-    __slots__ = ("_reader", "digest", "index", "refs")
+    __slots__ = ("_reader", "digest", "dirs", "index", "name", "refs", "variant")
 
-    def __init__(self, digest: Digest, index: LayerIndex) -> None:
+    def __init__(
+        self,
+        digest: Digest,
+        index: LayerIndex,
+        variant: str | None = None,
+        dirs: dict[int, DirAttrs] | None = None,
+    ) -> None:
         self.digest = digest
         self.index = index
         self.refs = 0
+        self.variant = variant
+        self.dirs = dirs or {}
+        self.name = dirname(digest) if variant is None else f"{dirname(digest)}.{variant}"
         self._reader: Reader | None = None
+
+    def ino(self, node: Node) -> int:
+        """The inode number *node* has in this layer's directory."""
+        return node.fino if self.variant is None else salted_ino(node.fino, self.variant)
+
+    def attr(self, node: Node) -> Attr:
+        """*node*'s attributes in this layer's directory."""
+        attr = node_attr(node, self.ino(node))
+        over = self.dirs.get(node.ino)
+        if over is None:
+            return attr
+        return Attr(
+            attr.ino, stat.S_IFDIR | over.mode, attr.nlink, over.uid, over.gid, 0, 0, over.mtime_ns
+        )
+
+    def xattrs(self, node: Node) -> dict[str, bytes]:
+        """*node*'s extended attributes in this layer's directory, as the index holds them."""
+        over = self.dirs.get(node.ino)
+        return self.index.xattrs(node.ino) if over is None else dict(over.xattrs)
 
     def reader(self, make: Callable[[LayerIndex], Reader]) -> Reader:
         """This layer's reader, made by *make* on first use."""
@@ -231,6 +271,8 @@ class Inode:
     view: View | None = None
     #: Path inside the view (merged directories only; "" is its root).
     path: str = ""
+    #: Which of *merged* gives the directory's attributes and xattrs.
+    source: int = 0
     #: References the kernel holds (lookups minus forgets).
     lookups: int = 0
     #: A layer directory's (name, inode number) list, once listed whole:
@@ -247,15 +289,15 @@ class Inode:
         return [self.layer] if self.layer is not None else [layer for layer, _ in self.merged]
 
     def load(self) -> tuple[Layer, Node] | None:
-        """The layer and node behind this inode (a merged directory: its top
-        one); None for the server's own directories.
+        """The layer and node behind this inode (a merged directory: the one
+        giving its attributes); None for the server's own directories.
 
         Raises:
             NotFound: the index lost the node (it cannot: indexes never change).
         """
         if self.layer is not None:
             return self.layer, self.layer.index.node(self.local)
-        return self.merged[0] if self.merged else None
+        return self.merged[self.source] if self.merged else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +381,8 @@ class Listing:
         if offset > len(collected) or offset >= CACHED_CHILDREN:
             self._collected = None  # a seek past a gap, or too big to keep
             return
-        collected.append((child.name, child.fino))
+        assert self._inode.layer is not None
+        collected.append((child.name, self._inode.layer.ino(child)))
 
 
 class Tree:
@@ -349,12 +392,16 @@ class Tree:
         store: the root's layer indexes.
         views: the directory of merged views' JSON files
             (``<root>/fuse/views``).
+        chains: the directory of variants' override records
+            (``<root>/fuse/chains``); None: no variants.
     """
 
-    def __init__(self, store: Indexes, views: Path) -> None:
+    def __init__(self, store: Indexes, views: Path, chains: Path | None = None) -> None:
         self._store = store
         self._views = views
-        self._layers: dict[Digest, Layer] = {}
+        self._chains = chains
+        #: Open layers by top-level directory name (a variant's own).
+        self._layers: dict[str, Layer] = {}
         root = Attr(ROOT_INO, _OWN_DIR_MODE)
         merged = Attr(MERGED_INO, _OWN_DIR_MODE)
         self._inodes: dict[int, Inode] = {
@@ -427,13 +474,13 @@ class Tree:
             layer.refs -= 1
             # Only this inode's layers: a forget per inode of a big walk
             # must not scan every open layer.
-            if layer.refs <= 0 and self._layers.get(layer.digest) is layer:
-                self._layers.pop(layer.digest).close()
+            if layer.refs <= 0 and self._layers.get(layer.name) is layer:
+                self._layers.pop(layer.name).close()
 
     def sweep(self) -> None:
         """Close the layer indexes no known inode points into."""
-        for digest in [d for d, layer in self._layers.items() if layer.refs <= 0]:
-            self._layers.pop(digest).close()
+        for name in [n for n, layer in self._layers.items() if layer.refs <= 0]:
+            self._layers.pop(name).close()
 
     def statistics(self) -> dict[str, int]:
         """Known inodes and open layer indexes (for logs and tests)."""
@@ -462,9 +509,11 @@ class Tree:
     def names(self, inode: Inode) -> list[str]:
         """Every name in a directory that is not a layer's own, sorted."""
         if inode.ino == ROOT_INO:
-            return [MERGED, *sorted(dirname(d) for d in self._store.digests())]
+            layers = [dirname(d) for d in self._store.digests()]
+            variants = _json_stems(self._chains) if self._chains is not None else []
+            return [MERGED, *sorted(layers + variants)]
         if inode.ino == MERGED_INO:
-            return sorted(self._view_names())
+            return sorted(_json_stems(self._views))
         names: set[str] = set()
         for layer, node in inode.merged:
             offset = 0
@@ -527,7 +576,7 @@ class Tree:
         layer, node = top
         found = {
             name: value
-            for name, value in layer.index.xattrs(node.ino).items()
+            for name, value in layer.xattrs(node).items()
             if not name.startswith(OVERLAY_XATTR_PREFIX)
         }
         if node.opaque and inode.view is None:
@@ -567,41 +616,53 @@ class Tree:
 
     def layer_inode(self, layer: Layer, node: Node) -> Inode:
         """The inode of a layer's node: the known one, or a new uncounted one."""
-        known = self._inodes.get(node.fino)
+        ino = layer.ino(node)
+        known = self._inodes.get(ino)
         if known is not None:
             return known
         link = node.link if node.kind == Kind.SYMLINK else None
-        return Inode(node.fino, node_attr(node), layer, node.ino, link=link)
+        return Inode(ino, layer.attr(node), layer, node.ino, link=link)
 
-    def _layer(self, digest: Digest) -> Layer | None:
-        """The open layer *digest*, opened now if needed; None if not indexed."""
-        layer = self._layers.get(digest)
-        if layer is None:
-            index = self._store.get(digest)
-            if index is None:
+    def _layer(self, digest: Digest, variant: str | None = None) -> Layer | None:
+        """The open layer *digest* (or its *variant*), opened now if needed.
+
+        None if the layer is not indexed, or the variant has no usable record.
+        """
+        name = dirname(digest) if variant is None else f"{dirname(digest)}.{variant}"
+        layer = self._layers.get(name)
+        if layer is not None:
+            return layer
+        record = None
+        if variant is not None:
+            record = self._record(name)
+            if record is None:
                 return None
-            layer = self._layers[digest] = Layer(digest, index)
+        index = self._store.get(digest)
+        if index is None:
+            return None
+        dirs = _implied_inodes(index, record.dirs, name) if record is not None else {}
+        layer = self._layers[name] = Layer(digest, index, variant, dirs)
         return layer
+
+    def _record(self, name: str) -> Record | None:
+        """Variant *name*'s override record; None (logged if damaged) without one."""
+        if self._chains is None:
+            return None
+        try:
+            return read_record(self._chains, name)
+        except InvalidArgument as e:
+            log.warning("variant %s not served: %s", name, e)
+            return None
 
     def _top(self, name: str) -> Inode | None:
         if name == MERGED:
             return self._inodes[MERGED_INO]
         try:
-            digest = parse_dirname(name)
+            digest, variant = split_name(name)
         except InvalidArgument:
             return None
-        layer = self._layer(digest)
+        layer = self._layer(digest, variant)
         return None if layer is None else self.layer_inode(layer, layer.index.root())
-
-    def _view_names(self) -> Iterator[str]:
-        try:
-            files = os.listdir(self._views)
-        except FileNotFoundError:
-            return
-        for f in files:
-            # Hidden names are the writer's temporary files (atomic renames).
-            if f.endswith(".json") and not f.startswith("."):
-                yield f[: -len(".json")]
 
     def _view(self, name: str) -> View | None:
         """The view *name* as its file says now; None if there is no such file.
@@ -674,14 +735,17 @@ class Tree:
         known = self._inodes.get(ino)
         if known is not None:
             return known
-        # The top directory's attributes; nlink 1 says "not counted" (find
-        # and fts then do not guess subdirectories from it).
+        # The attributes of the top directory a layer lists: one it only
+        # implies is a copy of the one below it, as an eager unpack makes
+        # it (`snapshotters.fuse.overrides`). nlink 1 says "not counted"
+        # (find and fts then do not guess subdirectories from it).
+        source = next((i for i, (_, node) in enumerate(dirs) if not node.implied), 0)
         if dirs:
-            top = node_attr(dirs[0][1], ino)
+            top = node_attr(dirs[source][1], ino)
             attr = Attr(ino, top.mode, 1, top.uid, top.gid, 0, 0, top.mtime_ns)
         else:  # a view of no layers: an empty directory
             attr = Attr(ino, _OWN_DIR_MODE)
-        return Inode(ino, attr, merged=dirs, view=view, path=path)
+        return Inode(ino, attr, merged=dirs, view=view, path=path, source=source)
 
     def _path(self, layer: Layer, node: Node) -> str:
         parts: list[str] = []
@@ -703,3 +767,31 @@ def _cut_at_opaque(dirs: list[tuple[Layer, Node]]) -> tuple[tuple[Layer, Node], 
         if node.opaque:
             return tuple(dirs[: i + 1])
     return tuple(dirs)
+
+
+def _implied_inodes(
+    index: LayerIndex, dirs: Mapping[str, DirAttrs], name: str
+) -> dict[int, DirAttrs]:
+    """*dirs* (by path) keyed by local inode; paths that are no implied directory are dropped."""
+    found: dict[int, DirAttrs] = {}
+    for path, attrs in dirs.items():
+        node: Node | None = index.root()
+        for part in path.split("/") if path else []:
+            node = index.lookup(node.ino, part) if node is not None else None
+        if node is None or node.kind != Kind.DIR or not node.implied:
+            log.warning("variant %s: /%s is no implied directory of the layer", name, path)
+            continue
+        found[node.ino] = attrs
+    return found
+
+
+def _json_stems(directory: Path) -> list[str]:
+    """The names of the ``<name>.json`` files in *directory* (views, override records).
+
+    Hidden names are their writers' temporary files (atomic renames).
+    """
+    try:
+        files = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return [f[: -len(".json")] for f in files if f.endswith(".json") and not f.startswith(".")]
