@@ -24,6 +24,8 @@ import gzip
 import hashlib
 import json
 import random
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +37,13 @@ from ckfs.api.services.snapshots.v1 import snapshots_pb2_grpc
 from ckfs.labels import SNAPSHOT_REF
 from integration.conftest import Ckfs
 from integration.containerd import LAZY_PROXY, Containerd, cri_pull
-from integration.daemon import Daemon, channel, ckfsd_fixture  # noqa: F401 (fixture ckfsd)
+from integration.daemon import (  # noqa: F401 (fixture ckfsd)
+    Daemon,
+    channel,
+    ckfsd_fixture,
+    start,
+    stop,
+)
 from integration.estargz import estargz_layout
 from integration.faultproxy import FaultProxy
 from integration.mounts import MountGuard
@@ -151,3 +159,49 @@ def test_a_chain_id_ckfs_does_not_know_is_an_ordinary_prepare(ckfsd: Daemon) -> 
         with pytest.raises(grpc.RpcError) as e:
             stub.Stat(pb.StatSnapshotRequest(snapshotter=LAZY_PROXY, key=chain_id), timeout=60)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+#: The container's script: read a little of the unread file, wait for the
+#: test (ckfsd is killed meanwhile), then read all of it, which the FUSE
+#: server fetches alone, and a file not looked up before.
+WAIT_THEN_READ = (
+    "busybox head -c 65536 /opt/unread.bin | busybox wc -c; "
+    "while [ ! -e /tmp/go ]; do sleep 0.1; done; "
+    "busybox sha256sum /opt/unread.bin; cat /etc/os-release"
+)
+
+
+def test_a_container_keeps_reading_while_ckfsd_is_killed(
+    lazy_image: int, ckfsd: Daemon, proxy: FaultProxy, containerd: Containerd
+) -> None:
+    ref = f"{proxy.host}/{REPO}"
+    Ckfs(ckfsd.root, ckfsd.address).run("pull", "--lazy", ref)
+    cri_pull(containerd.address, ref)
+    name = f"ckfs-lazy-{random.randrange(1 << 32):08x}"
+    run = ["ctr", "--address", containerd.address, "-n", "k8s.io", "run", "--rm"]
+    task = subprocess.Popen(
+        [*run, "--snapshotter", LAZY_PROXY, ref, name, "sh", "-c", WAIT_THEN_READ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    again: Daemon | None = None
+    try:
+        assert task.stdout is not None
+        assert task.stdout.readline().strip() == "65536"
+        ckfsd.process.send_signal(signal.SIGKILL)
+        ckfsd.process.wait(timeout=30)
+        exec_ = ["-n", "k8s.io", "tasks", "exec", "--exec-id", "go", name]
+        containerd.ctr(*exec_, "busybox", "touch", "/tmp/go")
+        out, err = task.communicate(timeout=120)
+        unread = hashlib.sha256(hashlib.shake_256(b"ckfs unread").digest(UNREAD)).hexdigest()
+        assert out.splitlines() == [f"{unread}  /opt/unread.bin", *OS_RELEASE.splitlines()], err
+        # A ckfsd again on the same root and socket adopts the FUSE server.
+        again = start(ckfsd.root, ckfsd.socket, ckfsd.log)
+        assert "remounted" not in again.log_text()
+    finally:
+        if task.poll() is None:
+            task.kill()
+            task.wait()
+        if again is not None:
+            stop(again.process)
