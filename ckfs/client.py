@@ -450,13 +450,7 @@ def discover(address: str | None, *, root_given: bool, root: Path | None = None)
     if address:
         # Nothing to ask the daemon before the command without a root to check.
         client = Client.connect(address, probe=root is not None)
-        if root is not None:
-            try:
-                client.check_root(root)
-            except BaseException:
-                client.close()
-                raise
-        return client
+        return client if root is None else _serving(client, root)
     from ckfs.address import default_address, default_root
 
     if root_given:
@@ -571,12 +565,50 @@ def start_daemon(root: Path, *, root_given: bool, timeout: float = START_TIMEOUT
             raise Unavailable(
                 f"ckfsd for {root} did not start: {_last_line(log)} (see {log})"
             ) from None
-        try:
-            client.check_root(root)
-        except BaseException:
-            client.close()
-            raise
-        return client
+        return _serving(client, root)
+
+
+def _serving(client: Client, root: Path) -> Client:
+    """*client*, once it says it serves *root* (`Client.check_root`); closed if not."""
+    try:
+        client.check_root(root)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def stop_daemon(root: Path, *, grace: float = 15.0) -> bool:
+    """Stop the ckfsd serving *root* (started by `start_daemon` or by hand), by its PID.
+
+    The PID is the one in the root's ``locks/ckfsd``, which the daemon holds
+    while it runs: SIGTERM (it finishes its RPCs), SIGKILL after *grace*.
+
+    Returns:
+        Whether a daemon was running.
+    """
+    import signal
+    import time
+
+    from ckfs.locks import try_lock
+
+    lock = root / "locks" / "ckfsd"
+    if not lock.exists():
+        return False
+    fd = try_lock(lock)
+    if fd is not None:  # nobody holds it: no daemon
+        os.close(fd)
+        return False
+    pid = int(lock.read_text())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while (fd := try_lock(lock)) is None:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            deadline += grace
+        time.sleep(0.05)
+    os.close(fd)
+    return True
 
 
 def _held(lock: Path) -> bool:

@@ -37,10 +37,11 @@ def state(tmp_path: Path) -> Iterator[State]:
 
 @pytest.fixture
 def sn(state: State) -> FuseSnapshotter:
+    """The fuse snapshotter with `LAYERS` "served" (plain directories)."""
     sn = state.snapshotter("fuse")
     assert isinstance(sn, FuseSnapshotter)
     for layer in LAYERS:
-        sn.layer_dir(layer).mkdir(parents=True)  # "served"
+        sn.layer_dir(layer).mkdir(parents=True)
     return sn
 
 
