@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import inspect
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,36 +70,6 @@ _SERVER_LOCKS = ("fuse/server.lock", "*/fuse/server.lock", "*/*/fuse/server.lock
 _DAEMON_LOCKS = ("locks/ckfsd", "*/locks/ckfsd", "*/*/locks/ckfsd")
 
 
-def _stop_daemon(lock: Path, grace: float = 15.0) -> None:
-    """SIGTERM the ckfsd holding *lock* (by the PID in it), SIGKILL after *grace*."""
-    import signal
-    import time
-
-    from ckfs.locks import try_lock
-
-    fd = try_lock(lock)
-    if fd is not None:  # nobody holds it: no daemon
-        os.close(fd)
-        return
-    pid = int(lock.read_text())
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            deadline += grace
-        time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    """Whether *pid* runs (a zombie, dead but not yet reaped by its parent, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
 @pytest.fixture(autouse=True)
 def _no_fuse_server_left(request: pytest.FixtureRequest) -> Iterator[None]:
     """Stop the FUSE servers a test's ckfs roots started, by their pid files' PIDs.
@@ -116,8 +85,12 @@ def _no_fuse_server_left(request: pytest.FixtureRequest) -> Iterator[None]:
     tmp: Path = request.getfixturevalue("tmp_path")
     yield
     # ckfsds ``ckfs mount`` started in the background (ckfs.client.start_daemon) first.
-    for lock in (lock for pattern in _DAEMON_LOCKS for lock in tmp.glob(pattern)):
-        _stop_daemon(lock)
+    daemons = [lock for pattern in _DAEMON_LOCKS for lock in tmp.glob(pattern)]
+    if daemons:
+        from ckfs.client import stop_daemon
+
+        for lock in daemons:
+            stop_daemon(lock.parent.parent)
     locks = [lock for pattern in _SERVER_LOCKS for lock in tmp.glob(pattern)]
     if locks:
         from snapshotters.fuse.process import stop_server

@@ -2,10 +2,12 @@
 # Set up ckfs on this Debian machine and run its main job, offline:
 #   1. build an example image with umoci (from Debian's busybox-static),
 #   2. serve it from a local docker-registry on 127.0.0.1,
-#   3. `ckfs mount` it (pull what is missing, unpack, mount overlayfs),
+#   3. `ckfs mount` it lazily (manifests, config, layer indexes; file contents
+#      through the FUSE server as they are read), list it with `ckfs mounts ls`,
 #   4. run it with runc from `ckfs bundle`, then unmount and clean up.
-# State goes to ./example/ (CKFS_ROOT overrides); the registry is ours and is
-# stopped by its PID when the script ends, whatever happens.
+# State goes to ./example/ (CKFS_ROOT overrides). The registry, and the ckfsd
+# and FUSE server `ckfs mount` starts in the background, are stopped by their
+# PIDs when the script ends, whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -33,6 +35,7 @@ bundle=$work/bundle
 cleanup() {
   $ckfs umount "$mnt" 2>/dev/null || true
   $ckfs umount "$bundle/rootfs" 2>/dev/null || true
+  .venv/bin/python scripts/stop-background.py "$CKFS_ROOT" || true
   kill "$registry_pid" 2>/dev/null || true
   wait "$registry_pid" 2>/dev/null || true
 }
@@ -52,13 +55,15 @@ EOF
 name=127.0.0.1:$port/ckfs/busybox:latest
 skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$work/layout:latest" "docker://$name"
 
-echo "== ckfs mount $name $mnt"
+echo "== ckfs mount $name $mnt (lazy: layer indexes now, file contents as read)"
 $ckfs mount "$name" "$mnt"
 echo "== the rootfs:"
 ls "$mnt" "$mnt/srv/www"
+echo "== ckfs mounts ls"
+$ckfs mounts ls
 echo "== ckfs images ls"
 $ckfs images ls
-echo "== a second mount finds everything present (no download, no unpack):"
+echo "== a second mount finds everything present (no download, no indexing):"
 $ckfs umount "$mnt"
 time $ckfs mount "$name" "$mnt"
 
