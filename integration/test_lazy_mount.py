@@ -19,27 +19,22 @@ image. Writes through the overlay land in its upper directory, deletions
 of lower files are whiteouts there; runc runs a container from a lazy
 rootfs, and the image's setuid-root program runs setuid for uid 1234.
 
-Known gap, xfailed separately (H8 fixes it): a directory a layer implies
-without a tar entry of its own (``etc/`` of a layer holding only
-``etc/conf.d/.wh.a``) is indexed as 0755 0:0 with mtime 0 and no xattrs,
-and in the stack it hides the real directory's mtime and xattrs. Those
-directories are compared apart from the rest, which must match exactly.
+A directory a layer implies without a tar entry of its own (``etc/`` of a
+layer holding only ``etc/conf.d/.wh.a``) shows what the layers below give
+it, as unpacked (`snapshotters.fuse.overrides`): the trees match exactly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import io
 import json
 import os
 import stat
 import subprocess
-import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -90,8 +85,6 @@ class Images:
     proxy: FaultProxy
     #: umoci's rootfs of the gzip image.
     reference: dict[str, treecmp.Node]
-    #: Directories some layer implies without an entry of its own ("." for the root).
-    implied: frozenset[str]
     #: Bytes of each variant's layers, summed.
     sizes: dict[str, int]
     layers: int
@@ -124,19 +117,6 @@ def layer_blobs(layout: Path) -> list[Path]:
     return [blobs / layer["digest"].split(":")[1] for layer in manifest["layers"]]
 
 
-def implied_dirs(tars: list[bytes]) -> frozenset[str]:
-    """Directories a layer holds entries under without an entry of their own."""
-    implied: set[str] = set()
-    for data in tars:
-        names: set[str] = set()
-        # umoci ends some layers without the end-of-archive blocks.
-        with tarfile.open(fileobj=io.BytesIO(data)) as t, contextlib.suppress(tarfile.ReadError):
-            names.update(str(PurePosixPath(m.name)) for m in t)
-        for name in names:
-            implied.update(str(p) for p in PurePosixPath(name).parents if str(p) not in names)
-    return frozenset(implied)
-
-
 @pytest.fixture(scope="module")
 def images(
     registry_factory_session: Any, tmp_path_factory: pytest.TempPathFactory
@@ -165,7 +145,7 @@ def images(
             registry.push(layout, f"lazy/{variant}:latest")
     sizes = {v: sum(p.stat().st_size for p in layer_blobs(lay)) for v, lay in layouts.items()}
     with FaultProxy(registry.host).running() as proxy:
-        yield Images(registry, proxy, reference, implied_dirs(tars), sizes, len(tars))
+        yield Images(registry, proxy, reference, sizes, len(tars))
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +174,7 @@ def assert_lazy_tree(
     fresh_root: bool,
     seconds: bool = False,
 ) -> None:
-    """*mounted* equals *reference*, every field; implied directories apart (xfail).
+    """*mounted* equals *reference*, every field.
 
     Args:
         fresh_root: the root is a fresh overlay upper directory: its mtime is the mount's.
@@ -204,17 +184,9 @@ def assert_lazy_tree(
     if seconds:
         reference, mounted = whole_seconds(reference), whole_seconds(mounted)
 
-    def rest(p: str) -> bool:
-        return p not in images.implied
-
-    treecmp.assert_same(reference, mounted, ignore=(), paths=rest)
+    treecmp.assert_same(reference, mounted, ignore=(), paths=lambda p: p != ".")
     ignore_root = ("mtime_ns",) if fresh_root else ()
     treecmp.assert_same(reference, mounted, ignore=ignore_root, paths=lambda p: p == ".")
-    gap = treecmp.diff(reference, mounted, ignore=(), paths=lambda p: p in images.implied - {"."})
-    if gap:
-        pytest.xfail(
-            "implied parent directories show mtime 0 / no xattrs (H8 fixes it): " + "; ".join(gap)
-        )
 
 
 def mounts_ls(ckfs: Ckfs) -> list[dict[str, Any]]:
