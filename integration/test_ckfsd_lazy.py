@@ -222,3 +222,17 @@ def test_ckfsd_start_remounts_mounts_of_a_dead_fuse_server(
     assert (target / "etc/os-release").read_bytes() == OS_RELEASE
     assert (target / "app/run.sh").read_bytes() == b"#!/bin/sh\necho hi\n"
     Ckfs(root, again.address).run("umount", str(target))
+
+
+def test_a_ckfsd_that_cannot_start_leaves_the_mount_to_the_cli(
+    estargz_image: EstargzImage, tmp_path: Path, mount_guard: MountGuard
+) -> None:
+    root, target = tmp_path / "root", tmp_path / "rootfs"
+    root.mkdir()
+    (root / "ckfsd.sock").write_text("in the way")  # ckfsd refuses to replace it
+    ckfs = Ckfs(root)
+    proc = ckfs.run("mount", estargz_image.ref, str(target))
+    assert "did not start" in proc.stderr and "going on without it" in proc.stderr
+    assert daemon_pid(root) is None
+    assert (target / "etc/os-release").read_bytes() == OS_RELEASE
+    ckfs.run("--no-daemon", "umount", str(target))

@@ -62,15 +62,24 @@ class App:
         """Go through a ckfsd from now on, started in the background if none answers.
 
         For ``ckfs mount`` (lazy): nothing with ``--no-daemon`` or
-        ``--address`` (a named daemon answers or the command fails).
+        ``--address`` (a named daemon answers or the command fails). A
+        daemon that does not start is said on stderr, and the command goes
+        on without one: the mount works either way.
         """
         if self._no_daemon or self._address or self.daemon is not None:
             return
+        import click
+
         from ckfs.address import default_root
         from ckfs.client import start_daemon
+        from ckfs.errors import Unavailable
+        from ckfs.safetext import message
 
         root = self._given_root()
-        self._daemon = start_daemon(root or default_root(), root_given=root is not None)
+        try:
+            self._daemon = start_daemon(root or default_root(), root_given=root is not None)
+        except Unavailable as e:
+            click.echo(f"ckfs: {message(str(e))}; going on without it", err=True)
 
     def _given_root(self) -> Path | None:
         """``--root`` / ``CKFS_ROOT``, None for the default root."""
