@@ -22,7 +22,6 @@ from ckfs.archive.entry import Entry, Kind
 from ckfs.digest import Digest
 from ckfs.layerindex.model import FIRST_FINO, LayerIndex
 from ckfs.layerindex.store import IndexStore, dirname
-from ckfs.state import State
 from snapshotters.fuse.overrides import (
     IMPLIED,
     DirAttrs,
@@ -43,6 +42,11 @@ from snapshotters.fuse.snapshotter import RECORD_GRACE, FuseSnapshotter
 from snapshotters.fuse.tree import ROOT_INO, Tree
 from tests.suites.snapshotter import commit_with
 from tests.test_fuse_tree import MTIME, d, f, layer, listing, walk, write_view
+from tests.test_snapshotters_fuse import sn as sn_fixture
+from tests.test_snapshotters_fuse import state as state_fixture
+
+#: The fuse snapshotter on a fresh state root (`tests.test_snapshotters_fuse`'s fixtures).
+state, sn = state_fixture, sn_fixture
 
 #: What the lower layers give ``etc``: none of it the defaults.
 ETC = DirAttrs(0o750, 5, 6, MTIME, (("user.dir", b"etc"),))
@@ -296,20 +300,6 @@ def test_a_merged_views_implied_directory_shows_the_one_below(
 
 
 # -- the snapshotter's attach -------------------------------------------------------
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Iterator[State]:
-    st = State(tmp_path / "root")
-    yield st
-    st.close()
-
-
-@pytest.fixture
-def sn(state: State) -> FuseSnapshotter:
-    sn = state.snapshotter("fuse")
-    assert isinstance(sn, FuseSnapshotter)
-    return sn
 
 
 def serve(sn: FuseSnapshotter, name: str) -> Path:
