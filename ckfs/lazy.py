@@ -237,9 +237,39 @@ async def index_layers(
         async with trio.open_nursery() as nursery:
             for i, desc in enumerate(manifest.layers):
                 nursery.start_soon(one, i, desc)
-    done = [p for p in plans if p is not None]
+    done = await trio.to_thread.run_sync(_through_links, state.root, [p for p in plans if p])
     await trio.to_thread.run_sync(record_chains, state.root, chain, done)
     return done
+
+
+def _through_links(root: Path, plans: list[LayerPlan]) -> list[LayerPlan]:
+    """*plans*, with each lazy layer that implies a directory where a lower
+    layer has a non-directory turned eager (`ckfs.layerindex.model.through_lower_links`).
+
+    Unpacked, such a layer's files land through the lower symlink (a
+    usrmerge ``lib -> usr/lib``); stacked as its own overlay lower, its
+    implied directory would hide the link, and the trees would differ.
+    """
+    from ckfs.layerindex.model import through_lower_links
+    from ckfs.layerindex.store import IndexStore
+
+    store = IndexStore(root)
+    opened: list[LayerIndex] = []
+    try:
+        for i, plan in enumerate(plans):
+            index = store.get(plan.desc.digest) if plan.source != EAGER else None
+            if index is None:
+                continue
+            if opened and (path := through_lower_links(index, opened)) is not None:
+                why = f"layer {plan.desc.digest}: {path!r} goes through a lower layer's link"
+                plans[i] = LayerPlan(plan.desc, EAGER, why)
+                index.close()
+                continue
+            opened.append(index)
+    finally:
+        for index in opened:
+            index.close()
+    return plans
 
 
 def record_chains(root: Path, chain: Sequence[Digest], plans: Sequence[LayerPlan]) -> None:

@@ -59,12 +59,15 @@ from typing import Any
 from ckfs.errors import InvalidArgument, NotFound, from_errno
 
 __all__ = [
+    "MOUNT_PREFIX",
     "Mount",
     "MountInfo",
     "clean_stale",
     "is_mountpoint",
     "is_stale",
     "mount_all",
+    "mount_key",
+    "mount_target",
     "mountinfo",
     "mounts_under",
     "unmount",
@@ -73,6 +76,25 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Keys of the snapshots ``ckfs mount`` and ``ckfs bundle`` mount: the prefix,
+#: then the target's absolute path. ``umount`` finds a snapshot from its
+#: path alone, gc sees it as in use, ``ckfs mounts`` lists and recovers it.
+MOUNT_PREFIX = "mount:"
+
+
+def mount_key(target: os.PathLike[str] | str) -> str:
+    """The snapshot key of the rootfs mounted at *target*."""
+    return f"{MOUNT_PREFIX}{os.path.abspath(target)}"
+
+
+def mount_target(key: str) -> Path | None:
+    """The directory the snapshot *key* is mounted at, None for other keys."""
+    if not key.startswith(MOUNT_PREFIX):
+        return None
+    path = key.removeprefix(MOUNT_PREFIX)
+    return Path(path) if os.path.isabs(path) else None
+
 
 # <linux/mount.h>
 MS_RDONLY = 1

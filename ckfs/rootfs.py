@@ -9,9 +9,7 @@ image costs a Python start, a few SQLite queries and a mount(2).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from pathlib import Path
 
 from ckfs.content import ContentStore
 from ckfs.descriptor import Descriptor, Platform
@@ -26,38 +24,17 @@ from ckfs.snapshots import Kind, LayerLimit, Snapshotter
 
 __all__ = [
     "EXTRACT_PREFIX",
-    "MOUNT_PREFIX",
     "NotUnpacked",
     "check_depth",
     "check_depth_within",
     "committed",
     "image_chain",
-    "mount_key",
-    "mount_target",
     "snapshot_on",
 ]
 
 #: Keys of snapshots being extracted start with this; anything else that
 #: starts with it is a leftover of an interrupted unpack.
 EXTRACT_PREFIX = "extract-"
-
-#: Keys of the snapshots ``ckfs mount`` and ``ckfs bundle`` mount: the prefix,
-#: then the target's absolute path. ``umount`` finds a snapshot from its
-#: path alone, gc sees it as in use, ``ckfs mounts`` lists and recovers it.
-MOUNT_PREFIX = "mount:"
-
-
-def mount_key(target: os.PathLike[str] | str) -> str:
-    """The snapshot key of the rootfs mounted at *target*."""
-    return f"{MOUNT_PREFIX}{os.path.abspath(target)}"
-
-
-def mount_target(key: str) -> Path | None:
-    """The directory the snapshot *key* is mounted at, None for other keys."""
-    if not key.startswith(MOUNT_PREFIX):
-        return None
-    path = key.removeprefix(MOUNT_PREFIX)
-    return Path(path) if os.path.isabs(path) else None
 
 
 class NotUnpacked(NotFound):

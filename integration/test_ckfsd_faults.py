@@ -119,8 +119,13 @@ def mounts(daemon: Daemon, ref: str, key: str, snapshotter: str) -> ckfs_pb2.Mou
         return response
 
 
+#: The snapshotters that unpack: fuse attaches a gzip layer (an index over the
+#: pulled blob, no extraction), so there is no unpack to kill it in.
+UNPACKING = tuple(n for n in snapshotters.NAMES if n != "fuse")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: layers keep their owners")
-@pytest.mark.parametrize("snapshotter", snapshotters.NAMES)
+@pytest.mark.parametrize("snapshotter", UNPACKING)
 def test_a_daemon_killed_mid_unpack_is_cleaned_up_by_the_next(
     snapshotter: str, tmp_path: Path, big_image: tuple[Path, list[dict[str, bytes]]]
 ) -> None:

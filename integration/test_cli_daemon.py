@@ -99,7 +99,8 @@ def test_rootfs_mount_gc_umount_through_ckfsd(
     assert remote.fails("umount", str(target)) == local.fails("umount", str(target))
     names = {i["name"] for i in json.loads(remote.run("snapshots", "ls", "--json").stdout)}
     assert "r" in names and not any(n.startswith("mount:") for n in names)
-    assert mount_guard.leftovers() == []
+    # The mount was lazy: the root's FUSE server stays (the conftest sweep stops it).
+    assert mount_guard.leftovers() == [str(remote.root / "fuse" / "mnt")]
     called = rpcs(daemon)
     # The refused mount is refused here: the target is a mountpoint, no RPC.
     assert called.count("/ckfs.v1.Ckfs/Mounts") == 2 and "/ckfs.v1.Ckfs/Unmount" in called

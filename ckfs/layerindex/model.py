@@ -89,7 +89,7 @@ log = logging.getLogger(__name__)
 
 #: Format version, in ``meta.format``. A reader refuses any other: an index
 #: is a cache, rebuilt from its blob rather than migrated.
-FORMAT = 1
+FORMAT = 2
 
 #: Local inode number of the layer root.
 ROOT = 1

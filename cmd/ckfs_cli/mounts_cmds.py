@@ -1,7 +1,7 @@
 """``ckfs mounts``: the root filesystems ckfs has mounted, and bringing them back.
 
 Every ``ckfs mount`` is a snapshot named after its target
-(`ckfs.rootfs.mount_key`), so the mounts are listed from the snapshotters'
+(`ckfs.mount.mount_key`), so the mounts are listed from the snapshotters'
 records, not from the kernel's table: a mount that is gone (a reboot, a
 FUSE server that died) is still listed, and ``recover`` mounts it again.
 Both read the root directly (its metadata, layer indexes and the FUSE
@@ -88,8 +88,8 @@ def recover_cmd(app: App) -> None:
 def _mounts(app: App) -> list[dict[str, Any]]:
     """Every mount snapshot of every snapshotter, as ``ls --json`` prints it."""
     import snapshotters
+    from ckfs.mount import mount_target
     from ckfs.provide import IMAGE_LABEL
-    from ckfs.rootfs import mount_target
     from snapshotters.fuse.process import ServerPaths
     from snapshotters.fuse.recover import server_identity
 

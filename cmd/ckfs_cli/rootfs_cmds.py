@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ckfs.rootfs import mount_key
+from ckfs.mount import mount_key
 from ckfs_cli.app import App, human_size, print_json, print_mounts, skip_httpx_cli
 from ckfs_cli.images_cmds import blobs, normalize
 from ckfs_cli.options import (
@@ -144,7 +144,7 @@ def _say_eager(app: App, sn: FuseSnapshotter, ref: str, flags: dict[str, Any]) -
     for desc, chain_id in zip(manifest.layers, chain, strict=True):
         if sn.layer(str(chain_id)) is not None:
             continue
-        why = "cannot be read lazily" if source_of(desc) == EAGER else "its index was refused"
+        why = "cannot be read lazily" if source_of(desc) == EAGER else "cannot be served lazily"
         click.echo(
             f"ckfs: layer {desc.digest} ({desc.media_type}) {why}: unpacked eagerly", err=True
         )

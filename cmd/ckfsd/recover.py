@@ -102,7 +102,7 @@ def recover_fuse(state: State) -> list[str]:
     """
     if not (state.root / "snapshots" / "fuse").is_dir():
         return []
-    from ckfs.rootfs import mount_target
+    from ckfs.mount import mount_target
     from snapshotters.fuse.recover import recover as recover_mounts
     from snapshotters.fuse.snapshotter import FuseSnapshotter
 

@@ -10,7 +10,7 @@ directories. So each mount remembers which server it was made on (the
 running, and every one not mounted at all (after a reboot).
 
 The mounts are the snapshots ``ckfs mount`` names after their targets
-(`ckfs.rootfs.mount_key`); a merged view's mount is a read-only bind of its
+(`ckfs.mount.mount_key`); a merged view's mount is a read-only bind of its
 view directory in the FUSE tree (`view_name`).
 """
 
@@ -24,8 +24,7 @@ from pathlib import Path
 import xxhash
 
 from ckfs.errors import CkfsError, NotFound
-from ckfs.mount import Mount, is_mountpoint, is_stale, mount_all, unmount_all
-from ckfs.rootfs import mount_target
+from ckfs.mount import Mount, is_mountpoint, is_stale, mount_all, mount_target, unmount_all
 from ckfs.snapshots import Info
 from snapshotters.fuse.process import ServerPaths, ensure_server, server_pid
 from snapshotters.fuse.snapshotter import FuseSnapshotter
