@@ -52,6 +52,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -74,7 +75,7 @@ from bench.common import (
     layout_size,
     timed_turns,
 )
-from ckfs.client import start_daemon, stop_daemon
+from ckfs.client import ROOT_LOG, start_daemon, stop_daemon
 from ckfs.mount import is_mountpoint, unmount_recursive
 from integration.estargz import convert, write_layout
 from integration.faultproxy import FaultProxy
@@ -92,6 +93,8 @@ STARGZ_SOURCE = REPO / "bench" / "stargz" / "stargzgrpc"
 #: later) would only add bytes; no Prometheus listener to clash with.
 STARGZ_CONFIG = "no_background_fetch = true\nno_prometheus = true\n"
 REPOS = {"gzip": "bench/gzip:latest", "esgz": "bench/esgz:latest"}
+#: ckfsd's log line for a Mounts RPC (`bench.containerd.RPC_LOG`'s format).
+MOUNTS_RPC = re.compile(r"/ckfs\.v1\.Ckfs/Mounts OK ([0-9.]+)ms$", re.MULTILINE)
 
 
 def drop_caches(level: int = 3) -> None:
@@ -314,6 +317,9 @@ class Bench:
             self.registry.push(layout, REPOS.get(name, f"bench/{name}:latest"))
             self.sizes[name] = layout_size(layout)
 
+    def registry_pid(self) -> int | None:
+        return self.registry.proc.pid if self.registry.proc else None
+
     def ref(self, name: str, *, counted: bool = False) -> str:
         """The image *name* in the registry, or through the counting proxy."""
         host = self.proxy.host if counted else self.registry.host
@@ -349,9 +355,16 @@ def lazy_read(bench: Bench, ref: str, rec: dict[str, float]) -> Callable[[], Non
         t1 = time.perf_counter()
         assert b"NAME=" in (target / SMALL).read_bytes()
         rec["mount"], rec["read"] = t1 - t0, time.perf_counter() - t1
+        rec["rpc"] = mounts_rpc(root)
         rec["bytes"] = bench.proxy.body_bytes() - b0
 
     return body
+
+
+def mounts_rpc(root: Path) -> float:
+    """Seconds of the last Mounts RPC in *root*'s ckfsd log (0 if none)."""
+    found = MOUNTS_RPC.findall((root / ROOT_LOG).read_text(errors="replace"))
+    return float(found[-1]) / 1e3 if found else 0.0
 
 
 def cold(clear: Callable[[], object]) -> Callable[[], None]:
@@ -399,7 +412,8 @@ def m1_first_read(bench: Bench) -> None:
     print(f"1. ckfs mount -> first read of /{SMALL}, {bench.sizes['esgz'] / 1e6:.0f} MB eStargz")
     print(
         f"   ckfs mount + read (eStargz)        {times['ckfs']:8.3f} s"
-        f"   (last: mount {rec['mount']:.3f} s, read {rec['read']:.3f} s)"
+        f"   (last: mount {rec['mount']:.3f} s, of which ckfsd's Mounts RPC"
+        f" {rec['rpc']:.3f} s; first read {rec['read']:.3f} s)"
     )
     print(f"   ctr images pull (overlayfs, gzip)  {times['ctr']:8.3f} s")
     print(f"   ratio {ratio:.3f}x  target <= 0.05x  {verdict(ratio <= 0.05)}")
@@ -534,10 +548,12 @@ def m4_sequential(bench: Bench, size: int) -> None:
         (shm / "big").write_bytes(content(size))
         want = sha256_of(shm / "big")
         secs: dict[str, list[float]] = {}
+        cpu: dict[str, list[float]] = {}
         for _ in range(bench.args.repeat):
             bench.ckfs.clear()
             root = bench.ckfs.fresh()
             target = bench.ckfs.mount(root, bench.ref("file"), root / "mnt")
+            pids = {"FUSE server": server_pid(ServerPaths(root)), "registry": bench.registry_pid()}
             rounds = [
                 ("tmpfs", shm / "big", 0, False),
                 ("cold, registry", target / "big", 3, False),
@@ -548,9 +564,13 @@ def m4_sequential(bench: Bench, size: int) -> None:
             for name, path, level, drop_file in rounds:
                 if level:
                     drop_caches(level)
+                before = {k: cpu_seconds(pid) for k, pid in pids.items()}
                 n, dt = read_seq(path, drop_file=drop_file)
                 assert n == size, (name, n)
                 secs.setdefault(name, []).append(dt)
+                if name == "cold, registry":
+                    for k, pid in pids.items():
+                        cpu.setdefault(k, []).append(cpu_seconds(pid) - before[k])
             assert sha256_of(target / "big") == want, "the lazy file's bytes differ"
         bench.ckfs.clear()
     finally:
@@ -566,6 +586,8 @@ def m4_sequential(bench: Bench, size: int) -> None:
         f"   cold from the registry {cold_mbs:.0f} MB/s  target >= 300 MB/s"
         f"  {verdict(cold_mbs >= 300)}"
     )
+    spent = ", ".join(f"{k} {statistics.median(v):.2f} s" for k, v in cpu.items())
+    print(f"   CPU in the cold read ({statistics.median(secs['cold, registry']):.2f} s): {spent}")
 
 
 def walk(top: Path) -> tuple[int, float]:
@@ -597,6 +619,14 @@ def m5_walk(bench: Bench) -> None:
             f"   {kind}: lazy {a * 1000:8.1f} ms  overlayfs over unpacked {b * 1000:8.1f} ms"
             f"  ratio {a / b:.2f}x  target <= {target}x  {verdict(a / b <= target)}"
         )
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds process *pid* has used (0 if unknown)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_mib(pid: int, field: str) -> float:
