@@ -12,8 +12,10 @@ docker-registry serves them all; a counting proxy
 (`integration.faultproxy.FaultProxy`) stands in front of it where bytes are
 counted (only lazy cases go through it: its cost is charged to them).
 
-Every timed run starts on a fresh state root (a new FUSE server) or fresh
-daemons, after ``sync`` and ``drop_caches=3``; cases take turns
+Every timed run starts on a fresh state root or fresh daemons, after
+``sync`` and ``drop_caches=3``: ckfs's ckfsd and FUSE server are started on
+the new root before the caches are dropped, as containerd (and the stargz
+grpc server) are (1. also shows ``ckfs mount`` starting them itself); cases take turns
 (`common.timed_turns`) and medians of ``--repeat`` are printed with their
 ratio to the target.
 
