@@ -153,13 +153,22 @@ def source_of(desc: Descriptor) -> str:
     return EAGER
 
 
-def lazy_children(platform: Platform | None = None, *, all_platforms: bool = False) -> ChildrenFunc:
+def lazy_children(
+    platform: Platform | None = None,
+    *,
+    all_platforms: bool = False,
+    max_layers: int | None = None,
+    snapshotter: str = "fuse",
+) -> ChildrenFunc:
     """`ckfs.remotes.walk.platform_children` without the layers read by range.
 
     eStargz and uncompressed tar layers are indexed from the registry
-    (`index_layers`) and their bytes fetched as files are read.
+    (`index_layers`) and their bytes fetched as files are read. An image
+    with more layers than *max_layers* is refused at its manifest, before
+    its config or any layer is fetched (`ckfs.rootfs.check_depth_within`).
     """
     from ckfs.remotes.walk import platform_children
+    from ckfs.rootfs import check_depth_within
 
     follow = platform_children(platform, all_platforms=all_platforms)
 
@@ -167,6 +176,7 @@ def lazy_children(platform: Platform | None = None, *, all_platforms: bool = Fal
         found = follow(desc, data)
         if not mt.is_manifest(desc.media_type):
             return found
+        check_depth_within(max_layers, snapshotter, desc, len(found) - 1)
         return [d for d in found if not (mt.is_layer(d.media_type) and source_of(d) in _BY_RANGE)]
 
     return children
@@ -179,11 +189,14 @@ async def pull_lazy(
     *,
     register: bool = True,
     on_event: Callable[[BlobProgress], None] | None = None,
+    max_layers: int | None = None,
 ) -> tuple[PullReport, list[LayerPlan]]:
     """Pull *ref* without its eStargz layers' bytes, then index every layer.
 
     ``ckfs pull --lazy``: afterwards the image mounts (and containerd
-    attaches its layers) with no layer download.
+    attaches its layers) with no layer download. With *max_layers* (the
+    snapshotter's stacking limit), a deeper image is refused at its
+    manifest.
 
     Returns:
         The pull's report and each layer's plan, bottom first.
@@ -201,7 +214,9 @@ async def pull_lazy(
         state.images,
         with_hosts_dirs(state, options),
         register=register,
-        children=lazy_children(options.platform, all_platforms=options.all_platforms),
+        children=lazy_children(
+            options.platform, all_platforms=options.all_platforms, max_layers=max_layers
+        ),
         on_event=on_event,
     )
     plans = await index_layers(state, ref, report.target, options)

@@ -337,7 +337,12 @@ async def _unpack_or_pull(
         from ckfs.lazy import attach_image, pull_lazy
 
         if found is None:
-            report, _ = await pull_lazy(state, ref, options, on_event=on_event)
+            import trio
+
+            from ckfs.snapshots import max_layers
+
+            limit = await trio.to_thread.run_sync(max_layers, sn)
+            report, _ = await pull_lazy(state, ref, options, on_event=on_event, max_layers=limit)
             found = report.target
         await attach_image(state, sn, ref, found, snapshotter_name=snapshotter, options=options)
         return found

@@ -436,11 +436,11 @@ def test_corrupt_cache_file_is_refetched(
         proxy.clear()
 
         assert read(target / BIG) == want[BIG]
-        # Each damaged file was refetched and replaced whole (a new file);
-        # the intact one was served as it is.
+        # Each damaged file was refetched and written whole again (its bytes are
+        # the good ones; its inode number may be the freed one's, so it says
+        # nothing); the intact one was served as it is, never rewritten.
         assert cache_files(ckfs.root, base) == cached
         assert (where / intact).stat().st_ino == inodes[intact]
-        assert all((where / name).stat().st_ino != inodes[name] for name in damaged)
         refetched = sum(len(cached[name]) - HEADER for name in damaged)
         assert proxy.body_bytes(base) >= refetched  # random bytes: stored, not smaller
 

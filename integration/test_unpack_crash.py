@@ -144,7 +144,12 @@ def snapshots_ever_created(ckfs: Ckfs) -> int:
     return int(row[0])
 
 
-@pytest.mark.parametrize("snapshotter", snapshotters.NAMES)
+#: The snapshotters that apply layers: fuse attaches the image's gzip layers
+#: (an index over each pulled blob), so it has no apply to be killed in.
+APPLYING = tuple(n for n in snapshotters.NAMES if n != "fuse")
+
+
+@pytest.mark.parametrize("snapshotter", APPLYING)
 def test_mount_killed_while_applying_a_layer(
     snapshotter: str,
     ckfs: Ckfs,
@@ -238,4 +243,6 @@ def test_two_mounts_at_once_apply_each_layer_once(
     for t in targets:
         ckfs.run("umount", str(t))
         assert not is_mountpoint(t)
-    assert mount_guard.leftovers() == []
+    # A lazy mount's FUSE server stays (the conftest sweep stops it).
+    server = [str(ckfs.root / "fuse" / "mnt")] if snapshotter == "fuse" else []
+    assert mount_guard.leftovers() == server

@@ -27,6 +27,10 @@ from ckfs_cli.options import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ckfs.descriptor import Descriptor
+    from ckfs.digest import Digest
     from ckfs.mount import Mount
     from snapshotters.fuse.snapshotter import FuseSnapshotter
 
@@ -124,15 +128,28 @@ def _mount(
         _remove(app, snapshotter, key)
         raise
     if lazy is not None:
-        _say_eager(app, lazy, ref, flags)
+        layers = lazy
+        say_eager(
+            app, ref, flags, lambda _, c: layers.layer(str(c)) is not None, "unpacked eagerly"
+        )
     return key
 
 
-def _say_eager(app: App, sn: FuseSnapshotter, ref: str, flags: dict[str, Any]) -> None:
-    """Name on stderr each layer of *ref* that is not lazy (unpacked instead), never silently.
+def say_eager(
+    app: App,
+    ref: str,
+    flags: dict[str, Any],
+    lazy: Callable[[Descriptor, Digest], bool],
+    what: str,
+) -> None:
+    """Name on stderr each layer of *ref* that *lazy* says is not lazy, never silently.
 
-    Read from the root's own records after the mount, so every mount says
-    it (not only the one that unpacked the layer), also through ckfsd.
+    Read from the root's own records after the command, so every mount (or
+    lazy pull) says it, not only the one that decided, also through ckfsd.
+
+    Args:
+        lazy: whether a layer (descriptor, chain ID) is served lazily.
+        what: what happens to the others, ``unpacked eagerly`` or so.
     """
     from ckfs.lazy import EAGER, source_of
     from ckfs.rootfs import image_chain
@@ -142,12 +159,10 @@ def _say_eager(app: App, sn: FuseSnapshotter, ref: str, flags: dict[str, Any]) -
         app.state.content, image.target, pull_options(**flags).platform
     )
     for desc, chain_id in zip(manifest.layers, chain, strict=True):
-        if sn.layer(str(chain_id)) is not None:
+        if lazy(desc, chain_id):
             continue
         why = "cannot be read lazily" if source_of(desc) == EAGER else "cannot be served lazily"
-        click.echo(
-            f"ckfs: layer {desc.digest} ({desc.media_type}) {why}: unpacked eagerly", err=True
-        )
+        click.echo(f"ckfs: layer {desc.digest} ({desc.media_type}) {why}: {what}", err=True)
 
 
 @click.command("mount")
