@@ -134,10 +134,6 @@ class AttachReport:
     applied: list[Digest] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
-    @property
-    def fallbacks(self) -> list[LayerPlan]:
-        return [p for p in self.layers if p.source == EAGER]
-
 
 def source_of(desc: Descriptor) -> str:
     """The index source *desc* would get, judged by its media type and annotations."""
@@ -191,7 +187,7 @@ async def pull_lazy(
     on_event: Callable[[BlobProgress], None] | None = None,
     max_layers: int | None = None,
 ) -> tuple[PullReport, list[LayerPlan]]:
-    """Pull *ref* without its eStargz layers' bytes, then index every layer.
+    """Pull *ref* without the bytes of its layers read by range, then index every layer.
 
     ``ckfs pull --lazy``: afterwards the image mounts (and containerd
     attaches its layers) with no layer download. With *max_layers* (the
@@ -229,12 +225,13 @@ async def index_layers(
     """An index for each layer of *target* that can have one; each layer's plan.
 
     Present indexes are reused. eStargz layers are read by range from
-    *ref*'s registry; other layers are indexed from their local blobs (a
-    lazy pull fetched them). Runs up to `INDEX_CONCURRENCY` layers at once.
+    *ref*'s registry, uncompressed tars streamed from it unless their blob
+    is here; gzip layers are indexed from their local blobs (a lazy pull
+    fetched them). Runs up to `INDEX_CONCURRENCY` layers at once.
 
     Raises:
-        NotFound: the manifest, config or a non-eStargz layer blob is missing.
-        Unavailable: the registry cannot be reached for an eStargz layer.
+        NotFound: the manifest, config or a gzip layer's blob is missing.
+        Unavailable: the registry cannot be reached for an eStargz or tar layer.
     """
     from ckfs.rootfs import image_chain
 

@@ -61,10 +61,6 @@ class IndexStore:
         """Where the index of layer *digest* is (whether or not it exists)."""
         return self.layer_dir(digest) / INDEX_NAME
 
-    def gzidx_path(self, digest: Digest) -> Path:
-        """Where the gzip seek index of layer *digest* is kept."""
-        return self.layer_dir(digest) / GZIDX_NAME
-
     def get(self, digest: Digest) -> LayerIndex | None:
         """The index of layer *digest*, open; None if there is none.
 
