@@ -9,9 +9,6 @@ directory stands where the serving process would serve a layer, as in
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from ckfs import errors
@@ -23,26 +20,24 @@ from ckfs.lazy import EAGER, ESTARGZ, LayerPlan, chain_layer, record_chains
 from ckfs.snapshots import Kind
 from ckfs.state import State
 from snapshotters.fuse.snapshotter import FuseSnapshotter
+from tests.test_snapshotters_fuse import serve
+from tests.test_snapshotters_fuse import sn as sn_fixture
+from tests.test_snapshotters_fuse import state as state_fixture
 
 LAYERS = [from_bytes(b"layer a"), from_bytes(b"layer b"), from_bytes(b"layer c")]
 CHAIN = [from_bytes(b"chain a"), from_bytes(b"chain b"), from_bytes(b"chain c")]
 
 
-@pytest.fixture
-def state(tmp_path: Path) -> Iterator[State]:
-    st = State(tmp_path / "root")
-    yield st
-    st.close()
+#: The fuse snapshotter on a fresh state root (`tests.test_snapshotters_fuse`'s fixtures).
+state, fresh_sn = state_fixture, sn_fixture
 
 
 @pytest.fixture
-def sn(state: State) -> FuseSnapshotter:
+def sn(fresh_sn: FuseSnapshotter) -> FuseSnapshotter:
     """The fuse snapshotter with `LAYERS` "served" (plain directories)."""
-    sn = state.snapshotter("fuse")
-    assert isinstance(sn, FuseSnapshotter)
     for layer in LAYERS:
-        sn.layer_dir(layer).mkdir(parents=True)
-    return sn
+        serve(fresh_sn, layer)
+    return fresh_sn
 
 
 def plans(*sources: str) -> list[LayerPlan]:
