@@ -31,6 +31,7 @@ from snapshotters.fuse.overrides import (
     Probe,
     Record,
     implied_paths,
+    join_name,
     read_record,
     record_path,
     resolve,
@@ -202,7 +203,7 @@ def test_records_round_trip_under_their_content_key(tmp_path: Path) -> None:
     assert record.name == f"{dirname(digest)}.{record.key}" and len(record.key) == 32
     assert ":" not in record.name and "," not in record.name
     assert split_name(record.name) == (digest, record.key)
-    assert split_name(dirname(digest)) == (digest, None)
+    assert split_name(dirname(digest)) == (digest, None) == split_name(join_name(digest, None))
     for bad in (f"{dirname(digest)}.", f"{dirname(digest)}.xyz", f"{dirname(digest)}.{'A' * 32}"):
         with pytest.raises(errors.InvalidArgument):
             split_name(bad)

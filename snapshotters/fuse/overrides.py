@@ -66,6 +66,7 @@ __all__ = [
     "Probe",
     "Record",
     "implied_paths",
+    "join_name",
     "read_record",
     "record_path",
     "resolve",
@@ -164,7 +165,12 @@ class Record:
 
         No ``:`` or ``,`` either, like `ckfs.layerindex.dirname`'s.
         """
-        return f"{dirname(self.layer)}.{self.key}"
+        return join_name(self.layer, self.key)
+
+
+def join_name(layer: Digest, key: str | None) -> str:
+    """The directory name of *layer*'s variant *key* (None: the shared one); see `split_name`."""
+    return dirname(layer) if key is None else f"{dirname(layer)}.{key}"
 
 
 def split_name(name: str) -> tuple[Digest, str | None]:

@@ -44,7 +44,14 @@ from ckfs.errors import CkfsError, InvalidArgument, NotFound
 from ckfs.jsondoc import parse_object
 from ckfs.layerindex.model import FIRST_FINO, LayerIndex, Node, stable_ino
 from ckfs.layerindex.store import dirname
-from snapshotters.fuse.overrides import DirAttrs, Record, read_record, salted_ino, split_name
+from snapshotters.fuse.overrides import (
+    DirAttrs,
+    Record,
+    join_name,
+    read_record,
+    salted_ino,
+    split_name,
+)
 
 __all__ = [
     "MERGED",
@@ -201,7 +208,7 @@ class Layer:
         self.refs = 0
         self.variant = variant
         self.dirs = dirs or {}
-        self.name = dirname(digest) if variant is None else f"{dirname(digest)}.{variant}"
+        self.name = join_name(digest, variant)
         self._reader: Reader | None = None
 
     def ino(self, node: Node) -> int:
@@ -628,7 +635,7 @@ class Tree:
 
         None if the layer is not indexed, or the variant has no usable record.
         """
-        name = dirname(digest) if variant is None else f"{dirname(digest)}.{variant}"
+        name = join_name(digest, variant)
         layer = self._layers.get(name)
         if layer is not None:
             return layer
