@@ -7,8 +7,7 @@ holds implementations only.
 
 Importing this module costs nothing beyond the standard library: ``ckfs
 --help`` reads the names from here. Implementations are imported on first
-use: a FUSE snapshotter pulls in pyfuse3, which plain ``overlayfs`` users
-need not have.
+use, so a command pays only for the snapshotter it opens.
 
 Each implementation class has a ``from_context`` class method taking the
 `ckfs.snapshots.InitContext`, as a containerd plugin's ``InitFn`` takes
@@ -50,8 +49,10 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
 #: The registered snapshotter names, in order of preference.
 NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
-#: What a command uses unless told otherwise: until the lazy snapshotter
-#: lands, overlayfs is what containerd users expect.
+#: What a command uses unless told otherwise, and what ckfsd's containerd
+#: proxy ``ckfs`` stands for: overlayfs needs no serving process and is what
+#: containerd users expect. ``ckfs mount`` and ``ckfs bundle`` default to
+#: ``fuse`` (the lazy one) instead.
 DEFAULT = "overlayfs"
 
 #: One line per snapshotter saying what it is, for ``--help``.

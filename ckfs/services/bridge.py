@@ -1,10 +1,11 @@
 """Serve async (trio) service classes through grpcio's thread pool.
 
 grpcio's server calls each RPC's handler on a worker thread of its own pool;
-ckfsd's stores, fetchers and (later) FUSE mounts live on one trio loop. The
-bridge stands between the two: a worker thread re-enters the loop with
-`trio.from_thread`, so services are plain async classes that never see a
-thread, a ``grpc.ServicerContext`` or a raw exception mapping::
+ckfsd's stores and fetchers live on one trio loop (FUSE is served by a
+process of its own). The bridge stands between the two: a worker thread
+re-enters the loop with `trio.from_thread`, so services are plain async
+classes that never see a thread, a ``grpc.ServicerContext`` or a raw
+exception mapping::
 
     class Snapshots:
         NAMESPACED = False            # containerd namespaces the keys itself
