@@ -323,10 +323,11 @@ def _kind(m: tarfile.TarInfo) -> Kind:
 
 
 def _entry(m: tarfile.TarInfo, path: str, kind: Kind, what: str) -> Entry:
-    """The metadata every kind but the markers has; ValueError on a bad field."""
+    """The metadata every kind but the markers has; ValueError on a bad field
+    (`from_tarinfo` names the entry), `SkipEntry` for a symlink to nothing."""
     uid, gid = m.uid, m.gid
     if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
-        raise BadEntry(f"{what}: entry {_shown(m.name)}: invalid owner {uid}:{gid}")
+        raise ValueError(f"invalid owner {uid}:{gid}")
     atime, mtime = _times(m)
     link = ""
     major = minor = 0

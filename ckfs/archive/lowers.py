@@ -43,8 +43,8 @@ _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 class Lowers:
     """The lower layers' directories, top first, opened as `RootDir`s.
 
-    Empty (falsy) when the layer has none. Close it (or use ``with``) to
-    release the descriptors.
+    Empty (falsy) when the layer has none. Close it to release the
+    descriptors.
     """
 
     def __init__(self, paths: Sequence[Path]) -> None:
