@@ -21,21 +21,12 @@ from ckfs.archive.entry import Entry, Kind
 from ckfs.errors import Unavailable
 from ckfs.layerindex.model import LayerIndex, Node
 from ckfs.layerindex.store import IndexStore, dirname
+from snapshotters.fuse.data import Unserved
 from snapshotters.fuse.ops import ROOT_ATTR_TIMEOUT, TIMEOUT, Ops
 from snapshotters.fuse.tree import ROOT_INO, Reader, Tree
 from tests.test_fuse_tree import MTIME, d, f, layer
 
 CTX: Any = None  # the handlers never look at the request context
-
-
-class Failing:
-    """A reader failing every read with *error*."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-    async def read(self, node: Node, offset: int, size: int) -> bytes:
-        raise self.error
 
 
 class Serving:
@@ -132,7 +123,7 @@ async def test_errnos(tmp_path: Path) -> None:
 async def test_a_failing_read_is_eio_and_logged_with_layer_and_path(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, error: Exception, message: str
 ) -> None:
-    ops, top = ops_over(tmp_path, Failing(error))
+    ops, top = ops_over(tmp_path, Unserved(error))
     file = await look(ops, f"{top}/dir/file")
     fi = await ops.open(file.st_ino, os.O_RDONLY, CTX)
     with caplog.at_level(logging.WARNING), pytest.raises(pyfuse3.FUSEError) as e:

@@ -40,7 +40,7 @@ from snapshotters.fuse.tree import Reader
 if TYPE_CHECKING:
     from ckfs.remotes.registry import RegistryClient
 
-__all__ = ["LocalTarReader", "Readers"]
+__all__ = ["LocalTarReader", "Readers", "Unserved"]
 
 #: What a remote layer's media type is taken to be when its index does not
 #: say: only the range reads use it, and they do not depend on it.
@@ -83,7 +83,7 @@ class LocalTarReader:
             self._fd = None
 
 
-class _Unserved:
+class Unserved:
     """The reader of a layer that cannot be read: every read fails, saying why."""
 
     def __init__(self, error: Exception) -> None:
@@ -134,7 +134,7 @@ class Readers:
         try:
             return self._make(index)
         except (Unimplemented, FailedPrecondition, DataLoss) as e:
-            return _Unserved(e)
+            return Unserved(e)
 
     def _make(self, index: LayerIndex) -> Reader:
         layer = index.layer
