@@ -349,7 +349,7 @@ async def _index_one(state: State, desc: Descriptor, diff_id: Digest, remote: _R
         plan = LayerPlan(desc, existing.source)
         existing.close()
         return plan
-    meta = {"ref": str(remote.ref), "media_type": desc.media_type}
+    meta = {"ref": str(remote.ref)}  # the media type: IndexWriter.for_layer
     try:
         index = await _build(state, store, source, desc, diff_id, meta, remote)
     except BadLayer as e:

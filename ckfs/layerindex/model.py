@@ -15,7 +15,9 @@ format.
 
 Tree rules, the same for every source (entries arrive in archive order):
 
-- missing parent directories are implied (0755, 0:0, mtime 0);
+- missing parent directories are implied (0755, 0:0, mtime 0, marked
+  `Node.implied`: the server shows what the layers below give them,
+  `snapshotters.fuse.overrides`);
 - a later entry replaces an earlier one at the same path; a directory over
   a directory only takes its attributes (its children stay); a directory
   replaced by anything else drops its subtree;
@@ -174,7 +176,7 @@ class Node:
     fino: int  # stable across rebuilds: see `stable_ino`
     data: int  # offset of the bytes in the uncompressed tar stream; -1: see chunks
     opaque: bool  # a directory hiding lower layers' contents
-    implied: bool = False  # a directory only named as a parent: see `through_lower_links`
+    implied: bool = False  # a directory only named as a parent (default attributes)
 
 
 @dataclass(frozen=True, slots=True)
