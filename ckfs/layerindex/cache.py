@@ -173,7 +173,7 @@ class ChunkCache:
         which its checksum catches on the next read, and a cache write per
         chunk should not wait for the disk.
         """
-        directory = self.root / layer.split(":", 1)[1]
+        directory = self._dir(layer)
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
         header = _HEADER.pack(MAGIC, 0, len(data), xxhash.xxh3_128_digest(data))
@@ -195,7 +195,7 @@ class ChunkCache:
         with self._lock:
             for k in [k for k in self._memory if k[0] == layer]:
                 self._held -= len(self._memory.pop(k))
-        shutil.rmtree(self.root / layer.split(":", 1)[1], ignore_errors=True)
+        shutil.rmtree(self._dir(layer), ignore_errors=True)
 
     def layers(self) -> list[Digest]:
         """Digests of the layers with a directory in the cache, sorted.
@@ -215,11 +215,10 @@ class ChunkCache:
 
     def usage(self, layer: Digest | None = None) -> CacheUsage:
         """Bytes and files on disk for *layer*, or for the whole cache."""
-        dirs = [layer.split(":", 1)[1]] if layer else [d.split(":", 1)[1] for d in self.layers()]
         size = files = 0
-        for name in dirs:
+        for each in [layer] if layer else self.layers():
             with contextlib.suppress(FileNotFoundError):
-                for entry in os.scandir(self.root / name):
+                for entry in os.scandir(self._dir(each)):
                     with contextlib.suppress(FileNotFoundError):
                         size += entry.stat(follow_symlinks=False).st_size
                         files += 1
@@ -232,8 +231,12 @@ class ChunkCache:
         with self._lock:
             return {**self._stats, "memory_held": self._held}
 
+    def _dir(self, layer: Digest) -> Path:
+        """Where *layer*'s chunks are: named by its hex (`layers` reads the algorithm back)."""
+        return self.root / layer.split(":", 1)[1]
+
     def _path(self, layer: Digest, key: str) -> Path:
-        return self.root / layer.split(":", 1)[1] / key
+        return self._dir(layer) / key
 
     def _remember(self, layer: Digest, key: str, data: bytes) -> None:
         """Hold *data* in memory, evicting the least recently used; under _lock."""
