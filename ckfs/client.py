@@ -58,6 +58,7 @@ __all__ = [
     "root_address",
     "rpc_errors",
     "start_daemon",
+    "stop_daemon",
     "summary_json",
 ]
 
