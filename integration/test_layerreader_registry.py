@@ -21,11 +21,10 @@ from ckfs.errors import DataLoss, Unavailable
 from ckfs.layerindex.cache import ChunkCache
 from ckfs.layerindex.reader import LayerReader, RemoteBlob
 from ckfs.reference import parse
-from ckfs.remotes.auth import Credentials
-from ckfs.remotes.hosts import load_hosts
 from ckfs.remotes.registry import RegistryClient
 from integration.faultproxy import Fault, FaultProxy
 from integration.registry import Registry
+from integration.test_registry_ranges import client_for
 from tests.chunkedblobs import CHUNK, Layer, build_estargz, build_tar, content
 
 pytestmark = pytest.mark.slow
@@ -37,12 +36,6 @@ FILES = {
     "small": b"hello, lazy world\n",
     "mid": content(CHUNK, 2),
 }
-
-
-def client_for(host: str, tmp_path: Path, **kw: float) -> RegistryClient:
-    hosts = load_hosts(host, hosts_dirs=[])
-    credentials = Credentials(config_file=tmp_path / "none.json", env={"PATH": ""})
-    return RegistryClient(host, hosts=hosts, credentials=credentials, **kw)  # type: ignore[arg-type]
 
 
 def upload(reg: Registry, layer: Layer) -> Descriptor:

@@ -26,12 +26,12 @@ from ckfs import mediatypes as mt
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
 from ckfs.reference import parse
-from ckfs.remotes.auth import Credentials
 from ckfs.remotes.bounds import TooSlow
 from ckfs.remotes.hosts import load_hosts
 from ckfs.remotes.registry import RegistryClient
 from integration.faultproxy import Fault, FaultProxy
 from integration.registry import Registry
+from integration.test_registry_client import anonymous
 from integration.tokenserver import TokenServer
 
 pytestmark = pytest.mark.slow
@@ -63,10 +63,6 @@ def proxy(blob: Blob) -> Iterator[FaultProxy]:
     """The registry behind a fault proxy (started here: its stop blocks, trio must not)."""
     with FaultProxy(blob[0].host).running() as p:
         yield p
-
-
-def anonymous(tmp_path: Path) -> Credentials:
-    return Credentials(config_file=tmp_path / "none.json", env={"PATH": ""})
 
 
 def client_for(host: str, tmp_path: Path, **kw: float) -> RegistryClient:
