@@ -14,9 +14,8 @@ manifest's digest covers: a layer without it is `NotEstargz` (the caller
 falls back to a non-lazy source), and a TOC whose JSON does not match it is
 `DataLoss` before a byte of the JSON is parsed. The footer only says where to
 look: a lying footer finds no TOC member there (`BadLayer`) or one that fails
-that check. Each chunk's
-``chunkDigest`` is kept in the index and checked by the data path before the
-chunk is served or cached.
+that check. Each chunk's ``chunkDigest`` is kept in the index and checked by
+the data path before the chunk is served or cached.
 
 A verified TOC is still hostile input (whoever made the image chose it), so
 it is read with bounds and under the same rules as a tar:
@@ -256,7 +255,7 @@ def toc_digest(desc: Descriptor) -> Digest:
 
     Raises:
         NotEstargz: no annotation.
-        InvalidArgument: it is not a digest.
+        BadLayer: it is not a digest.
     """
     value = (desc.annotations or {}).get(TOC_DIGEST_ANNOTATION)
     if value is None:
@@ -323,7 +322,7 @@ def build_index(
     """Verify the TOC member *toc*, then index its entries into *path*.
 
     Blocking (inflate, JSON, SQLite): run it in a worker thread. Raises what
-    `index_estargz` does, but `NotEstargz`.
+    `index_estargz` does, except `NotEstargz`.
     """
     what = f"layer {desc.digest}"
     verify_toc(toc, expected, limits, what=what)
