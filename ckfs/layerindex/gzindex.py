@@ -2,12 +2,12 @@
 
 Most layers are plain gzip, which cannot be read at an offset without
 inflating everything before it. One pass over the blob with `indexed_gzip`
-(zran) records a checkpoint every `SPACING` bytes of output: the compressed
-offset, its bit offset and the 32 KiB window inflating resumes from. A read
-then inflates from the nearest checkpoint only, at most `SPACING` bytes
-before what it wants. The tar entries are read out of the inflated stream
-(`ckfs.layerindex.tarindex.add_members`), so a file's `Node.data` is its
-offset in the uncompressed stream.
+(zran) records a checkpoint every `SPACING` bytes of output (wider past
+`MAX_CHECKPOINTS`): the compressed offset, its bit offset and the 32 KiB
+window inflating resumes from. A read then inflates from the nearest
+checkpoint only, at most one spacing before what it wants. The tar entries
+are read out of the inflated stream (`ckfs.layerindex.tarindex.add_members`),
+so a file's `Node.data` is its offset in the uncompressed stream.
 
 The checkpoints are exported in indexed_gzip's own GZIDX format to
 ``index.gzidx`` beside ``index.db`` (written first, so an index.db never
@@ -49,7 +49,14 @@ from ckfs.layerindex.model import LIMITS, IndexWriter, LayerIndex, Limits, Span,
 from ckfs.layerindex.store import GZIDX_NAME
 from ckfs.layerindex.tarindex import add_members
 
-__all__ = ["SPACING", "Inflater", "build_gzip_index", "index_gzip", "open_inflater"]
+__all__ = [
+    "MAX_CHECKPOINTS",
+    "SPACING",
+    "Inflater",
+    "build_gzip_index",
+    "index_gzip",
+    "open_inflater",
+]
 
 log = logging.getLogger(__name__)
 
