@@ -9,6 +9,7 @@ that lower, and copy-up keeps what the file had. Runs confined (the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
@@ -53,52 +54,39 @@ def _found(lowers: Lowers, path: str) -> os.stat_result | None:
 
 def test_first_lower_decides(stack: tuple[Path, Path, Path]) -> None:
     top, bottom, _ = stack
-    with_lowers = Lowers([top, bottom])
-    try:
+    with contextlib.closing(Lowers([top, bottom])) as with_lowers:
         st = _found(with_lowers, "both")
         assert st is not None and st.st_ino == (top / "both").stat().st_ino
         st = _found(with_lowers, "only")
         assert st is not None and st.st_ino == (bottom / "only").stat().st_ino
         assert _found(with_lowers, "nowhere") is None
         assert bool(with_lowers) and not Lowers(())
-    finally:
-        with_lowers.close()
 
 
 def test_a_file_parent_hides_the_lowers_below(stack: tuple[Path, Path, Path]) -> None:
     top, bottom, _ = stack
-    lowers = Lowers([top, bottom])
-    try:
+    with contextlib.closing(Lowers([top, bottom])) as lowers:
         assert _found(lowers, "hidden/x") is None
         assert lowers.open_dir("hidden") is None
         assert lowers.open_dir("gone") is None  # a whiteout hides bottom's dir
-    finally:
-        lowers.close()
-    alone = Lowers([bottom])
-    try:
+    with contextlib.closing(Lowers([bottom])) as alone:
         found = alone.open_dir("hidden")
         assert found is not None
         os.close(found[1])
-    finally:
-        alone.close()
 
 
 def test_a_lowers_symlinks_stay_inside_it(stack: tuple[Path, Path, Path]) -> None:
     top, bottom, _ = stack
-    lowers = Lowers([top, bottom])
-    try:
+    with contextlib.closing(Lowers([top, bottom])) as lowers:
         # top/up -> ../.. re-roots at top: up/secret is top/secret, absent.
         assert _found(lowers, "up/secret") is None
         st = _found(lowers, "up/both")
         assert st is not None and st.st_ino == (top / "both").stat().st_ino
-    finally:
-        lowers.close()
 
 
 def test_open_dir_gives_the_directory(stack: tuple[Path, Path, Path]) -> None:
     top, bottom, _ = stack
-    lowers = Lowers([top, bottom])
-    try:
+    with contextlib.closing(Lowers([top, bottom])) as lowers:
         found = lowers.open_dir("d")
         assert found is not None
         st, fd = found
@@ -107,8 +95,6 @@ def test_open_dir_gives_the_directory(stack: tuple[Path, Path, Path]) -> None:
             assert os.fstat(fd).st_ino == (bottom / "d").stat().st_ino
         finally:
             os.close(fd)
-    finally:
-        lowers.close()
 
 
 def _copy(src_dir: Path, dst_dir: Path, name: str, *, devices: bool = True) -> None:
