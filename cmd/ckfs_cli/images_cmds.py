@@ -125,7 +125,7 @@ def _contents(app: App, image: Image) -> _Contents:
         missing: list[Descriptor] = []
         size = sum(d.size for d in img.tree(store, image.target, missing_layers=missing))
         plats = [str(p) for p in img.platforms_of(store, image.target)]
-        if unindexed := [d for d in missing if not _indexed(app, d)]:
+        if unindexed := [d for d in missing if not indexed(app, d)]:
             raise NotFound(
                 f"image {image.name}: blob {unindexed[0].digest} "
                 f"({unindexed[0].media_type}) is missing"
@@ -135,7 +135,7 @@ def _contents(app: App, image: Image) -> _Contents:
     return _Contents(size, plats, None, False, lazy=len(missing))
 
 
-def _indexed(app: App, layer: Descriptor) -> bool:
+def indexed(app: App, layer: Descriptor) -> bool:
     """Whether *layer* has a layer index on the root (lazy: its blob is not needed)."""
     from ckfs.layerindex.store import IndexStore
 

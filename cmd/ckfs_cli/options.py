@@ -58,7 +58,7 @@ def snapshotter_option(f: _F) -> _F:
 def snapshotter_option_defaulting(default: str) -> Callable[[_F], _F]:
     """`snapshotter_option` with another default (``ckfs mount``'s is fuse)."""
     kinds = "; ".join(f"{name}: {snapshotters.SUMMARIES[name]}" for name in snapshotters.NAMES)
-    option = click.option(
+    return click.option(
         "--snapshotter",
         "-s",
         metavar=f"[{'|'.join(snapshotters.NAMES)}]",
@@ -66,7 +66,6 @@ def snapshotter_option_defaulting(default: str) -> Callable[[_F], _F]:
         show_default=True,
         help=f"Snapshotter ({kinds}).",
     )
-    return option
 
 
 class _Quantity(click.ParamType[float]):

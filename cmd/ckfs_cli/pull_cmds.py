@@ -118,15 +118,14 @@ def _run(app: App, *, register: bool, ref: str, quiet: bool, as_json: bool, **fl
     else:
         summary = _pull_here(app, parsed, register, display, flags)
     if flags.get("lazy") and register:
-        from ckfs.layerindex.store import IndexStore
+        from ckfs_cli.images_cmds import indexed
         from ckfs_cli.rootfs_cmds import say_eager
 
-        indexes = IndexStore(app.state.root)
         say_eager(
             app,
             str(parsed),
             flags,
-            lambda d, _: indexes.path(d.digest).is_file(),
+            lambda d, _: indexed(app, d),
             "will be unpacked eagerly when mounted",
         )
     if as_json:
