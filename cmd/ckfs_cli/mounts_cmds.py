@@ -156,9 +156,9 @@ def _layers(
 
 
 def _server_stats(paths: ServerPaths) -> dict[str, dict[str, int]]:
-    """The FUSE server's per-layer counters (``<root>/fuse/stats.json``), if it wrote any."""
+    """The FUSE server's per-layer counters (`ServerPaths.stats`), if it wrote any."""
     try:
-        data = json.loads((paths.dir / "stats.json").read_text())
+        data = json.loads(paths.stats.read_text())
     except (OSError, ValueError):
         return {}
     layers = data.get("layers", {}) if isinstance(data, dict) else {}
