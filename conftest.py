@@ -2,8 +2,9 @@
 
 - Fixture plugins register here: pytest accepts ``pytest_plugins`` only in
   the top-level conftest (a nested one breaks ``pytest .``).
-- A FUSE serving process a test started (``<root>/fuse/`` under its
-  ``tmp_path``) is stopped by its PID when the test ends, also on failure.
+- A FUSE serving process or a background ckfsd a test started (a root
+  under its ``tmp_path``) is stopped by its PID when the test ends, also on
+  failure.
 - Tests that feed the layer applier hostile archives as root run confined
   (see `tests.confine`): everything but the temp directory is read-only for
   them, so a containment bug fails the test instead of damaging the machine.
@@ -72,10 +73,10 @@ _DAEMON_LOCKS = ("locks/ckfsd", "*/locks/ckfsd", "*/*/locks/ckfsd")
 
 @pytest.fixture(autouse=True)
 def _no_fuse_server_left(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Stop the FUSE servers a test's ckfs roots started, by their pid files' PIDs.
+    """Stop the ckfsds and FUSE servers a test's ckfs roots started, by their lock files' PIDs.
 
-    A lazy mount starts a serving process that outlives its starter on
-    purpose; in a test it must not outlive the test.
+    A lazy mount starts a serving process (and ``ckfs mount`` a ckfsd) that
+    outlives its starter on purpose; in a test it must not outlive the test.
     """
     # Asked for before the test (not after): tmp_path is then torn down after
     # this fixture, not before it.
