@@ -30,25 +30,21 @@ from ckfs.archive.apply import ApplyOptions, apply_layer
 from ckfs.digest import Digest, from_bytes
 from ckfs.labels import SNAPSHOT_REF
 from ckfs.mount import is_mountpoint, is_stale
-from ckfs.state import State
 from integration.mounts import MountGuard
 from integration.test_fuse_server import BASE, TOP, add_layer
 from snapshotters.fuse.process import server_pid, stop_server
 from snapshotters.fuse.snapshotter import LAYER_DIGEST, FuseSnapshotter
 from tests.tarbuild import tar
+from tests.test_snapshotters_fuse import sn as sn_fixture
+from tests.test_snapshotters_fuse import state as state_fixture
 
 pytestmark = [pytest.mark.root]
 
 OPAQUE = "trusted.overlay.opaque"
 
 
-@pytest.fixture
-def sn(tmp_path: Path) -> Iterator[FuseSnapshotter]:
-    state = State(tmp_path / "root")
-    sn = state.snapshotter("fuse")
-    assert isinstance(sn, FuseSnapshotter)
-    yield sn
-    state.close()
+#: The fuse snapshotter on a fresh state root (`tests.test_snapshotters_fuse`'s fixtures).
+state, sn = state_fixture, sn_fixture
 
 
 def serve(sn: FuseSnapshotter, layer: Digest, tree: dict[str, str | None]) -> Path:
@@ -218,17 +214,12 @@ def test_many_attached_layers_fit_one_mount(
 
 
 @pytest.fixture
-def served(tmp_path: Path, mount_guard: MountGuard) -> Iterator[FuseSnapshotter]:
+def served(sn: FuseSnapshotter, mount_guard: MountGuard) -> Iterator[FuseSnapshotter]:
     """The fuse snapshotter of a root whose FUSE server is stopped (by PID) at teardown."""
-    root = tmp_path / "root"
-    state = State(root)
-    sn = state.snapshotter("fuse")
-    assert isinstance(sn, FuseSnapshotter)
     try:
         yield sn
     finally:
-        state.close()
-        stop_server(root)
+        stop_server(sn.server.root)
         assert not is_mountpoint(sn.server.mnt)
 
 
