@@ -27,7 +27,6 @@ Blocking (polling and sleeps): call from a thread in async code.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -242,14 +241,7 @@ def _start(paths: ServerPaths, timeout: float) -> None:
     paths.pid.unlink(missing_ok=True)
     with open(paths.log, "ab") as out:
         starter = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "snapshotters.fuse.server",
-                "--root",
-                str(paths.root),
-                "--detach",
-            ],
+            [sys.executable, "-m", SERVER_MODULE, "--root", str(paths.root), "--detach"],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -293,13 +285,8 @@ def _wait_gone(paths: ServerPaths, deadline: float) -> bool:
 def _signal(pid: int, sig: int) -> None:
     if pid <= 0:
         return
-    try:
+    with contextlib.suppress(ProcessLookupError):  # ESRCH: gone already
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-    except OSError as e:
-        if e.errno != errno.ESRCH:
-            raise
 
 
 def _tail(path: Path) -> str:
