@@ -291,7 +291,9 @@ def _snapshot_if_unpacked(
     readonly: bool,
     options: PullOptions,
 ) -> tuple[Descriptor | None, list[Mount] | None]:
-    """The fast path: the image's target if complete here, and the mounts if unpacked too."""
+    """The fast path: the image's target if complete here (for a snapshotter
+    attaching lazily, if recorded: its layer blobs need not be), and the
+    mounts if unpacked too."""
     from ckfs.errors import NotFound
     from ckfs.images import image as img
     from ckfs.rootfs import NotUnpacked
