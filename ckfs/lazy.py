@@ -292,18 +292,20 @@ def record_chains(root: Path, chain: Sequence[Digest], plans: Sequence[LayerPlan
     which indexed layer that is, so the fuse snapshotter attaches it
     instead of letting containerd download and unpack it. A chain ID names
     its whole chain of diff IDs, so the record holds for any image that has
-    it; eager layers get none (nothing serves them).
+    it; eager layers get none (nothing serves them), and lose one an
+    earlier decision left (an index of an older format, other limits).
     """
     from ckfs.layerindex import dirname
 
     where = root / "layers" / CHAINS_DIR
     where.mkdir(parents=True, exist_ok=True)
     for i, (chain_id, plan) in enumerate(zip(chain, plans, strict=True)):
+        path = where / dirname(chain_id)
         if plan.source == EAGER:
+            path.unlink(missing_ok=True)
             continue
         record = {"layer": str(plan.desc.digest), "parent": str(chain[i - 1]) if i else ""}
         body = json.dumps(record).encode()
-        path = where / dirname(chain_id)
         with contextlib.suppress(OSError):
             if path.read_bytes() == body:
                 continue

@@ -77,3 +77,13 @@ def test_chain_records_name_each_lazy_layer_and_its_parent(tmp_path: Path) -> No
     assert lazy.chain_layer(tmp_path, str(chain[2])) == (c.digest, str(chain[1]))
     assert lazy.chain_layer(tmp_path, "not a digest") is None
     assert lazy.chain_layer(tmp_path, str(Digest.from_hex("sha256", "0" * 64))) is None
+
+
+def test_a_chain_now_eager_loses_its_lazy_record(tmp_path: Path) -> None:
+    # Recorded lazy by an earlier index (an older format, other limits); the
+    # layer is unpacked now, so containerd's prepare must not attach it.
+    a = layer("a")
+    chain = [from_bytes(b"chain a")]
+    lazy.record_chains(tmp_path, chain, [lazy.LayerPlan(a, lazy.GZIP)])
+    lazy.record_chains(tmp_path, chain, [lazy.LayerPlan(a, lazy.EAGER, "refused")])
+    assert lazy.chain_layer(tmp_path, str(chain[0])) is None
