@@ -248,7 +248,7 @@ def test_lying_chunks_refuse_the_layer(where: Path, make: Any, match: str) -> No
     refused(make(), where, match)
 
 
-def test_chunks_sharing_a_member_must_not_overlap(where: Path, tmp_path: Path) -> None:
+def test_chunks_sharing_a_member_must_not_overlap(where: Path) -> None:
     def tamper(entries: list[Record]) -> None:
         chunks = [e for e in entries if e["name"] == "d/f1" and ("offset" in e)]
         chunks[1].update(offset=chunks[0]["offset"], innerOffset=10)
