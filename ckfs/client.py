@@ -600,7 +600,12 @@ def stop_daemon(root: Path, *, grace: float = 15.0) -> bool:
     if fd is not None:  # nobody holds it: no daemon
         os.close(fd)
         return False
-    pid = int(lock.read_text())
+    deadline = time.monotonic() + grace
+    while not (text := lock.read_text().strip()):  # locked, PID not yet written
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    pid = int(text)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while (fd := try_lock(lock)) is None:

@@ -101,7 +101,8 @@ def _pull_image(
     if options.lazy:  # indexes are built even for an image whose blobs are all here
         import trio
 
-        return trio.run(_pull, state, ref, register, options, on_event)
+        with transfer or contextlib.nullcontext():
+            return trio.run(_pull, state, ref, register, options, on_event)
     hosts = None
     if not (options.user or options.offline or ref.digest):
         from ckfs.remotes.hosts import load_hosts
