@@ -160,8 +160,22 @@ def stop_server(root: Path, *, timeout: float = STOP_TIMEOUT) -> bool:
             log.warning("fuse server %d ignored SIGTERM for %.0f s: killing it", pid, timeout)
             _signal(pid, signal.SIGKILL)
             _wait_gone(paths, time.monotonic() + timeout)
+        _wait_exited(pid, time.monotonic() + timeout)
     clean_mount(paths)
     return pid is not None
+
+
+def _wait_exited(pid: int, deadline: float) -> None:
+    """Until *pid* has exited: it releases its lock a moment before its
+    interpreter is done, and "stopped" must mean no process left."""
+    while pid > 0 and time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        if stat[stat.rindex(")") + 2] == "Z":
+            return
+        time.sleep(_POLL)
 
 
 def server_pid(paths: ServerPaths) -> int | None:
