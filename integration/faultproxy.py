@@ -340,15 +340,17 @@ class FaultProxy:
                     chunk = over + chunk[len(over) :]
                 if limit is not None and seen.body_bytes + len(chunk) >= limit:
                     rest = chunk[: limit - seen.body_bytes]
+                    seen.body_bytes += len(rest)  # before the send: see below
                     if rest:
                         await send(h11.Data(data=rest))
-                    seen.body_bytes += len(rest)
                     if fault is not None and fault.kind == "stall":
                         self.stalled.set()
                         await trio.sleep_forever()
                     return False  # _serve closes the connection mid-body
-                await send(h11.Data(data=chunk))
+                # Counted before it is sent: once a client has a byte, the count
+                # has it too (counted after, a test could read it a moment short).
                 seen.body_bytes += len(chunk)
+                await send(h11.Data(data=chunk))
             await send(h11.EndOfMessage())
         finally:
             await response.aclose()
