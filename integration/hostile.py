@@ -107,8 +107,11 @@ class Outcome:
 def run(root: Path, *args: str) -> Outcome:
     """Run ``ckfs --root ROOT ARGS`` as its own process (output files beside
     *root*) through `integration.hostile_launch`, which measures the command's
-    own peak RSS and wall time and kills it by its PID after `HARD_LIMIT`."""
-    argv = [sys.executable, "-m", "ckfs_cli.main", "--root", str(root), *args]
+    own peak RSS and wall time and kills it by its PID after `HARD_LIMIT`.
+
+    ``--no-daemon``: the work must happen in the measured, limited process, not
+    in a ckfsd a lazy ``mount`` would start in the background."""
+    argv = [sys.executable, "-m", "ckfs_cli.main", "--root", str(root), "--no-daemon", *args]
     work = root.parent
     work.mkdir(parents=True, exist_ok=True)
     report = work / "ckfs.rusage"
@@ -173,7 +176,7 @@ def run_batch(root: Path, *commands: tuple[str, ...]) -> list[Outcome]:
             out, err = io.StringIO(), io.StringIO()
             start = time.monotonic()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                code = _run(["--root", str(root), *args])
+                code = _run(["--root", str(root), "--no-daemon", *args])
             done.append(
                 Outcome(
                     args=args,
