@@ -40,6 +40,14 @@ _COMMANDS = {
     "mounts": "mounts_cmds:mounts",
     "gc": "rootfs_cmds:gc_cmd",
     "snapshots": "snapshot_cmds:snapshots",
+    "layers": "inspect_cmds:layers_cmd",
+    "which": "inspect_cmds:which_cmd",
+    "ls": "inspect_cmds:ls_cmd",
+    "cat": "inspect_cmds:cat_cmd",
+    "diff": "changes_cmds:diff_cmd",
+    "space": "changes_cmds:space_cmd",
+    "shell": "shell_cmds:shell_cmd",
+    "explore": "explore_cmds:explore_cmd",
 }
 
 
