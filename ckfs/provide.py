@@ -178,6 +178,7 @@ def ensure_rootfs(
     readonly: bool = False,
     options: PullOptions = DEFAULTS,
     on_event: OnEvent | None = None,
+    upto: int | None = None,
 ) -> list[Mount]:
     """A new snapshot *key* on the image *ref*, in a process without an event loop.
 
@@ -197,6 +198,8 @@ def ensure_rootfs(
         options: for the pull, when one is needed; its platform picks the
             manifest of an index.
         on_event: the pull's blob progress, when there is a pull.
+        upto: stack only the image's layers 1..*upto* (``ckfs mount
+            --upto``; `ckfs.rootfs.snapshot_on`).
 
     Returns:
         The snapshot's Mount records, to mount in order on one target.
@@ -205,12 +208,12 @@ def ensure_rootfs(
         AlreadyExists: *key* is taken.
         FailedPrecondition: the image has more layers than the snapshotter
             stacks.
-        InvalidArgument: no such snapshotter.
+        InvalidArgument: no such snapshotter; *upto* out of range.
         As `ckfs.pull.pull` and `ckfs.unpack.unpack`.
     """
     with state.gc_lock():
         sn = state.snapshotter(snapshotter)
-        found, mounts = _snapshot_if_unpacked(state, sn, ref, key, readonly, options)
+        found, mounts = _snapshot_if_unpacked(state, sn, ref, key, readonly, options, upto)
         if mounts is not None:
             return mounts
         import trio
@@ -219,7 +222,7 @@ def ensure_rootfs(
             _unpack_or_pull, state, sn, snapshotter, ref, found, options, on_event
         )
         target = trio.run(run)
-        return _snapshot(state, sn, ref, target, key, readonly, options)
+        return _snapshot(state, sn, ref, target, key, readonly, options, upto)
 
 
 async def ensure_rootfs_async(
@@ -231,6 +234,7 @@ async def ensure_rootfs_async(
     readonly: bool = False,
     options: PullOptions = DEFAULTS,
     on_event: OnEvent | None = None,
+    upto: int | None = None,
 ) -> list[Mount]:
     """`ensure_rootfs` for a caller on trio (ckfsd's Mounts): the same steps on its loop.
 
@@ -242,13 +246,13 @@ async def ensure_rootfs_async(
     async with _gc_lock_async(state):
         sn = await trio.to_thread.run_sync(state.snapshotter, snapshotter)
         found, mounts = await trio.to_thread.run_sync(
-            _snapshot_if_unpacked, state, sn, ref, key, readonly, options
+            _snapshot_if_unpacked, state, sn, ref, key, readonly, options, upto
         )
         if mounts is not None:
             return mounts
         target = await _unpack_or_pull(state, sn, snapshotter, ref, found, options, on_event)
         return await trio.to_thread.run_sync(
-            _snapshot, state, sn, ref, target, key, readonly, options
+            _snapshot, state, sn, ref, target, key, readonly, options, upto
         )
 
 
@@ -269,6 +273,7 @@ def _snapshot(
     key: str,
     readonly: bool,
     options: PullOptions,
+    upto: int | None,
 ) -> list[Mount]:
     """Snapshot *key* on the unpacked image *target* (`ckfs.rootfs.snapshot_on`)."""
     from ckfs.rootfs import snapshot_on
@@ -281,6 +286,8 @@ def _snapshot(
         readonly=readonly,
         labels={IMAGE_LABEL: str(ref)},
         platform=options.platform,
+        upto=upto,
+        name=str(ref),
     )
 
 
@@ -291,6 +298,7 @@ def _snapshot_if_unpacked(
     key: str,
     readonly: bool,
     options: PullOptions,
+    upto: int | None,
 ) -> tuple[Descriptor | None, list[Mount] | None]:
     """The fast path: the image's target if complete here (for a snapshotter
     attaching lazily, if recorded: its layer blobs need not be), and the
@@ -307,7 +315,8 @@ def _snapshot_if_unpacked(
     except NotFound:
         return None, None
     try:
-        return image.target, _snapshot(state, sn, ref, image.target, key, readonly, options)
+        snapshot = _snapshot(state, sn, ref, image.target, key, readonly, options, upto)
+        return image.target, snapshot
     except NotUnpacked:
         return image.target, None
     except NotFound:  # a lazy image's manifest or config went: pull again

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from ckfs.content import ContentStore
 from ckfs.descriptor import Descriptor, Platform
 from ckfs.digest import Digest
-from ckfs.errors import FailedPrecondition, NotFound
+from ckfs.errors import FailedPrecondition, InvalidArgument, NotFound
 from ckfs.identity import chain_ids
 from ckfs.images import image as img
 from ckfs.images.config import ImageConfig
@@ -29,6 +29,7 @@ __all__ = [
     "check_depth_within",
     "committed",
     "image_chain",
+    "layer_in_range",
     "snapshot_on",
 ]
 
@@ -111,23 +112,43 @@ def snapshot_on(
     readonly: bool = False,
     labels: Mapping[str, str] | None = None,
     platform: Platform | None = None,
+    upto: int | None = None,
+    name: str = "",
 ) -> list[Mount]:
     """A new snapshot *key* on top of the unpacked image *target*: its Mount records.
 
     Args:
         readonly: a view instead of a writable (prepared) snapshot.
         labels: labels of the new snapshot.
+        upto: stack only layers 1..*upto* (bottom first, as ``ckfs layers``
+            numbers them): the snapshot's parent is that layer's chain ID.
+            Only those layers need be unpacked.
+        name: the image's name, for the out-of-range message.
 
     Raises:
-        NotUnpacked: the image's top chain ID is not a committed snapshot.
+        NotUnpacked: the chain ID it stands on is not a committed snapshot.
         FailedPrecondition: the image has more layers than *sn* stacks.
+        InvalidArgument: *upto* is out of range.
         AlreadyExists: *key* is taken.
         NotFound: the image's manifest or config is missing.
     """
     _, _, chain = image_chain(content, target, platform)
+    if upto is not None:
+        chain = chain[: layer_in_range(upto, len(chain), name or str(target.digest))]
     check_depth(sn, target, len(chain))
     top = str(chain[-1])
     if not committed(sn, top):
         raise NotUnpacked(f"image {target.digest} is not unpacked (no snapshot {top})")
     create = sn.view if readonly else sn.prepare
     return create(key, top, labels)
+
+
+def layer_in_range(number: int, layers: int, name: str) -> int:
+    """*number* if it names a layer (1..*layers*, bottom first) of the image *name*.
+
+    Raises:
+        InvalidArgument: it does not.
+    """
+    if not 1 <= number <= layers:
+        raise InvalidArgument(f"layer {number} out of range: {name} has {layers} layers")
+    return number

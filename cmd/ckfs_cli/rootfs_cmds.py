@@ -2,7 +2,9 @@
 
 ``mount`` and ``bundle`` name their snapshot after the directory they mount
 (``mount:<absolute path>``), so ``umount`` finds it again from the path alone
-and ``gc`` sees it as in use.
+and ``gc`` sees it as in use. ``mount --upto N`` stacks the image's first N
+layers only, ``mount --layer N`` shows layer N alone (`snapshotters.layerview`);
+``ckfs shell`` runs a throwaway container over either (``shell_cmds``).
 """
 
 from __future__ import annotations
@@ -31,22 +33,32 @@ if TYPE_CHECKING:
 
     from ckfs.descriptor import Descriptor
     from ckfs.digest import Digest
+    from ckfs.images.config import ImageConfig
     from ckfs.mount import Mount
     from snapshotters.fuse.snapshotter import FuseSnapshotter
 
 
 def _rootfs(
-    app: App, ref: str, snapshotter: str, key: str, readonly: bool, flags: dict[str, Any]
+    app: App,
+    ref: str,
+    snapshotter: str,
+    key: str,
+    readonly: bool,
+    flags: dict[str, Any],
+    upto: int | None = None,
 ) -> list[Mount]:
     """A snapshot *key* on the image *ref*: its Mount records (`ckfs.provide.ensure_rootfs`).
 
     Through ckfsd, the daemon makes the snapshot (its Mounts RPC runs the
-    same function) and the caller gets the records to mount itself.
+    same function) and the caller gets the records to mount itself. A
+    partial stack (*upto*) is made here also when ckfsd serves the root:
+    that RPC knows whole images only, and the snapshot is the root's
+    either way (``umount`` through ckfsd removes it as any other).
     """
     from ckfs import reference
 
     parsed = reference.parse(ref)
-    if (daemon := app.daemon) is not None:
+    if (daemon := app.daemon) is not None and upto is None:
         from ckfs.client import pull_options as request_options
 
         return daemon.mounts(
@@ -61,7 +73,13 @@ def _rootfs(
     options = pull_options(**flags)
     skip_httpx_cli()  # before an unpack or a pull, if it comes to that, imports httpx
     return ensure_rootfs(
-        app.state, parsed, key, snapshotter=snapshotter, readonly=readonly, options=options
+        app.state,
+        parsed,
+        key,
+        snapshotter=snapshotter,
+        readonly=readonly,
+        options=options,
+        upto=upto,
     )
 
 
@@ -82,6 +100,7 @@ def _mount(
     flags: dict[str, Any],
     *,
     merged: bool = False,
+    part: Part = None,
 ) -> str:
     """Pull, unpack (or attach), prepare and mount; returns the snapshot key.
 
@@ -89,30 +108,37 @@ def _mount(
     the caller's mount namespace, also when ckfsd made the snapshot. A lazy
     mount is labelled with the FUSE server it stands on, so ``ckfs mounts
     recover`` knows to remount it if that server dies; a *merged* one is a
-    read-only bind of one FUSE tree of the whole image, no overlay.
+    read-only bind of one FUSE tree of the whole image, no overlay. A
+    *part* stacks the layers up to its number, or shows that layer alone
+    (read-only; `snapshotters.layerview`).
 
     Raises:
         FailedPrecondition: *target* is already a mountpoint or has a
             snapshot; *merged* with another snapshotter than fuse, or with a
-            layer that could not be attached lazily.
+            layer that could not be attached lazily; a layer alone of a
+            snapshotter without layer directories (native).
+        InvalidArgument: *part*'s layer is out of range.
     """
     from ckfs import mount as mountlib
     from ckfs.errors import AlreadyExists, FailedPrecondition
 
     key = mount_key(target)
+    upto, alone = part or (None, False)
     if merged and snapshotter != "fuse":
         raise FailedPrecondition("--merged needs the fuse snapshotter")
     if mountlib.is_mountpoint(target):
         raise FailedPrecondition(f"{target} is already a mountpoint; ckfs umount it first")
     try:
-        mounts = _rootfs(app, ref, snapshotter, key, ro or merged, flags)
+        mounts = _rootfs(app, ref, snapshotter, key, ro or merged or alone, flags, upto)
     except AlreadyExists:
         raise FailedPrecondition(
             f"{target} already has a ckfs snapshot ({snapshotter}); run `ckfs umount {target}`"
         ) from None
     try:
         lazy = fuse_snapshotter(app) if snapshotter == "fuse" else None
-        if lazy is not None and merged:
+        if alone:
+            mounts = _alone(app, snapshotter, key)
+        elif lazy is not None and merged:
             from snapshotters.fuse.recover import merged_mounts
 
             mounts = merged_mounts(lazy, key)
@@ -123,9 +149,7 @@ def _mount(
 
             label_served(lazy, key)
     except BaseException:
-        if mountlib.is_mountpoint(target):
-            mountlib.unmount_all(target)
-        _remove(app, snapshotter, key)
+        undo_mount(app, snapshotter, target, key)
         raise
     if lazy is not None:
         layers = lazy
@@ -133,6 +157,61 @@ def _mount(
             app, ref, flags, lambda _, c: layers.layer(str(c)) is not None, "unpacked eagerly"
         )
     return key
+
+
+#: Which layers a mount shows (`part_of`): ``(N, False)`` layers 1..N,
+#: ``(N, True)`` layer N alone, None all of them.
+Part = tuple[int, bool] | None
+
+
+def part_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--layer N`` and ``--upto N`` (read them with `part_of`): ``mount`` and ``shell``."""
+    f = click.option(
+        "--upto",
+        type=int,
+        metavar="N",
+        help="Only layers 1..N (bottom first, as `ckfs layers` numbers them).",
+    )(f)
+    return click.option(
+        "--layer",
+        type=int,
+        metavar="N",
+        help="Layer N alone, read-only, as its snapshot holds it: whiteouts are 0/0 "
+        "character devices, opaque directories carry trusted.overlay.opaque=y "
+        "(overlayfs or fuse).",
+    )(f)
+
+
+def part_of(layer: int | None, upto: int | None) -> Part:
+    """The `Part` ``--layer`` and ``--upto`` ask for.
+
+    Raises:
+        click.UsageError: both are given.
+    """
+    if layer is not None and upto is not None:
+        raise click.UsageError("--layer and --upto exclude each other")
+    if layer is not None:
+        return (layer, True)
+    return None if upto is None else (upto, False)
+
+
+def _alone(app: App, snapshotter: str, key: str) -> list[Mount]:
+    """The mount of the layer under the view *key* alone, *key* labelled to say so."""
+    from snapshotters.layerview import layer_mounts, mark_layer_only
+
+    sn = app.state.snapshotter(snapshotter)
+    mounts = layer_mounts(sn, key)
+    mark_layer_only(sn, key)
+    return mounts
+
+
+def undo_mount(app: App, snapshotter: str, target: Path, key: str) -> None:
+    """Unmount *target* if it is mounted and remove its snapshot *key*."""
+    from ckfs import mount as mountlib
+
+    if mountlib.is_mountpoint(target):
+        mountlib.unmount_all(target)
+    _remove(app, snapshotter, key)
 
 
 def say_eager(
@@ -174,12 +253,22 @@ def say_eager(
     help="One read-only FUSE tree of the whole image, whiteouts applied by ckfs "
     "(no overlayfs; fuse only).",
 )
+@part_options
 @registry_options
 @click.argument("ref")
 @click.argument("target", type=click.Path(file_okay=False, path_type=Path))
 @pass_app
 def mount_cmd(
-    app: App, /, snapshotter: str, ro: bool, merged: bool, ref: str, target: Path, **opts: Any
+    app: App,
+    /,
+    snapshotter: str,
+    ro: bool,
+    merged: bool,
+    layer: int | None,
+    upto: int | None,
+    ref: str,
+    target: Path,
+    **opts: Any,
 ) -> None:
     """Mount the image REF at TARGET: fetch only what is missing, lazily by default.
 
@@ -189,15 +278,24 @@ def mount_cmd(
     ROOT/ckfsd.log; not with --no-daemon). overlayfs and native pull and
     unpack the whole image first.
 
+    --upto N mounts the stack of layers 1..N (writable unless --ro), --layer
+    N that layer alone, read-only, its whiteouts and opaque directories shown
+    as they are; `ckfs umount` removes either as usual.
+
     \b
     Examples:
       ckfs mount docker.io/stevvooe/foo /mnt/rootfs
       ckfs mount --merged docker.io/stevvooe/foo /mnt/debug
       ckfs mount --ro --snapshotter native example.local/ckfs/busybox /mnt/x
+      ckfs mount --upto 3 docker.io/stevvooe/foo /mnt/three
+      ckfs mount --layer 2 docker.io/stevvooe/foo /mnt/second
     """
+    part = part_of(layer, upto)
+    if merged and layer is not None:
+        raise click.UsageError("--merged and --layer exclude each other")
     if snapshotter == "fuse":
         app.start_daemon()  # a lazy mount wants ckfsd behind it (ckfs.client.start_daemon)
-    key = _mount(app, ref, target, snapshotter, ro, opts, merged=merged)
+    key = _mount(app, ref, target, snapshotter, ro, opts, merged=merged, part=part)
     click.echo(f"mounted {ref} at {target} ({snapshotter} snapshot {key!r})", err=True)
 
 
@@ -320,30 +418,52 @@ def bundle_cmd(
     The root filesystem is mounted at DIRECTORY/rootfs; ARGS replace the
     image's command. Clean up with `ckfs umount DIRECTORY/rootfs`.
     """
-    from ckfs.images import image as img
     from ckfs.runtime_spec import build_spec
 
-    options = pull_options(**opts)
+    def spec(config: ImageConfig, rootfs: Path) -> dict[str, Any]:
+        return build_spec(
+            config, rootfs=rootfs, args=args, readonly=ro, no_new_privileges=no_new_privileges
+        )
+
+    make_bundle(app, ref, directory, snapshotter, opts, spec, ro=ro)
+    rootfs = directory / "rootfs"
+    click.echo(str(directory))
+    click.echo(f"run it: runc run -b {directory} <id>; clean up: ckfs umount {rootfs}", err=True)
+
+
+def make_bundle(
+    app: App,
+    ref: str,
+    directory: Path,
+    snapshotter: str,
+    flags: dict[str, Any],
+    spec_for: Callable[[ImageConfig, Path], dict[str, Any]],
+    *,
+    ro: bool = False,
+    part: Part = None,
+) -> str:
+    """Mount *ref* at DIRECTORY/rootfs and write ``spec_for(config, rootfs)`` as its
+    ``config.json``; the rootfs snapshot's key. Undone if the spec cannot be made.
+
+    Raises:
+        As `_mount`, and what *spec_for* raises.
+    """
+    from ckfs.images import image as img
+
+    options = pull_options(**flags)
     directory.mkdir(parents=True, exist_ok=True)
     rootfs = directory / "rootfs"
-    key = _mount(app, ref, rootfs, snapshotter, ro, opts)
+    key = _mount(app, ref, rootfs, snapshotter, ro, flags, part=part)
     try:
         image = app.images.get(normalize(ref))
         config = img.config(blobs(app), image.target, options.platform)
-        spec = build_spec(
-            config, rootfs=rootfs, args=args, readonly=ro, no_new_privileges=no_new_privileges
-        )
         tmp = directory / "config.json.tmp"
-        tmp.write_text(json.dumps(spec, indent=2) + "\n")
+        tmp.write_text(json.dumps(spec_for(config, rootfs), indent=2) + "\n")
         tmp.replace(directory / "config.json")
     except BaseException:
-        from ckfs import mount as mountlib
-
-        mountlib.unmount_all(rootfs)
-        _remove(app, snapshotter, key)
+        undo_mount(app, snapshotter, rootfs, key)
         raise
-    click.echo(str(directory))
-    click.echo(f"run it: runc run -b {directory} <id>; clean up: ckfs umount {rootfs}", err=True)
+    return key
 
 
 @click.command("gc")

@@ -11,7 +11,8 @@ running, and every one not mounted at all (after a reboot).
 
 The mounts are the snapshots ``ckfs mount`` names after their targets
 (`ckfs.mount.mount_key`); a merged view's mount is a read-only bind of its
-view directory in the FUSE tree (`view_name`).
+view directory in the FUSE tree (`view_name`), a ``--layer`` mount one of
+its layer's directory (`snapshotters.layerview`).
 """
 
 from __future__ import annotations
@@ -144,8 +145,7 @@ def _remount(sn: FuseSnapshotter, target: Path, info: Info) -> None:
     with contextlib.suppress(OSError, CkfsError):
         if is_mountpoint(target) or is_stale(target):
             unmount_all(target, lazy=True)
-    merged = view_name(info.name) in sn.views()
-    records = merged_mounts(sn, info.name) if merged else sn.mounts(info.name)
+    records = _records(sn, info)
     target.mkdir(parents=True, exist_ok=True)
     mount_all(records, target)
     try:
@@ -154,3 +154,14 @@ def _remount(sn: FuseSnapshotter, target: Path, info: Info) -> None:
         unmount_all(target, lazy=True)
         raise
     log.info("fuse: remounted %s", target)
+
+
+def _records(sn: FuseSnapshotter, info: Info) -> list[Mount]:
+    """What the mount *info* was made of: its stack, merged view, or one layer alone."""
+    from snapshotters.layerview import LAYER_ONLY, layer_mounts
+
+    if LAYER_ONLY in info.labels:
+        return layer_mounts(sn, info.name)
+    if view_name(info.name) in sn.views():
+        return merged_mounts(sn, info.name)
+    return sn.mounts(info.name)
