@@ -17,12 +17,15 @@ which resolves them inside the image root (``..`` stops at the root).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ckfs.errors import InvalidArgument
+from ckfs.archive.entry import Kind
+from ckfs.errors import InvalidArgument, NotFound
 from ckfs.layerindex.model import Node
+from ckfs.safetext import printable
 
 if TYPE_CHECKING:
     from ckfs.inspect.image import LayerInfo
@@ -100,8 +103,6 @@ def user_path(text: str) -> str:
     Raises:
         InvalidArgument: a ``..`` component or a NUL in *text*.
     """
-    from ckfs.safetext import printable
-
     if "\0" in text:
         raise InvalidArgument(f"path {printable(text)!r}: contains a NUL byte")
     parts = [p for p in text.split("/") if p not in ("", ".")]
@@ -123,11 +124,34 @@ class Merged:
 
     def resolve(self, path: str) -> Version | None:
         """The visible entry at *path*, or None (no symlink is followed)."""
-        raise NotImplementedError  # TODO(I1)
+        return self.which(path).provider
 
     def which(self, path: str) -> Which:
-        """The provider of *path*, the versions it shadows, or what deleted it."""
-        raise NotImplementedError  # TODO(I1)
+        """The provider of *path*, the versions it shadows, or what deleted it.
+
+        A deletion is reported only when it hid something: a whiteout over
+        nothing, or a path below a file, never existed. A directory a layer
+        only implies (as the parent of its entries) provides nothing when
+        a lower layer's directory merges with it: that one's attributes
+        show, and it is the provider (`_merged_into`).
+        """
+        parts = _parts(path)
+        found: list[Version] = []
+        deleted: Deletion | None = None
+        for layer in reversed(self.layers):
+            node, gone = _look(layer, parts)
+            if node is not None:
+                found.append(Version(layer.number, path, node))
+            elif gone is not None:
+                if found or deleted is not None:
+                    break  # what lies below was deleted before the versions above came
+                deleted = gone
+        if deleted is not None:
+            return Which(path, None, _real(found), deleted if found else None)
+        if not found:
+            return Which(path, None, [], None)
+        top = _merged_into(found)
+        return Which(path, found[top], _real(found[:top] + found[top + 1 :]), None)
 
     def listdir(self, path: str) -> list[Version]:
         """The merged children of directory *path*, sorted by name (byte order).
@@ -136,25 +160,174 @@ class Merged:
             NotFound: no such directory in the merged tree.
             InvalidArgument: *path* is not a directory.
         """
-        raise NotImplementedError  # TODO(I1)
+        return [v for v, _ in self._children(path, self._dir_stack(path))]
 
     def walk(self, path: str = "") -> Iterator[Version]:
         """Every entry below directory *path* (not *path* itself), depth first,
         each directory's children in name order.
 
+        Each directory's layers are carried down from its parent, so a walk
+        costs one listing per layer per directory, never a lookup from the root.
+
         Raises:
             As `listdir` for *path*.
         """
-        raise NotImplementedError  # TODO(I1)
+        pending = [iter(self._children(path, self._dir_stack(path)))]
+        while pending:
+            step = next(pending[-1], None)
+            if step is None:
+                pending.pop()
+                continue
+            version, below = step
+            yield version
+            if below:
+                pending.append(iter(self._children(version.path, below)))
 
     def follow(self, path: str) -> str:
         """*path* with every symlink in it resolved inside the image root.
 
         Absolute targets start at the image root, ``..`` stops there, so
         the result is always a path of the image. A missing component ends
-        the resolution: the rest is appended as it is.
+        the lookups: the rest is joined as written (``..`` still applied).
 
         Raises:
             InvalidArgument: more than `MAX_LINKS` symlinks on the way (a loop).
         """
-        raise NotImplementedError  # TODO(I1)
+        todo = deque(_parts(path))
+        done: list[str] = []
+        links = 0
+        missing = False
+        while todo:
+            part = todo.popleft()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            done.append(part)
+            version = None if missing else self.resolve("/".join(done))
+            missing = version is None
+            if version is None or version.node.kind != Kind.SYMLINK:
+                continue
+            links += 1
+            if links > MAX_LINKS:
+                raise InvalidArgument(f"path {printable(path)!r}: too many levels of symlinks")
+            done.pop()
+            target = version.node.link
+            if target.startswith("/"):
+                done.clear()
+            todo.extendleft(reversed(target.split("/")))
+        return "/".join(done)
+
+    def _dir_stack(self, path: str) -> _Stack:
+        """The layers' directories merged at *path*, top first."""
+        parts = _parts(path)
+        stack: _Stack = []
+        for layer in reversed(self.layers):
+            node, gone = _look(layer, parts)
+            if gone is not None:
+                break
+            if node is None:
+                continue
+            if node.kind != Kind.DIR:
+                if not stack:
+                    raise InvalidArgument(f"{_shown(path)} is not a directory")
+                break  # a lower non-directory ends the merge
+            stack.append((layer, node))
+            if node.opaque:
+                break
+        if not stack:
+            raise NotFound(f"{_shown(path)}: no such directory")
+        return stack
+
+    def _children(self, path: str, stack: _Stack) -> list[tuple[Version, _Stack]]:
+        """The merged entries of the directory *stack* makes at *path*, by name,
+        each with its own stack (empty for a non-directory)."""
+        seen: dict[str, tuple[Version, _Stack]] = {}
+        closed: set[str] = set()  # names no lower layer adds to
+        for layer, directory in stack:
+            for child in layer.index.iter_children(directory.ino):
+                name = child.name
+                if name in closed:
+                    continue
+                entry = seen.get(name)
+                if child.kind == Kind.WHITEOUT:
+                    closed.add(name)
+                elif entry is None:
+                    below = [(layer, child)] if child.kind == Kind.DIR else []
+                    seen[name] = (Version(layer.number, _join(path, name), child), below)
+                    if not below or child.opaque:
+                        closed.add(name)
+                elif child.kind == Kind.DIR:
+                    entry[1].append((layer, child))
+                    if entry[0].node.implied:  # `_merged_into`
+                        seen[name] = (Version(layer.number, entry[0].path, child), entry[1])
+                    if child.opaque:
+                        closed.add(name)
+                else:
+                    closed.add(name)
+        return [seen[name] for name in sorted(seen, key=_name_key)]
+
+
+#: The directories of one merged path, top layer first.
+_Stack = list[tuple["LayerInfo", Node]]
+
+
+def _parts(path: str) -> list[str]:
+    return path.split("/") if path else []
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def _name_key(name: str) -> bytes:
+    """Names sort as the index lists them: by their bytes."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def _shown(path: str) -> str:
+    return repr("/" + printable(path))
+
+
+def _merged_into(found: list[Version]) -> int:
+    """Which of *found* (top first) provides a path: the top one, unless it is
+    a directory layers only imply; then the first real directory it merges
+    with, or the lowest of those merged (where the directory first appeared)."""
+    for i, version in enumerate(found):
+        node = version.node
+        if node.kind != Kind.DIR:
+            return max(i - 1, 0)
+        if not node.implied or node.opaque:
+            return i
+    return len(found) - 1
+
+
+def _real(versions: list[Version]) -> list[Version]:
+    """*versions* but the directories layers only imply."""
+    return [v for v in versions if not v.node.implied]
+
+
+def _look(layer: LayerInfo, parts: list[str]) -> tuple[Node | None, Deletion | None]:
+    """*layer*'s entry at the path of *parts*, or what in it hides lower layers' entry there.
+
+    Returns:
+        (the node, None) when the layer has the path; (None, the deletion)
+        when it hides the path of lower layers; (None, None) when it neither
+        has nor hides it.
+    """
+    index = layer.index
+    node = index.root()
+    for i, part in enumerate(parts):
+        child = index.lookup(node.ino, part)
+        if child is None:
+            if node.opaque:
+                return None, Deletion(layer.number, "opaque", "/".join(parts[:i]))
+            return None, None
+        if child.kind == Kind.WHITEOUT:
+            return None, Deletion(layer.number, "whiteout", "/".join(parts[: i + 1]))
+        if i < len(parts) - 1 and child.kind != Kind.DIR:
+            return None, Deletion(layer.number, "replaced-parent", "/".join(parts[: i + 1]))
+        node = child
+    return node, None
