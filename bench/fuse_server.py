@@ -17,7 +17,14 @@ Memory: the server's RSS with a ``--big``-entry layer attached, after a
 walk of all of it (every inode known to the kernel, so to the server), and
 after the kernel forgot them.
 
-Run as root: ``.venv/bin/python bench/fuse_server.py``.
+Read (``--read``): a sequential read, in 128 KiB reads, of the 256 MiB
+eStargz-shaped file of `bench.layerreader` through the layer's directory
+in the mount, its blob in the root's content store (a `LocalBlob`): cold
+(empty chunk cache, the blob's pages dropped), then from the chunk cache
+(the file's pages dropped with ``fadvise(DONTNEED)``), against the same
+file on tmpfs; with the server's CPU seconds for each.
+
+Run as root: ``.venv/bin/python bench/fuse_server.py [--read]``.
 """
 
 from __future__ import annotations
@@ -25,13 +32,17 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 import statistics
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ckfs import mediatypes
 from ckfs.archive.apply import ApplyOptions, apply_layer
@@ -162,13 +173,83 @@ def memory(work: Path, entries: int) -> None:
         stop_server(root)
 
 
+def read_seq(path: Path, *, drop_file: bool = False) -> float:
+    """Seconds to read *path* in 128 KiB reads (its pages dropped first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if drop_file:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        buf = bytearray(128 << 10)
+        off = 0
+        start = time.perf_counter()
+        while n := os.preadv(fd, [buf], off):
+            off += n
+        return time.perf_counter() - start
+    finally:
+        os.close(fd)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def read(work: Path, rounds: int) -> None:
+    from bench.layerreader import SIZE, build, drop_pages
+
+    root = work / "root-read"
+    blob, index, data = build(work)
+    digest = index.layer
+    index.close()
+    stored = root / "content" / "blobs" / digest.algorithm / digest.hex
+    stored.parent.mkdir(parents=True)
+    shutil.copyfile(blob, stored)
+    path = IndexStore(root).path(digest)
+    path.parent.mkdir(parents=True)
+    shutil.copyfile(work / "index.db", path)
+    shm = Path(tempfile.mkdtemp(prefix="ckfs-bench-fuse-", dir="/dev/shm"))
+    (shm / "big").write_bytes(data)
+    del data
+    times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    try:
+        for _ in range(rounds):
+            stop_server(root)
+            shutil.rmtree(root / "cache", ignore_errors=True)
+            big = ensure_server(root) / dirname(digest) / "big"
+            pid = server_pid(ServerPaths(root))
+            assert pid
+            drop_pages(stored)
+            for name, path, drop in (
+                ("cold", big, False),
+                ("chunk cache", big, True),
+                ("tmpfs", shm / "big", False),
+            ):
+                before = cpu_seconds(pid)
+                times.setdefault(name, []).append(read_seq(path, drop_file=drop))
+                cpu.setdefault(name, []).append(cpu_seconds(pid) - before)
+    finally:
+        stop_server(root)
+        shutil.rmtree(shm, ignore_errors=True)
+    print(f"sequential read of {SIZE >> 20} MiB, 128 KiB reads, medians of {rounds} rounds:")
+    for name, secs in times.items():
+        mbs = SIZE / statistics.median(secs) / 1e6
+        print(f"  {name:12} {mbs:6.0f} MB/s   server CPU {statistics.median(cpu[name]):.2f} s")
+    ratio = statistics.median(times["tmpfs"]) / statistics.median(times["chunk cache"])
+    print(f"  chunk cache / tmpfs {ratio:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--entries", type=int, default=10_000)
     parser.add_argument("--big", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--read", action="store_true", help="the read measure only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ckfs-bench-fuse-") as tmp:
+        if args.read:
+            read(Path(tmp), args.rounds)
+            return
         walk(Path(tmp), args.entries, args.rounds)
         memory(Path(tmp), args.big)
 

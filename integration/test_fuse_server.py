@@ -18,6 +18,7 @@ import errno
 import io
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -40,6 +41,7 @@ from ckfs.mount import Mount, is_mountpoint, is_stale
 from integration.mounts import MountGuard
 from integration.registry import Registry
 from snapshotters.fuse.process import ServerPaths, ensure_server, server_pid, stop_server
+from snapshotters.fuse.server import READ_AHEAD_KB
 from tests import treecmp
 from tests.tarbuild import B, C, D, F, H, L, P, W, tar
 
@@ -346,6 +348,22 @@ def test_a_failing_read_is_eio_and_the_mount_lives(root: Path) -> None:
     assert os.listdir(mnt / dirname(broken)) == ["also", "lost"]
     log = ServerPaths(root).log.read_text()
     assert f"read layer {broken} path /lost: " in log
+
+
+def test_sequential_reads_arrive_in_large_requests(root: Path) -> None:
+    """The mount's read-ahead is raised, so the kernel asks for up to 1 MiB
+    per request (libfuse's largest) instead of its default 128 KiB."""
+    data = os.urandom(8 << 20)
+    digest = add_layer(root, tar(F("big", data)))
+    mnt = ensure_server(root)
+    st = os.stat(mnt)  # answered: the INIT before it was, and what follows it
+    bdi = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
+    assert int(bdi.read_text()) == READ_AHEAD_KB
+    with open(mnt / dirname(digest) / "big", "rb", buffering=0) as f:
+        assert b"".join(iter(lambda: f.read(128 << 10), b"")) == data
+    stop_server(root)
+    served = re.search(r"requests served: .*'read': (\d+)", ServerPaths(root).log.read_text())
+    assert served and int(served.group(1)) <= 16  # 64 at 128 KiB each
 
 
 def test_the_server_outlives_its_starter(root: Path) -> None:

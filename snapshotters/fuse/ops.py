@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import pyfuse3
+import trio
 
 from ckfs.errors import CkfsError, InvalidArgument, NotFound
 from ckfs.layerindex.model import LayerIndex, Node
@@ -144,6 +145,14 @@ class Ops(pyfuse3.Operations):
         self._next_fh = 1
         #: Requests served, by handler name (forgets by inodes forgotten).
         self.requests: Counter[str] = Counter()
+        #: Set once the kernel's INIT is handled: its reply is on its way,
+        #: and the kernel has applied it before the next request is read.
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        """Called (blocking) while the kernel's INIT is handled; its reply is
+        sent right after: waiters on `initialized` run before the next request."""
+        self.initialized.set()
 
     def where(self, what: str, args: Sequence[Any]) -> str:
         """The object a request was about, for log lines (never raises)."""
