@@ -14,11 +14,17 @@ named after its target like every ``ckfs mount`` (so ``ckfs umount`` and gc
 treat it as any other), and labelled `LAYER_ONLY` so that a remount after
 the FUSE server died (`snapshotters.fuse.recover`) binds the layer again
 instead of mounting the view's stack.
+
+``ckfs shell --layer N`` wants the layer writable (runc makes its mount
+points in the rootfs): an overlay with the layer as its one lower
+directory and a scratch upper directory, discarded with the container.
+Its whiteouts then act as overlay's do, hiding themselves.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from ckfs.errors import FailedPrecondition
 from ckfs.mount import Mount
@@ -30,8 +36,12 @@ __all__ = ["LAYER_ONLY", "layer_mounts", "mark_layer_only"]
 LAYER_ONLY = "ckfs.io/layer-only"
 
 
-def layer_mounts(sn: Snapshotter, key: str) -> list[Mount]:
+def layer_mounts(sn: Snapshotter, key: str, scratch: Path | None = None) -> list[Mount]:
     """A read-only bind of the layer *key* stands on (its parent), alone.
+
+    Args:
+        scratch: an empty directory: the mount is then a writable overlay
+            on the layer, its upper and work directories made in *scratch*.
 
     Raises:
         NotFound: no such snapshot.
@@ -51,7 +61,18 @@ def layer_mounts(sn: Snapshotter, key: str) -> list[Mount]:
         raise FailedPrecondition(
             "--layer needs the overlayfs or fuse snapshotter: this one keeps no directory per layer"
         )
-    return [Mount("bind", str(source), options=("ro", "rbind"))]
+    if scratch is None:
+        return [Mount("bind", str(source), options=("ro", "rbind"))]
+    from snapshotters.overlay import supports_index
+
+    upper, work = scratch / "fs", scratch / "work"
+    upper.mkdir()
+    work.mkdir()
+    options = [f"lowerdir={source}", f"upperdir={upper}", f"workdir={work}"]
+    # The layer directory is shared with every mount of the image: an index
+    # would tie it to this upper directory (as overlay's own mounts avoid).
+    options += ["index=off"] if supports_index() else []
+    return [Mount("overlay", "overlay", options=tuple(options))]
 
 
 def mark_layer_only(sn: Snapshotter, key: str) -> None:

@@ -101,6 +101,7 @@ def _mount(
     *,
     merged: bool = False,
     part: Part = None,
+    scratch: Path | None = None,
 ) -> str:
     """Pull, unpack (or attach), prepare and mount; returns the snapshot key.
 
@@ -110,7 +111,8 @@ def _mount(
     recover`` knows to remount it if that server dies; a *merged* one is a
     read-only bind of one FUSE tree of the whole image, no overlay. A
     *part* stacks the layers up to its number, or shows that layer alone
-    (read-only; `snapshotters.layerview`).
+    (read-only; writable over a *scratch* directory, as `ckfs shell` wants:
+    `snapshotters.layerview.layer_mounts`).
 
     Raises:
         FailedPrecondition: *target* is already a mountpoint or has a
@@ -137,7 +139,7 @@ def _mount(
     try:
         lazy = fuse_snapshotter(app) if snapshotter == "fuse" else None
         if alone:
-            mounts = _alone(app, snapshotter, key)
+            mounts = _alone(app, snapshotter, key, scratch)
         elif lazy is not None and merged:
             from snapshotters.fuse.recover import merged_mounts
 
@@ -195,12 +197,12 @@ def part_of(layer: int | None, upto: int | None) -> Part:
     return None if upto is None else (upto, False)
 
 
-def _alone(app: App, snapshotter: str, key: str) -> list[Mount]:
+def _alone(app: App, snapshotter: str, key: str, scratch: Path | None) -> list[Mount]:
     """The mount of the layer under the view *key* alone, *key* labelled to say so."""
     from snapshotters.layerview import layer_mounts, mark_layer_only
 
     sn = app.state.snapshotter(snapshotter)
-    mounts = layer_mounts(sn, key)
+    mounts = layer_mounts(sn, key, scratch)
     mark_layer_only(sn, key)
     return mounts
 
@@ -441,9 +443,11 @@ def make_bundle(
     *,
     ro: bool = False,
     part: Part = None,
+    scratch: Path | None = None,
 ) -> str:
     """Mount *ref* at DIRECTORY/rootfs and write ``spec_for(config, rootfs)`` as its
     ``config.json``; the rootfs snapshot's key. Undone if the spec cannot be made.
+    *part* and *scratch* as `_mount`'s.
 
     Raises:
         As `_mount`, and what *spec_for* raises.
@@ -453,7 +457,7 @@ def make_bundle(
     options = pull_options(**flags)
     directory.mkdir(parents=True, exist_ok=True)
     rootfs = directory / "rootfs"
-    key = _mount(app, ref, rootfs, snapshotter, ro, flags, part=part)
+    key = _mount(app, ref, rootfs, snapshotter, ro, flags, part=part, scratch=scratch)
     try:
         image = app.images.get(normalize(ref))
         config = img.config(blobs(app), image.target, options.platform)
