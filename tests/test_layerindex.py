@@ -221,6 +221,21 @@ def test_chunks_round_trip(tmp_path: Path) -> None:
     assert idx.chunks(idx.lookup(ROOT, "empty").ino) == []  # type: ignore[union-attr]
 
 
+def test_chunks_written_in_batches_are_all_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(model, "_CHUNK_BATCH", 3)
+    other = "sha512:" + "0" * 128  # not the sha256 fast path: Digest.parse takes it
+    files = [
+        (F(f"f{i}", 2), [Chunk(0, 1, 10 * i, 0, SHA), Chunk(1, 1, 10 * i, 1, other)])
+        for i in range(5)
+    ]
+    idx = build(tmp_path / "i.db", [*files, F("f2", 0)], source="estargz")
+    for i in (0, 1, 3, 4):
+        assert idx.chunks(idx.lookup(ROOT, f"f{i}").ino) == files[i][1]  # type: ignore[union-attr]
+    assert idx.chunks(idx.lookup(ROOT, "f2").ino) == []  # type: ignore[union-attr]  # replaced
+
+
 def test_spans(tmp_path: Path) -> None:
     spans = [Span(0, 10, 0, 100, "0" * 64), Span(10, 5, 100, 50, "1" * 64)]
     with IndexWriter(tmp_path / "i.db", layer=LAYER, source="gzip-index", blob_size=15) as w:

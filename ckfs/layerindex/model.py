@@ -106,6 +106,13 @@ FIRST_FINO = 1 << 16
 _INT64 = (1 << 63) - 1
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+#: What nearly every chunk digest is: checked without `Digest.parse`'s
+#: overhead (others still go through it).
+_SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+#: Chunk rows held before one ``executemany`` writes them: a file's
+#: chunks are only ever read back at `IndexWriter.commit`.
+_CHUNK_BATCH = 4096
 
 #: An empty, ``.`` or ``..`` component, or a NUL: what no normalized path has.
 _UNNORMAL = re.compile(r"(?:^|/)\.{0,2}(?:/|$)|\0")
@@ -406,6 +413,7 @@ class IndexWriter:
         self._span_end = 0
         self._dirs: dict[str, int] = {}
         self._dir_chars = 0
+        self._chunk_rows: list[tuple[int, int, int, int, int, str, int]] = []
         self._meta: dict[str, str] = {
             "format": str(FORMAT),
             "layer": str(self.layer),
@@ -701,20 +709,26 @@ class IndexWriter:
                 raise _bad(self.what, path, f"{at} outside the blob")
             if c.comp_size != -1 and not 0 < c.comp_size <= self._blob_size - c.blob_offset:
                 raise _bad(self.what, path, f"{at} runs past the blob")
-            try:
-                Digest.parse(c.digest)
-            except InvalidArgument:
-                raise _bad(self.what, path, f"{at}: malformed digest") from None
+            if not _SHA256_DIGEST.fullmatch(c.digest):
+                try:
+                    Digest.parse(c.digest)
+                except InvalidArgument:
+                    raise _bad(self.what, path, f"{at}: malformed digest") from None
             end += c.size
         if end != entry.size:
             raise _bad(self.what, path, f"chunks cover {end} of {entry.size} bytes")
-        self._db.executemany(
-            "INSERT INTO stage.chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                (ino, c.file_offset, c.size, c.blob_offset, c.inner_offset, c.digest, c.comp_size)
-                for c in chunks
-            ],
+        self._chunk_rows.extend(
+            (ino, c.file_offset, c.size, c.blob_offset, c.inner_offset, c.digest, c.comp_size)
+            for c in chunks
         )
+        if len(self._chunk_rows) >= _CHUNK_BATCH:
+            self._flush_chunks()
+
+    def _flush_chunks(self) -> None:
+        self._db.executemany(
+            "INSERT INTO stage.chunks VALUES (?, ?, ?, ?, ?, ?, ?)", self._chunk_rows
+        )
+        self._chunk_rows.clear()
 
     def add_span(self, span: Span) -> None:
         """Record a verified window of the blob (spans come in stream order).
@@ -862,6 +876,7 @@ class IndexWriter:
             The finished index, open.
         """
         db = self._db
+        self._flush_chunks()
         db.execute(_COPY)
         db.execute(_CHILD_RANGES)
         db.execute("CREATE UNIQUE INDEX nodes_name ON nodes(parent, name)")
