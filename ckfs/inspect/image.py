@@ -19,24 +19,35 @@ cached in the chunk cache, never the whole layer.
 
 from __future__ import annotations
 
+import logging
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+import trio
+
+from ckfs.archive.entry import Kind
+from ckfs.errors import DataLoss, InvalidArgument, NotFound
+from ckfs.lazy import EAGER, ESTARGZ
 from ckfs.options import DEFAULTS, PullOptions
+from ckfs.safetext import printable
 
 if TYPE_CHECKING:
     from ckfs.descriptor import Descriptor
     from ckfs.digest import Digest
     from ckfs.images.config import ImageConfig
     from ckfs.layerindex.model import LayerIndex, Node
+    from ckfs.layerindex.readers import Reader
+    from ckfs.lazy import _Remote
     from ckfs.state import State
 
-__all__ = ["EAGER", "ImageLayers", "LayerInfo"]
+__all__ = ["EAGER", "ImageLayers", "LayerInfo", "StreamedReader", "created_by"]
 
-#: `LayerInfo.source` of a layer indexed only for inspection (module docstring).
-EAGER = "eager"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,8 +76,8 @@ class LayerInfo:
 class ImageLayers:
     """An image ckfs knows, as its layers bottom first; open with `open`.
 
-    A context manager (``with``), or close with `aclose` (which also closes
-    the registry connections reads opened) or `close`.
+    A context manager (``with``, or ``async with``, which also closes the
+    registry connections reads opened), or close with `aclose` / `close`.
 
     Attributes:
         name: the image's name as stored.
@@ -82,13 +93,19 @@ class ImageLayers:
         config: ImageConfig,
         layers: list[LayerInfo],
         *,
-        state: State,
+        root: Path,
+        scratch: Path | None = None,
     ) -> None:
+        from ckfs.layerindex.readers import Readers
+
         self.name = name
         self.manifest = manifest
         self.config = config
         self.layers = layers
-        self._state = state
+        self._root = root
+        self._scratch = scratch  # eager layers' temporary indexes
+        self._readers = Readers(root)
+        self._opened: dict[int, Reader] = {}
 
     @classmethod
     async def open(
@@ -118,7 +135,50 @@ class ImageLayers:
             InvalidArgument: a layer that cannot be indexed (a hostile tree).
             Unavailable: the registry cannot be reached for a missing index.
         """
-        raise NotImplementedError  # TODO(I1)
+        from ckfs import reference
+        from ckfs.images import image as img
+        from ckfs.lazy import INDEX_CONCURRENCY, _Remote
+        from ckfs.rootfs import image_chain
+
+        parsed = reference.parse(ref)
+        image = await trio.to_thread.run_sync(state.images.get, str(parsed))
+        manifest_desc, _ = await trio.to_thread.run_sync(
+            img.manifest, state.content, image.target, options.platform
+        )
+        manifest, config, _ = await trio.to_thread.run_sync(
+            image_chain, state.content, image.target, options.platform
+        )
+        made = _Made(len(manifest.layers), on_indexed)
+        history = created_by(config)
+        limiter = trio.CapacityLimiter(INDEX_CONCURRENCY)
+        try:
+            async with _Remote(state, parsed, options) as remote:
+
+                async def one(i: int, desc: Descriptor) -> None:
+                    async with limiter:
+                        index, source = await _layer_index(
+                            state, desc, config.diff_ids[i], remote, made
+                        )
+                    made.layers[i] = LayerInfo(
+                        i + 1, desc, config.diff_ids[i], history[i], source, index
+                    )
+                    made.done()
+
+                async with trio.open_nursery() as nursery:
+                    for i, desc in enumerate(manifest.layers):
+                        nursery.start_soon(one, i, desc)
+        except BaseException:
+            made.close()
+            raise
+        layers = [layer for layer in made.layers if layer is not None]
+        return cls(
+            str(parsed),
+            manifest_desc.digest,
+            config,
+            layers,
+            root=state.root,
+            scratch=made.scratch,
+        )
 
     def layer(self, n: int) -> LayerInfo:
         """Layer *n* (1 = bottom).
@@ -126,11 +186,16 @@ class ImageLayers:
         Raises:
             InvalidArgument: "layer 7 out of range: <name> has 5 layers".
         """
-        raise NotImplementedError  # TODO(I1)
+        if not 1 <= n <= len(self.layers):
+            raise InvalidArgument(
+                f"layer {n} out of range: {self.name} has {len(self.layers)} layers"
+            )
+        return self.layers[n - 1]
 
     def upto(self, n: int) -> list[LayerInfo]:
         """Layers 1 .. *n*, bottom first (`InvalidArgument` as `layer`)."""
-        raise NotImplementedError  # TODO(I1)
+        self.layer(n)
+        return self.layers[:n]
 
     async def read(self, layer: LayerInfo, node: Node, offset: int = 0, size: int = -1) -> bytes:
         """Verified bytes of regular file *node* of *layer*, from *offset*.
@@ -143,15 +208,41 @@ class ImageLayers:
             Unavailable, DataLoss: the bytes cannot be fetched, or do not
                 match their digest.
         """
-        raise NotImplementedError  # TODO(I1)
+        if node.kind != Kind.FILE:
+            raise InvalidArgument(f"{printable(node.name)!r} is not a regular file")
+        end = node.size if size < 0 else min(node.size, offset + size)
+        if offset >= end:
+            return b""
+        reader = self._opened.get(layer.number)
+        if reader is None:
+            reader = self._opened[layer.number] = self._reader(layer)
+        return await reader.read(node, offset, end - offset)
+
+    def _reader(self, layer: LayerInfo) -> Reader:
+        if layer.source != EAGER:
+            return self._readers(layer.index)
+        return StreamedReader(_blob_path(self._root, layer.desc.digest), layer.desc.media_type)
 
     def close(self) -> None:
         """Close the layers' indexes (readers' registry connections: `aclose`)."""
-        raise NotImplementedError  # TODO(I1)
+        for reader in self._opened.values():
+            closer = getattr(reader, "close", None)
+            if closer is not None:
+                closer()
+        self._opened.clear()
+        for layer in self.layers:
+            layer.index.close()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
     async def aclose(self) -> None:
         """Close the indexes and the registry connections reads opened."""
-        raise NotImplementedError  # TODO(I1)
+        try:
+            with trio.CancelScope(shield=True):
+                await self._readers.aclose()
+        finally:
+            self.close()
 
     def __enter__(self) -> ImageLayers:
         return self
@@ -168,3 +259,153 @@ class ImageLayers:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+def created_by(config: ImageConfig) -> list[str]:
+    """Each layer's ``created_by``, bottom first, from the config's history.
+
+    History entries marked ``empty_layer`` made no layer (ENV, CMD, ...):
+    the others match the layers in order. A history shorter than the
+    layers (or none) leaves the rest "".
+    """
+    made = [h.created_by for h in config.history if not h.empty_layer]
+    return [*made, *[""] * (len(config.diff_ids) - len(made))][: len(config.diff_ids)]
+
+
+class StreamedReader:
+    """File bytes of a layer nothing indexes lazily, streamed from its local blob.
+
+    The blob is decompressed from its start to the file each read (such a
+    layer has no seek points); it was verified by digest when it was
+    committed and is read-only since.
+
+    Args:
+        blob: the layer blob in the content store.
+        media_type: its media type (the compression).
+    """
+
+    def __init__(self, blob: Path, media_type: str) -> None:
+        self.blob = blob
+        self.media_type = media_type
+
+    async def read(self, node: Node, offset: int, size: int) -> bytes:
+        """*size* bytes of *node* from *offset* (the caller clips to its size)."""
+        return await trio.to_thread.run_sync(self._read, node.data + offset, size)
+
+    def _read(self, offset: int, size: int) -> bytes:
+        from ckfs.archive.compression import open_layer
+
+        with open(self.blob, "rb") as raw, open_layer(raw, self.media_type) as tar:
+            while offset > 0:
+                skipped = len(tar.read(min(offset, _SKIP)))
+                if not skipped:
+                    break
+                offset -= skipped
+            data = tar.read(size)
+        if offset or len(data) != size:
+            raise DataLoss(f"layer blob {self.blob}: ends before the file does")
+        return data
+
+
+#: Bytes discarded per read while streaming to a file of an eager layer.
+_SKIP = 1 << 20
+
+
+class _Made:
+    """What `ImageLayers.open` has made so far: closed if it fails half way."""
+
+    def __init__(self, total: int, on_indexed: Callable[[int, int], None] | None) -> None:
+        self.layers: list[LayerInfo | None] = [None] * total
+        self.scratch: Path | None = None
+        self._on_indexed = on_indexed
+        self._done = 0
+
+    def done(self) -> None:
+        self._done += 1
+        if self._on_indexed is not None:
+            self._on_indexed(self._done, len(self.layers))
+
+    def scratch_dir(self) -> Path:
+        if self.scratch is None:
+            self.scratch = Path(tempfile.mkdtemp(prefix="ckfs-inspect-"))
+        return self.scratch
+
+    def close(self) -> None:
+        for layer in self.layers:
+            if layer is not None:
+                layer.index.close()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+async def _layer_index(
+    state: State, desc: Descriptor, diff_id: Digest, remote: _Remote, made: _Made
+) -> tuple[LayerIndex, str]:
+    """*desc*'s index, open, and its source: the stored one, else one built now."""
+    from ckfs.layerindex.model import BadLayer
+    from ckfs.layerindex.store import IndexStore
+    from ckfs.lazy import _build, source_of
+
+    store = IndexStore(state.root)
+    existing = await trio.to_thread.run_sync(store.get, desc.digest)
+    if existing is not None:
+        return existing, existing.source
+    source = source_of(desc)
+    blob = _blob_path(state.root, desc.digest)
+    local = await trio.to_thread.run_sync(blob.is_file)
+    meta = {"ref": str(remote.ref)}  # where a later read fetches it (`Readers`)
+    try:
+        if source == ESTARGZ and local:
+            return await _estargz_from(blob, desc, store.path(desc.digest), meta), source
+        if source != EAGER:
+            return await _build(state, store, source, desc, diff_id, meta, remote), source
+    except BadLayer as e:
+        if not local:
+            raise
+        log.info("%s; indexing its blob's tar headers for inspection", e)
+    if not local:
+        raise NotFound(f"layer {desc.digest} ({desc.media_type}) is not in the content store")
+    path = made.scratch_dir() / f"{desc.digest.hex}.db"
+    index = await trio.to_thread.run_sync(_index_streamed, blob, desc, diff_id, path)
+    return index, EAGER
+
+
+async def _estargz_from(
+    blob: Path, desc: Descriptor, path: Path, meta: dict[str, str]
+) -> LayerIndex:
+    """An eStargz layer's index from its local blob (no registry)."""
+    from ckfs.layerindex.estargz import index_estargz
+    from ckfs.layerindex.reader import LocalBlob
+
+    await trio.to_thread.run_sync(lambda: path.parent.mkdir(parents=True, exist_ok=True))
+    return await index_estargz(LocalBlob(blob, desc.size).read_range, desc, path, meta=meta)
+
+
+def _index_streamed(blob: Path, desc: Descriptor, diff_id: Digest, path: Path) -> LayerIndex:
+    """Index *blob*'s tar headers, decompressing it whole; blocking.
+
+    Data offsets are in the uncompressed stream (`StreamedReader` reads
+    there); the stream must match *diff_id*.
+
+    Raises:
+        BadLayer: a hostile tree.
+        DataLoss: the stream does not match *diff_id*.
+    """
+    from ckfs.archive.compression import open_layer
+    from ckfs.archive.tarstream import TarStream
+    from ckfs.layerindex.model import IndexWriter
+    from ckfs.layerindex.tarindex import add_members
+
+    writer = IndexWriter.for_layer(path, desc, source="tar", meta={"inspect": EAGER})
+    with writer, open(blob, "rb") as raw, open_layer(raw, desc.media_type) as tar:
+        stream = TarStream(tar, diff_id.algorithm, what=writer.what)
+        add_members(stream, writer)
+        stream.drain()
+        if stream.digest() != diff_id:
+            raise DataLoss(f"layer {desc.digest}: uncompressed digest is not {diff_id}")
+        return writer.commit()
+
+
+def _blob_path(root: Path, digest: Digest) -> Path:
+    """Where the content store keeps *digest* (`ckfs.layerindex.readers` looks there too)."""
+    return root / "content" / "blobs" / digest.algorithm / digest.hex

@@ -117,10 +117,14 @@ class Merged:
     Args:
         layers: the stack, bottom first (``ImageLayers.upto(n)``, or any
             list of `LayerInfo`; numbers need not start at 1).
+        whiteouts: show whiteouts as entries (``Kind.WHITEOUT``) where no
+            higher layer has the path, instead of deleting it: one layer
+            alone as it is (``--layer N``).
     """
 
-    def __init__(self, layers: Sequence[LayerInfo]) -> None:
+    def __init__(self, layers: Sequence[LayerInfo], *, whiteouts: bool = False) -> None:
         self.layers = list(layers)
+        self.whiteouts = whiteouts
 
     def resolve(self, path: str) -> Version | None:
         """The visible entry at *path*, or None (no symlink is followed)."""
@@ -139,7 +143,7 @@ class Merged:
         found: list[Version] = []
         deleted: Deletion | None = None
         for layer in reversed(self.layers):
-            node, gone = _look(layer, parts)
+            node, gone = _look(layer, parts, self.whiteouts)
             if node is not None:
                 found.append(Version(layer.number, path, node))
             elif gone is not None:
@@ -254,6 +258,8 @@ class Merged:
                 entry = seen.get(name)
                 if child.kind == Kind.WHITEOUT:
                     closed.add(name)
+                    if self.whiteouts and entry is None:
+                        seen[name] = (Version(layer.number, _join(path, name), child), [])
                 elif entry is None:
                     below = [(layer, child)] if child.kind == Kind.DIR else []
                     seen[name] = (Version(layer.number, _join(path, name), child), below)
@@ -309,8 +315,12 @@ def _real(versions: list[Version]) -> list[Version]:
     return [v for v in versions if not v.node.implied]
 
 
-def _look(layer: LayerInfo, parts: list[str]) -> tuple[Node | None, Deletion | None]:
+def _look(
+    layer: LayerInfo, parts: list[str], whiteouts: bool = False
+) -> tuple[Node | None, Deletion | None]:
     """*layer*'s entry at the path of *parts*, or what in it hides lower layers' entry there.
+
+    With *whiteouts*, a whiteout at the path itself is the entry.
 
     Returns:
         (the node, None) when the layer has the path; (None, the deletion)
@@ -326,6 +336,8 @@ def _look(layer: LayerInfo, parts: list[str]) -> tuple[Node | None, Deletion | N
                 return None, Deletion(layer.number, "opaque", "/".join(parts[:i]))
             return None, None
         if child.kind == Kind.WHITEOUT:
+            if whiteouts and i == len(parts) - 1:
+                return child, None
             return None, Deletion(layer.number, "whiteout", "/".join(parts[: i + 1]))
         if i < len(parts) - 1 and child.kind != Kind.DIR:
             return None, Deletion(layer.number, "replaced-parent", "/".join(parts[: i + 1]))

@@ -1,0 +1,246 @@
+"""An image with known contents for the layer-debugging commands (issue 11).
+
+Shared by the tests of ``ckfs layers``, ``which``, ``ls``, ``cat``,
+``diff``, ``space``, ``shell`` and ``explore``. The layer tars are written
+entry by entry (`tests.tarbuild`): umoci's diff never writes an opaque
+directory, and the cases must be exact. What each layer does is in
+`LAYERS`; `EXPECT` says what the final tree must show.
+
+- layer 1: the base: files, a hardlink pair, symlinks (one absolute, one
+  through a ``usr/lib`` link), a file with a user xattr, a directory
+  tree, a binary file, 1 MiB of random bytes (several eStargz chunks);
+- layer 2: ``etc/motd`` rewritten, ``gone`` whited out, ``opt/app`` made
+  opaque with a new file;
+- layer 3: ``etc/motd`` rewritten again, ``var/lib/data`` (a directory)
+  replaced by a file, ``etc/hosts`` re-added with another mode only;
+- layer 4: ``etc/os-release`` whited out, ``usr/bin/tool`` rewritten
+  (wasting layer 1's copy).
+
+The config's history interleaves empty-layer entries (ENV, CMD), so
+``created_by`` must skip them to match layers.
+
+`layout` writes the image as an OCI layout in one encoding: ``gzip``
+(pulled whole), ``tar`` (uncompressed: a lazy pull indexes it by range),
+``estargz`` (upstream's converter; lazily recorded) or ``zstd`` (nothing
+indexes it lazily: "eager"). The ``inspect_images`` fixture pushes all
+four to one registry behind a counting proxy (`integration.faultproxy`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ckfs import mediatypes as mt
+from ckfs.descriptor import Descriptor
+from ckfs.digest import Digest
+from integration.faultproxy import FaultProxy
+from tests.tarbuild import D, Entry, F, H, L, W, tar
+
+__all__ = [
+    "BIG",
+    "EXPECT",
+    "HISTORY",
+    "LAYERS",
+    "REPO",
+    "VARIANTS",
+    "InspectImages",
+    "inspect_images",
+    "layer_tars",
+    "layout",
+]
+
+#: Where the image lives in the fixture's registry (``inspect/<variant>:latest``).
+REPO = "inspect"
+
+#: The encodings `layout` writes (module docstring).
+VARIANTS = ("gzip", "tar", "estargz", "zstd")
+
+#: Incompressible bytes of ``opt/big.bin``: several eStargz chunks and tar
+#: spans, so reading one small file is measured against a layer of some size.
+BIG = 1 << 20
+
+#: An ELF-looking head with NULs: ``ckfs cat`` must call it binary.
+TOOL_V1 = b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 64
+TOOL_V2 = b"\x7fELF\x02\x01\x01\x00" + bytes(range(255, -1, -1)) * 80
+
+
+def _big() -> bytes:
+    return random.Random(11).randbytes(BIG)
+
+
+#: (created_by, entries) per layer, bottom first.
+LAYERS: list[tuple[str, list[Entry]]] = [
+    (
+        "ADD rootfs.tar /",
+        [
+            D("etc"),
+            F("etc/motd", b"motd v1\n"),
+            F("etc/hosts", b"127.0.0.1 localhost\n"),
+            F("etc/os-release", b"ID=inspect\n"),
+            F("etc/secret", b"s3cret\n", mode=0o600, xattrs={"user.note": b"kept"}),
+            L("etc/motd.link", "motd"),
+            L("etc/abs.link", "/etc/hosts"),
+            D("usr/lib"),
+            F("usr/lib/libc.so", b"libc\n"),
+            L("lib", "usr/lib"),
+            D("usr/bin"),
+            F("usr/bin/tool", TOOL_V1, mode=0o755),
+            H("usr/bin/tool-hardlink", "usr/bin/tool"),
+            D("opt/app"),
+            F("opt/app/old", b"old\n"),
+            F("opt/app/keep", b"keep\n"),
+            F("opt/big.bin", _big()),
+            D("var/lib/data"),
+            F("var/lib/data/db", b"db\n"),
+            F("gone", b"to be deleted\n"),
+        ],
+    ),
+    (
+        "RUN echo 'motd v2' > /etc/motd && rm /gone && rm -rf /opt/app/* && touch /opt/app/new",
+        [
+            F("etc/motd", b"motd v2\n"),
+            W(".wh.gone"),
+            D("opt/app"),
+            F("opt/app/.wh..wh..opq"),
+            F("opt/app/new", b"new\n"),
+        ],
+    ),
+    (
+        "RUN echo 'motd v3' > /etc/motd && rm -rf /var/lib/data && echo x > /var/lib/data",
+        [
+            F("etc/motd", b"motd v3\n"),
+            F("etc/hosts", b"127.0.0.1 localhost\n", mode=0o600),
+            F("var/lib/data", b"now a file\n"),
+        ],
+    ),
+    (
+        "RUN rm /etc/os-release && cp tool2 /usr/bin/tool",
+        [
+            W("etc/.wh.os-release"),
+            F("usr/bin/tool", TOOL_V2, mode=0o755),
+        ],
+    ),
+]
+
+#: The config's history: the layers' entries with empty-layer steps between.
+HISTORY: list[dict[str, Any]] = [
+    {"created_by": LAYERS[0][0]},
+    {"created_by": "ENV PATH=/usr/bin", "empty_layer": True},
+    {"created_by": LAYERS[1][0]},
+    {"created_by": LAYERS[2][0]},
+    {"created_by": 'CMD ["/bin/sh"]', "empty_layer": True},
+    {"created_by": LAYERS[3][0]},
+]
+
+#: What the final tree must show (index paths).
+EXPECT = {
+    "motd": ("etc/motd", 3, b"motd v3\n"),  # modified in three layers
+    "whiteout": ("gone", 2),
+    "opaque": ("opt/app/old", 2),  # hidden by layer 2's opaque opt/app
+    "replaced_parent": ("var/lib/data/db", 3),
+    "deleted_late": ("etc/os-release", 4),
+}
+
+
+def layer_tars() -> list[bytes]:
+    """The layers' uncompressed tars, bottom first (the same bytes every run)."""
+    return [tar(*entries) for _, entries in LAYERS]
+
+
+def layout(root: Path, variant: str) -> Path:
+    """Write the image as an OCI layout at *root* in *variant* (`VARIANTS`); tag ``latest``."""
+    tars = layer_tars()
+    if variant == "estargz":
+        from integration.estargz import convert
+
+        converted = [convert(t, root.parent / f"conv{i}") for i, t in enumerate(tars)]
+        return _write(root, [(c.descriptor(), c.blob, c.diff_id) for c in converted])
+    layers = []
+    for raw in tars:
+        blob, media_type = _encode(raw, variant)
+        digest = Digest("sha256:" + hashlib.sha256(blob).hexdigest())
+        diff_id = "sha256:" + hashlib.sha256(raw).hexdigest()
+        layers.append((Descriptor(media_type, digest, len(blob)), blob, diff_id))
+    return _write(root, layers)
+
+
+def _encode(raw: bytes, variant: str) -> tuple[bytes, str]:
+    if variant == "gzip":
+        return gzip.compress(raw, mtime=0), mt.OCI_LAYER_GZIP
+    if variant == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor().compress(raw), mt.OCI_LAYER_ZSTD
+    if variant == "tar":
+        return raw, mt.OCI_LAYER
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def _write(root: Path, layers: list[tuple[Descriptor, bytes, str]]) -> Path:
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+
+    def put(data: bytes) -> dict[str, object]:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"digest": f"sha256:{digest}", "size": len(data)}
+
+    for _, blob, _ in layers:
+        put(blob)
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id for _, _, diff_id in layers]},
+        "history": HISTORY,
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "config": {"mediaType": mt.OCI_CONFIG, **put(json.dumps(config).encode())},
+        "layers": [desc.to_json() for desc, _, _ in layers],
+    }
+    body = json.dumps(manifest).encode()
+    entry = {
+        "mediaType": mt.OCI_MANIFEST,
+        **put(body),
+        "annotations": {"org.opencontainers.image.ref.name": "latest"},
+    }
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    return root
+
+
+@dataclass(frozen=True)
+class InspectImages:
+    """The image in every variant in one registry, reachable through a counting proxy."""
+
+    host: str
+    proxy: FaultProxy
+
+    def ref(self, variant: str, *, proxied: bool = False) -> str:
+        host = self.proxy.host if proxied else self.host
+        return f"{host}/{REPO}/{variant}:latest"
+
+
+@pytest.fixture(scope="session")
+def inspect_images(
+    registry_factory_session: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[InspectImages]:
+    """Every variant of the image pushed byte for byte (skopeo would recompress some)."""
+    registry = registry_factory_session()
+    work = tmp_path_factory.mktemp("inspect")
+    for variant in VARIANTS:
+        built = layout(work / variant / "layout", variant)
+        registry.push_layout_raw(built, f"{REPO}/{variant}:latest")
+    with FaultProxy(registry.host).running() as proxy:
+        yield InspectImages(registry.host, proxy)
