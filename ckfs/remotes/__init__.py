@@ -5,6 +5,8 @@ limits' defaults (blob size, time budget) for its help text without
 loading the stores.
 """
 
+import sys
+
 #: Blobs transferred at once: skopeo's and podman's default (``ctr`` sets
 #: no limit; Docker and containerd's CRI take 3). With three, an image of
 #: four equal layers fetched its last one alone at the end: a cold pull of
@@ -36,3 +38,17 @@ def time_budget(size: int, timeout: float | None = None) -> float:
     if timeout is not None:
         return timeout
     return BUDGET_BASE + size / BUDGET_MIN_RATE
+
+
+def skip_httpx_cli() -> None:
+    """Keep the coming ``import httpx`` from loading httpx's own command-line tool.
+
+    httpx imports its CLI (click, rich, pygments) whenever those are
+    installed: ~0.15 s for every command that reaches a registry (pull,
+    fetch, a cold mount), and for ckfsd's first pull. A None entry makes
+    that one import fail, which httpx handles (its `main` becomes a stub).
+    Called just before the registry code is imported, so the CLI's other
+    commands see no trace of it.
+    """
+    if "httpx" not in sys.modules:
+        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]

@@ -9,6 +9,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# Re-exported: commands that reach a registry call it before importing httpx.
+from ckfs.remotes import skip_httpx_cli as skip_httpx_cli
+
 if TYPE_CHECKING:
     from ckfs.client import Client
     from ckfs.content import ContentStore
@@ -132,19 +135,6 @@ class App:
             self._state.close()
         if self._daemon is not _UNKNOWN and self._daemon is not None:
             self._daemon.close()
-
-
-def skip_httpx_cli() -> None:
-    """Keep the coming ``import httpx`` from loading httpx's own command-line tool.
-
-    httpx imports its CLI (click, rich, pygments) whenever those are
-    installed: ~0.15 s for every command that reaches a registry (pull,
-    fetch, a cold mount). A None entry makes that one import fail, which
-    httpx handles (its `main` becomes a stub). Called just before the
-    registry code is imported, so other commands see no trace of it.
-    """
-    if "httpx" not in sys.modules:
-        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 
 def print_json(obj: Any) -> None:

@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import logging
 import os
@@ -47,6 +48,7 @@ from ckfs.api.services.snapshots.v1 import snapshots_pb2_grpc
 from ckfs.api.services.version.v1 import version_pb2_grpc
 from ckfs.api.v1 import ckfs_pb2_grpc
 from ckfs.errors import InvalidArgument, Unavailable
+from ckfs.remotes import skip_httpx_cli
 from ckfs.safetext import message
 from ckfs.services.bridge import AddToServer, Bridge, LoggingInterceptor
 from ckfs.services.ckfs import CkfsService
@@ -195,6 +197,36 @@ def sd_notify(state: str) -> None:
         log.warning("sd_notify %s failed: %s", state.split("=")[0], e.strerror)
 
 
+#: Modules a pull or a mount imports on first use (they stay out of the
+#: start so ckfsd answers sooner): imported once it serves, so the first
+#: ``ckfs mount`` does not wait for them. On a cold page cache that was
+#: ~0.3 s of the first Mounts RPC (0.77 s, 0.48 s with them loaded;
+#: medians of 3, 4 eStargz layers of 2,500 files).
+WARM_MODULES = (
+    "ckfs.provide",
+    "ckfs.pull",
+    "ckfs.unpack",
+    "ckfs.lazy",
+    "ckfs.remotes.registry",
+    "ckfs.layerindex.estargz",
+    "ckfs.layerindex.store",
+    "snapshotters.fuse.snapshotter",
+    "snapshotters.overlay",
+)
+
+
+async def _warm() -> None:
+    """Import `WARM_MODULES` in a worker thread, without httpx's CLI
+    (`ckfs.remotes.skip_httpx_cli`); a failure is only logged (the RPC
+    that needs the module will say it)."""
+    skip_httpx_cli()
+    for name in WARM_MODULES:
+        try:
+            await trio.to_thread.run_sync(importlib.import_module, name, abandon_on_cancel=True)
+        except Exception as e:
+            log.warning("warming %s failed: %s", name, message(str(e)))
+
+
 def _say_ready(ready_fd: int | None) -> None:
     if ready_fd is not None:
         try:
@@ -288,8 +320,11 @@ async def serve(config: Config) -> None:
                 log.info("removed %s, left by an interrupted daemon", what)
             for what in lazy:
                 log.info("fuse: %s", what)
-            async for signum in signals:
-                if signum != signal.SIGHUP:
-                    log.info("%s received", signal.Signals(signum).name)
-                    break
-                await _reload(services)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_warm)
+                async for signum in signals:
+                    if signum != signal.SIGHUP:
+                        log.info("%s received", signal.Signals(signum).name)
+                        break
+                    await _reload(services)
+                nursery.cancel_scope.cancel()
