@@ -90,7 +90,10 @@ def shell_cmd(
     \b
     Examples:
       ckfs shell docker.io/library/alpine
-      ckfs shell --upto 3 docker.io/library/alpine -- cat /etc/os-release
+      ckfs shell docker.io/library/alpine --upto 3 -- cat /etc/os-release
+      ckfs shell docker.io/library/alpine -- sh -c 'echo $PATH'
+
+    Options may follow REF: give COMMAND after "--" when it has options of its own.
     """
     import shutil
     import tempfile

@@ -1,0 +1,254 @@
+"""Partial mounts and ``ckfs shell`` on a real registry, with real runc (issue 11).
+
+One image built by umoci on the README's busybox example (three layers),
+five more layers about ``/data``: ``file`` written in layers 4, 6 and 8
+("version N"), ``gone`` added in 4 and whited out in 5, ``dir`` filled in 4
+and made opaque in 7. Pushed to a real docker-registry, it is mounted with
+the fuse snapshotter (layers attached lazily from the registry) and with
+overlayfs (pulled and unpacked).
+
+- ``mount --upto N`` shows the stack 1..N; ``mount --layer N`` that layer
+  alone, read-only, its whiteout a 0/0 character device and its opaque
+  directory carrying ``trusted.overlay.opaque=y``.
+- ``ckfs shell --upto N -- cat /data/file`` prints "version N"; the
+  container's exit status comes back; what it writes is gone afterwards.
+- An interrupted shell ends, and every command leaves nothing behind: no
+  mount but the FUSE server's own (the autouse fixture stops the server),
+  no snapshot but the image's committed layers, no runc state, no bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from integration.conftest import Ckfs, need
+from integration.mounts import MountGuard
+from integration.registry import Registry
+from integration.test_archive_umoci import umoci
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts, runc")
+
+#: Layers of the image: the example's three and five about /data.
+LAYERS = 8
+
+#: The layers that write /data/file, and what it says there.
+FILE_VERSIONS = {4: "version 4", 6: "version 6", 8: "version 8"}
+
+#: The layer whiting out /data/gone (added in 4), and the one making /data/dir opaque.
+WHITEOUT_LAYER, OPAQUE_LAYER = 5, 7
+
+#: Seconds an interrupted ``ckfs shell`` may take to end: the container
+#: ignores SIGINT (PID 1 without a handler), so it waits out STOP_GRACE (3 s)
+#: and kills it, then cleans up.
+INTERRUPT_END = 60.0
+
+SNAPSHOTTERS = pytest.mark.parametrize("snapshotter", ["fuse", "overlayfs"])
+
+
+def build_layers(example_layout: Path, work: Path) -> Path:
+    """The example image plus the five /data layers (module docstring), as a layout."""
+    need("umoci")
+    layout = work / "layout"
+    shutil.copytree(example_layout, layout)
+    image = f"{layout}:latest"
+
+    def tree(name: str, files: dict[str, str]) -> Path:
+        root = work / name
+        for path, text in files.items():
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_text(text)
+        return root
+
+    s4 = tree("s4", {"data/file": "version 4\n", "data/gone": "gone\n", "data/dir/x": "x\n"})
+    umoci("insert", "--image", image, str(s4), "/")
+    umoci("insert", "--image", image, "--whiteout", "/data/gone")
+    umoci("insert", "--image", image, str(tree("s6", {"data/file": "version 6\n"})), "/")
+    umoci("insert", "--image", image, "--opaque", str(tree("s7", {"y": "y\n"})), "/data/dir")
+    umoci("insert", "--image", image, str(tree("s8", {"data/file": "version 8\n"})), "/")
+    return layout
+
+
+@pytest.fixture(scope="module")
+def image(
+    registry_factory_session: Callable[..., Registry],
+    example_layout: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> str:
+    """The layered image's reference in a registry of this module."""
+    layout = build_layers(example_layout, tmp_path_factory.mktemp("partial"))
+    registry = registry_factory_session()
+    registry.push(layout, "partial/data:latest")
+    return f"{registry.host}/partial/data:latest"
+
+
+def flags(snapshotter: str) -> list[str]:
+    return ["--plain-http", "--snapshotter", snapshotter]
+
+
+def assert_clean(ckfs: Ckfs, guard: MountGuard, snapshotter: str) -> None:
+    """Nothing of a mount or shell is left: mounts, snapshots, runc state, bundles."""
+    assert guard.leftovers() in ([], [str(ckfs.root / "fuse/mnt")])
+    found = json.loads(ckfs.run("snapshots", "-s", snapshotter, "ls", "--json").stdout)
+    assert [s["name"] for s in found if s["kind"] != "committed"] == []
+    shells = ckfs.root / "shells"
+    assert not shells.exists() or list(shells.iterdir()) == []
+
+
+def shell(ckfs: Ckfs, snapshotter: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return ckfs.run("shell", *flags(snapshotter), *args, check=False)
+
+
+@SNAPSHOTTERS
+def test_shell_upto_prints_that_layers_file(
+    ckfs: Ckfs, image: str, mount_guard: MountGuard, snapshotter: str
+) -> None:
+    need("runc")
+    for layer, text in FILE_VERSIONS.items():
+        proc = shell(ckfs, snapshotter, "--upto", str(layer), image, "cat", "/data/file")
+        assert (proc.returncode, proc.stdout) == (0, f"{text}\n"), proc.stderr
+    proc = shell(ckfs, snapshotter, image, "--", "ls", "/data")
+    assert (proc.returncode, proc.stdout.split()) == (0, ["dir", "file"]), proc.stderr
+    assert_clean(ckfs, mount_guard, snapshotter)
+
+
+@SNAPSHOTTERS
+def test_shell_passes_exit_status_and_discards_writes(
+    ckfs: Ckfs, image: str, mount_guard: MountGuard, snapshotter: str
+) -> None:
+    need("runc")
+    script = "echo changed > /data/file && rm /bin/cat && exit 7"
+    proc = shell(ckfs, snapshotter, "--upto", "6", image, "--", "sh", "-c", script)
+    assert proc.returncode == 7, proc.stderr
+    proc = shell(ckfs, snapshotter, "--upto", "6", image, "cat", "/data/file")
+    assert (proc.returncode, proc.stdout) == (0, "version 6\n"), proc.stderr
+    proc = shell(ckfs, snapshotter, image, "/no/such/program")
+    assert proc.returncode != 0 and "no/such/program" in proc.stderr
+    assert_clean(ckfs, mount_guard, snapshotter)
+
+
+@SNAPSHOTTERS
+def test_shell_at_one_layer(
+    ckfs: Ckfs, image: str, mount_guard: MountGuard, snapshotter: str
+) -> None:
+    """``--layer 1`` (busybox alone) runs; the layer's whiteouts hide themselves there."""
+    need("runc")
+    proc = shell(ckfs, snapshotter, "--layer", "1", image, "ls", "/")
+    assert proc.returncode == 0 and "bin" in proc.stdout.split(), proc.stderr
+    proc = shell(ckfs, snapshotter, "--layer", str(WHITEOUT_LAYER), image, "/bin/sh")
+    assert proc.returncode != 0  # that layer holds no shell
+    assert_clean(ckfs, mount_guard, snapshotter)
+
+
+def test_interrupted_shell_leaves_nothing(
+    ckfs: Ckfs, image: str, mount_guard: MountGuard, tmp_path: Path
+) -> None:
+    """SIGINT to ``ckfs shell`` ends a container that ignores it; all is cleaned up."""
+    need("runc")
+    argv = [sys.executable, "-m", "ckfs_cli.main", "--root", str(ckfs.root), "shell"]
+    proc = subprocess.Popen(
+        [*argv, *flags("fuse"), image, "sleep", "600"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + INTERRUPT_END
+        # runc's state.json appears once the container exists.
+        while not list((ckfs.root / "shells").glob("*/runc/*/state.json")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(0.5)  # runc has started sleep, not only the container
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=INTERRUPT_END)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (128 + signal.SIGINT, 128 + signal.SIGKILL), err
+    assert_clean(ckfs, mount_guard, "fuse")
+
+
+@pytest.mark.parametrize("ckfs", ["local", "ckfsd"], indirect=True)
+@SNAPSHOTTERS
+def test_mount_layer_shows_whiteouts_and_opaque_dirs(
+    ckfs: Ckfs, image: str, mount_guard: MountGuard, tmp_path: Path, snapshotter: str
+) -> None:
+    alone = tmp_path / "alone"
+    ckfs.run("mount", *flags(snapshotter), "--layer", str(WHITEOUT_LAYER), image, str(alone))
+    try:
+        assert sorted(os.listdir(alone)) == ["data"]
+        assert os.listdir(alone / "data") == ["gone"]
+        st = os.lstat(alone / "data/gone")
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0)
+        with pytest.raises(OSError):
+            (alone / "data/new").write_text("read-only")
+    finally:
+        ckfs.run("umount", str(alone))
+    ckfs.run("mount", *flags(snapshotter), "--layer", str(OPAQUE_LAYER), image, str(alone))
+    try:
+        assert os.getxattr(alone / "data/dir", "trusted.overlay.opaque") == b"y"
+        assert os.listdir(alone / "data/dir") == ["y"]
+    finally:
+        ckfs.run("umount", str(alone))
+    assert_clean(ckfs, mount_guard, snapshotter)
+
+
+@SNAPSHOTTERS
+def test_mount_upto_trees(
+    ckfs: Ckfs, image: str, mount_guard: MountGuard, tmp_path: Path, snapshotter: str
+) -> None:
+    expected: dict[int, dict[str, Any]] = {
+        3: {},
+        4: {"file": "version 4\n", "gone": "gone\n", "dir": ["x"]},
+        5: {"file": "version 4\n", "dir": ["x"]},
+        6: {"file": "version 6\n", "dir": ["x"]},
+        7: {"file": "version 6\n", "dir": ["y"]},
+        8: {"file": "version 8\n", "dir": ["y"]},
+    }
+    for layer, want in expected.items():
+        target = tmp_path / f"upto{layer}"
+        ckfs.run("mount", *flags(snapshotter), "--upto", str(layer), image, str(target))
+        try:
+            assert data_tree(target / "data") == want, layer
+            assert (target / "etc/os-release").is_file()
+        finally:
+            ckfs.run("umount", str(target))
+    assert_clean(ckfs, mount_guard, snapshotter)
+
+
+def data_tree(data: Path) -> dict[str, Any]:
+    """/data of a mount: file contents, directory listings."""
+    if not data.exists():
+        return {}
+    return {p.name: sorted(os.listdir(p)) if p.is_dir() else p.read_text() for p in data.iterdir()}
+
+
+def test_partial_bad_input(ckfs: Ckfs, image: str, mount_guard: MountGuard, tmp_path: Path) -> None:
+    """Out-of-range layers and native ``--layer``: one line, exit 1, nothing left."""
+    target = str(tmp_path / "t")
+    line = ckfs.fails("mount", *flags("fuse"), "--layer", str(LAYERS + 1), image, target)
+    assert line == f"ckfs: layer {LAYERS + 1} out of range: {image} has {LAYERS} layers"
+    line = ckfs.fails("mount", *flags("overlayfs"), "--upto", "0", image, target)
+    assert "layer 0 out of range" in line
+    line = ckfs.fails("mount", *flags("native"), "--layer", "2", image, target)
+    assert "--layer needs the overlayfs or fuse snapshotter" in line
+    line = ckfs.fails("shell", *flags("fuse"), "--upto", "9", image, "true")
+    assert "layer 9 out of range" in line
+    proc = ckfs.run("mount", "--layer", "1", "--upto", "2", image, target, check=False)
+    assert proc.returncode == 2 and "exclude each other" in proc.stderr
+    for snapshotter in ("fuse", "overlayfs", "native"):
+        assert_clean(ckfs, mount_guard, snapshotter)
+    assert not os.path.exists(target)
