@@ -45,9 +45,20 @@ if TYPE_CHECKING:
     from ckfs.lazy import _Remote
     from ckfs.state import State
 
-__all__ = ["EAGER", "ImageLayers", "LayerInfo", "StreamedReader", "created_by"]
+__all__ = [
+    "EAGER",
+    "ImageLayers",
+    "LayerInfo",
+    "LayerStats",
+    "StreamedReader",
+    "created_by",
+    "layer_stats",
+]
 
 log = logging.getLogger(__name__)
+
+#: The uncompressed size eStargz writers (ctr-remote, nerdctl) annotate layers with.
+UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 
 
 @dataclass(frozen=True)
@@ -261,6 +272,49 @@ class ImageLayers:
         await self.aclose()
 
 
+@dataclass(frozen=True)
+class LayerStats:
+    """What one layer holds, counted from its index (`layer_stats`).
+
+    Attributes:
+        entries: its entries: whiteouts counted, the root and the
+            directories it only implies (as parents) not.
+        files: regular files (a hardlinked file once).
+        file_bytes: their bytes.
+        uncompressed_size: its tar stream's size, when the index or the
+            descriptor says it (eStargz without the annotation: None).
+    """
+
+    entries: int
+    files: int
+    file_bytes: int
+    uncompressed_size: int | None
+
+
+def layer_stats(layer: LayerInfo) -> LayerStats:
+    """*layer*'s `LayerStats`; blocking (one walk of its index)."""
+    from ckfs.layerindex.model import iter_nodes
+
+    entries = 0
+    inos: dict[int, int] = {}
+    for _, node in iter_nodes(layer.index):
+        if not node.implied:
+            entries += 1
+        if node.kind == Kind.FILE:
+            inos[node.ino] = node.size
+    return LayerStats(entries, len(inos), sum(inos.values()), _uncompressed_size(layer))
+
+
+def _uncompressed_size(layer: LayerInfo) -> int | None:
+    """The tar stream's size, as whatever indexed *layer* recorded it."""
+    if layer.index.source == "tar" and layer.source != EAGER:
+        return layer.index.blob_size
+    known = layer.index.meta("uncompressed_size") or (layer.desc.annotations or {}).get(
+        UNCOMPRESSED_SIZE_ANNOTATION
+    )
+    return int(known) if known and known.isdigit() else None
+
+
 def created_by(config: ImageConfig) -> list[str]:
     """Each layer's ``created_by``, bottom first, from the config's history.
 
@@ -403,6 +457,7 @@ def _index_streamed(blob: Path, desc: Descriptor, diff_id: Digest, path: Path) -
         stream.drain()
         if stream.digest() != diff_id:
             raise DataLoss(f"layer {desc.digest}: uncompressed digest is not {diff_id}")
+        writer.set_meta("uncompressed_size", str(stream.size))
         return writer.commit()
 
 
