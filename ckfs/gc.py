@@ -433,8 +433,9 @@ def _collect_layers(root: Path, keep: set[Digest], dry_run: bool, report: GCRepo
     """Remove the index and cached chunks of every layer not in *keep*."""
     from ckfs.layerindex.cache import ChunkCache
     from ckfs.layerindex.store import IndexStore
+    from ckfs.state import State
 
-    indexes, cache = IndexStore(root), ChunkCache(root / "cache")
+    indexes, cache = IndexStore(root), ChunkCache(State(root).cache_dir)
     for digest in sorted(set(indexes.digests()) | set(cache.layers())):
         if digest in keep:
             continue

@@ -34,6 +34,7 @@ from ckfs import mediatypes
 from ckfs.archive.apply import ApplyOptions, apply_layer
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest, from_bytes
+from ckfs.layerindex.cache import HEADER, ChunkCache
 from ckfs.layerindex.model import IndexWriter
 from ckfs.layerindex.store import IndexStore, dirname
 from ckfs.layerindex.tarindex import build_tar_index
@@ -326,6 +327,25 @@ def test_remote_layer_is_read_lazily_and_cached(
     stop_server(root)
     counters = json.loads(stats.read_text())["layers"][str(digest)]
     assert 0 < counters["fetched"] <= len(raw) and counters["misses"] >= 2
+
+
+def test_the_chunk_cache_stays_within_its_bound(
+    root: Path, registry_factory: Callable[..., Registry]
+) -> None:
+    registry = registry_factory()
+    raw = tar(*BASE)
+    registry.upload_blob("fuse/bounded", raw)
+    digest = add_layer(root, raw, ref=f"{registry.host}/fuse/bounded")
+    bound = 3 * (HEADER + SPAN)
+    layer = ensure_server(root, cache_max=bound) / dirname(digest)
+    big = tar_member(raw, "etc/big")  # about five spans
+    for _ in range(2):  # the second time from the server again, not the page cache
+        with open(layer / "etc/big", "rb") as f:
+            assert f.read() == big
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert ChunkCache(root / "cache").usage().size <= bound
+    for path in ("bin/su", "home/note", "etc/a"):  # evicted or not, read right
+        assert (layer / path).read_bytes() == tar_member(raw, path)
 
 
 def tar_member(raw: bytes, name: str) -> bytes:

@@ -36,6 +36,7 @@ def test_round_trip_and_layout(tmp_path: Path) -> None:
         "misses": 1,
         "corrupt": 0,
         "writes": 1,
+        "evicted": 0,
         "memory_held": 0,
     }
 
@@ -176,3 +177,104 @@ def test_concurrent_writers_and_readers(tmp_path: Path) -> None:
     assert seen and all(s in payloads for s in seen)
     assert cache.statistics()["corrupt"] == 0
     assert os.listdir(tmp_path / "cache" / LAYER.split(":")[1]) == ["k"]
+
+
+# -- the disk bound ----------------------------------------------------------
+
+#: A cache file of a 100-byte chunk.
+FILE = HEADER + 100
+
+
+def _stored(tmp_path: Path) -> set[str]:
+    return {p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+
+
+def test_files_are_bounded_evicting_the_least_recently_used(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "cache", memory_bytes=0, max_bytes=3 * FILE)
+    for key in "abc":
+        cache.put(LAYER, key, key.encode() * 100)
+    assert cache.get(LAYER, "a") == b"a" * 100  # a is now the most recent
+    cache.put(OTHER, "d", b"d" * 100)
+    # Over the bound: the oldest go until the files are under 90 % of it.
+    assert _stored(tmp_path) == {"a", "d"}
+    assert cache.usage().size == 2 * FILE
+    assert cache.get(LAYER, "b") is None and cache.get(LAYER, "c") is None  # misses: refetch
+    assert cache.statistics()["evicted"] == 2
+    cache.put(LAYER, "b", b"b" * 100)  # the refetched copy is kept again
+    assert cache.get(LAYER, "b") == b"b" * 100 and _stored(tmp_path) == {"a", "b", "d"}
+
+
+def test_the_chunk_just_written_stays_even_above_the_bound(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "cache", memory_bytes=0, max_bytes=FILE)
+    cache.put(LAYER, "a", b"a" * 100)
+    cache.put(LAYER, "big", b"x" * 500)
+    assert _stored(tmp_path) == {"big"}
+    assert cache.get(LAYER, "big") == b"x" * 500
+
+
+def test_files_already_on_disk_count_oldest_first(tmp_path: Path) -> None:
+    earlier = ChunkCache(tmp_path / "cache")  # another process, no bound
+    for i, key in enumerate(["old", "older", "new"]):
+        earlier.put(LAYER, key, b"o" * 100)
+        os.utime(tmp_path / "cache" / LAYER.split(":")[1] / key, (0, [200, 100, 300][i]))
+    cache = ChunkCache(tmp_path / "cache", memory_bytes=0, max_bytes=4 * FILE)
+    cache.put(OTHER, "mine", b"m" * 100)  # at the bound: nothing goes
+    assert len(_stored(tmp_path)) == 4
+    earlier.put(LAYER, "theirs", b"t" * 100)  # not seen by *cache* until it walks again
+    cache.put(OTHER, "again", b"g" * 100)
+    # Six files against a bound of four, evicted down to 90 % of it: the
+    # walk's new find first (it has no place in this process's order), then
+    # the first walk's by mtime.
+    assert _stored(tmp_path) == {"new", "mine", "again"}
+    assert cache.statistics()["evicted"] == 3
+
+
+def test_removed_layers_leave_the_count(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "cache", memory_bytes=0, max_bytes=3 * FILE)
+    cache.put(LAYER, "a", b"a" * 100)
+    cache.put(LAYER, "b", b"b" * 100)
+    cache.remove_layer(LAYER)
+    for key in "cde":
+        cache.put(OTHER, key, key.encode() * 100)
+    assert _stored(tmp_path) == {"c", "d", "e"}  # a and b no longer counted
+    assert cache.statistics()["evicted"] == 0
+
+
+def test_a_share_of_the_disk_bounds_the_files(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "cache", disk_share=0.5)
+    assert cache.max_bytes is None  # measured when first needed
+    cache.put(LAYER, "a", b"a" * 100)
+    st = os.statvfs(tmp_path)
+    assert cache.max_bytes is not None
+    assert 0 < cache.max_bytes <= st.f_blocks * st.f_frsize * 0.5 + FILE
+    assert cache.get(LAYER, "a") == b"a" * 100
+
+
+def test_eviction_never_serves_wrong_bytes_to_concurrent_readers(tmp_path: Path) -> None:
+    """Writers evicting each other's files while readers read: a read gets
+    the chunk's bytes or a miss, nothing else."""
+    cache = ChunkCache(tmp_path / "cache", memory_bytes=0, max_bytes=3 * (HEADER + 50_000))
+    payloads = {f"k{i}": bytes([i]) * 50_000 for i in range(8)}
+    wrong: list[object] = []
+
+    def write(keys: list[str]) -> None:
+        for _ in range(10):
+            for k in keys:
+                cache.put(LAYER, k, payloads[k])
+
+    def read() -> None:
+        for _ in range(20):
+            for k, v in payloads.items():
+                got = cache.get(LAYER, k)
+                if got not in (None, v):
+                    wrong.append((k, got[:10] if got else got))
+
+    keys = list(payloads)
+    workers = [threading.Thread(target=write, args=(keys[i::2],)) for i in range(2)]
+    workers += [threading.Thread(target=read) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert wrong == []
+    assert cache.usage().size <= 3 * (HEADER + 50_000) + 2 * (HEADER + 50_000)  # + writes in flight

@@ -28,7 +28,7 @@ from ckfs.errors import (
     Unimplemented,
 )
 from ckfs.layerindex import reader as reader_module
-from ckfs.layerindex.cache import ChunkCache
+from ckfs.layerindex.cache import HEADER, ChunkCache
 from ckfs.layerindex.model import Chunk
 from ckfs.layerindex.reader import COALESCE_GAP, LayerReader, LocalBlob
 from tests.chunkedblobs import (
@@ -298,6 +298,21 @@ async def test_corrupted_cache_file_is_refetched(tmp_path: Path, cache: ChunkCac
     assert cache.statistics()["corrupt"] == 1
     assert await reader.read(layer.node("f"), 0, CHUNK) == data  # the refetched copy is good
     assert len(probe.calls) == 2
+
+
+async def test_evicted_chunks_are_fetched_again(tmp_path: Path) -> None:
+    data = content(3 * CHUNK, 16)
+    layer = build_estargz(tmp_path, {"f": data})
+    cache = ChunkCache(tmp_path / "cache", memory_bytes=0, max_bytes=HEADER + CHUNK)
+    reader, probe = reader_for(layer, cache)
+    assert await reader.read(layer.node("f"), 0, 3 * CHUNK) == data  # one request
+    (kept,) = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # the last chunk
+    assert cache.statistics()["evicted"] == 2
+    assert await reader.read(layer.node("f"), 2 * CHUNK, CHUNK) == data[2 * CHUNK :]
+    assert len(probe.calls) == 1
+    assert await reader.read(layer.node("f"), 0, CHUNK) == data[:CHUNK]  # evicted: refetched
+    assert len(probe.calls) == 2 and reader.statistics()["misses"] == 4
+    assert not kept.exists()  # and the bound holds
 
 
 async def test_concurrent_reads_of_one_chunk_fetch_it_once(

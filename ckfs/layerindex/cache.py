@@ -24,6 +24,16 @@ A file's header (`HEADER`, 32 bytes, little-endian)::
     length  8 bytes   payload bytes
     xxh3    16 bytes  xxh3-128 digest of the payload
 
+The files are bounded too (``max_bytes``, headers included): a write that
+takes the cache past it deletes the least recently used files until it is
+back under `LOW_WATER` of it (never the file just written). Recency is kept
+in memory: the files found when the bound is first needed are ordered by
+mtime, later ones by their writes and reads here. Removing a file never
+disturbs a read: an open file reads whole after its unlink, memory copies
+are separate objects, and a file gone before it is opened is a miss the
+caller fetches (and verifies) again. Files written by other processes are
+counted when the bound is next exceeded (the directory is then walked again).
+
 Recently used chunks are also held in memory (bounded by ``memory_bytes``):
 FUSE reads a 4 MiB chunk as thirty-two 128 KiB reads, and re-reading and
 re-checking the whole file for each would cost more than the read itself.
@@ -51,7 +61,15 @@ from ckfs.content.fsutil import pread_exact
 from ckfs.digest import ALGORITHMS, Digest
 from ckfs.errors import InvalidArgument
 
-__all__ = ["HEADER", "MAGIC", "MEMORY_BYTES", "CacheUsage", "ChunkCache"]
+__all__ = [
+    "DISK_SHARE",
+    "HEADER",
+    "LOW_WATER",
+    "MAGIC",
+    "MEMORY_BYTES",
+    "CacheUsage",
+    "ChunkCache",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +86,17 @@ HEADER = _HEADER.size
 #: chunks of several files read at once (readahead, parallel readers), small
 #: against the serving process's 100 MB memory budget.
 MEMORY_BYTES = 32 << 20
+
+#: The serving process's disk bound (``disk_share``): this share of what the
+#: cache's filesystem could give it (its free space plus what the cache
+#: already holds). Chunks are only a copy of what a registry keeps: enough
+#: for the working set of many images, while most of the disk stays for
+#: containers and images.
+DISK_SHARE = 0.25
+
+#: Eviction goes down to this fraction of the bound, so a cache at its bound
+#: does not walk its order and unlink a file on every write.
+LOW_WATER = 0.9
 
 _TMP_PREFIX = ".tmp."
 
@@ -93,15 +122,42 @@ class ChunkCache:
             first write.
         memory_bytes: bound on the in-memory copies of recent chunks; 0 keeps
             none.
+        max_bytes: bound on the cache files' bytes (module docstring).
+        disk_share: without *max_bytes*, bound the files to this share of
+            what the cache's filesystem could give them (free space plus the
+            cache's files, measured when the bound is first needed; the
+            serving process passes `DISK_SHARE`). Neither: no bound (tools
+            that only read or remove).
     """
 
-    def __init__(self, root: Path, *, memory_bytes: int = MEMORY_BYTES) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        memory_bytes: int = MEMORY_BYTES,
+        max_bytes: int | None = None,
+        disk_share: float | None = None,
+    ) -> None:
         self.root = Path(root)
+        self.max_bytes = max_bytes
+        self._disk_share = disk_share
+        self._bounded = max_bytes is not None or disk_share is not None
         self._memory_bytes = memory_bytes
         self._memory: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._held = 0
         self._lock = threading.Lock()
-        self._stats = {"hits": 0, "memory_hits": 0, "misses": 0, "corrupt": 0, "writes": 0}
+        #: Cache files by recency (oldest first) and size; None until the
+        #: bound is first needed.
+        self._files: OrderedDict[tuple[Digest, str], int] | None = None
+        self._stored = 0
+        self._stats = {
+            "hits": 0,
+            "memory_hits": 0,
+            "misses": 0,
+            "corrupt": 0,
+            "writes": 0,
+            "evicted": 0,
+        }
 
     def __repr__(self) -> str:
         return f"ChunkCache({str(self.root)!r})"
@@ -160,9 +216,10 @@ class ChunkCache:
             else:
                 self._stats["hits"] += 1
                 self._remember(layer, key, data)
+                if self._files is not None and (layer, key) in self._files:
+                    self._files.move_to_end((layer, key))
         if corrupt:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            self._unlink(layer, key)
         return data
 
     def put(self, layer: Digest, key: str, data: bytes) -> None:
@@ -189,12 +246,16 @@ class ChunkCache:
         with self._lock:
             self._stats["writes"] += 1
             self._remember(layer, key, data)
+        if self._bounded:
+            self._account(layer, key, HEADER + len(data))
 
     def remove_layer(self, layer: Digest) -> None:
         """Delete every chunk of *layer* (memory and disk); no error if none."""
         with self._lock:
             for k in [k for k in self._memory if k[0] == layer]:
                 self._held -= len(self._memory.pop(k))
+            for k in [k for k in self._files or () if k[0] == layer]:
+                self._forget(k)
         shutil.rmtree(self._dir(layer), ignore_errors=True)
 
     def layers(self) -> list[Digest]:
@@ -226,10 +287,75 @@ class ChunkCache:
 
     def statistics(self) -> dict[str, int]:
         """Counters since this object was made: hits (memory_hits of them from
-        memory), misses, corrupt files dropped, writes; and bytes held in memory.
+        memory), misses, corrupt files dropped, writes, files evicted; and
+        bytes held in memory.
         """
         with self._lock:
             return {**self._stats, "memory_held": self._held}
+
+    def _account(self, layer: Digest, key: str, size: int) -> None:
+        """Count a file just written; past the bound, evict down to `LOW_WATER`.
+
+        The directory walk (first use, and each time the bound is passed, to
+        count other processes' files) runs outside the lock: `peek` takes it
+        on the event loop.
+        """
+        with self._lock:
+            if self._files is not None:
+                self._forget((layer, key))
+                self._files[(layer, key)] = size
+                self._stored += size
+                if self._stored <= self._bound():
+                    return
+        on_disk = self._scan()
+        with self._lock:
+            known = self._files or OrderedDict()
+            # Files only the walk found (other processes') count as oldest.
+            files = OrderedDict((k, n) for k, n in on_disk.items() if k not in known)
+            files.update((k, on_disk[k]) for k in known if k in on_disk)
+            files[(layer, key)] = size
+            files.move_to_end((layer, key))
+            self._files, self._stored = files, sum(files.values())
+            if self.max_bytes is None:
+                self.max_bytes = _share_of_disk(self.root, self._stored, self._disk_share)
+            victims = []
+            over = self._stored > self._bound()
+            while over and self._stored > self._bound() * LOW_WATER and len(files) > 1:
+                victim = next(iter(files))
+                self._forget(victim)
+                victims.append(victim)
+            self._stats["evicted"] += len(victims)
+        for victim in victims:
+            self._unlink(*victim)
+
+    def _bound(self) -> int:
+        """The disk bound (under _lock, once `max_bytes` is known)."""
+        return self.max_bytes if self.max_bytes is not None else 0
+
+    def _forget(self, k: tuple[Digest, str]) -> None:
+        """Stop counting file *k*; under _lock."""
+        if self._files is not None:
+            self._stored -= self._files.pop(k, 0)
+
+    def _scan(self) -> OrderedDict[tuple[Digest, str], int]:
+        """The cache files on disk by mtime (oldest first), with their sizes."""
+        found = []
+        for layer in self.layers():
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.scandir(self._dir(layer)):
+                    if entry.name.startswith(_TMP_PREFIX):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        st = entry.stat(follow_symlinks=False)
+                        found.append((st.st_mtime_ns, layer, entry.name, st.st_size))
+        found.sort()
+        return OrderedDict(((layer, key), size) for _, layer, key, size in found)
+
+    def _unlink(self, layer: Digest, key: str) -> None:
+        with self._lock:
+            self._forget((layer, key))
+        with contextlib.suppress(FileNotFoundError):
+            self._path(layer, key).unlink()
 
     def _dir(self, layer: Digest) -> Path:
         """Where *layer*'s chunks are: named by its hex (`layers` reads the algorithm back)."""
@@ -250,6 +376,12 @@ class ChunkCache:
         while self._held > self._memory_bytes:
             _, evicted = self._memory.popitem(last=False)
             self._held -= len(evicted)
+
+
+def _share_of_disk(root: Path, stored: int, share: float | None) -> int:
+    """*share* of the free space of *root*'s filesystem plus *stored*."""
+    st = os.statvfs(root)
+    return int((st.f_bavail * st.f_frsize + stored) * (share or 0))
 
 
 def _read_checked(path: Path) -> bytes | None:

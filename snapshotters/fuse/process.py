@@ -111,7 +111,9 @@ class ServerPaths:
         return self.dir / "chains"
 
 
-def ensure_server(root: Path, *, timeout: float = START_TIMEOUT) -> Path:
+def ensure_server(
+    root: Path, *, timeout: float = START_TIMEOUT, cache_max: int | None = None
+) -> Path:
     """The mountpoint of *root*'s live FUSE server, started if needed.
 
     A live server is adopted (one holding its lock while its mount already
@@ -123,6 +125,9 @@ def ensure_server(root: Path, *, timeout: float = START_TIMEOUT) -> Path:
     Args:
         root: the ckfs state root.
         timeout: seconds to wait for a new server's mount.
+        cache_max: the bound on the chunk cache's files a new server gets
+            (``--cache-max``); by default its share of the disk. A live
+            server keeps its own.
 
     Returns:
         ``<root>/fuse/mnt``, served.
@@ -140,7 +145,7 @@ def ensure_server(root: Path, *, timeout: float = START_TIMEOUT) -> Path:
         if server_pid(paths) is not None and not _dying(paths, deadline):
             return _wait_mounted(paths, deadline)
         clean_mount(paths)
-        _start(paths, timeout)
+        _start(paths, timeout, cache_max)
         return _wait_mounted(paths, deadline)
 
 
@@ -246,16 +251,19 @@ def _held(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _start(paths: ServerPaths, timeout: float) -> None:
+def _start(paths: ServerPaths, timeout: float, cache_max: int | None) -> None:
     """Run the server detached; return once its starter (not it) exited.
 
     The child double-forks (``--detach``): the server is re-parented to
     init, so it is reaped when it dies however long its starter lives.
     """
     paths.pid.unlink(missing_ok=True)
+    command = [sys.executable, "-m", SERVER_MODULE, "--root", str(paths.root), "--detach"]
+    if cache_max is not None:
+        command += ["--cache-max", str(cache_max)]
     with open(paths.log, "ab") as out:
         starter = subprocess.Popen(
-            [sys.executable, "-m", SERVER_MODULE, "--root", str(paths.root), "--detach"],
+            command,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -1,6 +1,6 @@
 """The FUSE serving process of one state root.
 
-    python -m snapshotters.fuse.server --root R [--detach]
+    python -m snapshotters.fuse.server --root R [--detach] [--cache-max BYTES]
 
 Mounts ``<root>/fuse/mnt`` read-only with every indexed layer as a top-level
 directory and the merged views under ``merged/`` (`snapshotters.fuse.tree`),
@@ -8,7 +8,10 @@ and serves it until SIGTERM or SIGINT, when it unmounts and exits. It holds
 ``<root>/fuse/server.lock`` for its whole life and writes its PID next to it
 (`snapshotters.fuse.process` documents the files); it logs to
 ``<root>/fuse/server.log``. ``--detach`` forks into a new session first, so
-the process that started it can exit without taking it down.
+the process that started it can exit without taking it down. The chunk
+cache's files are bounded by ``--cache-max`` bytes, by default
+`ckfs.layerindex.cache.DISK_SHARE` of its filesystem (least recently used
+chunks are evicted, and fetched again when read).
 
 Mount options: ``allow_other`` (containers running as other users must reach
 the files), ``default_permissions`` (the kernel enforces the image's modes,
@@ -34,8 +37,10 @@ import pyfuse3
 import trio
 
 from ckfs.digest import Digest
+from ckfs.layerindex.cache import DISK_SHARE, ChunkCache
 from ckfs.layerindex.store import IndexStore
 from ckfs.locks import try_lock
+from ckfs.state import State
 from snapshotters.fuse.data import Readers
 from snapshotters.fuse.ops import Ops
 from snapshotters.fuse.process import ServerPaths, clean_mount
@@ -69,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m snapshotters.fuse.server")
     parser.add_argument("--root", required=True, type=Path, help="the ckfs state root")
     parser.add_argument("--detach", action="store_true", help="fork into a new session first")
+    parser.add_argument(
+        "--cache-max", type=int, metavar="BYTES", help="bound on the chunk cache's files"
+    )
     args = parser.parse_args(argv)
     paths = ServerPaths(args.root.absolute())
     for d in (paths.dir, paths.mnt, paths.views):
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         _log_to(paths.log)
         _write_pid(paths.pid)
         clean_mount(paths)
-        _serve(paths)
+        _serve(paths, args.cache_max)
         # Only a clean exit removes the PID: a failed one leaves it, which
         # tells a waiting starter that the server came and went.
         paths.pid.unlink(missing_ok=True)
@@ -126,9 +134,10 @@ def _write_pid(path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _serve(paths: ServerPaths) -> None:
+def _serve(paths: ServerPaths, cache_max: int | None) -> None:
     tree = Tree(IndexStore(paths.root), paths.views, paths.chains)
-    readers = Readers(paths.root)
+    cache = ChunkCache(State(paths.root).cache_dir, max_bytes=cache_max, disk_share=DISK_SHARE)
+    readers = Readers(paths.root, cache=cache)
     ops = Ops(tree, readers)
     pyfuse3.init(ops, str(paths.mnt), set(OPTIONS))
     log.info("serving %s", paths.mnt)
