@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import shutil
 import signal
 import stat
@@ -37,6 +38,8 @@ from integration.conftest import Ckfs, need
 from integration.mounts import MountGuard
 from integration.registry import Registry
 from integration.test_archive_umoci import umoci
+from integration.test_lazy_faults import kill_server
+from integration.test_lazy_mount import sources
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts, runc")
 
@@ -123,6 +126,7 @@ def test_shell_upto_prints_that_layers_file(
     assert_clean(ckfs, mount_guard, snapshotter)
 
 
+@pytest.mark.parametrize("ckfs", ["local", "ckfsd"], indirect=True)
 @SNAPSHOTTERS
 def test_shell_passes_exit_status_and_discards_writes(
     ckfs: Ckfs, image: str, mount_guard: MountGuard, snapshotter: str
@@ -149,6 +153,30 @@ def test_shell_at_one_layer(
     proc = shell(ckfs, snapshotter, "--layer", str(WHITEOUT_LAYER), image, "/bin/sh")
     assert proc.returncode != 0  # that layer holds no shell
     assert_clean(ckfs, mount_guard, snapshotter)
+
+
+def test_terminal_only_when_stdin_is_one(ckfs: Ckfs, image: str, mount_guard: MountGuard) -> None:
+    """The container gets a terminal when ckfs shell's stdin is one, plain stdio otherwise."""
+    need("runc")
+    probe = ["--", "sh", "-c", "test -t 0 && echo tty || echo notty"]
+    proc = shell(ckfs, "fuse", image, *probe)
+    assert (proc.returncode, proc.stdout) == (0, "notty\n"), proc.stderr
+    argv = [sys.executable, "-m", "ckfs_cli.main", "--root", str(ckfs.root), "shell"]
+    leader, follower = pty.openpty()
+    try:
+        run = subprocess.run(
+            [*argv, *flags("fuse"), image, *probe],
+            stdin=follower,
+            capture_output=True,
+            text=True,
+            timeout=INTERRUPT_END,
+        )
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.replace("\r", "") == "tty\n"
+    assert_clean(ckfs, mount_guard, "fuse")
 
 
 def test_interrupted_shell_leaves_nothing(
@@ -224,9 +252,29 @@ def test_mount_upto_trees(
         try:
             assert data_tree(target / "data") == want, layer
             assert (target / "etc/os-release").is_file()
+            if snapshotter == "fuse":  # attached lazily, as many as stacked
+                assert sources(ckfs, target) == ["gzip-index"] * layer
         finally:
             ckfs.run("umount", str(target))
     assert_clean(ckfs, mount_guard, snapshotter)
+
+
+def test_layer_mount_recovered_alone(
+    ckfs: Ckfs, image: str, mount_guard: MountGuard, tmp_path: Path
+) -> None:
+    """A ``--layer`` mount whose FUSE server died comes back as that layer alone."""
+    alone = tmp_path / "alone"
+    ckfs.run("mount", *flags("fuse"), "--layer", str(WHITEOUT_LAYER), image, str(alone))
+    try:
+        kill_server(ckfs.root)
+        with pytest.raises(OSError):
+            os.listdir(alone)
+        assert f"remounted {alone}" in ckfs.run("mounts", "recover").stderr
+        assert sorted(os.listdir(alone)) == ["data"]
+        assert stat.S_ISCHR(os.lstat(alone / "data/gone").st_mode)
+    finally:
+        ckfs.run("umount", str(alone))
+    assert_clean(ckfs, mount_guard, "fuse")
 
 
 def data_tree(data: Path) -> dict[str, Any]:
