@@ -44,6 +44,11 @@ from ckfs import mediatypes as mt
 from ckfs.digest import Digest
 from ckfs.errors import CkfsError, NotFound
 from ckfs.labels import SNAPSHOT_REF
+from ckfs.layerindex.sources import EAGER as EAGER
+from ckfs.layerindex.sources import ESTARGZ as ESTARGZ
+from ckfs.layerindex.sources import GZIP as GZIP
+from ckfs.layerindex.sources import TAR as TAR
+from ckfs.layerindex.sources import source_of as source_of
 from ckfs.options import DEFAULTS, PullOptions
 
 if TYPE_CHECKING:
@@ -77,14 +82,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Index sources, as `ckfs.layerindex.model.SOURCES` names them.
-ESTARGZ, GZIP, TAR = "estargz", "gzip-index", "tar"
-
 #: Sources read from the registry as files are read: a lazy pull skips their blobs.
 _BY_RANGE = frozenset({ESTARGZ, TAR})
-
-#: What a layer falls back to when nothing indexes it.
-EAGER = "eager"
 
 #: Under ``<root>/layers``: one file per chain ID of an indexed image, naming
 #: the layer that completes it (`record_chains`). containerd's unpacker
@@ -133,20 +132,6 @@ class AttachReport:
     attached: list[Digest] = dataclasses.field(default_factory=list)
     applied: list[Digest] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
-
-
-def source_of(desc: Descriptor) -> str:
-    """The index source *desc* would get, judged by its media type and annotations."""
-    from ckfs.layerindex.estargz import TOC_DIGEST_ANNOTATION
-
-    if TOC_DIGEST_ANNOTATION in (desc.annotations or {}):
-        return ESTARGZ
-    compression = mt.LAYERS.get(desc.media_type)
-    if compression == "gzip":
-        return GZIP
-    if compression == "none":
-        return TAR
-    return EAGER
 
 
 def lazy_children(

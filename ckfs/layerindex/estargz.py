@@ -76,6 +76,7 @@ from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
 from ckfs.errors import DataLoss, FailedPrecondition, InvalidArgument
 from ckfs.layerindex.model import LIMITS, BadLayer, Chunk, IndexWriter, LayerIndex, Limits
+from ckfs.layerindex.sources import TOC_DIGEST_ANNOTATION as TOC_DIGEST_ANNOTATION
 from ckfs.safetext import printable
 
 __all__ = [
@@ -99,9 +100,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: The layer descriptor annotation holding the sha256 of the TOC JSON.
-TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 
 #: The TOC's tar entry name inside its gzip member.
 TOC_NAME = "stargz.index.json"

@@ -232,7 +232,7 @@ def say_eager(
         lazy: whether a layer (descriptor, chain ID) is served lazily.
         what: what happens to the others, ``unpacked eagerly`` or so.
     """
-    from ckfs.lazy import EAGER, source_of
+    from ckfs.layerindex.sources import EAGER, source_of
     from ckfs.rootfs import image_chain
 
     image = app.state.images.get(normalize(ref))
