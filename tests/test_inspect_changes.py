@@ -16,7 +16,7 @@ import pytest
 
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
-from ckfs.errors import InvalidArgument
+from ckfs.errors import DataLoss, InvalidArgument
 from ckfs.inspect.changes import Change, diff_images, layer_changes, layer_diff
 from ckfs.inspect.image import LayerInfo
 from ckfs.inspect.space import Waste, space
@@ -356,3 +356,22 @@ def test_space_json_field_names(image: Stack) -> None:
 
 def test_indexes_are_closed_by_the_stack(image: Stack) -> None:
     assert all(isinstance(i.index, LayerIndex) for i in image.layers)
+
+
+@pytest.mark.trio
+async def test_a_failed_read_is_the_error_not_a_group(tmp_path: Path) -> None:
+    class Broken(Stack):
+        async def read(
+            self, layer: LayerInfo, node: Node, offset: int = 0, size: int = -1
+        ) -> bytes:
+            raise DataLoss(f"layer {layer.number}: chunk digest mismatch")
+
+    a = Broken(tmp_path, "a", [[F("f", 4)]])
+    b = Broken(tmp_path, "b", [[F("f", 4)]])
+    try:
+        with pytest.raises(DataLoss, match="digest mismatch"):
+            await diff_images(a, b)
+        assert await diff_images(a, b, read=False) == [Change("f", "modified", (), 4, None)]
+    finally:
+        a.close()
+        b.close()

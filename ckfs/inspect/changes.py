@@ -144,11 +144,17 @@ def layer_changes(image: Layers, n: int) -> list[Change]:
 async def layer_diff(image: Layers, n: int) -> list[Change]:
     """`layer_changes`, with undecided contents compared by reading both files.
 
+    The indexes are walked in a worker thread: an event loop (the explorer's)
+    stays responsive on a large layer.
+
     Raises:
         InvalidArgument: *n* is out of range.
         Unavailable, DataLoss: bytes that had to be read could not be.
     """
-    return await _settle(image, image, layer_steps(image, n))
+    import trio
+
+    steps = await trio.to_thread.run_sync(layer_steps, image, n)
+    return await _settle(image, image, steps)
 
 
 async def diff_images(a: Layers, b: Layers, *, read: bool = True) -> list[Change]:
@@ -158,9 +164,20 @@ async def diff_images(a: Layers, b: Layers, *, read: bool = True) -> list[Change
         read: compare by reading the files no digest answers for; if False,
             they are listed as modified, with only the fields known to differ.
 
+    The trees are walked in a worker thread, as in `layer_diff`.
+
     Raises:
         Unavailable, DataLoss: bytes that had to be read could not be.
     """
+    import trio
+
+    steps = await trio.to_thread.run_sync(_image_steps, a, b)
+    return await _settle(a, b, steps) if read else [s.change for s in steps]
+
+
+def _image_steps(a: Layers, b: Layers) -> list[Step]:
+    """The steps from *a*'s merged tree to *b*'s, sorted; contents undecided
+    where no digest answers."""
     old = {v.path: v for v in Merged(a.layers).walk()}
     steps: list[Step] = []
     for new in Merged(b.layers).walk():
@@ -172,8 +189,7 @@ async def diff_images(a: Layers, b: Layers, *, read: bool = True) -> list[Change
         if fields or undecided:
             steps.append(_modified(was, new, fields, undecided, None))
     steps.extend(_deleted(v, None) for v in old.values())
-    steps = _sorted(steps)
-    return await _settle(a, b, steps) if read else [s.change for s in steps]
+    return _sorted(steps)
 
 
 def layer_steps(image: Layers, n: int) -> list[Step]:

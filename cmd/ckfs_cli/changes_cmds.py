@@ -75,10 +75,10 @@ def diff_cmd(
     ckfs diff REF [--layer N]   what layer N (or each layer) changes over the layers below it
     ckfs diff REF1 REF2         how REF2's merged tree differs from REF1's
 
-    A layer's change is judged against the stack below it: ``modified``
+    A layer's change is judged against the stack below it: "modified"
     means the layer writes a path that was there (FIELDS says what differs:
     type, content, mode, owner, xattrs, link; none: rewritten unchanged,
-    e.g. only its mtime); ``deleted`` lists every path a whiteout, an opaque
+    e.g. only its mtime); "deleted" lists every path a whiteout, an opaque
     directory or a directory replaced by a file hides, directories with all
     under them. Between two images, equal entries are not listed.
 
@@ -119,6 +119,8 @@ def diff_cmd(
 
 
 async def _layers_diff(image: ImageLayers, number: int | None, no_read: bool) -> dict[str, Any]:
+    import trio
+
     from ckfs.inspect.changes import layer_changes, layer_diff
 
     numbers = (
@@ -126,7 +128,10 @@ async def _layers_diff(image: ImageLayers, number: int | None, no_read: bool) ->
     )
     changes: list[Change] = []
     for n in numbers:
-        changes.extend(layer_changes(image, n) if no_read else await layer_diff(image, n))
+        if no_read:
+            changes.extend(await trio.to_thread.run_sync(layer_changes, image, n))
+        else:
+            changes.extend(await layer_diff(image, n))
     return {"image": image.name, "layer": number, "changes": changes}
 
 
@@ -175,14 +180,16 @@ def space_cmd(app: App, /, top: int, as_json: bool, ref: str, **flags: Any) -> N
     from ckfs.inspect.space import space
 
     async def report(image: ImageLayers) -> tuple[str, SpaceReport]:
-        return image.name, space(image, top=top or _ALL)
+        import trio
+
+        return image.name, await trio.to_thread.run_sync(lambda: space(image, top=top or _ALL))
 
     name, found = _with_images(app, (ref,), flags, report)
     cut = top or None
     if as_json:
         print_json({"image": name, **found.to_json(cut)})
         return
-    share = f" ({found.wasted / found.total:.1%})" if found.total else ""
+    share = f" ({found.wasted / found.total:.2%})" if found.total else ""
     click.echo(
         f"{name}: {human_size(found.total)} stored, {human_size(found.wasted)} wasted{share}, "
         f"efficiency {found.efficiency:.2%}"
@@ -196,12 +203,18 @@ def space_cmd(app: App, /, top: int, as_json: bool, ref: str, **flags: Any) -> N
                 for w in found.waste[:cut]
             ],
         )
+        _more(len(found.waste) - len(found.waste[:cut]), "wasted versions")
     if found.largest:
         click.echo()
         print_table(
             ["SIZE", "LARGEST FILES", "LAYER"],
             [[human_size(v.node.size), "/" + v.path, str(v.layer)] for v in found.largest[:cut]],
         )
+
+
+def _more(left: int, what: str) -> None:
+    if left > 0:
+        click.echo(f"({left} more {what}: --top 0 lists all)")
 
 
 #: `space`'s *top* when ``--top 0`` asks for every file.
