@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import select
 import shutil
 import signal
 import stat
@@ -176,6 +177,37 @@ def test_terminal_only_when_stdin_is_one(ckfs: Ckfs, image: str, mount_guard: Mo
         os.close(leader)
     assert run.returncode == 0, run.stderr
     assert run.stdout.replace("\r", "") == "tty\n"
+    assert_clean(ckfs, mount_guard, "fuse")
+
+
+def test_interactive_shell_on_a_terminal(ckfs: Ckfs, image: str, mount_guard: MountGuard) -> None:
+    """No COMMAND and a terminal: /bin/sh reads what is typed; its exit status comes back."""
+    need("runc")
+    argv = [sys.executable, "-m", "ckfs_cli.main", "--root", str(ckfs.root), "shell"]
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [*argv, *flags("fuse"), "--upto", "6", image],
+            stdin=follower,
+            stdout=follower,
+            stderr=follower,
+        )
+        os.close(follower)
+        os.write(leader, b"cat /data/file; exit 5\n")
+        seen, deadline = b"", time.monotonic() + INTERRUPT_END
+        while True:  # until the last process holding the terminal is gone
+            assert select.select([leader], [], [], deadline - time.monotonic())[0], seen
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.wait(timeout=INTERRUPT_END) == 5, seen
+    finally:
+        os.close(leader)
+    assert b"version 6" in seen
     assert_clean(ckfs, mount_guard, "fuse")
 
 
