@@ -31,8 +31,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ __all__ = [
     "REPO",
     "VARIANTS",
     "InspectImages",
+    "collect",
+    "golden",
     "inspect_images",
     "layer_tars",
     "layout",
@@ -60,6 +63,10 @@ __all__ = [
 
 #: Where the image lives in the fixture's registry (``inspect/<variant>:latest``).
 REPO = "inspect"
+
+#: Golden JSON outputs, reviewed by hand: regenerate with ``CKFS_UPDATE_GOLDEN=1``
+#: and read the diff.
+GOLDEN = Path(__file__).resolve().parent / "golden"
 
 #: The encodings `layout` writes (module docstring).
 VARIANTS = ("gzip", "tar", "estargz", "zstd")
@@ -218,6 +225,110 @@ def _write(root: Path, layers: list[tuple[Descriptor, bytes, str]]) -> Path:
     }
     (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
     return root
+
+
+def golden(name: str, found: Any) -> None:
+    """*found* must equal the golden file *name* (written instead when asked)."""
+    path = GOLDEN / f"{name}.json"
+    if os.environ.get("CKFS_UPDATE_GOLDEN"):
+        GOLDEN.mkdir(exist_ok=True)
+        path.write_text(json.dumps(found, indent=2) + "\n")
+    assert json.loads(path.read_text()) == found
+
+
+#: The read-only commands' golden outputs: golden file → key → arguments
+#: (``{ref}`` is the image). The same for every variant, pulled or lazy.
+QUERIES: dict[str, dict[str, list[str]]] = {
+    "inspect_which": {
+        path: ["which", "{ref}", path]
+        for path in (
+            "/etc/motd",  # modified in three layers
+            "/gone",  # whiteout
+            "/opt/app/old",  # opaque directory
+            "/opt/app",
+            "/var/lib/data",  # a directory replaced by a file
+            "/var/lib/data/db",
+            "/etc/os-release",  # deleted by the top layer
+            "/etc/hosts",  # mode changed only
+            "/etc/secret",  # xattrs
+            "/usr/bin/tool",
+            "/usr/bin/tool-hardlink",  # its lower version's other name
+            "/lib",
+            "/",
+        )
+    }
+    | {
+        "--follow /lib/libc.so": ["which", "--follow", "{ref}", "/lib/libc.so"],
+        "--follow /etc/abs.link": ["which", "--follow", "{ref}", "etc/abs.link"],
+    },
+    "inspect_ls": {
+        "-R /": ["ls", "-R", "{ref}"],
+        "/etc": ["ls", "{ref}", "/etc"],
+        "-R --layer 2": ["ls", "-R", "--layer", "2", "{ref}"],
+        "-R --layer 4": ["ls", "-R", "--layer", "4", "{ref}"],
+        "-R --upto 2 /var": ["ls", "-R", "--upto", "2", "{ref}", "/var"],
+        "/etc/motd": ["ls", "{ref}", "etc/motd"],
+    },
+    "inspect_cat": {
+        "/etc/motd": ["cat", "{ref}", "/etc/motd"],
+        "--upto 1 /etc/motd": ["cat", "--upto", "1", "{ref}", "/etc/motd"],
+        "--layer 2 /etc/motd": ["cat", "--layer", "2", "{ref}", "/etc/motd"],
+        "/etc/motd.link": ["cat", "{ref}", "/etc/motd.link"],
+        "/lib/libc.so": ["cat", "{ref}", "/lib/libc.so"],
+        "--upto 3 /usr/bin/tool-hardlink": [
+            "cat",
+            "--upto",
+            "3",
+            "{ref}",
+            "/usr/bin/tool-hardlink",
+        ],
+        "/usr/bin/tool": ["cat", "{ref}", "/usr/bin/tool"],
+        "/opt/big.bin": ["cat", "{ref}", "/opt/big.bin"],
+    },
+    "inspect_layers": {"layers": ["layers", "{ref}"]},
+}
+
+#: `ckfs layers` fields that are the same in every encoding.
+_PORTABLE_LAYER_FIELDS = (
+    "number",
+    "entries",
+    "files",
+    "file_bytes",
+    "added",
+    "modified",
+    "deleted",
+    "created_by",
+)
+
+
+def collect(run_json: Callable[[list[str]], Any], ref: str) -> dict[str, dict[str, Any]]:
+    """Every `QUERIES` answer for *ref*, as `golden` compares them.
+
+    *run_json* runs ``ckfs ARGS --json`` and returns the parsed output.
+    What differs between encodings is left out: layer digests, the image
+    name, the encoding-dependent `ckfs layers` fields; file contents
+    longer than a line are reduced to their sha256.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    for name, queries in QUERIES.items():
+        found[name] = {
+            key: _portable(run_json([a.format(ref=ref) for a in args]))
+            for key, args in queries.items()
+        }
+    return found
+
+
+def _portable(doc: Any) -> Any:
+    if isinstance(doc, list):
+        return [_portable(d) for d in doc]
+    if not isinstance(doc, dict):
+        return doc
+    if "diff_id" in doc:  # a `ckfs layers` row
+        return {k: doc[k] for k in _PORTABLE_LAYER_FIELDS}
+    out = {k: _portable(v) for k, v in doc.items() if k not in ("image", "layer_digest")}
+    if "content" in out and len(out["content"]) > 64:
+        out["content"] = "sha256:" + hashlib.sha256(out.pop("content").encode()).hexdigest()
+    return out
 
 
 @dataclass(frozen=True)
