@@ -23,7 +23,7 @@ from textual.pilot import Pilot
 from textual.widgets import DataTable, OptionList, Static, Tree
 
 from ckfs.errors import NotFound
-from ckfs.explore.app import ExploreApp
+from ckfs.explore.app import ExploreApp, Opener
 from ckfs.explore.model import Item
 from ckfs.explore.portal import TrioPortal
 from tests.explore_image import StubImage, opener, stub_image
@@ -42,12 +42,14 @@ def image(tmp_path: Path) -> Iterator[StubImage]:
         yield img
 
 
-def explore(image: StubImage, scenario: Scenario, **kw: object) -> ExploreApp:
-    """Run the explorer on *image* headless, play *scenario*, return the app."""
+def explore(image: StubImage | Opener, scenario: Scenario, **kw: object) -> ExploreApp:
+    """Run the explorer on *image* (or what *image* opens) headless, play
+    *scenario*, return the app."""
+    open_model = opener(image) if isinstance(image, StubImage) else image
 
     async def main() -> ExploreApp:
         async with TrioPortal() as portal:
-            app = ExploreApp(portal, opener(image), **kw)  # type: ignore[arg-type]
+            app = ExploreApp(portal, open_model, **kw)  # type: ignore[arg-type]
             async with app.run_test(size=SIZE) as pilot:
                 await settle(pilot)
                 await scenario(app, pilot)

@@ -23,6 +23,7 @@ import trio
 
 from ckfs.archive.entry import Kind
 from ckfs.inspect.merged import Merged, Version, Which
+from ckfs.options import DEFAULTS, PullOptions
 
 if TYPE_CHECKING:
     from ckfs.inspect.changes import Change
@@ -189,17 +190,26 @@ class Model:
 
 @contextlib.asynccontextmanager
 async def opened(
-    state: State, ref: str, on_indexed: Callable[[int, int], None] | None = None
+    state: State,
+    ref: str,
+    on_indexed: Callable[[int, int], None] | None = None,
+    *,
+    options: PullOptions = DEFAULTS,
 ) -> AsyncIterator[Model]:
     """The model of image *ref* of *state*, open for the block (`ImageLayers.open`).
 
     Args:
         on_indexed: called with (layers ready, layers in all) while the
             layers' indexes open, for a progress display.
+        options: the platform, and registry options for Range reads.
+
+    Raises:
+        As `ImageLayers.open`.
     """
     from ckfs.inspect.image import ImageLayers
 
-    async with await ImageLayers.open(state, ref, on_indexed=on_indexed) as image:
+    opening = ImageLayers.open(state, ref, options=options, on_indexed=on_indexed)
+    async with await opening as image:
         yield Model(image)
 
 
