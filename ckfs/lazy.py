@@ -389,7 +389,8 @@ async def _build(
     if local is None:
         raise NotFound(f"layer {desc.digest} is not in the content store; pull it first")
     return await trio.to_thread.run_sync(
-        functools.partial(index_gzip, local, desc, path, meta=meta, diff_id=diff_id)
+        # The content store verified the blob's digest when it committed it.
+        functools.partial(index_gzip, local, desc, path, meta=meta, diff_id=diff_id, verified=True)
     )
 
 

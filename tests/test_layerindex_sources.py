@@ -251,6 +251,21 @@ def test_gzip_mismatch_keeps_nothing(tmp_path: Path, damage: str) -> None:
     assert list(out.iterdir()) == []
 
 
+def test_gzip_verified_blob_is_not_hashed_again(tmp_path: Path) -> None:
+    # The content store's blobs were checked when committed; their size still is.
+    raw = layer_tar()
+    blob = gzip.compress(raw)
+    path = blob_file(tmp_path, blob)
+    other = Descriptor(TGZ, Digest("sha256:" + "0" * 64), len(blob))
+    index = index_gzip(path, other, tmp_path / "index.db", verified=True)
+    assert index.layer == other.digest and sum(s.comp_size for s in index.spans()) == len(blob)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DataLoss):
+        index_gzip(path, Descriptor(TGZ, other.digest, len(blob) + 1), out / "i.db", verified=True)
+    assert list(out.iterdir()) == []
+
+
 def test_gzip_checkpoints_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Windows are held in memory: a big layer (or a bomb) gets wider spacing.
     monkeypatch.setattr(gzindex, "SPACING", 64 << 10)
