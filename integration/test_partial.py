@@ -211,26 +211,60 @@ def test_interactive_shell_on_a_terminal(ckfs: Ckfs, image: str, mount_guard: Mo
     assert_clean(ckfs, mount_guard, "fuse")
 
 
-def test_interrupted_shell_leaves_nothing(
-    ckfs: Ckfs, image: str, mount_guard: MountGuard, tmp_path: Path
-) -> None:
-    """SIGINT to ``ckfs shell`` ends a container that ignores it; all is cleaned up."""
-    need("runc")
+def start_sleeping_shell(ckfs: Ckfs, image: str, **stdio: Any) -> subprocess.Popen[bytes]:
+    """``ckfs shell IMAGE sleep 600``, returned once its container runs."""
     argv = [sys.executable, "-m", "ckfs_cli.main", "--root", str(ckfs.root), "shell"]
     proc = subprocess.Popen(
-        [*argv, *flags("fuse"), image, "sleep", "600"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        [*argv, *flags("fuse"), image, "sleep", "600"], stdin=subprocess.DEVNULL, **stdio
     )
+    deadline = time.monotonic() + INTERRUPT_END
     try:
-        deadline = time.monotonic() + INTERRUPT_END
         # runc's state.json appears once the container exists.
         while not list((ckfs.root / "shells").glob("*/runc/*/state.json")):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        time.sleep(0.5)  # runc has started sleep, not only the container
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    time.sleep(0.5)  # runc has started sleep, not only the container
+    return proc
+
+
+def delete_containers(ckfs: Ckfs) -> None:
+    """Delete any container a shell under *ckfs*'s root left (runc outlives a killed ckfs)."""
+    for state in (ckfs.root / "shells").glob("*/runc/*/state.json"):
+        runc_root, cid = state.parent.parent, state.parent.name
+        subprocess.run(["runc", "--root", str(runc_root), "delete", "-f", cid], check=False)
+
+
+def test_killed_shell_is_cleaned_up_by_the_next(
+    ckfs: Ckfs, image: str, mount_guard: MountGuard
+) -> None:
+    """A ``ckfs shell`` killed outright leaves its container, mount and snapshot; the
+    next ``ckfs shell`` on the root removes them."""
+    need("runc")
+    proc = start_sleeping_shell(ckfs, image, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc.kill()
+    proc.wait()
+    try:
+        (left,) = (ckfs.root / "shells").iterdir()
+        assert (left / "rootfs").is_mount()
+        done = shell(ckfs, "fuse", image, "true")
+        assert done.returncode == 0, done.stderr
+    finally:
+        delete_containers(ckfs)  # none if the test passes
+    assert_clean(ckfs, mount_guard, "fuse")
+
+
+def test_interrupted_shell_leaves_nothing(
+    ckfs: Ckfs, image: str, mount_guard: MountGuard, tmp_path: Path
+) -> None:
+    """SIGINT to ``ckfs shell`` ends a container that ignores it; all is cleaned up."""
+    need("runc")
+    proc = start_sleeping_shell(ckfs, image, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=INTERRUPT_END)
     finally:

@@ -307,6 +307,18 @@ def mount_cmd(
 @pass_app
 def umount_cmd(app: App, keep: bool, target: Path) -> None:
     """Unmount TARGET and remove its snapshot unless --keep."""
+    from ckfs.errors import NotFound
+
+    if not unmount_target(app, target, keep=keep):
+        raise NotFound(f"{target}: not mounted by ckfs")
+
+
+def unmount_target(app: App, target: Path, *, keep: bool = False) -> bool:
+    """Unmount *target* and remove its snapshot (and merged view) unless *keep*.
+
+    Returns:
+        Whether there was anything: a mount at *target* or a snapshot of it.
+    """
     import snapshotters
     from ckfs import mount as mountlib
     from ckfs.errors import NotFound
@@ -334,8 +346,7 @@ def umount_cmd(app: App, keep: bool, target: Path) -> None:
             owned = True
             if not keep:
                 sn.remove(key)
-    if not was_mounted and not owned:
-        raise NotFound(f"{target}: not mounted by ckfs")
+    return was_mounted or owned
 
 
 def fuse_snapshotter(app: App) -> FuseSnapshotter:

@@ -8,7 +8,8 @@ layer alone under a scratch upper directory in the bundle
 (``runc --root``), so none of it outlives the command. At exit, also when
 the container fails or the command is interrupted, the container is
 deleted, the rootfs unmounted, its snapshot (with everything written
-into it) removed and the directory with it.
+into it) removed and the directory with it. A shell killed outright (SIGKILL)
+cannot: the next ``ckfs shell`` on the root removes what it left (`_reap`).
 
 An interrupt (SIGINT, SIGTERM, SIGHUP) is passed to runc, which passes it to
 the container; one that does not end within `STOP_GRACE` is killed. With a
@@ -19,6 +20,7 @@ reaches the shell inside as a key, not ckfs as a signal).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -45,6 +47,9 @@ DEFAULT_SHELL = ("/bin/sh",)
 
 #: Under the state root: one directory per running ``ckfs shell``.
 SHELLS_DIR = "shells"
+
+#: In each shell's directory: locked while its ``ckfs shell`` lives (`_lock`).
+LOCK = "lock"
 
 #: Seconds a container has to end after an interrupt before it is killed.
 #: A container's PID 1 ignores SIGINT and SIGTERM unless it handles them
@@ -106,10 +111,14 @@ def shell_cmd(
     shells = app.state.root / SHELLS_DIR
     shells.mkdir(parents=True, exist_ok=True)
     bundle = Path(tempfile.mkdtemp(dir=shells))
+    lock = _lock(bundle, create=True)
+    assert lock is not None  # a new directory: nobody else holds it
     try:
+        _reap(app, shells, bundle)
         status = _shell(app, ref, bundle, snapshotter, part, command or DEFAULT_SHELL, opts)
     finally:
         _remove_bundle(bundle)
+        os.close(lock)
     raise SystemExit(status)  # click's own Exit would be status 0 here (main runs it unstandalone)
 
 
@@ -147,7 +156,6 @@ def _shell(
 def _spec(config: ImageConfig, rootfs: Path, argv: tuple[str, ...], *, tty: bool) -> dict[str, Any]:
     """The bundle's ``config.json``: *argv* as root, with a terminal if *tty*."""
     import dataclasses
-    import os
 
     from ckfs.runtime_spec import build_spec
 
@@ -222,6 +230,54 @@ def _forwarding(container: _Container) -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _lock(bundle: Path, *, create: bool = False) -> int | None:
+    """*bundle*'s `LOCK` file, open and locked; None while a live shell holds it.
+
+    Also None when it has none (yet: a shell makes it right after its
+    directory). The lock is the open file's and is never inherited (runc
+    gets no copy), so it goes with the ``ckfs shell`` holding it, however
+    that process ends.
+    """
+    import fcntl
+
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(bundle / LOCK, flags, 0o600)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _reap(app: App, shells: Path, own: Path) -> None:
+    """Remove what shells that ended without cleaning up (killed outright) left in *shells*.
+
+    A bundle whose lock nobody holds is such a leftover: its container is
+    deleted (runc outlives a killed ckfs), its rootfs unmounted and its
+    snapshot removed as ``ckfs umount`` does, then the directory. A
+    leftover that will not go is one line on stderr; this shell goes on.
+    """
+    from ckfs.errors import CkfsError
+    from ckfs.safetext import message
+    from ckfs_cli.rootfs_cmds import unmount_target
+
+    for bundle in sorted(shells.iterdir()):
+        if bundle == own or (fd := _lock(bundle)) is None:
+            continue
+        try:
+            _Container(bundle).delete()
+            unmount_target(app, bundle / "rootfs")
+            _remove_bundle(bundle)
+        except (CkfsError, OSError) as e:
+            click.echo(f"ckfs: shell leftovers in {bundle}: {message(str(e))}", err=True)
+        finally:
+            os.close(fd)
 
 
 def _remove_bundle(bundle: Path) -> None:
