@@ -375,3 +375,13 @@ async def test_a_failed_read_is_the_error_not_a_group(tmp_path: Path) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_listing_lower_directories_gives_what_resolving_gives(
+    image: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckfs.inspect import changes
+
+    resolved = [layer_changes(image, n) for n in (1, 2, 3)]
+    monkeypatch.setattr(changes, "_RESOLVE_MAX", 0)  # list every lower directory
+    assert [layer_changes(image, n) for n in (1, 2, 3)] == resolved

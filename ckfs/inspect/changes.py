@@ -63,6 +63,12 @@ FIELDS = ("type", "content", "mode", "owner", "xattrs", "link")
 #: large file stops the reading there, and memory stays bounded.
 _PIECE = 1 << 20
 
+#: Up to this many names of one directory are resolved in the stack below
+#: one by one (each lookup walks every layer from the root); more, and the
+#: lower directory is listed once instead. Listing a large lower directory
+#: for a layer adding one file there would cost more than the lookup.
+_RESOLVE_MAX = 8
+
 #: Files compared at once by reading; each holds two pieces in memory.
 _READERS = 4
 
@@ -212,12 +218,19 @@ def layer_steps(image: Layers, n: int) -> list[Step]:
         steps.extend(_hidden(below, "", index, root.ino, n))
     # (directory inode, its path, whether the stack below lacks it, whether
     # an opaque directory at or above it already listed what it hides)
-    todo: list[tuple[int, str, bool, bool]] = [(root.ino, "", False, root.opaque)]
+    todo: list[tuple[int, str, bool, bool]] = [(root.ino, "", not below.layers, root.opaque)]
     while todo:
         ino, prefix, absent, swept = todo.pop()
-        for node in index.iter_children(ino):
+        children = list(index.iter_children(ino))
+        lowers = _lower_children(below, prefix, absent, len(children))
+        for node in children:
             path = f"{prefix}/{node.name}" if prefix else node.name
-            lower = None if absent else below.resolve(path)
+            if absent:
+                lower = None
+            elif lowers is not None:
+                lower = lowers.get(node.name)
+            else:
+                lower = below.resolve(path)
             new = Version(n, path, node)
             steps.extend(_entry_steps(image, below, new, lower))
             if node.kind != Kind.DIR:
@@ -227,6 +240,16 @@ def layer_steps(image: Layers, n: int) -> list[Step]:
                 steps.extend(_hidden(below, path, index, node.ino, n))
             todo.append((node.ino, path, not lower_dir, swept or node.opaque))
     return _sorted(steps)
+
+
+def _lower_children(
+    below: Merged, path: str, absent: bool, wanted: int
+) -> dict[str, Version] | None:
+    """The stack below's directory *path* by name, when listing it is cheaper
+    than resolving *wanted* of its names one by one (else None)."""
+    if absent or wanted <= _RESOLVE_MAX:
+        return None
+    return {v.node.name: v for v in below.listdir(path)}
 
 
 def _entry_steps(
