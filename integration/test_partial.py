@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 
 from integration.conftest import Ckfs, need
+from integration.inspect_images import VARIANTS, InspectImages, inspect_images
 from integration.mounts import MountGuard
 from integration.registry import Registry
 from integration.test_archive_umoci import umoci
@@ -43,6 +44,8 @@ from integration.test_lazy_faults import kill_server
 from integration.test_lazy_mount import sources
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts, runc")
+
+__all__ = ["inspect_images"]  # the fixture, used by name
 
 #: Layers of the image: the example's three and five about /data.
 LAYERS = 8
@@ -341,6 +344,53 @@ def test_layer_mount_recovered_alone(
     finally:
         ckfs.run("umount", str(alone))
     assert_clean(ckfs, mount_guard, "fuse")
+
+
+@pytest.mark.parametrize(
+    ("variant", "snapshotter"), [*((v, "fuse") for v in VARIANTS), ("gzip", "overlayfs")]
+)
+def test_layers_of_the_inspect_image(
+    ckfs: Ckfs,
+    inspect_images: InspectImages,
+    mount_guard: MountGuard,
+    tmp_path: Path,
+    variant: str,
+    snapshotter: str,
+) -> None:
+    """The shared inspect image (integration/inspect_images.py) in every encoding:
+    lazily attached (gzip, tar, eStargz), unpacked in the fuse snapshotter (zstd)
+    or by overlayfs, each layer alone and each stack show what its layers hold."""
+    ref, target = inspect_images.ref(variant), tmp_path / "m"
+
+    def mount(*part: str) -> Path:
+        ckfs.run("mount", *flags(snapshotter), *part, ref, str(target))
+        return target
+
+    try:
+        alone = mount("--layer", "2")
+        assert sorted(os.listdir(alone)) == ["etc", "gone", "opt"]
+        assert os.lstat(alone / "gone").st_rdev == os.makedev(0, 0)
+        assert stat.S_ISCHR(os.lstat(alone / "gone").st_mode)
+        assert os.getxattr(alone / "opt/app", "trusted.overlay.opaque") == b"y"
+        assert os.listdir(alone / "opt/app") == ["new"]
+        assert (alone / "etc/motd").read_bytes() == b"motd v2\n"
+        ckfs.run("umount", str(target))
+        alone = mount("--layer", "3")
+        assert (alone / "var/lib/data").read_bytes() == b"now a file\n"
+        assert stat.S_IMODE(os.lstat(alone / "etc/hosts").st_mode) == 0o600
+        ckfs.run("umount", str(target))
+        stack = mount("--upto", "3")
+        assert (stack / "etc/motd").read_bytes() == b"motd v3\n"
+        assert (stack / "etc/os-release").is_file() and not (stack / "gone").exists()
+        assert sorted(os.listdir(stack / "opt/app")) == ["new"]
+        ckfs.run("umount", str(target))
+        stack = mount("--upto", "4")
+        assert not (stack / "etc/os-release").exists()
+        assert (stack / "var/lib/data").is_file()
+    finally:
+        if target.is_mount():
+            ckfs.run("umount", str(target))
+    assert_clean(ckfs, mount_guard, snapshotter)
 
 
 def data_tree(data: Path) -> dict[str, Any]:
