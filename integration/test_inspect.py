@@ -64,8 +64,8 @@ def test_golden_pulled_or_lazy(ckfs: Ckfs, inspect_images: InspectImages, varian
 
 
 def blob_bytes(images: InspectImages) -> int:
-    """Layer bytes the proxy has sent so far (manifests and configs are not blobs of layers,
-    but they are fetched by pulls only)."""
+    """Body bytes the proxy has sent so far: after the pull, only layer data
+    (the commands read manifests and configs from the content store)."""
     return sent(images.proxy)
 
 
