@@ -9,8 +9,9 @@ and nothing was read.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,7 @@ from ckfs.errors import DataLoss, InvalidArgument
 from ckfs.inspect.changes import Change, diff_images, layer_changes, layer_diff
 from ckfs.inspect.image import LayerInfo
 from ckfs.inspect.space import Waste, space
-from ckfs.layerindex.model import Chunk, LayerIndex, Node
+from ckfs.layerindex.model import Chunk, Node
 from tests.layerindexes import D, Entry, F, Item, Kind, L, build
 
 WH = Kind.WHITEOUT
@@ -86,10 +87,27 @@ def _base() -> list[Item]:
     ]
 
 
+Make = Callable[..., Stack]
+
+
 @pytest.fixture
-def image(tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack(
-        tmp_path,
+def stacks(tmp_path: Path) -> Iterator[Make]:
+    """Makes `Stack` images (name, layers, contents, source; *kind*: a subclass),
+    closed when the test ends."""
+    made: list[Stack] = []
+
+    def make(*args: Any, kind: type[Stack] = Stack, **kw: Any) -> Stack:
+        made.append(kind(tmp_path, *args, **kw))
+        return made[-1]
+
+    yield make
+    for stack in made:
+        stack.close()
+
+
+@pytest.fixture
+def image(stacks: Make) -> Stack:
+    return stacks(
         "img",
         [
             _base(),
@@ -116,8 +134,6 @@ def image(tmp_path: Path) -> Iterator[Stack]:
             **{(n, "keep"): b"kkkk" for n in (1, 2)},
         },
     )
-    yield stack
-    stack.close()
 
 
 def test_first_layer_is_all_added(image: Stack) -> None:
@@ -180,42 +196,34 @@ def test_layer_out_of_range(image: Stack) -> None:
         layer_changes(image, 4)
 
 
-def test_implied_directory_is_no_change_but_an_opaque_one_deletes(tmp_path: Path) -> None:
-    stack = Stack(
-        tmp_path,
+def test_implied_directory_is_no_change_but_an_opaque_one_deletes(stacks: Make) -> None:
+    stack = stacks(
         "implied",
         [
             [D("a", mode=0o700), F("a/old", 2), D("b", mode=0o700), F("b/old", 2)],
             [F("a/new", 1), Entry("b", Kind.OPAQUE), F("b/new", 1)],
         ],
     )
-    try:
-        assert _table(layer_changes(stack, 2)) == [
-            ("added", "a/new", (), 1, 2),
-            ("added", "b/new", (), 1, 2),
-            ("deleted", "b/old", (), 2, 2),
-        ]
-    finally:
-        stack.close()
+    assert _table(layer_changes(stack, 2)) == [
+        ("added", "a/new", (), 1, 2),
+        ("added", "b/new", (), 1, 2),
+        ("deleted", "b/old", (), 2, 2),
+    ]
 
 
-def test_under_an_opaque_directory_lower_subdirectories_are_hidden(tmp_path: Path) -> None:
-    stack = Stack(
-        tmp_path,
+def test_under_an_opaque_directory_lower_subdirectories_are_hidden(stacks: Make) -> None:
+    stack = stacks(
         "deep",
         [
             [F("o/e/g", 2), F("o/h", 1)],
             [D("o"), Entry("o", Kind.OPAQUE), D("o/e"), F("o/e/new", 1)],
         ],
     )
-    try:
-        assert _table(layer_changes(stack, 2)) == [
-            ("deleted", "o/e/g", (), 2, 2),
-            ("added", "o/e/new", (), 1, 2),
-            ("deleted", "o/h", (), 1, 2),
-        ]
-    finally:
-        stack.close()
+    assert _table(layer_changes(stack, 2)) == [
+        ("deleted", "o/e/g", (), 2, 2),
+        ("added", "o/e/new", (), 1, 2),
+        ("deleted", "o/h", (), 1, 2),
+    ]
 
 
 def _chunked(path: str, digests: list[str]) -> tuple[Entry, list[Chunk]]:
@@ -224,16 +232,14 @@ def _chunked(path: str, digests: list[str]) -> tuple[Entry, list[Chunk]]:
 
 
 @pytest.mark.trio
-async def test_diff_images_by_digest_without_reading(tmp_path: Path) -> None:
+async def test_diff_images_by_digest_without_reading(stacks: Make) -> None:
     one, two = "sha256:" + "1" * 64, "sha256:" + "2" * 64
-    a = Stack(
-        tmp_path,
+    a = stacks(
         "a",
         [[_chunked("same", [one, two]), _chunked("changed", [one, two]), F("only-a", 3)]],
         source="estargz",
     )
-    b = Stack(
-        tmp_path,
+    b = stacks(
         "b",
         [
             [_chunked("same", [one, two]), _chunked("changed", [one, one])],
@@ -241,17 +247,13 @@ async def test_diff_images_by_digest_without_reading(tmp_path: Path) -> None:
         ],
         source="estargz",
     )
-    try:
-        assert _table(await diff_images(a, b)) == [
-            ("modified", "changed", ("content",), 8, None),
-            ("added", "d", (), 0, None),
-            ("deleted", "only-a", (), 3, None),
-            ("added", "only-b", (), 2, None),
-        ]
-        assert a.reads == b.reads == []
-    finally:
-        a.close()
-        b.close()
+    assert _table(await diff_images(a, b)) == [
+        ("modified", "changed", ("content",), 8, None),
+        ("added", "d", (), 0, None),
+        ("deleted", "only-a", (), 3, None),
+        ("added", "only-b", (), 2, None),
+    ]
+    assert a.reads == b.reads == []
 
 
 @pytest.mark.trio
@@ -261,15 +263,11 @@ async def test_diff_of_an_image_with_itself_is_empty_and_reads_nothing(image: St
 
 
 @pytest.mark.trio
-async def test_diff_images_reads_equal_size_files_to_decide(tmp_path: Path) -> None:
-    a = Stack(tmp_path, "a", [[F("f", 4), F("g", 4)]], {(1, "f"): b"abcd", (1, "g"): b"abcd"})
-    b = Stack(tmp_path, "b", [[F("f", 4), F("g", 4)]], {(1, "f"): b"abcd", (1, "g"): b"abce"})
-    try:
-        assert _table(await diff_images(a, b)) == [("modified", "g", ("content",), 4, None)]
-        assert sorted(a.reads) == sorted(b.reads) == [(1, "f"), (1, "g")]
-    finally:
-        a.close()
-        b.close()
+async def test_diff_images_reads_equal_size_files_to_decide(stacks: Make) -> None:
+    a = stacks("a", [[F("f", 4), F("g", 4)]], {(1, "f"): b"abcd", (1, "g"): b"abcd"})
+    b = stacks("b", [[F("f", 4), F("g", 4)]], {(1, "f"): b"abcd", (1, "g"): b"abce"})
+    assert _table(await diff_images(a, b)) == [("modified", "g", ("content",), 4, None)]
+    assert sorted(a.reads) == sorted(b.reads) == [(1, "f"), (1, "g")]
 
 
 def test_change_json_field_names() -> None:
@@ -313,36 +311,26 @@ def test_space_waste_and_dive_efficiency(image: Stack) -> None:
     assert [v.path for v in space(image, top=2).largest] == ["etc/a", "keep"]
 
 
-def test_space_hardlinks_count_once_and_waste_when_all_names_go(tmp_path: Path) -> None:
-    stack = Stack(
-        tmp_path,
+def test_space_hardlinks_count_once_and_waste_when_all_names_go(stacks: Make) -> None:
+    stack = stacks(
         "links",
         [
             [F("a", 10), L("b", "a"), F("c", 6), L("e", "c")],
             [Entry("a", WH), Entry("c", WH), Entry("e", WH)],
         ],
     )
-    try:
-        report = space(stack)
-        assert report.total == 16
-        assert report.waste == [Waste("e", 6, 1, 2, "deleted")]  # b still holds a's bytes
-        assert report.largest[0].path in ("b",)
-    finally:
-        stack.close()
+    report = space(stack)
+    assert report.total == 16
+    assert report.waste == [Waste("e", 6, 1, 2, "deleted")]  # b still holds a's bytes
+    assert report.largest[0].path in ("b",)
 
 
-def test_space_of_a_lean_image_is_fully_efficient(tmp_path: Path) -> None:
-    stack = Stack(tmp_path, "lean", [[F("a", 3)], [F("b", 4)], [D("empty")]])
-    try:
-        report = space(stack)
-        assert (report.total, report.wasted, report.efficiency, report.waste) == (7, 0, 1.0, [])
-    finally:
-        stack.close()
-    empty = Stack(tmp_path, "none", [[D("x")]])
-    try:
-        assert space(empty).efficiency == 1.0
-    finally:
-        empty.close()
+def test_space_of_a_lean_image_is_fully_efficient(stacks: Make) -> None:
+    stack = stacks("lean", [[F("a", 3)], [F("b", 4)], [D("empty")]])
+    report = space(stack)
+    assert (report.total, report.wasted, report.efficiency, report.waste) == (7, 0, 1.0, [])
+    empty = stacks("none", [[D("x")]])
+    assert space(empty).efficiency == 1.0
 
 
 def test_space_json_field_names(image: Stack) -> None:
@@ -354,27 +342,19 @@ def test_space_json_field_names(image: Stack) -> None:
     assert doc["largest"] == [{"path": "/etc/a", "size": 20, "layer": 3}]
 
 
-def test_indexes_are_closed_by_the_stack(image: Stack) -> None:
-    assert all(isinstance(i.index, LayerIndex) for i in image.layers)
-
-
 @pytest.mark.trio
-async def test_a_failed_read_is_the_error_not_a_group(tmp_path: Path) -> None:
+async def test_a_failed_read_is_the_error_not_a_group(stacks: Make) -> None:
     class Broken(Stack):
         async def read(
             self, layer: LayerInfo, node: Node, offset: int = 0, size: int = -1
         ) -> bytes:
             raise DataLoss(f"layer {layer.number}: chunk digest mismatch")
 
-    a = Broken(tmp_path, "a", [[F("f", 4)]])
-    b = Broken(tmp_path, "b", [[F("f", 4)]])
-    try:
-        with pytest.raises(DataLoss, match="digest mismatch"):
-            await diff_images(a, b)
-        assert await diff_images(a, b, read=False) == [Change("f", "modified", (), 4, None)]
-    finally:
-        a.close()
-        b.close()
+    a = stacks("a", [[F("f", 4)]], kind=Broken)
+    b = stacks("b", [[F("f", 4)]], kind=Broken)
+    with pytest.raises(DataLoss, match="digest mismatch"):
+        await diff_images(a, b)
+    assert await diff_images(a, b, read=False) == [Change("f", "modified", (), 4, None)]
 
 
 def test_listing_lower_directories_gives_what_resolving_gives(
