@@ -34,7 +34,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -172,12 +172,14 @@ async def pull_lazy(
     on_event: Callable[[BlobProgress], None] | None = None,
     max_layers: int | None = None,
 ) -> tuple[PullReport, list[LayerPlan]]:
-    """Pull *ref* without the bytes of its layers read by range, then index every layer.
+    """Pull *ref* without the bytes of its layers read by range, and index every layer.
 
     ``ckfs pull --lazy``: afterwards the image mounts (and containerd
     attaches its layers) with no layer download. With *max_layers* (the
     snapshotter's stacking limit), a deeper image is refused at its
-    manifest.
+    manifest. Indexing starts once the config is here, each gzip layer's
+    as soon as its blob is, while later blobs still arrive (as
+    `ckfs.unpack.pull_and_unpack` applies layers).
 
     Returns:
         The pull's report and each layer's plan, bottom first.
@@ -186,33 +188,83 @@ async def pull_lazy(
         As `ckfs.pull.pull`; a layer that cannot be indexed is not an error
         (its plan says ``eager``, and its blob was pulled).
     """
+    from ckfs.errors import unwrap_groups
     from ckfs.provide import with_hosts_dirs
     from ckfs.pull import pull
+    from ckfs.unpack import _Arrivals
 
-    report = await pull(
-        ref,
-        state.content,
-        state.images,
-        with_hosts_dirs(state, options),
-        register=register,
-        children=lazy_children(
-            options.platform, all_platforms=options.all_platforms, max_layers=max_layers
-        ),
-        on_event=on_event,
-    )
-    plans = await index_layers(state, ref, report.target, options)
-    return report, plans
+    arrivals = _Arrivals(state.content)
+    pulled = trio.Event()
+    waiting: set[trio.CancelScope] = set()
+    reports: list[PullReport] = []
+    plans: list[LayerPlan] = []
+
+    def events(p: BlobProgress) -> None:
+        arrivals.event(p)
+        if on_event is not None:
+            on_event(p)
+
+    async def arrived(desc: Descriptor) -> None:
+        """Until *desc*'s blob is here, or the pull is over without it."""
+        with trio.CancelScope() as scope:
+            waiting.add(scope)
+            try:
+                if not pulled.is_set():
+                    await arrivals.wait(desc)
+            finally:
+                waiting.discard(scope)
+        if not await trio.to_thread.run_sync(state.content.exists, desc.digest):
+            # Failed or skipped: a failed pull cancels this wait and its
+            # error is the one raised; after a whole pull, NotFound.
+            await pulled.wait()
+
+    async def do_pull() -> None:
+        reports.append(
+            await pull(
+                ref,
+                state.content,
+                state.images,
+                with_hosts_dirs(state, options),
+                register=register,
+                children=lazy_children(
+                    options.platform, all_platforms=options.all_platforms, max_layers=max_layers
+                ),
+                on_event=events,
+            )
+        )
+        pulled.set()
+        arrivals.config_present.set()  # a pull of present blobs may report none
+        for scope in waiting:
+            scope.cancel()
+
+    async def do_index() -> None:
+        await arrivals.config_present.wait()
+        target = reports[0].target if reports else arrivals.target
+        assert target is not None
+        plans.extend(await index_layers(state, ref, target, options, arrival=arrived))
+
+    with unwrap_groups():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(do_pull)
+            nursery.start_soon(do_index)
+    return reports[0], plans
 
 
 async def index_layers(
-    state: State, ref: Reference, target: Descriptor, options: PullOptions = DEFAULTS
+    state: State,
+    ref: Reference,
+    target: Descriptor,
+    options: PullOptions = DEFAULTS,
+    *,
+    arrival: Callable[[Descriptor], Awaitable[None]] | None = None,
 ) -> list[LayerPlan]:
     """An index for each layer of *target* that can have one; each layer's plan.
 
     Present indexes are reused. eStargz layers are read by range from
     *ref*'s registry, uncompressed tars streamed from it unless their blob
     is here; gzip layers are indexed from their local blobs (a lazy pull
-    fetched them). Runs up to `INDEX_CONCURRENCY` layers at once.
+    fetched them; with *arrival*, awaited first: a pull still running
+    brings them). Runs up to `INDEX_CONCURRENCY` layers at once.
 
     Raises:
         NotFound: the manifest, config or a gzip layer's blob is missing.
@@ -229,7 +281,7 @@ async def index_layers(
 
         async def one(i: int, desc: Descriptor) -> None:
             async with limiter:
-                plans[i] = await _index_one(state, desc, config.diff_ids[i], remote)
+                plans[i] = await _index_one(state, desc, config.diff_ids[i], remote, arrival)
 
         async with trio.open_nursery() as nursery:
             for i, desc in enumerate(manifest.layers):
@@ -322,8 +374,17 @@ def chain_layer(root: Path, chain_id: str) -> tuple[Digest, str] | None:
         return None
 
 
-async def _index_one(state: State, desc: Descriptor, diff_id: Digest, remote: _Remote) -> LayerPlan:
-    """Index *desc* unless it is already; its plan. A refused layer's plan is eager."""
+async def _index_one(
+    state: State,
+    desc: Descriptor,
+    diff_id: Digest,
+    remote: _Remote,
+    arrival: Callable[[Descriptor], Awaitable[None]] | None = None,
+) -> LayerPlan:
+    """Index *desc* unless it is already; its plan. A refused layer's plan is eager.
+
+    A gzip layer's *arrival* is awaited first (`index_layers`).
+    """
     from ckfs.layerindex.model import BadLayer
     from ckfs.layerindex.store import IndexStore
 
@@ -337,6 +398,8 @@ async def _index_one(state: State, desc: Descriptor, diff_id: Digest, remote: _R
         existing.close()
         return plan
     meta = {"ref": str(remote.ref)}  # the media type: IndexWriter.for_layer
+    if source == GZIP and arrival is not None:
+        await arrival(desc)
     try:
         index = await _build(state, store, source, desc, diff_id, meta, remote)
     except BadLayer as e:
