@@ -18,8 +18,9 @@ three layers at 10 MB each counts 10 MB of 30 MB. Where ckfs differs from
 dive's implementation: a hardlink's bytes count once (tar stores them once),
 and the files under a deleted directory (whiteout, opaque directory, or a
 directory replaced by a file) each get their deletion, where dive counts
-the whole directory's size once against the directory's own path, which
-leaves its score unchanged by such a deletion.
+the whole directory's size against the directory's own path, as both its
+smallest and its total version: to dive, such a deletion is efficient (it
+even raises the score).
 """
 
 from __future__ import annotations
