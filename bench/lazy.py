@@ -690,15 +690,17 @@ def main() -> None:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="a quick check: --mib 20 --file-mib 64 --entries 20000 --repeat 1",
+        help="a quick check: --mib 20 --file-mib 64 --entries 20000, --repeat 1 unless given",
     )
     ap.add_argument("--mib", type=int, default=260, help="big image size before compression")
     ap.add_argument("--file-mib", type=int, default=256, help="the sequentially read file")
     ap.add_argument("--entries", type=int, default=100_000, help="entries of the memory image")
-    ap.add_argument("--repeat", type=int, default=3, help="timed runs; the median is shown")
+    ap.add_argument("--repeat", type=int, help="timed runs; the median is shown [default: 3]")
     args = ap.parse_args()
     if args.quick:
-        args.mib, args.file_mib, args.entries, args.repeat = 20, 64, 20_000, 1
+        args.mib, args.file_mib, args.entries = 20, 64, 20_000
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
     only = {int(x) for x in args.only.split(",")}
     if os.geteuid() != 0:
         sys.exit("bench/lazy.py: run as root (mounts, runc, drop_caches)")
