@@ -186,3 +186,11 @@ def test_a_damaged_index_is_rebuilt(capsys: pytest.CaptureFixture[str], tmp_path
     index = max((root / "layers").rglob("index.db"), key=lambda p: p.stat().st_size)
     index.write_bytes(index.read_bytes()[:1000])
     assert run(capsys, root, "which", ref, "/etc/motd", "--json")[1] == first
+
+
+def test_type_names_follow_kind() -> None:
+    from ckfs.archive.entry import Kind
+    from ckfs_cli.inspect_cmds import _TYPES
+
+    shown = {k for k in Kind if k not in (Kind.HARDLINK, Kind.OPAQUE)}  # never a node's kind
+    assert {_TYPES[k][0] for k in shown} == {k.name.lower() for k in shown}

@@ -29,15 +29,18 @@ _SNIFF = 8192
 #: Bytes ``cat`` reads at a time: a large file is streamed, never held whole.
 _PIECE = 1 << 20
 
-#: `Node.kind` names in JSON and tables, and the file type bits for `ls -l`.
+#: `Node.kind` names in JSON and tables, and the file type bits for `ls -l`,
+#: keyed by `ckfs.archive.entry.Kind` value (an IntEnum that is never
+#: renumbered; its ``.name`` costs a property call per entry, and this
+#: module stays light to import for ``ckfs --help``).
 _TYPES = {
-    "FILE": ("file", stat.S_IFREG),
-    "DIR": ("dir", stat.S_IFDIR),
-    "SYMLINK": ("symlink", stat.S_IFLNK),
-    "CHAR": ("char", stat.S_IFCHR),
-    "BLOCK": ("block", stat.S_IFBLK),
-    "FIFO": ("fifo", stat.S_IFIFO),
-    "WHITEOUT": ("whiteout", stat.S_IFCHR),  # overlayfs's 0/0 character device
+    0: ("file", stat.S_IFREG),
+    1: ("dir", stat.S_IFDIR),
+    2: ("symlink", stat.S_IFLNK),
+    4: ("char", stat.S_IFCHR),
+    5: ("block", stat.S_IFBLK),
+    6: ("fifo", stat.S_IFIFO),
+    7: ("whiteout", stat.S_IFCHR),  # overlayfs's 0/0 character device
 }
 
 
@@ -72,7 +75,7 @@ def _path(path: str) -> str:
 
 
 def _type(node: Node) -> str:
-    return _TYPES[node.kind.name][0]
+    return _TYPES[node.kind][0]
 
 
 def entry_json(image: ImageLayers, v: Version) -> dict[str, Any]:
@@ -111,7 +114,7 @@ def _xattrs_json(xattrs: dict[str, bytes]) -> dict[str, str]:
 
 
 def _mode_text(node: Node) -> str:
-    return stat.filemode(_TYPES[node.kind.name][1] | node.mode)
+    return stat.filemode(_TYPES[node.kind][1] | node.mode)
 
 
 def _name_text(v: Version, full: bool) -> str:
@@ -350,7 +353,7 @@ def ls_cmd(
 
     async def listing(image: ImageLayers) -> tuple[list[dict[str, Any]], list[Version]]:
         found = _list(_tree(image, number, upto), asked, recursive)
-        return [entry_json(image, v) for v in found], found
+        return ([entry_json(image, v) for v in found] if as_json else []), found
 
     docs, found = _with_images(app, (ref,), flags, listing)
     if as_json:
@@ -360,8 +363,7 @@ def ls_cmd(
     else:
         from ckfs.safetext import escape
 
-        for v in found:
-            click.echo(escape(_name_text(v, recursive)))
+        sys.stdout.writelines(escape(_name_text(v, recursive)) + "\n" for v in found)
 
 
 def _list(tree: Merged, path: str, recursive: bool) -> list[Version]:
