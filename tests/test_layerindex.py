@@ -303,6 +303,23 @@ def test_abort_leaves_nothing(tmp_path: Path) -> None:
     w.abort()  # idempotent
 
 
+def test_finish_then_publish_and_abort_between(tmp_path: Path) -> None:
+    with IndexWriter(tmp_path / "i.db", layer=LAYER, source="tar", blob_size=1) as w:
+        w.add(F("x"))
+        w.finish()
+        with pytest.raises(InvalidArgument):
+            w.add(F("y"))  # finished: closed to additions
+    assert list(tmp_path.iterdir()) == []  # left before publish: aborted, nothing kept
+    with IndexWriter(tmp_path / "i.db", layer=LAYER, source="tar", blob_size=1) as w:
+        with pytest.raises(InvalidArgument):
+            w.publish()  # not finished
+        w.add(F("x"))
+        w.finish()
+        idx = w.publish()
+    assert [p.name for p in tmp_path.iterdir()] == ["i.db"]
+    assert idx.lookup(ROOT, "x") is not None
+
+
 def test_commit_replaces_atomically_and_old_readers_keep_reading(tmp_path: Path) -> None:
     old = build(tmp_path / "i.db", [F("old")])
     new = build(tmp_path / "i.db", [F("new")])

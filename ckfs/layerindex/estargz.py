@@ -61,6 +61,7 @@ import json
 import logging
 import re
 import tarfile
+import threading
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -138,12 +139,13 @@ _MAX_WAITING = 4096
 #: Skipped entries are logged one by one up to this many, then counted.
 _SKIPS_LOGGED = 10
 
-#: Index builds run one at a time per trio run (ckfsd's), while the TOCs of
-#: other layers are still fetched: a build is Python and SQLite under the
-#: GIL, so builds in parallel threads only contend for it. Four layers of
-#: 2,500 entries built in 4 threads took 0.38-0.52 s, one after another
-#: 0.27-0.34 s (same minute, 2 cores).
-_BUILDS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("estargz_builds")
+#: Held while a build turns TOC records into tables: that is Python and
+#: SQLite under the GIL, so builds in parallel threads only contend for it
+#: (four layers of 2,500 entries built in 4 threads took 0.38-0.52 s, one
+#: after another 0.27-0.34 s, same minute, 2 cores). Process-wide, as the
+#: GIL is. Checking the TOC (zlib, sha256) and syncing the finished file
+#: run outside it, beside the next build.
+_BUILDING = threading.Lock()
 
 _TAR_TYPES = {
     "reg": tarfile.REGTYPE,
@@ -225,9 +227,9 @@ async def index_estargz(
         DataLoss: the TOC JSON does not match the annotation.
         Unavailable: from *read_range*.
 
-    Cancellation: the reads, and the wait for a turn to build
-    (`_BUILDS`), are cancellable; once started, the build runs to its end
-    in a worker thread (abandoning it would leave a writer half done).
+    Cancellation: the reads are cancellable; once the TOC is in hand, the
+    build runs to its end in a worker thread (abandoning it would leave a
+    writer half done).
     """
     what = f"layer {desc.digest}"
     expected = toc_digest(desc)
@@ -241,19 +243,8 @@ async def index_estargz(
         raise BadLayer(f"{what}: TOC of {toc_size} bytes, over the limit of {limits.compressed}")
     toc = await _read(read_range, footer.toc_offset, toc_size)
     return await trio.to_thread.run_sync(
-        lambda: build_index(toc, expected, desc, footer, path, limits, tree_limits, meta),
-        limiter=_builds(),
+        lambda: build_index(toc, expected, desc, footer, path, limits, tree_limits, meta)
     )
-
-
-def _builds() -> trio.CapacityLimiter:
-    """This run's limiter of concurrent builds (`_BUILDS`)."""
-    try:
-        return _BUILDS.get()
-    except LookupError:
-        limiter = trio.CapacityLimiter(1)
-        _BUILDS.set(limiter)
-        return limiter
 
 
 async def _read(read_range: ReadRange, offset: int, length: int) -> bytes:
@@ -345,15 +336,17 @@ def build_index(
     with IndexWriter.for_layer(
         path, desc, source="estargz", meta=meta, limits=tree_limits
     ) as writer:
-        writer.set_meta("toc_digest", str(expected))
-        writer.set_meta("toc_offset", str(footer.toc_offset))
-        layout = _Layout(footer.toc_offset, limits, what)
-        for record in toc_records(toc, limits, what=what):
-            for entry, chunks in layout.feed(record):
+        with _BUILDING:
+            writer.set_meta("toc_digest", str(expected))
+            writer.set_meta("toc_offset", str(footer.toc_offset))
+            layout = _Layout(footer.toc_offset, limits, what)
+            for record in toc_records(toc, limits, what=what):
+                for entry, chunks in layout.feed(record):
+                    writer.add(entry, chunks=chunks)
+            for entry, chunks in layout.finish():
                 writer.add(entry, chunks=chunks)
-        for entry, chunks in layout.finish():
-            writer.add(entry, chunks=chunks)
-        return writer.commit()
+            writer.finish()
+        return writer.publish()
 
 
 def verify_toc(toc: bytes, expected: Digest, limits: TocLimits, *, what: str = "layer") -> None:

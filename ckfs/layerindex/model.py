@@ -414,6 +414,7 @@ class IndexWriter:
         self._dirs: dict[str, int] = {}
         self._dir_chars = 0
         self._chunk_rows: list[tuple[int, int, int, int, int, str, int]] = []
+        self._finished = False  # finish() done, publish() not yet
         self._meta: dict[str, str] = {
             "format": str(FORMAT),
             "layer": str(self.layer),
@@ -872,9 +873,18 @@ class IndexWriter:
     def commit(self) -> LayerIndex:
         """Write the final tables, make the file durable and rename it in.
 
+        `finish` then `publish`: a caller that runs builds one at a time
+        (they contend for the GIL) can let the next one start while this
+        one waits on the disk.
+
         Returns:
             The finished index, open.
         """
+        self.finish()
+        return self.publish()
+
+    def finish(self) -> None:
+        """Write the final tables and close the file; nothing can be added after."""
         db = self._db
         self._flush_chunks()
         db.execute(_COPY)
@@ -896,8 +906,19 @@ class IndexWriter:
         db.close()
         self._conn = None
         self._stage.unlink(missing_ok=True)
+        self._finished = True
+
+    def publish(self) -> LayerIndex:
+        """Make the file `finish` wrote durable and rename it into place.
+
+        Returns:
+            The finished index, open.
+        """
+        if not self._finished:
+            raise InvalidArgument(f"{self.what}: index writer not finished")
         _fsync(self._tmp)
         os.replace(self._tmp, self.path)
+        self._finished = False  # published: abort has nothing left to remove
         _fsync(self.path.parent)
         return LayerIndex.open(self.path)
 
@@ -931,10 +952,12 @@ class IndexWriter:
 
     def abort(self) -> None:
         """Drop everything written; idempotent (and a no-op after `commit`)."""
-        if self._conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.close()
+        if self._conn is not None or self._finished:
+            if self._conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.close()
             self._conn = None
+            self._finished = False
             self._tmp.unlink(missing_ok=True)
             self._stage.unlink(missing_ok=True)
 
