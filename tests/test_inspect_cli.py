@@ -194,3 +194,18 @@ def test_type_names_follow_kind() -> None:
 
     shown = {k for k in Kind if k not in (Kind.HARDLINK, Kind.OPAQUE)}  # never a node's kind
     assert {_TYPES[k][0] for k in shown} == {k.name.lower() for k in shown}
+
+
+def test_a_blob_listed_twice(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Old images repeat a layer blob (the empty layer): indexed once, numbered twice."""
+    from tests.layouts import Layout
+
+    source = Layout(tmp_path / "layout")
+    source.image([{"a": b"1\n"}, {"b": b"2\n"}, {"a": b"1\n"}])
+    root = tmp_path / "root"
+    assert run(capsys, root, "import", "--name", "x.local/twice", str(source.root))[0] == 0
+    rows = json.loads(run(capsys, root, "layers", "x.local/twice", "--json")[1])
+    assert [r["number"] for r in rows] == [1, 2, 3] and rows[0]["digest"] == rows[2]["digest"]
+    found = json.loads(run(capsys, root, "which", "x.local/twice", "/a", "--json")[1])
+    assert found["provider"]["layer"] == 3
+    assert [v["layer"] for v in found["shadowed"]] == [1]

@@ -165,19 +165,25 @@ class ImageLayers:
         try:
             async with _Remote(state, parsed, options) as remote:
 
-                async def one(i: int, desc: Descriptor) -> None:
+                async def one(at: list[int], desc: Descriptor) -> None:
                     async with limiter:
                         index, source = await _layer_index(
-                            state, desc, config.diff_ids[i], remote, made
+                            state, desc, config.diff_ids[at[0]], remote, made
                         )
-                    made.layers[i] = LayerInfo(
-                        i + 1, desc, config.diff_ids[i], history[i], source, index
-                    )
-                    made.done()
+                    for i in at:
+                        made.layers[i] = LayerInfo(
+                            i + 1, desc, config.diff_ids[i], history[i], source, index
+                        )
+                        made.done()
 
+                # A blob listed twice (old images repeat the empty layer) is
+                # indexed once: its LayerInfos share the index.
+                where: dict[Digest, list[int]] = {}
+                for i, desc in enumerate(manifest.layers):
+                    where.setdefault(desc.digest, []).append(i)
                 async with trio.open_nursery() as nursery:
-                    for i, desc in enumerate(manifest.layers):
-                        nursery.start_soon(one, i, desc)
+                    for at in where.values():
+                        nursery.start_soon(one, at, manifest.layers[at[0]])
         except BaseException:
             made.close()
             raise
