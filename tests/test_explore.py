@@ -259,7 +259,8 @@ def test_shell_key_opens_ckfs_shell_at_the_chosen_layer(image: StubImage) -> Non
         # The headless driver cannot hand its terminal over; a real one can.
         app.suspend = contextlib.nullcontext  # type: ignore[method-assign,assignment]
         await press(pilot, "s")
-        await press(pilot, "right_square_bracket", "s")
+        await press(pilot, "right_square_bracket")
+        await press(pilot, "s")
         assert shells == [3, 1]
         assert "exited with status 3" in str(list(app._notifications)[-1].message)
 

@@ -26,7 +26,7 @@ from rich.filesize import decimal
 from rich.text import Text
 from textual.app import App, ComposeResult, SuspendNotSupported
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, ScrollableContainer, Vertical
+from textual.containers import Center, Horizontal, ScrollableContainer, Vertical
 from textual.widgets import (
     ContentSwitcher,
     DataTable,
@@ -110,8 +110,8 @@ class ExploreApp(App[None]):
     #info { height: auto; max-height: 12; border: round $secondary; padding: 0 1; }
     #preview-box { border: round $secondary; padding: 0 1; }
     #preview { width: auto; }
-    #loading { align: center middle; }
-    #loading-text, #progress { width: auto; }
+    #loading { align: center middle; height: 1fr; }
+    #loading-text { width: 100%; text-align: center; }
     #space-summary { padding: 0 1; }
     #waste, #largest { height: 1fr; border: round $primary; }
     """
@@ -150,7 +150,8 @@ class ExploreApp(App[None]):
         with ContentSwitcher(initial="loading", id="views"):
             with Vertical(id="loading"):
                 yield Static("opening the image", id="loading-text")
-                yield ProgressBar(id="progress", show_eta=False)
+                with Center():
+                    yield ProgressBar(id="progress", show_eta=False)
                 yield LoadingIndicator()
             with Horizontal(id="browse"):
                 yield OptionList(id="layers")

@@ -1,0 +1,166 @@
+"""``ckfs explore`` on the inspect image (integration/inspect_images.py), for real.
+
+The image is recorded lazily (``pull --lazy``: tar is indexed by range,
+eStargz by its TOC) from a real docker-registry behind the counting proxy,
+and the explorer runs on it with textual's pilot, as in tests/test_explore.py
+but on `ckfs.inspect.ImageLayers` over the real store:
+
+- it opens and shows the tree, the layers and provenance with no layer
+  data fetched;
+- a preview fetches that file's bytes only: its chunk (eStargz) or the
+  span holding it (tar), never the whole layer;
+- a layer's view and the wasted-space panel come from the indexes alone.
+
+And the command itself in a pseudo-terminal: it draws, ``q`` quits with
+status 0; an unknown image is one error line and status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+from textual.pilot import Pilot
+from textual.widgets import Tree
+
+from ckfs.explore.app import ExploreApp
+from ckfs.explore.model import Item, opened
+from ckfs.layerindex.tarindex import SPAN
+from ckfs.state import State
+from integration.conftest import Ckfs
+from integration.inspect_images import InspectImages, inspect_images
+from tests.test_explore import explore, press, text_of, tree_rows
+
+__all__ = ["inspect_images"]  # the fixture, used by name
+
+pytestmark = pytest.mark.slow
+
+#: The most one small file's preview may fetch: its eStargz chunk (a gzip
+#: member of a few hundred bytes) or the tar span holding it; layer 1 holds
+#: more than `BIG` bytes.
+PREVIEW_FETCH = {"estargz": 64 << 10, "tar": SPAN}
+
+
+def select_path(app: ExploreApp, path: str) -> None:
+    """Move the tree's cursor to the loaded row of *path*."""
+    tree: Tree[Item | None] = app.query_one(Tree)
+    for line in range(tree.last_line + 1):
+        node = tree.get_node_at_line(line)
+        if node is not None and node.data is not None and node.data.path == path:
+            tree.move_cursor(node)
+            return
+    raise AssertionError(f"{path} is not in the tree")
+
+
+@pytest.mark.parametrize("variant", ["tar", "estargz"])
+def test_explore_a_lazily_recorded_image(
+    ckfs: Ckfs, inspect_images: InspectImages, variant: str
+) -> None:
+    ref = inspect_images.ref(variant, proxied=True)
+    ckfs.run("pull", "--lazy", ref)
+    proxy = inspect_images.proxy
+    proxy.clear()
+
+    async def scenario(app: ExploreApp, pilot: Pilot[None]) -> None:
+        assert tree_rows(app) == ["etc  L1", "lib → usr/lib  L1", "opt  L1", "usr  L1", "var  L1"]
+        assert app.model is not None and len(app.model.layers) == 4
+        assert proxy.body_bytes() == 0, "opening fetched layer data"
+        await press(pilot, "down", "enter")  # etc
+        assert "os-release" not in " ".join(tree_rows(app))  # deleted by layer 4
+        select_path(app, "etc/motd")
+        await press(pilot)
+        assert text_of(app, "#preview") == "motd v3\n"
+        assert "shadows layer 2, 1" in text_of(app, "#info")
+        motd = proxy.body_bytes()
+        assert 0 < motd <= PREVIEW_FETCH[variant], motd
+        select_path(app, "etc/secret")  # layer 1's: more than BIG bytes in all
+        await press(pilot)
+        assert text_of(app, "#preview") == "s3cret\n"
+        fetched = proxy.body_bytes()
+        assert 0 < fetched - motd <= PREVIEW_FETCH[variant], fetched - motd
+        await press(pilot, *["right_square_bracket"] * 4)
+        await press(pilot, "down", "enter")  # once layer 4's tree is there
+        assert tree_rows(app) == ["etc  L4", "  - os-release  11 bytes  L1", "usr  L4"]
+        await press(pilot, "w")
+        assert text_of(app, "#space-summary").startswith("efficiency ")
+        assert proxy.body_bytes() == fetched, "a layer's view or the space report fetched"
+
+    state = State(ckfs.root)
+    try:
+        explore(functools.partial(opened, state, ref), scenario)
+    finally:
+        state.close()
+
+
+def in_terminal(ckfs: Ckfs, *args: str, until: str, keys: bytes = b"") -> tuple[int, str]:
+    """Run ``ckfs ARGS`` on a pseudo-terminal; once its output shows *until*,
+    type *keys*; return its exit status and its output with escapes removed."""
+    master, slave = pty.openpty()
+    fcntl_size = struct.pack("HHHH", 30, 120, 0, 0)
+    import fcntl
+
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, fcntl_size)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckfs_cli.main", "--root", str(ckfs.root), *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "TERM": "xterm-256color"},
+        start_new_session=True,
+    )
+    os.close(slave)
+    out = b""
+    typed = False
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            if not typed and until in _plain(out):
+                os.write(master, keys)
+                typed = True
+            if proc.poll() is not None and not ready:
+                break
+        status = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return status, _plain(out)
+
+
+def _plain(raw: bytes) -> str:
+    """Terminal output without its escape sequences."""
+    text = raw.decode("utf-8", "replace")
+    return re.sub(r"\x1b(\[[0-9;?<>=]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])", "", text)
+
+
+def test_explore_command_in_a_terminal(ckfs: Ckfs, inspect_images: InspectImages) -> None:
+    ref = inspect_images.ref("tar")
+    ckfs.run("pull", "--lazy", ref)
+    # Layer 4's created_by, in the layer list: the image is open and drawn.
+    status, shown = in_terminal(ckfs, "explore", ref, until="tool2 /usr/bin/tool", keys=b"q")
+    assert status == 0, shown
+    assert "tool2 /usr/bin/tool" in shown, shown
+
+    status, shown = in_terminal(ckfs, "explore", "127.0.0.1:1/nope:1", until="\0")
+    assert status == 1
+    last = shown.rstrip().splitlines()[-1]  # printed once the terminal is given back
+    assert re.search(r"ckfs: image .*nope:1.*not found$", last), last
