@@ -198,9 +198,7 @@ def part_options(f: Callable[..., Any]) -> Callable[..., Any]:
         "--layer",
         type=int,
         metavar="N",
-        help="Layer N alone, read-only, as its snapshot holds it: whiteouts are 0/0 "
-        "character devices, opaque directories carry trusted.overlay.opaque=y "
-        "(overlayfs or fuse).",
+        help="Layer N alone, without the layers below it (overlayfs or fuse snapshotter).",
     )(f)
 
 
@@ -301,8 +299,9 @@ def mount_cmd(
     unpack the whole image first.
 
     --upto N mounts the stack of layers 1..N (writable unless --ro), --layer
-    N that layer alone, read-only, its whiteouts and opaque directories shown
-    as they are; `ckfs umount` removes either as usual.
+    N that layer alone, read-only, as its snapshot holds it: its whiteouts
+    are 0/0 character devices, its opaque directories carry the xattr
+    trusted.overlay.opaque=y. `ckfs umount` removes either as usual.
 
     \b
     Examples:
