@@ -209,3 +209,18 @@ def test_a_blob_listed_twice(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     found = json.loads(run(capsys, root, "which", "x.local/twice", "/a", "--json")[1])
     assert found["provider"]["layer"] == 3
     assert [v["layer"] for v in found["shadowed"]] == [1]
+
+
+def test_a_tampered_index_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """An index that opens but whose pages are garbage fails the command with one line
+    naming it; nothing in the store changes (removing the index has it rebuilt)."""
+    root, ref = imported(capsys, tmp_path, "gzip")
+    run(capsys, root, "layers", ref)
+    index = max((root / "layers").rglob("index.db"), key=lambda p: p.stat().st_size)
+    data = bytearray(index.read_bytes())
+    data[8192:] = b"Z" * (len(data) - 8192)  # keep the header and the schema page
+    index.write_bytes(bytes(data))
+    before = _tree(root)
+    line = fails(capsys, root, "ls", "-R", ref)
+    assert "layer index" in line and str(index) in line
+    assert _tree(root) == before
