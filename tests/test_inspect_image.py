@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ckfs.digest import Digest
@@ -46,3 +48,35 @@ def test_layer_numbers_out_of_range() -> None:
             InvalidArgument, match=f"layer {n} out of range: x.local/i:latest has 5"
         ):
             image.layer(n)
+
+
+def test_streamed_reader_reads_on_and_starts_over(tmp_path: Path) -> None:
+    """Pieces in order continue the stream; a piece before it starts over; both right."""
+    import io
+    import random
+    import tarfile
+
+    import trio
+
+    from ckfs.archive.entry import Kind
+    from ckfs.inspect.image import StreamedReader
+    from ckfs.layerindex.model import Node
+    from tests.tarbuild import F, compress, tar
+
+    body = random.Random(3).randbytes(3 << 20)
+    raw = tar(F("a", b"x" * 5000), F("big", body))
+    blob = compress(raw, "zstd")
+    (tmp_path / "blob").write_bytes(blob.data)
+    with tarfile.open(fileobj=io.BytesIO(raw)) as t:
+        data = t.getmember("big").offset_data
+    node = Node(2, 1, "big", Kind.FILE, 0o644, 0, 0, len(body), 0, 0, "", 1, 1 << 20, data, False)
+    reader = StreamedReader(tmp_path / "blob", blob.media_type)
+
+    async def pieces() -> None:
+        for offset, size in [(0, 100), (100, 1 << 20), (2 << 20, 5), (10, 10), (3 << 20, 0)]:
+            assert await reader.read(node, offset, size) == body[offset : offset + size]
+
+    try:
+        trio.run(pieces)
+    finally:
+        reader.close()

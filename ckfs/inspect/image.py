@@ -22,11 +22,12 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import trio
 
@@ -335,9 +336,11 @@ def created_by(config: ImageConfig) -> list[str]:
 class StreamedReader:
     """File bytes of a layer nothing indexes lazily, streamed from its local blob.
 
-    The blob is decompressed from its start to the file each read (such a
-    layer has no seek points); it was verified by digest when it was
-    committed and is read-only since.
+    Such a layer has no seek points: the blob is decompressed from its
+    start up to the file. The stream stays open at where the last read
+    ended, so reading a file piece by piece (``cat``) decompresses the
+    layer once; a read before that point starts over. The blob was
+    verified by digest when it was committed and is read-only since.
 
     Args:
         blob: the layer blob in the content store.
@@ -347,6 +350,9 @@ class StreamedReader:
     def __init__(self, blob: Path, media_type: str) -> None:
         self.blob = blob
         self.media_type = media_type
+        self._lock = threading.Lock()  # one read at a time moves the stream
+        self._files: list[BinaryIO] = []  # the blob, then its tar stream
+        self._at = 0  # offset in the tar stream
 
     async def read(self, node: Node, offset: int, size: int) -> bytes:
         """*size* bytes of *node* from *offset* (the caller clips to its size)."""
@@ -355,16 +361,32 @@ class StreamedReader:
     def _read(self, offset: int, size: int) -> bytes:
         from ckfs.archive.compression import open_layer
 
-        with open(self.blob, "rb") as raw, open_layer(raw, self.media_type) as tar:
-            while offset > 0:
-                skipped = len(tar.read(min(offset, _SKIP)))
+        with self._lock:
+            if not self._files or offset < self._at:
+                self._close()
+                self._files.append(open(self.blob, "rb"))  # noqa: SIM115 - kept open
+                self._files.append(open_layer(self._files[0], self.media_type))
+            tar = self._files[1]
+            while self._at < offset:
+                skipped = len(tar.read(min(offset - self._at, _SKIP)))
                 if not skipped:
                     break
-                offset -= skipped
-            data = tar.read(size)
-        if offset or len(data) != size:
+                self._at += skipped
+            data = tar.read(size) if self._at == offset else b""
+            self._at += len(data)
+        if len(data) != size:
             raise DataLoss(f"layer blob {self.blob}: ends before the file does")
         return data
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        for f in reversed(self._files):
+            f.close()
+        self._files.clear()
+        self._at = 0
 
 
 #: Bytes discarded per read while streaming to a file of an eager layer.
