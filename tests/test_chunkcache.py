@@ -204,6 +204,15 @@ def test_files_are_bounded_evicting_the_least_recently_used(tmp_path: Path) -> N
     assert cache.get(LAYER, "b") == b"b" * 100 and _stored(tmp_path) == {"a", "b", "d"}
 
 
+def test_memory_hits_count_as_uses_of_the_file(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "cache", memory_bytes=1000, max_bytes=3 * FILE)
+    for key in "abc":
+        cache.put(LAYER, key, key.encode() * 100)
+    assert cache.peek(LAYER, "a") == b"a" * 100
+    cache.put(LAYER, "d", b"d" * 100)
+    assert _stored(tmp_path) == {"a", "d"}
+
+
 def test_the_chunk_just_written_stays_even_above_the_bound(tmp_path: Path) -> None:
     cache = ChunkCache(tmp_path / "cache", memory_bytes=0, max_bytes=FILE)
     cache.put(LAYER, "a", b"a" * 100)

@@ -183,6 +183,7 @@ class ChunkCache:
                 self._memory.move_to_end((layer, key))
                 self._stats["hits"] += 1
                 self._stats["memory_hits"] += 1
+                self._used((layer, key))
             return data
 
     def holds(self, layer: Digest, key: str) -> bool:
@@ -216,8 +217,7 @@ class ChunkCache:
             else:
                 self._stats["hits"] += 1
                 self._remember(layer, key, data)
-                if self._files is not None and (layer, key) in self._files:
-                    self._files.move_to_end((layer, key))
+                self._used((layer, key))
         if corrupt:
             self._unlink(layer, key)
         return data
@@ -331,6 +331,12 @@ class ChunkCache:
     def _bound(self) -> int:
         """The disk bound (under _lock, once `max_bytes` is known)."""
         return self.max_bytes if self.max_bytes is not None else 0
+
+    def _used(self, k: tuple[Digest, str]) -> None:
+        """File *k* was just read (from disk or its memory copy): the most
+        recent, last to be evicted; under _lock."""
+        if self._files is not None and k in self._files:
+            self._files.move_to_end(k)
 
     def _forget(self, k: tuple[Digest, str]) -> None:
         """Stop counting file *k*; under _lock."""
