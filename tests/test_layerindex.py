@@ -234,6 +234,8 @@ def test_chunks_written_in_batches_are_all_kept(
     for i in (0, 1, 3, 4):
         assert idx.chunks(idx.lookup(ROOT, f"f{i}").ino) == files[i][1]  # type: ignore[union-attr]
     assert idx.chunks(idx.lookup(ROOT, "f2").ino) == []  # type: ignore[union-attr]  # replaced
+    with sqlite3.connect(idx.path) as db:  # the replaced file's chunks are gone
+        assert db.execute("SELECT count(*) FROM chunks").fetchone()[0] == 8
 
 
 def test_spans(tmp_path: Path) -> None:
