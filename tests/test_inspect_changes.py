@@ -41,6 +41,7 @@ class Stack:
         layers: list[list[Item]],
         contents: dict[tuple[int, str], bytes] | None = None,
         source: str = "tar",
+        info_source: str | None = None,
     ) -> None:
         self.name = name
         self.layers: list[LayerInfo] = []
@@ -48,7 +49,7 @@ class Stack:
             blob = _digest(f"{name}/{n}/{items!r}")
             index = build(tmp / f"{name}-{n}.db", items, layer=blob, source=source)
             desc = Descriptor("application/vnd.oci.image.layer.v1.tar", blob, 1)
-            self.layers.append(LayerInfo(n, desc, blob, "", source, index))
+            self.layers.append(LayerInfo(n, desc, blob, "", info_source or source, index))
         self.contents = contents or {}
         self.reads: list[tuple[int, str]] = []
 
@@ -365,3 +366,15 @@ def test_listing_lower_directories_gives_what_resolving_gives(
     resolved = [layer_changes(image, n) for n in (1, 2, 3)]
     monkeypatch.setattr(changes, "_RESOLVE_MAX", 0)  # list every lower directory
     assert [layer_changes(image, n) for n in (1, 2, 3)] == resolved
+
+
+@pytest.mark.trio
+async def test_eager_layers_are_compared_one_file_after_another_in_path_order(
+    stacks: Make,
+) -> None:
+    names = ["a", "b", "c", "d", "e", "f"]
+    layer = [F(n, 2) for n in reversed(names)]
+    a = stacks("a", [layer], {(1, n): b"xx" for n in names}, info_source="eager")
+    b = stacks("b", [layer], {(1, n): b"xy" for n in names})
+    assert [c.path for c in await diff_images(a, b)] == names
+    assert a.reads == b.reads == [(1, n) for n in names]

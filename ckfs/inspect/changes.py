@@ -369,21 +369,41 @@ async def _settle(a: Layers, b: Layers, steps: list[Step]) -> list[Change]:
     Old versions come from image *a*, new ones from *b*. A file found equal
     keeps its other fields; between images, one with nothing left differing
     is dropped.
+
+    Files are compared `_READERS` at a time, except when a side is an
+    eager layer (`ckfs.inspect.image.EAGER`): its reader streams the blob
+    forward and starts again for an earlier offset, so those are compared
+    one by one, in path order (the usual order of a layer's tar).
     """
     import trio
 
+    from ckfs.inspect.image import EAGER
+
+    pairs = {
+        i: (s.old, s.new)
+        for i, s in enumerate(steps)
+        if s.undecided and s.old is not None and s.new is not None
+    }
     differs: dict[int, bool] = {}
-    limiter = trio.CapacityLimiter(_READERS)
 
     async def compare(i: int, old: Version, new: Version) -> None:
-        async with limiter:
-            differs[i] = not await _same_bytes(a, old, b, new)
+        differs[i] = not await _same_bytes(a, old, b, new)
 
-    with unwrap_groups():
-        async with trio.open_nursery() as nursery:
-            for i, s in enumerate(steps):
-                if s.undecided and s.old is not None and s.new is not None:
-                    nursery.start_soon(compare, i, s.old, s.new)
+    sources = {a.layer(o.layer).source for o, _ in pairs.values()}
+    if EAGER in sources | {b.layer(n.layer).source for _, n in pairs.values()}:
+        for i, (old, new) in pairs.items():
+            await compare(i, old, new)
+    else:
+        limiter = trio.CapacityLimiter(_READERS)
+
+        async def limited(i: int, old: Version, new: Version) -> None:
+            async with limiter:
+                await compare(i, old, new)
+
+        with unwrap_groups():
+            async with trio.open_nursery() as nursery:
+                for i, (old, new) in pairs.items():
+                    nursery.start_soon(limited, i, old, new)
     return [c for i, s in enumerate(steps) if (c := _decided(s, differs.get(i))) is not None]
 
 
