@@ -378,3 +378,19 @@ async def test_eager_layers_are_compared_one_file_after_another_in_path_order(
     b = stacks("b", [layer], {(1, n): b"xy" for n in names})
     assert [c.path for c in await diff_images(a, b)] == names
     assert a.reads == b.reads == [(1, n) for n in names]
+
+
+def test_an_opaque_root_hides_every_lower_entry_it_does_not_put_back(stacks: Make) -> None:
+    stack = stacks(
+        "root",
+        [
+            [Entry("", Kind.OPAQUE), F("a", 1)],
+            [F("a", 2), D("b"), F("b/c", 3)],
+            [Entry("", Kind.OPAQUE), D("b")],
+        ],
+    )
+    assert _table(layer_changes(stack, 1)) == [("added", "a", (), 1, 1)]
+    assert _table(layer_changes(stack, 3)) == [
+        ("deleted", "a", (), 2, 3),
+        ("deleted", "b/c", (), 3, 3),
+    ]

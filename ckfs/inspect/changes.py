@@ -214,7 +214,7 @@ def layer_steps(image: Layers, n: int) -> list[Step]:
     below = Merged(image.layers[: n - 1])
     steps: list[Step] = []
     root = index.root()
-    if root.opaque:
+    if root.opaque and below.layers:
         steps.extend(_hidden(below, "", index, root.ino, n))
     # (directory inode, its path, whether the stack below lacks it, whether
     # an opaque directory at or above it already listed what it hides)
