@@ -218,6 +218,11 @@ def test_search_lists_matching_paths(image: StubImage) -> None:
         snapshot(app, "search")
         await press(pilot, "escape")
         assert app.search == "" and len(tree_rows(app)) == 4
+        # Keys bound in the app are letters in the search box.
+        await press(pilot, "slash", *"qwas/[", "enter")
+        assert app.is_running and app.search == "qwas/["
+        assert tree_rows(app) == ["(nothing here)"]
+        await press(pilot, "escape")
         # In one layer, among its changes (deletions too).
         await press(pilot, "right_square_bracket", "right_square_bracket", "right_square_bracket")
         await press(pilot, "slash", "h", "o", "enter")
