@@ -7,7 +7,8 @@ A layer's changes are its entries judged against the stack below it
 - **modified**: the layer writes a path the stack below has; ``fields``
   says what differs (`FIELDS`), and may be empty: a layer that rewrites a
   file unchanged (a new mtime, say) still stores it again, which is what
-  ``ckfs space`` counts as waste;
+  ``ckfs space`` counts as waste. A directory over a directory is a change
+  only when something differs (layers list the parents of what they add);
 - **deleted**: one entry per path the layer hides: a whiteout, an opaque
   directory (what lower layers have under it that this layer does not put
   back), or a directory replaced by a non-directory (everything under it).
@@ -166,11 +167,11 @@ async def layer_diff(image: Layers, n: int) -> list[Change]:
 async def diff_images(a: Layers, b: Layers, *, read: bool = True) -> list[Change]:
     """How the merged tree of *b* differs from that of *a* (``layer`` None).
 
+    The trees are walked in a worker thread, as in `layer_diff`.
+
     Args:
         read: compare by reading the files no digest answers for; if False,
             they are listed as modified, with only the fields known to differ.
-
-    The trees are walked in a worker thread, as in `layer_diff`.
 
     Raises:
         Unavailable, DataLoss: bytes that had to be read could not be.
