@@ -301,13 +301,17 @@ def test_a_dying_server_is_waited_for(root: Path) -> None:
     assert (mnt / dirname(digest) / "etc/a").read_bytes() == b"A1"
 
 
+def remote_layer(root: Path, registry: Registry) -> tuple[bytes, Digest]:
+    """The layer of BASE in *registry* only, indexed in *root*: its tar and digest."""
+    raw = tar(*BASE)
+    registry.upload_blob("fuse/lazy", raw)
+    return raw, add_layer(root, raw, ref=f"{registry.host}/fuse/lazy")
+
+
 def test_remote_layer_is_read_lazily_and_cached(
     root: Path, registry_factory: Callable[..., Registry]
 ) -> None:
-    registry = registry_factory()
-    raw = tar(*BASE)
-    registry.upload_blob("fuse/lazy", raw)
-    digest = add_layer(root, raw, ref=f"{registry.host}/fuse/lazy")
+    raw, digest = remote_layer(root, registry_factory())
     layer = ensure_server(root) / dirname(digest)
     assert (layer / "etc/a").read_bytes() == b"A1"
     cached = [p for p in (root / "cache").rglob("*") if p.is_file()]
@@ -332,10 +336,7 @@ def test_remote_layer_is_read_lazily_and_cached(
 def test_the_chunk_cache_stays_within_its_bound(
     root: Path, registry_factory: Callable[..., Registry]
 ) -> None:
-    registry = registry_factory()
-    raw = tar(*BASE)
-    registry.upload_blob("fuse/bounded", raw)
-    digest = add_layer(root, raw, ref=f"{registry.host}/fuse/bounded")
+    raw, digest = remote_layer(root, registry_factory())
     bound = 3 * (HEADER + SPAN)
     layer = ensure_server(root, cache_max=bound) / dirname(digest)
     big = tar_member(raw, "etc/big")  # about five spans
