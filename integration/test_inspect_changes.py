@@ -13,6 +13,7 @@ regenerate with ``CKFS_UPDATE_GOLDEN=1`` and read the diff).
   from a layout): what layers 3 and 4 make of the tree, equal entries left
   out;
 - the space report: every wasted version with who stored and who wasted it;
+- the same with a ckfsd serving the root (the pull goes through it);
 - on lazily recorded images, ``space`` and ``diff --no-read`` fetch no
   layer data, and ``diff`` on eStargz fetches none either (chunk digests
   answer), while on a plain tar it reads only the files whose sizes match
@@ -83,6 +84,13 @@ def test_space_golden(ckfs: Ckfs, inspect_images: InspectImages, variant: str) -
     golden("space", without_image(run_json(ckfs, "space", ref, "--top", "0")))
     cut = run_json(ckfs, "space", ref, "--top", "2")
     assert len(cut["waste"]) == len(cut["largest"]) == 2
+
+
+@pytest.mark.parametrize("ckfs", ["ckfsd"], indirect=True)
+def test_the_same_with_a_ckfsd_serving_the_root(ckfs: Ckfs, inspect_images: InspectImages) -> None:
+    ref = pull(ckfs, inspect_images, "estargz")
+    golden("diff_layers", without_image(run_json(ckfs, "diff", ref)))
+    golden("space", without_image(run_json(ckfs, "space", ref, "--top", "0")))
 
 
 def _cut_layout(layout: Path, keep: int) -> Path:
