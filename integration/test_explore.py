@@ -17,6 +17,7 @@ status 0; an unknown image is one error line and status 1.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import pty
@@ -105,10 +106,7 @@ def in_terminal(ckfs: Ckfs, *args: str, until: str, keys: bytes = b"") -> tuple[
     """Run ``ckfs ARGS`` on a pseudo-terminal; once its output shows *until*,
     type *keys*; return its exit status and its output with escapes removed."""
     master, slave = pty.openpty()
-    fcntl_size = struct.pack("HHHH", 30, 120, 0, 0)
-    import fcntl
-
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, fcntl_size)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
     proc = subprocess.Popen(
         [sys.executable, "-m", "ckfs_cli.main", "--root", str(ckfs.root), *args],
         stdin=slave,

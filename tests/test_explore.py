@@ -36,6 +36,12 @@ SIZE = (120, 32)
 Scenario = Callable[[ExploreApp, Pilot[None]], Awaitable[None]]
 
 
+@pytest.fixture(autouse=True)
+def plain_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snapshots draw the same whatever the environment asks of colours."""
+    monkeypatch.delenv("NO_COLOR", raising=False)
+
+
 @pytest.fixture
 def image(tmp_path: Path) -> Iterator[StubImage]:
     with stub_image(tmp_path) as img:
@@ -50,6 +56,7 @@ def explore(image: StubImage | Opener, scenario: Scenario, **kw: object) -> Expl
     async def main() -> ExploreApp:
         async with TrioPortal() as portal:
             app = ExploreApp(portal, open_model, **kw)  # type: ignore[arg-type]
+            app.theme = "textual-dark"  # whatever TEXTUAL_THEME says
             async with app.run_test(size=SIZE) as pilot:
                 await settle(pilot)
                 await scenario(app, pilot)
