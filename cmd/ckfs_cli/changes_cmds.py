@@ -163,10 +163,11 @@ def space_cmd(app: App, /, top: int, as_json: bool, ref: str, **flags: Any) -> N
     wasted once all its names are gone. From the layer indexes alone: no
     file is read.
 
-    Efficiency is dive's score: every path any layer writes or deletes has
-    one version per layer that touches it, of the size that layer gives it
-    (a file's size; a link, a device, a deletion or a directory put in its
-    place: 0); the score is the sum over paths of each path's smallest
+    Efficiency is dive's score (github.com/wagoodman/dive): every path any
+    layer writes or deletes has one version per layer that touches it, of
+    the size that layer gives it (a file's size; a link, a device, a
+    deletion or a directory put in its place: 0; directories themselves are
+    not scored); the score is the sum over paths of each path's smallest
     version divided by the sum of all versions. 1.0: no byte stored twice
     or deleted. Unlike dive, a hardlink's bytes count once, and deleting a
     directory counts as deleting each file under it.
