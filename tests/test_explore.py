@@ -178,6 +178,9 @@ def test_a_layer_shows_only_its_changes_colour_coded(image: StubImage) -> None:
         await press(pilot, "right_square_bracket", "right_square_bracket")
         assert app.layer == 2
         assert app.query_one("#layers", OptionList).highlighted == 2
+        about = text_of(app, "#info")  # the layer, until an entry is highlighted
+        assert about.startswith("layer 2 of 3\ndigest   sha256:" + "02" * 32)
+        assert about.endswith("(tar)\nRUN edit motd; rm gone; replace opt/app")
         tree: Tree[Item | None] = app.query_one(Tree)
         await press(pilot, "down", "enter", "down", "down", "down", "enter", "down", "enter")
         assert tree_rows(app) == [

@@ -218,6 +218,21 @@ class ExploreApp(App[None]):
         tree.reset(self._root_label(), None)
         self._filled.add(tree.root.id)
         self.run_worker(self._fill(tree.root, self._view), group="view", exclusive=True)
+        self.workers.cancel_group(self, "preview")
+        self.query_one("#info", Static).update(self._about_view())
+        self.query_one("#preview", Static).update("")
+
+    def _about_view(self) -> Text:
+        """What the provenance pane says until an entry is highlighted: the layer shown."""
+        assert self.model is not None
+        if self.layer is None:
+            return Text(f"{self.model.top} layers, merged: each entry shows the layer providing it")
+        layer = self.model.layers[self.layer - 1]
+        text = Text(f"layer {layer.number} of {self.model.top}\n", style="bold")
+        text.append(f"digest   {layer.desc.digest}\ndiff ID  {layer.diff_id}\n")
+        text.append(f"size     {decimal(layer.desc.size)} ({layer.source})\n")
+        text.append(printable(layer.created_by, _CREATED_BY) or "(no history entry)", style="dim")
+        return text
 
     def _root_label(self) -> Text:
         where = "all layers" if self.layer is None else f"layer {self.layer}: its changes"
