@@ -453,6 +453,7 @@ def test_a_big_toc_is_fetched_in_pieces(where: Path, monkeypatch: pytest.MonkeyP
     import ckfs.layerindex.estargz as module
 
     monkeypatch.setattr(module, "_MAX_READ", 1000)
+    monkeypatch.setattr(module, "_TAIL", 100)
     layer = h.many_entries(300)
     asked: list[int] = []
 
@@ -462,7 +463,22 @@ def test_a_big_toc_is_fetched_in_pieces(where: Path, monkeypatch: pytest.MonkeyP
 
     toc_size = len(layer.blob) - 51 - layer.toc_offset
     trio.run(index_estargz, read_range, layer.desc, where / "index.db")
-    assert asked[0] == 51 and sum(asked[1:]) == toc_size and max(asked[1:]) == 1000
+    # The tail (footer and the TOC's end) first, then the rest of the TOC.
+    assert asked[0] == 100 < toc_size
+    assert sum(asked) == toc_size + 51 and max(asked[1:]) == 1000
+
+
+def test_a_small_toc_comes_with_the_footer(where: Path) -> None:
+    layer = h.many_entries(3)
+    asked: list[tuple[int, int]] = []
+
+    async def read_range(offset: int, length: int) -> bytes:
+        asked.append((offset, length))
+        return await layer.read_range(offset, length)
+
+    trio.run(index_estargz, read_range, layer.desc, where / "index.db")
+    tail = min(len(layer.blob), 4096)
+    assert asked == [(len(layer.blob) - tail, tail)]
 
 
 # -- a million entries -------------------------------------------------------------

@@ -1,11 +1,12 @@
-"""eStargz layers indexed from their table of contents, by two range reads.
+"""eStargz layers indexed from their table of contents, by one or two range reads.
 
 An eStargz blob (upstream ``estargz`` Go library, ``ctr-remote``, ``nerdctl
 image convert --estargz``) is a gzip tar whose files start new gzip members,
 followed by a member holding the TOC (``stargz.index.json``: every entry and,
 for each chunk of each file, the offset of its member) and a footer naming
 the TOC's offset. So a layer is indexed without reading its data: one Range
-request for the footer, one for the TOC.
+request for the blob's last few KiB (the footer, and a small TOC whole), one
+more for the rest of a bigger TOC.
 
 Trust: neither range can be checked against the blob digest (only the whole
 blob could). The TOC is trusted only through the layer descriptor's
@@ -57,6 +58,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import functools
 import json
 import logging
 import re
@@ -120,6 +122,11 @@ HIDDEN = frozenset({TOC_NAME, ".prefetch.landmark", ".no.prefetch.landmark"})
 MAX_INFLATION = 1032
 
 _INT64 = (1 << 63) - 1
+#: Bytes read from the blob's end at first: the footer and, for a layer of
+#: up to some 80 entries, its whole TOC, which then needs no second request;
+#: a bigger TOC starts there, so nothing read is wasted. Kept small: for a
+#: small TOC the rest is file data nobody asked for.
+_TAIL = 4 << 10
 #: Longest single range read: a big TOC (tens of MB for a million entries)
 #: is fetched in pieces, each well inside what one registry read accepts
 #: (`ckfs.remotes.blobs.MAX_RANGE`) and retried on its own.
@@ -133,6 +140,9 @@ _OFFSET_FIELD = re.compile(rb"[0-9a-fA-F]{16}STARGZ")
 _SUBFIELD = b"SG" + (22).to_bytes(2, "little")
 _GZIP_FEXTRA = b"\x1f\x8b\x08\x04"
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+_BLANKS = " \t\n\r"
+#: A separator or closer between JSON values, with the blanks around it.
+_SEPARATOR = re.compile(r"[ \t\n\r]*([,\]}])[ \t\n\r]*")
 #: Entries held back at most while a file's last member has no known end
 #: (a large file followed by thousands of empty files, links and dirs).
 _MAX_WAITING = 4096
@@ -207,7 +217,7 @@ async def index_estargz(
     limits: TocLimits = TOC_LIMITS,
     tree_limits: Limits = LIMITS,
 ) -> LayerIndex:
-    """Index the eStargz layer *desc* into *path* with two range reads.
+    """Index the eStargz layer *desc* into *path* with one or two range reads.
 
     Args:
         read_range: the blob's range reader.
@@ -235,13 +245,15 @@ async def index_estargz(
     expected = toc_digest(desc)
     if desc.size < LEGACY_FOOTER_SIZE:
         raise BadLayer(f"{what}: {desc.size} bytes, too small for an eStargz footer")
-    tail_size = min(FOOTER_SIZE, desc.size)
-    tail = await read_range(desc.size - tail_size, tail_size)
+    tail_at = max(0, desc.size - _TAIL)
+    tail = await read_range(tail_at, desc.size - tail_at)
     footer = parse_footer(tail, desc.size, what=what)
     toc_size = desc.size - footer.size - footer.toc_offset
     if toc_size > limits.compressed:
         raise BadLayer(f"{what}: TOC of {toc_size} bytes, over the limit of {limits.compressed}")
-    toc = await _read(read_range, footer.toc_offset, toc_size)
+    toc = tail[max(0, footer.toc_offset - tail_at) : len(tail) - footer.size]
+    if footer.toc_offset < tail_at:
+        toc = await _read(read_range, footer.toc_offset, tail_at - footer.toc_offset) + toc
     return await trio.to_thread.run_sync(
         lambda: build_index(toc, expected, desc, footer, path, limits, tree_limits, meta)
     )
@@ -544,8 +556,17 @@ class _TocParser:
         return True
 
     def _separator(self, close: str) -> bool:
-        """Consume ``,`` (False: more follows) or *close* (True)."""
-        c = self._next()
+        """Consume ``,`` (False: more follows) or *close* (True).
+
+        With the blanks around it inside the window, in one match (this
+        runs for every record); else by `_next`, which reads on.
+        """
+        m = _SEPARATOR.match(self._text, self._pos)
+        if m is not None and m.end() < len(self._text):
+            self._pos = m.end()
+            c = m[1]
+        else:
+            c = self._next()
         if c == close:
             return True
         if c != ",":
@@ -558,8 +579,11 @@ class _TocParser:
 
     def _value(self) -> Any:
         limit = self._limits.record
-        self._peek()
-        self._fill(limit + 1)
+        text, pos = self._text, self._pos
+        if pos >= len(text) or text[pos] in _BLANKS:
+            self._peek()
+        if len(self._text) - self._pos <= limit:
+            self._fill(limit + 1)
         try:
             value, end = self._decoder.raw_decode(self._text, self._pos)
         except json.JSONDecodeError as e:
@@ -811,9 +835,14 @@ def _tarinfo(record: dict[str, Any], kind: str) -> tarfile.TarInfo:
     return info
 
 
+@functools.lru_cache(maxsize=1024)
 def _mtime(text: str) -> int:
     """Seconds since the epoch of an RFC 3339 time (upstream writes whole
-    seconds, UTC); absent means 0, as for upstream's zero time."""
+    seconds, UTC); absent means 0, as for upstream's zero time.
+
+    Cached: a layer's files mostly share a few times, and parsing one costs
+    more than the rest of its field checks together.
+    """
     if not text:
         return 0
     try:
