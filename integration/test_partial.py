@@ -42,6 +42,7 @@ from integration.registry import Registry
 from integration.test_archive_umoci import umoci
 from integration.test_lazy_faults import kill_server
 from integration.test_lazy_mount import sources
+from snapshotters.fuse.process import stop_server
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts, runc")
 
@@ -258,6 +259,19 @@ def test_killed_shell_is_cleaned_up_by_the_next(
         assert done.returncode == 0, done.stderr
     finally:
         delete_containers(ckfs)  # none if the test passes
+    assert_clean(ckfs, mount_guard, "fuse")
+
+
+def test_shell_after_the_fuse_server_stopped(
+    ckfs: Ckfs, image: str, mount_guard: MountGuard
+) -> None:
+    """An image attached before is served again when its FUSE server has stopped."""
+    need("runc")
+    proc = shell(ckfs, "fuse", "--upto", "4", image, "cat", "/data/file")
+    assert (proc.returncode, proc.stdout) == (0, "version 4\n"), proc.stderr
+    assert stop_server(ckfs.root)
+    proc = shell(ckfs, "fuse", "--upto", "6", image, "cat", "/data/file")
+    assert (proc.returncode, proc.stdout) == (0, "version 6\n"), proc.stderr
     assert_clean(ckfs, mount_guard, "fuse")
 
 

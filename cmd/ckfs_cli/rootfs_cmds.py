@@ -72,6 +72,12 @@ def _rootfs(
     from ckfs.provide import ensure_rootfs
 
     options = pull_options(**flags)
+    if snapshotter == "fuse":
+        # An image attached before has its snapshots on the FUSE server's
+        # directories: served again first if the server stopped (a reboot,
+        # `ckfs mounts` stop) or the new snapshot's parent is a dead link.
+        # A few ms when it runs.
+        fuse_snapshotter(app).serve()
     skip_httpx_cli()  # before an unpack or a pull, if it comes to that, imports httpx
     return ensure_rootfs(
         app.state,
