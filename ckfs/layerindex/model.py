@@ -114,8 +114,6 @@ _SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 #: chunks are only ever read back at `IndexWriter.commit`.
 _CHUNK_BATCH = 4096
 
-#: An empty, ``.`` or ``..`` component, or a NUL: what no normalized path has.
-_UNNORMAL = re.compile(r"(?:^|/)\.{0,2}(?:/|$)|\0")
 _MAX_ID = (1 << 32) - 1
 
 #: Characters of directory paths cached in memory while writing (path →
@@ -366,8 +364,19 @@ def _dec(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+def _unnormal(path: str) -> bool:
+    """Whether *path* has an empty, ``.`` or ``..`` component, or a NUL:
+    what no normalized path has (substring tests: a regex took 3x as long)."""
+    p = f"/{path}/"
+    return "//" in p or "/./" in p or "/../" in p or "\0" in path
+
+
 def _bad(what: str, path: str, why: str) -> BadLayer:
     return BadLayer(f"{what}: entry {printable(path)!r}: {why}")
+
+
+def _bad_chunk(what: str, path: str, chunk: Chunk, why: str) -> BadLayer:
+    return _bad(what, path, f"chunk at {chunk.file_offset}{why}")
 
 
 class _Row(NamedTuple):
@@ -710,18 +719,17 @@ class IndexWriter:
             raise _bad(self.what, path, "chunks for something other than a chunked file")
         end = 0
         for c in chunks:
-            at = f"chunk at {c.file_offset}"
             if c.file_offset != end or c.size <= 0:
-                raise _bad(self.what, path, f"{at} leaves a gap or overlaps")
+                raise _bad_chunk(self.what, path, c, " leaves a gap or overlaps")
             if not (0 <= c.blob_offset < self._blob_size and 0 <= c.inner_offset <= _INT64):
-                raise _bad(self.what, path, f"{at} outside the blob")
+                raise _bad_chunk(self.what, path, c, " outside the blob")
             if c.comp_size != -1 and not 0 < c.comp_size <= self._blob_size - c.blob_offset:
-                raise _bad(self.what, path, f"{at} runs past the blob")
+                raise _bad_chunk(self.what, path, c, " runs past the blob")
             if not _SHA256_DIGEST.fullmatch(c.digest):
                 try:
                     Digest.parse(c.digest)
                 except InvalidArgument:
-                    raise _bad(self.what, path, f"{at}: malformed digest") from None
+                    raise _bad_chunk(self.what, path, c, ": malformed digest") from None
             end += c.size
         if end != entry.size:
             raise _bad(self.what, path, f"chunks cover {end} of {entry.size} bytes")
@@ -772,7 +780,7 @@ class IndexWriter:
             raise _bad(self.what, path, "path too long")
         if path.count("/") >= limits.depth:
             raise _bad(self.what, path, f"deeper than {limits.depth} directories")
-        if _UNNORMAL.search(path):
+        if _unnormal(path):
             raise _bad(self.what, path, "not a normalized path")
         # Four bytes a character at most: short names need no encoding.
         if len(path) * 4 > limits.name:
