@@ -3,11 +3,12 @@
 `ckfs.rootfs.snapshot_on` and `ckfs.provide.ensure_rootfs` with ``upto``,
 `snapshotters.layerview.layer_mounts` and the CLI's `part_of`, on images
 written by `tests.layouts` (the integration tests mount them for real:
-integration/test_partial.py).
+integration/test_partial.py); ``ckfs shell``'s spec and bundle lock.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -16,10 +17,12 @@ import trio
 
 from ckfs import reference
 from ckfs.errors import FailedPrecondition, InvalidArgument
+from ckfs.images.config import ImageConfig
 from ckfs.mount import Mount
 from ckfs.provide import ensure_rootfs
 from ckfs.rootfs import snapshot_on
 from ckfs.snapshots import LayerDirs
+from ckfs_cli import shell_cmds
 from ckfs_cli.rootfs_cmds import part_of
 from snapshotters.layerview import LAYER_ONLY, layer_mounts, mark_layer_only
 from tests import test_unpack
@@ -104,3 +107,37 @@ def test_part_of() -> None:
     assert part_of(None, 3) == (3, False)
     with pytest.raises(click.UsageError, match="exclude each other"):
         part_of(1, 2)
+
+
+def test_shell_spec_runs_the_command_as_root_with_a_terminal_only_if_asked(
+    tmp_path: Path,
+) -> None:
+    config = ImageConfig(
+        "amd64",
+        "linux",
+        (),
+        entrypoint=("/entry",),
+        cmd=("serve",),
+        user="app",
+        env=("A=1",),
+        working_dir="/srv",
+    )
+    spec = shell_cmds._spec(config, tmp_path, ("cat", "/f"), tty=False)
+    process = spec["process"]
+    assert process["args"] == ["cat", "/f"]  # no entrypoint around it
+    assert process["user"] == {"uid": 0, "gid": 0}  # "app" need not exist at that layer
+    assert process["terminal"] is False and not any(e.startswith("TERM=") for e in process["env"])
+    assert "A=1" in process["env"] and process["cwd"] == "/srv"
+    process = shell_cmds._spec(config, tmp_path, ("sh",), tty=True)["process"]
+    assert process["terminal"] is True and any(e.startswith("TERM=") for e in process["env"])
+
+
+def test_shell_lock_tells_a_live_shell_from_a_leftover(tmp_path: Path) -> None:
+    assert shell_cmds._lock(tmp_path) is None  # no lock file yet: a shell starting
+    held = shell_cmds._lock(tmp_path, create=True)
+    assert held is not None
+    assert shell_cmds._lock(tmp_path) is None  # a live shell holds it
+    os.close(held)  # its ckfs ended, however
+    again = shell_cmds._lock(tmp_path)
+    assert again is not None  # a leftover: the next shell may remove it
+    os.close(again)
