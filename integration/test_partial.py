@@ -19,9 +19,11 @@ overlayfs (pulled and unpacked).
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import pty
+import random
 import select
 import shutil
 import signal
@@ -29,20 +31,23 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from integration.conftest import Ckfs, need
+from integration.estargz import estargz_layout
+from integration.faultproxy import FaultProxy
 from integration.inspect_images import VARIANTS, InspectImages, inspect_images
 from integration.mounts import MountGuard
 from integration.registry import Registry
 from integration.test_archive_umoci import umoci
 from integration.test_lazy_faults import kill_server
-from integration.test_lazy_mount import sources
+from integration.test_lazy_mount import layer_blobs, sent, sources
 from snapshotters.fuse.process import stop_server
+from tests.tarbuild import F, tar
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts, runc")
 
@@ -56,6 +61,9 @@ FILE_VERSIONS = {4: "version 4", 6: "version 6", 8: "version 8"}
 
 #: The layer whiting out /data/gone (added in 4), and the one making /data/dir opaque.
 WHITEOUT_LAYER, OPAQUE_LAYER = 5, 7
+
+#: Random bytes on top of the eStargz variant: what a lazy shell must not fetch.
+BIG = 4 << 20
 
 #: Seconds an interrupted ``ckfs shell`` may take to end: the container
 #: ignores SIGINT (PID 1 without a handler), so it waits out STOP_GRACE (3 s)
@@ -89,16 +97,33 @@ def build_layers(example_layout: Path, work: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def image(
-    registry_factory_session: Callable[..., Registry],
-    example_layout: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> str:
+def layout(example_layout: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_layers(example_layout, tmp_path_factory.mktemp("partial"))
+
+
+@pytest.fixture(scope="module")
+def image(registry_factory_session: Callable[..., Registry], layout: Path) -> str:
     """The layered image's reference in a registry of this module."""
-    layout = build_layers(example_layout, tmp_path_factory.mktemp("partial"))
     registry = registry_factory_session()
     registry.push(layout, "partial/data:latest")
     return f"{registry.host}/partial/data:latest"
+
+
+@pytest.fixture(scope="module")
+def estargz(
+    registry_factory_session: Callable[..., Registry],
+    layout: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, FaultProxy]]:
+    """The layered image in eStargz with `BIG` random bytes on top, behind a
+    counting proxy: its reference through the proxy, and the proxy."""
+    tars = [gzip.decompress(blob.read_bytes()) for blob in layer_blobs(layout)]
+    tars.append(tar(F("opt/big.bin", random.Random(3).randbytes(BIG))))
+    converted = estargz_layout(tmp_path_factory.mktemp("esgz") / "layout", tars)[0]
+    registry = registry_factory_session()
+    registry.push_layout_raw(converted, "partial/esgz:latest")
+    with FaultProxy(registry.host).running() as proxy:
+        yield f"{proxy.host}/partial/esgz:latest", proxy
 
 
 def flags(snapshotter: str) -> list[str]:
@@ -272,6 +297,20 @@ def test_shell_after_the_fuse_server_stopped(
     assert stop_server(ckfs.root)
     proc = shell(ckfs, "fuse", "--upto", "6", image, "cat", "/data/file")
     assert (proc.returncode, proc.stdout) == (0, "version 6\n"), proc.stderr
+    assert_clean(ckfs, mount_guard, "fuse")
+
+
+def test_lazy_shell_fetches_what_it_reads(
+    ckfs: Ckfs, estargz: tuple[str, FaultProxy], mount_guard: MountGuard
+) -> None:
+    """A shell on a lazily attached eStargz image fetches the TOCs and what the
+    container reads (busybox, /data/file), not the big file in the top layer."""
+    need("runc")
+    ref, proxy = estargz
+    before = sent(proxy)
+    proc = shell(ckfs, "fuse", ref, "cat", "/data/file")
+    assert (proc.returncode, proc.stdout) == (0, "version 8\n"), proc.stderr
+    assert sent(proxy) - before < BIG // 2
     assert_clean(ckfs, mount_guard, "fuse")
 
 
