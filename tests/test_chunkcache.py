@@ -238,6 +238,19 @@ def test_files_already_on_disk_count_oldest_first(tmp_path: Path) -> None:
     assert cache.statistics()["evicted"] == 3
 
 
+def test_counting_ahead_fixes_the_bound_and_the_files(tmp_path: Path) -> None:
+    ChunkCache(tmp_path / "cache").put(LAYER, "old", b"o" * 100)
+    cache = ChunkCache(tmp_path / "cache", memory_bytes=0, disk_share=0.5)
+    cache.count()
+    assert cache.max_bytes is not None and cache.max_bytes > FILE
+    cache.max_bytes = 2 * FILE
+    cache.put(LAYER, "a", b"a" * 100)
+    cache.put(LAYER, "b", b"b" * 100)  # the file counted ahead is the oldest
+    assert _stored(tmp_path) == {"b"} and cache.statistics()["evicted"] == 2
+    ChunkCache(tmp_path / "unbounded").count()  # nothing to do, nothing made
+    assert not (tmp_path / "unbounded").exists()
+
+
 def test_removed_layers_leave_the_count(tmp_path: Path) -> None:
     cache = ChunkCache(tmp_path / "cache", memory_bytes=0, max_bytes=3 * FILE)
     cache.put(LAYER, "a", b"a" * 100)

@@ -293,6 +293,19 @@ class ChunkCache:
         with self._lock:
             return {**self._stats, "memory_held": self._held}
 
+    def count(self) -> None:
+        """Walk the cache's files now and fix the bound, so that the first
+        write (a read waiting on it) does not; blocking. Without a bound,
+        nothing to do."""
+        if not self._bounded:
+            return
+        on_disk = self._scan()
+        with self._lock:
+            if self._files is None:
+                self._files, self._stored = on_disk, sum(on_disk.values())
+            if self.max_bytes is None:
+                self.max_bytes = _share_of_disk(self.root, self._stored, self._disk_share)
+
     def _account(self, layer: Digest, key: str, size: int) -> None:
         """Count a file just written; past the bound, evict down to `LOW_WATER`.
 
@@ -385,7 +398,10 @@ class ChunkCache:
 
 
 def _share_of_disk(root: Path, stored: int, share: float | None) -> int:
-    """*share* of the free space of *root*'s filesystem plus *stored*."""
+    """*share* of the free space of *root*'s filesystem (its nearest existing
+    directory's) plus *stored*."""
+    while not root.exists() and root != root.parent:
+        root = root.parent
     st = os.statvfs(root)
     return int((st.f_bavail * st.f_frsize + stored) * (share or 0))
 

@@ -150,7 +150,7 @@ def _serve(paths: ServerPaths, cache_max: int | None) -> None:
     pyfuse3.init(ops, str(paths.mnt), set(OPTIONS))
     log.info("serving %s", paths.mnt)
     try:
-        trio.run(_run, paths, readers, ops)
+        trio.run(_run, paths, readers, ops, cache)
     finally:
         log.info("requests served: %s", dict(ops.requests.most_common()))
         # Unmount even after a crash of the loop: a mount without its server
@@ -188,6 +188,11 @@ async def _preload() -> None:
         await trio.to_thread.run_sync(importlib.import_module, name, abandon_on_cancel=True)
 
 
+async def _count(cache: ChunkCache) -> None:
+    """Count the chunk cache's files now, not in the first fetch's write."""
+    await trio.to_thread.run_sync(cache.count, abandon_on_cancel=True)
+
+
 def _device_of(mnt: Path) -> str:
     """``major:minor`` of the last mount on *mnt* (mountinfo's third field).
 
@@ -203,11 +208,12 @@ def _device_of(mnt: Path) -> str:
     return found[-1]
 
 
-async def _run(paths: ServerPaths, readers: Readers, ops: Ops) -> None:
+async def _run(paths: ServerPaths, readers: Readers, ops: Ops, cache: ChunkCache) -> None:
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_raise_read_ahead, paths.mnt, ops.initialized)
             nursery.start_soon(_preload)
+            nursery.start_soon(_count, cache)
             nursery.start_soon(_stop_on_signal)
             nursery.start_soon(_keep_stats, paths, readers)
             await pyfuse3.main()
