@@ -191,6 +191,7 @@ async def _preload() -> None:
 async def _count(cache: ChunkCache) -> None:
     """Count the chunk cache's files now, not in the first fetch's write."""
     await trio.to_thread.run_sync(cache.count, abandon_on_cancel=True)
+    log.info("chunk cache %s: %s bytes at most", cache.root, cache.max_bytes)
 
 
 def _device_of(mnt: Path) -> str:
