@@ -13,8 +13,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import random
+import resource
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -326,6 +328,23 @@ def test_damaged_gzip_keeps_nothing(tmp_path: Path, where: float) -> None:
     with pytest.raises((InvalidArgument, DataLoss, BadLayer)):
         index_gzip(path, _desc(bytes(blob), TGZ), out / "index.db")
     assert list(out.iterdir()) == []
+
+
+def test_gzip_bomb_indexes_in_bounded_memory(tmp_path: Path) -> None:
+    # 256 MiB of zeros in 0.25 MB: the index build streams it. (rapidgzip,
+    # which decodes 4 MiB of input at a time whole, grew by gigabytes here.)
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = [z.compress(tb.tar(tb.F("f", b"x")))]
+    zeros = bytes(1 << 20)
+    parts += [z.compress(zeros) for _ in range(256)]
+    blob = b"".join([*parts, z.flush()])
+    path = tmp_path / "blob"
+    path.write_bytes(blob)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    index = index_gzip(path, _desc(blob, TGZ), tmp_path / "index.db")
+    grew_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert sorted(entries_of(index)) == ["f"]
+    assert grew_kib < 64 << 10, f"peak RSS grew by {grew_kib} KiB"
 
 
 @pytest.mark.parametrize("data", [b"", b"not gzip" * 100, gzip.compress(b"not a tar" * 100)])
