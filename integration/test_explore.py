@@ -28,18 +28,21 @@ import subprocess
 import sys
 import termios
 import time
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from textual.pilot import Pilot
-from textual.widgets import Tree
 
-from ckfs.explore.app import ExploreApp
-from ckfs.explore.model import Item, opened
+from ckfs.explore.model import opened
 from ckfs.layerindex.tarindex import SPAN
 from ckfs.state import State
 from integration.conftest import Ckfs
 from integration.inspect_images import InspectImages, inspect_images
 from tests.test_explore import explore, press, text_of, tree_rows
+
+if TYPE_CHECKING:  # textual when a test runs, not when the suite is collected
+    from textual.pilot import Pilot
+
+    from ckfs.explore.app import ExploreApp
 
 __all__ = ["inspect_images"]  # the fixture, used by name
 
@@ -53,7 +56,7 @@ PREVIEW_FETCH = {"estargz": 64 << 10, "tar": SPAN}
 
 def select_path(app: ExploreApp, path: str) -> None:
     """Move the tree's cursor to the loaded row of *path*."""
-    tree: Tree[Item | None] = app.query_one(Tree)
+    tree: Any = app.query_one("#tree")
     for line in range(tree.last_line + 1):
         node = tree.get_node_at_line(line)
         if node is not None and node.data is not None and node.data.path == path:

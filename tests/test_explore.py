@@ -16,15 +16,12 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
-from textual.pilot import Pilot
-from textual.widgets import DataTable, OptionList, Static, Tree
 
 from ckfs.errors import NotFound
-from ckfs.explore.app import ExploreApp, Opener
-from ckfs.explore.model import Item
 from ckfs.explore.portal import TrioPortal
 from tests.explore_image import StubImage, opener, stub_image
 
@@ -33,7 +30,15 @@ SNAPSHOTS = Path(__file__).parent / "explore_snapshots"
 #: The terminal the tests draw on: wide enough for three panes.
 SIZE = (120, 32)
 
-Scenario = Callable[[ExploreApp, Pilot[None]], Awaitable[None]]
+if TYPE_CHECKING:
+    # Not at run time: textual is imported when a test runs, not when the
+    # suite is collected, so the suite's other tests never carry its memory
+    # (test_archive_sources bounds the peak RSS of the test process).
+    from textual.pilot import Pilot
+
+    from ckfs.explore.app import ExploreApp, Opener
+
+Scenario = Callable[["ExploreApp", "Pilot[None]"], Awaitable[None]]
 
 
 @pytest.fixture(autouse=True)
@@ -51,6 +56,8 @@ def image(tmp_path: Path) -> Iterator[StubImage]:
 def explore(image: StubImage | Opener, scenario: Scenario, **kw: object) -> ExploreApp:
     """Run the explorer on *image* (or what *image* opens) headless, play
     *scenario*, return the app."""
+    from ckfs.explore.app import ExploreApp
+
     open_model = opener(image) if isinstance(image, StubImage) else image
 
     async def main() -> ExploreApp:
@@ -104,7 +111,7 @@ def snapshot(app: ExploreApp, name: str, *, svg: bool = False) -> None:
 
 def tree_rows(app: ExploreApp) -> list[str]:
     """Every row of the tree below its root, indented by depth, as plain text."""
-    tree: Tree[Item | None] = app.query_one(Tree)
+    tree = app.query_one("#tree")
     rows = []
 
     def walk(node: object, depth: int) -> None:
@@ -118,7 +125,7 @@ def tree_rows(app: ExploreApp) -> list[str]:
 
 
 def text_of(app: ExploreApp, selector: str) -> str:
-    return str(app.query_one(selector, Static).render())
+    return str(app.query_one(selector).render())
 
 
 def test_merged_tree_shows_each_entry_with_its_layer(image: StubImage) -> None:
@@ -130,7 +137,7 @@ def test_merged_tree_shows_each_entry_with_its_layer(image: StubImage) -> None:
             "link → etc/motd  L1",
             "opt  L1",
         ]
-        options = app.query_one("#layers", OptionList)
+        options: Any = app.query_one("#layers")
         assert options.option_count == 4
         snapshot(app, "merged")
 
@@ -177,11 +184,11 @@ def test_a_layer_shows_only_its_changes_colour_coded(image: StubImage) -> None:
     async def scenario(app: ExploreApp, pilot: Pilot[None]) -> None:
         await press(pilot, "right_square_bracket", "right_square_bracket")
         assert app.layer == 2
-        assert app.query_one("#layers", OptionList).highlighted == 2
+        assert app.query_one("#layers").highlighted == 2  # type: ignore[attr-defined]
         about = text_of(app, "#info")  # the layer, until an entry is highlighted
         assert about.startswith("layer 2 of 3\ndigest   sha256:" + "02" * 32)
         assert about.endswith("(tar)\nRUN edit motd; rm gone; replace opt/app")
-        tree: Tree[Item | None] = app.query_one(Tree)
+        tree: Any = app.query_one("#tree")
         await press(pilot, "down", "enter", "down", "down", "down", "enter", "down", "enter")
         assert tree_rows(app) == [
             "etc  L2",
@@ -222,7 +229,7 @@ def test_search_lists_matching_paths(image: StubImage) -> None:
         await press(pilot, "enter")
         assert app.search == "MOTD"
         assert tree_rows(app) == ["/etc/motd  24 bytes  L3"]
-        assert "matches of 'MOTD' in all layers" in str(app.query_one(Tree).root.label)
+        assert "matches of 'MOTD' in all layers" in str(app.query_one("#tree").root.label)  # type: ignore[attr-defined]
         await press(pilot, "down")
         assert text_of(app, "#preview") == "motd three, the longest\n"
         snapshot(app, "search")
@@ -246,7 +253,7 @@ def test_wasted_space_panel(image: StubImage) -> None:
         await press(pilot, "w")
         summary = text_of(app, "#space-summary")
         assert summary == "efficiency 61.8%: 56 bytes wasted of 186 bytes"
-        waste = app.query_one("#waste", DataTable)
+        waste: Any = app.query_one("#waste")
         assert [[str(c) for c in waste.get_row_at(i)] for i in range(waste.row_count)] == [
             ["20 bytes", "/etc/hosts", "1", "3", "deleted"],
             ["14 bytes", "/gone", "1", "2", "deleted"],
@@ -254,11 +261,11 @@ def test_wasted_space_panel(image: StubImage) -> None:
             ["9 bytes", "/etc/motd", "2", "3", "overwritten"],
             ["4 bytes", "/opt/app/old", "1", "2", "deleted"],
         ]
-        largest = app.query_one("#largest", DataTable)
+        largest: Any = app.query_one("#largest")
         assert [str(c) for c in largest.get_row_at(0)] == ["72 bytes", "/bin/tool", "1"]
         snapshot(app, "space")
         await press(pilot, "w")
-        assert app.query_one(Tree).has_focus
+        assert app.query_one("#tree").has_focus
 
     explore(image, scenario)
 
@@ -286,6 +293,8 @@ def test_progress_shows_while_the_indexes_load(image: StubImage) -> None:
     gate = trio.Event()
 
     async def main() -> None:
+        from ckfs.explore.app import ExploreApp
+
         async with TrioPortal() as portal:
             app = ExploreApp(portal, opener(image, gate))
             async with app.run_test(size=SIZE) as pilot:
@@ -313,6 +322,8 @@ def test_an_image_that_does_not_open_ends_the_app_with_its_error(image: StubImag
         yield
 
     async def main() -> ExploreApp:
+        from ckfs.explore.app import ExploreApp
+
         async with TrioPortal() as portal:
             app = ExploreApp(portal, missing)  # type: ignore[arg-type]
             async with app.run_test(size=SIZE) as pilot:

@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from textual.widgets import Tree
 
 from ckfs.archive.entry import Kind
-from ckfs.explore import app as explore_app
 from ckfs.explore.model import DELETED, Item, Model
 from ckfs.explore.portal import TrioPortal
 from ckfs.explore.preview import HEX_BYTES, PREVIEW_BYTES, hexdump, is_binary, render
@@ -55,6 +53,8 @@ def node(name: str, kind: Kind = Kind.FILE, **kw: object) -> Node:
 
 
 def test_tree_labels_escape_names_and_targets_from_the_image() -> None:
+    from ckfs.explore import app as explore_app  # textual: when run (tests.test_explore)
+
     evil = node("\x1b]0;title\x07", Kind.SYMLINK, link="\x1b[31m")
     label = explore_app._label(Item(Version(2, "d/\x1b]0;title\x07", evil)), full_path=False)
     assert str(label) == "\\x1b]0;title\\x07 → \\x1b[31m  L2"
@@ -109,12 +109,14 @@ async def test_search_is_case_insensitive_and_bounded(image: StubImage) -> None:
 def test_a_directory_shows_a_bounded_number_of_rows(
     image: StubImage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from ckfs.explore import app as explore_app
+
     monkeypatch.setattr(explore_app, "MAX_CHILDREN", 2)
 
     async def scenario(app: explore_app.ExploreApp, pilot: object) -> None:
         assert tree_rows(app) == ["bin  L1", "etc  L1", "… 2 more"]
         await press(pilot, "down", "down", "down")  # type: ignore[arg-type]
-        assert app.query_one(Tree).cursor_node.data is None  # the count: nothing to preview
+        assert app.query_one("#tree").cursor_node.data is None  # type: ignore[attr-defined]  # the count: nothing to preview
 
     explore(image, scenario)  # type: ignore[arg-type]
 
