@@ -193,38 +193,10 @@ def _encode(raw: bytes, variant: str) -> tuple[bytes, str]:
 
 
 def _write(root: Path, layers: list[tuple[Descriptor, bytes, str]]) -> Path:
-    blobs = root / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    from integration.estargz import write_layout
 
-    def put(data: bytes) -> dict[str, object]:
-        digest = hashlib.sha256(data).hexdigest()
-        (blobs / digest).write_bytes(data)
-        return {"digest": f"sha256:{digest}", "size": len(data)}
-
-    for _, blob, _ in layers:
-        put(blob)
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id for _, _, diff_id in layers]},
-        "history": HISTORY,
-    }
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": mt.OCI_MANIFEST,
-        "config": {"mediaType": mt.OCI_CONFIG, **put(json.dumps(config).encode())},
-        "layers": [desc.to_json() for desc, _, _ in layers],
-    }
-    body = json.dumps(manifest).encode()
-    entry = {
-        "mediaType": mt.OCI_MANIFEST,
-        **put(body),
-        "annotations": {"org.opencontainers.image.ref.name": "latest"},
-    }
-    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
-    return root
+    run = {"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/bin"]}
+    return write_layout(root, layers, config={"config": run, "history": HISTORY})
 
 
 def golden(name: str, found: Any) -> None:

@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,9 +164,15 @@ def estargz_layout(
     return root, converted
 
 
-def write_layout(root: Path, layers: list[tuple[Descriptor, bytes, str]]) -> Path:
+def write_layout(
+    root: Path,
+    layers: list[tuple[Descriptor, bytes, str]],
+    *,
+    config: dict[str, Any] | None = None,
+) -> Path:
     """An OCI layout at *root* of one image (tag ``latest``) of *layers*:
-    (descriptor, blob, diff ID) each, bottom first, written as given."""
+    (descriptor, blob, diff ID) each, bottom first, written as given.
+    *config* adds to (or replaces) the image config's top-level fields."""
     blobs = root / "blobs" / "sha256"
     blobs.mkdir(parents=True)
     (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
@@ -177,19 +184,20 @@ def write_layout(root: Path, layers: list[tuple[Descriptor, bytes, str]]) -> Pat
 
     for _, blob, _ in layers:
         put(blob)
-    config = json.dumps(
+    body = json.dumps(
         {
             "architecture": "amd64",
             "os": "linux",
             "config": {"Cmd": ["/bin/sh"]},
             "rootfs": {"type": "layers", "diff_ids": [diff_id for _, _, diff_id in layers]},
+            **(config or {}),
         }
     ).encode()
     manifest = json.dumps(
         {
             "schemaVersion": 2,
             "mediaType": mt.OCI_MANIFEST,
-            "config": {"mediaType": mt.OCI_CONFIG, **put(config)},
+            "config": {"mediaType": mt.OCI_CONFIG, **put(body)},
             "layers": [desc.to_json() for desc, _, _ in layers],
         }
     ).encode()
