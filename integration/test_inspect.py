@@ -120,3 +120,14 @@ def test_cat_gives_each_layers_version(ckfs: Ckfs, inspect_images: InspectImages
     assert "no such file" in line
     digest = hashlib.sha256(ckfs.run("cat", ref, "/etc/hosts").stdout.encode()).hexdigest()
     assert digest == hashlib.sha256(b"127.0.0.1 localhost\n").hexdigest()
+
+
+def test_tar_index_rebuilt_by_streaming_says_so(ckfs: Ckfs, inspect_images: InspectImages) -> None:
+    """An uncompressed layer has no TOC: rebuilding its index reads it whole, with a warning."""
+    ref = pull(ckfs, inspect_images, "tar")
+    expect = run_json(ckfs, ["ls", "-R", ref])
+    shutil.rmtree(ckfs.root / "layers")
+    proc = ckfs.run("ls", "-R", ref, "--json")
+    assert json.loads(proc.stdout) == expect
+    assert "reads all of it" in proc.stderr
+    assert ckfs.run("ls", "-R", ref).stderr == ""  # stored: once only

@@ -2,8 +2,9 @@
 
 No root and nothing unpacked: each layer is read through its index
 (`ckfs.layerindex`), which is built if missing, from the local blob when it
-is here, else by Range requests from the registry the image came from (as
-``ckfs pull --lazy`` does). The indexes are stored, as caches, exactly
+is here, else from the registry the image came from as ``ckfs pull --lazy``
+does (an eStargz TOC by Range requests; an uncompressed tar, which has no
+table of contents, streamed once, with a warning). The indexes are stored, as caches, exactly
 where the lazy snapshotter keeps them, so a later lazy mount reuses them.
 
 A layer nothing indexes lazily (zstd, say) is "eager": its local blob is
@@ -14,7 +15,8 @@ locally (a lazy pull fetches them).
 
 File bytes come from the same readers the FUSE server uses
 (`ckfs.layerindex.readers.Readers`): verified before they are returned,
-cached in the chunk cache, never the whole layer.
+cached in the chunk cache, never more of the layer than the file's chunks
+or spans.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import trio
 
 from ckfs.archive.entry import Kind
 from ckfs.errors import DataLoss, InvalidArgument, NotFound
-from ckfs.lazy import EAGER, ESTARGZ
+from ckfs.lazy import EAGER, ESTARGZ, TAR
 from ckfs.options import DEFAULTS, PullOptions
 from ckfs.safetext import printable
 
@@ -131,8 +133,10 @@ class ImageLayers:
         """Open image *ref* of *state*, indexing the layers that have no index yet.
 
         Indexes present are reused with no network. A missing one is built
-        from the local blob, or by Range requests (eStargz TOC, tar headers)
-        for a lazily recorded layer; an eager layer's local blob is streamed.
+        from the local blob, or for a lazily recorded layer from the
+        registry: an eStargz TOC by Range requests; an uncompressed tar by
+        streaming it once (a warning says so: it has no table of contents).
+        An eager layer's local blob is streamed.
 
         Args:
             ref: an image name (``alpine`` is ``docker.io/library/alpine:latest``).
@@ -440,6 +444,12 @@ async def _layer_index(
         if source == ESTARGZ and local:
             return await _estargz_from(blob, desc, store.path(desc.digest), meta), source
         if source != EAGER:
+            if source == TAR and not local:
+                log.warning(  # said: this one fetches a whole layer
+                    "layer %s: indexing an uncompressed layer reads all of it from %s",
+                    desc.digest,
+                    remote.ref.domain,
+                )
             return await _build(state, store, source, desc, diff_id, meta, remote), source
     except BadLayer as e:
         if not local:
