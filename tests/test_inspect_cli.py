@@ -156,6 +156,7 @@ def test_binary_to_a_terminal_is_refused(
         (["cat", "{ref}", "/gone"], "no such file"),
         (["ls", "{ref}", "/nope"], "no such file or directory"),
         (["which", "{ref}", "/nope"], "in no layer"),
+        (["which", "{ref}", "/lib/libc.so"], "'/lib' is a symlink: try --follow"),
         (["which", "{ref}", "/etc/motd\0x"], "NUL"),
     ],
 )

@@ -246,14 +246,22 @@ def which_cmd(app: App, /, follow: bool, as_json: bool, ref: str, path: str, **f
     or null, "shadowed": [ENTRY...] (top first), "deleted_by": {"layer",
     "how", "path"} or null}; ENTRY as in `ckfs ls --json`, plus "created_by".
     """
+    from ckfs.errors import NotFound
     from ckfs.inspect import Merged, user_path
+    from ckfs.safetext import printable
 
     asked = user_path(path)
 
     async def answer(image: ImageLayers) -> dict[str, Any]:
         tree = Merged(image.layers)
         resolved = tree.follow(asked) if follow else asked
-        return _which_json(image, asked, resolved, tree.which(resolved))
+        found = tree.which(resolved)
+        if found.provider is None and found.deleted_by is None:
+            raise NotFound(
+                f"{printable(_path(resolved))!r} is in no layer of {image.name}"
+                + _through_link(tree, resolved)
+            )
+        return _which_json(image, asked, resolved, found)
 
     found = _with_images(app, (ref,), flags, answer)
     if as_json:
@@ -262,13 +270,22 @@ def which_cmd(app: App, /, follow: bool, as_json: bool, ref: str, path: str, **f
     _print_which(found)
 
 
-def _which_json(image: ImageLayers, asked: str, resolved: str, w: Which) -> dict[str, Any]:
-    from ckfs.errors import NotFound
+def _through_link(tree: Merged, path: str) -> str:
+    """A hint when a parent of *path* is a symlink (``which`` does not follow it)."""
+    from ckfs.archive.entry import Kind
     from ckfs.safetext import printable
 
-    if w.provider is None and w.deleted_by is None:
-        raise NotFound(f"{printable(_path(resolved))!r} is in no layer of {image.name}")
+    parts = path.split("/")
+    for n in range(1, len(parts)):
+        v = tree.resolve("/".join(parts[:n]))
+        if v is None:
+            break
+        if v.node.kind == Kind.SYMLINK:
+            return f" ({printable(_path(v.path))!r} is a symlink: try --follow)"
+    return ""
 
+
+def _which_json(image: ImageLayers, asked: str, resolved: str, w: Which) -> dict[str, Any]:
     def entry(v: Version) -> dict[str, Any]:
         return {**entry_json(image, v), "created_by": image.layer(v.layer).created_by}
 
