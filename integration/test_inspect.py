@@ -131,3 +131,12 @@ def test_tar_index_rebuilt_by_streaming_says_so(ckfs: Ckfs, inspect_images: Insp
     assert json.loads(proc.stdout) == expect
     assert "reads all of it" in proc.stderr
     assert ckfs.run("ls", "-R", ref).stderr == ""  # stored: once only
+
+
+@pytest.mark.parametrize("ckfs", ["ckfsd"], indirect=True)
+def test_with_a_ckfsd_serving_the_root(ckfs: Ckfs, inspect_images: InspectImages) -> None:
+    """The commands read the root's indexes and blobs themselves, beside a running ckfsd."""
+    ref = pull(ckfs, inspect_images, "estargz")
+    assert ckfs.run("cat", "--upto", "2", ref, "/etc/motd").stdout == "motd v2\n"
+    found = run_json(ckfs, ["which", ref, "/gone"])
+    assert found["deleted_by"] == {"layer": 2, "how": "whiteout", "path": "/gone"}
