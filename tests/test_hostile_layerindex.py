@@ -314,7 +314,7 @@ def test_truncated_tar_keeps_nothing(tmp_path: Path) -> None:
     assert list((tmp_path / "out").iterdir()) == []
 
 
-@pytest.mark.parametrize("where", [0.1, 0.5, 0.9, -5])
+@pytest.mark.parametrize("where", [0.1, 0.5, 0.9, -8, -5, -1])  # -8..-5: CRC, -4..-1: size
 def test_damaged_gzip_keeps_nothing(tmp_path: Path, where: float) -> None:
     raw = tb.tar(*[tb.F(f"f{i}", random.Random(i).randbytes(3000)) for i in range(20)])
     blob = bytearray(gzip.compress(raw))

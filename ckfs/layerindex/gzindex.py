@@ -164,13 +164,20 @@ def _inflate(
     if diff_id is not None and got != diff_id:
         raise DataLoss(f"{writer.what}: uncompressed digest {got}, not {diff_id}")
     spacing = max(SPACING, -(-stream.size // MAX_CHECKPOINTS))
-    with open(blob, "rb") as raw, _open(spacing, fileobj=raw) as gz:
+    with _open(spacing, filename=str(blob), drop_handles=False) as gz:
         try:
-            gz.build_full_index()
+            # Seeking to the end builds the index as ``build_full_index``
+            # does, but releases the GIL, which that holds throughout (0.13 s
+            # per 59 MB layer in which no other thread of the process runs:
+            # other layers' tar parsing, ckfsd's event loop); zran reads the
+            # file itself, not through Python.
+            gz.seek(stream.size)
             usize = int(gz.seek(0, io.SEEK_END))
-        except OSError as e:
-            # A damaged deflate stream, a bad CRC or size (zran's errors
-            # reach io.BufferedReader as negative lengths: OSError).
+        except (OSError, ValueError) as e:
+            # A damaged deflate stream (zran's errors reach io.BufferedReader
+            # as negative lengths: OSError), or one that ends before the end
+            # the tar pass found (NotCoveredError: ValueError). The tar pass
+            # has checked CRC and size already.
             raise InvalidArgument(f"{writer.what}: not a whole gzip stream: {e}") from None
         with open(gzidx, "wb") as f:
             gz.export_index(fileobj=f)
