@@ -244,6 +244,9 @@ class ExploreApp(App[None]):
         """Load *node*'s children (or the search's matches, at the root) into the tree."""
         assert self.model is not None
         item = node.data
+        tree = self.query_one(Tree)
+        # A layer's changes or a search take seconds on a large image.
+        tree.loading = item is None
         try:
             if item is None and self.search:
                 found = await self.portal.run(
@@ -255,6 +258,9 @@ class ExploreApp(App[None]):
         except CkfsError as e:
             node.add_leaf(Text(message(str(e)), style="red"))
             return
+        finally:
+            if item is None and view == self._view:
+                tree.loading = False
         if view != self._view:
             return
         flat = item is None and bool(self.search)

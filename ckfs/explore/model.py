@@ -7,9 +7,11 @@ the layers' indexes (`ckfs.inspect.Merged`, `ckfs.inspect.changes`,
 `ckfs.inspect.space`) and reads bytes with `ImageLayers.read`, so nothing
 is fetched but the heads of the files a user looks at.
 
-Index work is blocking SQLite, so it runs in ``trio.to_thread``, one call
-at a time (one limiter): a tree load, a search and a preview never race on
-the caches below, and the UI's event loop never waits on a disk.
+Index work is blocking SQLite, so it runs in ``trio.to_thread``: the UI's
+event loop never waits on a disk. Whole-tree passes (a search, a layer's
+changes, the space report: seconds on a large image) run one at a time, so
+the caches below are filled once; directory listings and lookups run beside
+them, so a space report being made never holds up opening a directory.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ckfs.inspect.merged import Merged, Version, Which
 from ckfs.options import DEFAULTS, PullOptions
 
 if TYPE_CHECKING:
-    from ckfs.inspect.changes import Change
+    from ckfs.inspect.changes import Step
     from ckfs.inspect.image import LayerInfo
     from ckfs.inspect.space import SpaceReport
     from ckfs.layerindex.model import Node
@@ -109,8 +111,9 @@ class Model:
 
     def __init__(self, image: Image) -> None:
         self.image = image
-        self._limiter = trio.CapacityLimiter(1)
-        self._merged: dict[tuple[int, ...], Merged] = {}
+        self._passes = trio.CapacityLimiter(1)
+        self._lookups = trio.CapacityLimiter(1)
+        self._merged: dict[tuple[int, int], Merged] = {}
         self._changes: dict[int, _ChangeTree] = {}
 
     @property
@@ -129,36 +132,40 @@ class Model:
     async def children(self, path: str, layer: int | None = None) -> list[Item]:
         """The children of directory *path*: merged, or *layer*'s changes below it."""
         if layer is None:
-            return await self._index(lambda: [Item(v) for v in self._stack(self.top).listdir(path)])
-        return await self._index(lambda: self._change_tree(layer).children(path))
+            merged = self._stack(self.top)
+            return await self._lookup(lambda: [Item(v) for v in merged.listdir(path)])
+        return await self._pass(lambda: self._change_tree(layer).children(path))
 
     async def which(self, path: str) -> Which:
         """Where *path* of the whole image comes from (`Merged.which`)."""
-        return await self._index(lambda: self._stack(self.top).which(path))
+        return await self._lookup(lambda: self._stack(self.top).which(path))
 
     async def search(self, needle: str, layer: int | None = None, limit: int = 500) -> list[Item]:
         """Entries whose path contains *needle* (case-insensitive), in tree order.
 
         In the merged tree, or among *layer*'s changes; at most *limit*.
         """
-        return await self._index(lambda: self._search(needle.casefold(), layer, limit))
+        return await self._pass(lambda: self._search(needle.casefold(), layer, limit))
 
     async def space(self) -> SpaceReport:
         """Wasted bytes and the largest files (`ckfs.inspect.space.space`)."""
         from ckfs.inspect.space import space
 
-        return await self._index(lambda: space(self.image))
+        return await self._pass(lambda: space(self.image))
 
     async def read(self, item: Item, size: int) -> bytes:
         """The first *size* bytes of regular file *item*, verified."""
         version = item.version
         return await self.image.read(self.image.layer(version.layer), version.node, 0, size)
 
-    async def _index(self, work: Callable[[], T]) -> T:
-        return await trio.to_thread.run_sync(work, limiter=self._limiter)
+    async def _pass(self, work: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(work, limiter=self._passes)
+
+    async def _lookup(self, work: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(work, limiter=self._lookups)
 
     def _stack(self, top: int, bottom: int = 1) -> Merged:
-        """The merged tree of layers *bottom* .. *top*, made once."""
+        """The merged tree of layers *bottom* .. *top* (stateless: any thread may use it)."""
         key = (bottom, top)
         if key not in self._merged:
             self._merged[key] = Merged(self.image.upto(top)[bottom - 1 :])
@@ -166,10 +173,9 @@ class Model:
 
     def _change_tree(self, n: int) -> _ChangeTree:
         if n not in self._changes:
-            from ckfs.inspect.changes import layer_changes
+            from ckfs.inspect.changes import layer_steps
 
-            changes = layer_changes(self.image, n)
-            self._changes[n] = _ChangeTree(changes, self._stack(n, n), self._stack(n - 1))
+            self._changes[n] = _ChangeTree(layer_steps(self.image, n), self._stack(n, n))
         return self._changes[n]
 
     def _search(self, needle: str, layer: int | None, limit: int) -> list[Item]:
@@ -218,18 +224,20 @@ class _ChangeTree:
     of that layer leading to them.
 
     Args:
-        changes: the layer's changes (`ckfs.inspect.changes.layer_changes`).
-        alone: the layer by itself (its own entries).
-        below: the stack under it (what a deletion deleted).
+        steps: the layer's changes with their versions
+            (`ckfs.inspect.changes.layer_steps`): a deletion shows the
+            version it deleted, anything else the layer's own.
+        alone: the layer by itself, for the directories leading to changes.
     """
 
-    def __init__(self, changes: Sequence[Change], alone: Merged, below: Merged) -> None:
+    def __init__(self, steps: Sequence[Step], alone: Merged) -> None:
         self._items: dict[str, Item] = {}
         self._kids: dict[str, set[str]] = {}
-        for change in changes:
-            version = (below if change.kind == DELETED else alone).resolve(change.path)
+        for step in steps:
+            change = step.change
+            version = step.new or step.old
             if version is None:
-                continue  # nothing to show: no entry on that side
+                continue  # nothing to show on either side
             self._items[change.path] = Item(version, change.kind, change.fields)
             self._link(change.path, alone)
 
