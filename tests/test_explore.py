@@ -332,3 +332,14 @@ def test_an_image_that_does_not_open_ends_the_app_with_its_error(image: StubImag
 
     app = asyncio.run(main())
     assert isinstance(app.error, NotFound) and app.return_code == 1
+
+
+def test_stepping_through_layers_lists_only_the_one_it_stops_at(image: StubImage) -> None:
+    async def scenario(app: ExploreApp, pilot: Pilot[None]) -> None:
+        await press(pilot, "right_square_bracket", "right_square_bracket", "right_square_bracket")
+        assert app.layer == 3
+        assert app.model is not None and list(app.model._changes) == [3]
+        await press(pilot, "left_square_bracket", "a")
+        assert app.layer is None and list(app.model._changes) == [3]
+
+    explore(image, scenario)

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from ckfs.inspect.image import LayerInfo
     from ckfs.inspect.merged import Which
 
-__all__ = ["MAX_CHILDREN", "SEARCH_LIMIT", "ExploreApp", "Opener"]
+__all__ = ["MAX_CHILDREN", "SEARCH_LIMIT", "SWITCH_DELAY", "ExploreApp", "Opener"]
 
 #: Opens the model, given a callback for (layers indexed, layers in all).
 Opener = Callable[[Callable[[int, int], None]], AbstractAsyncContextManager[Model]]
@@ -64,6 +64,10 @@ MAX_CHILDREN = 2000
 
 #: Matches a search shows, for the same reason.
 SEARCH_LIMIT = 500
+
+#: Seconds a highlighted layer must stay highlighted before its changes are
+#: listed: stepping through layers (``]]]``) lists only the last.
+SWITCH_DELAY = 0.2
 
 #: Characters of a layer's ``created_by`` kept in the layer list.
 _CREATED_BY = 200
@@ -136,11 +140,12 @@ class ExploreApp(App[None]):
         super().__init__()
         self.portal = portal
         self.model: Model | None = None
-        self.layer: int | None = None  # None: the merged tree
+        self.layer: int | None = None  # the layer shown; None: the merged tree
         self.search: str = ""
         self.error: Exception | None = None
         self._opener = opener
         self._shell = shell
+        self._wanted: int | None = None  # the layer highlighted, shown once it settles
         self._view = 0  # bumped by each reload, so a stale load is dropped
         self._filled: set[int] = set()  # tree nodes whose children are loaded
         self._space_asked = False
@@ -210,17 +215,24 @@ class ExploreApp(App[None]):
 
     # -- the tree -----------------------------------------------------------
 
-    def _reload(self) -> None:
-        """Show the current view from its root: merged, one layer's changes, or matches."""
+    def _reload(self, delay: float = 0) -> None:
+        """Show the wanted view from its root (merged, one layer's changes, or
+        matches), after *delay* seconds unless another reload comes first."""
+        self.run_worker(self._show(delay), group="view", exclusive=True)
+
+    async def _show(self, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        self.layer = self._wanted
         self._view += 1
         self._filled.clear()
         tree: Tree[Item | None] = self.query_one(Tree)
         tree.reset(self._root_label(), None)
         self._filled.add(tree.root.id)
-        self.run_worker(self._fill(tree.root, self._view), group="view", exclusive=True)
         self.workers.cancel_group(self, "preview")
         self.query_one("#info", Static).update(self._about_view())
         self.query_one("#preview", Static).update("")
+        await self._fill(tree.root, self._view)
 
     def _about_view(self) -> Text:
         """What the provenance pane says until an entry is highlighted: the layer shown."""
@@ -346,14 +358,16 @@ class ExploreApp(App[None]):
 
     def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
         layer = None if event.option_id in (None, "all") else int(event.option_id)
-        if layer != self.layer:
-            self.layer = layer
-            self._reload()
+        if layer != self._wanted:
+            # Stepping through layers shows only the one it stops at: a
+            # large layer's changes take seconds to list.
+            self._wanted = layer
+            self._reload(SWITCH_DELAY)
 
     def action_step(self, step: int) -> None:
         if self.model is None:
             return
-        n = min(max((self.layer or 0) + step, 0), self.model.top)
+        n = min(max((self._wanted or 0) + step, 0), self.model.top)
         self.query_one("#layers", OptionList).highlighted = n
 
     def action_all_layers(self) -> None:
