@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import trio
 
 from ckfs.archive.entry import Kind
+from ckfs.inspect.changes import Layers
 from ckfs.inspect.merged import Merged, Version, Which
 from ckfs.options import DEFAULTS, PullOptions
 
@@ -84,22 +85,14 @@ class Item:
         return self.version.node.kind == Kind.DIR
 
 
-class Image(Protocol):
-    """What the model reads of an image: `ckfs.inspect.ImageLayers`' surface."""
+class Image(Layers, Protocol):
+    """What the model reads of an image: `ckfs.inspect.ImageLayers`' surface
+    (what `ckfs.inspect.changes` reads, with a name and stacks)."""
 
     @property
     def name(self) -> str: ...
 
-    @property
-    def layers(self) -> list[LayerInfo]: ...
-
-    def layer(self, n: int) -> LayerInfo: ...
-
     def upto(self, n: int) -> list[LayerInfo]: ...
-
-    async def read(
-        self, layer: LayerInfo, node: Node, offset: int = 0, size: int = -1
-    ) -> bytes: ...
 
 
 class Model:
