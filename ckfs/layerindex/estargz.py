@@ -678,7 +678,8 @@ class _Layout:
         if kind not in _TAR_TYPES:
             raise self._bad(record, f"unknown type {printable(kind)!r}")
         try:
-            entry: Entry | None = from_tarinfo(_tarinfo(record, kind), what=self._what)
+            info = _tarinfo(record, kind)
+            entry: Entry | None = from_tarinfo(info, what=self._what)
         except SkipEntry as e:
             self._skip(record, str(e))
             entry = None
@@ -689,10 +690,10 @@ class _Layout:
         pending = _Pending(entry)
         if entry is not None:
             self._queue.append(pending)
-        if kind == "reg" and _int(record, "size") > 0:
-            pending.size = _int(record, "size")
+        if kind == "reg" and info.size > 0:
+            pending.size = info.size
             pending.digest = _text(record, "digest")
-            pending.raw = _text(record, "name")
+            pending.raw = info.name
             self._file = pending
             self._chunk(record)
 
@@ -707,10 +708,8 @@ class _Layout:
             raise self._bad(record, "a chunk that follows no regular file")
         if len(file.chunks) >= self._limits.chunks:
             raise self._bad(record, f"more than {self._limits.chunks} chunks in one file")
-        start = _int(record, "chunkOffset")
-        size = _int(record, "chunkSize") or file.size - start
-        offset = _int(record, "offset")
-        inner = _int(record, "innerOffset")
+        start, size, offset, inner = _ints(record, _CHUNK_FIELDS)
+        size = size or file.size - start
         if size <= 0:
             raise self._bad(record, f"chunk at {start} of a {file.size}-byte file")
         if offset >= self._toc_offset:
@@ -788,10 +787,24 @@ class _Layout:
 
 def _int(record: dict[str, Any], key: str) -> int:
     """A non-negative int64 field (absent: 0, as upstream omits zeros)."""
-    value = record.get(key, 0)
-    if type(value) is not int or not 0 <= value <= _INT64:
-        raise TypeError(f"{key} is not a number from 0 to 2**63-1")
-    return value
+    return _ints(record, (key,))[0]
+
+
+#: Integer fields of a record, read together (in the order checked).
+_OWNER_FIELDS = ("mode", "uid", "gid")
+_DEVICE_FIELDS = ("devMajor", "devMinor")
+_CHUNK_FIELDS = ("chunkOffset", "chunkSize", "offset", "innerOffset")
+
+
+def _ints(record: dict[str, Any], keys: tuple[str, ...]) -> list[int]:
+    """`_int` of each of *keys*, in one call (this runs for every record)."""
+    values = []
+    for key in keys:
+        value = record.get(key, 0)
+        if type(value) is not int or not 0 <= value <= _INT64:
+            raise TypeError(f"{key} is not a number from 0 to 2**63-1")
+        values.append(value)
+    return values
 
 
 def _text(record: dict[str, Any], key: str) -> str:
@@ -809,14 +822,11 @@ def _tarinfo(record: dict[str, Any], kind: str) -> tarfile.TarInfo:
     """
     info = tarfile.TarInfo(_text(record, "name"))
     info.type = _TAR_TYPES[kind]
-    info.mode = _int(record, "mode")
-    info.uid = _int(record, "uid")
-    info.gid = _int(record, "gid")
+    info.mode, info.uid, info.gid = _ints(record, _OWNER_FIELDS)
     info.size = _int(record, "size") if kind == "reg" else 0
     info.mtime = _mtime(_text(record, "modtime"))
     info.linkname = _text(record, "linkName")
-    info.devmajor = _int(record, "devMajor")
-    info.devminor = _int(record, "devMinor")
+    info.devmajor, info.devminor = _ints(record, _DEVICE_FIELDS)
     xattrs = record.get("xattrs")
     if xattrs is None:
         xattrs = {}
