@@ -71,7 +71,9 @@ __all__ = [
     "AttachReport",
     "Attacher",
     "LayerPlan",
+    "OnDemandClient",
     "attach_image",
+    "build_index",
     "chain_layer",
     "index_layers",
     "lazy_children",
@@ -191,9 +193,9 @@ async def pull_lazy(
     from ckfs.errors import unwrap_groups
     from ckfs.provide import with_hosts_dirs
     from ckfs.pull import pull
-    from ckfs.unpack import _Arrivals
+    from ckfs.unpack import Arrivals
 
-    arrivals = _Arrivals(state.content)
+    arrivals = Arrivals(state.content)
     pulled = trio.Event()
     waiting: set[trio.CancelScope] = set()
     reports: list[PullReport] = []
@@ -277,7 +279,7 @@ async def index_layers(
     )
     plans: list[LayerPlan | None] = [None] * len(manifest.layers)
     limiter = trio.CapacityLimiter(INDEX_CONCURRENCY)
-    async with _Remote(state, ref, options) as remote:
+    async with OnDemandClient(state, ref, options) as remote:
 
         async def one(i: int, desc: Descriptor) -> None:
             async with limiter:
@@ -378,7 +380,7 @@ async def _index_one(
     state: State,
     desc: Descriptor,
     diff_id: Digest,
-    remote: _Remote,
+    remote: OnDemandClient,
     arrival: Callable[[Descriptor], Awaitable[None]] | None = None,
 ) -> LayerPlan:
     """Index *desc* unless it is already; its plan. A refused layer's plan is eager.
@@ -401,7 +403,7 @@ async def _index_one(
     if source == GZIP and arrival is not None:
         await arrival(desc)
     try:
-        index = await _build(state, store, source, desc, diff_id, meta, remote)
+        index = await build_index(state, store, source, desc, diff_id, meta, remote)
     except BadLayer as e:
         log.info("%s; unpacking it eagerly", e)  # the CLI says it (every mount, either face)
         return LayerPlan(desc, EAGER, str(e))
@@ -409,14 +411,14 @@ async def _index_one(
     return LayerPlan(desc, source)
 
 
-async def _build(
+async def build_index(
     state: State,
     store: IndexStore,
     source: str,
     desc: Descriptor,
     diff_id: Digest,
     meta: Mapping[str, str],
-    remote: _Remote,
+    remote: OnDemandClient,
 ) -> LayerIndex:
     """Build *desc*'s index from *source* (raises `BadLayer` when it refuses).
 
@@ -464,7 +466,7 @@ def _local_blob(content: ContentStore, desc: Descriptor) -> Path | None:
         return None
 
 
-class _Remote:
+class OnDemandClient:
     """A registry client for *ref*, opened on first use only (most layers need none)."""
 
     def __init__(self, state: State, ref: Reference, options: PullOptions) -> None:
@@ -482,7 +484,7 @@ class _Remote:
                 self._client = await client_for(self.ref, options).__aenter__()
             return self._client
 
-    async def __aenter__(self) -> _Remote:
+    async def __aenter__(self) -> OnDemandClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

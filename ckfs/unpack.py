@@ -65,6 +65,7 @@ if TYPE_CHECKING:
     import httpx
 
 __all__ = [
+    "Arrivals",
     "UnpackReport",
     "extract_snapshots",
     "label_config",
@@ -361,7 +362,7 @@ async def unpack(
 _SETTLED = frozenset({BlobState.EXISTS, BlobState.VERIFIED, BlobState.SKIPPED, BlobState.FAILED})
 
 
-class _Arrivals:
+class Arrivals:
     """Which blobs a running fetch has made present, as trio events.
 
     Fed by the fetch's ``on_event``. The fetch visits its target before any
@@ -418,7 +419,7 @@ async def pull_and_unpack(
     Raises:
         As `ckfs.pull.pull` and `unpack`; the first failure cancels the other.
     """
-    arrivals = _Arrivals(content)
+    arrivals = Arrivals(content)
     platform = options.platform
     follow = platform_children(platform, all_platforms=options.all_platforms)
     limit = await trio.to_thread.run_sync(max_layers, sn)  # children() runs on the loop

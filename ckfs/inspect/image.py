@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from ckfs.images.config import ImageConfig
     from ckfs.layerindex.model import LayerIndex, Node
     from ckfs.layerindex.readers import Reader
-    from ckfs.lazy import _Remote
+    from ckfs.lazy import OnDemandClient
     from ckfs.state import State
 
 __all__ = [
@@ -153,7 +153,7 @@ class ImageLayers:
         """
         from ckfs import reference
         from ckfs.images import image as img
-        from ckfs.lazy import INDEX_CONCURRENCY, _Remote
+        from ckfs.lazy import INDEX_CONCURRENCY, OnDemandClient
         from ckfs.rootfs import image_chain
 
         parsed = reference.parse(ref)
@@ -168,7 +168,7 @@ class ImageLayers:
         history = created_by(config)
         limiter = trio.CapacityLimiter(INDEX_CONCURRENCY)
         try:
-            async with _Remote(state, parsed, options) as remote:
+            async with OnDemandClient(state, parsed, options) as remote:
 
                 async def one(at: list[int], desc: Descriptor) -> None:
                     async with limiter:
@@ -425,12 +425,12 @@ class _Made:
 
 
 async def _layer_index(
-    state: State, desc: Descriptor, diff_id: Digest, remote: _Remote, made: _Made
+    state: State, desc: Descriptor, diff_id: Digest, remote: OnDemandClient, made: _Made
 ) -> tuple[LayerIndex, str]:
     """*desc*'s index, open, and its source: the stored one, else one built now."""
     from ckfs.layerindex.model import BadLayer
     from ckfs.layerindex.store import IndexStore
-    from ckfs.lazy import _build, source_of
+    from ckfs.lazy import build_index, source_of
 
     store = IndexStore(state.root)
     existing = await trio.to_thread.run_sync(store.get, desc.digest)
@@ -450,7 +450,7 @@ async def _layer_index(
                     desc.digest,
                     remote.ref.domain,
                 )
-            return await _build(state, store, source, desc, diff_id, meta, remote), source
+            return await build_index(state, store, source, desc, diff_id, meta, remote), source
     except BadLayer as e:
         if not local:
             raise
