@@ -2,44 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ckfs_cli.app import App, human_size, print_json, print_table
-from ckfs_cli.options import pass_app, pull_options, registry_options
+from ckfs_cli.options import pass_app, registry_options, with_images
 
 if TYPE_CHECKING:
     from ckfs.inspect import ImageLayers
     from ckfs.inspect.changes import Change
     from ckfs.inspect.space import SpaceReport
-
-_T = TypeVar("_T")
-
-
-def _with_images(
-    app: App, refs: tuple[str, ...], flags: dict[str, Any], body: Callable[..., Awaitable[_T]]
-) -> _T:
-    """Open the images *refs* (indexing layers that have none yet), run *body*
-    on them, and close them, whatever happens."""
-    import contextlib
-
-    import trio
-
-    from ckfs.inspect import ImageLayers
-
-    options = pull_options(**flags)
-
-    async def run() -> _T:
-        async with contextlib.AsyncExitStack() as stack:
-            images = []
-            for ref in refs:
-                opened = await ImageLayers.open(app.state, ref, options=options)
-                images.append(await stack.enter_async_context(opened))
-            return await body(*images)
-
-    return trio.run(run)
 
 
 @click.command("diff")
@@ -101,9 +74,9 @@ def diff_cmd(
     if len(refs) == 2 and number is not None:
         raise click.UsageError("--layer compares a layer with those below it: give one image")
     if len(refs) == 2:
-        doc = _with_images(app, refs, flags, lambda a, b: _image_diff(a, b, no_read))
+        doc = with_images(app, refs, flags, lambda a, b: _image_diff(a, b, no_read))
     else:
-        doc = _with_images(app, refs, flags, lambda image: _layers_diff(image, number, no_read))
+        doc = with_images(app, refs, flags, lambda image: _layers_diff(image, number, no_read))
     changes: list[Change] = doc.pop("changes")
     if as_json:
         print_json({**doc, "changes": [c.to_json() for c in changes]})
@@ -185,7 +158,7 @@ def space_cmd(app: App, /, top: int, as_json: bool, ref: str, **flags: Any) -> N
 
         return image.name, await trio.to_thread.run_sync(lambda: space(image, top=top or _ALL))
 
-    name, found = _with_images(app, (ref,), flags, report)
+    name, found = with_images(app, (ref,), flags, report)
     cut = top or None
     if as_json:
         print_json({"image": name, **found.to_json(cut)})

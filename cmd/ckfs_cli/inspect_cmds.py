@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ckfs_cli.app import App, human_size, print_json, print_table
-from ckfs_cli.changes_cmds import _with_images
-from ckfs_cli.options import pass_app, registry_options
+from ckfs_cli.options import pass_app, registry_options, with_images
 
 if TYPE_CHECKING:
     from ckfs.inspect import ImageLayers, Merged, Version, Which
@@ -159,7 +158,7 @@ def layers_cmd(app: App, /, as_json: bool, ref: str, **flags: Any) -> None:
 
         return await trio.to_thread.run_sync(_layer_rows, app, image)
 
-    found = _with_images(app, (ref,), flags, rows)
+    found = with_images(app, (ref,), flags, rows)
     if as_json:
         print_json(found)
         return
@@ -263,7 +262,7 @@ def which_cmd(app: App, /, follow: bool, as_json: bool, ref: str, path: str, **f
             )
         return _which_json(image, asked, resolved, found)
 
-    found = _with_images(app, (ref,), flags, answer)
+    found = with_images(app, (ref,), flags, answer)
     if as_json:
         print_json(found)
         return
@@ -372,7 +371,7 @@ def ls_cmd(
         found = _list(_tree(image, number, upto), asked, recursive)
         return ([entry_json(image, v) for v in found] if as_json else []), found
 
-    docs, found = _with_images(app, (ref,), flags, listing)
+    docs, found = with_images(app, (ref,), flags, listing)
     if as_json:
         print_json(docs)
     elif long:
@@ -485,7 +484,7 @@ def cat_cmd(
             offset += len(piece)
         out.flush()
 
-    _with_images(app, (ref,), flags, write)
+    with_images(app, (ref,), flags, write)
 
 
 def _file(tree: Merged, resolved: str, asked: str) -> Version:

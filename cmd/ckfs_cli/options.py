@@ -5,7 +5,7 @@ Click only: importing this costs nothing beyond click itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,9 +27,11 @@ __all__ = [
     "pull_options",
     "registry_options",
     "snapshotter_option",
+    "with_images",
 ]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
 
 #: Hands a command the `App` made by the top-level group.
 pass_app = click.make_pass_decorator(App)
@@ -187,3 +189,30 @@ def pull_options(*, platform: str | None = None, **flags: Any) -> PullOptions:
 
     parsed = platforms.parse(platform) if platform else None
     return PullOptions(platform=parsed, **flags)
+
+
+def with_images(
+    app: App, refs: tuple[str, ...], flags: dict[str, Any], body: Callable[..., Awaitable[_T]]
+) -> _T:
+    """Open the images *refs* (indexing layers that have none yet), run *body*
+    on them, and close them, whatever happens.
+
+    *flags* are the `registry_options`: where a missing layer index is read from.
+    """
+    import contextlib
+
+    import trio
+
+    from ckfs.inspect import ImageLayers
+
+    options = pull_options(**flags)
+
+    async def run() -> _T:
+        async with contextlib.AsyncExitStack() as stack:
+            images = []
+            for ref in refs:
+                opened = await ImageLayers.open(app.state, ref, options=options)
+                images.append(await stack.enter_async_context(opened))
+            return await body(*images)
+
+    return trio.run(run)
