@@ -200,7 +200,7 @@ class Ckfs:
         root = self.work / f"ckfs{next(self.count)}"
         self.roots.append(root)
         if daemons:
-            client = start_daemon(root, root_given=True)
+            client = start_daemon(root)
             if client is not None:
                 client.close()
             ensure_server(root)

@@ -18,6 +18,7 @@ __all__ = [
     "default_root",
     "default_socket",
     "socket_path",
+    "system_root",
 ]
 
 #: root's daemon, beside containerd's /run/containerd/containerd.sock.
@@ -29,9 +30,18 @@ UUID_FILE = "uuid"
 
 
 def default_root() -> Path:
-    """``$CKFS_ROOT``; else ``/var/lib/ckfs`` for root, ``$XDG_DATA_HOME/ckfs`` otherwise."""
+    """``$CKFS_ROOT``; else `system_root`."""
     if env := os.environ.get("CKFS_ROOT"):
         return Path(env)
+    return system_root()
+
+
+def system_root() -> Path:
+    """The root nobody has to name: ``/var/lib/ckfs`` for root, ``$XDG_DATA_HOME/ckfs`` otherwise.
+
+    Its daemon listens on `default_socket` (containerd's way: one well-known
+    socket per host); any other root's in that root (``ckfs.client.root_address``).
+    """
     if os.geteuid() == 0:
         return Path("/var/lib/ckfs")
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")

@@ -14,8 +14,9 @@ Finding a daemon (`discover`):
   the daemon must serve that root (`Client.check_root`);
 - otherwise the root's socket is probed: for the default state root the
   default socket (`ckfs.address`), for a root named by ``--root`` /
-  ``CKFS_ROOT`` the socket a ckfsd started for it listens on
-  (`root_address`, ``<root>/ckfsd.sock``); only if the socket file exists
+  ``CKFS_ROOT`` the socket ``ckfsd --root`` listens on without
+  ``--address`` (`root_address`, ``<root>/ckfsd.sock``, the default socket
+  for `ckfs.address.system_root`); only if the socket file exists
   (so a machine without ckfsd pays no grpc import at all), with a short
   connect timeout; no answer, or a daemon serving another root (told by
   the root's UUID, `Client.check_root`), means the local path.
@@ -481,17 +482,21 @@ def _probe(address: str, root: Path) -> Client | None:
 
 
 def root_address(root: Path) -> str:
-    """Where a ckfsd started for the root *root* (named by ``--root``) listens.
+    """Where the ckfsd of the root *root* listens unless told ``--address``.
 
     ``<root>/ckfsd.sock``: found from the root alone, by every command on
-    it. A root whose path leaves no room for a socket name (unix socket
-    paths are short) gets one named after its path's hash instead, beside
-    this user's default socket.
+    it and by ``ckfsd --root`` started by hand or by `start_daemon`. The
+    root nobody has to name (`ckfs.address.system_root`) keeps the default
+    socket, where containerd's configuration points. A root whose path
+    leaves no room for a socket name (unix socket paths are short) gets one
+    named after its path's hash instead, beside this user's default socket.
     """
     import hashlib
 
-    from ckfs.address import default_socket
+    from ckfs.address import default_address, default_socket, system_root
 
+    if os.path.abspath(root) == os.path.abspath(system_root()):
+        return default_address()
     path = Path(os.path.abspath(root)) / ROOT_SOCKET
     if len(os.fsencode(path)) > _SOCKET_PATH_MAX:
         name = hashlib.sha256(os.fsencode(path.parent)).hexdigest()[:16]
@@ -499,13 +504,12 @@ def root_address(root: Path) -> str:
     return f"unix://{path}"
 
 
-def start_daemon(root: Path, *, root_given: bool, timeout: float = START_TIMEOUT) -> Client | None:
+def start_daemon(root: Path, *, timeout: float = START_TIMEOUT) -> Client | None:
     """Start a ckfsd for *root* in the background and connect to it once it answers.
 
     The daemon runs in a session of its own (it outlives this command, as
     the FUSE server does), its output appended to ``<root>/ckfsd.log``; it
-    listens on the root's socket: the default one for the default root,
-    `root_address` for a root the user named (*root_given*). It says it is
+    listens on the root's socket (`root_address`). It says it is
     ready on a pipe (``--ready-fd``). If another command started one at the
     same moment, ours exits (the root is taken) and theirs is used. If a
     ckfsd serves the root on another socket (one the user started with its
@@ -521,9 +525,7 @@ def start_daemon(root: Path, *, root_given: bool, timeout: float = START_TIMEOUT
     import sys
     import time
 
-    from ckfs.address import default_address
-
-    address = root_address(root) if root_given else default_address()
+    address = root_address(root)
     root.mkdir(parents=True, exist_ok=True)
     log = root / ROOT_LOG
     deadline = time.monotonic() + timeout

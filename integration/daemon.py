@@ -30,6 +30,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from ckfs.address import socket_path
+from ckfs.client import root_address
 from integration.conftest import REPO
 
 __all__ = ["READY_TIMEOUT", "STOP_GRACE", "Daemon", "channel", "ckfsd_fixture", "running_ckfsd"]
@@ -67,18 +69,10 @@ class Daemon:
         return self.log.read_text(errors="replace")
 
 
-def ckfsd_command(root: Path, socket: Path, *args: str) -> list[str]:
-    """The command line of a ckfsd on *root* and *socket*."""
-    return [
-        sys.executable,
-        "-m",
-        "ckfsd",
-        "--root",
-        str(root),
-        "--address",
-        f"unix://{socket}",
-        *args,
-    ]
+def ckfsd_command(root: Path, socket: Path | None, *args: str) -> list[str]:
+    """The command line of a ckfsd on *root* and *socket* (None: the root's own)."""
+    address = ["--address", f"unix://{socket}"] if socket else []
+    return [sys.executable, "-m", "ckfsd", "--root", str(root), *address, *args]
 
 
 def daemon_env() -> dict[str, str]:
@@ -107,7 +101,7 @@ def wait_ready(read_fd: int, process: subprocess.Popen[bytes], log: Path, timeou
 
 def start(
     root: Path,
-    socket: Path,
+    socket: Path | None,
     log: Path,
     *args: str,
     timeout: float = READY_TIMEOUT,
@@ -115,7 +109,9 @@ def start(
 ) -> Daemon:
     """Start ckfsd and wait until it is ready (the caller must `stop` it).
 
-    *env* adds to the daemon's environment.
+    Without a *socket* it is given no ``--address``: it listens on the
+    root's own (`ckfs.client.root_address`). *env* adds to the daemon's
+    environment.
     """
     read_fd, write_fd = os.pipe()
     try:
@@ -139,7 +135,8 @@ def start(
         os.close(read_fd)
         if write_fd >= 0:
             os.close(write_fd)
-    return Daemon(f"unix://{socket}", socket, root, process.pid, log, process)
+    address = f"unix://{socket}" if socket else root_address(root)
+    return Daemon(address, socket_path(address), root, process.pid, log, process)
 
 
 def stop(process: subprocess.Popen[bytes], grace: float = STOP_GRACE) -> int:

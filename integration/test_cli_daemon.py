@@ -19,7 +19,7 @@ import pytest
 
 from ckfs.mount import is_mountpoint
 from integration.conftest import EXAMPLE_NAME, Ckfs
-from integration.daemon import Daemon, running_ckfsd
+from integration.daemon import Daemon, running_ckfsd, start, stop
 from integration.mounts import MountGuard
 from integration.registry import EXAMPLE_REPO, Registry
 
@@ -152,6 +152,21 @@ def test_a_client_run_loads_no_loop_http_or_store(
         )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
+
+
+def test_ckfsd_on_a_root_and_ckfs_on_it_find_each_other(
+    tmp_path: Path, example_layout: Path
+) -> None:
+    """``ckfsd --root X`` by hand and ``ckfs --root X``: neither is told a socket."""
+    root = tmp_path / "root"
+    Ckfs(root).run("import", "--name", EXAMPLE_NAME, str(example_layout))
+    daemon = start(root, None, tmp_path / "ckfsd.log")
+    try:
+        assert daemon.socket.is_socket()
+        assert Ckfs(root).run("images", "ls", "-q").stdout.split() == [EXAMPLE_NAME]
+        assert rpcs(daemon)[-1] == "/containerd.services.images.v1.Images/List"
+    finally:
+        stop(daemon.process)
 
 
 def test_a_daemon_of_another_root_is_refused(

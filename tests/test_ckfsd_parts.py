@@ -15,7 +15,13 @@ import pytest
 import trio
 
 from ckfs import unpack
-from ckfs.address import SYSTEM_SOCKET, default_address, default_socket, socket_path
+from ckfs.address import (
+    SYSTEM_SOCKET,
+    default_address,
+    default_socket,
+    socket_path,
+    system_root,
+)
 from ckfs.digest import Digest
 from ckfs.errors import FailedPrecondition, InvalidArgument, Unavailable
 from ckfs.services.bridge import AddToServer, generated_handlers
@@ -52,6 +58,23 @@ def test_command_line_wins_over_file_over_defaults(tmp_path: Path) -> None:
         4,
     )
     assert config.grace_period == DEFAULT_GRACE and config.debug
+
+
+def test_without_an_address_a_root_is_served_where_ckfs_looks_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CKFS_ROOT", raising=False)
+    assert resolve(Path("/srv/x"), None, None).address == "unix:///srv/x/ckfsd.sock"
+    file = tmp_path / "ckfsd.toml"
+    file.write_text('root = "/srv/y"\n')
+    assert resolve(None, None, file).address == "unix:///srv/y/ckfsd.sock"
+    monkeypatch.setenv("CKFS_ROOT", "/srv/z")
+    assert resolve(None, None, None).address == "unix:///srv/z/ckfsd.sock"
+    # The root nobody names keeps the well-known socket containerd points at.
+    monkeypatch.delenv("CKFS_ROOT")
+    assert resolve(None, None, None).address == default_address()
+    assert resolve(system_root(), None, None).address == default_address()
+    assert resolve(Path("/srv/x"), "unix:///run/x.sock", None).address == "unix:///run/x.sock"
 
 
 @pytest.mark.parametrize(

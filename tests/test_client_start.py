@@ -12,11 +12,15 @@ from pathlib import Path
 import pytest
 
 from ckfs import client, errors
-from ckfs.address import default_socket
+from ckfs.address import default_address, default_socket, system_root
 
 
 def test_a_named_root_has_its_socket_inside() -> None:
     assert client.root_address(Path("/srv/ckfs")) == "unix:///srv/ckfs/ckfsd.sock"
+
+
+def test_the_default_root_named_keeps_the_default_socket() -> None:
+    assert client.root_address(system_root()) == default_address()
 
 
 def test_a_root_too_long_for_a_socket_path_gets_a_hashed_name() -> None:
@@ -40,7 +44,7 @@ def test_a_daemon_that_cannot_start_is_reported_with_its_log_line(tmp_path: Path
     root.mkdir()
     (root / "ckfsd.sock").write_text("in the way")  # ckfsd refuses to replace it
     with pytest.raises(errors.Unavailable) as failed:
-        client.start_daemon(root, root_given=True)
+        client.start_daemon(root)
     assert "did not start" in str(failed.value)
     assert "is not a socket" in str(failed.value)
     assert str(root / "ckfsd.log") in str(failed.value)

@@ -80,7 +80,7 @@ class App:
 
         root = self._given_root()
         try:
-            self._daemon = start_daemon(root or default_root(), root_given=root is not None)
+            self._daemon = start_daemon(root or default_root())
         except Unavailable as e:
             click.echo(f"ckfs: {message(str(e))}; going on without it", err=True)
 

@@ -2,7 +2,9 @@
 
 ``ckfsd [--root DIR] [--address unix:///run/ckfs/ckfsd.sock] [--config FILE]
 [--debug] [--ready-fd N]``. Options on the command line win over the config
-file, which wins over the defaults. The config file is TOML with top-level
+file, which wins over the defaults. Without an address, a root other than
+the default one is served on ``<root>/ckfsd.sock``, where ``ckfs --root``
+looks for it. The config file is TOML with top-level
 keys only (see ``docs/ckfsd.toml``)::
 
     root = "/var/lib/ckfs"
@@ -114,8 +116,14 @@ def _checked(config: Config) -> Config:
 def resolve(
     root: Path | None, address: str | None, config_file: Path | None, **options: Any
 ) -> Config:
-    """The `Config` from the command line, the config file and the defaults."""
-    from ckfs.address import default_address, default_root
+    """The `Config` from the command line, the config file and the defaults.
+
+    Without an address the daemon listens where ``ckfs`` looks for the
+    root's daemon (`ckfs.client.root_address`): ``ckfsd --root X`` and
+    ``ckfs --root X`` find each other with no socket named to either.
+    """
+    from ckfs.address import default_root
+    from ckfs.client import root_address
 
     settings = load_config(config_file) if config_file else {}
     if root is not None:
@@ -123,7 +131,7 @@ def resolve(
     if address is not None:
         settings["address"] = address
     settings.setdefault("root", default_root())
-    settings.setdefault("address", default_address())
+    settings.setdefault("address", root_address(settings["root"]))
     known = {f.name for f in fields(Config)}
     return _checked(Config(**settings, **{k: v for k, v in options.items() if k in known}))
 
@@ -161,7 +169,8 @@ def _check_fd(ready_fd: int | None) -> None:
 )
 @click.option(
     "--address",
-    help="unix:// socket to listen on [default: unix:///run/ckfs/ckfsd.sock for root, "
+    help="unix:// socket to listen on [default: <root>/ckfsd.sock, where ckfs --root looks; "
+    "for the default root unix:///run/ckfs/ckfsd.sock for root, "
     "$XDG_RUNTIME_DIR/ckfs/ckfsd.sock otherwise].",
 )
 @click.option(
