@@ -20,10 +20,10 @@ import pytest
 from ckfs.archive.entry import Entry, Kind
 from ckfs.errors import Unavailable
 from ckfs.layerindex.model import LayerIndex, Node
+from ckfs.layerindex.readers import Reader, Unserved
 from ckfs.layerindex.store import IndexStore, dirname
-from snapshotters.fuse.data import Unserved
 from snapshotters.fuse.ops import ROOT_ATTR_TIMEOUT, TIMEOUT, Ops
-from snapshotters.fuse.tree import ROOT_INO, Reader, Tree
+from snapshotters.fuse.tree import ROOT_INO, Tree
 from tests.test_fuse_tree import MTIME, d, f, layer
 
 CTX: Any = None  # the handlers never look at the request context

@@ -28,7 +28,8 @@ import trio
 
 from ckfs.errors import CkfsError, InvalidArgument, NotFound
 from ckfs.layerindex.model import LayerIndex, Node
-from snapshotters.fuse.tree import ROOT_INO, Attr, Layer, Listing, Reader, Tree
+from ckfs.layerindex.readers import Reader
+from snapshotters.fuse.tree import ROOT_INO, Attr, Layer, Listing, Tree
 
 __all__ = ["BLOCK_SIZE", "ROOT_ATTR_TIMEOUT", "TIMEOUT", "Ops", "entry_attributes"]
 

@@ -39,10 +39,10 @@ import trio
 
 from ckfs.digest import Digest
 from ckfs.layerindex.cache import DISK_SHARE, ChunkCache
+from ckfs.layerindex.readers import Readers
 from ckfs.layerindex.store import IndexStore
 from ckfs.locks import try_lock
 from ckfs.state import State
-from snapshotters.fuse.data import Readers
 from snapshotters.fuse.ops import Ops
 from snapshotters.fuse.process import ServerPaths, clean_mount
 from snapshotters.fuse.tree import Tree

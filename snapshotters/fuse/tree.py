@@ -36,7 +36,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ckfs.archive.entry import Kind
 from ckfs.digest import Digest
@@ -53,6 +53,9 @@ from snapshotters.fuse.overrides import (
     split_name,
 )
 
+if TYPE_CHECKING:
+    from ckfs.layerindex.readers import Reader
+
 __all__ = [
     "MERGED",
     "MERGED_INO",
@@ -64,7 +67,6 @@ __all__ = [
     "Inode",
     "Layer",
     "Listing",
-    "Reader",
     "Tree",
     "View",
     "node_attr",
@@ -167,14 +169,6 @@ class Indexes(Protocol):
 
     def digests(self) -> Iterable[Digest]:
         """Every layer with an index."""
-        ...
-
-
-class Reader(Protocol):
-    """Where a layer's file bytes come from (`snapshotters.fuse.data`)."""
-
-    async def read(self, node: Node, offset: int, size: int) -> bytes:
-        """Up to *size* bytes of *node*'s file from *offset*; short only at its end."""
         ...
 
 
