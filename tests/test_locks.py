@@ -27,6 +27,20 @@ def test_try_lock_is_exclusive_and_leaks_nothing(tmp_path: Path) -> None:
     os.close(again)
 
 
+def test_try_lock_without_create_leaves_a_missing_file_missing(tmp_path: Path) -> None:
+    path = tmp_path / "lock"
+    assert try_lock(path, create=False) is None
+    assert try_lock(tmp_path / "gone" / "lock", create=False) is None
+    assert not path.exists()
+    held = try_lock(path)
+    assert held is not None
+    assert try_lock(path, create=False) is None  # held
+    os.close(held)
+    again = try_lock(path, create=False)
+    assert again is not None
+    os.close(again)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

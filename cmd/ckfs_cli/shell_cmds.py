@@ -240,19 +240,9 @@ def _lock(bundle: Path, *, create: bool = False) -> int | None:
     gets no copy), so it goes with the ``ckfs shell`` holding it, however
     that process ends.
     """
-    import fcntl
+    from ckfs.locks import try_lock
 
-    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-    try:
-        fd = os.open(bundle / LOCK, flags, 0o600)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    return try_lock(bundle / LOCK, create=create)
 
 
 def _reap(app: App, shells: Path, own: Path) -> None:
