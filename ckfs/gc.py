@@ -430,7 +430,7 @@ def collect(
 
 
 def _collect_layers(root: Path, keep: set[Digest], dry_run: bool, report: GCReport) -> None:
-    """Remove the index and cached chunks of every layer not in *keep*."""
+    """Remove the index, cached chunks and chain records of every layer not in *keep*."""
     from ckfs.layerindex.cache import ChunkCache
     from ckfs.layerindex.store import IndexStore
     from ckfs.state import State
@@ -447,6 +447,13 @@ def _collect_layers(root: Path, keep: set[Digest], dry_run: bool, report: GCRepo
                 report.errors.append(f"layer {digest}: {_reason(e)}")
                 continue
         report.layers.append(digest)
+    if not dry_run:
+        from ckfs.lazy import drop_chains
+
+        try:
+            drop_chains(root, set(indexes.digests()))
+        except OSError as e:
+            report.errors.append(f"chain records: {_reason(e)}")
 
 
 def _noting(out: list[str]) -> CleanupError:

@@ -34,7 +34,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -75,6 +75,7 @@ __all__ = [
     "attach_image",
     "build_index",
     "chain_layer",
+    "drop_chains",
     "index_layers",
     "lazy_children",
     "pull_lazy",
@@ -362,11 +363,46 @@ def record_chains(root: Path, chain: Sequence[Digest], plans: Sequence[LayerPlan
 def chain_layer(root: Path, chain_id: str) -> tuple[Digest, str] | None:
     """The layer completing *chain_id* and its parent chain ID, if `record_chains` knows it."""
     from ckfs.errors import InvalidArgument
-    from ckfs.jsondoc import parse_object
     from ckfs.layerindex import dirname
 
     try:
         path = root / "layers" / CHAINS_DIR / dirname(Digest.parse(chain_id))
+    except InvalidArgument:
+        return None
+    return _chain_record(path)
+
+
+def drop_chains(root: Path, indexed: Set[Digest]) -> int:
+    """Remove every chain record naming a layer outside *indexed*; how many went.
+
+    ``ckfs gc`` calls it with the layers whose index it kept: a record
+    outliving its layer's index names a layer nothing serves any more. A
+    file that does not read as a record goes too; temporaries (dot names)
+    are `record_chains`'s own.
+
+    Raises:
+        OSError: the records' directory cannot be listed or a record removed.
+    """
+    where = root / "layers" / CHAINS_DIR
+    if not where.is_dir():
+        return 0
+    dropped = 0
+    for path in sorted(where.iterdir()):
+        if path.name.startswith("."):
+            continue
+        record = _chain_record(path)
+        if record is None or record[0] not in indexed:
+            path.unlink(missing_ok=True)
+            dropped += 1
+    return dropped
+
+
+def _chain_record(path: Path) -> tuple[Digest, str] | None:
+    """The layer and parent chain ID the record *path* names; None if it does not read as one."""
+    from ckfs.errors import InvalidArgument
+    from ckfs.jsondoc import parse_object
+
+    try:
         record = parse_object(path.read_bytes(), str(path))
         parent = record["parent"]
         if not isinstance(parent, str):

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from ckfs import errors
+from ckfs import errors, lazy
+from ckfs import mediatypes as mt
+from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest, from_bytes
 from ckfs.gc import collect
 from ckfs.mount import Mount
@@ -235,13 +237,23 @@ def test_gc_removes_the_index_and_chunks_of_layers_nothing_needs(
     sn.attach("chain-a", LAYER_A, labels=GC_ROOT)  # kept: a rooted snapshot attaches it
     sn.attach("chain-b", LAYER_B)  # collected with its snapshot
 
+    chains = [from_bytes(b"chain a"), from_bytes(b"chain b"), from_bytes(b"chain c")]
+    descs = [Descriptor(mt.OCI_LAYER, d, 0) for d in (LAYER_A, LAYER_B, layer_c)]
+    lazy.record_chains(state.root, chains, [lazy.LayerPlan(d, lazy.TAR) for d in descs])
+
     dry = collect(state.content, state.images, {"fuse": sn}, dry_run=True, layer_root=state.root)
     assert dry.layers == [layer_c] and indexes.get(layer_c) is not None
+    assert lazy.chain_layer(state.root, str(chains[2])) is not None
     report = collect(state.content, state.images, {"fuse": sn}, layer_root=state.root)
     assert report.errors == [] and report.snapshots == {"fuse": ["chain-b"]}
     assert sorted(report.layers) == sorted([LAYER_B, layer_c])
     assert indexes.digests() == [LAYER_A]
     assert cache.layers() == [LAYER_A]
+    # containerd's prepare of a removed layer's chain is an ordinary one again.
+    assert lazy.chain_layer(state.root, str(chains[0])) == (LAYER_A, "")
+    assert lazy.chain_layer(state.root, str(chains[1])) is None
+    assert lazy.chain_layer(state.root, str(chains[2])) is None
+    assert len(os.listdir(state.root / "layers" / lazy.CHAINS_DIR)) == 1
 
 
 def test_merged_views_are_written_atomically_as_json(sn: FuseSnapshotter) -> None:
