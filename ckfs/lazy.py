@@ -196,16 +196,11 @@ async def pull_lazy(
     from ckfs.pull import pull
     from ckfs.unpack import Arrivals
 
-    arrivals = Arrivals(state.content)
+    arrivals = Arrivals(state.content, on_event)
     pulled = trio.Event()
     waiting: set[trio.CancelScope] = set()
     reports: list[PullReport] = []
     plans: list[LayerPlan] = []
-
-    def events(p: BlobProgress) -> None:
-        arrivals.event(p)
-        if on_event is not None:
-            on_event(p)
 
     async def arrived(desc: Descriptor) -> None:
         """Until *desc*'s blob is here, or the pull is over without it."""
@@ -232,7 +227,7 @@ async def pull_lazy(
                 children=lazy_children(
                     options.platform, all_platforms=options.all_platforms, max_layers=max_layers
                 ),
-                on_event=events,
+                on_event=arrivals.event,
             )
         )
         pulled.set()

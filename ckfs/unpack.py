@@ -365,12 +365,16 @@ _SETTLED = frozenset({BlobState.EXISTS, BlobState.VERIFIED, BlobState.SKIPPED, B
 class Arrivals:
     """Which blobs a running fetch has made present, as trio events.
 
-    Fed by the fetch's ``on_event``. The fetch visits its target before any
-    child, so the first blob it reports is the image's target.
+    Fed by the fetch's ``on_event`` (`event`), which passes each event on to
+    *on_event*. The fetch visits its target before any child, so the first
+    blob it reports is the image's target.
     """
 
-    def __init__(self, content: ContentStore) -> None:
+    def __init__(
+        self, content: ContentStore, on_event: Callable[[BlobProgress], None] | None = None
+    ) -> None:
         self.content = content
+        self.on_event = on_event
         self.target: Descriptor | None = None
         self.config_present = trio.Event()
         self._done: dict[Digest, trio.Event] = {}
@@ -382,6 +386,8 @@ class Arrivals:
             if p.kind == "config":
                 self.config_present.set()
             self._done.setdefault(p.desc.digest, trio.Event()).set()
+        if self.on_event is not None:
+            self.on_event(p)
 
     async def wait(self, desc: Descriptor) -> None:
         """Until *desc* is present. The store is asked in a worker thread (the
@@ -419,7 +425,7 @@ async def pull_and_unpack(
     Raises:
         As `ckfs.pull.pull` and `unpack`; the first failure cancels the other.
     """
-    arrivals = Arrivals(content)
+    arrivals = Arrivals(content, on_event)
     platform = options.platform
     follow = platform_children(platform, all_platforms=options.all_platforms)
     limit = await trio.to_thread.run_sync(max_layers, sn)  # children() runs on the loop
@@ -432,11 +438,6 @@ async def pull_and_unpack(
             check_depth_within(limit, snapshotter_name, desc, len(found) - 1)
         return found
 
-    def events(p: BlobProgress) -> None:
-        arrivals.event(p)
-        if on_event is not None:
-            on_event(p)
-
     report: list[PullReport] = []
 
     async def do_pull() -> None:
@@ -447,7 +448,7 @@ async def pull_and_unpack(
                 images,
                 options,
                 children=children,
-                on_event=events,
+                on_event=arrivals.event,
                 transport=transport,
             )
         )
