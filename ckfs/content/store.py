@@ -46,7 +46,7 @@ from ckfs.errors import (
 from ckfs.metadata.db import DB, Tx, now_ns
 from ckfs.metadata.fields import update_labels
 
-__all__ = ["ContentStore", "write_blob"]
+__all__ = ["ContentStore", "blob_file", "write_blob"]
 
 _HEX = re.compile(r"[0-9a-f]+")
 
@@ -425,6 +425,17 @@ class ContentStore:
         # path outside blobs/ (``sha256:../../x``).
         d = Digest.parse(dgst)
         return self._blobs / d.algorithm / d.hex
+
+
+def blob_file(root: Path, dgst: Digest) -> Path:
+    """Where the content store of the ckfs root *root* (`ckfs.state.State.content`)
+    keeps *dgst*, present or not.
+
+    For readers that look without opening the store and its database: the
+    FUSE server's (`ckfs.layerindex.readers`) and ``ckfs cat``'s.
+    """
+    d = Digest.parse(dgst)  # as _blob_path: a plain str must not escape blobs/
+    return root / "content" / "blobs" / d.algorithm / d.hex
 
 
 def write_blob(

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import trio
 
 from ckfs.archive.entry import Kind
+from ckfs.content.store import blob_file
 from ckfs.errors import DataLoss, InvalidArgument, NotFound
 from ckfs.lazy import EAGER, ESTARGZ, TAR
 from ckfs.options import DEFAULTS, PullOptions
@@ -243,7 +244,7 @@ class ImageLayers:
     def _reader(self, layer: LayerInfo) -> Reader:
         if layer.source != EAGER:
             return self._readers(layer.index)
-        return StreamedReader(_blob_path(self._root, layer.desc.digest), layer.desc.media_type)
+        return StreamedReader(blob_file(self._root, layer.desc.digest), layer.desc.media_type)
 
     def close(self) -> None:
         """Close the layers' indexes (readers' registry connections: `aclose`)."""
@@ -437,7 +438,7 @@ async def _layer_index(
     if existing is not None:
         return existing, existing.source
     source = source_of(desc)
-    blob = _blob_path(state.root, desc.digest)
+    blob = blob_file(state.root, desc.digest)
     local = await trio.to_thread.run_sync(blob.is_file)
     meta = {"ref": str(remote.ref)}  # where a later read fetches it (`Readers`)
     try:
@@ -497,8 +498,3 @@ def _index_streamed(blob: Path, desc: Descriptor, diff_id: Digest, path: Path) -
             raise DataLoss(f"layer {desc.digest}: uncompressed digest is not {diff_id}")
         writer.set_meta("uncompressed_size", str(stream.size))
         return writer.commit()
-
-
-def _blob_path(root: Path, digest: Digest) -> Path:
-    """Where the content store keeps *digest* (`ckfs.layerindex.readers` looks there too)."""
-    return root / "content" / "blobs" / digest.algorithm / digest.hex

@@ -28,6 +28,7 @@ import trio
 
 from ckfs import mediatypes
 from ckfs.content.fsutil import pread_exact
+from ckfs.content.store import blob_file
 from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest
 from ckfs.errors import DataLoss, FailedPrecondition, Unimplemented
@@ -147,7 +148,7 @@ class Readers:
 
     def _make(self, index: LayerIndex) -> Reader:
         layer = index.layer
-        blob = self.root / "content" / "blobs" / layer.algorithm / layer.hex
+        blob = blob_file(self.root, layer)
         local = blob.is_file()
         if index.source == "tar" and local:
             return LocalTarReader(blob)
