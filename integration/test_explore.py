@@ -30,6 +30,7 @@ import subprocess
 import sys
 import termios
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -37,8 +38,10 @@ import pytest
 from ckfs.explore.model import opened
 from ckfs.layerindex.tarindex import SPAN
 from ckfs.state import State
-from integration.conftest import Ckfs
+from integration.conftest import Ckfs, need
 from integration.inspect_images import VARIANTS, InspectImages, inspect_images
+from integration.mounts import MountGuard
+from integration.test_partial import assert_clean, image, layout
 from tests.test_explore import explore, press, text_of, tree_rows
 
 if TYPE_CHECKING:  # textual when a test runs, not when the suite is collected
@@ -46,7 +49,7 @@ if TYPE_CHECKING:  # textual when a test runs, not when the suite is collected
 
     from ckfs.explore.app import ExploreApp
 
-__all__ = ["inspect_images"]  # the fixture, used by name
+__all__ = ["image", "inspect_images", "layout"]  # fixtures, used by name
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +71,7 @@ def select_path(app: ExploreApp, path: str) -> None:
         if node is not None and node.data is not None and node.data.path == path:
             tree.move_cursor(node)
             return
-    raise AssertionError(f"{path} is not in the tree")
+    raise AssertionError(f"{path} is not in the tree: {tree_rows(app)}")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -112,9 +115,16 @@ def test_explore_a_lazily_recorded_image(
         state.close()
 
 
-def in_terminal(ckfs: Ckfs, *args: str, until: str, keys: bytes = b"") -> tuple[int, str]:
-    """Run ``ckfs ARGS`` on a pseudo-terminal; once its output shows *until*,
-    type *keys*; return its exit status and its output with escapes removed."""
+#: One step of a terminal session: once the output since the last step
+#: shows this (text, escapes removed; or raw bytes), type those keys.
+Step = tuple[str | bytes, bytes]
+
+
+def in_terminal(
+    ckfs: Ckfs, *args: str, steps: Sequence[Step], timeout: float = 60
+) -> tuple[int, str]:
+    """Run ``ckfs ARGS`` on a pseudo-terminal, playing *steps*; return its exit
+    status and its whole output with escapes removed."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
     proc = subprocess.Popen(
@@ -127,8 +137,9 @@ def in_terminal(ckfs: Ckfs, *args: str, until: str, keys: bytes = b"") -> tuple[
     )
     os.close(slave)
     out = b""
-    typed = False
-    deadline = time.monotonic() + 60
+    since = 0  # where the output the next step looks at starts
+    todo = list(steps)
+    deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             ready, _, _ = select.select([master], [], [], 0.2)
@@ -140,11 +151,16 @@ def in_terminal(ckfs: Ckfs, *args: str, until: str, keys: bytes = b"") -> tuple[
                 if not chunk:
                     break
                 out += chunk
-            if not typed and until in _plain(out):
-                os.write(master, keys)
-                typed = True
+            if todo:
+                wanted, keys = todo[0]
+                seen = out[since:] if isinstance(wanted, bytes) else _plain(out[since:])
+                if wanted in seen:  # type: ignore[operator]
+                    os.write(master, keys)
+                    since = len(out)
+                    todo.pop(0)
             if proc.poll() is not None and not ready:
                 break
+        assert not todo, f"never saw {todo[0][0]!r}:\n{_plain(out[since:])[-3000:]}"
         status = proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
@@ -164,11 +180,38 @@ def test_explore_command_in_a_terminal(ckfs: Ckfs, inspect_images: InspectImages
     ref = inspect_images.ref("tar")
     ckfs.run("pull", "--lazy", ref)
     # Layer 4's created_by, in the layer list: the image is open and drawn.
-    status, shown = in_terminal(ckfs, "explore", ref, until="tool2 /usr/bin/tool", keys=b"q")
+    status, shown = in_terminal(ckfs, "explore", ref, steps=[("tool2 /usr/bin/tool", b"q")])
     assert status == 0, shown
     assert "tool2 /usr/bin/tool" in shown, shown
 
-    status, shown = in_terminal(ckfs, "explore", "127.0.0.1:1/nope:1", until="\0")
+    status, shown = in_terminal(ckfs, "explore", "127.0.0.1:1/nope:1", steps=[])
     assert status == 1
     last = shown.rstrip().splitlines()[-1]  # printed once the terminal is given back
     assert re.search(r"ckfs: image .*nope:1.*not found$", last), last
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts, runc")
+def test_shell_key_opens_ckfs_shell_at_the_chosen_layer(
+    ckfs: Ckfs, image: str, mount_guard: MountGuard
+) -> None:
+    """The explorer hands its terminal to ``ckfs shell --upto 6`` and takes it back.
+
+    The image is test_partial's: /data/file says "version 6" in layer 6.
+    """
+    need("runc")
+    ckfs.run("pull", "--plain-http", "--lazy", image)
+    status, shown = in_terminal(
+        ckfs,
+        *("explore", "--plain-http", image),
+        steps=[
+            ("all layers (merged)", b"]" * 6),
+            ("layer 6: its changes", b"s"),
+            (b"\x1b[?1049l", b"cat /data/file; exit 3\n"),  # the explorer left the screen
+            ("Enter returns to the explorer", b"\n"),
+            ("exited with status 3", b"q"),
+        ],
+        timeout=90,
+    )
+    assert status == 0, shown
+    assert "version 6" in shown
+    assert_clean(ckfs, mount_guard, "fuse")

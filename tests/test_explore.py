@@ -341,5 +341,9 @@ def test_stepping_through_layers_lists_only_the_one_it_stops_at(image: StubImage
         assert app.model is not None and list(app.model._changes) == [3]
         await press(pilot, "left_square_bracket", "a")
         assert app.layer is None and list(app.model._changes) == [3]
+        for _ in range(3):  # keys in one burst, before any highlight message is handled
+            app.action_step(1)
+        await press(pilot)
+        assert app.layer == 3
 
     explore(image, scenario)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from rich.filesize import decimal
 from rich.text import Text
+from textual import work
 from textual.app import App, ComposeResult, SuspendNotSupported
 from textual.binding import Binding, BindingType
 from textual.containers import Center, Horizontal, ScrollableContainer, Vertical
@@ -104,6 +105,9 @@ class ExploreApp(App[None]):
 
     TITLE = "ckfs explore"
     ENABLE_COMMAND_PALETTE = False
+    # Where the keys go when the screen is shown (textual's default: the
+    # first focusable widget, the layer list).
+    AUTO_FOCUS = "#tree"
     CSS = """
     #layers { width: 2fr; height: 1fr; border: round $primary; }
     #middle { width: 3fr; }
@@ -207,7 +211,8 @@ class ExploreApp(App[None]):
         self.query_one("#views", ContentSwitcher).current = "browse"
         self._reload()
         layers.highlighted = 0
-        self.query_one(Tree).focus()
+        # At once, not later (`focus`): keys typed now must reach the tree.
+        self.screen.set_focus(self.query_one(Tree))
 
     def _indexed(self, done: int, total: int) -> None:
         self.query_one("#progress", ProgressBar).update(total=total, progress=done)
@@ -215,12 +220,12 @@ class ExploreApp(App[None]):
 
     # -- the tree -----------------------------------------------------------
 
-    def _reload(self, delay: float = 0) -> None:
+    # A worker made by `work`, not from a coroutine: one replaced before it
+    # starts is never made, so nothing is left unawaited.
+    @work(group="view", exclusive=True)
+    async def _reload(self, delay: float = 0) -> None:
         """Show the wanted view from its root (merged, one layer's changes, or
         matches), after *delay* seconds unless another reload comes first."""
-        self.run_worker(self._show(delay), group="view", exclusive=True)
-
-    async def _show(self, delay: float) -> None:
         if delay:
             await asyncio.sleep(delay)
         self.layer = self._wanted
@@ -228,6 +233,7 @@ class ExploreApp(App[None]):
         self._filled.clear()
         tree: Tree[Item | None] = self.query_one(Tree)
         tree.reset(self._root_label(), None)
+        tree.move_cursor(tree.root)  # a reset keeps the old line, or none at first
         self._filled.add(tree.root.id)
         self.workers.cancel_group(self, "preview")
         self.query_one("#info", Static).update(self._about_view())
@@ -367,8 +373,10 @@ class ExploreApp(App[None]):
     def action_step(self, step: int) -> None:
         if self.model is None:
             return
-        n = min(max((self._wanted or 0) + step, 0), self.model.top)
-        self.query_one("#layers", OptionList).highlighted = n
+        # From the list's own highlight, set at once: its message (and
+        # `_wanted`) lags behind keys typed in a burst.
+        layers = self.query_one("#layers", OptionList)
+        layers.highlighted = min(max((layers.highlighted or 0) + step, 0), self.model.top)
 
     def action_all_layers(self) -> None:
         if self.model is not None:
