@@ -20,7 +20,12 @@ from typing import Any
 
 import pytest
 
-pytest_plugins = ["integration.mounts", "integration.registry", "integration.estargz"]
+pytest_plugins = [
+    "integration.mounts",
+    "integration.registry",
+    "integration.estargz",
+    "integration.inspect_images",
+]
 
 REPO = Path(__file__).resolve().parent
 

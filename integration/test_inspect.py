@@ -29,11 +29,8 @@ from integration.inspect_images import (
     InspectImages,
     collect,
     golden,
-    inspect_images,
 )
 from integration.test_lazy_mount import sent
-
-__all__ = ["inspect_images"]  # the fixture, used by name
 
 #: Encodings ``pull --lazy`` records without fetching their layers.
 LAZY = ("tar", "estargz")

@@ -33,9 +33,7 @@ import pytest
 
 from ckfs.layerindex.tarindex import SPAN
 from integration.conftest import Ckfs
-from integration.inspect_images import VARIANTS, InspectImages, inspect_images
-
-__all__ = ["inspect_images"]  # the fixture, used by name
+from integration.inspect_images import VARIANTS, InspectImages
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 

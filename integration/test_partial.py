@@ -40,7 +40,7 @@ import pytest
 from integration.conftest import Ckfs, need
 from integration.estargz import estargz_layout
 from integration.faultproxy import FaultProxy
-from integration.inspect_images import VARIANTS, InspectImages, inspect_images
+from integration.inspect_images import VARIANTS, InspectImages
 from integration.mounts import MountGuard
 from integration.registry import Registry
 from integration.test_archive_umoci import umoci
@@ -51,7 +51,6 @@ from tests.tarbuild import F, tar
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts, runc")
 
-__all__ = ["inspect_images"]  # the fixture, used by name
 
 #: Layers of the image: the example's three and five about /data.
 LAYERS = 8
