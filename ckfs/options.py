@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from ckfs.descriptor import Platform
 
-__all__ = ["DAEMON_HOSTS_DIRS", "DEFAULTS", "MAX_CONCURRENT", "PullOptions"]
+__all__ = ["DAEMON_HOSTS_DIRS", "DEFAULTS", "MAX_CONCURRENT", "PullOptions", "parse_size"]
 
 #: Why ckfsd refuses a request that names hosts directories, and the CLI a
 #: ``--hosts-dir`` on the way to ckfsd: root's daemon reading a hosts.toml a
@@ -82,3 +82,36 @@ class PullOptions:
 #: Every option at its default: a pull of this host's platform, online.
 #: Frozen, so one value serves as every function's default argument.
 DEFAULTS = PullOptions()
+
+
+def _byte_units() -> dict[str, int]:
+    """``kB``/``MB``/``GB``/``TB`` (and bare ``k``..``t``) 1000-based, ``KiB``.. 1024-based."""
+    units = {"": 1, "b": 1}
+    for power, letter in enumerate("kmgt", 1):
+        units[letter] = units[f"{letter}b"] = 1000**power
+        units[f"{letter}i"] = units[f"{letter}ib"] = 1024**power
+    return units
+
+
+_BYTE_UNITS = _byte_units()
+
+
+def parse_size(text: str) -> int:
+    """Bytes from *text*: a number with an optional unit (``500MB``, ``8GiB``, ``1.5G``).
+
+    One spelling for every face: the CLI's ``--max-blob-size``, ckfsd's
+    ``--cache-max`` and ``CKFS_CACHE_MAX``.
+
+    Raises:
+        ValueError: not a non-negative finite number with a known unit.
+    """
+    text = text.strip()
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    unit = text[len(number) :].lower()
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if unit not in _BYTE_UNITS or not 0 <= amount < float("inf"):
+        raise ValueError(f"{text!r} is not a size (bytes, or e.g. 500MB, 8GiB)")
+    return int(amount * _BYTE_UNITS[unit])

@@ -11,7 +11,7 @@ import contextlib
 import fcntl
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,14 +22,26 @@ if TYPE_CHECKING:
     from ckfs.images import ImageStore
     from ckfs.snapshots import InitContext, Snapshotter
 
-__all__ = ["State"]
+__all__ = ["CACHE_MAX_ENV", "State"]
+
+
+#: The chunk cache's bound, for whoever starts the root's FUSE server (a
+#: size, as ``ckfsd --cache-max``; `ckfs.options.parse_size`).
+CACHE_MAX_ENV = "CKFS_CACHE_MAX"
 
 
 class State:
-    """The stores under one root, opened on first use."""
+    """The stores under one root, opened on first use.
 
-    def __init__(self, root: Path) -> None:
+    Args:
+        root: the state root.
+        options: snapshotter settings (`ckfs.snapshots.InitContext.options`),
+            over those the environment gives (`CACHE_MAX_ENV` as ``cache_max``).
+    """
+
+    def __init__(self, root: Path, *, options: Mapping[str, str] | None = None) -> None:
         self.root = root
+        self._options = dict(options or {})
         self._snapshotters: dict[str, Snapshotter] = {}
 
     @functools.cached_property
@@ -84,7 +96,12 @@ class State:
             content=lambda: self.content,
             registry=registry,
             cache_dir=self.cache_dir,
+            options=self._snapshotter_options(),
         )
+
+    def _snapshotter_options(self) -> dict[str, str]:
+        from_env = {"cache_max": os.environ.get(CACHE_MAX_ENV, "")}
+        return {k: v for k, v in {**from_env, **self._options}.items() if v}
 
     @contextlib.contextmanager
     def gc_lock(self, *, exclusive: bool = False) -> Iterator[None]:

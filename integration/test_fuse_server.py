@@ -349,6 +349,27 @@ def test_the_chunk_cache_stays_within_its_bound(
         assert (layer / path).read_bytes() == tar_member(raw, path)
 
 
+def test_the_cache_bound_reaches_a_server_the_snapshotter_starts(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``CKFS_CACHE_MAX`` (or ckfsd's ``--cache-max``, given as State's option) is its bound."""
+    from ckfs.state import CACHE_MAX_ENV, State
+    from snapshotters.fuse.snapshotter import FuseSnapshotter
+
+    monkeypatch.setenv(CACHE_MAX_ENV, "2MiB")
+    state = State(root)
+    try:
+        sn = state.snapshotter("fuse")
+        assert isinstance(sn, FuseSnapshotter)
+        sn.serve()
+    finally:
+        state.close()
+    pid = server_pid(ServerPaths(root))
+    assert pid is not None
+    command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert command[command.index(b"--cache-max") + 1] == str(2 << 20).encode()
+
+
 def tar_member(raw: bytes, name: str) -> bytes:
     with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
         f = tf.extractfile(name)

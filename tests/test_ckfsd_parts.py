@@ -77,6 +77,21 @@ def test_without_an_address_a_root_is_served_where_ckfs_looks_for_it(
     assert resolve(Path("/srv/x"), "unix:///run/x.sock", None).address == "unix:///run/x.sock"
 
 
+def test_the_cache_bound_from_the_command_line_or_the_file(tmp_path: Path) -> None:
+    file = tmp_path / "ckfsd.toml"
+    file.write_text('cache_max = "2GB"\n')
+    assert resolve(Path("/r"), None, file).cache_max == 2_000_000_000
+    assert resolve(Path("/r"), None, file, cache_max="1KiB").cache_max == 1024
+    assert resolve(Path("/r"), None, None).cache_max is None
+    file.write_text("cache_max = 4096\n")
+    assert resolve(Path("/r"), None, file).cache_max == 4096
+    with pytest.raises(InvalidArgument, match="--cache-max: 'lots' is not a size"):
+        resolve(Path("/r"), None, None, cache_max="lots")
+    file.write_text('cache_max = "-1"\n')
+    with pytest.raises(InvalidArgument, match="cache_max: '-1' is not a size"):
+        resolve(Path("/r"), None, file)
+
+
 @pytest.mark.parametrize(
     ("text", "says"),
     [

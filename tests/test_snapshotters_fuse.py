@@ -256,6 +256,30 @@ def test_gc_removes_the_index_and_chunks_of_layers_nothing_needs(
     assert len(os.listdir(state.root / "layers" / lazy.CHAINS_DIR)) == 1
 
 
+def test_the_cache_bound_comes_from_the_environment_or_the_root_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckfs.state import CACHE_MAX_ENV
+
+    def bound(**options: str) -> int | None:
+        st = State(tmp_path / "root", options=options)
+        try:
+            sn = st.snapshotter("fuse")
+            assert isinstance(sn, FuseSnapshotter)
+            return sn.cache_max
+        finally:
+            st.close()
+
+    monkeypatch.delenv(CACHE_MAX_ENV, raising=False)
+    assert bound() is None  # the server's share of the disk
+    monkeypatch.setenv(CACHE_MAX_ENV, "1.5GiB")
+    assert bound() == 3 << 29
+    assert bound(cache_max="500MB") == 500_000_000  # ckfsd's --cache-max wins
+    monkeypatch.setenv(CACHE_MAX_ENV, "lots")
+    with pytest.raises(errors.InvalidArgument, match="cache_max: 'lots' is not a size"):
+        bound()
+
+
 def test_merged_views_are_written_atomically_as_json(sn: FuseSnapshotter) -> None:
     assert sn.views() == []
     path = sn.write_view("my-view.1", [LAYER_A, LAYER_B])

@@ -93,15 +93,6 @@ class _Quantity(click.ParamType[float]):
         return amount * self._units[unit]
 
 
-def _byte_units() -> dict[str, int]:
-    """``kB``/``MB``/``GB``/``TB`` (and bare ``k``..``t``) 1000-based, ``KiB``.. 1024-based."""
-    units = {"": 1, "b": 1}
-    for power, letter in enumerate("kmgt", 1):
-        units[letter] = units[f"{letter}b"] = 1000**power
-        units[f"{letter}i"] = units[f"{letter}ib"] = 1024**power
-    return units
-
-
 #: ``--timeout``'s and ``--ingest-expiry``'s type: seconds, as a float.
 DURATION = _Quantity(
     "duration",
@@ -110,13 +101,24 @@ DURATION = _Quantity(
 )
 
 
-class _Size(_Quantity):
+class _Size(click.ParamType[int]):
+    """Bytes, as `ckfs.options.parse_size` reads them."""
+
+    name = "size"
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        return int(super().convert(value, param, ctx))
+        from ckfs.options import parse_size
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
 #: ``--max-blob-size``'s type: bytes, as an int.
-SIZE = _Size("size", "bytes, or e.g. 500MB, 8GiB", _byte_units())
+SIZE = _Size()
 
 
 def limit_options(f: _F) -> _F:

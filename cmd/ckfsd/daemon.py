@@ -245,7 +245,8 @@ def _places(config: Config) -> Iterator[tuple[State, Path]]:
         path = socket_path(config.address)
     except ValueError as e:
         raise InvalidArgument(str(e)) from None
-    state = State(config.root)
+    options = {} if config.cache_max is None else {"cache_max": str(config.cache_max)}
+    state = State(config.root, options=options)
     root_fd = listen.hold(state.lock_dir / "ckfsd", f"another ckfsd serves {config.root}")
     try:
         socket_fd = listen.claim(path)

@@ -11,6 +11,7 @@ keys only (see ``docs/ckfsd.toml``)::
     address = "unix:///run/ckfs/ckfsd.sock"
     grace_period = 10.0     # seconds in-flight RPCs get after SIGTERM
     workers = 32            # grpcio worker threads: RPCs served at once
+    cache_max = "20GiB"     # the FUSE server's chunk cache bound [$CKFS_CACHE_MAX]
 
 Exit status: 0 after SIGTERM or SIGINT; 1 when the daemon cannot start or
 fails (one line on stderr, ``ckfsd: <what and where>``); 2 for usage errors.
@@ -53,6 +54,9 @@ class Config:
         address: the ``unix://`` address listened on.
         grace_period: see `DEFAULT_GRACE`.
         workers: see `DEFAULT_WORKERS`.
+        cache_max: bytes the chunk cache of a FUSE server this daemon
+            starts may hold; None: ``$CKFS_CACHE_MAX``, else its share of
+            the disk (`ckfs.layerindex.cache.DISK_SHARE`).
         debug: debug logging, with tracebacks of unexpected errors.
         ready_fd: a descriptor to write ``READY=1`` to, then close.
     """
@@ -61,6 +65,7 @@ class Config:
     address: str
     grace_period: float = DEFAULT_GRACE
     workers: int = DEFAULT_WORKERS
+    cache_max: int | None = None
     debug: bool = False
     ready_fd: int | None = None
 
@@ -71,6 +76,7 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "address": str,
     "grace_period": (int, float),
     "workers": int,
+    "cache_max": (int, str),
 }
 
 
@@ -96,7 +102,19 @@ def load_config(path: Path) -> dict[str, Any]:
             raise InvalidArgument(f"config {path}: {key} has the wrong type")
     if "root" in data:
         data["root"] = Path(data["root"])
+    if "cache_max" in data:
+        data["cache_max"] = _size(str(data["cache_max"]), f"config {path}: cache_max")
     return data
+
+
+def _size(text: str, what: str) -> int:
+    """*text* as bytes (`ckfs.options.parse_size`); InvalidArgument naming *what* if not."""
+    from ckfs.options import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise InvalidArgument(f"{what}: {e}") from None
 
 
 def _checked(config: Config) -> Config:
@@ -130,6 +148,8 @@ def resolve(
         settings["root"] = root
     if address is not None:
         settings["address"] = address
+    if (cache_max := options.pop("cache_max", None)) is not None:
+        settings["cache_max"] = _size(cache_max, "--cache-max")
     settings.setdefault("root", default_root())
     settings.setdefault("address", root_address(settings["root"]))
     known = {f.name for f in fields(Config)}
@@ -177,7 +197,13 @@ def _check_fd(ready_fd: int | None) -> None:
     "--config",
     "config_file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="TOML config file (root, address, grace_period, workers).",
+    help="TOML config file (root, address, grace_period, workers, cache_max).",
+)
+@click.option(
+    "--cache-max",
+    metavar="SIZE",
+    help="Bound on the chunk cache of the FUSE server it starts (e.g. 20GiB) "
+    "[default: $CKFS_CACHE_MAX, else a quarter of the cache's disk].",
 )
 @click.option("--debug", is_flag=True, help="Debug logging, with tracebacks.")
 @click.option(
@@ -189,13 +215,16 @@ def cli(
     root: Path | None,
     address: str | None,
     config_file: Path | None,
+    cache_max: str | None,
     debug: bool,
     ready_fd: int | None,
 ) -> None:
     """Serve ckfs's gRPC API (containerd's snapshots, content, images) on a unix socket."""
     _check_fd(ready_fd)
     _setup_logging(debug)
-    config = resolve(root, address, config_file, debug=debug, ready_fd=ready_fd)
+    config = resolve(
+        root, address, config_file, cache_max=cache_max, debug=debug, ready_fd=ready_fd
+    )
 
     import trio
 

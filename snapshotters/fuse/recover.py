@@ -118,7 +118,7 @@ def recover(sn: FuseSnapshotter) -> Recovered:
     report.started = server_identity(sn.server) is None
     if not mounts and not report.started:
         return report
-    ensure_server(sn.server.root)
+    ensure_server(sn.server.root, cache_max=sn.cache_max)
     current = server_identity(sn.server)
     for target, info in mounts:
         if _healthy(target, info, current):

@@ -43,7 +43,7 @@ import secrets
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from ckfs.digest import Digest
 from ckfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -55,7 +55,7 @@ from snapshotters.fuse.process import ServerPaths, ensure_server
 from snapshotters.overlay import OverlaySnapshotter
 
 if TYPE_CHECKING:
-    from ckfs.snapshots import CleanupError
+    from ckfs.snapshots import CleanupError, InitContext
     from snapshotters.fuse.overrides import Lower
 
 __all__ = ["LAYER_DIGEST", "VIEW_NAME", "FuseSnapshotter"]
@@ -89,15 +89,34 @@ class FuseSnapshotter(OverlaySnapshotter):
     Args:
         root: the ckfs state root.
         db: its metadata database.
+        cache_max: the chunk cache's bound in bytes for a server this
+            snapshotter starts (`ensure_server`); None: its share of the disk.
     """
 
     name = "fuse"
 
-    def __init__(self, root: Path, db: DB) -> None:
+    def __init__(self, root: Path, db: DB, *, cache_max: int | None = None) -> None:
         super().__init__(root, db)
         #: The serving process's files: its mountpoint (one directory per
         #: layer) and the merged views' JSON files among them.
         self.server = ServerPaths(Path(os.path.abspath(root)))
+        self.cache_max = cache_max
+
+    @classmethod
+    def from_context(cls, context: InitContext) -> Self:
+        """The registry's factory; option ``cache_max``: a size (`ckfs.options.parse_size`).
+
+        Raises:
+            InvalidArgument: ``cache_max`` is not a size.
+        """
+        from ckfs.options import parse_size
+
+        text = context.options.get("cache_max")
+        try:
+            cache_max = None if text is None else parse_size(text)
+        except ValueError as e:
+            raise InvalidArgument(f"fuse snapshotter cache_max: {e}") from None
+        return cls(context.root, context.db, cache_max=cache_max)
 
     def serve(self) -> None:
         """Make sure this root's FUSE server runs (`ckfs.lazy.Attacher`): adopt or start it.
@@ -105,7 +124,7 @@ class FuseSnapshotter(OverlaySnapshotter):
         Raises:
             Unavailable: it did not come up (the message quotes its log).
         """
-        ensure_server(self.server.root)
+        ensure_server(self.server.root, cache_max=self.cache_max)
 
     def layer_dir(self, layer: str) -> Path:
         """The FUSE directory serving *layer* (a digest).
