@@ -54,6 +54,7 @@ __all__ = [
     "REPO",
     "VARIANTS",
     "InspectImages",
+    "big_content",
     "collect",
     "golden",
     "inspect_images",
@@ -80,7 +81,8 @@ TOOL_V1 = b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 64
 TOOL_V2 = b"\x7fELF\x02\x01\x01\x00" + bytes(range(255, -1, -1)) * 80
 
 
-def _big() -> bytes:
+def big_content() -> bytes:
+    """opt/big.bin's bytes: random (nothing compresses them), the same every run."""
     return random.Random(11).randbytes(BIG)
 
 
@@ -105,7 +107,7 @@ LAYERS: list[tuple[str, list[Entry]]] = [
             D("opt/app"),
             F("opt/app/old", b"old\n"),
             F("opt/app/keep", b"keep\n"),
-            F("opt/big.bin", _big()),
+            F("opt/big.bin", big_content()),
             D("var/lib/data"),
             F("var/lib/data/db", b"db\n"),
             F("gone", b"to be deleted\n"),

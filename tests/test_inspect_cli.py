@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from ckfs_cli.main import main
-from integration.inspect_images import TOOL_V1, TOOL_V2, collect, golden, layout
+from integration.inspect_images import TOOL_V1, TOOL_V2, big_content, collect, golden, layout
 
 NAME = "example.local/inspect/{}:latest"
 
@@ -123,13 +123,7 @@ def test_cat_streams_a_big_binary_file(
         main(["--root", str(root), "--no-daemon", "cat", "x.local/i", "/opt/big.bin"])
     data = capsysbinary.readouterr().out
     assert len(data) == 1 << 20
-    assert hashlib.sha256(data).digest() == hashlib.sha256(_big()).digest()
-
-
-def _big() -> bytes:
-    from integration.inspect_images import _big as big
-
-    return big()
+    assert hashlib.sha256(data).digest() == hashlib.sha256(big_content()).digest()
 
 
 def test_binary_to_a_terminal_is_refused(
