@@ -209,11 +209,9 @@ class ImageLayers:
         Raises:
             InvalidArgument: "layer 7 out of range: <name> has 5 layers".
         """
-        if not 1 <= n <= len(self.layers):
-            raise InvalidArgument(
-                f"layer {n} out of range: {self.name} has {len(self.layers)} layers"
-            )
-        return self.layers[n - 1]
+        from ckfs.rootfs import layer_in_range
+
+        return self.layers[layer_in_range(n, len(self.layers), self.name) - 1]
 
     def upto(self, n: int) -> list[LayerInfo]:
         """Layers 1 .. *n*, bottom first (`InvalidArgument` as `layer`)."""
