@@ -338,6 +338,7 @@ def test_stepping_through_layers_lists_only_the_one_it_stops_at(image: StubImage
     async def scenario(app: ExploreApp, pilot: Pilot[None]) -> None:
         await press(pilot, "right_square_bracket", "right_square_bracket", "right_square_bracket")
         assert app.layer == 3
+        assert app.query_one("#tree").has_focus  # loading a view takes no focus away
         assert app.model is not None and list(app.model._changes) == [3]
         await press(pilot, "left_square_bracket", "a")
         assert app.layer is None and list(app.model._changes) == [3]

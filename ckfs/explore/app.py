@@ -70,6 +70,10 @@ SEARCH_LIMIT = 500
 #: listed: stepping through layers (``]]]``) lists only the last.
 SWITCH_DELAY = 0.2
 
+#: What a pane's border says while its contents load (not textual's loading
+#: overlay: it would take the focus, and so the keys, from the pane).
+_BUSY = "loading…"
+
 #: Characters of a layer's ``created_by`` kept in the layer list.
 _CREATED_BY = 200
 
@@ -264,7 +268,8 @@ class ExploreApp(App[None]):
         item = node.data
         tree = self.query_one(Tree)
         # A layer's changes or a search take seconds on a large image.
-        tree.loading = item is None
+        if item is None:
+            tree.border_subtitle = _BUSY
         try:
             if item is None and self.search:
                 found = await self.portal.run(
@@ -278,7 +283,7 @@ class ExploreApp(App[None]):
             return
         finally:
             if item is None and view == self._view:
-                tree.loading = False
+                tree.border_subtitle = ""
         if view != self._view:
             return
         flat = item is None and bool(self.search)
@@ -319,7 +324,7 @@ class ExploreApp(App[None]):
             info.update(self._describe(item, await self.portal.run(self.model.which, item.path)))
             node = item.node
             if node.kind == Kind.FILE:
-                box.loading = True
+                box.border_subtitle = _BUSY
                 head = await self.portal.run(self.model.read, item, PREVIEW_BYTES)
                 preview.update(render(head, node.size))
             elif node.kind == Kind.SYMLINK:
@@ -330,7 +335,7 @@ class ExploreApp(App[None]):
         except CkfsError as e:
             preview.update(Text(f"cannot read it: {message(str(e))}", style="red"))
         finally:
-            box.loading = False
+            box.border_subtitle = ""
 
     def _describe(self, item: Item, which: Which | None) -> Text:
         """*item*'s attributes, what its layer did to it, and (once known) its provenance."""
@@ -423,16 +428,13 @@ class ExploreApp(App[None]):
 
     async def _fill_space(self) -> None:
         assert self.model is not None
-        box = self.query_one("#space")
         summary = self.query_one("#space-summary", Static)
-        box.loading = True
+        summary.update(Text(f"adding up every layer's files {_BUSY}", style="dim"))
         try:
             report = await self.portal.run(self.model.space)
         except CkfsError as e:
             summary.update(Text(message(str(e)), style="red"))
             return
-        finally:
-            box.loading = False
         summary.update(
             f"efficiency {report.efficiency:.1%}: {decimal(report.wasted)} wasted "
             f"of {decimal(report.total)}"
