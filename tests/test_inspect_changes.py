@@ -271,6 +271,18 @@ async def test_diff_images_reads_equal_size_files_to_decide(stacks: Make) -> Non
     assert sorted(a.reads) == sorted(b.reads) == [(1, "f"), (1, "g")]
 
 
+@pytest.mark.trio
+async def test_a_digest_on_one_side_has_only_the_other_read(stacks: Make) -> None:
+    """eStargz chunk digests on one side: the other side alone is read and hashed."""
+    sha = "sha256:" + hashlib.sha256(b"abcd").hexdigest()
+    a = stacks("a", [[_chunked("f", [sha]), _chunked("g", [sha])]], source="estargz")
+    b = stacks("b", [[F("f", 4), F("g", 4)]], {(1, "f"): b"abcd", (1, "g"): b"abce"})
+    assert _table(await diff_images(a, b)) == [("modified", "g", ("content",), 4, None)]
+    assert _table(await diff_images(b, a)) == [("modified", "g", ("content",), 4, None)]
+    assert a.reads == []
+    assert sorted(b.reads) == [(1, "f"), (1, "f"), (1, "g"), (1, "g")]
+
+
 def test_change_json_field_names() -> None:
     assert Change("etc/a", "modified", ("content", "mode"), 3, 2).to_json() == {
         "path": "/etc/a",

@@ -21,8 +21,9 @@ entries are not listed.
 Content is compared without downloading whenever something else answers:
 the same blob and path is the same bytes; different sizes are different
 bytes; eStargz chunk digests, when both sides have them in the same places,
-answer either way. Only files of equal size with no digest to compare are
-read, both sides, piece by piece up to the first difference (`layer_diff`,
+answer either way; when only one side has them, only the other side is
+read, and hashed against them. Only files of equal size with no digest to
+compare are read, both sides, piece by piece up to the first difference (`layer_diff`,
 `diff_images`); `layer_changes` never reads, and leaves such a file without
 ``content`` in its fields (`ckfs layers` counts entries, not bytes).
 """
@@ -39,7 +40,7 @@ from ckfs.inspect.merged import Merged, Version
 
 if TYPE_CHECKING:
     from ckfs.inspect.image import LayerInfo
-    from ckfs.layerindex.model import LayerIndex, Node
+    from ckfs.layerindex.model import Chunk, LayerIndex, Node
 
 __all__ = [
     "FIELDS",
@@ -419,12 +420,48 @@ def _decided(step: Step, differs: bool | None) -> Change | None:
 
 
 async def _same_bytes(a: Layers, old: Version, b: Layers, new: Version) -> bool:
-    """Read both files piece by piece; False at the first difference."""
+    """Read both files piece by piece; False at the first difference.
+
+    When one side's index has chunk digests covering the file, only the
+    other side is read and hashed against them: a digest answers for its
+    side, whose bytes (a lazily recorded layer's) are then never fetched.
+    """
     la, lb = a.layer(old.layer), b.layer(new.layer)
+    ca, cb = la.index.chunks(old.node.ino), lb.index.chunks(new.node.ino)
+    if _covers(cb, new.node.size):
+        return await _hashes_to(a, la, old.node, cb)
+    if _covers(ca, old.node.size):
+        return await _hashes_to(b, lb, new.node, ca)
     for offset in range(0, old.node.size, _PIECE):
         piece_a = await a.read(la, old.node, offset, _PIECE)
         piece_b = await b.read(lb, new.node, offset, _PIECE)
         if piece_a != piece_b:
+            return False
+    return True
+
+
+def _covers(chunks: Sequence[Chunk], size: int) -> bool:
+    """Whether *chunks* tile a file of *size* bytes, each with a sha256."""
+    end = 0
+    for c in chunks:
+        if c.file_offset != end or not c.digest.startswith("sha256:"):
+            return False
+        end += c.size
+    return bool(chunks) and end == size
+
+
+async def _hashes_to(image: Layers, layer: LayerInfo, node: Node, chunks: Sequence[Chunk]) -> bool:
+    """Read *node* in *chunks*' pieces; False at the first piece whose sha256 differs."""
+    import hashlib
+
+    import trio
+
+    for c in chunks:
+        h = hashlib.sha256()
+        for offset in range(c.file_offset, c.file_offset + c.size, _PIECE):
+            size = min(_PIECE, c.file_offset + c.size - offset)
+            await trio.to_thread.run_sync(h.update, await image.read(layer, node, offset, size))
+        if "sha256:" + h.hexdigest() != c.digest:
             return False
     return True
 

@@ -57,7 +57,8 @@ def diff_cmd(
 
     Contents are compared without downloading when something answers: the
     same layer blob and path, different sizes, or the eStargz chunk digests
-    of both sides. Only a file of the same size on both sides with no digest
+    of both sides; with digests on one side only, only the other side is
+    read, and hashed. A file of the same size on both sides with no digest
     is read, both versions, up to the first difference: for a lazily
     recorded image that fetches those files' bytes (not whole layers).
     --no-read never reads: such a file is listed without "content" in
