@@ -199,3 +199,27 @@ def test_user_path(text: str, path: str) -> None:
 def test_user_path_refuses(text: str) -> None:
     with pytest.raises(InvalidArgument):
         user_path(text)
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", "."])
+def test_a_tampered_name_is_one_error(tmp_path: Path, name: str) -> None:
+    """A name no tar gives (an index edited by hand) fails listings; never a false path."""
+    import sqlite3
+
+    from ckfs.errors import DataLoss
+    from ckfs.layerindex.model import LayerIndex
+
+    infos = stack(tmp_path, [D("etc"), F("etc/x", 1)])
+    path = infos[0].index.path
+    infos[0].index.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE nodes SET name = ? WHERE name = ?", (name.encode(), b"x"))
+    index = LayerIndex.open(path)
+    try:
+        m = Merged([LayerInfo(1, None, infos[0].diff_id, "", "tar", index)])  # type: ignore[arg-type]
+        with pytest.raises(DataLoss, match="bad name"):
+            m.listdir("etc")
+        with pytest.raises(DataLoss, match="bad name"):
+            list(m.walk())
+    finally:
+        index.close()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ckfs.archive.entry import Kind
-from ckfs.errors import InvalidArgument, NotFound
+from ckfs.errors import DataLoss, InvalidArgument, NotFound
 from ckfs.layerindex.model import Node
 from ckfs.safetext import printable
 
@@ -256,6 +256,8 @@ class Merged:
                 if name in closed:
                     continue
                 entry = seen.get(name)
+                if entry is None and ("/" in name or name in _NOT_NAMES or "\0" in name):
+                    raise DataLoss(f"layer index {layer.index.path}: bad name {name!r}")
                 if child.kind == Kind.WHITEOUT:
                     closed.add(name)
                     if self.whiteouts and entry is None:
@@ -275,6 +277,11 @@ class Merged:
                     closed.add(name)
         return [seen[name] for name in sorted(seen, key=_name_key)]
 
+
+#: Names no tar entry can give (a tar's ``..`` is refused when indexed):
+#: one listed came from a damaged or tampered index, and would print a path
+#: that is not where the entry is.
+_NOT_NAMES = frozenset({"", ".", ".."})
 
 #: The directories of one merged path, top layer first.
 _Stack = list[tuple["LayerInfo", Node]]
