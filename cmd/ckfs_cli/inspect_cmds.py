@@ -43,18 +43,15 @@ _TYPES = {
 }
 
 
-def _layer_options(f: Any) -> Any:
+def _layer_options(f: Any, alone: str = "Layer N alone (1 = bottom).") -> Any:
     f = click.option(
         "--upto", type=int, default=None, metavar="N", help="The stack of layers 1..N."
     )(f)
-    return click.option(
-        "--layer",
-        "number",
-        type=int,
-        default=None,
-        metavar="N",
-        help="Layer N alone (1 = bottom), whiteouts shown as entries.",
-    )(f)
+    return click.option("--layer", "number", type=int, default=None, metavar="N", help=alone)(f)
+
+
+def _ls_layer_options(f: Any) -> Any:
+    return _layer_options(f, "Layer N alone (1 = bottom), whiteouts shown as entries.")
 
 
 def _tree(image: ImageLayers, number: int | None, upto: int | None) -> Merged:
@@ -330,7 +327,7 @@ def _print_which(found: dict[str, Any]) -> None:
 
 
 @click.command("ls")
-@_layer_options
+@_ls_layer_options
 @click.option("-l", "long", is_flag=True, help="Long listing: type, mode, owner, size, layer.")
 @click.option("-R", "recursive", is_flag=True, help="Everything below PATH.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
