@@ -303,6 +303,7 @@ def test_progress_shows_while_the_indexes_load(image: StubImage) -> None:
                 assert text_of(app, "#loading-text") == "indexing layers: 0 of 3"
                 assert app.query_one("#progress").total == 3  # type: ignore[attr-defined]
                 await pilot.press("w", "slash", "s")  # nothing to act on yet: ignored
+                snapshot(app, "loading")  # text only: the indicator's colours move
                 await portal.run(_set, gate)
                 await settle(pilot)
                 assert app.query_one("#views").current == "browse"  # type: ignore[attr-defined]
