@@ -15,11 +15,19 @@ from typing import TYPE_CHECKING
 from ckfs.remotes import DEFAULT_CONCURRENCY, DEFAULT_MAX_BLOB_SIZE
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from pathlib import Path
 
     from ckfs.descriptor import Platform
 
-__all__ = ["DAEMON_HOSTS_DIRS", "DEFAULTS", "MAX_CONCURRENT", "PullOptions", "parse_size"]
+__all__ = [
+    "DAEMON_HOSTS_DIRS",
+    "DEFAULTS",
+    "MAX_CONCURRENT",
+    "PullOptions",
+    "parse_quantity",
+    "parse_size",
+]
 
 #: Why ckfsd refuses a request that names hosts directories, and the CLI a
 #: ``--hosts-dir`` on the way to ckfsd: root's daemon reading a hosts.toml a
@@ -105,6 +113,20 @@ def parse_size(text: str) -> int:
     Raises:
         ValueError: not a non-negative finite number with a known unit.
     """
+    try:
+        return int(parse_quantity(text, _BYTE_UNITS))
+    except ValueError:
+        raise ValueError(f"{text.strip()!r} is not a size (bytes, or e.g. 500MB, 8GiB)") from None
+
+
+def parse_quantity(text: str, units: Mapping[str, int]) -> float:
+    """*text*, a non-negative number with an optional unit suffix (a key of
+    *units*, lower case), in base units: sizes (`parse_size`) and the CLI's
+    durations read alike.
+
+    Raises:
+        ValueError: not a non-negative finite number, or an unknown unit.
+    """
     text = text.strip()
     number = text.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
     unit = text[len(number) :].lower()
@@ -112,6 +134,6 @@ def parse_size(text: str) -> int:
         amount = float(number)
     except ValueError:
         amount = -1.0
-    if unit not in _BYTE_UNITS or not 0 <= amount < float("inf"):
-        raise ValueError(f"{text!r} is not a size (bytes, or e.g. 500MB, 8GiB)")
-    return int(amount * _BYTE_UNITS[unit])
+    if unit not in units or not 0 <= amount < float("inf"):
+        raise ValueError(f"{text!r}: not a number with a known unit")
+    return amount * units[unit]

@@ -79,18 +79,14 @@ class _Quantity(click.ParamType[float]):
         self._units = units
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from ckfs.options import parse_quantity
+
         if isinstance(value, float | int):
             return value
-        text = str(value).strip()
-        number = text.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-        unit = text[len(number) :].lower()
         try:
-            amount = float(number)
+            return parse_quantity(str(value), self._units)
         except ValueError:
-            amount = -1.0
-        if unit not in self._units or not 0 <= amount < float("inf"):
             self.fail(f"{value!r} is not a {self.name} ({self._examples})", param, ctx)
-        return amount * self._units[unit]
 
 
 #: ``--timeout``'s and ``--ingest-expiry``'s type: seconds, as a float.
