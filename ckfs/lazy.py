@@ -284,39 +284,112 @@ async def index_layers(
         async with trio.open_nursery() as nursery:
             for i, desc in enumerate(manifest.layers):
                 nursery.start_soon(one, i, desc)
-    done = await trio.to_thread.run_sync(_through_links, state.root, [p for p in plans if p])
+    done = [p for p in plans if p]
+    for desc in _eager_under_lazy(done):  # `_through_links` reads their paths
+        if arrival is not None:
+            await arrival(desc)
+        await _fetch_blob(state, ref, desc, options)
+    done = await trio.to_thread.run_sync(_through_links, state.root, done, state.content)
     await trio.to_thread.run_sync(record_chains, state.root, chain, done)
     return done
 
 
-def _through_links(root: Path, plans: list[LayerPlan]) -> list[LayerPlan]:
+def _eager_under_lazy(plans: Sequence[LayerPlan]) -> list[Descriptor]:
+    """The eager layers of *plans* below a lazy one, bottom first."""
+    top = max((i for i, p in enumerate(plans) if p.source != EAGER), default=0)
+    return [p.desc for p in plans[:top] if p.source == EAGER]
+
+
+def _through_links(
+    root: Path, plans: list[LayerPlan], content: ContentStore | None = None
+) -> list[LayerPlan]:
     """*plans*, with each lazy layer that implies a directory where a lower
     layer has a non-directory turned eager (`ckfs.layerindex.model.through_lower_links`).
 
     Unpacked, such a layer's files land through the lower symlink (a
     usrmerge ``lib -> usr/lib``); stacked as its own overlay lower, its
     implied directory would hide the link, and the trees would differ.
+    Lowers are the indexed layers (one turned eager here too: its entries
+    are there all the same) and, with *content*, the eager layers' blobs
+    (`_eager_non_dirs`).
     """
     from ckfs.layerindex.model import through_lower_links
     from ckfs.layerindex.store import IndexStore
 
     store = IndexStore(root)
-    opened: list[LayerIndex] = []
+    opened: dict[int, LayerIndex] = {}
     try:
         for i, plan in enumerate(plans):
             index = store.get(plan.desc.digest) if plan.source != EAGER else None
-            if index is None:
-                continue
-            if opened and (path := through_lower_links(index, opened)) is not None:
-                why = f"layer {plan.desc.digest}: {path!r} goes through a lower layer's link"
-                plans[i] = LayerPlan(plan.desc, EAGER, why)
-                index.close()
-                continue
-            opened.append(index)
+            if index is not None:
+                opened[i] = index
+        eager = _eager_non_dirs(content, plans, opened) if content is not None else {}
+        for i, index in opened.items():
+            lowers = [lower for j, lower in opened.items() if j < i]
+            non_dirs = {path for path, j in eager.items() if j < i}
+            if (lowers or non_dirs) and (path := through_lower_links(index, lowers, non_dirs)):
+                why = f"layer {plans[i].desc.digest}: {path!r} goes through a lower layer's link"
+                plans[i] = LayerPlan(plans[i].desc, EAGER, why)
     finally:
-        for index in opened:
+        for index in opened.values():
             index.close()
     return plans
+
+
+def _eager_non_dirs(
+    content: ContentStore, plans: Sequence[LayerPlan], indexed: Mapping[int, LayerIndex]
+) -> dict[str, int]:
+    """Paths eager layers of *plans* hold as non-directories where an indexed
+    layer above implies a directory (`ckfs.layerindex.model.implied_prefixes`):
+    path -> the lowest such eager layer.
+
+    Read from each blob's tar headers by the applier's rules
+    (`ckfs.archive.entry.from_tarinfo`), keeping only the paths asked for,
+    so memory is bounded by the indexed layers' implied directories, not
+    by the blob. A deletion is no obstacle (conservative, as for indexed
+    lowers). A blob missing or damaged is passed over: its unpack fails
+    on its own.
+    """
+    from ckfs.layerindex.model import implied_prefixes
+
+    eager = [(i, p.desc) for i, p in enumerate(plans) if p.source == EAGER and i not in indexed]
+    wanted = {
+        path
+        for i, index in indexed.items()
+        if any(j < i for j, _ in eager)
+        for path in implied_prefixes(index)
+    }
+    found: dict[str, int] = {}
+    for i, desc in eager if wanted else []:
+        try:
+            for path in _blob_non_dirs(content, desc, wanted):
+                found.setdefault(path, i)
+        except (CkfsError, OSError) as e:
+            log.debug("layer %s: not checked against the lazy layers above: %s", desc.digest, e)
+    return found
+
+
+def _blob_non_dirs(content: ContentStore, desc: Descriptor, wanted: Set[str]) -> set[str]:
+    """Which of *wanted* the layer blob *desc* holds as a non-directory (deletions aside).
+
+    Raises:
+        InvalidArgument: the blob is not a layer or is damaged.
+        OSError: it cannot be read.
+    """
+    from ckfs.archive.compression import open_layer
+    from ckfs.archive.entry import BadEntry, Kind, SkipEntry, from_tarinfo
+    from ckfs.archive.tarstream import TarStream
+
+    what, found = f"layer {desc.digest}", set()
+    with open(content.path(desc.digest), "rb") as raw, open_layer(raw, desc.media_type) as tar:
+        for member in TarStream(tar, what=what).members():
+            try:
+                entry = from_tarinfo(member, what=what)
+            except (BadEntry, SkipEntry):
+                continue
+            if entry.path in wanted and entry.kind not in (Kind.DIR, Kind.WHITEOUT, Kind.OPAQUE):
+                found.add(entry.path)
+    return found
 
 
 def record_chains(root: Path, chain: Sequence[Digest], plans: Sequence[LayerPlan]) -> None:

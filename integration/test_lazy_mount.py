@@ -39,6 +39,9 @@ from typing import Any
 
 import pytest
 
+from ckfs import mediatypes as mt
+from ckfs.descriptor import Descriptor
+from ckfs.digest import Digest, from_bytes
 from ckfs.mount import is_mountpoint, mountinfo
 from integration.conftest import BOTH_FACES, Ckfs, need, skopeo
 from integration.estargz import CHUNK_SIZE, estargz_layout
@@ -261,6 +264,61 @@ def test_zstd_layers_fall_back_loudly(
     refused = ckfs.fails("mount", "--merged", images.ref("zstd"), str(target))
     assert "merged view" in refused, refused
     assert not is_mountpoint(target) and mounts_ls(ckfs) == []
+
+
+def push_usrmerge(registry: Registry, tmp_path: Path) -> tuple[str, Digest]:
+    """An image of a zstd base holding ``lib -> usr/lib`` and a gzip layer
+    holding ``lib/x.so`` with no ``lib/`` entry; its ref and the gzip layer."""
+    from integration.estargz import write_layout
+    from tests.tarbuild import D, F, L, compress, tar
+
+    layers = []
+    for blob in (
+        compress(tar(D("usr"), D("usr/lib"), L("lib", "usr/lib")), "zstd"),
+        compress(tar(F("lib/x.so", b"x\n")), "gzip"),
+    ):
+        desc = Descriptor(blob.media_type, from_bytes(blob.data), len(blob.data))
+        layers.append((desc, blob.data, str(blob.diff_id)))
+    registry.push_layout_raw(write_layout(tmp_path / "layout", layers), "lazy/usrmerge:latest")
+    return f"{registry.host}/lazy/usrmerge:latest", layers[1][0].digest
+
+
+@BOTH_FACES
+def test_a_lazy_layer_through_an_eager_lower_link_is_unpacked_too(
+    ckfs: Ckfs, registry_factory_session: Any, mount_guard: MountGuard, tmp_path: Path
+) -> None:
+    """Stacked lazily, the gzip layer's implied ``lib/`` would hide the zstd
+    base's link: ckfs reads the base's blob, sees the link, and unpacks the
+    gzip layer too (`ckfs.lazy._through_links`), saying so."""
+    ref, upper = push_usrmerge(registry_factory_session(), tmp_path)
+    target = tmp_path / "rootfs"
+    proc = ckfs.run("mount", ref, str(target))
+    try:
+        said = f"layer {upper} ({mt.OCI_LAYER_GZIP}) cannot be served lazily"
+        assert said in proc.stderr, proc.stderr
+        assert sources(ckfs, target) == ["eager", "eager"]
+    finally:
+        umount(ckfs, target, mount_guard)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ckfs.archive.apply's overlay mode makes lib/ a directory in the upper "
+    "(lowers.open_dir finds no lower directory at a lower symlink) instead of "
+    "following the lower's link as native, umoci and containerd's mounted apply do",
+)
+def test_an_eager_layer_over_a_lower_link_lands_through_it(
+    registry_factory_session: Any, mount_guard: MountGuard, tmp_path: Path
+) -> None:
+    ckfs = Ckfs(tmp_path / "root")
+    ref, _ = push_usrmerge(registry_factory_session(), tmp_path)
+    target = tmp_path / "rootfs"
+    ckfs.run("mount", ref, str(target))
+    try:
+        assert os.path.islink(target / "lib")
+        assert (target / "usr/lib/x.so").read_bytes() == b"x\n"
+    finally:
+        umount(ckfs, target, mount_guard)
 
 
 @BOTH_FACES

@@ -18,6 +18,9 @@ from ckfs.descriptor import Descriptor
 from ckfs.digest import Digest, from_bytes
 from ckfs.layerindex.estargz import TOC_DIGEST_ANNOTATION
 from ckfs.layerindex.store import IndexStore
+from ckfs.state import State
+from tests.tarbuild import D, L, W, compress, tar
+from tests.test_unpack import put_blob
 
 
 def layer(name: str, media_type: str = mt.OCI_LAYER_GZIP, **annotations: str) -> Descriptor:
@@ -64,6 +67,32 @@ def test_a_layer_implying_a_dir_over_a_lower_link_is_unpacked(tmp_path: Path) ->
     out = lazy._through_links(tmp_path, plans)
     assert [p.source for p in out] == [lazy.GZIP, lazy.EAGER, lazy.GZIP]
     assert "'lib'" in out[1].why and "link" in out[1].why
+
+
+def test_an_eager_lower_link_counts_too(tmp_path: Path) -> None:
+    """A zstd base (no index: unpacked) holding ``lib -> usr/lib`` under a lazy
+    layer that implies ``lib/``: read from the base's blob, the lazy layer is
+    unpacked too; one whose directories avoid the link stays lazy."""
+    state = State(tmp_path)
+    try:
+        base = compress(tar(D("usr"), D("usr/lib"), L("lib", "usr/lib"), W(".wh.sbin")), "zstd")
+        put_blob(state, base.data)
+        eager = Descriptor(base.media_type, from_bytes(base.data), len(base.data))
+        merged, fine, later = layer("usrmerge"), layer("fine"), layer("later")
+        index(tmp_path, merged, [Entry("lib/x.so", Kind.FILE)])
+        index(tmp_path, fine, [Entry("usr/lib/y.so", Kind.FILE), Entry("sbin/z", Kind.FILE)])
+        index(tmp_path, later, [Entry("lib/z.so", Kind.FILE)])
+        plans = [lazy.LayerPlan(eager, lazy.EAGER, "zstd")]
+        plans += [lazy.LayerPlan(d, lazy.GZIP) for d in (merged, fine)]
+        out = lazy._through_links(tmp_path, plans, state.content)
+        assert [p.source for p in out] == [lazy.EAGER, lazy.EAGER, lazy.GZIP]
+        assert "'lib'" in out[1].why and "link" in out[1].why
+        # Without its blob the base is passed over (its unpack fails on its own).
+        absent = Descriptor(mt.OCI_LAYER_ZSTD, from_bytes(b"absent"), 10)
+        plans = [lazy.LayerPlan(absent, lazy.EAGER), lazy.LayerPlan(later, lazy.GZIP)]
+        assert lazy._through_links(tmp_path, plans, state.content)[1].source == lazy.GZIP
+    finally:
+        state.close()
 
 
 def test_chain_records_name_each_lazy_layer_and_its_parent(tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ import re
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -80,6 +80,7 @@ __all__ = [
     "Limits",
     "Node",
     "Span",
+    "implied_prefixes",
     "iter_nodes",
     "scratch",
     "stable_ino",
@@ -1208,7 +1209,9 @@ _SPANS = "SELECT comp_offset, comp_size, uncomp_offset, uncomp_size, sha256 FROM
 MAX_IMPLIED_CHECKS = 100_000
 
 
-def through_lower_links(index: LayerIndex, lowers: Sequence[LayerIndex]) -> str | None:
+def through_lower_links(
+    index: LayerIndex, lowers: Sequence[LayerIndex], non_dirs: Container[str] = frozenset()
+) -> str | None:
     """A path *index* puts below what a lower layer has as a non-directory.
 
     A layer may hold ``lib/x`` without a ``lib/`` entry while a lower layer
@@ -1225,6 +1228,9 @@ def through_lower_links(index: LayerIndex, lowers: Sequence[LayerIndex]) -> str 
     Args:
         index: the layer to attach.
         lowers: the layers below it, in any order.
+        non_dirs: paths layers below it without an index (eager ones, read
+            from their blobs) hold as non-directories (`implied_prefixes`
+            says which are worth collecting).
 
     Returns:
         The first implied directory of *index* that goes through a lower
@@ -1234,6 +1240,8 @@ def through_lower_links(index: LayerIndex, lowers: Sequence[LayerIndex]) -> str 
         if checked >= MAX_IMPLIED_CHECKS:
             return path
         parts = path.split("/")
+        if non_dirs and any("/".join(parts[:n]) in non_dirs for n in range(1, len(parts) + 1)):
+            return path
         for lower in lowers:
             ino = ROOT
             for part in parts:
@@ -1244,6 +1252,16 @@ def through_lower_links(index: LayerIndex, lowers: Sequence[LayerIndex]) -> str 
                     return path
                 ino = node.ino
     return None
+
+
+def implied_prefixes(index: LayerIndex) -> set[str]:
+    """Every path `through_lower_links` looks up for *index*: its implied
+    directories (as many as it checks) and their parents."""
+    found: set[str] = set()
+    for path in index.implied_dirs()[:MAX_IMPLIED_CHECKS]:
+        parts = path.split("/")
+        found.update("/".join(parts[:n]) for n in range(1, len(parts) + 1))
+    return found
 
 
 def iter_nodes(index: LayerIndex, top: int = ROOT) -> Iterable[tuple[str, Node]]:
