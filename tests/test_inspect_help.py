@@ -1,4 +1,4 @@
-"""The layer-debugging commands' help texts say what each option does for that command."""
+"""The layer-debugging commands: help texts, and how `ckfs cat` tells a binary file."""
 
 from __future__ import annotations
 
@@ -22,3 +22,14 @@ def test_layer_option_of_ls_and_cat(capsys: pytest.CaptureFixture[str]) -> None:
     cat = help_text(capsys, "cat")
     assert "--layer N Layer N alone (1 = bottom). --upto N" in cat
     assert "whiteouts shown" not in cat
+
+
+def test_binary_sniff_cut_characters() -> None:
+    """A character cut by the sniff's end is text; a file ending in a bad byte is not."""
+    from ckfs_cli.inspect_cmds import _binary
+
+    assert not _binary("é".encode()[:1])
+    assert _binary("é".encode()[:1], whole=True)
+    assert _binary(b"ab\xff", whole=True)
+    assert not _binary("text é".encode(), whole=True)
+    assert _binary(b"a\0b")

@@ -463,7 +463,7 @@ def cat_cmd(
         v = _file(tree, resolved, asked)
         layer = image.layer(v.layer)
         head = await image.read(layer, v.node, 0, _SNIFF)
-        binary = _binary(head)
+        binary = _binary(head, whole=len(head) >= v.node.size)
         if as_json:
             data = head + await image.read(layer, v.node, len(head))
             print_json(_cat_json(image, asked, resolved, v, data))
@@ -497,13 +497,15 @@ def _file(tree: Merged, resolved: str, asked: str) -> Version:
     return v
 
 
-def _binary(head: bytes) -> bool:
+def _binary(head: bytes, *, whole: bool = False) -> bool:
+    """Whether *head* (the first bytes; *whole*: all of the file) looks binary."""
     if b"\0" in head:
         return True
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as e:
-        return e.start < len(head) - 3  # a character cut at the sniff's end is fine
+        # A character cut at the sniff's end is fine; at the file's end it is not.
+        return whole or e.start < len(head) - 3
     return False
 
 
