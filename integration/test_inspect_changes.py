@@ -17,7 +17,8 @@ regenerate with ``CKFS_UPDATE_GOLDEN=1`` and read the diff).
 - on lazily recorded images, ``space`` and ``diff --no-read`` fetch no
   layer data, and ``diff`` on eStargz fetches none either (chunk digests
   answer), while on a plain tar it reads only the files whose sizes match
-  (with the spans that verify them).
+  (with the spans that verify them); between images, eStargz digests on
+  one side have only the other side read.
 """
 
 from __future__ import annotations
@@ -149,6 +150,22 @@ def test_lazy_images_fetch_no_layer_data(ckfs: Ckfs, inspect_images: InspectImag
             # etc/motd and etc/hosts of layers 1-3, each read with the span
             # that verifies it: layer 1's first span, the small layers whole.
             assert 0 < fetched <= 2 * SPAN
+
+
+def test_a_digest_on_one_side_fetches_only_the_other(
+    ckfs: Ckfs, inspect_images: InspectImages
+) -> None:
+    """Against a lazy eStargz image, whose chunk digests answer for its side,
+    only the other image's files are read: nothing fetched when it is pulled,
+    only its own bytes when it is lazy too."""
+    proxy = inspect_images.proxy
+    estargz, tar = pull(ckfs, inspect_images, "estargz"), pull(ckfs, inspect_images, "tar")
+    pulled = pull(ckfs, inspect_images, "gzip")
+    seen = len(proxy.requests())
+    assert run_json(ckfs, "diff", pulled, estargz)["changes"] == []
+    assert run_json(ckfs, "diff", estargz, tar)["changes"] == []
+    fetched = {r.path.split("/")[3] for r in proxy.requests()[seen:]}  # /v2/inspect/VARIANT/
+    assert fetched == {"tar"}
 
 
 def test_bad_input_is_one_line(ckfs: Ckfs, inspect_images: InspectImages) -> None:
