@@ -39,7 +39,7 @@ from ckfs.explore.model import opened
 from ckfs.layerindex.tarindex import SPAN
 from ckfs.state import State
 from integration.conftest import Ckfs, need
-from integration.inspect_images import VARIANTS, InspectImages, inspect_images
+from integration.inspect_images import VARIANTS, InspectImages
 from integration.mounts import MountGuard
 from integration.test_partial import assert_clean, image, layout
 from tests.test_explore import explore, press, text_of, tree_rows
@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # textual when a test runs, not when the suite is collected
 
     from ckfs.explore.app import ExploreApp
 
-__all__ = ["image", "inspect_images", "layout"]  # fixtures, used by name
+__all__ = ["image", "layout"]  # fixtures, used by name
 
 pytestmark = pytest.mark.slow
 
