@@ -88,7 +88,9 @@ async def test_upstream_estargz_layers_index_by_range_reads_as_their_tars(
             return await client.read_range(ref, desc, offset, length)
 
         lazy = await index_estargz(read_range, desc, tmp_path / f"estargz{i}.db")
-        assert len(asked) == 2, "footer and TOC, one request each"
+        # The blob's tail holds the footer and, when small, the TOC; the rest of a
+        # bigger TOC takes one more request.
+        assert 1 <= len(asked) <= 2, asked
         tar_path = tmp_path / f"layer{i}.tar"
         tar_path.write_bytes(tar_bytes)
         tar_desc = Descriptor(mt.OCI_LAYER, from_bytes(tar_bytes), len(tar_bytes))
@@ -99,7 +101,7 @@ async def test_upstream_estargz_layers_index_by_range_reads_as_their_tars(
         await same_contents(lazy, eager, RemoteBlob(client, ref, desc), tar_path, tmp_path)
         print(
             f"layer {i}: {lazy.count} entries, {desc.size} bytes, indexed with "
-            f"{sum(asked)} bytes in 2 range reads"
+            f"{sum(asked)} bytes in {len(asked)} range reads"
         )
 
 
