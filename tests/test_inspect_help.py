@@ -33,3 +33,19 @@ def test_binary_sniff_cut_characters() -> None:
     assert _binary(b"ab\xff", whole=True)
     assert not _binary("text é".encode(), whole=True)
     assert _binary(b"a\0b")
+
+
+def test_table_cells_are_not_rich_markup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal, names from an image are shown as they are, never read as markup."""
+    import io
+
+    from ckfs_cli.app import print_table
+
+    out = io.StringIO()
+    out.isatty = lambda: True  # type: ignore[method-assign]
+    monkeypatch.setattr("sys.stdout", out)
+    monkeypatch.setenv("COLUMNS", "200")
+    print_table(["NAME", "CREATED BY"], [["[red]x", "[link=https:e.example]y"], ["a", "CMD [/]"]])
+    text = out.getvalue()
+    assert "[red]x" in text and "[link=https:e.example]y" in text and "CMD [/]" in text
+    assert "\x1b]8;" not in text

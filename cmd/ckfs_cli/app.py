@@ -158,12 +158,15 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     if sys.stdout.isatty():
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(box=None, pad_edge=False, header_style="bold")
         for c in columns:
             table.add_column(c, overflow="fold")
         for r in rows:
-            table.add_row(*r)
+            # Text, not str: rich reads a str cell as markup, so a file named
+            # "[red]x" would be coloured, "[link=…]" a hyperlink, "[/]" an error.
+            table.add_row(*(Text(v) for v in r))
         Console().print(table)
         return
     widths = [len(c) for c in columns]
