@@ -186,3 +186,27 @@ def test_snapshots_usage_lists_what_it_can(
     code, out, err = run(capsys, tmp_path, "snapshots", "-s", "native", "usage", "good", "nope")
     assert code == 1 and "(error)" in out and "good" in out
     assert err.startswith("ckfs: snapshot nope: ") and err.count("\n") == 1
+
+
+def test_a_reader_leaving_early_is_not_an_error(tmp_path: Path, face: str) -> None:
+    """``ckfs content get X | head``: the closed pipe ends ckfs with status 0, silently."""
+    import io
+    import subprocess
+    import sys
+
+    from ckfs.content.store import write_blob
+    from ckfs.descriptor import Descriptor
+    from ckfs.digest import from_bytes
+
+    data = b"x" * (4 << 20)  # well past a pipe's buffer
+    desc = Descriptor("application/octet-stream", from_bytes(data), len(data))
+    db = DB(tmp_path / "metadata.db")
+    try:
+        write_blob(ContentStore(tmp_path / "content", db), "big", io.BytesIO(data), desc)
+    finally:
+        db.close()
+    ckfs = Path(sys.executable).parent / "ckfs"
+    script = f'"{ckfs}" --root "{tmp_path}" content get {desc.digest} | head -c 1 >/dev/null'
+    script += '; echo "${PIPESTATUS[0]}"'
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert (proc.stdout.strip(), proc.stderr) == ("0", "")
