@@ -49,3 +49,13 @@ def test_table_cells_are_not_rich_markup(monkeypatch: pytest.MonkeyPatch) -> Non
     text = out.getvalue()
     assert "[red]x" in text and "[link=https:e.example]y" in text and "CMD [/]" in text
     assert "\x1b]8;" not in text
+
+
+@pytest.mark.parametrize(
+    ("share", "text"),
+    [(0.0, "0.00%"), (1e-7, "< 0.01%"), (0.5, "50.00%"), (1 - 1e-7, "> 99.99%"), (1.0, "100.00%")],
+)
+def test_space_percentages_never_round_to_what_they_are_not(share: float, text: str) -> None:
+    from ckfs_cli.changes_cmds import _percent
+
+    assert _percent(share) == text

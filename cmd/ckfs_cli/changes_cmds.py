@@ -164,10 +164,10 @@ def space_cmd(app: App, /, top: int, as_json: bool, ref: str, **flags: Any) -> N
     if as_json:
         print_json({"image": name, **found.to_json(cut)})
         return
-    share = f" ({found.wasted / found.total:.2%})" if found.total else ""
+    share = f" ({_percent(found.wasted / found.total)})" if found.total else ""
     click.echo(
         f"{name}: {human_size(found.total)} stored, {human_size(found.wasted)} wasted{share}, "
-        f"efficiency {found.efficiency:.2%}"
+        f"efficiency {_percent(found.efficiency)}"
     )
     if found.waste:
         click.echo()
@@ -194,3 +194,15 @@ def _more(left: int, what: str) -> None:
 
 #: `space`'s *top* when ``--top 0`` asks for every file.
 _ALL = 1 << 62
+
+
+def _percent(share: float) -> str:
+    """*share* (0..1) as a percentage that is never rounded to 0 % or 100 % it does not reach.
+
+    8 wasted bytes of a 100 MB image are waste, and its score is not perfect.
+    """
+    if 0 < share < 0.0001:
+        return "< 0.01%"
+    if 0.9999 < share < 1:
+        return "> 99.99%"
+    return f"{share:.2%}"
