@@ -3,7 +3,8 @@
 #   1. build an example image with umoci (from Debian's busybox-static),
 #   2. serve it from a local docker-registry on 127.0.0.1,
 #   3. `ckfs mount` it lazily (manifests, config, layer indexes; file contents
-#      through the FUSE server as they are read), list it with `ckfs mounts ls`,
+#      through the FUSE server as they are read), list it with `ckfs mounts ls`
+#      and its layers with `ckfs layers`,
 #   4. run it with runc from `ckfs bundle`, then unmount and clean up.
 # State goes to ./example/ (CKFS_ROOT overrides). The registry, and the ckfsd
 # and FUSE server `ckfs mount` starts in the background, are stopped by their
@@ -63,6 +64,8 @@ echo "== ckfs mounts ls"
 $ckfs mounts ls
 echo "== ckfs images ls"
 $ckfs images ls
+echo "== ckfs layers $name (from the layer indexes; see docs/debugging.md)"
+$ckfs layers "$name"
 echo "== a second mount finds everything present (no download, no indexing):"
 $ckfs umount "$mnt"
 time $ckfs mount "$name" "$mnt"
