@@ -99,7 +99,24 @@ def test_ls_long_and_layer_alone(
     out = run(capsys, root, "ls", "-l", ref, "/etc")[1]
     assert "-rw-------" in out and "motd.link -> motd" in out
     out = run(capsys, root, "ls", "-R", "--layer", "2", ref)[1].splitlines()
-    assert "/gone" in out and "/opt/app/new" in out and "/etc/hosts" not in out
+    assert "/gone (whiteout)" in out and "/opt/app/new" in out and "/etc/hosts" not in out
+    assert "/opt/app (opaque)" in out and "/etc/motd" in out
+
+
+def test_plain_ls_marks_whiteouts_and_opaque_dirs(
+    capsys: pytest.CaptureFixture[str], image: tuple[Path, str]
+) -> None:
+    """Without -l a whiteout and an opaque directory do not pass for ordinary entries."""
+    root, ref = image
+    assert run(capsys, root, "ls", "--layer", "2", ref)[1].splitlines() == [
+        "etc",
+        "gone (whiteout)",
+        "opt",
+    ]
+    assert run(capsys, root, "ls", "--layer", "4", ref, "/etc")[1] == "os-release (whiteout)\n"
+    assert run(capsys, root, "ls", ref, "/opt")[1].splitlines() == ["app (opaque)", "big.bin"]
+    long = run(capsys, root, "ls", "-l", "--layer", "2", ref)[1]
+    assert "(whiteout)" not in long and "c---------" in long
 
 
 def test_cat_streams_a_big_binary_file(

@@ -350,8 +350,10 @@ def ls_cmd(
     """List PATH (default /) of REF's merged tree, of layer N alone, or of layers 1..N.
 
     Each entry says which layer provides it (LAYER). With --layer N,
-    whiteouts are listed as entries of type "whiteout" and opaque
-    directories are marked. Symlinks are not followed; PATH naming a
+    whiteouts are listed as entries of type "whiteout". Plain output marks
+    a whiteout " (whiteout)" and an opaque directory (one hiding what the
+    layers below have under it) " (opaque)" after its name; -l shows them
+    in MODE (c--------- and "+o"). Symlinks are not followed; PATH naming a
     non-directory lists that entry. No file data is fetched.
 
     \b
@@ -376,7 +378,7 @@ def ls_cmd(
     else:
         from ckfs.safetext import escape
 
-        sys.stdout.writelines(escape(_name_text(v, recursive)) + "\n" for v in found)
+        sys.stdout.writelines(escape(_marked(v, recursive)) + "\n" for v in found)
 
 
 def _list(tree: Merged, path: str, recursive: bool) -> list[Version]:
@@ -390,6 +392,19 @@ def _list(tree: Merged, path: str, recursive: bool) -> list[Version]:
     if v.node.kind != Kind.DIR:
         return [v]
     return list(tree.walk(path)) if recursive else tree.listdir(path)
+
+
+#: What plain ``ls`` puts after an entry that is not what it seems (``-l``
+#: shows it in the mode column instead): a whiteout is listed by
+#: ``--layer N`` as the deletion it is, an opaque directory hides what the
+#: layers below it have under it.
+_WHITEOUT_MARK, _OPAQUE_MARK = " (whiteout)", " (opaque)"
+
+
+def _marked(v: Version, full: bool) -> str:
+    """The name plain ``ls`` prints: `_name_text` with its whiteout or opaque mark."""
+    mark = _WHITEOUT_MARK if _type(v.node) == "whiteout" else ""
+    return _name_text(v, full) + mark + (_OPAQUE_MARK if v.node.opaque else "")
 
 
 def _print_long(found: Sequence[Version], full: bool) -> None:
