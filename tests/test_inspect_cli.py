@@ -92,6 +92,22 @@ def test_which_text(capsys: pytest.CaptureFixture[str], image: tuple[Path, str])
     assert out.startswith("/var/lib/data/db: deleted by layer 3 (replaced-parent at /var/lib/data)")
 
 
+def test_which_text_says_opaque(
+    capsys: pytest.CaptureFixture[str], image: tuple[Path, str]
+) -> None:
+    """An opaque directory, and a path it deleted, say so in text as JSON does."""
+    root, ref = image
+    lines = run(capsys, root, "which", ref, "/opt/app")[1].splitlines()
+    assert lines[0].startswith("/opt/app: layer 2 (") and "): opaque dir  RUN" in lines[0]
+    assert lines[1].startswith("  shadows layer 1 (") and "): dir  ADD" in lines[1]
+    assert lines[2:] == ["  opaque: hides what layer(s) 1 have under it"]
+    lines = run(capsys, root, "which", ref, "/opt/app/old")[1].splitlines()
+    assert lines[0] == "/opt/app/old: deleted by layer 2 (opaque directory at /opt/app)"
+    assert lines[1].startswith("  shadows layer 1 (") and len(lines) == 2
+    lines = run(capsys, root, "which", ref, "/etc")[1].splitlines()
+    assert "opaque" not in "".join(lines)
+
+
 def test_ls_long_and_layer_alone(
     capsys: pytest.CaptureFixture[str], image: tuple[Path, str]
 ) -> None:

@@ -236,6 +236,8 @@ def which_cmd(app: App, /, follow: bool, as_json: bool, ref: str, path: str, **f
     ("replaced-parent"). Symlinks are followed only with --follow, inside
     the image (an absolute target starts at the image root, ".." stops
     there). A path no layer ever had is an error. No file data is fetched.
+    A directory that is opaque in its providing layer is an "opaque dir",
+    followed by the layers whose contents under it it hides.
 
     \b
     --json: {"image", "path", "resolved" (after --follow), "provider": ENTRY
@@ -304,23 +306,33 @@ def _print_which(found: dict[str, Any]) -> None:
     def line(e: dict[str, Any]) -> str:
         size = f" {human_size(e['size'])}" if e["type"] == "file" else ""
         link = f" -> {e['link']}" if e["link"] else ""
+        kind = "opaque dir" if e["opaque"] else e["type"]
         return escape(
-            f"layer {e['layer']} ({e['layer_digest'][7:19]}): {e['type']}{size}{link}"
-            f"  {e['created_by']}"
+            f"layer {e['layer']} ({e['layer_digest'][7:19]}): {kind}{size}{link}  {e['created_by']}"
         )
 
     head = found["resolved"]
     if found["resolved"] != found["path"]:
         head = f"{found['path']} -> {head}"
     head = escape(head)
-    if found["provider"] is not None:
-        click.echo(f"{head}: {line(found['provider'])}")
+    top = found["provider"]
+    if top is not None:
+        click.echo(f"{head}: {line(top)}")
     else:
         gone = found["deleted_by"]
-        how = escape(f"{gone['how']} at {gone['path']}")
+        how = escape(f"{_HOW_TEXT.get(gone['how'], gone['how'])} at {gone['path']}")
         click.echo(f"{head}: deleted by layer {gone['layer']} ({how})")
     for e in found["shadowed"]:
         click.echo(f"  shadows {line(e)}")
+    if top is not None and top["opaque"] and found["shadowed"]:
+        below = ", ".join(str(e["layer"]) for e in found["shadowed"] if e["type"] == "dir")
+        if below:
+            click.echo(f"  opaque: hides what layer(s) {below} have under it")
+
+
+#: How ``which`` text names a deletion (`ckfs.inspect.merged.DELETIONS`;
+#: JSON keeps the short names).
+_HOW_TEXT = {"opaque": "opaque directory"}
 
 
 # -- ls -----------------------------------------------------------------------
