@@ -179,8 +179,11 @@ def test_shell_at_one_layer(
     need("runc")
     proc = shell(ckfs, snapshotter, "--layer", "1", image, "ls", "/")
     assert proc.returncode == 0 and "bin" in proc.stdout.split(), proc.stderr
-    proc = shell(ckfs, snapshotter, "--layer", str(WHITEOUT_LAYER), image, "/bin/sh")
-    assert proc.returncode != 0  # that layer holds no shell
+    proc = shell(ckfs, snapshotter, "--layer", str(WHITEOUT_LAYER), image)
+    n = WHITEOUT_LAYER  # that layer holds no shell: one ckfs line, not runc's log
+    assert proc.returncode == 1 and proc.stderr == (
+        f"ckfs: layer {n} of {image} alone has no '/bin/sh': try --upto {n} (layers 1..{n})\n"
+    )
     assert_clean(ckfs, mount_guard, snapshotter)
 
 

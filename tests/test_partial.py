@@ -8,6 +8,7 @@ integration/test_partial.py); ``ckfs shell``'s spec and bundle lock.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 import trio
 
 from ckfs import reference
-from ckfs.errors import FailedPrecondition, InvalidArgument
+from ckfs.errors import FailedPrecondition, InvalidArgument, NotFound
 from ckfs.images.config import ImageConfig
 from ckfs.mount import Mount
 from ckfs.provide import ensure_rootfs
@@ -26,6 +27,7 @@ from ckfs_cli import shell_cmds
 from ckfs_cli.rootfs_cmds import part_of
 from snapshotters.layerview import LAYER_ONLY, layer_mounts, mark_layer_only
 from tests import test_unpack
+from tests.confine import confined
 from tests.test_unpack import APP, BASE, OTHER, Env, chain_of, files_in
 
 env = test_unpack.env  # the fixture: a root with one snapshotter, overlayfs or native
@@ -141,3 +143,44 @@ def test_shell_lock_tells_a_live_shell_from_a_leftover(tmp_path: Path) -> None:
     again = shell_cmds._lock(tmp_path)
     assert again is not None  # a leftover: the next shell may remove it
     os.close(again)
+
+
+def _layer_lacks(bundle: Path, program: str) -> str | None:
+    """`shell_cmds._check_layer_has` on *bundle* running *program*: its error, or None."""
+    process = {"args": [program], "cwd": "/", "env": ["PATH=/usr/bin:/bin"]}
+    (bundle / "config.json").write_text(json.dumps({"process": process}))
+    try:
+        shell_cmds._check_layer_has(bundle, "example.local/x:1", 5)
+    except NotFound as e:
+        return str(e)
+    return None
+
+
+def test_shell_at_a_layer_without_the_program_says_try_upto(tmp_path: Path) -> None:
+    """``ckfs shell --layer 5`` on a layer lacking the program: one line naming
+    ``--upto 5``. Links resolve inside the rootfs, never onto the host (where
+    /etc/passwd exists): checked confined, as the links are hostile."""
+    bundle = tmp_path / "bundle"
+    root = bundle / "rootfs"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "bin").mkdir()
+    (root / "bin/busybox").write_bytes(b"")
+    links = {
+        "bin/sh": "busybox",
+        "usr/bin/env": "/bin/busybox",
+        "bin/abs": "/bin/sh",
+        "bin/escape": "/etc/passwd",
+        "bin/up": "../../../../../../../../etc/passwd",
+        "bin/loop": "loop",
+    }
+    for path, target in links.items():
+        (root / path).symlink_to(target)
+
+    def lacks(program: str) -> str | None:
+        return confined(tmp_path, _layer_lacks, bundle, program)
+
+    for found in ("/bin/sh", "sh", "env", "/bin/abs", "bin/busybox", "/usr/../bin/sh"):
+        assert lacks(found) is None, found
+    line = "layer 5 of example.local/x:1 alone has no {!r}: try --upto 5 (layers 1..5)"
+    for missing in ("/bin/escape", "/bin/up", "/bin/loop", "passwd", "bash", "/bin", "/bin/sh/x"):
+        assert lacks(missing) == line.format(missing), missing

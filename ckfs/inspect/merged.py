@@ -18,7 +18,7 @@ which resolves them inside the image root (``..`` stops at the root).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,7 +30,16 @@ from ckfs.safetext import printable
 if TYPE_CHECKING:
     from ckfs.inspect.image import LayerInfo
 
-__all__ = ["DELETIONS", "MAX_LINKS", "Deletion", "Merged", "Version", "Which", "user_path"]
+__all__ = [
+    "DELETIONS",
+    "MAX_LINKS",
+    "Deletion",
+    "Merged",
+    "Version",
+    "Which",
+    "follow_links",
+    "user_path",
+]
 
 #: How a path can be deleted by a layer (`Deletion.how`).
 DELETIONS = ("whiteout", "opaque", "replaced-parent")
@@ -109,6 +118,48 @@ def user_path(text: str) -> str:
     if ".." in parts:
         raise InvalidArgument(f"path {printable(text)!r}: '..' is not allowed")
     return "/".join(parts)
+
+
+def follow_links(path: str, look: Callable[[str], tuple[bool, str | None]]) -> str:
+    """*path* with every symlink in it resolved inside a root, as `Merged.follow`.
+
+    *look(p)* says whether the root has *p* (an index path) and, if it is a
+    symlink, its target (else None). Every *p* it is asked about is made of
+    components already found not to be symlinks, so a caller looking in a
+    real directory tree may ``lstat`` ``root / p``: no link on the way is
+    followed by the kernel, none leads out of the root (``ckfs shell``
+    checks a command in a mounted rootfs so).
+
+    Raises:
+        InvalidArgument: more than `MAX_LINKS` symlinks on the way (a loop).
+    """
+    todo = deque(_parts(path))
+    done: list[str] = []
+    links = 0
+    missing = False
+    while todo:
+        part = todo.popleft()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        done.append(part)
+        target = None
+        if not missing:
+            found, target = look("/".join(done))
+            missing = not found
+        if target is None:
+            continue
+        links += 1
+        if links > MAX_LINKS:
+            raise InvalidArgument(f"path {printable(path)!r}: too many levels of symlinks")
+        done.pop()
+        if target.startswith("/"):
+            done.clear()
+        todo.extendleft(reversed(target.split("/")))
+    return "/".join(done)
 
 
 class Merged:
@@ -197,32 +248,14 @@ class Merged:
         Raises:
             InvalidArgument: more than `MAX_LINKS` symlinks on the way (a loop).
         """
-        todo = deque(_parts(path))
-        done: list[str] = []
-        links = 0
-        missing = False
-        while todo:
-            part = todo.popleft()
-            if part in ("", "."):
-                continue
-            if part == "..":
-                if done:
-                    done.pop()
-                continue
-            done.append(part)
-            version = None if missing else self.resolve("/".join(done))
-            missing = version is None
-            if version is None or version.node.kind != Kind.SYMLINK:
-                continue
-            links += 1
-            if links > MAX_LINKS:
-                raise InvalidArgument(f"path {printable(path)!r}: too many levels of symlinks")
-            done.pop()
-            target = version.node.link
-            if target.startswith("/"):
-                done.clear()
-            todo.extendleft(reversed(target.split("/")))
-        return "/".join(done)
+
+        def look(at: str) -> tuple[bool, str | None]:
+            version = self.resolve(at)
+            if version is None:
+                return False, None
+            return True, version.node.link if version.node.kind == Kind.SYMLINK else None
+
+        return follow_links(path, look)
 
     def _dir_stack(self, path: str) -> _Stack:
         """The layers' directories merged at *path*, top first."""

@@ -20,8 +20,10 @@ reaches the shell inside as a key, not ckfs as a signal).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -84,7 +86,8 @@ def shell_cmd(
 
     The container (runc) runs on a writable snapshot of the image, of its
     layers 1..N with --upto N, or of layer N alone with --layer N (its
-    whiteouts then hide themselves, as in any overlay). Whatever it writes
+    whiteouts then hide themselves, as in any overlay; a layer without
+    COMMAND is one line suggesting --upto N). Whatever it writes
     is discarded at exit. It runs as root with the
     image's environment; the image's entrypoint and user are left out (a
     lower layer may not have that user yet). With the fuse snapshotter (the
@@ -147,6 +150,8 @@ def _shell(
     container = _Container(bundle)
     with _forwarding(container):
         try:
+            if part is not None and part[1]:
+                _check_layer_has(bundle, ref, part[0])
             return container.run()
         finally:
             container.delete()
@@ -168,6 +173,51 @@ def _spec(config: ImageConfig, rootfs: Path, argv: tuple[str, ...], *, tty: bool
     if tty and not any(e.startswith("TERM=") for e in process["env"]):
         process["env"].append(f"TERM={os.environ.get('TERM') or 'xterm'}")
     return spec
+
+
+def _check_layer_has(bundle: Path, ref: str, number: int) -> None:
+    """Fail in one line, with the way out, when layer *number* alone (the
+    bundle's rootfs) lacks the program the bundle runs: runc's own error
+    would be a log line about exec, not about the layers.
+
+    Raises:
+        NotFound: the program (a path, or a name looked up in the
+            container's PATH as runc does) is no file of the layer.
+    """
+    from ckfs.errors import NotFound
+    from ckfs.safetext import printable
+
+    process = json.loads((bundle / "config.json").read_text())["process"]
+    program = process["args"][0]
+    if "/" in program:
+        candidates = [program if program.startswith("/") else f"{process['cwd']}/{program}"]
+    else:
+        path = next((e[5:] for e in process["env"] if e.startswith("PATH=")), "")
+        candidates = [f"{d}/{program}" for d in path.split(":") if d.startswith("/")]
+    if not any(_is_file_in(bundle / "rootfs", c) for c in candidates):
+        raise NotFound(
+            f"layer {number} of {ref} alone has no {printable(program)!r}: "
+            f"try --upto {number} (layers 1..{number})"
+        )
+
+
+def _is_file_in(root: Path, path: str) -> bool:
+    """Whether *path*, its symlinks resolved inside *root* (never onto the host:
+    `ckfs.inspect.merged.follow_links`), is a regular file under *root*."""
+    from ckfs.errors import InvalidArgument
+    from ckfs.inspect.merged import follow_links
+
+    def look(at: str) -> tuple[bool, str | None]:
+        try:
+            mode = os.lstat(root / at).st_mode
+            return True, os.readlink(root / at) if stat.S_ISLNK(mode) else None
+        except OSError:
+            return False, None
+
+    try:
+        return stat.S_ISREG(os.lstat(root / follow_links(path.lstrip("/"), look)).st_mode)
+    except (OSError, InvalidArgument):  # a loop of links: runc would fail too
+        return False
 
 
 class _Container:
