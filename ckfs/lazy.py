@@ -605,21 +605,26 @@ async def attach_image(
     *,
     snapshotter_name: str,
     options: PullOptions = DEFAULTS,
+    upto: int | None = None,
 ) -> AttachReport:
     """Make every layer of *target* a committed snapshot of *sn*, lazily where possible.
 
     Indexes are built first (all layers at once), then chain IDs missing
     from *sn* are attached bottom up; an eager layer's blob is pulled if
-    missing and applied in place, stacked with the lazy ones.
+    missing and applied in place, stacked with the lazy ones. With *upto*,
+    only layers 1..*upto* (``ckfs mount --upto``/``--layer``): an eager
+    layer above them is neither fetched nor unpacked for a stack that does
+    not show it; a later whole mount attaches the rest.
 
     Raises:
         FailedPrecondition: *sn* cannot attach, or has too few layers for
             the image, or the FUSE server cannot start.
+        InvalidArgument: *upto* is out of range.
         As `index_layers` and `ckfs.unpack.unpack` for eager layers.
     """
     from ckfs.errors import AlreadyExists, FailedPrecondition
     from ckfs.labels import gc_snapshot_label
-    from ckfs.rootfs import check_depth, committed, image_chain
+    from ckfs.rootfs import check_depth, committed, image_chain, layer_in_range
     from ckfs.unpack import (
         label_config,
         layer_lock,
@@ -636,6 +641,9 @@ async def attach_image(
         image_chain, state.content, target, options.platform
     )
     await trio.to_thread.run_sync(check_depth, sn, target, len(chain))
+    whole = chain
+    if upto is not None:
+        chain = chain[: layer_in_range(upto, len(chain), str(ref))]
     report = AttachReport(chain_id=chain[-1])
     present = await trio.to_thread.run_sync(present_below, sn, chain)
     report.layers = await index_layers(state, ref, target, options)
@@ -663,6 +671,8 @@ async def attach_image(
                 await trio.to_thread.run_sync(provided, sn, chain[i], e)
             else:
                 report.attached.append(chain[i])
+    if len(chain) < len(whole) and await trio.to_thread.run_sync(committed, sn, str(whole[-1])):
+        chain = whole  # attached whole before: the label stays on its top
     await trio.to_thread.run_sync(
         label_config,
         state.content,

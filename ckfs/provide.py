@@ -219,7 +219,7 @@ def ensure_rootfs(
         import trio
 
         run = functools.partial(
-            _unpack_or_pull, state, sn, snapshotter, ref, found, options, on_event
+            _unpack_or_pull, state, sn, snapshotter, ref, found, options, on_event, upto
         )
         target = trio.run(run)
         return _snapshot(state, sn, ref, target, key, readonly, options, upto)
@@ -250,7 +250,7 @@ async def ensure_rootfs_async(
         )
         if mounts is not None:
             return mounts
-        target = await _unpack_or_pull(state, sn, snapshotter, ref, found, options, on_event)
+        target = await _unpack_or_pull(state, sn, snapshotter, ref, found, options, on_event, upto)
         return await trio.to_thread.run_sync(
             _snapshot, state, sn, ref, target, key, readonly, options, upto
         )
@@ -337,11 +337,14 @@ async def _unpack_or_pull(
     found: Descriptor | None,
     options: PullOptions,
     on_event: OnEvent | None,
+    upto: int | None = None,
 ) -> Descriptor:
     """Unpack the present image *found*, or pull and unpack *ref*; the image's target.
 
     A snapshotter that attaches layers lazily gets the image pulled without
-    its eStargz layers and attached (`ckfs.lazy`) instead.
+    its eStargz layers and attached (`ckfs.lazy`) instead: only layers
+    1..*upto* when the snapshot stacks no more, so an eager layer above
+    them is not unpacked. The others unpack the whole image.
     """
     from ckfs.unpack import pull_and_unpack, unpack
 
@@ -356,7 +359,9 @@ async def _unpack_or_pull(
             limit = await trio.to_thread.run_sync(max_layers, sn)
             report, _ = await pull_lazy(state, ref, options, on_event=on_event, max_layers=limit)
             found = report.target
-        await attach_image(state, sn, ref, found, snapshotter_name=snapshotter, options=options)
+        await attach_image(
+            state, sn, ref, found, snapshotter_name=snapshotter, options=options, upto=upto
+        )
         return found
 
     if found is not None:

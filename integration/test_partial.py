@@ -448,6 +448,29 @@ def test_layers_of_the_inspect_image(
     assert_clean(ckfs, mount_guard, snapshotter)
 
 
+def test_partial_mount_unpacks_only_the_layers_it_stacks(
+    ckfs: Ckfs, inspect_images: InspectImages, mount_guard: MountGuard, tmp_path: Path
+) -> None:
+    """zstd layers (nothing reads them lazily) are unpacked in the fuse snapshotter:
+    ``--layer N`` and ``--upto N`` unpack layers 1..N, not the whole image; a whole
+    mount afterwards unpacks the rest."""
+    ref, target = inspect_images.ref("zstd"), tmp_path / "m"
+
+    def committed() -> int:
+        found = json.loads(ckfs.run("snapshots", "-s", "fuse", "ls", "--json").stdout)
+        return sum(s["kind"] == "committed" for s in found)
+
+    for part, layers in ((["--layer", "2"], 2), (["--upto", "3"], 3), ([], 4)):
+        proc = ckfs.run("mount", *flags("fuse"), *part, ref, str(target))
+        try:
+            assert proc.stderr.count("unpacked eagerly") == layers, proc.stderr
+            assert (target / "etc/motd").is_file()
+        finally:
+            ckfs.run("umount", str(target))
+        assert committed() == layers, part
+    assert_clean(ckfs, mount_guard, "fuse")
+
+
 def data_tree(data: Path) -> dict[str, Any]:
     """/data of a mount: file contents, directory listings."""
     if not data.exists():

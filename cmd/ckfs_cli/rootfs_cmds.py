@@ -163,7 +163,12 @@ def _mount(
     if lazy is not None and not (part is None and not merged and _all_attached(mounts)):
         layers = lazy
         say_eager(
-            app, ref, flags, lambda _, c: layers.layer(str(c)) is not None, "unpacked eagerly"
+            app,
+            ref,
+            flags,
+            lambda _, c: layers.layer(str(c)) is not None,
+            "unpacked eagerly",
+            upto=upto,
         )
     return key
 
@@ -246,6 +251,8 @@ def say_eager(
     flags: dict[str, Any],
     lazy: Callable[[Descriptor, Digest], bool],
     what: str,
+    *,
+    upto: int | None = None,
 ) -> None:
     """Name on stderr each layer of *ref* that *lazy* says is not lazy, never silently.
 
@@ -255,6 +262,7 @@ def say_eager(
     Args:
         lazy: whether a layer (descriptor, chain ID) is served lazily.
         what: what happens to the others, ``unpacked eagerly`` or so.
+        upto: only layers 1..*upto* (a partial mount attaches no more).
     """
     from ckfs.layerindex.sources import EAGER, source_of
     from ckfs.rootfs import image_chain
@@ -263,7 +271,7 @@ def say_eager(
     manifest, _, chain = image_chain(
         app.state.content, image.target, pull_options(**flags).platform
     )
-    for desc, chain_id in zip(manifest.layers, chain, strict=True):
+    for desc, chain_id in list(zip(manifest.layers, chain, strict=True))[:upto]:
         if lazy(desc, chain_id):
             continue
         why = "cannot be read lazily" if source_of(desc) == EAGER else "cannot be served lazily"
