@@ -539,6 +539,47 @@ def test_overlay_mounts_like_delete(root: Path, lower: Path, tmp_path: Path) -> 
         D("opt/"),
         F("opt/x", b"x"),
     ]
+    assert_mounts_like_delete(root, lower, tmp_path, entries)
+
+
+@ROOT
+@pytest.mark.parametrize("then", ["", "dir", "symlink", "whiteout", "under-itself"])
+def test_overlay_follows_a_lower_link_like_delete(
+    root: Path, lower: Path, tmp_path: Path, then: str
+) -> None:
+    """``lib/x.so`` over a lower's ``lib -> usr/lib`` lands in ``usr/lib``,
+    copied up, as the mount resolves it and as native mode applies it; an
+    entry this layer then puts at ``lib`` itself takes over from the link."""
+    os.symlink("usr/lib", lower / "lib")
+    os.symlink("/etc", lower / "conf")
+    entries = [
+        F("lib/x.so", b"x"),
+        W("lib/.wh.libc.so"),
+        H("conf/pw", "conf/passwd"),
+        F("conf/conf.d/y", b"y"),
+    ]
+    later = {
+        "dir": [D("lib/"), F("lib/y", b"y")],
+        "symlink": [L("lib", "etc"), F("lib/z", b"z")],
+        "whiteout": [W(".wh.lib"), F("lib/w", b"w")],
+        # lib/up is root: the walk to lib/up/z passed the lower's link at
+        # lib, which the new directory there must end.
+        "under-itself": [L("usr/lib/up", "/"), D("lib/up/lib/"), F("lib/up/lib/z", b"z")],
+    }
+    entries += later.get(then, [])
+    assert_mounts_like_delete(root, lower, tmp_path, entries)
+    if not then:
+        assert sorted(os.listdir(root)) == ["etc", "usr"]
+        assert (root / "usr/lib/x.so").read_bytes() == b"x"
+        assert is_whiteout(root / "usr/lib/libc.so")
+        assert lmode(root / "usr/lib") == 0o750
+
+
+def assert_mounts_like_delete(
+    root: Path, lower: Path, tmp_path: Path, entries: list[Entry]
+) -> None:
+    """Applied in overlay form over *lower* and mounted, *entries* give the
+    tree that a copy of *lower* with them applied in delete form has."""
     apply(root, *entries, whiteouts="overlay", lowers=[lower])
     full = tmp_path / "full"
     shutil.copytree(lower, full, symlinks=True)

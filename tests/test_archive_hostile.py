@@ -66,6 +66,17 @@ def make_jail(base: Path) -> Path:
     (lower / "file").write_bytes(b"lower")
     (lower / "dir/x").write_bytes(b"x")
     os.symlink("../..", lower / "up")
+    # Links an overlay upper follows as the mount would, never out of root.
+    os.symlink("/etc", lower / "etclink")
+    os.symlink(str(jail), lower / "jaillink")
+    os.symlink("loop2", lower / "loop1")
+    os.symlink("/loop1", lower / "loop2")
+    os.symlink("file", lower / "tofile")
+    os.symlink("hop/sub", lower / "chain")
+    lower2 = jail / "lower2"
+    (lower2 / "opt/real").mkdir(parents=True)
+    os.chmod(lower2 / "opt/real", 0o711)
+    os.symlink("../../../opt/real", lower2 / "hop")
     return jail
 
 
@@ -182,6 +193,18 @@ def _check_no_overlay_xattrs(root: Path, jail: Path) -> None:
 def _check_upper_whiteout(root: Path, jail: Path) -> None:
     st_ = (root / "file").lstat()
     assert stat.S_ISCHR(st_.st_mode) and st_.st_rdev == 0
+
+
+def _check_etclink(root: Path, jail: Path) -> None:
+    assert read(root, f"etc/{CANARY}") == b"pwn"
+    assert not (root / "etclink").exists()
+    assert not Path("/etc", CANARY).exists()
+
+
+def _check_chain(root: Path, jail: Path) -> None:
+    assert read(root, "opt/real/sub/x") == b"pwn"
+    assert stat.S_IMODE((root / "opt/real").stat().st_mode) == 0o711
+    assert sorted(os.listdir(root)) == ["opt"]
 
 
 def _check_lnk_replaced(root: Path, jail: Path) -> None:
@@ -447,6 +470,48 @@ CASES = [
         lambda j: [L("l", str(j / "lower")), W("l/.wh..wh..opq"), W("l/.wh.file")],
         whiteouts="overlay",
         options={"lowers": ["lower"]},
+    ),
+    Case(
+        "overlay-through-lower-link-to-etc",
+        lambda j: [F(f"etclink/{CANARY}", b"pwn")],
+        whiteouts="overlay",
+        options={"lowers": ["lower"]},
+        check=_check_etclink,
+    ),
+    Case(
+        "overlay-through-lower-link-to-the-jail",
+        lambda j: [F("jaillink/sentinel", b"pwn"), F("jaillink/../outside", b"pwn")],
+        whiteouts="overlay",
+        options={"lowers": ["lower"]},
+        check=lambda root, j: lands(in_jail_path(j, "sentinel"))(root, j),
+    ),
+    Case(
+        "overlay-through-lower-link-dotdot",
+        lambda j: [F("up/sentinel", b"pwn"), F("up/up/up/outside", b"pwn"), W("up/.wh.file")],
+        whiteouts="overlay",
+        options={"lowers": ["lower"]},
+        check=both(lands("sentinel"), lands("outside"), _check_upper_whiteout, absent("up")),
+    ),
+    Case(
+        "overlay-through-lower-link-loop",
+        lambda j: [F("loop1/x", b"pwn")],
+        raises=InvalidArgument,
+        whiteouts="overlay",
+        options={"lowers": ["lower"]},
+    ),
+    Case(
+        "overlay-through-lower-link-to-a-file",
+        lambda j: [F("tofile/x", b"pwn"), H("tofile/h", "file")],
+        whiteouts="overlay",
+        options={"lowers": ["lower"]},
+        check=absent("tofile"),
+    ),
+    Case(
+        "overlay-through-lower-link-chain",
+        lambda j: [F("chain/x", b"pwn")],
+        whiteouts="overlay",
+        options={"lowers": ["lower", "lower2"]},
+        check=_check_chain,
     ),
     Case(
         "overlay-whiteout-dotdot",

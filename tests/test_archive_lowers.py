@@ -67,7 +67,8 @@ def test_a_file_parent_hides_the_lowers_below(stack: tuple[Path, Path, Path]) ->
     top, bottom, _ = stack
     with contextlib.closing(Lowers([top, bottom])) as lowers:
         assert _found(lowers, "hidden/x") is None
-        assert lowers.open_dir("hidden") is None
+        with pytest.raises(NotADirectoryError):  # as the mount: ENOTDIR
+            lowers.open_dir("hidden")
         assert lowers.open_dir("gone") is None  # a whiteout hides bottom's dir
     with contextlib.closing(Lowers([bottom])) as alone:
         found = alone.open_dir("hidden")
@@ -82,6 +83,14 @@ def test_a_lowers_symlinks_stay_inside_it(stack: tuple[Path, Path, Path]) -> Non
         assert _found(lowers, "up/secret") is None
         st = _found(lowers, "up/both")
         assert st is not None and st.st_ino == (top / "both").stat().st_ino
+
+
+def test_open_dir_gives_a_symlinks_target_to_follow_in_the_upper(
+    stack: tuple[Path, Path, Path],
+) -> None:
+    top, bottom, _ = stack
+    with contextlib.closing(Lowers([top, bottom])) as lowers:
+        assert lowers.open_dir("up") == "../.."
 
 
 def test_open_dir_gives_the_directory(stack: tuple[Path, Path, Path]) -> None:

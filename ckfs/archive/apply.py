@@ -39,6 +39,7 @@ entry below a file) is skipped with a warning on this module's logger.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -255,6 +256,8 @@ class _Applier:
         self.whited: set[str] = set()
         #: Directories already made opaque by this layer.
         self.opaque: set[str] = set()
+        #: Paths where a walk followed a lower's symlink (`_lower_link`).
+        self.links: set[str] = set()
         #: Times (and deferred modes) to set on directories at the end.
         self.dirs: dict[str, _DirTimes] = {}
         self._xattr_warned = False
@@ -304,6 +307,7 @@ class _Applier:
         base = parts[-1]
         pfd, preal = self._parent(parts, self._make_dir)
         real = join(preal, base)
+        self._placed(real)
         self._touch(pfd, preal)
         if kind is Kind.FILE:
             self._file(pfd, base, e, m.offset_data, read, next_header)
@@ -341,6 +345,12 @@ class _Applier:
         if preal not in self.dirs:
             st = os.fstat(pfd)
             self.dirs[preal] = _DirTimes(st.st_ino, st.st_atime_ns, st.st_mtime_ns)
+
+    def _placed(self, real: str) -> None:
+        """This layer puts an entry at *real*: cached walks through a lower's link there end."""
+        if real in self.links:
+            self.links.discard(real)
+            self.root.invalidate()
 
     def _clear(self, pfd: int, name: str) -> None:
         """Remove whatever is at ``pfd/name``: a later entry replaces it."""
@@ -532,6 +542,7 @@ class _Applier:
 
     def _overlay_whiteout(self, pfd: int, preal: str, name: str) -> None:
         real = join(preal, name)
+        self._placed(real)
         if real in self.upper:
             # This layer wrote the path (or below it): keep that, but hide
             # whatever a lower has under it.
@@ -578,12 +589,13 @@ class _Applier:
         existing: os.stat_result | None,
         *,
         lower: tuple[os.stat_result, int] | None = None,
-    ) -> bool:
+    ) -> bool | str:
         """Create a parent directory the layer did not list (`secure.MakeDir`).
 
         *lower* is the lower directory it copies when the caller has looked
         it up already (only with no *existing* entry); its descriptor is
-        closed here. Otherwise it is looked up here.
+        closed here. Otherwise it is looked up here, and where the lowers
+        hold a symlink its target is returned for the walk to follow.
         """
         if existing is not None:
             if not (self.overlay and real in self.whited and whiteouts.is_whiteout(existing)):
@@ -591,6 +603,11 @@ class _Applier:
             # Deleted earlier in this layer, now a directory again: a fresh
             # one, hiding the lowers'.
             os.unlink(name, dir_fd=pfd)
+        elif lower is None and self.lowers:
+            found = self.lowers.open_dir(real)
+            if isinstance(found, str):
+                return self._lower_link(real, found)
+            lower = found
         try:
             self._touch(pfd, real.rpartition("/")[0])
             os.mkdir(name, 0o700, dir_fd=pfd)
@@ -600,8 +617,12 @@ class _Applier:
                 os.close(lower[1])
             raise
         try:
-            if lower is None and self.lowers:
-                lower = self.lowers.open_dir(real)
+            if lower is None and existing is not None:
+                # Replacing this layer's whiteout: a lower directory there
+                # only lends its metadata; anything else lends nothing.
+                with contextlib.suppress(NotADirectoryError):
+                    found = self.lowers.open_dir(real)
+                    lower = None if isinstance(found, str) else found
             if lower is None:
                 uid = gid = 0
                 mode = 0o755
@@ -629,14 +650,29 @@ class _Applier:
 
     def _make_lower_dir(
         self, pfd: int, name: str, real: str, existing: os.stat_result | None
-    ) -> bool:
-        """`_make_dir`, but only for directories some lower has."""
+    ) -> bool | str:
+        """`_make_dir`, but only for directories (or symlinks) some lower has."""
         if existing is not None:
             return self._make_dir(pfd, name, real, existing)
         lower = self.lowers.open_dir(real)
         if lower is None:
             return False
+        if isinstance(lower, str):
+            return self._lower_link(real, lower)
         return self._make_dir(pfd, name, real, None, lower=lower)
+
+    def _lower_link(self, real: str, target: str) -> str:
+        """Follow a lower's symlink at *real* in the upper, as the mount does.
+
+        ``lib/x.so`` over a lower's ``lib -> usr/lib`` lands in
+        ``usr/lib``, copied up, not in a new ``lib/`` that would hide the
+        link (containerd, umoci and native mode all follow it). The walk
+        that asked resolves *target* inside the upper's root. The upper has
+        nothing at *real*, yet the root's cached walks now lead through it:
+        whatever this layer puts there later must drop them (`_placed`).
+        """
+        self.links.add(real)
+        return target
 
     def _copy_up(self, tparts: list[str], e: Entry) -> tuple[int, str] | None:
         """Copy a hardlink target that only a lower has into the upper dir.

@@ -86,12 +86,18 @@ class Lowers:
                 raise
         return None
 
-    def open_dir(self, real: str) -> tuple[os.stat_result, int] | None:
+    def open_dir(self, real: str) -> tuple[os.stat_result, int] | str | None:
         """The first lower's directory at *real*: its stat and an open descriptor.
 
-        The caller closes the descriptor. None if the first lower holding
-        *real* has a whiteout or a non-directory there: it hides the ones
-        below, as in the overlay mount.
+        The caller closes the descriptor. If the first lower holding *real*
+        has a symlink there, its target instead: the mount resolves *real*
+        through it, so the caller follows it in the upper, inside its root
+        (`ckfs.archive.secure.MakeDir`). None if no lower has it or that
+        lower has a whiteout there: nothing shows, a new directory may.
+
+        Raises:
+            NotADirectoryError: that lower has another non-directory there;
+                it hides the ones below and the mount would say ENOTDIR.
         """
         parts = real.split("/")
         found = self.find(parts)
@@ -99,8 +105,12 @@ class Lowers:
             return None
         pfd, st = found
         try:
-            if not stat.S_ISDIR(st.st_mode):
+            if stat.S_ISLNK(st.st_mode):
+                return os.readlink(parts[-1], dir_fd=pfd)
+            if whiteouts.is_whiteout(st):
                 return None
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory in a lower", real)
             return st, os.open(parts[-1], _O_DIR, dir_fd=pfd)
         finally:
             os.close(pfd)

@@ -67,8 +67,11 @@ _O_LIST = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 
 #: Called for a missing (or, for overlay whiteouts, replaceable) directory
 #: component: ``make_dir(parent_fd, name, real_path, existing_stat)`` creates
-#: a directory named *name* and returns True, or returns False to refuse.
-MakeDir = Callable[[int, str, str, "os.stat_result | None"], bool]
+#: a directory named *name* and returns True, or returns False to refuse. For
+#: a missing one it may instead return a symlink target: an overlay upper
+#: follows the symlink a lower holds there, as the mount would, and the walk
+#: treats it exactly like a symlink on disk (counted, re-rooted, clamped).
+MakeDir = Callable[[int, str, str, "os.stat_result | None"], "bool | str"]
 
 
 class SymlinkLoop(OSError):
@@ -275,12 +278,17 @@ class RootDir:
                         fd, owned = nfd, True
                     continue
                 child = join(real, c)
+                target: str | None = None
                 try:
                     nfd = os.open(c, _O_DIR, dir_fd=fd)
                 except FileNotFoundError:
-                    if make_dir is None or not make_dir(fd, c, child, None):
+                    made = make_dir(fd, c, child, None) if make_dir is not None else False
+                    if made is False:
                         raise
-                    nfd = os.open(c, _O_DIR, dir_fd=fd)
+                    if made is True:
+                        nfd = os.open(c, _O_DIR, dir_fd=fd)
+                    else:
+                        target = made
                 except NotADirectoryError:
                     try:
                         target = os.readlink(c, dir_fd=fd)
@@ -289,24 +297,24 @@ class RootDir:
                             raise
                         # Not a symlink: a file, device, whiteout...
                         st = os.lstat(c, dir_fd=fd)
-                        if make_dir is None or not make_dir(fd, c, child, st):
+                        if make_dir is None or make_dir(fd, c, child, st) is not True:
                             raise NotADirectoryError(
                                 errno.ENOTDIR, "not a directory", child
                             ) from None
                         nfd = os.open(c, _O_DIR, dir_fd=fd)
-                    else:
-                        budget[0] -= 1
-                        if budget[0] < 0:
-                            raise SymlinkLoop(child) from None
-                        if not target:
-                            # The kernel resolves an empty symlink to ENOENT.
-                            raise FileNotFoundError(errno.ENOENT, "empty symlink", child) from None
-                        if target.startswith("/"):
-                            if owned:
-                                os.close(fd)
-                            fd, owned, real = self.fd, False, ""
-                        todo.extend(reversed(target.split("/")))
-                        continue
+                if target is not None:
+                    budget[0] -= 1
+                    if budget[0] < 0:
+                        raise SymlinkLoop(child)
+                    if not target:
+                        # The kernel resolves an empty symlink to ENOENT.
+                        raise FileNotFoundError(errno.ENOENT, "empty symlink", child)
+                    if target.startswith("/"):
+                        if owned:
+                            os.close(fd)
+                        fd, owned, real = self.fd, False, ""
+                    todo.extend(reversed(target.split("/")))
+                    continue
                 if owned:
                     os.close(fd)
                 fd, owned, real = nfd, True, child
