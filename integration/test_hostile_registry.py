@@ -54,6 +54,7 @@ from integration.hostile_registry import (
     USER,
     Image,
 )
+from snapshotters.fuse.process import stop_server
 
 pytestmark = MARKS
 
@@ -390,6 +391,9 @@ def run_case(row: Row, work: Path, seen: list[Outcome], neighbour: Path, *, serv
             )
     finally:
         if row.command in _UNPACKS:
+            # A lazy mount's FUSE server outlives ckfs on purpose: stopped by its PID
+            # before release() removes the lock and pid files that name it.
+            stop_server(root)
             release(root)  # unpacked layers may hold trees deeper than pytest can remove
     check_server_side(row, server)
 
